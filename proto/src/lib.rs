@@ -1,0 +1,12 @@
+//! Wire definitions shared by every Switchboard role: the client `Frame`
+//! (binary form of the protocol) and the internal gateway <-> logic services.
+
+/// Client frames (`sb.bin.v1` and raw TCP).
+pub mod v1 {
+    tonic::include_proto!("switchboard.v1");
+}
+
+/// Internal gRPC services between gateway and logic.
+pub mod internal {
+    tonic::include_proto!("switchboard.internal");
+}
