@@ -1,1 +1,26 @@
-//! placeholder
+//! Storage of Switchboard: the traits the logic layer talks to (accounts,
+//! social graph, messages, routes) and their backends. Every backend
+//! implements the same traits and passes the same contract suite
+//! (`contract` module), so a deployment chooses one by configuration.
+
+pub mod contract;
+pub mod embedded;
+mod error;
+pub mod memory_routes;
+pub mod model;
+mod traits;
+
+pub use error::StorageError;
+pub use model::*;
+pub use traits::*;
+
+/// Result type of every storage call.
+pub type Result<T> = std::result::Result<T, StorageError>;
+
+/// Milliseconds since the Unix epoch (server time used in messages).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,234 @@
+//! The contract every backend must meet, as reusable async checks. Each
+//! backend's tests call [`run_all`] against a real instance; names carry a
+//! random prefix so a shared server can run the suite repeatedly.
+//!
+//! These functions panic on a broken contract (they are test code shipped
+//! in the library so that every backend, in any crate, runs the same suite).
+
+use std::sync::Arc;
+
+use crate::{
+    AccountStore, ConnRef, FriendState, MessageStore, NewMessage, RequestOutcome, RouteTable, Session, SocialStore,
+    User,
+};
+
+/// A unique name prefix for one run of the suite.
+pub fn prefix() -> String {
+    format!("t{:08x}", rand::random::<u32>())
+}
+
+fn text(conv: &str, from: &str, cmid: &str, body: &str) -> NewMessage {
+    NewMessage {
+        conv: conv.into(),
+        from: from.into(),
+        cmid: cmid.into(),
+        kind: "text".into(),
+        body: serde_json::Value::String(body.into()),
+    }
+}
+
+/// Runs every check of the message, account and social contracts.
+pub async fn run_all(accounts: &dyn AccountStore, social: &dyn SocialStore, messages: &dyn MessageStore) {
+    accounts_contract(accounts).await;
+    social_contract(social).await;
+    messages_contract(messages).await;
+    concurrent_appends(messages).await;
+}
+
+pub async fn accounts_contract(s: &dyn AccountStore) {
+    let p = prefix();
+    let user = User {
+        username: format!("{p}ann"),
+        nickname: "Ann".into(),
+        password_hash: "$argon2id$fake".into(),
+        created_ms: 1,
+    };
+    assert!(s.create_user(&user).await.unwrap());
+    assert!(!s.create_user(&user).await.unwrap(), "a taken username is refused");
+    assert_eq!(s.get_user(&user.username).await.unwrap(), Some(user.clone()));
+    assert_eq!(s.get_user(&format!("{p}nobody")).await.unwrap(), None);
+
+    let session = Session {
+        id: format!("{p}s1"),
+        user: user.username.clone(),
+        device: "phone".into(),
+        refresh_hash: format!("{p}h1"),
+        revoked: false,
+        created_ms: 1,
+        refresh_expires_ms: 10,
+    };
+    s.put_session(&session).await.unwrap();
+    assert_eq!(s.get_session(&session.id).await.unwrap(), Some(session.clone()));
+    assert_eq!(s.session_by_refresh(&session.refresh_hash).await.unwrap(), Some(session.clone()));
+
+    assert!(s.rotate_refresh(&session.id, &format!("{p}h1"), &format!("{p}h2"), 20).await.unwrap());
+    assert!(
+        !s.rotate_refresh(&session.id, &format!("{p}h1"), &format!("{p}h3"), 30).await.unwrap(),
+        "a rotated-out token cannot rotate again"
+    );
+    let old = s.session_by_refresh(&format!("{p}h1")).await.unwrap().unwrap();
+    assert_eq!(old.refresh_hash, format!("{p}h2"), "old hashes still find the session (reuse detection)");
+    assert_eq!(old.refresh_expires_ms, 20);
+
+    s.revoke_session(&session.id).await.unwrap();
+    assert!(s.get_session(&session.id).await.unwrap().unwrap().revoked);
+    assert!(!s.rotate_refresh(&session.id, &format!("{p}h2"), &format!("{p}h4"), 40).await.unwrap());
+}
+
+pub async fn social_contract(s: &dyn SocialStore) {
+    let p = prefix();
+    let (a, b, c) = (format!("{p}a"), format!("{p}b"), format!("{p}c"));
+    assert_eq!(s.request_friend(&a, &b, "hi").await.unwrap(), RequestOutcome::Pending);
+    assert_eq!(s.friend_state(&a, &b).await.unwrap(), Some(FriendState::Outgoing { note: "hi".into() }));
+    assert_eq!(s.friend_state(&b, &a).await.unwrap(), Some(FriendState::Incoming { note: "hi".into() }));
+    assert!(!s.accept_friend(&a, &b).await.unwrap(), "the asker cannot accept its own request");
+    assert!(s.accept_friend(&b, &a).await.unwrap());
+    assert_eq!(s.friend_state(&a, &b).await.unwrap(), Some(FriendState::Friends));
+    assert_eq!(s.request_friend(&a, &b, "").await.unwrap(), RequestOutcome::AlreadyFriends);
+
+    assert_eq!(s.request_friend(&c, &a, "yo").await.unwrap(), RequestOutcome::Pending);
+    let rel = s.relations(&a).await.unwrap();
+    assert_eq!(
+        rel,
+        vec![(b.clone(), FriendState::Friends), (c.clone(), FriendState::Incoming { note: "yo".into() })]
+    );
+    assert!(s.reject_friend(&a, &c).await.unwrap());
+    assert!(!s.reject_friend(&a, &c).await.unwrap());
+    assert_eq!(s.friend_state(&c, &a).await.unwrap(), None);
+
+    // crossing requests make friends
+    assert_eq!(s.request_friend(&c, &a, "").await.unwrap(), RequestOutcome::Pending);
+    assert_eq!(s.request_friend(&a, &c, "").await.unwrap(), RequestOutcome::BecameFriends);
+    assert_eq!(s.friend_state(&c, &a).await.unwrap(), Some(FriendState::Friends));
+
+    assert!(s.delete_friend(&a, &b).await.unwrap());
+    assert_eq!(s.friend_state(&b, &a).await.unwrap(), None);
+    assert!(!s.delete_friend(&a, &b).await.unwrap());
+}
+
+pub async fn messages_contract(s: &dyn MessageStore) {
+    let p = prefix();
+    let (a, b) = (format!("{p}a"), format!("{p}b"));
+    let conv = format!("d:{a}:{b}");
+    let members = [a.clone(), b.clone()];
+    assert_eq!(s.last_seq(&conv).await.unwrap(), 0);
+
+    let first = s.append(text(&conv, &a, "c1", "one"), &members).await.unwrap();
+    assert!(!first.duplicate);
+    assert_eq!(first.msg.seq, 1);
+    assert_eq!(first.msg.body, serde_json::json!("one"));
+    let again = s.append(text(&conv, &a, "c1", "one, resent"), &members).await.unwrap();
+    assert!(again.duplicate, "same cmid from the same sender is idempotent");
+    assert_eq!(again.msg, first.msg);
+    let second = s.append(text(&conv, &b, "c1", "two"), &members).await.unwrap();
+    assert_eq!(second.msg.seq, 2, "cmids are per sender");
+    assert_ne!(second.msg.mid, first.msg.mid);
+    assert!(second.msg.ts >= first.msg.ts);
+    for i in 3..=10 {
+        let m = s.append(text(&conv, &a, &format!("c{i}"), "x"), &members).await.unwrap();
+        assert_eq!(m.msg.seq, i);
+    }
+    assert_eq!(s.last_seq(&conv).await.unwrap(), 10);
+
+    let seqs = |v: Vec<crate::Message>| v.into_iter().map(|m| m.seq).collect::<Vec<_>>();
+    assert_eq!(seqs(s.range(&conv, 0, 3).await.unwrap()), vec![1, 2, 3]);
+    assert_eq!(seqs(s.range(&conv, 8, 50).await.unwrap()), vec![9, 10]);
+    assert_eq!(seqs(s.range(&conv, 10, 50).await.unwrap()), Vec::<u64>::new());
+    assert_eq!(seqs(s.history(&conv, None, 3).await.unwrap()), vec![10, 9, 8]);
+    assert_eq!(seqs(s.history(&conv, Some(3), 50).await.unwrap()), vec![2, 1]);
+    assert!(s.range(&format!("{conv}x"), 0, 10).await.unwrap().is_empty(), "no prefix bleed between convs");
+
+    let other = format!("d:{a}:{p}z");
+    s.append(text(&other, &a, "c1", "hey"), &[a.clone()]).await.unwrap();
+    let mut convs = s.user_convs(&a).await.unwrap();
+    convs.sort();
+    assert_eq!(convs, vec![(conv.clone(), 10), (other.clone(), 1)]);
+    assert_eq!(s.user_convs(&b).await.unwrap(), vec![(conv.clone(), 10)]);
+
+    s.set_ack(&b, "phone", &conv, 4).await.unwrap();
+    s.set_ack(&b, "phone", &conv, 2).await.unwrap();
+    s.set_ack(&b, "laptop", &conv, 9).await.unwrap();
+    let acks = s.acks(&b, "phone").await.unwrap();
+    assert_eq!(acks.get(&conv), Some(&4), "acks never move back and are per device");
+    assert_eq!(acks.len(), 1);
+}
+
+/// Appends racing on one conversation still get seqs 1..=n, each once.
+pub async fn concurrent_appends(s: &dyn MessageStore) {
+    let p = prefix();
+    let conv = format!("d:{p}a:{p}b");
+    let members = [format!("{p}a")];
+    let mut seqs: Vec<u64> = Vec::new();
+    let futs = (0..20).map(|i| s.append(text(&conv, &members[0], &format!("k{i}"), "x"), &members));
+    for r in futures_join(futs).await {
+        seqs.push(r.unwrap().msg.seq);
+    }
+    seqs.sort();
+    assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
+}
+
+async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    // Poll all futures concurrently without extra dependencies.
+    let mut pinned: Vec<_> = futs.map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in pinned.iter_mut().enumerate() {
+            if out[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => out[i] = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().map(|o| o.expect("every future completed")).collect()
+}
+
+/// Route table contract.
+pub async fn routes_contract(r: Arc<dyn RouteTable>) {
+    let p = prefix();
+    let user = format!("{p}u");
+    let c1 = ConnRef { gateway: "gw1".into(), conn_id: 1, device: "d1".into(), session: "s1".into() };
+    let c2 = ConnRef { gateway: "gw2".into(), conn_id: 1, device: "d2".into(), session: "s2".into() };
+    r.add(&user, c1.clone()).await.unwrap();
+    r.add(&user, c2.clone()).await.unwrap();
+    r.add(&user, c2.clone()).await.unwrap();
+    let mut got = r.get(&user).await.unwrap();
+    got.sort_by(|a, b| a.gateway.cmp(&b.gateway));
+    assert_eq!(got, vec![c1.clone(), c2.clone()]);
+    r.remove(&user, &c1).await.unwrap();
+    assert_eq!(r.get(&user).await.unwrap(), vec![c2.clone()]);
+    r.remove_conn("gw2", 1).await.unwrap();
+    assert!(r.get(&user).await.unwrap().is_empty());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::embedded::EmbeddedStore;
+    use crate::memory_routes::MemoryRoutes;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn embedded_meets_the_contract() {
+        let dir = std::env::temp_dir().join(format!("sb-contract-{}", prefix()));
+        let store = EmbeddedStore::open(&dir).unwrap();
+        run_all(&store, &store, &store).await;
+        drop(store);
+        // reopening finds everything (durability across restart)
+        let store = EmbeddedStore::open(&dir).unwrap();
+        let _ = store.last_seq("d:x:y").await.unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[tokio::test]
+    async fn memory_routes_meet_the_contract() {
+        routes_contract(Arc::new(MemoryRoutes::default())).await;
+    }
+}

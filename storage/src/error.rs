@@ -1,0 +1,43 @@
+//! The storage layer's error type.
+
+/// A storage failure. Logic maps every variant to the protocol's `internal`
+/// or `unavailable` error; none of them is the client's fault.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("embedded database: {0}")]
+    Embedded(String),
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+    #[error("background task failed: {0}")]
+    Task(String),
+}
+
+macro_rules! embedded_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StorageError {
+            fn from(e: $t) -> Self {
+                StorageError::Embedded(e.to_string())
+            }
+        }
+    )*};
+}
+embedded_from!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+impl From<serde_json::Error> for StorageError {
+    fn from(e: serde_json::Error) -> Self {
+        StorageError::Corrupt(e.to_string())
+    }
+}
+
+impl From<tokio::task::JoinError> for StorageError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        StorageError::Task(e.to_string())
+    }
+}

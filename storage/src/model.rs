@@ -1,0 +1,97 @@
+//! Records kept by the stores, independent of any backend.
+
+use serde::{Deserialize, Serialize};
+
+/// A registered account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    pub username: String,
+    pub nickname: String,
+    /// argon2id PHC string.
+    pub password_hash: String,
+    pub created_ms: u64,
+}
+
+/// One signed-in device session: the unit that logout and refresh-token
+/// rotation act on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    pub id: String,
+    pub user: String,
+    pub device: String,
+    /// SHA-256 (hex) of the refresh token currently valid for this session.
+    pub refresh_hash: String,
+    pub revoked: bool,
+    pub created_ms: u64,
+    /// When the current refresh token expires.
+    pub refresh_expires_ms: u64,
+}
+
+/// The relation of one user to another, as seen from the first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum FriendState {
+    Friends,
+    /// This user asked the other.
+    Outgoing { note: String },
+    /// The other user asked this one.
+    Incoming { note: String },
+}
+
+/// What a friend request turned into.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestOutcome {
+    /// A new pending request (or a refreshed note on an existing one).
+    Pending,
+    /// The other user had already asked: both are friends now.
+    BecameFriends,
+    AlreadyFriends,
+}
+
+/// A stored message. `body` is a JSON string for text, an object otherwise.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    pub conv: String,
+    pub mid: String,
+    pub seq: u64,
+    pub from: String,
+    pub cmid: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub body: serde_json::Value,
+    pub ts: u64,
+}
+
+/// A message to append; the store assigns `mid`, `seq` and `ts`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewMessage {
+    pub conv: String,
+    pub from: String,
+    pub cmid: String,
+    pub kind: String,
+    pub body: serde_json::Value,
+}
+
+/// The result of an append: the stored message, and whether it already
+/// existed (same conv, sender and cmid), in which case nothing was written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Appended {
+    pub msg: Message,
+    pub duplicate: bool,
+}
+
+/// One live client connection: the gateway holding it (its push address)
+/// and the connection id inside that gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ConnRef {
+    pub gateway: String,
+    pub conn_id: u64,
+    pub device: String,
+    pub session: String,
+}
+
+/// A fresh message id: time-ordered hex, 27 chars, unique with overwhelming
+/// probability (64 random bits per millisecond).
+pub fn new_mid(ts: u64) -> String {
+    format!("{ts:011x}{:016x}", rand::random::<u64>())
+}

@@ -1,0 +1,75 @@
+//! The storage traits. Logic holds them as `Arc<dyn Trait>`; backends
+//! implement them.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+
+use crate::{Appended, ConnRef, FriendState, Message, NewMessage, RequestOutcome, Result, Session, User};
+
+/// Accounts and sessions.
+#[async_trait]
+pub trait AccountStore: Send + Sync {
+    /// Creates the user; `false` when the username is taken.
+    async fn create_user(&self, user: &User) -> Result<bool>;
+    async fn get_user(&self, username: &str) -> Result<Option<User>>;
+    /// Inserts or replaces a session and indexes its refresh token hash.
+    async fn put_session(&self, session: &Session) -> Result<()>;
+    async fn get_session(&self, id: &str) -> Result<Option<Session>>;
+    /// The session a refresh token hash was ever issued for (current or
+    /// rotated-out), so reuse of an old token can be detected.
+    async fn session_by_refresh(&self, refresh_hash: &str) -> Result<Option<Session>>;
+    /// Replaces the session's refresh token if `old_hash` is still current
+    /// and the session is not revoked; `false` otherwise.
+    async fn rotate_refresh(&self, session_id: &str, old_hash: &str, new_hash: &str, expires_ms: u64) -> Result<bool>;
+    async fn revoke_session(&self, id: &str) -> Result<()>;
+}
+
+/// The social graph.
+#[async_trait]
+pub trait SocialStore: Send + Sync {
+    async fn friend_state(&self, user: &str, other: &str) -> Result<Option<FriendState>>;
+    /// `from` asks `to`. If `to` had already asked `from`, both become friends.
+    async fn request_friend(&self, from: &str, to: &str, note: &str) -> Result<RequestOutcome>;
+    /// `user` accepts the pending request of `from`; `false` if there is none.
+    async fn accept_friend(&self, user: &str, from: &str) -> Result<bool>;
+    /// `user` rejects the pending request of `from`; `false` if there is none.
+    async fn reject_friend(&self, user: &str, from: &str) -> Result<bool>;
+    /// Ends a friendship (or a pending request) in both directions; `false` if none existed.
+    async fn delete_friend(&self, user: &str, other: &str) -> Result<bool>;
+    /// Every relation of `user`, ordered by the other user's name.
+    async fn relations(&self, user: &str) -> Result<Vec<(String, FriendState)>>;
+}
+
+/// Durable messages with per-conversation sequence numbers.
+#[async_trait]
+pub trait MessageStore: Send + Sync {
+    /// Durably appends a message with the next seq of its conversation, or
+    /// returns the earlier message with the same (conv, from, cmid). `members`
+    /// are added to the conversation's member index (who may read it and whose
+    /// `sync` includes it).
+    async fn append(&self, msg: NewMessage, members: &[String]) -> Result<Appended>;
+    /// Messages with seq > `after_seq`, oldest first, at most `limit`.
+    async fn range(&self, conv: &str, after_seq: u64, limit: usize) -> Result<Vec<Message>>;
+    /// Messages with seq < `before_seq` (all when `None`), newest first, at most `limit`.
+    async fn history(&self, conv: &str, before_seq: Option<u64>, limit: usize) -> Result<Vec<Message>>;
+    /// The highest seq of a conversation (0 when empty).
+    async fn last_seq(&self, conv: &str) -> Result<u64>;
+    /// Conversations `user` belongs to, with their last seq.
+    async fn user_convs(&self, user: &str) -> Result<Vec<(String, u64)>>;
+    /// Records that `device` of `user` received `conv` up to `seq` (never moves back).
+    async fn set_ack(&self, user: &str, device: &str, conv: &str, seq: u64) -> Result<()>;
+    /// The acked seq per conversation of one device.
+    async fn acks(&self, user: &str, device: &str) -> Result<HashMap<String, u64>>;
+}
+
+/// Where users are connected right now (user -> connections). Ephemeral by
+/// nature: a route lives as long as its connection.
+#[async_trait]
+pub trait RouteTable: Send + Sync {
+    async fn add(&self, user: &str, conn: ConnRef) -> Result<()>;
+    async fn remove(&self, user: &str, conn: &ConnRef) -> Result<()>;
+    async fn get(&self, user: &str) -> Result<Vec<ConnRef>>;
+    /// Removes a connection that its gateway reported gone.
+    async fn remove_conn(&self, gateway: &str, conn_id: u64) -> Result<()>;
+}
