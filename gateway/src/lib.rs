@@ -1,1 +1,305 @@
-//! placeholder
+//! Switchboard connection gateway: sharded mio/WebSocket front end that relays
+//! client frames to logic over gRPC and receives pushes through its own gRPC service.
+
+mod bridge;
+mod conn;
+pub mod connid;
+pub mod frame;
+mod metrics;
+mod push;
+mod shard;
+pub mod wheel;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::{Poll, Waker};
+use socket2::{Domain, Protocol, Socket, Type};
+use switchboard_proto::internal::{gateway_server::GatewayServer, logic_client::LogicClient};
+use tonic::transport::{Endpoint, Server};
+
+pub use crate::metrics::GatewayMetrics;
+
+use crate::bridge::{Bridge, ShardLink, ShardMsg};
+use crate::push::PushService;
+use crate::shard::{Env, Shard, WAKER};
+
+/// Gateway settings.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// WebSocket listener (path `/ws`); port 0 picks a free port.
+    pub ws_addr: SocketAddr,
+    /// Where the gRPC `Gateway` (Push) service listens; port 0 allowed.
+    pub push_addr: SocketAddr,
+    /// URL logic dials for pushes; `None` => `http://{bound push addr}`.
+    pub advertise: Option<String>,
+    /// Logic gRPC endpoint, e.g. `http://127.0.0.1:9100`.
+    pub logic_endpoint: String,
+    /// Shard threads; 0 => number of CPUs.
+    pub shards: usize,
+    /// Largest accepted client frame.
+    pub max_frame_bytes: usize,
+    /// Time allowed between connecting and a successful `auth`.
+    pub auth_timeout: Duration,
+    /// A connection silent longer than this is closed.
+    pub idle_timeout: Duration,
+    /// Re-send unacked `msg` pushes this often.
+    pub repush_interval: Duration,
+    /// Re-send an unacked push at most this many times.
+    pub repush_attempts: u32,
+    /// Per-connection outbound queue bound (slow consumers are closed).
+    pub max_outbound_frames: usize,
+    /// Per-connection queued requests awaiting logic.
+    pub max_pending_requests: usize,
+    /// Connections per process.
+    pub max_connections: usize,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            ws_addr: SocketAddr::from(([127, 0, 0, 1], 8090)),
+            push_addr: SocketAddr::from(([127, 0, 0, 1], 9101)),
+            advertise: None,
+            logic_endpoint: "http://127.0.0.1:9100".to_string(),
+            shards: 0,
+            max_frame_bytes: 64 * 1024,
+            auth_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            repush_interval: Duration::from_secs(5),
+            repush_attempts: 5,
+            max_outbound_frames: 1024,
+            max_pending_requests: 64,
+            max_connections: 100_000,
+        }
+    }
+}
+
+/// Errors of [`Gateway::start`].
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// Binding a listener failed.
+    #[error("bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Other I/O failure (poll, waker, threads).
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    /// The logic endpoint URL is invalid.
+    #[error("invalid logic endpoint {endpoint:?}: {message}")]
+    Endpoint { endpoint: String, message: String },
+    /// The configuration cannot be used.
+    #[error("invalid config: {0}")]
+    Config(String),
+}
+
+/// A running gateway.
+pub struct Gateway {
+    ws_addr: SocketAddr,
+    push_addr: SocketAddr,
+    advertise: String,
+    metrics: Arc<GatewayMetrics>,
+    links: Vec<ShardLink>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    push_stop: Option<tokio::sync::oneshot::Sender<()>>,
+    push_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+fn bind_ws(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+impl Gateway {
+    /// Binds listeners, starts shard threads and the push gRPC server (on the
+    /// current tokio runtime), returns once listening.
+    pub async fn start(config: GatewayConfig) -> Result<Gateway, GatewayError> {
+        let shards = if config.shards == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            config.shards
+        };
+        if shards > connid::MAX_SHARDS {
+            return Err(GatewayError::Config(format!(
+                "at most {} shards",
+                connid::MAX_SHARDS
+            )));
+        }
+        let rt = tokio::runtime::Handle::current();
+
+        // Push service listener first: its address is what logic dials.
+        let push_listener = tokio::net::TcpListener::bind(config.push_addr)
+            .await
+            .map_err(|source| GatewayError::Bind {
+                addr: config.push_addr,
+                source,
+            })?;
+        let push_addr = push_listener.local_addr()?;
+        let advertise = config
+            .advertise
+            .clone()
+            .unwrap_or_else(|| format!("http://{push_addr}"));
+
+        // WebSocket listeners, one per shard, sharing the port via SO_REUSEPORT.
+        let mut listeners = Vec::with_capacity(shards);
+        let mut ws_addr = config.ws_addr;
+        for _ in 0..shards {
+            let l = bind_ws(ws_addr).map_err(|source| GatewayError::Bind {
+                addr: ws_addr,
+                source,
+            })?;
+            ws_addr = l.local_addr()?;
+            listeners.push(l);
+        }
+
+        let endpoint = Endpoint::from_shared(config.logic_endpoint.clone()).map_err(|e| {
+            GatewayError::Endpoint {
+                endpoint: config.logic_endpoint.clone(),
+                message: e.to_string(),
+            }
+        })?;
+        let channel = endpoint
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        let bridge = Bridge {
+            rt: rt.clone(),
+            client: LogicClient::new(channel),
+            advertise: Arc::from(advertise.as_str()),
+            timeout: Duration::from_secs(15),
+        };
+
+        let cfg = Arc::new(config);
+        let metrics = Arc::new(GatewayMetrics::default());
+        let mut links = Vec::with_capacity(shards);
+        let mut threads = Vec::with_capacity(shards);
+        for (idx, l) in listeners.into_iter().enumerate() {
+            let poll = Poll::new()?;
+            let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let link = ShardLink { tx, waker };
+            let env = Env {
+                cfg: cfg.clone(),
+                metrics: metrics.clone(),
+                bridge: bridge.clone(),
+                link: link.clone(),
+                wheel: wheel::Wheel::new(Duration::from_millis(100), 1024, Instant::now()),
+                now: Instant::now(),
+            };
+            let shard = Shard::new(idx, poll, mio::net::TcpListener::from_std(l), rx, env)?;
+            let t = std::thread::Builder::new()
+                .name(format!("sb-gw-shard-{idx}"))
+                .spawn(move || shard.run());
+            match t {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    for link in &links {
+                        let link: &ShardLink = link;
+                        link.send(ShardMsg::Shutdown);
+                    }
+                    return Err(e.into());
+                }
+            }
+            links.push(link);
+        }
+
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let svc = GatewayServer::new(PushService {
+            shards: links.clone(),
+        });
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(push_listener);
+        let push_task = rt.spawn(async move {
+            let res = Server::builder()
+                .tcp_nodelay(true)
+                .add_service(svc)
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stop_rx.await;
+                })
+                .await;
+            if let Err(e) = res {
+                tracing::warn!(error = %e, "push server failed");
+            }
+        });
+        tracing::info!(%ws_addr, %push_addr, %advertise, shards, "gateway listening");
+        Ok(Gateway {
+            ws_addr,
+            push_addr,
+            advertise,
+            metrics,
+            links,
+            threads,
+            push_stop: Some(stop_tx),
+            push_task: Some(push_task),
+        })
+    }
+
+    /// Actual bound WebSocket address.
+    pub fn ws_addr(&self) -> SocketAddr {
+        self.ws_addr
+    }
+
+    /// Actual bound push (gRPC) address.
+    pub fn push_addr(&self) -> SocketAddr {
+        self.push_addr
+    }
+
+    /// URL logic dials for pushes.
+    pub fn advertise(&self) -> &str {
+        &self.advertise
+    }
+
+    /// Shared metrics.
+    pub fn metrics(&self) -> Arc<GatewayMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Graceful drain: stop accepting, push `drain` to every connection, close
+    /// them, join shard threads, stop the push server.
+    pub async fn shutdown(mut self) {
+        for link in &self.links {
+            link.send(ShardMsg::Shutdown);
+        }
+        let threads = std::mem::take(&mut self.threads);
+        let joined = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                if t.join().is_err() {
+                    tracing::warn!("shard thread panicked");
+                }
+            }
+        })
+        .await;
+        if joined.is_err() {
+            tracing::warn!("joining shard threads failed");
+        }
+        if let Some(stop) = self.push_stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.push_task.take() {
+            let _ = task.await;
+        }
+        tracing::info!("gateway stopped");
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        // Dropped without shutdown(): still stop the shards and the server.
+        if !self.threads.is_empty() {
+            for link in &self.links {
+                link.send(ShardMsg::Shutdown);
+            }
+        }
+        if let Some(stop) = self.push_stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}

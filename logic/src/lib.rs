@@ -1,1 +1,97 @@
-//! placeholder
+//! Switchboard's logic role: stateless request handling behind the gateway
+//! (gRPC `Logic` service) and the HTTP API. All state lives in the stores.
+
+pub mod auth;
+pub mod error;
+pub mod http;
+pub mod metrics;
+mod ops;
+pub mod push;
+pub mod service;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchboard_storage::{AccountStore, MessageStore, RouteTable, SocialStore};
+
+pub use error::ApiError;
+pub use service::LogicService;
+
+/// Where a client can reach a gateway (`GET /v1/gateways`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GatewayInfo {
+    pub ws: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<String>,
+}
+
+/// Settings of the logic role.
+#[derive(Clone)]
+pub struct LogicConfig {
+    /// HS256 secret shared by every logic instance of a deployment.
+    pub jwt_secret: Vec<u8>,
+    pub access_ttl: Duration,
+    pub refresh_ttl: Duration,
+    pub hash_cost: auth::HashCost,
+    /// Gateways advertised to clients.
+    pub gateways: Vec<GatewayInfo>,
+    /// Most messages one `sync` reply carries.
+    pub sync_max: usize,
+    /// Per-gateway bound of queued push deliveries.
+    pub push_queue: usize,
+}
+
+impl LogicConfig {
+    pub fn new(jwt_secret: Vec<u8>) -> Self {
+        Self {
+            jwt_secret,
+            access_ttl: Duration::from_secs(900),
+            refresh_ttl: Duration::from_secs(30 * 24 * 3600),
+            hash_cost: auth::HashCost::default(),
+            gateways: Vec::new(),
+            sync_max: 500,
+            push_queue: 10_000,
+        }
+    }
+}
+
+/// The backends logic runs on.
+#[derive(Clone)]
+pub struct Stores {
+    pub accounts: Arc<dyn AccountStore>,
+    pub social: Arc<dyn SocialStore>,
+    pub messages: Arc<dyn MessageStore>,
+    pub routes: Arc<dyn RouteTable>,
+}
+
+/// Shared state of one logic instance.
+pub struct Logic {
+    pub config: LogicConfig,
+    pub stores: Stores,
+    pub key: auth::TokenKey,
+    pub pusher: push::Pusher,
+    pub metrics: Arc<metrics::LogicMetrics>,
+    conv_locks: Vec<tokio::sync::Mutex<()>>,
+}
+
+impl Logic {
+    pub fn new(config: LogicConfig, stores: Stores) -> Arc<Self> {
+        let metrics = Arc::new(metrics::LogicMetrics::default());
+        let pusher = push::Pusher::new(stores.routes.clone(), config.push_queue, metrics.clone());
+        Arc::new(Self {
+            key: auth::TokenKey::new(config.jwt_secret.clone()),
+            config,
+            stores,
+            pusher,
+            metrics,
+            conv_locks: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
+        })
+    }
+
+    /// The lock serializing append + push of one conversation, so pushes
+    /// leave in seq order.
+    fn conv_lock(&self, conv: &str) -> &tokio::sync::Mutex<()> {
+        let h = conv.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+        &self.conv_locks[(h % self.conv_locks.len() as u64) as usize]
+    }
+}

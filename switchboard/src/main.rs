@@ -1,1 +1,87 @@
-fn main() {}
+//! `switchboard`: the command line of every role.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use switchboard::{AllInOne, LogicRole, Settings};
+
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[derive(Parser)]
+#[command(name = "switchboard", version, about = "High-performance instant messaging")]
+struct Cli {
+    /// TOML file with any of the options below (flags and SB_* variables win).
+    #[arg(long, env = "SB_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    role: Role,
+}
+
+#[derive(Subcommand)]
+enum Role {
+    /// Gateway and logic in one process on embedded storage in --data-dir.
+    AllInOne(Settings),
+    /// The logic role alone (gRPC for gateways + the HTTP API).
+    Logic(Settings),
+    /// The gateway role alone (client sockets), relaying to --logic-url.
+    Gateway(Settings),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SB_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = cli.config.as_deref();
+    match cli.role {
+        Role::AllInOne(s) => {
+            let s = s.with_file(config)?;
+            let node = AllInOne::start(&s).await?;
+            println!("switchboard all-in-one: http://{}  ws://{}/ws", node.http_addr(), node.ws_addr());
+            shutdown_signal().await;
+            node.stop().await;
+        }
+        Role::Logic(s) => {
+            let s = s.with_file(config)?;
+            let public_ws = vec![format!("ws://{}/ws", s.ws_addr())];
+            let node = LogicRole::start(&s, public_ws, Vec::new()).await?;
+            println!("switchboard logic: grpc {}  http://{}", node.grpc_addr, node.http_addr);
+            shutdown_signal().await;
+            node.stop().await;
+        }
+        Role::Gateway(s) => {
+            let s = s.with_file(config)?;
+            let gw = switchboard::start_gateway(&s).await?;
+            println!("switchboard gateway: ws://{}/ws  push {}", gw.ws_addr(), gw.push_addr());
+            shutdown_signal().await;
+            gw.shutdown().await;
+        }
+    }
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}

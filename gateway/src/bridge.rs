@@ -1,0 +1,135 @@
+//! Bridge between shard threads and the tokio runtime: logic RPCs and shard mailboxes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::Sender;
+use mio::Waker;
+use switchboard_proto::internal::{
+    logic_client::LogicClient, AuthReply, AuthRequest, ClientReply, ClientRequest, ConnEvent,
+    Delivery,
+};
+use tokio::runtime::Handle;
+use tonic::transport::Channel;
+
+/// Messages delivered to a shard thread.
+pub(crate) enum ShardMsg {
+    /// Result of `Logic.Authenticate` for a connection.
+    AuthDone {
+        conn_id: u64,
+        rid: Option<u64>,
+        result: Result<AuthReply, String>,
+    },
+    /// Result of `Logic.Handle` for a connection's request.
+    HandleDone {
+        conn_id: u64,
+        rid: Option<u64>,
+        result: Result<ClientReply, String>,
+    },
+    /// Deliveries for connections of this shard; the shard answers with the gone ids.
+    Push {
+        deliveries: Vec<Delivery>,
+        reply: tokio::sync::oneshot::Sender<Vec<u64>>,
+    },
+    /// Graceful drain and exit.
+    Shutdown,
+}
+
+/// A shard's mailbox: channel plus the waker of its poll loop.
+#[derive(Clone)]
+pub(crate) struct ShardLink {
+    pub tx: Sender<ShardMsg>,
+    pub waker: Arc<Waker>,
+}
+
+impl ShardLink {
+    /// Queues `msg` and wakes the shard; false if the shard is gone.
+    pub fn send(&self, msg: ShardMsg) -> bool {
+        if self.tx.send(msg).is_err() {
+            return false;
+        }
+        if let Err(e) = self.waker.wake() {
+            tracing::warn!(error = %e, "failed to wake shard");
+        }
+        true
+    }
+}
+
+/// Submits logic RPCs from shard threads onto the tokio runtime (never blocks).
+#[derive(Clone)]
+pub(crate) struct Bridge {
+    pub rt: Handle,
+    pub client: LogicClient<Channel>,
+    pub advertise: Arc<str>,
+    pub timeout: Duration,
+}
+
+impl Bridge {
+    /// `Logic.Authenticate`; the result goes back to `link` as [`ShardMsg::AuthDone`].
+    pub fn authenticate(&self, link: &ShardLink, conn_id: u64, rid: Option<u64>, token: String) {
+        let mut client = self.client.clone();
+        let link = link.clone();
+        let timeout = self.timeout;
+        self.rt.spawn(async move {
+            let result =
+                match tokio::time::timeout(timeout, client.authenticate(AuthRequest { token }))
+                    .await
+                {
+                    Ok(Ok(r)) => Ok(r.into_inner()),
+                    Ok(Err(s)) => Err(s.message().to_string()),
+                    Err(_) => Err("logic timed out".to_string()),
+                };
+            link.send(ShardMsg::AuthDone {
+                conn_id,
+                rid,
+                result,
+            });
+        });
+    }
+
+    /// `Logic.Handle`; the result goes back to `link` as [`ShardMsg::HandleDone`].
+    pub fn handle(&self, link: &ShardLink, rid: Option<u64>, req: ClientRequest) {
+        let mut client = self.client.clone();
+        let link = link.clone();
+        let timeout = self.timeout;
+        let conn_id = req.conn.as_ref().map(|c| c.conn_id).unwrap_or(0);
+        self.rt.spawn(async move {
+            let result = match tokio::time::timeout(timeout, client.handle(req)).await {
+                Ok(Ok(r)) => Ok(r.into_inner()),
+                Ok(Err(s)) => Err(s.message().to_string()),
+                Err(_) => Err("logic timed out".to_string()),
+            };
+            link.send(ShardMsg::HandleDone {
+                conn_id,
+                rid,
+                result,
+            });
+        });
+    }
+
+    /// `Logic.Connected`, fire and forget.
+    pub fn connected(&self, ev: ConnEvent) {
+        let mut client = self.client.clone();
+        let timeout = self.timeout;
+        self.rt.spawn(async move {
+            match tokio::time::timeout(timeout, client.connected(ev)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(s)) => tracing::warn!(status = %s, "Logic.Connected failed"),
+                Err(_) => tracing::warn!("Logic.Connected timed out"),
+            }
+        });
+    }
+
+    /// `Logic.Disconnected`, fire and forget.
+    pub fn disconnected(&self, ev: ConnEvent) {
+        let mut client = self.client.clone();
+        let timeout = self.timeout;
+        self.rt.spawn(async move {
+            match tokio::time::timeout(timeout, client.disconnected(ev)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(s)) => tracing::warn!(status = %s, "Logic.Disconnected failed"),
+                Err(_) => tracing::warn!("Logic.Disconnected timed out"),
+            }
+        });
+    }
+}

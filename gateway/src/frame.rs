@@ -1,0 +1,186 @@
+//! JSON frame parsing (op, rid and the few fields the gateway reads) and reply builders.
+
+use serde_json::{json, Map, Value};
+
+/// A parsed client request frame.
+#[derive(Debug)]
+pub struct Request {
+    pub op: String,
+    pub rid: Option<u64>,
+    pub obj: Map<String, Value>,
+}
+
+impl Request {
+    /// A string field, if present and a string.
+    pub fn str_field(&self, name: &str) -> Option<&str> {
+        self.obj.get(name).and_then(Value::as_str)
+    }
+
+    /// A u64 field, if present and a non-negative integer.
+    pub fn u64_field(&self, name: &str) -> Option<u64> {
+        self.obj.get(name).and_then(Value::as_u64)
+    }
+}
+
+/// Why a frame could not be parsed; `rid` is set when one could still be read.
+#[derive(Debug, PartialEq, Eq)]
+pub struct BadFrame {
+    pub rid: Option<u64>,
+    pub message: &'static str,
+}
+
+/// Parses one text frame. Never panics, whatever the input.
+pub fn parse(bytes: &[u8]) -> Result<Request, BadFrame> {
+    let value: Value = serde_json::from_slice(bytes).map_err(|_| BadFrame {
+        rid: None,
+        message: "frame is not valid JSON",
+    })?;
+    let Value::Object(obj) = value else {
+        return Err(BadFrame {
+            rid: None,
+            message: "frame is not a JSON object",
+        });
+    };
+    let rid = obj.get("rid").and_then(Value::as_u64);
+    let op = match obj.get("op") {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        _ => {
+            return Err(BadFrame {
+                rid,
+                message: "missing or invalid field `op`",
+            })
+        }
+    };
+    Ok(Request { op, rid, obj })
+}
+
+fn with_rid(mut v: Value, rid: Option<u64>) -> String {
+    if let (Some(rid), Value::Object(m)) = (rid, &mut v) {
+        m.insert("rid".into(), rid.into());
+    }
+    v.to_string()
+}
+
+/// `{"op":"error","rid":R,"code":C,"message":M}` (rid omitted when unknown).
+pub fn error(rid: Option<u64>, code: &str, message: &str) -> String {
+    with_rid(
+        json!({"op": "error", "code": code, "message": message}),
+        rid,
+    )
+}
+
+/// An error carrying `retry_after_ms` (`rate_limited`, `unavailable`).
+pub fn error_retry(rid: Option<u64>, code: &str, message: &str, retry_after_ms: u64) -> String {
+    with_rid(
+        json!({"op": "error", "code": code, "message": message, "retry_after_ms": retry_after_ms}),
+        rid,
+    )
+}
+
+/// `{"op":"ping.ok","rid":R}`.
+pub fn ping_ok(rid: Option<u64>) -> String {
+    with_rid(json!({"op": "ping.ok"}), rid)
+}
+
+/// `{"op":"auth.ok","rid":R,"user":U,"session":S,"server_ts":T}`.
+pub fn auth_ok(rid: Option<u64>, user: &str, session: &str, server_ts: u64) -> String {
+    with_rid(
+        json!({"op": "auth.ok", "user": user, "session": session, "server_ts": server_ts}),
+        rid,
+    )
+}
+
+/// `{"op":"drain","retry_after_ms":R}`.
+pub fn drain(retry_after_ms: u64) -> String {
+    json!({"op": "drain", "retry_after_ms": retry_after_ms}).to_string()
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_op_and_rid() {
+        let r = parse(br#"{"op":"send","rid":7,"to":"bob"}"#).unwrap();
+        assert_eq!(r.op, "send");
+        assert_eq!(r.rid, Some(7));
+        assert_eq!(r.str_field("to"), Some("bob"));
+        let r = parse(br#"{"op":"ping"}"#).unwrap();
+        assert_eq!(r.rid, None);
+    }
+
+    #[test]
+    fn rejects_bad_frames() {
+        assert_eq!(parse(b"not json").unwrap_err().rid, None);
+        assert!(parse(b"[1,2]").is_err());
+        assert!(parse(b"\"op\"").is_err());
+        let e = parse(br#"{"rid":5}"#).unwrap_err();
+        assert_eq!(e.rid, Some(5));
+        assert!(parse(br#"{"op":3,"rid":1}"#).is_err());
+        assert!(parse(br#"{"op":"","rid":1}"#).is_err());
+        // negative or fractional rid is not a rid
+        assert_eq!(parse(br#"{"op":"x","rid":-1}"#).unwrap().rid, None);
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        // xorshift: deterministic pseudo-random input without extra dependencies
+        let mut s: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let alphabet = br#"{}[]":,0123456789.-eE+truefalsnop rid\u"#;
+        for _ in 0..20_000 {
+            let len = (next() % 64) as usize;
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    let r = next();
+                    if r % 3 == 0 {
+                        r as u8
+                    } else {
+                        alphabet[(r >> 8) as usize % alphabet.len()]
+                    }
+                })
+                .collect();
+            let _ = parse(&bytes);
+        }
+        // some structured near-misses too
+        for s in [
+            r#"{"op":"auth","rid":18446744073709551616}"#,
+            r#"{"op":"auth","rid":1e400}"#,
+            r#"{"op":"#,
+            "{\"op\":\"\u{0}\"}",
+        ] {
+            let _ = parse(s.as_bytes());
+        }
+    }
+
+    #[test]
+    fn replies_are_json() {
+        let e: Value = serde_json::from_str(&error(Some(3), "bad_request", "x")).unwrap();
+        assert_eq!(e["rid"], 3);
+        assert_eq!(e["code"], "bad_request");
+        let e: Value = serde_json::from_str(&error(None, "auth_timeout", "x")).unwrap();
+        assert!(e.get("rid").is_none());
+        let e: Value =
+            serde_json::from_str(&error_retry(Some(1), "unavailable", "x", 1000)).unwrap();
+        assert_eq!(e["retry_after_ms"], 1000);
+        let a: Value = serde_json::from_str(&auth_ok(Some(1), "alice", "s1", 5)).unwrap();
+        assert_eq!(a["op"], "auth.ok");
+        assert_eq!(a["user"], "alice");
+        assert_eq!(a["server_ts"], 5);
+        let d: Value = serde_json::from_str(&drain(1000)).unwrap();
+        assert_eq!(d["op"], "drain");
+    }
+}

@@ -1,0 +1,305 @@
+//! One shard: a thread with its own mio poll, SO_REUSEPORT listener, connection
+//! slab, timing wheel and mailbox.
+
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+use tungstenite::protocol::WebSocketConfig;
+
+use crate::bridge::{Bridge, ShardLink, ShardMsg};
+use crate::conn::Conn;
+use crate::connid::{ConnId, GenCounter, MAX_KEYS};
+use crate::metrics::GatewayMetrics;
+use crate::wheel::Wheel;
+use crate::GatewayConfig;
+
+pub(crate) const LISTENER: Token = Token(usize::MAX - 1);
+pub(crate) const WAKER: Token = Token(usize::MAX);
+const TICK: Duration = Duration::from_millis(100);
+const WHEEL_SLOTS: usize = 1024;
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+
+/// Why a connection timer fired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TimerKind {
+    Auth,
+    Idle,
+    Repush,
+    Linger,
+}
+
+/// A wheel entry: which connection and which timer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TimerEv {
+    pub key: usize,
+    pub conn_id: u64,
+    pub kind: TimerKind,
+}
+
+/// Everything a connection needs from its shard besides the socket.
+pub(crate) struct Env {
+    pub cfg: Arc<GatewayConfig>,
+    pub metrics: Arc<GatewayMetrics>,
+    pub bridge: Bridge,
+    pub link: ShardLink,
+    pub wheel: Wheel<TimerEv>,
+    pub now: Instant,
+}
+
+/// The shard event loop state.
+pub(crate) struct Shard {
+    idx: usize,
+    poll: Poll,
+    listener: Option<TcpListener>,
+    conns: Slab<Conn>,
+    env: Env,
+    rx: Receiver<ShardMsg>,
+    gens: GenCounter,
+    ws_config: WebSocketConfig,
+}
+
+impl Shard {
+    pub fn new(
+        idx: usize,
+        poll: Poll,
+        mut listener: TcpListener,
+        rx: Receiver<ShardMsg>,
+        env: Env,
+    ) -> io::Result<Shard> {
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let max = env.cfg.max_frame_bytes.max(1);
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(4096)
+            .write_buffer_size(4096)
+            .max_write_buffer_size(4096 + 4 * max + 1024)
+            .max_message_size(Some(max))
+            .max_frame_size(Some(max));
+        Ok(Shard {
+            idx,
+            poll,
+            listener: Some(listener),
+            conns: Slab::new(),
+            env,
+            rx,
+            gens: GenCounter::default(),
+            ws_config,
+        })
+    }
+
+    /// Runs until shutdown has drained every connection.
+    pub fn run(mut self) {
+        let mut events = Events::with_capacity(1024);
+        let mut fired = Vec::new();
+        let mut drain_deadline: Option<Instant> = None;
+        loop {
+            if let Err(e) = self.poll.poll(&mut events, Some(TICK)) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                tracing::warn!(shard = self.idx, error = %e, "poll failed");
+                break;
+            }
+            self.env.now = Instant::now();
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => self.accept_all(),
+                    WAKER => {}
+                    Token(key) => {
+                        if let Some(conn) = self.conns.get_mut(key) {
+                            let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                            let writable = ev.is_writable() || ev.is_write_closed() || ev.is_error();
+                            conn.on_ready(&mut self.env, readable, writable);
+                            self.finish(key);
+                        }
+                    }
+                }
+            }
+            while let Ok(msg) = self.rx.try_recv() {
+                if let ShardMsg::Shutdown = msg {
+                    if drain_deadline.is_none() {
+                        self.start_drain();
+                        drain_deadline = Some(self.env.now + DRAIN_GRACE);
+                    }
+                } else {
+                    self.on_msg(msg);
+                }
+            }
+            self.env.wheel.advance(self.env.now, &mut fired);
+            for t in fired.drain(..) {
+                if let Some(conn) = self.conns.get_mut(t.key) {
+                    if conn.id == t.conn_id {
+                        conn.on_timer(t.kind, &mut self.env);
+                        self.finish(t.key);
+                    }
+                }
+            }
+            if let Some(deadline) = drain_deadline {
+                if self.conns.is_empty() || self.env.now >= deadline {
+                    break;
+                }
+            }
+        }
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for k in keys {
+            self.remove(k);
+        }
+        // answer pushes that raced with shutdown
+        while let Ok(msg) = self.rx.try_recv() {
+            if let ShardMsg::Push { deliveries, reply } = msg {
+                let _ = reply.send(deliveries.iter().map(|d| d.conn_id).collect());
+            }
+        }
+        tracing::debug!(shard = self.idx, "shard stopped");
+    }
+
+    fn accept_all(&mut self) {
+        loop {
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            let (mut stream, peer) = match listener.accept() {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!(shard = self.idx, error = %e, "accept failed");
+                    GatewayMetrics::inc(&self.env.metrics.errors);
+                    return;
+                }
+            };
+            GatewayMetrics::inc(&self.env.metrics.accepted);
+            let open = self.env.metrics.connections.load(Ordering::Relaxed);
+            if open >= self.env.cfg.max_connections as i64 || self.conns.len() >= MAX_KEYS - 1 {
+                tracing::debug!(peer = %peer, "connection limit reached; closing");
+                GatewayMetrics::inc(&self.env.metrics.errors);
+                drop(stream);
+                continue;
+            }
+            let _ = stream.set_nodelay(true);
+            let entry = self.conns.vacant_entry();
+            let key = entry.key();
+            let id = ConnId {
+                shard: self.idx,
+                key,
+                gen: self.gens.next(),
+            }
+            .encode();
+            if let Err(e) = self.poll.registry().register(
+                &mut stream,
+                Token(key),
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                tracing::warn!(error = %e, "register failed");
+                GatewayMetrics::inc(&self.env.metrics.errors);
+                continue;
+            }
+            self.env.metrics.connections.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(shard = self.idx, conn = id, peer = %peer, "accepted");
+            let conn = Conn::accept(key, id, peer, stream, self.ws_config, &mut self.env);
+            entry.insert(conn);
+            self.finish(key);
+        }
+    }
+
+    fn on_msg(&mut self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::AuthDone {
+                conn_id,
+                rid,
+                result,
+            } => {
+                if let Some(key) = self.lookup(conn_id) {
+                    self.conns[key].on_auth_done(rid, result, &mut self.env);
+                    self.finish(key);
+                }
+            }
+            ShardMsg::HandleDone {
+                conn_id,
+                rid,
+                result,
+            } => {
+                if let Some(key) = self.lookup(conn_id) {
+                    self.conns[key].on_handle_done(rid, result, &mut self.env);
+                    self.finish(key);
+                }
+            }
+            ShardMsg::Push { deliveries, reply } => {
+                let mut gone = Vec::new();
+                let mut touched = Vec::new();
+                for d in deliveries {
+                    let id = d.conn_id;
+                    match self.lookup(id) {
+                        Some(key) => {
+                            if self.conns[key].on_push(d, &mut self.env) {
+                                if touched.last() != Some(&key) {
+                                    touched.push(key);
+                                }
+                            } else {
+                                gone.push(id);
+                            }
+                        }
+                        None => gone.push(id),
+                    }
+                }
+                touched.sort_unstable();
+                touched.dedup();
+                for key in touched {
+                    self.finish(key);
+                }
+                let _ = reply.send(gone);
+            }
+            ShardMsg::Shutdown => self.start_drain(),
+        }
+    }
+
+    fn lookup(&self, conn_id: u64) -> Option<usize> {
+        let d = ConnId::decode(conn_id);
+        if d.shard != self.idx {
+            return None;
+        }
+        match self.conns.get(d.key) {
+            Some(c) if c.id == conn_id => Some(d.key),
+            _ => None,
+        }
+    }
+
+    fn start_drain(&mut self) {
+        if let Some(mut l) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.conns[key].drain(&mut self.env);
+            self.finish(key);
+        }
+    }
+
+    /// After any event on a connection: write, fix interest, drop when dead.
+    fn finish(&mut self, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        conn.flush_out(&mut self.env);
+        if conn.is_dead() {
+            self.remove(key);
+            return;
+        }
+        conn.sync_interest(self.poll.registry());
+    }
+
+    fn remove(&mut self, key: usize) {
+        if let Some(mut conn) = self.conns.try_remove(key) {
+            conn.notify_closed(&mut self.env);
+            conn.cancel_timers(&mut self.env);
+            self.env.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+            tracing::debug!(shard = self.idx, conn = conn.id, "connection closed");
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! The HTTP API: accounts (register, login, refresh, logout), gateway
+//! discovery, health and metrics.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use switchboard_storage::{now_ms, Session, User};
+
+use crate::auth::{hash_password, now_secs, random_token, refresh_hash, valid_username, verify_password, Claims};
+use crate::error::ApiError;
+use crate::metrics::inc;
+use crate::Logic;
+
+/// Extra metrics rendered on `/metrics` (e.g. a co-located gateway's).
+pub type MetricsHook = Arc<dyn Fn(&mut String) + Send + Sync>;
+
+#[derive(Clone)]
+struct Http {
+    logic: Arc<Logic>,
+    extra_metrics: Vec<MetricsHook>,
+}
+
+/// The HTTP API router.
+pub fn router(logic: Arc<Logic>, extra_metrics: Vec<MetricsHook>) -> Router {
+    Router::new()
+        .route("/v1/auth/register", post(register))
+        .route("/v1/auth/login", post(login))
+        .route("/v1/auth/refresh", post(refresh))
+        .route("/v1/auth/logout", post(logout))
+        .route("/v1/gateways", get(gateways))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::new("not_found", "no such endpoint") })
+        .with_state(Http { logic, extra_metrics })
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut body = json!({"code": self.code, "message": self.message});
+        if let Some(ms) = self.retry_after_ms {
+            body["retry_after_ms"] = ms.into();
+        }
+        (status, Json(body)).into_response()
+    }
+}
+
+fn body<T: for<'de> Deserialize<'de>>(bytes: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request(format!("bad JSON body: {e}")))
+}
+
+#[derive(Deserialize)]
+struct Register {
+    username: String,
+    password: String,
+    nickname: Option<String>,
+}
+
+fn valid_password(p: &str) -> bool {
+    (8..=128).contains(&p.chars().count())
+}
+
+async fn register(State(h): State<Http>, bytes: Bytes) -> Result<Response, ApiError> {
+    inc(&h.logic.metrics.http_requests);
+    let req: Register = body(&bytes)?;
+    if !valid_username(&req.username) {
+        return Err(ApiError::bad_request("username: 3-32 chars of a-z 0-9 _ . -"));
+    }
+    if !valid_password(&req.password) {
+        return Err(ApiError::bad_request("password: 8-128 chars"));
+    }
+    let nickname = req.nickname.unwrap_or_else(|| req.username.clone());
+    if nickname.chars().count() > 64 {
+        return Err(ApiError::bad_request("nickname: at most 64 chars"));
+    }
+    let cost = h.logic.config.hash_cost;
+    let password = req.password;
+    let password_hash = tokio::task::spawn_blocking(move || hash_password(&password, cost))
+        .await
+        .map_err(|e| ApiError::new("internal", e.to_string()))??;
+    let user = User { username: req.username.clone(), nickname, password_hash, created_ms: now_ms() };
+    if !h.logic.stores.accounts.create_user(&user).await? {
+        return Err(ApiError::new("user_exists", format!("`{}` is taken", req.username)));
+    }
+    Ok((StatusCode::CREATED, Json(json!({"username": req.username}))).into_response())
+}
+
+#[derive(Deserialize)]
+struct Login {
+    username: String,
+    password: String,
+    device: Option<String>,
+}
+
+/// Issues an access token and a refresh token for a session.
+fn issue(logic: &Logic, session: &Session) -> (String, serde_json::Value) {
+    let now = now_secs();
+    let ttl = logic.config.access_ttl.as_secs();
+    let claims = Claims {
+        sub: session.user.clone(),
+        sid: session.id.clone(),
+        dev: session.device.clone(),
+        iat: now,
+        exp: now + ttl,
+        typ: "access".into(),
+    };
+    let refresh = random_token(32);
+    let body = json!({"access_token": logic.key.sign(&claims), "refresh_token": refresh, "expires_in": ttl});
+    (refresh, body)
+}
+
+async fn login(State(h): State<Http>, bytes: Bytes) -> Result<Response, ApiError> {
+    inc(&h.logic.metrics.http_requests);
+    let req: Login = body(&bytes)?;
+    let bad = || ApiError::new("bad_credentials", "wrong username or password");
+    let device = req.device.unwrap_or_else(|| format!("dev-{}", random_token(6)));
+    if device.is_empty() || device.chars().count() > 64 {
+        return Err(ApiError::bad_request("device: 1-64 chars"));
+    }
+    let user = h.logic.stores.accounts.get_user(&req.username).await?.ok_or_else(bad)?;
+    let (password, phc) = (req.password, user.password_hash);
+    let ok = tokio::task::spawn_blocking(move || verify_password(&password, &phc))
+        .await
+        .map_err(|e| ApiError::new("internal", e.to_string()))?;
+    if !ok {
+        return Err(bad());
+    }
+    let mut session = Session {
+        id: random_token(12),
+        user: user.username,
+        device,
+        refresh_hash: String::new(),
+        revoked: false,
+        created_ms: now_ms(),
+        refresh_expires_ms: now_ms() + h.logic.config.refresh_ttl.as_millis() as u64,
+    };
+    let (refresh, reply) = issue(&h.logic, &session);
+    session.refresh_hash = refresh_hash(&refresh);
+    h.logic.stores.accounts.put_session(&session).await?;
+    Ok(Json(reply).into_response())
+}
+
+#[derive(Deserialize)]
+struct Refresh {
+    refresh_token: String,
+}
+
+async fn refresh(State(h): State<Http>, bytes: Bytes) -> Result<Response, ApiError> {
+    inc(&h.logic.metrics.http_requests);
+    let req: Refresh = body(&bytes)?;
+    let bad = |m: &str| ApiError::new("bad_token", m.to_string());
+    let hash = refresh_hash(&req.refresh_token);
+    let accounts = &h.logic.stores.accounts;
+    let Some(session) = accounts.session_by_refresh(&hash).await? else {
+        return Err(bad("unknown refresh token"));
+    };
+    if session.revoked {
+        return Err(bad("session signed out"));
+    }
+    if session.refresh_hash != hash {
+        // An already-rotated token came back: it was stolen or replayed.
+        // Revoke the whole session so neither holder can go on.
+        tracing::warn!(user = %session.user, session = %session.id, "refresh token reuse; revoking session");
+        accounts.revoke_session(&session.id).await?;
+        return Err(bad("refresh token reused; session revoked"));
+    }
+    if session.refresh_expires_ms <= now_ms() {
+        return Err(bad("refresh token expired"));
+    }
+    let (new_refresh, reply) = issue(&h.logic, &session);
+    let expires = now_ms() + h.logic.config.refresh_ttl.as_millis() as u64;
+    if !accounts.rotate_refresh(&session.id, &hash, &refresh_hash(&new_refresh), expires).await? {
+        return Err(bad("refresh token already used"));
+    }
+    Ok(Json(reply).into_response())
+}
+
+async fn logout(State(h): State<Http>, headers: HeaderMap) -> Result<Response, ApiError> {
+    inc(&h.logic.metrics.http_requests);
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| ApiError::new("unauthorized", "missing Bearer token"))?;
+    let claims = h.logic.authenticate(token).await?;
+    h.logic.stores.accounts.revoke_session(&claims.sid).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn gateways(State(h): State<Http>) -> Response {
+    inc(&h.logic.metrics.http_requests);
+    Json(json!({"gateways": h.logic.config.gateways})).into_response()
+}
+
+async fn metrics(State(h): State<Http>) -> Response {
+    let mut out = String::new();
+    h.logic.metrics.render(&mut out);
+    for hook in &h.extra_metrics {
+        hook(&mut out);
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}

@@ -1,0 +1,86 @@
+//! Socket ops: one module per area, each op one function taking the caller
+//! and its request fields, returning the reply fields or an [`ApiError`].
+
+mod friends;
+mod messages;
+
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+use crate::error::ApiError;
+use crate::Logic;
+
+/// Who sent a request, as established by `auth` on the gateway.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub user: String,
+    pub device: String,
+    pub gateway: String,
+    pub conn_id: u64,
+}
+
+/// Reply fields (merged into `{"op": "<op>.ok", "rid": ..}`).
+pub type Fields = Map<String, Value>;
+
+fn parse<T: DeserializeOwned>(req: &Value) -> Result<T, ApiError> {
+    serde_json::from_value(req.clone()).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+/// Runs one request frame and returns the reply frame.
+pub async fn handle(logic: &Logic, caller: &Caller, frame: &[u8]) -> (Value, bool) {
+    let req: Value = match serde_json::from_slice(frame) {
+        Ok(v @ Value::Object(_)) => v,
+        Ok(_) => return (ApiError::bad_request("a frame is a JSON object").to_frame(None), false),
+        Err(e) => return (ApiError::bad_request(format!("malformed JSON: {e}")).to_frame(None), false),
+    };
+    let rid = req.get("rid").and_then(Value::as_u64);
+    let Some(op) = req.get("op").and_then(Value::as_str) else {
+        return (ApiError::bad_request("missing field `op`").to_frame(rid), false);
+    };
+    match dispatch(logic, caller, op, &req).await {
+        Ok(fields) => {
+            let mut reply = Map::new();
+            reply.insert("op".into(), Value::String(format!("{op}.ok")));
+            if let Some(rid) = rid {
+                reply.insert("rid".into(), rid.into());
+            }
+            reply.extend(fields);
+            (Value::Object(reply), false)
+        }
+        Err(e) => {
+            crate::metrics::inc(&logic.metrics.errors);
+            (e.to_frame(rid), false)
+        }
+    }
+}
+
+async fn dispatch(logic: &Logic, caller: &Caller, op: &str, req: &Value) -> Result<Fields, ApiError> {
+    match op {
+        "send" => messages::send(logic, caller, parse(req)?).await,
+        "ack" => messages::ack(logic, caller, parse(req)?).await,
+        "sync" => messages::sync(logic, caller, parse(req)?).await,
+        "history" => messages::history(logic, caller, parse(req)?).await,
+        "friend.request" => friends::request(logic, caller, parse(req)?).await,
+        "friend.accept" => friends::accept(logic, caller, parse(req)?).await,
+        "friend.reject" => friends::reject(logic, caller, parse(req)?).await,
+        "friend.delete" => friends::delete(logic, caller, parse(req)?).await,
+        "friend.list" => friends::list(logic, caller).await,
+        "auth" => Err(ApiError::bad_request("already authenticated")),
+        other => Err(ApiError::new("unknown_op", format!("unknown op `{other}`"))),
+    }
+}
+
+/// Fails with `no_such_user` unless `user` is registered.
+async fn require_user(logic: &Logic, user: &str) -> Result<(), ApiError> {
+    match logic.stores.accounts.get_user(user).await? {
+        Some(_) => Ok(()),
+        None => Err(ApiError::new("no_such_user", format!("no user `{user}`"))),
+    }
+}
+
+fn fields(v: Value) -> Fields {
+    match v {
+        Value::Object(m) => m,
+        _ => Fields::new(),
+    }
+}

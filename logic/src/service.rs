@@ -1,0 +1,83 @@
+//! The `Logic` gRPC service the gateways call.
+
+use std::sync::Arc;
+
+use switchboard_proto::internal::logic_server::{Logic as LogicRpc, LogicServer};
+use switchboard_proto::internal::{AuthReply, AuthRequest, ClientReply, ClientRequest, ConnEvent, Empty};
+use switchboard_storage::ConnRef;
+use tonic::{Request, Response, Status};
+
+use crate::auth::now_secs;
+use crate::error::ApiError;
+use crate::metrics::inc;
+use crate::ops::{self, Caller};
+use crate::Logic;
+
+/// gRPC front of one logic instance.
+#[derive(Clone)]
+pub struct LogicService {
+    logic: Arc<Logic>,
+}
+
+impl LogicService {
+    pub fn new(logic: Arc<Logic>) -> Self {
+        Self { logic }
+    }
+
+    pub fn into_server(self) -> LogicServer<Self> {
+        LogicServer::new(self)
+    }
+}
+
+fn conn_ref(c: &ConnEvent) -> ConnRef {
+    ConnRef { gateway: c.gateway.clone(), conn_id: c.conn_id, device: c.device.clone(), session: c.session.clone() }
+}
+
+impl Logic {
+    /// Checks an access token and that its session is still signed in.
+    pub async fn authenticate(&self, token: &str) -> Result<crate::auth::Claims, ApiError> {
+        let claims = self.key.verify(token, now_secs())?;
+        match self.stores.accounts.get_session(&claims.sid).await? {
+            Some(s) if !s.revoked && s.user == claims.sub => Ok(claims),
+            _ => Err(ApiError::new("bad_token", "session signed out")),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl LogicRpc for LogicService {
+    async fn authenticate(&self, req: Request<AuthRequest>) -> Result<Response<AuthReply>, Status> {
+        let reply = match self.logic.authenticate(&req.into_inner().token).await {
+            Ok(c) => AuthReply { ok: true, user: c.sub, session: c.sid, device: c.dev, ..Default::default() },
+            Err(e) => AuthReply { ok: false, code: e.code.into(), message: e.message, ..Default::default() },
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn connected(&self, req: Request<ConnEvent>) -> Result<Response<Empty>, Status> {
+        let c = req.into_inner();
+        self.logic.stores.routes.add(&c.user, conn_ref(&c)).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn disconnected(&self, req: Request<ConnEvent>) -> Result<Response<Empty>, Status> {
+        let c = req.into_inner();
+        self.logic.stores.routes.remove(&c.user, &conn_ref(&c)).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn handle(&self, req: Request<ClientRequest>) -> Result<Response<ClientReply>, Status> {
+        let req = req.into_inner();
+        let conn = req.conn.ok_or_else(|| Status::invalid_argument("missing conn"))?;
+        inc(&self.logic.metrics.requests);
+        let caller = Caller {
+            user: conn.user,
+            device: conn.device,
+            gateway: conn.gateway,
+            conn_id: conn.conn_id,
+        };
+        let (frame, close) = ops::handle(&self.logic, &caller, &req.frame).await;
+        let frame = serde_json::to_vec(&frame).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(ClientReply { frame, close }))
+    }
+}

@@ -1,0 +1,221 @@
+//! Settings of every role: one struct that is at once the TOML file's
+//! schema and the CLI flags (each flag also reads an `SB_*` environment
+//! variable). Precedence: flag > environment > file > default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use serde::Deserialize;
+
+/// Every option is optional here; `get` accessors apply the defaults.
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Directory of the embedded database and the token signing key.
+    #[arg(long, env = "SB_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// HTTP API listen address.
+    #[arg(long, env = "SB_HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
+    /// WebSocket listen address (path /ws).
+    #[arg(long, env = "SB_WS_ADDR")]
+    pub ws_addr: Option<SocketAddr>,
+    /// Logic gRPC listen address (logic, all-in-one).
+    #[arg(long, env = "SB_LOGIC_ADDR")]
+    pub logic_addr: Option<SocketAddr>,
+    /// Gateway push gRPC listen address (gateway, all-in-one).
+    #[arg(long, env = "SB_PUSH_ADDR")]
+    pub push_addr: Option<SocketAddr>,
+    /// Logic URL a gateway calls (gateway role).
+    #[arg(long, env = "SB_LOGIC_URL")]
+    pub logic_url: Option<String>,
+    /// Push URL logic dials to reach this gateway (default http://<push-addr>).
+    #[arg(long, env = "SB_ADVERTISE_PUSH")]
+    pub advertise_push: Option<String>,
+    /// WebSocket URL handed to clients by GET /v1/gateways (default ws://<ws-addr>/ws).
+    #[arg(long, env = "SB_PUBLIC_WS")]
+    pub public_ws: Option<Vec<String>>,
+    /// HS256 secret for access tokens; default: generated once into <data-dir>/jwt.secret.
+    #[arg(long, env = "SB_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Gateway event-loop threads (0 = one per core).
+    #[arg(long, env = "SB_SHARDS")]
+    pub shards: Option<usize>,
+    /// Largest client frame in bytes.
+    #[arg(long, env = "SB_MAX_FRAME_BYTES")]
+    pub max_frame_bytes: Option<usize>,
+    /// Most connections one gateway process holds.
+    #[arg(long, env = "SB_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Per-connection bound of queued outbound frames (slow consumers beyond it are closed).
+    #[arg(long, env = "SB_MAX_OUTBOUND_FRAMES")]
+    pub max_outbound_frames: Option<usize>,
+    /// Milliseconds a new connection has to `auth`.
+    #[arg(long, env = "SB_AUTH_TIMEOUT_MS")]
+    pub auth_timeout_ms: Option<u64>,
+    /// Milliseconds of silence after which a connection is closed.
+    #[arg(long, env = "SB_IDLE_TIMEOUT_MS")]
+    pub idle_timeout_ms: Option<u64>,
+    /// Milliseconds before an unacked push is sent again.
+    #[arg(long, env = "SB_REPUSH_MS")]
+    pub repush_ms: Option<u64>,
+    /// Access token lifetime in seconds.
+    #[arg(long, env = "SB_ACCESS_TTL_SECS")]
+    pub access_ttl_secs: Option<u64>,
+    /// Refresh token lifetime in seconds.
+    #[arg(long, env = "SB_REFRESH_TTL_SECS")]
+    pub refresh_ttl_secs: Option<u64>,
+    /// argon2id memory cost in KiB.
+    #[arg(long, env = "SB_ARGON2_MEMORY_KIB")]
+    pub argon2_memory_kib: Option<u32>,
+    /// argon2id iterations.
+    #[arg(long, env = "SB_ARGON2_ITERATIONS")]
+    pub argon2_iterations: Option<u32>,
+}
+
+macro_rules! overlay {
+    ($dst:ident, $src:ident; $($f:ident),*) => { $( if $dst.$f.is_none() { $dst.$f = $src.$f; } )* };
+}
+
+impl Settings {
+    /// Fills every option not given on the command line or in the
+    /// environment from the TOML file at `path`.
+    pub fn with_file(mut self, path: Option<&Path>) -> anyhow::Result<Self> {
+        let Some(path) = path else { return Ok(self) };
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let file: Settings = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        overlay!(self, file; data_dir, http_addr, ws_addr, logic_addr, push_addr, logic_url, advertise_push,
+            public_ws, jwt_secret, shards, max_frame_bytes, max_connections, max_outbound_frames, auth_timeout_ms,
+            idle_timeout_ms, repush_ms, access_ttl_secs, refresh_ttl_secs, argon2_memory_kib, argon2_iterations);
+        Ok(self)
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(|| PathBuf::from("./data"))
+    }
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr.unwrap_or(([127, 0, 0, 1], 8080).into())
+    }
+    pub fn ws_addr(&self) -> SocketAddr {
+        self.ws_addr.unwrap_or(([127, 0, 0, 1], 8090).into())
+    }
+    pub fn logic_addr(&self) -> SocketAddr {
+        self.logic_addr.unwrap_or(([127, 0, 0, 1], 9100).into())
+    }
+    pub fn push_addr(&self) -> SocketAddr {
+        self.push_addr.unwrap_or(([127, 0, 0, 1], 9101).into())
+    }
+    pub fn logic_url(&self) -> String {
+        self.logic_url.clone().unwrap_or_else(|| format!("http://{}", self.logic_addr()))
+    }
+
+    /// The token secret: configured, or read from (created once in) the data dir.
+    pub fn jwt_secret(&self) -> anyhow::Result<Vec<u8>> {
+        if let Some(s) = &self.jwt_secret {
+            anyhow::ensure!(s.len() >= 16, "jwt secret must be at least 16 bytes");
+            return Ok(s.as_bytes().to_vec());
+        }
+        let dir = self.data_dir();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join("jwt.secret");
+        if let Ok(s) = std::fs::read_to_string(&path) {
+            return Ok(s.trim().as_bytes().to_vec());
+        }
+        let secret: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
+        write_private(&path, &secret).with_context(|| format!("writing {}", path.display()))?;
+        Ok(secret.into_bytes())
+    }
+
+    pub fn logic_config(&self, public_ws: Vec<String>) -> anyhow::Result<switchboard_logic::LogicConfig> {
+        let mut c = switchboard_logic::LogicConfig::new(self.jwt_secret()?);
+        if let Some(s) = self.access_ttl_secs {
+            c.access_ttl = Duration::from_secs(s);
+        }
+        if let Some(s) = self.refresh_ttl_secs {
+            c.refresh_ttl = Duration::from_secs(s);
+        }
+        if let Some(m) = self.argon2_memory_kib {
+            c.hash_cost.memory_kib = m;
+        }
+        if let Some(i) = self.argon2_iterations {
+            c.hash_cost.iterations = i;
+        }
+        let urls = self.public_ws.clone().unwrap_or(public_ws);
+        c.gateways = urls.into_iter().map(|ws| switchboard_logic::GatewayInfo { ws, tcp: None }).collect();
+        Ok(c)
+    }
+
+    pub fn gateway_config(&self) -> switchboard_gateway::GatewayConfig {
+        let mut c = switchboard_gateway::GatewayConfig {
+            ws_addr: self.ws_addr(),
+            push_addr: self.push_addr(),
+            advertise: self.advertise_push.clone(),
+            logic_endpoint: self.logic_url(),
+            ..Default::default()
+        };
+        if let Some(v) = self.shards {
+            c.shards = v;
+        }
+        if let Some(v) = self.max_frame_bytes {
+            c.max_frame_bytes = v;
+        }
+        if let Some(v) = self.max_connections {
+            c.max_connections = v;
+        }
+        if let Some(v) = self.max_outbound_frames {
+            c.max_outbound_frames = v;
+        }
+        if let Some(ms) = self.auth_timeout_ms {
+            c.auth_timeout = Duration::from_millis(ms);
+        }
+        if let Some(ms) = self.idle_timeout_ms {
+            c.idle_timeout = Duration::from_millis(ms);
+        }
+        if let Some(ms) = self.repush_ms {
+            c.repush_interval = Duration::from_millis(ms);
+        }
+        c
+    }
+}
+
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(contents.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_fills_only_what_flags_left_open() {
+        let dir = std::env::temp_dir().join(format!("sb-settings-{}", rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("sb.toml");
+        std::fs::write(&path, "http_addr = \"127.0.0.1:1111\"\nws_addr = \"127.0.0.1:2222\"\nshards = 3\n").unwrap();
+        let cli = Settings { ws_addr: Some("127.0.0.1:3333".parse().unwrap()), ..Default::default() };
+        let s = cli.with_file(Some(&path)).unwrap();
+        assert_eq!(s.http_addr().port(), 1111);
+        assert_eq!(s.ws_addr().port(), 3333, "the flag wins over the file");
+        assert_eq!(s.shards, Some(3));
+        assert_eq!(s.logic_addr().port(), 9100, "default");
+        std::fs::write(&path, "no_such_option = 1\n").unwrap();
+        assert!(Settings::default().with_file(Some(&path)).is_err(), "unknown keys are refused");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn generated_secret_is_stable() {
+        let dir = std::env::temp_dir().join(format!("sb-secret-{}", rand::random::<u32>()));
+        let s = Settings { data_dir: Some(dir.clone()), ..Default::default() };
+        let a = s.jwt_secret().unwrap();
+        assert_eq!(a.len(), 64);
+        assert_eq!(s.jwt_secret().unwrap(), a);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
