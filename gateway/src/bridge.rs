@@ -6,8 +6,7 @@ use std::time::Duration;
 use crossbeam_channel::Sender;
 use mio::Waker;
 use switchboard_proto::internal::{
-    logic_client::LogicClient, AuthReply, AuthRequest, ClientReply, ClientRequest, ConnEvent,
-    Delivery,
+    logic_client::LogicClient, AuthReply, AuthRequest, ClientReply, ClientRequest, ConnEvent, Delivery,
 };
 use tokio::runtime::Handle;
 use tonic::transport::Channel;
@@ -15,22 +14,11 @@ use tonic::transport::Channel;
 /// Messages delivered to a shard thread.
 pub(crate) enum ShardMsg {
     /// Result of `Logic.Authenticate` for a connection.
-    AuthDone {
-        conn_id: u64,
-        rid: Option<u64>,
-        result: Result<AuthReply, String>,
-    },
+    AuthDone { conn_id: u64, rid: Option<u64>, result: Result<AuthReply, String> },
     /// Result of `Logic.Handle` for a connection's request.
-    HandleDone {
-        conn_id: u64,
-        rid: Option<u64>,
-        result: Result<ClientReply, String>,
-    },
+    HandleDone { conn_id: u64, rid: Option<u64>, result: Result<ClientReply, String> },
     /// Deliveries for connections of this shard; the shard answers with the gone ids.
-    Push {
-        deliveries: Vec<Delivery>,
-        reply: tokio::sync::oneshot::Sender<Vec<u64>>,
-    },
+    Push { deliveries: Vec<Delivery>, reply: tokio::sync::oneshot::Sender<Vec<u64>> },
     /// Graceful drain and exit.
     Shutdown,
 }
@@ -71,19 +59,12 @@ impl Bridge {
         let link = link.clone();
         let timeout = self.timeout;
         self.rt.spawn(async move {
-            let result =
-                match tokio::time::timeout(timeout, client.authenticate(AuthRequest { token }))
-                    .await
-                {
-                    Ok(Ok(r)) => Ok(r.into_inner()),
-                    Ok(Err(s)) => Err(s.message().to_string()),
-                    Err(_) => Err("logic timed out".to_string()),
-                };
-            link.send(ShardMsg::AuthDone {
-                conn_id,
-                rid,
-                result,
-            });
+            let result = match tokio::time::timeout(timeout, client.authenticate(AuthRequest { token })).await {
+                Ok(Ok(r)) => Ok(r.into_inner()),
+                Ok(Err(s)) => Err(s.message().to_string()),
+                Err(_) => Err("logic timed out".to_string()),
+            };
+            link.send(ShardMsg::AuthDone { conn_id, rid, result });
         });
     }
 
@@ -99,11 +80,7 @@ impl Bridge {
                 Ok(Err(s)) => Err(s.message().to_string()),
                 Err(_) => Err("logic timed out".to_string()),
             };
-            link.send(ShardMsg::HandleDone {
-                conn_id,
-                rid,
-                result,
-            });
+            link.send(ShardMsg::HandleDone { conn_id, rid, result });
         });
     }
 

@@ -54,16 +54,10 @@ impl Callback for HsCallback {
             return Ok(resp);
         }
         if offered.contains(&SUBPROTOCOL_JSON) {
-            resp.headers_mut().insert(
-                header::SEC_WEBSOCKET_PROTOCOL,
-                HeaderValue::from_static(SUBPROTOCOL_JSON),
-            );
+            resp.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL_JSON));
             return Ok(resp);
         }
-        Err(reject(
-            StatusCode::BAD_REQUEST,
-            "unsupported subprotocol (supported: sb.json.v1)",
-        ))
+        Err(reject(StatusCode::BAD_REQUEST, "unsupported subprotocol (supported: sb.json.v1)"))
     }
 }
 
@@ -165,9 +159,7 @@ impl Conn {
         conn.auth_timer = Some(conn.timer(env, env.now + env.cfg.auth_timeout, TimerKind::Auth));
         match tungstenite::accept_hdr_with_config(stream, HsCallback, Some(ws_config)) {
             Ok(ws) => conn.opened(ws, env),
-            Err(HandshakeError::Interrupted(mid)) => {
-                conn.phase = Phase::Handshake(Some(Box::new(mid)))
-            }
+            Err(HandshakeError::Interrupted(mid)) => conn.phase = Phase::Handshake(Some(Box::new(mid))),
             Err(HandshakeError::Failure(e)) => {
                 tracing::debug!(peer = %peer, error = %e, "handshake failed");
                 conn.phase = Phase::Dead;
@@ -177,14 +169,7 @@ impl Conn {
     }
 
     fn timer(&self, env: &mut Env, at: Instant, kind: TimerKind) -> TimerId {
-        env.wheel.insert(
-            at,
-            TimerEv {
-                key: self.key,
-                conn_id: self.id,
-                kind,
-            },
-        )
+        env.wheel.insert(at, TimerEv { key: self.key, conn_id: self.id, kind })
     }
 
     /// True once the connection can be dropped.
@@ -210,9 +195,7 @@ impl Conn {
             };
             match mid.handshake() {
                 Ok(ws) => self.opened(ws, env),
-                Err(HandshakeError::Interrupted(mid)) => {
-                    self.phase = Phase::Handshake(Some(Box::new(mid)))
-                }
+                Err(HandshakeError::Interrupted(mid)) => self.phase = Phase::Handshake(Some(Box::new(mid))),
                 Err(HandshakeError::Failure(e)) => {
                     tracing::debug!(peer = %self.peer, error = %e, "handshake failed");
                     self.phase = Phase::Dead;
@@ -293,14 +276,7 @@ impl Conn {
             }
             Message::Binary(_) => {
                 GatewayMetrics::inc(&env.metrics.frames_in);
-                self.queue_text(
-                    frame::error(
-                        None,
-                        "bad_request",
-                        "binary frames need subprotocol sb.bin.v1",
-                    ),
-                    env,
-                );
+                self.queue_text(frame::error(None, "bad_request", "binary frames need subprotocol sb.bin.v1"), env);
             }
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
             Message::Close(_) => {
@@ -328,30 +304,20 @@ impl Conn {
         match &self.auth {
             Auth::None => {
                 if req.op != "auth" {
-                    self.queue_text(
-                        frame::error(req.rid, "unauthorized", "authenticate first (op auth)"),
-                        env,
-                    );
+                    self.queue_text(frame::error(req.rid, "unauthorized", "authenticate first (op auth)"), env);
                     return;
                 }
                 let Some(token) = req.str_field("token") else {
-                    self.queue_text(
-                        frame::error(req.rid, "bad_request", "missing field `token`"),
-                        env,
-                    );
+                    self.queue_text(frame::error(req.rid, "bad_request", "missing field `token`"), env);
                     return;
                 };
                 self.auth = Auth::Pending;
                 self.inflight = true;
-                env.bridge
-                    .authenticate(&env.link, self.id, req.rid, token.to_string());
+                env.bridge.authenticate(&env.link, self.id, req.rid, token.to_string());
             }
             Auth::Pending | Auth::Done(_) => {
                 if req.op == "auth" && matches!(self.auth, Auth::Done(_)) {
-                    self.queue_text(
-                        frame::error(req.rid, "bad_request", "already authenticated"),
-                        env,
-                    );
+                    self.queue_text(frame::error(req.rid, "bad_request", "already authenticated"), env);
                     return;
                 }
                 if req.op == "ack" {
@@ -359,20 +325,11 @@ impl Conn {
                         self.unacked.retain(|u| !(u.conv == conv && u.seq <= seq));
                     }
                 }
-                let q = Queued {
-                    op: req.op,
-                    rid: req.rid,
-                    bytes: bytes.to_vec(),
-                };
+                let q = Queued { op: req.op, rid: req.rid, bytes: bytes.to_vec() };
                 if self.inflight || !self.pending.is_empty() {
                     if self.pending.len() >= env.cfg.max_pending_requests {
                         self.queue_text(
-                            frame::error_retry(
-                                q.rid,
-                                "rate_limited",
-                                "too many requests in flight",
-                                RETRY_AFTER_MS,
-                            ),
+                            frame::error_retry(q.rid, "rate_limited", "too many requests in flight", RETRY_AFTER_MS),
                             env,
                         );
                     } else {
@@ -400,25 +357,15 @@ impl Conn {
 
     fn dispatch(&mut self, q: Queued, env: &mut Env) {
         if q.op == "auth" {
-            self.queue_text(
-                frame::error(q.rid, "bad_request", "already authenticated"),
-                env,
-            );
+            self.queue_text(frame::error(q.rid, "bad_request", "already authenticated"), env);
             return;
         }
         let Some(ev) = self.conn_event(env) else {
-            self.queue_text(
-                frame::error(q.rid, "unauthorized", "authenticate first (op auth)"),
-                env,
-            );
+            self.queue_text(frame::error(q.rid, "unauthorized", "authenticate first (op auth)"), env);
             return;
         };
         self.inflight = true;
-        let req = ClientRequest {
-            conn: Some(ev),
-            frame: q.bytes,
-            ip: self.peer.ip().to_string(),
-        };
+        let req = ClientRequest { conn: Some(ev), frame: q.bytes, ip: self.peer.ip().to_string() };
         env.bridge.handle(&env.link, q.rid, req);
     }
 
@@ -445,11 +392,7 @@ impl Conn {
                 }
                 self.queue_text(frame::auth_ok(rid, &r.user, &r.session, frame::now_ms()), env);
                 tracing::debug!(conn = self.id, user = %r.user, "authenticated");
-                self.auth = Auth::Done(Identity {
-                    user: r.user,
-                    session: r.session,
-                    device: r.device,
-                });
+                self.auth = Auth::Done(Identity { user: r.user, session: r.session, device: r.device });
                 if let Some(ev) = self.conn_event(env) {
                     env.bridge.connected(ev);
                 }
@@ -526,15 +469,9 @@ impl Conn {
             if self.unacked.len() >= env.cfg.max_outbound_frames.max(1) {
                 self.unacked.remove(0);
             }
-            self.unacked.push(Unacked {
-                conv: d.conv,
-                seq: d.seq,
-                frame: text.clone(),
-                attempts: 0,
-            });
+            self.unacked.push(Unacked { conv: d.conv, seq: d.seq, frame: text.clone(), attempts: 0 });
             if self.repush_timer.is_none() {
-                self.repush_timer =
-                    Some(self.timer(env, env.now + env.cfg.repush_interval, TimerKind::Repush));
+                self.repush_timer = Some(self.timer(env, env.now + env.cfg.repush_interval, TimerKind::Repush));
             }
         }
         self.queue(Message::Text(text), env);
@@ -592,8 +529,7 @@ impl Conn {
                     self.queue(Message::Text(f), env);
                 }
                 if !self.unacked.is_empty() && !self.closing {
-                    self.repush_timer =
-                        Some(self.timer(env, env.now + env.cfg.repush_interval, TimerKind::Repush));
+                    self.repush_timer = Some(self.timer(env, env.now + env.cfg.repush_interval, TimerKind::Repush));
                 }
             }
             TimerKind::Linger => {
@@ -625,9 +561,7 @@ impl Conn {
         }
         if self.out.len() >= env.cfg.max_outbound_frames {
             tracing::debug!(conn = self.id, "slow consumer closed");
-            env.metrics
-                .slow_consumer_closed
-                .fetch_add(1, Ordering::Relaxed);
+            env.metrics.slow_consumer_closed.fetch_add(1, Ordering::Relaxed);
             self.out.clear();
             self.die(env);
             return;
@@ -666,14 +600,9 @@ impl Conn {
 
     /// Cancels every timer of this connection.
     pub fn cancel_timers(&mut self, env: &mut Env) {
-        for t in [
-            self.auth_timer.take(),
-            self.idle_timer.take(),
-            self.repush_timer.take(),
-            self.linger_timer.take(),
-        ]
-        .into_iter()
-        .flatten()
+        for t in [self.auth_timer.take(), self.idle_timer.take(), self.repush_timer.take(), self.linger_timer.take()]
+            .into_iter()
+            .flatten()
         {
             env.wheel.cancel(t);
         }
@@ -751,15 +680,8 @@ impl Conn {
         if want == self.registered_writable {
             return;
         }
-        let interest = if want {
-            Interest::READABLE | Interest::WRITABLE
-        } else {
-            Interest::READABLE
-        };
-        if registry
-            .reregister(ws.get_mut(), Token(self.key), interest)
-            .is_ok()
-        {
+        let interest = if want { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+        if registry.reregister(ws.get_mut(), Token(self.key), interest).is_ok() {
             self.registered_writable = want;
         }
     }

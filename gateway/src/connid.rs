@@ -48,7 +48,7 @@ pub struct GenCounter(u32);
 
 impl GenCounter {
     /// Returns the next generation.
-    pub fn next(&mut self) -> u32 {
+    pub fn bump(&mut self) -> u32 {
         self.0 = (self.0.wrapping_add(1)) & GEN_MASK as u32;
         self.0
     }
@@ -74,8 +74,8 @@ mod tests {
     #[test]
     fn distinct_generations_give_distinct_ids() {
         let mut g = GenCounter::default();
-        let a = ConnId { shard: 3, key: 5, gen: g.next() }.encode();
-        let b = ConnId { shard: 3, key: 5, gen: g.next() }.encode();
+        let a = ConnId { shard: 3, key: 5, gen: g.bump() }.encode();
+        let b = ConnId { shard: 3, key: 5, gen: g.bump() }.encode();
         assert_ne!(a, b);
         assert_eq!(ConnId::decode(a).key, ConnId::decode(b).key);
     }
@@ -83,8 +83,8 @@ mod tests {
     #[test]
     fn generation_wraps() {
         let mut g = GenCounter(GEN_MASK as u32);
-        assert_eq!(g.next(), 0);
-        assert_eq!(g.next(), 1);
+        assert_eq!(g.bump(), 0);
+        assert_eq!(g.bump(), 1);
     }
 
     #[test]

@@ -31,25 +31,15 @@ pub struct BadFrame {
 
 /// Parses one text frame. Never panics, whatever the input.
 pub fn parse(bytes: &[u8]) -> Result<Request, BadFrame> {
-    let value: Value = serde_json::from_slice(bytes).map_err(|_| BadFrame {
-        rid: None,
-        message: "frame is not valid JSON",
-    })?;
+    let value: Value =
+        serde_json::from_slice(bytes).map_err(|_| BadFrame { rid: None, message: "frame is not valid JSON" })?;
     let Value::Object(obj) = value else {
-        return Err(BadFrame {
-            rid: None,
-            message: "frame is not a JSON object",
-        });
+        return Err(BadFrame { rid: None, message: "frame is not a JSON object" });
     };
     let rid = obj.get("rid").and_then(Value::as_u64);
     let op = match obj.get("op") {
         Some(Value::String(s)) if !s.is_empty() => s.clone(),
-        _ => {
-            return Err(BadFrame {
-                rid,
-                message: "missing or invalid field `op`",
-            })
-        }
+        _ => return Err(BadFrame { rid, message: "missing or invalid field `op`" }),
     };
     Ok(Request { op, rid, obj })
 }
@@ -63,18 +53,12 @@ fn with_rid(mut v: Value, rid: Option<u64>) -> String {
 
 /// `{"op":"error","rid":R,"code":C,"message":M}` (rid omitted when unknown).
 pub fn error(rid: Option<u64>, code: &str, message: &str) -> String {
-    with_rid(
-        json!({"op": "error", "code": code, "message": message}),
-        rid,
-    )
+    with_rid(json!({"op": "error", "code": code, "message": message}), rid)
 }
 
 /// An error carrying `retry_after_ms` (`rate_limited`, `unavailable`).
 pub fn error_retry(rid: Option<u64>, code: &str, message: &str, retry_after_ms: u64) -> String {
-    with_rid(
-        json!({"op": "error", "code": code, "message": message, "retry_after_ms": retry_after_ms}),
-        rid,
-    )
+    with_rid(json!({"op": "error", "code": code, "message": message, "retry_after_ms": retry_after_ms}), rid)
 }
 
 /// `{"op":"ping.ok","rid":R}`.
@@ -84,10 +68,7 @@ pub fn ping_ok(rid: Option<u64>) -> String {
 
 /// `{"op":"auth.ok","rid":R,"user":U,"session":S,"server_ts":T}`.
 pub fn auth_ok(rid: Option<u64>, user: &str, session: &str, server_ts: u64) -> String {
-    with_rid(
-        json!({"op": "auth.ok", "user": user, "session": session, "server_ts": server_ts}),
-        rid,
-    )
+    with_rid(json!({"op": "auth.ok", "user": user, "session": session, "server_ts": server_ts}), rid)
 }
 
 /// `{"op":"drain","retry_after_ms":R}`.
@@ -97,10 +78,7 @@ pub fn drain(retry_after_ms: u64) -> String {
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -173,8 +151,7 @@ mod tests {
         assert_eq!(e["code"], "bad_request");
         let e: Value = serde_json::from_str(&error(None, "auth_timeout", "x")).unwrap();
         assert!(e.get("rid").is_none());
-        let e: Value =
-            serde_json::from_str(&error_retry(Some(1), "unavailable", "x", 1000)).unwrap();
+        let e: Value = serde_json::from_str(&error_retry(Some(1), "unavailable", "x", 1000)).unwrap();
         assert_eq!(e["retry_after_ms"], 1000);
         let a: Value = serde_json::from_str(&auth_ok(Some(1), "alice", "s1", 5)).unwrap();
         assert_eq!(a["op"], "auth.ok");

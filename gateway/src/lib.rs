@@ -129,48 +129,29 @@ impl Gateway {
             config.shards
         };
         if shards > connid::MAX_SHARDS {
-            return Err(GatewayError::Config(format!(
-                "at most {} shards",
-                connid::MAX_SHARDS
-            )));
+            return Err(GatewayError::Config(format!("at most {} shards", connid::MAX_SHARDS)));
         }
         let rt = tokio::runtime::Handle::current();
 
         // Push service listener first: its address is what logic dials.
         let push_listener = tokio::net::TcpListener::bind(config.push_addr)
             .await
-            .map_err(|source| GatewayError::Bind {
-                addr: config.push_addr,
-                source,
-            })?;
+            .map_err(|source| GatewayError::Bind { addr: config.push_addr, source })?;
         let push_addr = push_listener.local_addr()?;
-        let advertise = config
-            .advertise
-            .clone()
-            .unwrap_or_else(|| format!("http://{push_addr}"));
+        let advertise = config.advertise.clone().unwrap_or_else(|| format!("http://{push_addr}"));
 
         // WebSocket listeners, one per shard, sharing the port via SO_REUSEPORT.
         let mut listeners = Vec::with_capacity(shards);
         let mut ws_addr = config.ws_addr;
         for _ in 0..shards {
-            let l = bind_ws(ws_addr).map_err(|source| GatewayError::Bind {
-                addr: ws_addr,
-                source,
-            })?;
+            let l = bind_ws(ws_addr).map_err(|source| GatewayError::Bind { addr: ws_addr, source })?;
             ws_addr = l.local_addr()?;
             listeners.push(l);
         }
 
-        let endpoint = Endpoint::from_shared(config.logic_endpoint.clone()).map_err(|e| {
-            GatewayError::Endpoint {
-                endpoint: config.logic_endpoint.clone(),
-                message: e.to_string(),
-            }
-        })?;
-        let channel = endpoint
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let endpoint = Endpoint::from_shared(config.logic_endpoint.clone())
+            .map_err(|e| GatewayError::Endpoint { endpoint: config.logic_endpoint.clone(), message: e.to_string() })?;
+        let channel = endpoint.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true).connect_lazy();
         let bridge = Bridge {
             rt: rt.clone(),
             client: LogicClient::new(channel),
@@ -192,19 +173,16 @@ impl Gateway {
                 metrics: metrics.clone(),
                 bridge: bridge.clone(),
                 link: link.clone(),
-                wheel: wheel::Wheel::new(Duration::from_millis(100), 1024, Instant::now()),
+                wheel: wheel::Wheel::new(shard::TICK, shard::WHEEL_SLOTS, Instant::now()),
                 now: Instant::now(),
             };
             let shard = Shard::new(idx, poll, mio::net::TcpListener::from_std(l), rx, env)?;
-            let t = std::thread::Builder::new()
-                .name(format!("sb-gw-shard-{idx}"))
-                .spawn(move || shard.run());
+            let t = std::thread::Builder::new().name(format!("sb-gw-shard-{idx}")).spawn(move || shard.run());
             match t {
                 Ok(t) => threads.push(t),
                 Err(e) => {
                     for link in &links {
-                        let link: &ShardLink = link;
-                        link.send(ShardMsg::Shutdown);
+                        ShardLink::send(link, ShardMsg::Shutdown);
                     }
                     return Err(e.into());
                 }
@@ -213,9 +191,7 @@ impl Gateway {
         }
 
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let svc = GatewayServer::new(PushService {
-            shards: links.clone(),
-        });
+        let svc = GatewayServer::new(PushService { shards: links.clone() });
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(push_listener);
         let push_task = rt.spawn(async move {
             let res = Server::builder()

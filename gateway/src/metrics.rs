@@ -23,12 +23,7 @@ impl GatewayMetrics {
     /// Appends Prometheus text-format lines for every gateway metric.
     pub fn render(&self, out: &mut String) {
         let rows: [(&str, &str, &str, u64); 6] = [
-            (
-                "switchboard_gateway_connections",
-                "gauge",
-                "Open client connections.",
-                self.connections(),
-            ),
+            ("switchboard_gateway_connections", "gauge", "Open client connections.", self.connections()),
             (
                 "switchboard_gateway_frames_in_total",
                 "counter",

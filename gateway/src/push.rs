@@ -2,9 +2,7 @@
 
 use std::collections::HashMap;
 
-use switchboard_proto::internal::{
-    gateway_server::Gateway as GatewayService, Delivery, PushReply, PushRequest,
-};
+use switchboard_proto::internal::{gateway_server::Gateway as GatewayService, Delivery, PushReply, PushRequest};
 use tonic::{Request, Response, Status};
 
 use crate::bridge::{ShardLink, ShardMsg};
@@ -34,10 +32,7 @@ impl GatewayService for PushService {
         for (shard, deliveries) in by_shard {
             let ids: Vec<u64> = deliveries.iter().map(|d| d.conn_id).collect();
             let (tx, rx) = tokio::sync::oneshot::channel();
-            if self.shards[shard].send(ShardMsg::Push {
-                deliveries,
-                reply: tx,
-            }) {
+            if self.shards[shard].send(ShardMsg::Push { deliveries, reply: tx }) {
                 waits.push((ids, rx));
             } else {
                 gone.extend(ids);

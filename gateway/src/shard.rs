@@ -21,8 +21,8 @@ use crate::GatewayConfig;
 
 pub(crate) const LISTENER: Token = Token(usize::MAX - 1);
 pub(crate) const WAKER: Token = Token(usize::MAX);
-const TICK: Duration = Duration::from_millis(100);
-const WHEEL_SLOTS: usize = 1024;
+pub(crate) const TICK: Duration = Duration::from_millis(100);
+pub(crate) const WHEEL_SLOTS: usize = 1024;
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
 /// Why a connection timer fired.
@@ -72,8 +72,7 @@ impl Shard {
         rx: Receiver<ShardMsg>,
         env: Env,
     ) -> io::Result<Shard> {
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
         let max = env.cfg.max_frame_bytes.max(1);
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(4096)
@@ -185,17 +184,10 @@ impl Shard {
             let _ = stream.set_nodelay(true);
             let entry = self.conns.vacant_entry();
             let key = entry.key();
-            let id = ConnId {
-                shard: self.idx,
-                key,
-                gen: self.gens.next(),
-            }
-            .encode();
-            if let Err(e) = self.poll.registry().register(
-                &mut stream,
-                Token(key),
-                Interest::READABLE | Interest::WRITABLE,
-            ) {
+            let id = ConnId { shard: self.idx, key, gen: self.gens.bump() }.encode();
+            if let Err(e) =
+                self.poll.registry().register(&mut stream, Token(key), Interest::READABLE | Interest::WRITABLE)
+            {
                 tracing::warn!(error = %e, "register failed");
                 GatewayMetrics::inc(&self.env.metrics.errors);
                 continue;
@@ -210,21 +202,13 @@ impl Shard {
 
     fn on_msg(&mut self, msg: ShardMsg) {
         match msg {
-            ShardMsg::AuthDone {
-                conn_id,
-                rid,
-                result,
-            } => {
+            ShardMsg::AuthDone { conn_id, rid, result } => {
                 if let Some(key) = self.lookup(conn_id) {
                     self.conns[key].on_auth_done(rid, result, &mut self.env);
                     self.finish(key);
                 }
             }
-            ShardMsg::HandleDone {
-                conn_id,
-                rid,
-                result,
-            } => {
+            ShardMsg::HandleDone { conn_id, rid, result } => {
                 if let Some(key) = self.lookup(conn_id) {
                     self.conns[key].on_handle_done(rid, result, &mut self.env);
                     self.finish(key);

@@ -37,19 +37,8 @@ pub struct Wheel<T> {
 impl<T> Wheel<T> {
     /// A wheel with `slots` slots of `tick` each, whose tick 0 is `start`.
     pub fn new(tick: Duration, slots: usize, start: Instant) -> Self {
-        let tick = if tick.is_zero() {
-            Duration::from_millis(1)
-        } else {
-            tick
-        };
-        Wheel {
-            start,
-            tick,
-            current: 0,
-            heads: vec![None; slots.max(1)],
-            entries: Slab::new(),
-            next_gen: 0,
-        }
+        let tick = if tick.is_zero() { Duration::from_millis(1) } else { tick };
+        Wheel { start, tick, current: 0, heads: vec![None; slots.max(1)], entries: Slab::new(), next_gen: 0 }
     }
 
     /// Tick granularity.
@@ -81,13 +70,7 @@ impl<T> Wheel<T> {
         let gen = self.next_gen;
         self.next_gen += 1;
         let head = self.heads[slot];
-        let key = self.entries.insert(Entry {
-            tick,
-            gen,
-            prev: None,
-            next: head,
-            value,
-        });
+        let key = self.entries.insert(Entry { tick, gen, prev: None, next: head, value });
         if let Some(h) = head {
             self.entries[h].prev = Some(key);
         }

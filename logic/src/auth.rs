@@ -96,8 +96,8 @@ impl TokenKey {
         mac.update(b".");
         mac.update(p.as_bytes());
         mac.verify_slice(&sig).map_err(|_| bad("signature mismatch"))?;
-        let header: serde_json::Value =
-            serde_json::from_slice(&B64.decode(h).map_err(|_| bad("malformed header"))?).map_err(|_| bad("malformed header"))?;
+        let header: serde_json::Value = serde_json::from_slice(&B64.decode(h).map_err(|_| bad("malformed header"))?)
+            .map_err(|_| bad("malformed header"))?;
         if header.get("alg").and_then(|a| a.as_str()) != Some("HS256") {
             return Err(bad("unsupported algorithm"));
         }

@@ -29,7 +29,7 @@ impl ApiError {
             "bad_request" | "too_large" => 400,
             "unauthorized" | "bad_token" | "bad_credentials" => 401,
             "forbidden" | "not_friends" | "not_member" => 403,
-            "no_such_user" | "no_such_group" => 404,
+            "no_such_user" | "no_such_group" | "not_found" => 404,
             "user_exists" | "already_friends" => 409,
             "rate_limited" => 429,
             "unavailable" => 503,

@@ -62,7 +62,12 @@ impl LogicRpc for LogicService {
 
     async fn disconnected(&self, req: Request<ConnEvent>) -> Result<Response<Empty>, Status> {
         let c = req.into_inner();
-        self.logic.stores.routes.remove(&c.user, &conn_ref(&c)).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        self.logic
+            .stores
+            .routes
+            .remove(&c.user, &conn_ref(&c))
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Response::new(Empty {}))
     }
 
@@ -70,12 +75,7 @@ impl LogicRpc for LogicService {
         let req = req.into_inner();
         let conn = req.conn.ok_or_else(|| Status::invalid_argument("missing conn"))?;
         inc(&self.logic.metrics.requests);
-        let caller = Caller {
-            user: conn.user,
-            device: conn.device,
-            gateway: conn.gateway,
-            conn_id: conn.conn_id,
-        };
+        let caller = Caller { user: conn.user, device: conn.device, gateway: conn.gateway, conn_id: conn.conn_id };
         let (frame, close) = ops::handle(&self.logic, &caller, &req.frame).await;
         let frame = serde_json::to_vec(&frame).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(ClientReply { frame, close }))

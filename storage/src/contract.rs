@@ -88,10 +88,7 @@ pub async fn social_contract(s: &dyn SocialStore) {
 
     assert_eq!(s.request_friend(&c, &a, "yo").await.unwrap(), RequestOutcome::Pending);
     let rel = s.relations(&a).await.unwrap();
-    assert_eq!(
-        rel,
-        vec![(b.clone(), FriendState::Friends), (c.clone(), FriendState::Incoming { note: "yo".into() })]
-    );
+    assert_eq!(rel, vec![(b.clone(), FriendState::Friends), (c.clone(), FriendState::Incoming { note: "yo".into() })]);
     assert!(s.reject_friend(&a, &c).await.unwrap());
     assert!(!s.reject_friend(&a, &c).await.unwrap());
     assert_eq!(s.friend_state(&c, &a).await.unwrap(), None);

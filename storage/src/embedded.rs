@@ -97,8 +97,7 @@ impl AccountStore for EmbeddedStore {
 
     async fn get_user(&self, username: &str) -> Result<Option<User>> {
         let name = username.to_owned();
-        self.blocking(move |db| get_json(db.begin_read()?.open_table(USERS)?.get(name.as_str())?))
-            .await
+        self.blocking(move |db| get_json(db.begin_read()?.open_table(USERS)?.get(name.as_str())?)).await
     }
 
     async fn put_session(&self, session: &Session) -> Result<()> {
@@ -117,8 +116,7 @@ impl AccountStore for EmbeddedStore {
 
     async fn get_session(&self, id: &str) -> Result<Option<Session>> {
         let id = id.to_owned();
-        self.blocking(move |db| get_json(db.begin_read()?.open_table(SESSIONS)?.get(id.as_str())?))
-            .await
+        self.blocking(move |db| get_json(db.begin_read()?.open_table(SESSIONS)?.get(id.as_str())?)).await
     }
 
     async fn session_by_refresh(&self, refresh_hash: &str) -> Result<Option<Session>> {
@@ -187,8 +185,7 @@ fn relation(t: &redb::Table<(&str, &str), &[u8]>, a: &str, b: &str) -> Result<Op
 impl SocialStore for EmbeddedStore {
     async fn friend_state(&self, user: &str, other: &str) -> Result<Option<FriendState>> {
         let (a, b) = (user.to_owned(), other.to_owned());
-        self.blocking(move |db| get_json(db.begin_read()?.open_table(FRIENDS)?.get((a.as_str(), b.as_str()))?))
-            .await
+        self.blocking(move |db| get_json(db.begin_read()?.open_table(FRIENDS)?.get((a.as_str(), b.as_str()))?)).await
     }
 
     async fn request_friend(&self, from: &str, to: &str, note: &str) -> Result<RequestOutcome> {

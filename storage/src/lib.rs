@@ -19,8 +19,5 @@ pub type Result<T> = std::result::Result<T, StorageError>;
 
 /// Milliseconds since the Unix epoch (server time used in messages).
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }

@@ -33,9 +33,13 @@ pub struct Session {
 pub enum FriendState {
     Friends,
     /// This user asked the other.
-    Outgoing { note: String },
+    Outgoing {
+        note: String,
+    },
     /// The other user asked this one.
-    Incoming { note: String },
+    Incoming {
+        note: String,
+    },
 }
 
 /// What a friend request turned into.

@@ -52,7 +52,8 @@ impl LogicRole {
         };
         let logic = Logic::new(s.logic_config(public_ws)?, stores);
 
-        let grpc_listener = TcpListener::bind(s.logic_addr()).await.with_context(|| format!("binding {}", s.logic_addr()))?;
+        let grpc_listener =
+            TcpListener::bind(s.logic_addr()).await.with_context(|| format!("binding {}", s.logic_addr()))?;
         let grpc_addr = grpc_listener.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();
         let service = LogicService::new(logic.clone()).into_server();
@@ -70,7 +71,8 @@ impl LogicRole {
         });
         let grpc = Server { stop, task };
 
-        let http_listener = TcpListener::bind(s.http_addr()).await.with_context(|| format!("binding {}", s.http_addr()))?;
+        let http_listener =
+            TcpListener::bind(s.http_addr()).await.with_context(|| format!("binding {}", s.http_addr()))?;
         let http_addr = http_listener.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();
         let router = switchboard_logic::http::router(logic, extra);
@@ -113,8 +115,8 @@ impl AllInOne {
         // The gateway's metrics live in the process; bind it first (it
         // connects to logic lazily) so /metrics and /v1/gateways know it.
         let mut s = s.clone();
-        let logic_listener_probe = std::net::TcpListener::bind(s.logic_addr())
-            .with_context(|| format!("binding {}", s.logic_addr()))?;
+        let logic_listener_probe =
+            std::net::TcpListener::bind(s.logic_addr()).with_context(|| format!("binding {}", s.logic_addr()))?;
         let logic_addr = logic_listener_probe.local_addr()?;
         drop(logic_listener_probe);
         s.logic_addr = Some(logic_addr);

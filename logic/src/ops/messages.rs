@@ -88,7 +88,8 @@ pub async fn send(logic: &Logic, caller: &Caller, req: Send) -> Result<Fields, A
     }
     let conv = direct_conv(&caller.user, &to);
     let members = [caller.user.clone(), to.clone()];
-    let new = NewMessage { conv: conv.clone(), from: caller.user.clone(), cmid: req.cmid, kind: req.kind, body: req.body };
+    let new =
+        NewMessage { conv: conv.clone(), from: caller.user.clone(), cmid: req.cmid, kind: req.kind, body: req.body };
 
     let _order = logic.conv_lock(&conv).lock().await;
     let appended = logic.stores.messages.append(new, &members).await?;

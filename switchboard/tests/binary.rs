@@ -1,0 +1,53 @@
+//! The real `switchboard` binary: configured by a TOML file plus flags,
+//! serves the HTTP API and WebSocket, and exits cleanly on SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use common::*;
+use serde_json::json;
+
+#[test]
+fn all_in_one_binary_serves_and_drains() {
+    let dir = temp_dir("bin");
+    let config = dir.join("switchboard.toml");
+    std::fs::write(
+        &config,
+        "http_addr = \"127.0.0.1:0\"\nlogic_addr = \"127.0.0.1:0\"\npush_addr = \"127.0.0.1:0\"\nargon2_memory_kib = 1024\n",
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["--config", config.to_str().unwrap(), "all-in-one", "--ws-addr", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.join("data"))
+        .env("SB_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("binary starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    // "switchboard all-in-one: http://127.0.0.1:P  ws://127.0.0.1:Q/ws"
+    let http_addr = line.split("http://").nth(1).and_then(|s| s.split_whitespace().next()).expect(&line);
+    let ws_addr = line.split("ws://").nth(1).and_then(|s| s.strip_suffix("/ws\n")).expect(&line);
+    let (http_addr, ws_addr) = (http_addr.parse().unwrap(), ws_addr.parse().unwrap());
+
+    register(http_addr, "gina");
+    let mut c = Client::login(http_addr, ws_addr, "gina", "g1");
+    c.ok("ping", json!({}));
+
+    let pid = child.id() as i32;
+    // SAFETY: plain syscall on our own child's pid.
+    unsafe { libc_kill(pid, 15) };
+    let drain = c.read();
+    assert_eq!(drain.map(|d| d["op"].clone()), Some(json!("drain")), "clients are told to reconnect elsewhere");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+    assert!(dir.join("data").join("switchboard.redb").exists());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}

@@ -1,0 +1,227 @@
+//! Test client: a tiny HTTP/1.1 client and a WebSocket client speaking the
+//! JSON protocol, both over real sockets, written from docs/protocol.md.
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use switchboard::{AllInOne, Settings};
+use tungstenite::client::IntoClientRequest;
+use tungstenite::{Message, WebSocket};
+
+pub fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sb-e2e-{name}-{:08x}", rand::random::<u32>()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Settings for an all-in-one node on ephemeral loopback ports with cheap
+/// password hashing and short timers.
+pub fn settings(dir: &Path) -> Settings {
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    Settings {
+        data_dir: Some(dir.to_path_buf()),
+        http_addr: Some(any),
+        ws_addr: Some(any),
+        logic_addr: Some(any),
+        push_addr: Some(any),
+        shards: Some(2),
+        argon2_memory_kib: Some(1024),
+        argon2_iterations: Some(1),
+        auth_timeout_ms: Some(1500),
+        repush_ms: Some(600),
+        max_frame_bytes: Some(16 * 1024),
+        ..Default::default()
+    }
+}
+
+pub async fn start(dir: &Path) -> AllInOne {
+    AllInOne::start(&settings(dir)).await.expect("node starts")
+}
+
+/// One HTTP request; returns (status, JSON body or Null).
+pub fn http(addr: SocketAddr, method: &str, path: &str, body: Option<Value>, bearer: Option<&str>) -> (u16, Value) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let auth = bearer.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status: u16 = text.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status line");
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let payload =
+        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(rest) } else { rest.to_string() };
+    (status, serde_json::from_str(&payload).unwrap_or(Value::String(payload)))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((len, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+    out
+}
+
+pub fn register(addr: SocketAddr, user: &str) {
+    let (st, body) =
+        http(addr, "POST", "/v1/auth/register", Some(json!({"username": user, "password": "password123"})), None);
+    assert_eq!(st, 201, "{body}");
+}
+
+/// Logs in; returns the login reply (access_token, refresh_token, expires_in).
+pub fn login(addr: SocketAddr, user: &str, device: &str) -> Value {
+    let (st, body) = http(
+        addr,
+        "POST",
+        "/v1/auth/login",
+        Some(json!({"username": user, "password": "password123", "device": device})),
+        None,
+    );
+    assert_eq!(st, 200, "{body}");
+    body
+}
+
+pub struct Client {
+    pub ws: WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>,
+    rid: u64,
+    pushes: VecDeque<Value>,
+}
+
+impl Client {
+    pub fn connect(ws_addr: SocketAddr) -> Client {
+        let mut req = format!("ws://{ws_addr}/ws").into_client_request().unwrap();
+        req.headers_mut().insert("Sec-WebSocket-Protocol", "sb.json.v1".parse().unwrap());
+        let (ws, resp) = tungstenite::connect(req).expect("websocket connects");
+        assert_eq!(resp.headers().get("Sec-WebSocket-Protocol").map(|v| v.to_str().unwrap()), Some("sb.json.v1"));
+        if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        }
+        Client { ws, rid: 0, pushes: VecDeque::new() }
+    }
+
+    /// Connects and authenticates with a fresh login of `user` on `device`.
+    pub fn login(http_addr: SocketAddr, ws_addr: SocketAddr, user: &str, device: &str) -> Client {
+        let token = login(http_addr, user, device)["access_token"].as_str().unwrap().to_string();
+        let mut c = Client::connect(ws_addr);
+        let r = c.call("auth", json!({ "token": token }));
+        assert_eq!(r["op"], "auth.ok", "{r}");
+        assert_eq!(r["user"], user);
+        c
+    }
+
+    pub fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).unwrap();
+    }
+
+    /// Reads the next frame; `None` when the connection is closed.
+    pub fn read(&mut self) -> Option<Value> {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Text(t)) => return Some(serde_json::from_str(t.as_str()).expect("server sends JSON")),
+                Ok(Message::Close(_)) => {
+                    let _ = self.ws.flush();
+                    return None;
+                }
+                Ok(_) => continue,
+                Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => return None,
+                Err(tungstenite::Error::Io(e))
+                    if matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe) =>
+                {
+                    return None
+                }
+                Err(tungstenite::Error::Protocol(_)) => return None,
+                Err(e) => panic!("read failed: {e}"),
+            }
+        }
+    }
+
+    /// Sends a request and returns its reply (pushes meanwhile are queued).
+    pub fn call(&mut self, op: &str, fields: Value) -> Value {
+        self.rid += 1;
+        let rid = self.rid;
+        let mut frame = fields;
+        frame["op"] = op.into();
+        frame["rid"] = rid.into();
+        self.send_text(&frame.to_string());
+        self.reply_to(rid)
+    }
+
+    pub fn reply_to(&mut self, rid: u64) -> Value {
+        loop {
+            let f = self.read().unwrap_or_else(|| panic!("closed while waiting for reply {rid}"));
+            if f.get("rid").and_then(Value::as_u64) == Some(rid) {
+                return f;
+            }
+            self.pushes.push_back(f);
+        }
+    }
+
+    /// Calls and asserts success.
+    pub fn ok(&mut self, op: &str, fields: Value) -> Value {
+        let r = self.call(op, fields);
+        assert_eq!(r["op"], format!("{op}.ok"), "{op} failed: {r}");
+        r
+    }
+
+    /// Calls and asserts the error code.
+    pub fn err(&mut self, op: &str, fields: Value, code: &str) -> Value {
+        let r = self.call(op, fields);
+        assert_eq!(r["op"], "error", "{op} should fail: {r}");
+        assert_eq!(r["code"], code, "{r}");
+        r
+    }
+
+    /// The next push with this op (skipping none: an unexpected push fails).
+    pub fn push(&mut self, op: &str) -> Value {
+        let f = match self.pushes.pop_front() {
+            Some(f) => f,
+            None => self.read().unwrap_or_else(|| panic!("closed while waiting for push {op}")),
+        };
+        assert_eq!(f["op"], op, "expected push {op}, got {f}");
+        f
+    }
+
+    /// Asserts no frame arrives within `wait`.
+    pub fn quiet(&mut self, wait: Duration) {
+        assert!(self.pushes.is_empty(), "unexpected queued pushes: {:?}", self.pushes);
+        if let tungstenite::stream::MaybeTlsStream::Plain(s) = self.ws.get_ref() {
+            s.set_read_timeout(Some(wait)).unwrap();
+        }
+        let start = Instant::now();
+        match self.ws.read() {
+            Ok(m) => panic!("expected silence, got {m:?}"),
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => panic!("expected silence, got error {e} after {:?}", start.elapsed()),
+        }
+        if let tungstenite::stream::MaybeTlsStream::Plain(s) = self.ws.get_ref() {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        }
+    }
+
+    pub fn close(mut self) {
+        let _ = self.ws.close(None);
+        while self.read().is_some() {}
+    }
+}
+
+/// Runs blocking client code off the async runtime.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("client code panicked")
+}
