@@ -349,3 +349,137 @@ fn tokio_stream_incoming(
 ) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
     tokio_stream::wrappers::TcpListenerStream::new(listener)
 }
+
+async fn start_logic() -> (FakeLogic, SocketAddr) {
+    let logic = FakeLogic::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let svc = LogicServer::new(logic.clone());
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tokio_stream_incoming(listener))
+            .await;
+    });
+    (logic, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacked_pushes_are_repushed_then_dropped_and_logic_down_is_unavailable() {
+    let (logic, logic_addr) = start_logic().await;
+    let gw = Gateway::start(GatewayConfig {
+        ws_addr: "127.0.0.1:0".parse().unwrap(),
+        push_addr: "127.0.0.1:0".parse().unwrap(),
+        logic_endpoint: format!("http://{logic_addr}"),
+        shards: 1,
+        repush_interval: Duration::from_millis(200),
+        repush_attempts: 2,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let addr = gw.ws_addr();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
+    let client = tokio::task::spawn_blocking(move || {
+        let mut ws = connect(addr);
+        auth(&mut ws);
+        ready_tx.send(()).unwrap();
+        // original + 2 re-pushes of seq 1; seq 2 is acked after its first copy
+        let mut seq1 = 0;
+        let mut seq2 = 0;
+        let deadline = std::time::Instant::now() + Duration::from_millis(1500);
+        ws.get_mut().set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        while std::time::Instant::now() < deadline {
+            match ws.read() {
+                Ok(Message::Text(t)) => {
+                    let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                    match v["seq"].as_u64() {
+                        Some(1) => seq1 += 1,
+                        Some(2) => {
+                            seq2 += 1;
+                            send(&mut ws, r#"{"op":"ack","rid":8,"conv":"c2","seq":2}"#);
+                        }
+                        _ => assert_eq!(v["op"], "ack.ok", "{v}"),
+                    }
+                }
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(seq1, 3, "seq 1 sent once and re-pushed twice");
+        assert_eq!(seq2, 1, "acked push is not re-sent");
+        ws
+    });
+    ready_rx.await.unwrap();
+    let mut conn_id = None;
+    for _ in 0..100 {
+        conn_id = logic.connected.lock().unwrap().first().map(|e| e.conn_id);
+        if conn_id.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let conn_id = conn_id.unwrap();
+    let mut push = GatewayClient::connect(gw.advertise().to_string()).await.unwrap();
+    let reply = push
+        .push(PushRequest {
+            deliveries: vec![
+                Delivery {
+                    conn_id,
+                    frame: br#"{"op":"msg","seq":1}"#.to_vec(),
+                    conv: "c1".into(),
+                    seq: 1,
+                    close: false,
+                },
+                Delivery {
+                    conn_id,
+                    frame: br#"{"op":"msg","seq":2}"#.to_vec(),
+                    conv: "c2".into(),
+                    seq: 2,
+                    close: false,
+                },
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(reply.gone.is_empty());
+    let mut ws = client.await.unwrap();
+    gw.shutdown().await;
+    // after shutdown the client sees drain then close
+    tokio::task::spawn_blocking(move || {
+        ws.get_mut().set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(recv(&mut ws).unwrap()["op"], "drain");
+        assert_closed(&mut ws);
+    })
+    .await
+    .unwrap();
+
+    // Logic unreachable: forwarded ops get `unavailable` with retry_after_ms.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let gw = Gateway::start(GatewayConfig {
+        ws_addr: "127.0.0.1:0".parse().unwrap(),
+        push_addr: "127.0.0.1:0".parse().unwrap(),
+        logic_endpoint: format!("http://{dead_addr}"),
+        shards: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let addr = gw.ws_addr();
+    blocking(move || {
+        let mut ws = connect(addr);
+        send(&mut ws, r#"{"op":"auth","rid":1,"token":"good"}"#);
+        let r = recv(&mut ws).unwrap();
+        assert_eq!(r["code"], "unavailable", "{r}");
+        assert_eq!(r["retry_after_ms"], 1000);
+        send(&mut ws, r#"{"op":"ping","rid":2}"#);
+        assert_eq!(recv(&mut ws).unwrap()["op"], "ping.ok");
+    })
+    .await;
+    gw.shutdown().await;
+}

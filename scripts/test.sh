@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The whole test suite from a fresh machine: installs and starts what the
+# tests need (scripts/services.sh, 127.0.0.1 only), checks formatting and
+# lints, builds, runs every test, and stops the services again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+command -v cargo >/dev/null || { echo "cargo is required (rustup.rs)"; exit 1; }
+if [ -x scripts/services.sh ]; then
+    scripts/services.sh up
+    trap 'scripts/services.sh down' EXIT
+    # shellcheck disable=SC1091
+    . scripts/services.env
+fi
+
+echo "== fmt"; cargo fmt --all -- --check
+echo "== clippy"; cargo clippy --workspace --all-targets -- -D warnings
+echo "== test"; cargo test --workspace 2>&1 | tee "${TMPDIR:-/tmp}/switchboard-test.log"
