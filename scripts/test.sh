@@ -6,12 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 command -v cargo >/dev/null || { echo "cargo is required (rustup.rs)"; exit 1; }
-if [ -x scripts/services.sh ]; then
-    scripts/services.sh up
-    trap 'scripts/services.sh down' EXIT
-    # shellcheck disable=SC1091
-    . scripts/services.env
-fi
+scripts/services.sh up
+trap 'scripts/services.sh down' EXIT
+eval "$(scripts/services.sh env)"
 
 echo "== fmt"; cargo fmt --all -- --check
 echo "== clippy"; cargo clippy --workspace --all-targets -- -D warnings

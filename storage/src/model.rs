@@ -84,6 +84,14 @@ pub struct Appended {
     pub duplicate: bool,
 }
 
+/// A message that already has its seq, as it travels through the queue to
+/// the durable store, with the users to index it for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SequencedRecord {
+    pub msg: Message,
+    pub members: Vec<String>,
+}
+
 /// One live client connection: the gateway holding it (its push address)
 /// and the connection id inside that gateway.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]

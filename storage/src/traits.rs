@@ -5,7 +5,9 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 
-use crate::{Appended, ConnRef, FriendState, Message, NewMessage, RequestOutcome, Result, Session, User};
+use crate::{
+    Appended, ConnRef, FriendState, Message, NewMessage, RequestOutcome, Result, SequencedRecord, Session, User,
+};
 
 /// Accounts and sessions.
 #[async_trait]
@@ -61,6 +63,17 @@ pub trait MessageStore: Send + Sync {
     async fn set_ack(&self, user: &str, device: &str, conv: &str, seq: u64) -> Result<()>;
     /// The acked seq per conversation of one device.
     async fn acks(&self, user: &str, device: &str) -> Result<HashMap<String, u64>>;
+}
+
+/// The durable end of the cluster pipeline: the persist worker writes
+/// records that already carry their seq (allocated upstream).
+#[async_trait]
+pub trait DurableLog: Send + Sync {
+    /// Stores each record unless its (conv, seq) is already stored, indexes
+    /// its members, and keeps the conversation's last seq and cmid index in
+    /// step. Returns how many records were new. Safe to call again with the
+    /// same batch (redelivery after a crash).
+    async fn upsert_records(&self, records: &[SequencedRecord]) -> Result<u64>;
 }
 
 /// Where users are connected right now (user -> connections). Ephemeral by
