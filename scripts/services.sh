@@ -73,9 +73,11 @@ kafka_up() {
     rm -rf "$STATE/kafka"
     mkdir -p "$STATE/kafka"
     # tansu doubles an absolute sqlite path: run it in its directory.
-    (cd "$STATE/kafka" && nohup "$TANSU" broker \
+    # exec: the background job *is* the broker, holding none of our fds.
+    (cd "$STATE/kafka" && exec setsid "$TANSU" broker \
         --listener-url "tcp://127.0.0.1:$KAFKA_PORT" --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-        --storage-engine "sqlite://tansu.db" >tansu.log 2>&1 & echo $! >tansu.pid)
+        --storage-engine "sqlite://tansu.db" </dev/null >tansu.log 2>&1) &
+    echo $! >"$STATE/kafka/tansu.pid"
     wait_for broker 30 port_open "$KAFKA_PORT"
 }
 

@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use crossbeam_channel::Sender;
 use mio::Waker;
-use switchboard_proto::internal::{
-    logic_client::LogicClient, AuthReply, AuthRequest, ClientReply, ClientRequest, ConnEvent, Delivery,
-};
+use switchboard_proto::internal::{AuthReply, AuthRequest, ClientReply, ClientRequest, ConnEvent, Delivery};
 use tokio::runtime::Handle;
-use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+use crate::pool::LogicPool;
 
 /// Messages delivered to a shard thread.
 pub(crate) enum ShardMsg {
@@ -43,69 +43,91 @@ impl ShardLink {
     }
 }
 
-/// Submits logic RPCs from shard threads onto the tokio runtime (never blocks).
+/// Submits logic RPCs from shard threads onto the tokio runtime (never blocks); every RPC goes
+/// through the [`LogicPool`] (P2C, circuit breakers, one retry on another instance).
 #[derive(Clone)]
 pub(crate) struct Bridge {
     pub rt: Handle,
-    pub client: LogicClient<Channel>,
+    pub pool: Arc<LogicPool>,
     pub advertise: Arc<str>,
     pub timeout: Duration,
+}
+
+fn message(s: Status) -> String {
+    if s.code() == Code::DeadlineExceeded {
+        "logic timed out".to_string()
+    } else {
+        s.message().to_string()
+    }
 }
 
 impl Bridge {
     /// `Logic.Authenticate`; the result goes back to `link` as [`ShardMsg::AuthDone`].
     pub fn authenticate(&self, link: &ShardLink, conn_id: u64, rid: Option<u64>, token: String) {
-        let mut client = self.client.clone();
+        let pool = self.pool.clone();
         let link = link.clone();
         let timeout = self.timeout;
         self.rt.spawn(async move {
-            let result = match tokio::time::timeout(timeout, client.authenticate(AuthRequest { token })).await {
-                Ok(Ok(r)) => Ok(r.into_inner()),
-                Ok(Err(s)) => Err(s.message().to_string()),
-                Err(_) => Err("logic timed out".to_string()),
-            };
+            let req = AuthRequest { token };
+            let result = pool
+                .call(timeout, |mut c| {
+                    let req = req.clone();
+                    async move { c.authenticate(req).await }
+                })
+                .await
+                .map_err(message);
             link.send(ShardMsg::AuthDone { conn_id, rid, result });
         });
     }
 
     /// `Logic.Handle`; the result goes back to `link` as [`ShardMsg::HandleDone`].
     pub fn handle(&self, link: &ShardLink, rid: Option<u64>, req: ClientRequest) {
-        let mut client = self.client.clone();
+        let pool = self.pool.clone();
         let link = link.clone();
         let timeout = self.timeout;
         let conn_id = req.conn.as_ref().map(|c| c.conn_id).unwrap_or(0);
         self.rt.spawn(async move {
-            let result = match tokio::time::timeout(timeout, client.handle(req)).await {
-                Ok(Ok(r)) => Ok(r.into_inner()),
-                Ok(Err(s)) => Err(s.message().to_string()),
-                Err(_) => Err("logic timed out".to_string()),
-            };
+            let result = pool
+                .call(timeout, |mut c| {
+                    let req = req.clone();
+                    async move { c.handle(req).await }
+                })
+                .await
+                .map_err(message);
             link.send(ShardMsg::HandleDone { conn_id, rid, result });
         });
     }
 
     /// `Logic.Connected`, fire and forget.
     pub fn connected(&self, ev: ConnEvent) {
-        let mut client = self.client.clone();
+        let pool = self.pool.clone();
         let timeout = self.timeout;
         self.rt.spawn(async move {
-            match tokio::time::timeout(timeout, client.connected(ev)).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(s)) => tracing::warn!(status = %s, "Logic.Connected failed"),
-                Err(_) => tracing::warn!("Logic.Connected timed out"),
+            let r = pool
+                .call(timeout, |mut c| {
+                    let ev = ev.clone();
+                    async move { c.connected(ev).await }
+                })
+                .await;
+            if let Err(s) = r {
+                tracing::warn!(status = %s, "Logic.Connected failed");
             }
         });
     }
 
     /// `Logic.Disconnected`, fire and forget.
     pub fn disconnected(&self, ev: ConnEvent) {
-        let mut client = self.client.clone();
+        let pool = self.pool.clone();
         let timeout = self.timeout;
         self.rt.spawn(async move {
-            match tokio::time::timeout(timeout, client.disconnected(ev)).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(s)) => tracing::warn!(status = %s, "Logic.Disconnected failed"),
-                Err(_) => tracing::warn!("Logic.Disconnected timed out"),
+            let r = pool
+                .call(timeout, |mut c| {
+                    let ev = ev.clone();
+                    async move { c.disconnected(ev).await }
+                })
+                .await;
+            if let Err(s) = r {
+                tracing::warn!(status = %s, "Logic.Disconnected failed");
             }
         });
     }

@@ -6,6 +6,7 @@ mod conn;
 pub mod connid;
 pub mod frame;
 mod metrics;
+pub mod pool;
 mod push;
 mod shard;
 pub mod wheel;
@@ -16,12 +17,14 @@ use std::time::{Duration, Instant};
 
 use mio::{Poll, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
-use switchboard_proto::internal::{gateway_server::GatewayServer, logic_client::LogicClient};
-use tonic::transport::{Endpoint, Server};
+use switchboard_proto::internal::gateway_server::GatewayServer;
+use tonic::transport::Server;
 
 pub use crate::metrics::GatewayMetrics;
+pub use crate::pool::{EndpointStats, LogicPool};
 
 use crate::bridge::{Bridge, ShardLink, ShardMsg};
+use crate::metrics::CpuSampler;
 use crate::push::PushService;
 use crate::shard::{Env, Shard, WAKER};
 
@@ -34,8 +37,13 @@ pub struct GatewayConfig {
     pub push_addr: SocketAddr,
     /// URL logic dials for pushes; `None` => `http://{bound push addr}`.
     pub advertise: Option<String>,
-    /// Logic gRPC endpoint, e.g. `http://127.0.0.1:9100`.
-    pub logic_endpoint: String,
+    /// Logic gRPC endpoints, e.g. `http://127.0.0.1:9100`; at least one. Picked per RPC by
+    /// power-of-two-choices; later replaced through [`LogicPool::update`].
+    pub logic_endpoints: Vec<String>,
+    /// Consecutive transport failures that open a logic instance's circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker keeps its instance out before one probe is let through.
+    pub breaker_cooldown: Duration,
     /// Shard threads; 0 => number of CPUs.
     pub shards: usize,
     /// Largest accepted client frame.
@@ -62,7 +70,9 @@ impl Default for GatewayConfig {
             ws_addr: SocketAddr::from(([127, 0, 0, 1], 8090)),
             push_addr: SocketAddr::from(([127, 0, 0, 1], 9101)),
             advertise: None,
-            logic_endpoint: "http://127.0.0.1:9100".to_string(),
+            logic_endpoints: vec!["http://127.0.0.1:9100".into()],
+            breaker_failures: 3,
+            breaker_cooldown: Duration::from_secs(2),
             shards: 0,
             max_frame_bytes: 64 * 1024,
             auth_timeout: Duration::from_secs(10),
@@ -103,6 +113,8 @@ pub struct Gateway {
     push_addr: SocketAddr,
     advertise: String,
     metrics: Arc<GatewayMetrics>,
+    pool: Arc<LogicPool>,
+    cpu: Option<CpuSampler>,
     links: Vec<ShardLink>,
     threads: Vec<std::thread::JoinHandle<()>>,
     push_stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -132,6 +144,12 @@ impl Gateway {
             return Err(GatewayError::Config(format!("at most {} shards", connid::MAX_SHARDS)));
         }
         let rt = tokio::runtime::Handle::current();
+        if config.logic_endpoints.is_empty() {
+            return Err(GatewayError::Config("no logic endpoints".into()));
+        }
+        let pool = LogicPool::new(&config.logic_endpoints, config.breaker_failures, config.breaker_cooldown)
+            .map_err(|(endpoint, message)| GatewayError::Endpoint { endpoint, message })?;
+        let pool = Arc::new(pool);
 
         // Push service listener first: its address is what logic dials.
         let push_listener = tokio::net::TcpListener::bind(config.push_addr)
@@ -149,12 +167,9 @@ impl Gateway {
             listeners.push(l);
         }
 
-        let endpoint = Endpoint::from_shared(config.logic_endpoint.clone())
-            .map_err(|e| GatewayError::Endpoint { endpoint: config.logic_endpoint.clone(), message: e.to_string() })?;
-        let channel = endpoint.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true).connect_lazy();
         let bridge = Bridge {
             rt: rt.clone(),
-            client: LogicClient::new(channel),
+            pool: pool.clone(),
             advertise: Arc::from(advertise.as_str()),
             timeout: Duration::from_secs(15),
         };
@@ -190,6 +205,14 @@ impl Gateway {
             links.push(link);
         }
 
+        let cpu = match CpuSampler::start(metrics.clone(), Duration::from_secs(1)) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "cpu load sampler not started");
+                None
+            }
+        };
+
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let svc = GatewayServer::new(PushService { shards: links.clone() });
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(push_listener);
@@ -211,6 +234,8 @@ impl Gateway {
             push_addr,
             advertise,
             metrics,
+            pool,
+            cpu,
             links,
             threads,
             push_stop: Some(stop_tx),
@@ -238,6 +263,11 @@ impl Gateway {
         self.metrics.clone()
     }
 
+    /// The pool of logic instances (feed it registry updates with [`LogicPool::update`]).
+    pub fn logic_pool(&self) -> Arc<LogicPool> {
+        self.pool.clone()
+    }
+
     /// Graceful drain: stop accepting, push `drain` to every connection, close
     /// them, join shard threads, stop the push server.
     pub async fn shutdown(mut self) {
@@ -261,6 +291,9 @@ impl Gateway {
         }
         if let Some(task) = self.push_task.take() {
             let _ = task.await;
+        }
+        if let Some(mut cpu) = self.cpu.take() {
+            let _ = tokio::task::spawn_blocking(move || cpu.stop()).await;
         }
         tracing::info!("gateway stopped");
     }

@@ -1,7 +1,10 @@
 //! Gateway counters (atomics) and their Prometheus text rendering.
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Process-wide gateway metrics, updated lock-free by the shards.
 #[derive(Debug, Default)]
@@ -12,12 +15,25 @@ pub struct GatewayMetrics {
     pub(crate) errors: AtomicU64,
     pub(crate) slow_consumer_closed: AtomicU64,
     pub(crate) accepted: AtomicU64,
+    /// `f32` bits of the last CPU load sample.
+    pub(crate) cpu_load: AtomicU32,
 }
 
 impl GatewayMetrics {
     /// Open connections right now.
     pub fn connections(&self) -> u64 {
         self.connections.load(Ordering::Relaxed).max(0) as u64
+    }
+
+    /// This process's CPU use over the last sampling second divided by the number of cores,
+    /// in `0.0..=1.0` (0.0 before the first sample).
+    pub fn cpu_load(&self) -> f32 {
+        f32::from_bits(self.cpu_load.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn set_cpu_load(&self, load: f32) {
+        let load = if load.is_finite() { load.clamp(0.0, 1.0) } else { 0.0 };
+        self.cpu_load.store(load.to_bits(), Ordering::Relaxed);
     }
 
     /// Appends Prometheus text-format lines for every gateway metric.
@@ -60,10 +76,72 @@ impl GatewayMetrics {
             let _ = writeln!(out, "# TYPE {name} {kind}");
             let _ = writeln!(out, "{name} {value}");
         }
+        let name = "switchboard_gateway_cpu_load";
+        let _ = writeln!(out, "# HELP {name} Process CPU use over the last second divided by the number of cores.");
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        let _ = writeln!(out, "{name} {}", self.cpu_load());
     }
 
     pub(crate) fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Background thread refreshing [`GatewayMetrics::cpu_load`]; stopped by [`CpuSampler::stop`]
+/// or on drop.
+pub(crate) struct CpuSampler {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CpuSampler {
+    /// Starts sampling this process's CPU use every `interval`.
+    pub fn start(metrics: Arc<GatewayMetrics>, interval: Duration) -> std::io::Result<CpuSampler> {
+        let (tx, rx) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new().name("sb-gw-cpu".into()).spawn(move || {
+            let Ok(pid) = sysinfo::get_current_pid() else {
+                tracing::warn!("cpu load: cannot get the current pid");
+                return;
+            };
+            let Ok(mut sys) = sysinfo::System::new() else {
+                tracing::warn!("cpu load: sysinfo unavailable");
+                return;
+            };
+            let kind = sysinfo::ProcessRefreshKind::nothing().with_cpu();
+            let fallback_cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            loop {
+                sys.refresh_processes_specifics(sysinfo::ProcessesToUpdate::Some(&[pid]), false, kind);
+                if let Some(p) = sys.process(pid) {
+                    let cores = match sys.cpus().len() {
+                        0 => fallback_cores,
+                        n => n,
+                    };
+                    metrics.set_cpu_load(p.cpu_usage() / (100.0 * cores as f32));
+                }
+                match rx.recv_timeout(interval) {
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    _ => break,
+                }
+            }
+        })?;
+        Ok(CpuSampler { stop: Some(tx), thread: Some(thread) })
+    }
+
+    /// Stops the thread and waits for it (at most one refresh).
+    pub fn stop(&mut self) {
+        self.stop.take();
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                tracing::warn!("cpu sampler panicked");
+            }
+        }
+    }
+}
+
+impl Drop for CpuSampler {
+    fn drop(&mut self) {
+        // Signal only; the thread exits on its own within one refresh.
+        self.stop.take();
     }
 }
 
@@ -82,6 +160,32 @@ mod tests {
         assert!(s.contains("switchboard_gateway_connections 3\n"));
         assert!(s.contains("switchboard_gateway_frames_in_total 1\n"));
         assert!(s.contains("switchboard_gateway_connections_accepted_total 0\n"));
-        assert_eq!(s.matches("# HELP").count(), 6);
+        assert!(s.contains("# TYPE switchboard_gateway_cpu_load gauge"));
+        assert!(s.contains("switchboard_gateway_cpu_load 0\n"));
+        assert_eq!(s.matches("# HELP").count(), 7);
+        m.set_cpu_load(0.25);
+        s.clear();
+        m.render(&mut s);
+        assert!(s.contains("switchboard_gateway_cpu_load 0.25\n"));
+        m.set_cpu_load(7.0);
+        assert_eq!(m.cpu_load(), 1.0);
+    }
+
+    #[test]
+    fn samples_cpu_load_of_this_process() {
+        let m = Arc::new(GatewayMetrics::default());
+        let mut sampler = CpuSampler::start(m.clone(), Duration::from_millis(200)).unwrap();
+        // Burn CPU on this thread for a while; the load must become positive.
+        let started = std::time::Instant::now();
+        let mut x = 0u64;
+        while m.cpu_load() == 0.0 && started.elapsed() < Duration::from_secs(5) {
+            for i in 0..100_000u64 {
+                x = x.wrapping_mul(31).wrapping_add(i);
+            }
+            std::hint::black_box(x);
+        }
+        let load = m.cpu_load();
+        assert!(load > 0.0 && load <= 1.0, "{load}");
+        sampler.stop();
     }
 }

@@ -124,7 +124,7 @@ async fn gateway_end_to_end() {
     let gw = Gateway::start(GatewayConfig {
         ws_addr: "127.0.0.1:0".parse().unwrap(),
         push_addr: "127.0.0.1:0".parse().unwrap(),
-        logic_endpoint: format!("http://{logic_addr}"),
+        logic_endpoints: vec![format!("http://{logic_addr}")],
         shards: 2,
         auth_timeout: Duration::from_millis(300),
         ..Default::default()
@@ -370,7 +370,7 @@ async fn unacked_pushes_are_repushed_then_dropped_and_logic_down_is_unavailable(
     let gw = Gateway::start(GatewayConfig {
         ws_addr: "127.0.0.1:0".parse().unwrap(),
         push_addr: "127.0.0.1:0".parse().unwrap(),
-        logic_endpoint: format!("http://{logic_addr}"),
+        logic_endpoints: vec![format!("http://{logic_addr}")],
         shards: 1,
         repush_interval: Duration::from_millis(200),
         repush_attempts: 2,
@@ -464,7 +464,7 @@ async fn unacked_pushes_are_repushed_then_dropped_and_logic_down_is_unavailable(
     let gw = Gateway::start(GatewayConfig {
         ws_addr: "127.0.0.1:0".parse().unwrap(),
         push_addr: "127.0.0.1:0".parse().unwrap(),
-        logic_endpoint: format!("http://{dead_addr}"),
+        logic_endpoints: vec![format!("http://{dead_addr}")],
         shards: 1,
         ..Default::default()
     })

@@ -16,7 +16,7 @@ use switchboard_storage::{now_ms, Session, User};
 use crate::auth::{hash_password, now_secs, random_token, refresh_hash, valid_username, verify_password, Claims};
 use crate::error::ApiError;
 use crate::metrics::inc;
-use crate::Logic;
+use crate::{GatewayInfo, Logic};
 
 /// Extra metrics rendered on `/metrics` (e.g. a co-located gateway's).
 pub type MetricsHook = Arc<dyn Fn(&mut String) + Send + Sync>;
@@ -194,9 +194,16 @@ async fn logout(State(h): State<Http>, headers: HeaderMap) -> Result<Response, A
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn gateways(State(h): State<Http>) -> Response {
+async fn gateways(State(h): State<Http>) -> Result<Response, ApiError> {
     inc(&h.logic.metrics.http_requests);
-    Json(json!({"gateways": h.logic.config.gateways})).into_response()
+    let Some(registry) = &h.logic.stores.registry else {
+        return Ok(Json(json!({"gateways": h.logic.config.gateways})).into_response());
+    };
+    let live = registry.members("gateway").await?;
+    let ranked = crate::balance::p2c_order(live, &mut rand::thread_rng());
+    let list: Vec<GatewayInfo> =
+        ranked.into_iter().map(|m| GatewayInfo { ws: m.ws, tcp: Some(m.tcp).filter(|t| !t.is_empty()) }).collect();
+    Ok(Json(json!({"gateways": list})).into_response())
 }
 
 async fn metrics(State(h): State<Http>) -> Response {

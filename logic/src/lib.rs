@@ -2,6 +2,7 @@
 //! (gRPC `Logic` service) and the HTTP API. All state lives in the stores.
 
 pub mod auth;
+pub mod balance;
 pub mod error;
 pub mod http;
 pub mod metrics;
@@ -12,7 +13,7 @@ pub mod service;
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchboard_storage::{AccountStore, MessageStore, RouteTable, SocialStore};
+use switchboard_storage::{AccountStore, MessageStore, Registry, RouteTable, SocialStore};
 
 pub use error::ApiError;
 pub use service::LogicService;
@@ -62,6 +63,9 @@ pub struct Stores {
     pub social: Arc<dyn SocialStore>,
     pub messages: Arc<dyn MessageStore>,
     pub routes: Arc<dyn RouteTable>,
+    /// The cluster registry; `None` in a single-process deployment, where
+    /// the configured gateways are advertised as they are.
+    pub registry: Option<Arc<dyn Registry>>,
 }
 
 /// Shared state of one logic instance.

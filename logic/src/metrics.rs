@@ -1,7 +1,7 @@
 //! Counters of the logic role, rendered in Prometheus text format.
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 #[derive(Default)]
 pub struct LogicMetrics {
@@ -11,6 +11,8 @@ pub struct LogicMetrics {
     pub pushes: AtomicU64,
     pub push_failures: AtomicU64,
     pub http_requests: AtomicU64,
+    /// Socket requests being handled right now.
+    pub inflight: AtomicI64,
 }
 
 pub fn inc(c: &AtomicU64) {
@@ -18,6 +20,12 @@ pub fn inc(c: &AtomicU64) {
 }
 
 impl LogicMetrics {
+    /// The load this instance reports for balancing, 0.0..=1.0: requests in
+    /// flight relative to 256 (a saturated instance reports 1.0).
+    pub fn load(&self) -> f32 {
+        (self.inflight.load(Ordering::Relaxed).max(0) as f32 / 256.0).min(1.0)
+    }
+
     pub fn render(&self, out: &mut String) {
         let rows: [(&str, &str, &AtomicU64); 6] = [
             ("switchboard_logic_requests_total", "Socket requests handled by logic.", &self.requests),
@@ -30,5 +38,11 @@ impl LogicMetrics {
         for (name, help, v) in rows {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
         }
+        let name = "switchboard_logic_inflight_requests";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Socket requests in flight.\n# TYPE {name} gauge\n{name} {}",
+            self.inflight.load(Ordering::Relaxed)
+        );
     }
 }

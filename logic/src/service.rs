@@ -76,7 +76,9 @@ impl LogicRpc for LogicService {
         let conn = req.conn.ok_or_else(|| Status::invalid_argument("missing conn"))?;
         inc(&self.logic.metrics.requests);
         let caller = Caller { user: conn.user, device: conn.device, gateway: conn.gateway, conn_id: conn.conn_id };
+        self.logic.metrics.inflight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (frame, close) = ops::handle(&self.logic, &caller, &req.frame).await;
+        self.logic.metrics.inflight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         let frame = serde_json::to_vec(&frame).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(ClientReply { frame, close }))
     }

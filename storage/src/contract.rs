@@ -126,6 +126,9 @@ pub async fn messages_contract(s: &dyn MessageStore) {
         assert_eq!(m.msg.seq, i);
     }
     assert_eq!(s.last_seq(&conv).await.unwrap(), 10);
+    assert_eq!(s.find_cmid(&conv, &a, "c1").await.unwrap(), Some(first.msg.clone()));
+    assert_eq!(s.find_cmid(&conv, &b, "c1").await.unwrap().map(|m| m.seq), Some(2));
+    assert_eq!(s.find_cmid(&conv, &a, "nope").await.unwrap(), None);
 
     let seqs = |v: Vec<crate::Message>| v.into_iter().map(|m| m.seq).collect::<Vec<_>>();
     assert_eq!(seqs(s.range(&conv, 0, 3).await.unwrap()), vec![1, 2, 3]);
@@ -136,7 +139,7 @@ pub async fn messages_contract(s: &dyn MessageStore) {
     assert!(s.range(&format!("{conv}x"), 0, 10).await.unwrap().is_empty(), "no prefix bleed between convs");
 
     let other = format!("d:{a}:{p}z");
-    s.append(text(&other, &a, "c1", "hey"), &[a.clone()]).await.unwrap();
+    s.append(text(&other, &a, "c1", "hey"), std::slice::from_ref(&a)).await.unwrap();
     let mut convs = s.user_convs(&a).await.unwrap();
     convs.sort();
     assert_eq!(convs, vec![(conv.clone(), 10), (other.clone(), 1)]);

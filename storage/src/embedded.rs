@@ -339,6 +339,20 @@ impl MessageStore for EmbeddedStore {
         .await
     }
 
+    async fn find_cmid(&self, conv: &str, from: &str, cmid: &str) -> Result<Option<Message>> {
+        let (conv, from, cmid) = (conv.to_owned(), from.to_owned(), cmid.to_owned());
+        self.blocking(move |db| {
+            let tx = db.begin_read()?;
+            let Some(seq) =
+                tx.open_table(CMIDS)?.get((conv.as_str(), from.as_str(), cmid.as_str()))?.map(|v| v.value())
+            else {
+                return Ok(None);
+            };
+            get_json(tx.open_table(MESSAGES)?.get((conv.as_str(), seq))?)
+        })
+        .await
+    }
+
     async fn range(&self, conv: &str, after_seq: u64, limit: usize) -> Result<Vec<Message>> {
         let conv = conv.to_owned();
         self.blocking(move |db| {

@@ -6,6 +6,12 @@
 pub enum StorageError {
     #[error("embedded database: {0}")]
     Embedded(String),
+    #[error("redis: {0}")]
+    Redis(String),
+    #[error("kafka: {0}")]
+    Kafka(String),
+    #[error("postgres: {0}")]
+    Postgres(String),
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
     #[error("background task failed: {0}")]

@@ -3,11 +3,17 @@
 //! implements the same traits and passes the same contract suite
 //! (`contract` module), so a deployment chooses one by configuration.
 
+pub mod cluster;
 pub mod contract;
+pub mod contract_durable;
 pub mod embedded;
 mod error;
+pub mod kafka;
 pub mod memory_routes;
 pub mod model;
+pub mod persist;
+pub mod postgres;
+pub mod redis;
 mod traits;
 
 pub use error::StorageError;

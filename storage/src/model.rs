@@ -107,3 +107,20 @@ pub struct ConnRef {
 pub fn new_mid(ts: u64) -> String {
     format!("{ts:011x}{:016x}", rand::random::<u64>())
 }
+
+/// One entry of the registry: a gateway or logic instance and its load.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Member {
+    pub id: String,
+    /// gRPC address (gateway push service, or logic service).
+    pub rpc: String,
+    /// Client-facing WebSocket URL (gateways only).
+    #[serde(default)]
+    pub ws: String,
+    /// Client-facing raw TCP address (gateways only).
+    #[serde(default)]
+    pub tcp: String,
+    /// CPU load 0.0..=1.0 as last reported.
+    pub load: f32,
+    pub connections: u64,
+}

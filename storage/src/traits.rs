@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 
 use crate::{
-    Appended, ConnRef, FriendState, Message, NewMessage, RequestOutcome, Result, SequencedRecord, Session, User,
+    Appended, ConnRef, FriendState, Member, Message, NewMessage, RequestOutcome, Result, SequencedRecord, Session, User,
 };
 
 /// Accounts and sessions.
@@ -51,6 +51,8 @@ pub trait MessageStore: Send + Sync {
     /// are added to the conversation's member index (who may read it and whose
     /// `sync` includes it).
     async fn append(&self, msg: NewMessage, members: &[String]) -> Result<Appended>;
+    /// The message `from` sent in `conv` with this cmid, if stored.
+    async fn find_cmid(&self, conv: &str, from: &str, cmid: &str) -> Result<Option<Message>>;
     /// Messages with seq > `after_seq`, oldest first, at most `limit`.
     async fn range(&self, conv: &str, after_seq: u64, limit: usize) -> Result<Vec<Message>>;
     /// Messages with seq < `before_seq` (all when `None`), newest first, at most `limit`.
@@ -85,4 +87,16 @@ pub trait RouteTable: Send + Sync {
     async fn get(&self, user: &str) -> Result<Vec<ConnRef>>;
     /// Removes a connection that its gateway reported gone.
     async fn remove_conn(&self, gateway: &str, conn_id: u64) -> Result<()>;
+}
+
+/// The registry of running gateways and logic instances with their
+/// reported load, for balancing. Entries expire unless refreshed.
+#[async_trait]
+pub trait Registry: Send + Sync {
+    /// Publishes an entry of `kind` ("gateway" or "logic") for `ttl_secs`.
+    async fn register(&self, kind: &str, m: &Member, ttl_secs: u64) -> Result<()>;
+    /// Removes an entry (graceful shutdown).
+    async fn deregister(&self, kind: &str, id: &str) -> Result<()>;
+    /// The live entries of one kind.
+    async fn members(&self, kind: &str) -> Result<Vec<Member>>;
 }

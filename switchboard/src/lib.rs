@@ -1,63 +1,104 @@
 //! The roles the `switchboard` binary runs, as a library so tests can start
 //! them in-process: `all-in-one` (gateway + logic on embedded storage, the
 //! two talking over loopback gRPC exactly as in a split deployment),
-//! `logic` and `gateway`.
+//! `logic`, `gateway` and `persist` (the cluster roles over Redis, Kafka and
+//! PostgreSQL).
 
+mod heartbeat;
 pub mod settings;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use switchboard_gateway::Gateway;
 use switchboard_logic::{http::MetricsHook, Logic, LogicService, Stores};
+use switchboard_storage::cluster::ClusterMessages;
 use switchboard_storage::embedded::EmbeddedStore;
+use switchboard_storage::kafka::{ensure_topics, Producer, Topics};
 use switchboard_storage::memory_routes::MemoryRoutes;
+use switchboard_storage::persist::{PersistStats, PersistWorker};
+use switchboard_storage::postgres::PgStore;
+use switchboard_storage::redis::RedisStore;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub use settings::Settings;
 
-/// A server task with its shutdown trigger.
-struct Server {
+/// A background task with its shutdown trigger.
+pub(crate) struct Task {
     stop: oneshot::Sender<()>,
     task: JoinHandle<()>,
 }
 
-impl Server {
-    async fn stop(self) {
+impl Task {
+    pub(crate) fn spawn<F, Fut>(f: F) -> Self
+    where
+        F: FnOnce(oneshot::Receiver<()>) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (stop, stopped) = oneshot::channel();
+        Self { stop, task: tokio::spawn(f(stopped)) }
+    }
+
+    pub(crate) async fn stop(self) {
         let _ = self.stop.send(());
         let _ = self.task.await;
     }
 }
 
-/// A running logic instance: its gRPC and HTTP servers.
-pub struct LogicRole {
-    pub grpc_addr: SocketAddr,
-    pub http_addr: SocketAddr,
-    grpc: Server,
-    http: Server,
-}
-
-impl LogicRole {
-    /// Opens the embedded stores in the data dir and serves gRPC and HTTP.
-    pub async fn start(s: &Settings, public_ws: Vec<String>, extra: Vec<MetricsHook>) -> anyhow::Result<Self> {
+/// The stores a logic instance runs on: embedded in the data dir, or the
+/// cluster engines when configured.
+async fn open_stores(s: &Settings) -> anyhow::Result<(Stores, Option<RedisStore>)> {
+    let Some((redis_url, pg_url, brokers)) = s.cluster()? else {
         let store = EmbeddedStore::open(&s.data_dir()).context("opening the embedded store")?;
         let stores = Stores {
             accounts: Arc::new(store.clone()),
             social: Arc::new(store.clone()),
             messages: Arc::new(store),
             routes: Arc::new(MemoryRoutes::default()),
+            registry: None,
         };
+        return Ok((stores, None));
+    };
+    let pg = PgStore::connect(&pg_url, 8).await.context("connecting to PostgreSQL")?;
+    let redis = RedisStore::connect(&redis_url, &s.key_prefix()).await.context("connecting to Redis")?;
+    let topics = Topics::with_prefix(&s.topic_prefix());
+    ensure_topics(&brokers, &topics).await.context("creating Kafka topics")?;
+    let producer = Producer::new(&brokers, Duration::from_secs(10)).context("creating the Kafka producer")?;
+    let messages = ClusterMessages::new(redis.clone(), producer, topics, Arc::new(pg.clone()));
+    let stores = Stores {
+        accounts: Arc::new(pg.clone()),
+        social: Arc::new(pg),
+        messages: Arc::new(messages),
+        routes: Arc::new(redis.clone()),
+        registry: Some(Arc::new(redis.clone())),
+    };
+    Ok((stores, Some(redis)))
+}
+
+/// A running logic instance: its gRPC and HTTP servers.
+pub struct LogicRole {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    grpc: Task,
+    http: Task,
+    heartbeat: Option<heartbeat::Heartbeat>,
+}
+
+impl LogicRole {
+    /// Opens the stores and serves gRPC (for gateways) and HTTP (for clients).
+    pub async fn start(s: &Settings, public_ws: Vec<String>, extra: Vec<MetricsHook>) -> anyhow::Result<Self> {
+        let (stores, redis) = open_stores(s).await?;
         let logic = Logic::new(s.logic_config(public_ws)?, stores);
 
         let grpc_listener =
             TcpListener::bind(s.logic_addr()).await.with_context(|| format!("binding {}", s.logic_addr()))?;
         let grpc_addr = grpc_listener.local_addr()?;
-        let (stop, stopped) = oneshot::channel::<()>();
         let service = LogicService::new(logic.clone()).into_server();
-        let task = tokio::spawn(async move {
+        let grpc = Task::spawn(|stopped| async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
             let served = tonic::transport::Server::builder()
                 .add_service(service)
@@ -69,14 +110,12 @@ impl LogicRole {
                 tracing::error!(error = %e, "logic gRPC server failed");
             }
         });
-        let grpc = Server { stop, task };
 
         let http_listener =
             TcpListener::bind(s.http_addr()).await.with_context(|| format!("binding {}", s.http_addr()))?;
         let http_addr = http_listener.local_addr()?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let router = switchboard_logic::http::router(logic, extra);
-        let task = tokio::spawn(async move {
+        let router = switchboard_logic::http::router(logic.clone(), extra);
+        let http = Task::spawn(|stopped| async move {
             let served = axum::serve(http_listener, router)
                 .with_graceful_shutdown(async {
                     let _ = stopped.await;
@@ -86,22 +125,91 @@ impl LogicRole {
                 tracing::error!(error = %e, "HTTP server failed");
             }
         });
-        let http = Server { stop, task };
-        tracing::info!(%grpc_addr, %http_addr, "logic serving");
-        Ok(Self { grpc_addr, http_addr, grpc, http })
+        let heartbeat = redis.map(|r| {
+            let rpc = s.advertise_logic.clone().unwrap_or_else(|| format!("http://{grpc_addr}"));
+            heartbeat::Heartbeat::logic(r, s.node_id(), rpc, logic.metrics.clone())
+        });
+        tracing::info!(%grpc_addr, %http_addr, cluster = heartbeat.is_some(), "logic serving");
+        Ok(Self { grpc_addr, http_addr, grpc, http, heartbeat })
     }
 
     pub async fn stop(self) {
+        if let Some(h) = self.heartbeat {
+            h.stop().await;
+        }
         self.http.stop().await;
         self.grpc.stop().await;
     }
 }
 
-/// Starts a gateway role talking to the logic at `settings.logic_url()`.
-pub async fn start_gateway(s: &Settings) -> anyhow::Result<Gateway> {
-    let gw = Gateway::start(s.gateway_config()).await.context("starting the gateway")?;
-    tracing::info!(ws = %gw.ws_addr(), push = %gw.push_addr(), "gateway serving");
-    Ok(gw)
+/// A running gateway, registered in the cluster registry when configured.
+pub struct GatewayRole {
+    pub gateway: Gateway,
+    heartbeat: Option<heartbeat::Heartbeat>,
+}
+
+impl GatewayRole {
+    /// Starts a gateway talking to the logic instances at `--logic-url`
+    /// (and, in a cluster, to those the registry lists).
+    pub async fn start(s: &Settings) -> anyhow::Result<Self> {
+        let gateway = Gateway::start(s.gateway_config()).await.context("starting the gateway")?;
+        let heartbeat = match &s.redis_url {
+            Some(url) => {
+                let redis = RedisStore::connect(url, &s.key_prefix()).await.context("connecting to Redis")?;
+                let ws = s.public_ws.clone().and_then(|v| v.into_iter().next());
+                let ws = ws.unwrap_or_else(|| format!("ws://{}/ws", gateway.ws_addr()));
+                Some(heartbeat::Heartbeat::gateway(redis, s.node_id(), &gateway, ws).await)
+            }
+            None => None,
+        };
+        tracing::info!(ws = %gateway.ws_addr(), push = %gateway.push_addr(), "gateway serving");
+        Ok(Self { gateway, heartbeat })
+    }
+
+    /// Leaves the registry, then drains and closes every connection.
+    pub async fn stop(self) {
+        if let Some(h) = self.heartbeat {
+            h.stop().await;
+        }
+        self.gateway.shutdown().await;
+    }
+}
+
+/// The persist worker role: Kafka -> PostgreSQL.
+pub struct PersistRole {
+    pub stats: Arc<PersistStats>,
+    task: Task,
+}
+
+impl PersistRole {
+    pub async fn start(s: &Settings) -> anyhow::Result<Self> {
+        let Some((_, pg_url, brokers)) = s.cluster()? else {
+            anyhow::bail!("persist needs --redis-url, --postgres-url and --kafka-brokers");
+        };
+        let pg = PgStore::connect(&pg_url, 4).await.context("connecting to PostgreSQL")?;
+        let topics = Topics::with_prefix(&s.topic_prefix());
+        ensure_topics(&brokers, &topics).await.context("creating Kafka topics")?;
+        let group = format!("{}persist", s.topic_prefix());
+        let worker = PersistWorker::new(&brokers, &group, topics, Arc::new(pg), s.persist_batch.unwrap_or(500))
+            .context("creating the persist worker")?;
+        let stats = worker.stats.clone();
+        let task = Task::spawn(|stopped| async move {
+            if let Err(e) = worker
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+            {
+                tracing::error!(error = %e, "persist worker failed");
+            }
+        });
+        tracing::info!(%group, "persist worker running");
+        Ok(Self { stats, task })
+    }
+
+    pub async fn stop(self) {
+        self.task.stop().await;
+    }
 }
 
 /// Gateway and logic in one process on embedded storage.
@@ -112,16 +220,16 @@ pub struct AllInOne {
 
 impl AllInOne {
     pub async fn start(s: &Settings) -> anyhow::Result<Self> {
-        // The gateway's metrics live in the process; bind it first (it
-        // connects to logic lazily) so /metrics and /v1/gateways know it.
+        // Bind the gateway first (it reaches logic lazily) so /metrics and
+        // /v1/gateways can describe it; reserve logic's port for it.
         let mut s = s.clone();
-        let logic_listener_probe =
+        let probe =
             std::net::TcpListener::bind(s.logic_addr()).with_context(|| format!("binding {}", s.logic_addr()))?;
-        let logic_addr = logic_listener_probe.local_addr()?;
-        drop(logic_listener_probe);
+        let logic_addr = probe.local_addr()?;
+        drop(probe);
         s.logic_addr = Some(logic_addr);
         s.logic_url = Some(format!("http://{logic_addr}"));
-        let gateway = start_gateway(&s).await?;
+        let gateway = Gateway::start(s.gateway_config()).await.context("starting the gateway")?;
         let metrics = gateway.metrics();
         let hook: MetricsHook = Arc::new(move |out: &mut String| metrics.render(out));
         let public_ws = vec![format!("ws://{}/ws", gateway.ws_addr())];

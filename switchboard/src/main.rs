@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use switchboard::{AllInOne, LogicRole, Settings};
+use switchboard::{AllInOne, GatewayRole, LogicRole, PersistRole, Settings};
 
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -27,6 +27,8 @@ enum Role {
     Logic(Settings),
     /// The gateway role alone (client sockets), relaying to --logic-url.
     Gateway(Settings),
+    /// The persist worker: Kafka message topic -> PostgreSQL.
+    Persist(Settings),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,10 +60,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Role::Gateway(s) => {
             let s = s.with_file(config)?;
-            let gw = switchboard::start_gateway(&s).await?;
-            println!("switchboard gateway: ws://{}/ws  push {}", gw.ws_addr(), gw.push_addr());
+            let gw = GatewayRole::start(&s).await?;
+            println!("switchboard gateway: ws://{}/ws  push {}", gw.gateway.ws_addr(), gw.gateway.push_addr());
             shutdown_signal().await;
-            gw.shutdown().await;
+            gw.stop().await;
+        }
+        Role::Persist(s) => {
+            let s = s.with_file(config)?;
+            let worker = PersistRole::start(&s).await?;
+            println!("switchboard persist: running");
+            shutdown_signal().await;
+            worker.stop().await;
         }
     }
     Ok(())

@@ -74,6 +74,30 @@ pub struct Settings {
     /// argon2id iterations.
     #[arg(long, env = "SB_ARGON2_ITERATIONS")]
     pub argon2_iterations: Option<u32>,
+    /// Redis URL; setting it (with --postgres-url and --kafka-brokers) selects the cluster backends.
+    #[arg(long, env = "SB_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// PostgreSQL URL of the shared durable store (cluster).
+    #[arg(long, env = "SB_POSTGRES_URL")]
+    pub postgres_url: Option<String>,
+    /// Kafka bootstrap servers, host:port[,host:port] (cluster).
+    #[arg(long, env = "SB_KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
+    /// Prefix of every Redis key (default "sb:").
+    #[arg(long, env = "SB_KEY_PREFIX")]
+    pub key_prefix: Option<String>,
+    /// Prefix of the Kafka topics and consumer group (default "sb.").
+    #[arg(long, env = "SB_TOPIC_PREFIX")]
+    pub topic_prefix: Option<String>,
+    /// This process's id in the registry (default: random).
+    #[arg(long, env = "SB_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Logic gRPC URL published in the registry (default http://<logic-addr>).
+    #[arg(long, env = "SB_ADVERTISE_LOGIC")]
+    pub advertise_logic: Option<String>,
+    /// Records the persist worker writes per batch at most.
+    #[arg(long, env = "SB_PERSIST_BATCH")]
+    pub persist_batch: Option<usize>,
 }
 
 macro_rules! overlay {
@@ -89,7 +113,8 @@ impl Settings {
         let file: Settings = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         overlay!(self, file; data_dir, http_addr, ws_addr, logic_addr, push_addr, logic_url, advertise_push,
             public_ws, jwt_secret, shards, max_frame_bytes, max_connections, max_outbound_frames, auth_timeout_ms,
-            idle_timeout_ms, repush_ms, access_ttl_secs, refresh_ttl_secs, argon2_memory_kib, argon2_iterations);
+            idle_timeout_ms, repush_ms, access_ttl_secs, refresh_ttl_secs, argon2_memory_kib, argon2_iterations,
+            redis_url, postgres_url, kafka_brokers, key_prefix, topic_prefix, node_id, advertise_logic, persist_batch);
         Ok(self)
     }
 
@@ -108,8 +133,31 @@ impl Settings {
     pub fn push_addr(&self) -> SocketAddr {
         self.push_addr.unwrap_or(([127, 0, 0, 1], 9101).into())
     }
-    pub fn logic_url(&self) -> String {
-        self.logic_url.clone().unwrap_or_else(|| format!("http://{}", self.logic_addr()))
+    /// Logic URLs a gateway starts with (comma-separated in --logic-url);
+    /// in a cluster the registry keeps the list current.
+    pub fn logic_urls(&self) -> Vec<String> {
+        match &self.logic_url {
+            Some(list) => list.split(',').map(str::trim).filter(|u| !u.is_empty()).map(String::from).collect(),
+            None => vec![format!("http://{}", self.logic_addr())],
+        }
+    }
+    pub fn key_prefix(&self) -> String {
+        self.key_prefix.clone().unwrap_or_else(|| "sb:".into())
+    }
+    pub fn topic_prefix(&self) -> String {
+        self.topic_prefix.clone().unwrap_or_else(|| "sb.".into())
+    }
+    pub fn node_id(&self) -> String {
+        self.node_id.clone().unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()))
+    }
+
+    /// The cluster engines, when configured: (redis, postgres, kafka).
+    pub fn cluster(&self) -> anyhow::Result<Option<(String, String, String)>> {
+        match (&self.redis_url, &self.postgres_url, &self.kafka_brokers) {
+            (None, None, None) => Ok(None),
+            (Some(r), Some(p), Some(k)) => Ok(Some((r.clone(), p.clone(), k.clone()))),
+            _ => anyhow::bail!("cluster mode needs all of --redis-url, --postgres-url and --kafka-brokers"),
+        }
     }
 
     /// The token secret: configured, or read from (created once in) the data dir.
@@ -153,7 +201,7 @@ impl Settings {
             ws_addr: self.ws_addr(),
             push_addr: self.push_addr(),
             advertise: self.advertise_push.clone(),
-            logic_endpoint: self.logic_url(),
+            logic_endpoints: self.logic_urls(),
             ..Default::default()
         };
         if let Some(v) = self.shards {

@@ -1,0 +1,103 @@
+//! The contract of [`DurableLog`] backends, as a reusable async check (see
+//! the `contract` module for the conventions: random name prefixes, panics
+//! on a broken contract).
+
+use crate::contract::prefix;
+use crate::{DurableLog, Message, MessageStore, NewMessage, SequencedRecord};
+
+fn record(conv: &str, seq: u64, from: &str, cmid: &str, members: &[String]) -> SequencedRecord {
+    SequencedRecord {
+        msg: Message {
+            conv: conv.into(),
+            mid: crate::new_mid(1_000 + seq),
+            seq,
+            from: from.into(),
+            cmid: cmid.into(),
+            kind: "text".into(),
+            body: serde_json::json!(format!("m{seq}")),
+            ts: 1_000 + seq,
+        },
+        members: members.to_vec(),
+    }
+}
+
+/// Upserts are idempotent, count only new records, and leave the message
+/// store (range, history, last seq, member index, cmid index) in step.
+pub async fn durable_log_contract(log: &dyn DurableLog, messages: &dyn MessageStore) {
+    let p = prefix();
+    let (a, b) = (format!("{p}a"), format!("{p}b"));
+    let conv = format!("d:{a}:{b}");
+    let members = [a.clone(), b.clone()];
+    let batch: Vec<_> = (1..=3).map(|i| record(&conv, i, &a, &format!("u{i}"), &members)).collect();
+
+    assert_eq!(log.upsert_records(&batch).await.unwrap(), 3);
+    assert_eq!(log.upsert_records(&batch).await.unwrap(), 0, "redelivery of a batch stores nothing new");
+    assert_eq!(log.upsert_records(&[]).await.unwrap(), 0);
+
+    let got = messages.range(&conv, 0, 10).await.unwrap();
+    assert_eq!(got, batch.iter().map(|r| r.msg.clone()).collect::<Vec<_>>(), "records are stored as given");
+    let seqs = |v: Vec<Message>| v.into_iter().map(|m| m.seq).collect::<Vec<_>>();
+    assert_eq!(seqs(messages.history(&conv, None, 10).await.unwrap()), vec![3, 2, 1]);
+    assert_eq!(messages.last_seq(&conv).await.unwrap(), 3);
+    assert_eq!(messages.user_convs(&a).await.unwrap(), vec![(conv.clone(), 3)]);
+    assert_eq!(messages.user_convs(&b).await.unwrap(), vec![(conv.clone(), 3)]);
+
+    let next = messages
+        .append(
+            NewMessage {
+                conv: conv.clone(),
+                from: b.clone(),
+                cmid: "n1".into(),
+                kind: "text".into(),
+                body: serde_json::json!("after"),
+            },
+            &members,
+        )
+        .await
+        .unwrap();
+    assert!(!next.duplicate);
+    assert_eq!(next.msg.seq, 4, "appends continue after upserted seqs");
+    assert!(next.msg.ts >= 1_003, "ts does not go back behind upserted messages");
+
+    let dup = messages
+        .append(
+            NewMessage {
+                conv: conv.clone(),
+                from: a.clone(),
+                cmid: "u2".into(),
+                kind: "text".into(),
+                body: serde_json::json!("resent"),
+            },
+            &members,
+        )
+        .await
+        .unwrap();
+    assert!(dup.duplicate, "upserted records feed the cmid index");
+    assert_eq!(dup.msg, batch[1].msg);
+    assert_eq!(messages.last_seq(&conv).await.unwrap(), 4);
+
+    // A batch mixing stored and new records (and a second conversation).
+    let c = format!("{p}c");
+    let other = format!("d:{a}:{c}");
+    let mixed = vec![
+        batch[2].clone(),
+        record(&conv, 5, &a, "u5", &members),
+        record(&conv, 6, &b, "u6", &members),
+        record(&other, 1, &c, "u1", &[a.clone(), c.clone()]),
+    ];
+    assert_eq!(log.upsert_records(&mixed).await.unwrap(), 3, "only new records are counted");
+    assert_eq!(log.upsert_records(&mixed).await.unwrap(), 0);
+    assert_eq!(messages.last_seq(&conv).await.unwrap(), 6);
+    assert_eq!(seqs(messages.range(&conv, 3, 10).await.unwrap()), vec![4, 5, 6]);
+    let mut convs = messages.user_convs(&a).await.unwrap();
+    convs.sort();
+    assert_eq!(convs, vec![(conv.clone(), 6), (other.clone(), 1)]);
+    assert_eq!(messages.user_convs(&c).await.unwrap(), vec![(other.clone(), 1)]);
+
+    // Records out of order leave last_seq at the highest one.
+    let only_c = std::slice::from_ref(&c);
+    let late = vec![record(&other, 3, &c, "u3", only_c), record(&other, 2, &c, "u2", only_c)];
+    assert_eq!(log.upsert_records(&late).await.unwrap(), 2);
+    assert_eq!(messages.last_seq(&other).await.unwrap(), 3);
+    assert_eq!(seqs(messages.range(&other, 0, 10).await.unwrap()), vec![1, 2, 3]);
+}

@@ -1,0 +1,672 @@
+//! The PostgreSQL backend: every store trait (and the cluster's
+//! [`DurableLog`]) over one PostgreSQL database, through a connection pool.
+//! Semantics mirror the embedded backend exactly; what redb gets from its
+//! single writer, this backend gets from row locks (one `conv_seq` row per
+//! conversation serialises its appends) and transaction-scoped advisory
+//! locks (schema creation, one friend pair's relation).
+//!
+//! Text keys use the "C" collation so that orderings (relations by the other
+//! user's name, conversations of a user) are byte order, as in redb.
+//! Unsigned numbers are stored as BIGINT; values above `i64::MAX` (never
+//! produced by the stores themselves) are clamped to it.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod};
+use tokio_postgres::{NoTls, Row};
+
+use crate::{
+    new_mid, now_ms, AccountStore, Appended, DurableLog, FriendState, Message, MessageStore, NewMessage,
+    RequestOutcome, Result, SequencedRecord, Session, SocialStore, StorageError, User,
+};
+
+/// Key of the advisory lock taken while creating the schema ("sbschema").
+const SCHEMA_LOCK: i64 = 0x7362_7363_6865_6d61;
+/// Class (first key) of the advisory locks that serialise changes to one
+/// friend pair; the second key is a hash of the pair.
+const PAIR_LOCK_CLASS: i32 = 0x7362_6672; // "sbfr"
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS users (
+    username TEXT COLLATE "C" PRIMARY KEY,
+    nickname TEXT NOT NULL,
+    password_hash TEXT NOT NULL,
+    created_ms BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT COLLATE "C" PRIMARY KEY,
+    username TEXT NOT NULL,
+    device TEXT NOT NULL,
+    refresh_hash TEXT NOT NULL,
+    revoked BOOLEAN NOT NULL,
+    created_ms BIGINT NOT NULL,
+    refresh_expires_ms BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS refresh_tokens (
+    hash TEXT COLLATE "C" PRIMARY KEY,
+    session_id TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS friends (
+    username TEXT COLLATE "C" NOT NULL,
+    other TEXT COLLATE "C" NOT NULL,
+    state TEXT NOT NULL,
+    note TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (username, other)
+);
+CREATE TABLE IF NOT EXISTS messages (
+    conv TEXT COLLATE "C" NOT NULL,
+    seq BIGINT NOT NULL,
+    mid TEXT NOT NULL,
+    from_user TEXT COLLATE "C" NOT NULL,
+    cmid TEXT COLLATE "C" NOT NULL,
+    type TEXT NOT NULL,
+    body TEXT NOT NULL,
+    ts BIGINT NOT NULL,
+    PRIMARY KEY (conv, seq)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_cmid ON messages (conv, from_user, cmid);
+CREATE TABLE IF NOT EXISTS conv_seq (
+    conv TEXT COLLATE "C" PRIMARY KEY,
+    last_seq BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS user_convs (
+    username TEXT COLLATE "C" NOT NULL,
+    conv TEXT COLLATE "C" NOT NULL,
+    PRIMARY KEY (username, conv)
+);
+CREATE TABLE IF NOT EXISTS acks (
+    username TEXT COLLATE "C" NOT NULL,
+    device TEXT COLLATE "C" NOT NULL,
+    conv TEXT COLLATE "C" NOT NULL,
+    seq BIGINT NOT NULL,
+    PRIMARY KEY (username, device, conv)
+);
+"#;
+
+const MESSAGE_COLS: &str = "conv, seq, mid, from_user, cmid, type, body, ts";
+
+impl From<tokio_postgres::Error> for StorageError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        StorageError::Postgres(e.to_string())
+    }
+}
+
+impl From<PoolError> for StorageError {
+    fn from(e: PoolError) -> Self {
+        StorageError::Postgres(e.to_string())
+    }
+}
+
+/// A u64 as stored (BIGINT), clamped to `i64::MAX`.
+fn int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A stored BIGINT as u64 (the stores never write negative values).
+fn uint(v: i64) -> u64 {
+    v.max(0) as u64
+}
+
+fn message_from_row(r: &Row) -> Result<Message> {
+    let body: String = r.try_get("body")?;
+    Ok(Message {
+        conv: r.try_get("conv")?,
+        seq: uint(r.try_get("seq")?),
+        mid: r.try_get("mid")?,
+        from: r.try_get("from_user")?,
+        cmid: r.try_get("cmid")?,
+        kind: r.try_get("type")?,
+        body: serde_json::from_str(&body)?,
+        ts: uint(r.try_get("ts")?),
+    })
+}
+
+fn session_from_row(r: &Row) -> Result<Session> {
+    Ok(Session {
+        id: r.try_get("id")?,
+        user: r.try_get("username")?,
+        device: r.try_get("device")?,
+        refresh_hash: r.try_get("refresh_hash")?,
+        revoked: r.try_get("revoked")?,
+        created_ms: uint(r.try_get("created_ms")?),
+        refresh_expires_ms: uint(r.try_get("refresh_expires_ms")?),
+    })
+}
+
+fn state_from_row(r: &Row) -> Result<FriendState> {
+    let state: String = r.try_get("state")?;
+    let note: String = r.try_get("note")?;
+    match state.as_str() {
+        "friends" => Ok(FriendState::Friends),
+        "outgoing" => Ok(FriendState::Outgoing { note }),
+        "incoming" => Ok(FriendState::Incoming { note }),
+        other => Err(StorageError::Corrupt(format!("unknown friend state {other:?}"))),
+    }
+}
+
+fn state_columns(s: &FriendState) -> (&'static str, &str) {
+    match s {
+        FriendState::Friends => ("friends", ""),
+        FriendState::Outgoing { note } => ("outgoing", note),
+        FriendState::Incoming { note } => ("incoming", note),
+    }
+}
+
+/// A stable 32-bit hash (FNV-1a) of an unordered user pair, for its
+/// advisory lock.
+fn pair_key(a: &str, b: &str) -> i32 {
+    let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+    let mut h: u32 = 0x811c_9dc5;
+    for byte in lo.bytes().chain(std::iter::once(0)).chain(hi.bytes()) {
+        h ^= u32::from(byte);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h as i32
+}
+
+/// All stores over one PostgreSQL database. Cheap to clone (shares the pool).
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool,
+}
+
+impl PgStore {
+    /// Connects to `url` (e.g. `postgres://user@host:5432/db`, without TLS)
+    /// with a pool of at most `pool_size` connections, and creates the
+    /// schema if it is missing. Safe when several processes start at once.
+    pub async fn connect(url: &str, pool_size: usize) -> Result<PgStore> {
+        let mut config: tokio_postgres::Config =
+            url.parse().map_err(|e| StorageError::Postgres(format!("bad url: {e}")))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(10));
+        }
+        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(1))
+            .build()
+            .map_err(|e| StorageError::Postgres(format!("pool: {e}")))?;
+        let store = PgStore { pool };
+        store.create_schema().await?;
+        Ok(store)
+    }
+
+    async fn create_schema(&self) -> Result<()> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        // Concurrent CREATE ... IF NOT EXISTS can still collide in the
+        // catalogs; serialise schema creation across processes.
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK]).await?;
+        tx.batch_execute(SCHEMA).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn client(&self) -> Result<Object> {
+        Ok(self.pool.get().await?)
+    }
+
+    /// Takes the lock serialising changes to the relation of `a` and `b`.
+    async fn lock_pair(tx: &deadpool_postgres::Transaction<'_>, a: &str, b: &str) -> Result<()> {
+        let st = tx.prepare_cached("SELECT pg_advisory_xact_lock($1, $2)").await?;
+        tx.execute(&st, &[&PAIR_LOCK_CLASS, &pair_key(a, b)]).await?;
+        Ok(())
+    }
+
+    async fn relation(tx: &deadpool_postgres::Transaction<'_>, a: &str, b: &str) -> Result<Option<FriendState>> {
+        let st = tx.prepare_cached("SELECT state, note FROM friends WHERE username = $1 AND other = $2").await?;
+        tx.query_opt(&st, &[&a, &b]).await?.map(|r| state_from_row(&r)).transpose()
+    }
+
+    async fn put_relation(tx: &deadpool_postgres::Transaction<'_>, a: &str, b: &str, s: &FriendState) -> Result<()> {
+        let st = tx
+            .prepare_cached(
+                "INSERT INTO friends (username, other, state, note) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (username, other) DO UPDATE SET state = EXCLUDED.state, note = EXCLUDED.note",
+            )
+            .await?;
+        let (state, note) = state_columns(s);
+        tx.execute(&st, &[&a, &b, &state, &note]).await?;
+        Ok(())
+    }
+
+    /// Deletes the relation in both directions; whether `a -> b` existed.
+    async fn remove_pair(tx: &deadpool_postgres::Transaction<'_>, a: &str, b: &str) -> Result<bool> {
+        let st = tx
+            .prepare_cached(
+                "DELETE FROM friends WHERE (username = $1 AND other = $2) OR (username = $2 AND other = $1) \
+                 RETURNING username",
+            )
+            .await?;
+        let rows = tx.query(&st, &[&a, &b]).await?;
+        Ok(rows.iter().any(|r| r.get::<_, &str>(0) == a))
+    }
+}
+
+#[async_trait]
+impl AccountStore for PgStore {
+    async fn create_user(&self, user: &User) -> Result<bool> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(
+                "INSERT INTO users (username, nickname, password_hash, created_ms) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (username) DO NOTHING",
+            )
+            .await?;
+        let n = c.execute(&st, &[&user.username, &user.nickname, &user.password_hash, &int(user.created_ms)]).await?;
+        Ok(n == 1)
+    }
+
+    async fn get_user(&self, username: &str) -> Result<Option<User>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached("SELECT username, nickname, password_hash, created_ms FROM users WHERE username = $1")
+            .await?;
+        let Some(r) = c.query_opt(&st, &[&username]).await? else { return Ok(None) };
+        Ok(Some(User {
+            username: r.try_get("username")?,
+            nickname: r.try_get("nickname")?,
+            password_hash: r.try_get("password_hash")?,
+            created_ms: uint(r.try_get("created_ms")?),
+        }))
+    }
+
+    async fn put_session(&self, s: &Session) -> Result<()> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        let st = tx
+            .prepare_cached(
+                "INSERT INTO sessions (id, username, device, refresh_hash, revoked, created_ms, refresh_expires_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO UPDATE SET username = EXCLUDED.username, \
+                 device = EXCLUDED.device, refresh_hash = EXCLUDED.refresh_hash, revoked = EXCLUDED.revoked, \
+                 created_ms = EXCLUDED.created_ms, refresh_expires_ms = EXCLUDED.refresh_expires_ms",
+            )
+            .await?;
+        tx.execute(
+            &st,
+            &[&s.id, &s.user, &s.device, &s.refresh_hash, &s.revoked, &int(s.created_ms), &int(s.refresh_expires_ms)],
+        )
+        .await?;
+        let st = tx
+            .prepare_cached(
+                "INSERT INTO refresh_tokens (hash, session_id) VALUES ($1, $2) \
+                 ON CONFLICT (hash) DO UPDATE SET session_id = EXCLUDED.session_id",
+            )
+            .await?;
+        tx.execute(&st, &[&s.refresh_hash, &s.id]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_session(&self, id: &str) -> Result<Option<Session>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(
+                "SELECT id, username, device, refresh_hash, revoked, created_ms, refresh_expires_ms \
+                 FROM sessions WHERE id = $1",
+            )
+            .await?;
+        c.query_opt(&st, &[&id]).await?.map(|r| session_from_row(&r)).transpose()
+    }
+
+    async fn session_by_refresh(&self, refresh_hash: &str) -> Result<Option<Session>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(
+                "SELECT s.id, s.username, s.device, s.refresh_hash, s.revoked, s.created_ms, s.refresh_expires_ms \
+                 FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id WHERE t.hash = $1",
+            )
+            .await?;
+        c.query_opt(&st, &[&refresh_hash]).await?.map(|r| session_from_row(&r)).transpose()
+    }
+
+    async fn rotate_refresh(&self, session_id: &str, old_hash: &str, new_hash: &str, expires_ms: u64) -> Result<bool> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        // The conditional UPDATE re-checks its WHERE under the row lock, so
+        // of two racing rotations with the same old hash only one wins.
+        let st = tx
+            .prepare_cached(
+                "UPDATE sessions SET refresh_hash = $3, refresh_expires_ms = $4 \
+                 WHERE id = $1 AND refresh_hash = $2 AND NOT revoked",
+            )
+            .await?;
+        if tx.execute(&st, &[&session_id, &old_hash, &new_hash, &int(expires_ms)]).await? != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        let st = tx
+            .prepare_cached(
+                "INSERT INTO refresh_tokens (hash, session_id) VALUES ($1, $2) \
+                 ON CONFLICT (hash) DO UPDATE SET session_id = EXCLUDED.session_id",
+            )
+            .await?;
+        tx.execute(&st, &[&new_hash, &session_id]).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn revoke_session(&self, id: &str) -> Result<()> {
+        let c = self.client().await?;
+        let st = c.prepare_cached("UPDATE sessions SET revoked = TRUE WHERE id = $1").await?;
+        c.execute(&st, &[&id]).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl SocialStore for PgStore {
+    async fn friend_state(&self, user: &str, other: &str) -> Result<Option<FriendState>> {
+        let c = self.client().await?;
+        let st = c.prepare_cached("SELECT state, note FROM friends WHERE username = $1 AND other = $2").await?;
+        c.query_opt(&st, &[&user, &other]).await?.map(|r| state_from_row(&r)).transpose()
+    }
+
+    async fn request_friend(&self, from: &str, to: &str, note: &str) -> Result<RequestOutcome> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        Self::lock_pair(&tx, from, to).await?;
+        let outcome = match Self::relation(&tx, from, to).await? {
+            Some(FriendState::Friends) => {
+                tx.rollback().await?;
+                return Ok(RequestOutcome::AlreadyFriends);
+            }
+            Some(FriendState::Incoming { .. }) => {
+                Self::put_relation(&tx, from, to, &FriendState::Friends).await?;
+                Self::put_relation(&tx, to, from, &FriendState::Friends).await?;
+                RequestOutcome::BecameFriends
+            }
+            Some(FriendState::Outgoing { .. }) | None => {
+                Self::put_relation(&tx, from, to, &FriendState::Outgoing { note: note.to_owned() }).await?;
+                Self::put_relation(&tx, to, from, &FriendState::Incoming { note: note.to_owned() }).await?;
+                RequestOutcome::Pending
+            }
+        };
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn accept_friend(&self, user: &str, from: &str) -> Result<bool> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        Self::lock_pair(&tx, user, from).await?;
+        if !matches!(Self::relation(&tx, user, from).await?, Some(FriendState::Incoming { .. })) {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        Self::put_relation(&tx, user, from, &FriendState::Friends).await?;
+        Self::put_relation(&tx, from, user, &FriendState::Friends).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn reject_friend(&self, user: &str, from: &str) -> Result<bool> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        Self::lock_pair(&tx, user, from).await?;
+        if !matches!(Self::relation(&tx, user, from).await?, Some(FriendState::Incoming { .. })) {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        Self::remove_pair(&tx, user, from).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn delete_friend(&self, user: &str, other: &str) -> Result<bool> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        Self::lock_pair(&tx, user, other).await?;
+        let existed = Self::remove_pair(&tx, user, other).await?;
+        tx.commit().await?;
+        Ok(existed)
+    }
+
+    async fn relations(&self, user: &str) -> Result<Vec<(String, FriendState)>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(r#"SELECT other, state, note FROM friends WHERE username = $1 ORDER BY other COLLATE "C""#)
+            .await?;
+        c.query(&st, &[&user]).await?.iter().map(|r| Ok((r.try_get("other")?, state_from_row(r)?))).collect()
+    }
+}
+
+#[async_trait]
+impl MessageStore for PgStore {
+    async fn append(&self, msg: NewMessage, members: &[String]) -> Result<Appended> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        // Lock the conversation's counter row first (creating it if new):
+        // appends to one conversation serialise here, and every statement
+        // after it sees what earlier appends committed.
+        let st = tx
+            .prepare_cached(
+                "INSERT INTO conv_seq (conv, last_seq) VALUES ($1, 0) \
+                 ON CONFLICT (conv) DO UPDATE SET last_seq = conv_seq.last_seq RETURNING last_seq",
+            )
+            .await?;
+        let last: i64 = tx.query_one(&st, &[&msg.conv]).await?.try_get(0)?;
+        // The earlier message with this cmid, and the last message (for ts).
+        let st = tx
+            .prepare_cached(&format!(
+                "SELECT {MESSAGE_COLS} FROM messages \
+                 WHERE conv = $1 AND ((from_user = $2 AND cmid = $3) OR seq = $4)"
+            ))
+            .await?;
+        let rows = tx.query(&st, &[&msg.conv, &msg.from, &msg.cmid, &last]).await?;
+        let mut last_ts = 0;
+        for r in &rows {
+            let m = message_from_row(r)?;
+            if m.from == msg.from && m.cmid == msg.cmid {
+                tx.rollback().await?;
+                return Ok(Appended { msg: m, duplicate: true });
+            }
+            last_ts = m.ts;
+        }
+        // ts never goes backwards inside a conversation, so seq order and
+        // time order agree even if the wall clock steps back.
+        let ts = now_ms().max(last_ts);
+        let stored = Message {
+            mid: new_mid(ts),
+            seq: uint(last) + 1,
+            ts,
+            conv: msg.conv,
+            from: msg.from,
+            cmid: msg.cmid,
+            kind: msg.kind,
+            body: msg.body,
+        };
+        let body = serde_json::to_string(&stored.body)?;
+        let st = tx
+            .prepare_cached(&format!("INSERT INTO messages ({MESSAGE_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"))
+            .await?;
+        tx.execute(
+            &st,
+            &[
+                &stored.conv,
+                &int(stored.seq),
+                &stored.mid,
+                &stored.from,
+                &stored.cmid,
+                &stored.kind,
+                &body,
+                &int(stored.ts),
+            ],
+        )
+        .await?;
+        let st = tx.prepare_cached("UPDATE conv_seq SET last_seq = $2 WHERE conv = $1").await?;
+        tx.execute(&st, &[&stored.conv, &int(stored.seq)]).await?;
+        if !members.is_empty() {
+            let st = tx
+                .prepare_cached(
+                    "INSERT INTO user_convs (username, conv) \
+                     SELECT DISTINCT u, $2::text FROM unnest($1::text[]) AS m(u) ORDER BY 1 \
+                     ON CONFLICT DO NOTHING",
+                )
+                .await?;
+            tx.execute(&st, &[&members, &stored.conv]).await?;
+        }
+        tx.commit().await?;
+        Ok(Appended { msg: stored, duplicate: false })
+    }
+
+    async fn range(&self, conv: &str, after_seq: u64, limit: usize) -> Result<Vec<Message>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(&format!(
+                "SELECT {MESSAGE_COLS} FROM messages WHERE conv = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+            ))
+            .await?;
+        let limit = int(limit as u64);
+        c.query(&st, &[&conv, &int(after_seq), &limit]).await?.iter().map(message_from_row).collect()
+    }
+
+    async fn history(&self, conv: &str, before_seq: Option<u64>, limit: usize) -> Result<Vec<Message>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(&format!(
+                "SELECT {MESSAGE_COLS} FROM messages WHERE conv = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
+            ))
+            .await?;
+        let before = int(before_seq.unwrap_or(u64::MAX));
+        let limit = int(limit as u64);
+        c.query(&st, &[&conv, &before, &limit]).await?.iter().map(message_from_row).collect()
+    }
+
+    async fn find_cmid(&self, conv: &str, from: &str, cmid: &str) -> Result<Option<Message>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(
+                "SELECT conv, seq, mid, from_user, cmid, type, body, ts FROM messages \
+                 WHERE conv = $1 AND from_user = $2 AND cmid = $3",
+            )
+            .await?;
+        c.query_opt(&st, &[&conv, &from, &cmid]).await?.as_ref().map(message_from_row).transpose()
+    }
+
+    async fn last_seq(&self, conv: &str) -> Result<u64> {
+        let c = self.client().await?;
+        let st = c.prepare_cached("SELECT last_seq FROM conv_seq WHERE conv = $1").await?;
+        Ok(c.query_opt(&st, &[&conv]).await?.map(|r| r.try_get(0)).transpose()?.map(uint).unwrap_or(0))
+    }
+
+    async fn user_convs(&self, user: &str) -> Result<Vec<(String, u64)>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(
+                r#"SELECT u.conv, COALESCE(s.last_seq, 0) FROM user_convs u
+                   LEFT JOIN conv_seq s ON s.conv = u.conv
+                   WHERE u.username = $1 ORDER BY u.conv COLLATE "C""#,
+            )
+            .await?;
+        c.query(&st, &[&user]).await?.iter().map(|r| Ok((r.try_get(0)?, uint(r.try_get(1)?)))).collect()
+    }
+
+    async fn set_ack(&self, user: &str, device: &str, conv: &str, seq: u64) -> Result<()> {
+        if seq == 0 {
+            // As in the embedded store: an ack of 0 records nothing.
+            return Ok(());
+        }
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(
+                "INSERT INTO acks (username, device, conv, seq) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (username, device, conv) DO UPDATE SET seq = GREATEST(acks.seq, EXCLUDED.seq)",
+            )
+            .await?;
+        c.execute(&st, &[&user, &device, &conv, &int(seq)]).await?;
+        Ok(())
+    }
+
+    async fn acks(&self, user: &str, device: &str) -> Result<HashMap<String, u64>> {
+        let c = self.client().await?;
+        let st = c.prepare_cached("SELECT conv, seq FROM acks WHERE username = $1 AND device = $2").await?;
+        c.query(&st, &[&user, &device]).await?.iter().map(|r| Ok((r.try_get(0)?, uint(r.try_get(1)?)))).collect()
+    }
+}
+
+#[async_trait]
+impl DurableLog for PgStore {
+    async fn upsert_records(&self, records: &[SequencedRecord]) -> Result<u64> {
+        if records.is_empty() {
+            return Ok(0);
+        }
+        let mut convs = Vec::with_capacity(records.len());
+        let (mut seqs, mut mids, mut froms, mut cmids, mut kinds, mut bodies, mut tss) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut member_users, mut member_convs) = (Vec::new(), Vec::new());
+        for r in records {
+            let m = &r.msg;
+            convs.push(m.conv.as_str());
+            seqs.push(int(m.seq));
+            mids.push(m.mid.as_str());
+            froms.push(m.from.as_str());
+            cmids.push(m.cmid.as_str());
+            kinds.push(m.kind.as_str());
+            bodies.push(serde_json::to_string(&m.body)?);
+            tss.push(int(m.ts));
+            for u in &r.members {
+                member_users.push(u.as_str());
+                member_convs.push(m.conv.as_str());
+            }
+        }
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        // Same lock order as `append` (counter rows first, in conv order;
+        // then messages; then the member index), so that batches and appends
+        // never deadlock each other.
+        let st = tx
+            .prepare_cached(
+                r#"INSERT INTO conv_seq (conv, last_seq)
+                   SELECT conv, max(seq) FROM unnest($1::text[], $2::int8[]) AS r(conv, seq)
+                   GROUP BY conv ORDER BY conv COLLATE "C"
+                   ON CONFLICT (conv) DO UPDATE SET last_seq = GREATEST(conv_seq.last_seq, EXCLUDED.last_seq)"#,
+            )
+            .await?;
+        tx.execute(&st, &[&convs, &seqs]).await?;
+        // No conflict target: a record whose (conv, seq) is stored, or whose
+        // (conv, from, cmid) is already taken, is skipped, not an error.
+        let st = tx
+            .prepare_cached(&format!(
+                r#"INSERT INTO messages ({MESSAGE_COLS})
+                   SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[],
+                                        $7::text[], $8::int8[]) AS r({MESSAGE_COLS})
+                   ORDER BY conv COLLATE "C", seq
+                   ON CONFLICT DO NOTHING"#
+            ))
+            .await?;
+        let inserted = tx.execute(&st, &[&convs, &seqs, &mids, &froms, &cmids, &kinds, &bodies, &tss]).await?;
+        if !member_users.is_empty() {
+            let st = tx
+                .prepare_cached(
+                    r#"INSERT INTO user_convs (username, conv)
+                       SELECT DISTINCT u, c FROM unnest($1::text[], $2::text[]) AS m(u, c)
+                       ORDER BY 1, 2
+                       ON CONFLICT DO NOTHING"#,
+                )
+                .await?;
+            tx.execute(&st, &[&member_users, &member_convs]).await?;
+        }
+        tx.commit().await?;
+        Ok(inserted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pair_key_ignores_order() {
+        assert_eq!(pair_key("ann", "bob"), pair_key("bob", "ann"));
+        assert_ne!(pair_key("ann", "bob"), pair_key("annb", "ob"));
+    }
+
+    #[test]
+    fn ints_clamp() {
+        assert_eq!(int(u64::MAX), i64::MAX);
+        assert_eq!(int(7), 7);
+        assert_eq!(uint(-1), 0);
+    }
+}

@@ -1,0 +1,166 @@
+//! The cluster backends against real servers started by scripts/services.sh:
+//! the Redis route table and registry, and the whole cluster message path
+//! (Redis seq + Kafka + PostgreSQL) through the same contract suite as every
+//! other message store, then the persist worker end to end.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use switchboard_storage::cluster::ClusterMessages;
+use switchboard_storage::contract;
+use switchboard_storage::kafka::{ensure_topics, Producer, Topics};
+use switchboard_storage::persist::PersistWorker;
+use switchboard_storage::postgres::PgStore;
+use switchboard_storage::redis::RedisStore;
+use switchboard_storage::{Member, MessageStore, NewMessage, Registry, RouteTable};
+
+struct Env {
+    redis: String,
+    pg: String,
+    brokers: String,
+}
+
+fn env() -> Option<Env> {
+    let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    match (get("SB_TEST_REDIS_URL"), get("SB_TEST_POSTGRES_URL"), get("SB_TEST_KAFKA_BROKERS")) {
+        (Some(redis), Some(pg), Some(brokers)) => Some(Env { redis, pg, brokers }),
+        _ => {
+            println!("SKIPPED: cluster storage tests (SB_TEST_REDIS_URL / SB_TEST_POSTGRES_URL / SB_TEST_KAFKA_BROKERS unset; scripts/test.sh sets them)");
+            None
+        }
+    }
+}
+
+fn member(rpc: &str) -> Member {
+    Member { id: rpc.into(), rpc: rpc.into(), ws: String::new(), tcp: String::new(), load: 0.1, connections: 0 }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_routes_and_registry() {
+    let Some(env) = env() else { return };
+    let prefix = format!("{}:", contract::prefix());
+    let store = RedisStore::connect(&env.redis, &prefix).await.unwrap();
+    store.register("gateway", &member("gw1"), 30).await.unwrap();
+    store.register("gateway", &member("gw2"), 30).await.unwrap();
+    contract::routes_contract(Arc::new(store.clone())).await;
+
+    // a gateway that stops refreshing its entry drops out, with its routes
+    store.register("gateway", &member("gw3"), 1).await.unwrap();
+    let conn =
+        switchboard_storage::ConnRef { gateway: "gw3".into(), conn_id: 7, device: "d".into(), session: "s".into() };
+    store.add("zed", conn).await.unwrap();
+    assert_eq!(store.get("zed").await.unwrap().len(), 1);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let ids: Vec<String> = store.members("gateway").await.unwrap().into_iter().map(|m| m.id).collect();
+    assert!(!ids.contains(&"gw3".to_string()), "{ids:?}");
+    assert!(store.get("zed").await.unwrap().is_empty(), "routes of a dead gateway are ignored");
+    store.deregister("gateway", "gw1").await.unwrap();
+    let ids: Vec<String> = store.members("gateway").await.unwrap().into_iter().map(|m| m.id).collect();
+    assert_eq!(ids, vec!["gw2".to_string()]);
+}
+
+fn text(conv: &str, cmid: &str) -> NewMessage {
+    NewMessage {
+        conv: conv.into(),
+        from: "ann".into(),
+        cmid: cmid.into(),
+        kind: "text".into(),
+        body: serde_json::json!(format!("body of {cmid}")),
+    }
+}
+
+async fn wait_durable(pg: &PgStore, conv: &str, n: usize) -> Vec<u64> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let seqs: Vec<u64> = pg.range(conv, 0, 10_000).await.unwrap().into_iter().map(|m| m.seq).collect();
+        if seqs.len() >= n || Instant::now() > deadline {
+            return seqs;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_message_path_and_persist_worker() {
+    let Some(env) = env() else { return };
+    let p = contract::prefix();
+    let redis = RedisStore::connect(&env.redis, &format!("{p}:")).await.unwrap();
+    let pg = PgStore::connect(&env.pg, 4).await.unwrap();
+    let topics = Topics::with_prefix(&format!("{p}."));
+    ensure_topics(&env.brokers, &topics).await.unwrap();
+    ensure_topics(&env.brokers, &topics).await.expect("creating existing topics is fine");
+    let producer = Producer::new(&env.brokers, Duration::from_secs(10)).unwrap();
+    let cluster = ClusterMessages::new(redis.clone(), producer.clone(), topics.clone(), Arc::new(pg.clone()));
+
+    // the same contract as the embedded and Postgres stores, before any
+    // persist worker runs: everything is readable from Redis' cache
+    contract::messages_contract(&cluster).await;
+    contract::concurrent_appends(&cluster).await;
+
+    let conv = format!("d:{p}ann:{p}bob");
+    let members = vec!["ann".to_string()];
+    for i in 1..=50 {
+        let a = cluster.append(text(&conv, &format!("m{i}")), &members).await.unwrap();
+        assert_eq!(a.msg.seq, i);
+    }
+    let group = format!("{p}-persist");
+    let run_worker = |stop: tokio::sync::oneshot::Receiver<()>| {
+        let worker = PersistWorker::new(&env.brokers, &group, topics.clone(), Arc::new(pg.clone()), 100).unwrap();
+        let stats = worker.stats.clone();
+        (
+            tokio::spawn(async move {
+                worker
+                    .run(async {
+                        let _ = stop.await;
+                    })
+                    .await
+            }),
+            stats,
+        )
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let (task, stats) = run_worker(stopped);
+    assert_eq!(wait_durable(&pg, &conv, 50).await, (1..=50).collect::<Vec<_>>());
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+    assert!(stats.stored.load(Ordering::Relaxed) >= 50);
+
+    // worker down: sends still succeed and are readable at once
+    for i in 51..=60 {
+        cluster.append(text(&conv, &format!("m{i}")), &members).await.unwrap();
+    }
+    let seqs: Vec<u64> = cluster.range(&conv, 0, 100).await.unwrap().into_iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, (1..=60).collect::<Vec<_>>());
+    assert_eq!(
+        cluster.history(&conv, None, 3).await.unwrap().iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![60, 59, 58]
+    );
+
+    // a poison record goes to the dead-letter topic and does not block
+    producer.send(&topics.messages, &conv, b"{not a record").await.unwrap();
+    cluster.append(text(&conv, "m61"), &members).await.unwrap();
+
+    // restarted worker: picks up after its committed offsets, exactly once
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let (task, stats) = run_worker(stopped);
+    assert_eq!(wait_durable(&pg, &conv, 61).await, (1..=61).collect::<Vec<_>>());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stats.dead_lettered.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 1);
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+
+    // Redis loses its counters and cmids: seqs continue from the durable
+    // store, and an old cmid is still recognised
+    let mut c = redis::Client::open(env.redis.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{p}:*")).query_async(&mut c).await.unwrap();
+    let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut c).await.unwrap();
+    let next = cluster.append(text(&conv, "m62"), &members).await.unwrap();
+    assert_eq!(next.msg.seq, 62, "reseeded from the durable store, never reused");
+    let old = cluster.append(text(&conv, "m7"), &members).await.unwrap();
+    assert!(old.duplicate);
+    assert_eq!(old.msg.seq, 7);
+}

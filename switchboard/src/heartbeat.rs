@@ -1,0 +1,86 @@
+//! Registry heartbeats: every second a logic instance or gateway publishes
+//! its address and load (entries expire after 3 s without one), and a
+//! gateway refreshes its pool of logic instances from the registry.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchboard_gateway::Gateway;
+use switchboard_logic::metrics::LogicMetrics;
+use switchboard_storage::redis::RedisStore;
+use switchboard_storage::{Member, Registry};
+
+use crate::Task;
+
+const PERIOD: Duration = Duration::from_secs(1);
+const TTL_SECS: u64 = 3;
+
+pub(crate) struct Heartbeat {
+    task: Task,
+    redis: RedisStore,
+    kind: &'static str,
+    id: String,
+}
+
+impl Heartbeat {
+    pub(crate) fn logic(redis: RedisStore, id: String, rpc: String, metrics: Arc<LogicMetrics>) -> Self {
+        let (r, me) = (redis.clone(), id.clone());
+        let task = Task::spawn(|mut stopped| async move {
+            loop {
+                let m = Member {
+                    id: me.clone(),
+                    rpc: rpc.clone(),
+                    ws: String::new(),
+                    tcp: String::new(),
+                    load: metrics.load(),
+                    connections: 0,
+                };
+                if let Err(e) = r.register("logic", &m, TTL_SECS).await {
+                    tracing::warn!(error = %e, "registry heartbeat failed");
+                }
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    _ = tokio::time::sleep(PERIOD) => {}
+                }
+            }
+        });
+        Self { task, redis, kind: "logic", id }
+    }
+
+    pub(crate) async fn gateway(redis: RedisStore, id: String, gw: &Gateway, ws: String) -> Self {
+        let (r, me) = (redis.clone(), id.clone());
+        let (metrics, pool, rpc) = (gw.metrics(), gw.logic_pool(), gw.advertise().to_owned());
+        let task = Task::spawn(|mut stopped| async move {
+            loop {
+                let m = Member {
+                    id: me.clone(),
+                    rpc: rpc.clone(),
+                    ws: ws.clone(),
+                    tcp: String::new(),
+                    load: metrics.cpu_load(),
+                    connections: metrics.connections(),
+                };
+                if let Err(e) = r.register("gateway", &m, TTL_SECS).await {
+                    tracing::warn!(error = %e, "registry heartbeat failed");
+                }
+                match r.members("logic").await {
+                    Ok(list) => pool.update(list.into_iter().map(|l| (l.rpc, l.load)).collect()),
+                    Err(e) => tracing::warn!(error = %e, "reading logic instances failed"),
+                }
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    _ = tokio::time::sleep(PERIOD) => {}
+                }
+            }
+        });
+        Self { task, redis, kind: "gateway", id }
+    }
+
+    /// Stops beating and leaves the registry at once.
+    pub(crate) async fn stop(self) {
+        self.task.stop().await;
+        if let Err(e) = self.redis.deregister(self.kind, &self.id).await {
+            tracing::warn!(error = %e, "leaving the registry failed");
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! The cluster as separate processes on the real engines (Redis, the
+//! Kafka-protocol broker, PostgreSQL from scripts/services.sh): 2 gateways,
+//! 2 logic instances and 1 persist worker. Users on different gateways
+//! befriend and chat; one gateway and one logic instance are killed with
+//! SIGKILL mid-traffic and the persist worker is restarted; in the end every
+//! acknowledged message is stored exactly once and received after dedupe.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+struct Engines {
+    redis: String,
+    pg: String,
+    brokers: String,
+}
+
+fn engines() -> Option<Engines> {
+    let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    match (get("SB_TEST_REDIS_URL"), get("SB_TEST_POSTGRES_URL"), get("SB_TEST_KAFKA_BROKERS")) {
+        (Some(redis), Some(pg), Some(brokers)) => Some(Engines { redis, pg, brokers }),
+        _ => {
+            println!("SKIPPED: cluster process test (SB_TEST_* engine URLs unset; scripts/test.sh sets them)");
+            None
+        }
+    }
+}
+
+/// One role process; its first stdout line names its addresses.
+struct Proc {
+    child: Child,
+    line: String,
+}
+
+impl Proc {
+    fn spawn(role: &str, e: &Engines, prefix: &str, extra: &[&str]) -> Proc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .arg(role)
+            .args(["--redis-url", &e.redis, "--postgres-url", &e.pg, "--kafka-brokers", &e.brokers])
+            .args(["--key-prefix", &format!("{prefix}:"), "--topic-prefix", &format!("{prefix}.")])
+            .args(["--http-addr", "127.0.0.1:0", "--ws-addr", "127.0.0.1:0"])
+            .args(["--logic-addr", "127.0.0.1:0", "--push-addr", "127.0.0.1:0"])
+            .args(["--argon2-memory-kib", "1024", "--argon2-iterations", "1", "--repush-ms", "1000"])
+            .args(extra)
+            .env("SB_JWT_SECRET", "cluster-test-secret-0123456789")
+            .env("SB_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("role process starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert!(!line.is_empty(), "{role} exited before serving");
+        Proc { child, line }
+    }
+
+    /// The address after `marker` in the start-up line.
+    fn addr(&self, marker: &str) -> SocketAddr {
+        let rest = self.line.split(marker).nth(1).unwrap_or_else(|| panic!("{marker} in {}", self.line));
+        rest.split(|c: char| c.is_whitespace() || c == '/').next().unwrap().parse().unwrap()
+    }
+
+    /// A stand-in while a role is restarted (owns no process).
+    fn placeholder() -> Proc {
+        let child = Command::new("true").spawn().expect("true runs");
+        Proc { child, line: String::new() }
+    }
+
+    fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    fn term(mut self) {
+        // SAFETY: a plain syscall on our own child's pid.
+        unsafe { kill(self.child.id() as i32, 15) };
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+}
+
+fn gateways(http: SocketAddr) -> Vec<SocketAddr> {
+    let (_, g) = http_req(http, "GET", "/v1/gateways");
+    g["gateways"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["ws"].as_str().unwrap().trim_start_matches("ws://").trim_end_matches("/ws").parse().unwrap())
+        .collect()
+}
+
+fn http_req(addr: SocketAddr, method: &str, path: &str) -> (u16, Value) {
+    http(addr, method, path, None, None)
+}
+
+/// Sends with retries on `unavailable`, reusing the cmid; returns the reply.
+fn send_retrying(c: &mut Client, to: &str, cmid: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = c.call("send", json!({"to": to, "cmid": cmid, "type": "text", "body": cmid}));
+        if r["op"] == "send.ok" {
+            return r;
+        }
+        assert_eq!(r["code"], "unavailable", "{r}");
+        assert!(Instant::now() < deadline, "send {cmid} kept failing: {r}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Seqs of `conv` received on a client (pushes and sync), deduplicated.
+fn drain_msgs(c: &mut Client, conv: &str, into: &mut BTreeSet<u64>, wait: Duration) {
+    let deadline = Instant::now() + wait;
+    while Instant::now() < deadline {
+        let r = c.call("sync", json!({"since": {conv: into.iter().next_back().copied().unwrap_or(0)}}));
+        for m in r["msgs"].as_array().unwrap() {
+            into.insert(m["seq"].as_u64().unwrap());
+        }
+        if r["more"] == false {
+            break;
+        }
+    }
+}
+
+#[test]
+fn cluster_survives_gateway_logic_and_persist_faults() {
+    let Some(e) = engines() else { return };
+    let prefix = format!("ct{:08x}", rand::random::<u32>());
+    let logic1 = Proc::spawn("logic", &e, &prefix, &[]);
+    let logic2 = Proc::spawn("logic", &e, &prefix, &[]);
+    let (l1_grpc, l2_grpc) = (logic1.addr("grpc "), logic2.addr("grpc "));
+    let (http1, http2) = (logic1.addr("http://"), logic2.addr("http://"));
+    let logic_urls = format!("http://{l1_grpc},http://{l2_grpc}");
+    let gw1 = Proc::spawn("gateway", &e, &prefix, &["--logic-url", &logic_urls]);
+    let gw2 = Proc::spawn("gateway", &e, &prefix, &["--logic-url", &logic_urls]);
+    let (ws1, ws2) = (gw1.addr("ws://"), gw2.addr("ws://"));
+    let mut persist = Proc::spawn("persist", &e, &prefix, &[]);
+
+    // both gateways appear in the registry, ranked by P2C
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gateways(http1).len() < 2 {
+        assert!(Instant::now() < deadline, "gateways did not register");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(gateways(http2).into_iter().collect::<BTreeSet<_>>(), [ws1, ws2].into_iter().collect());
+
+    register(http1, "alice");
+    register(http2, "bob");
+    let mut alice = Client::login(http1, ws1, "alice", "a1");
+    let mut bob = Client::login(http2, ws2, "bob", "b1");
+    alice.ok("friend.request", json!({"to": "bob"}));
+    assert_eq!(bob.push("friend.request")["from"], "alice", "push crosses gateways");
+    bob.ok("friend.accept", json!({"from": "alice"}));
+    assert_eq!(alice.push("friend.accepted")["user"], "bob");
+
+    let conv = "d:alice:bob";
+    let mut acked: BTreeSet<u64> = BTreeSet::new();
+    let mut bob_got: BTreeSet<u64> = BTreeSet::new();
+    for i in 0..20 {
+        let r = send_retrying(&mut alice, "bob", &format!("a{i}"));
+        acked.insert(r["seq"].as_u64().unwrap());
+        bob_got.insert(bob.push("msg")["msg"]["seq"].as_u64().unwrap());
+    }
+    assert_eq!(bob_got, acked, "every message pushed across gateways");
+
+    // kill -9 alice's gateway; bob keeps sending while she is away
+    gw1.kill9();
+    for i in 0..10 {
+        let r = send_retrying(&mut bob, "alice", &format!("b{i}"));
+        acked.insert(r["seq"].as_u64().unwrap());
+    }
+    // she reconnects through /v1/gateways (the dead one drops out of the registry)
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let ws = loop {
+        let list = gateways(http2);
+        if list == vec![ws2] {
+            break list[0];
+        }
+        assert!(Instant::now() < deadline, "dead gateway still listed: {list:?}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let mut alice = Client::login(http2, ws, "alice", "a1");
+    let mut alice_got = BTreeSet::new();
+    drain_msgs(&mut alice, conv, &mut alice_got, Duration::from_secs(10));
+    assert_eq!(alice_got, acked, "sync fills every gap after the gateway crash");
+
+    // kill -9 one logic instance mid-traffic: retries with the same cmid
+    // succeed exactly once
+    let mut logic1 = Some(logic1);
+    for i in 0..30 {
+        if i == 10 {
+            logic1.take().unwrap().kill9();
+        }
+        let cmid = format!("c{i}");
+        let r = send_retrying(&mut alice, "bob", &cmid);
+        let again = send_retrying(&mut alice, "bob", &cmid);
+        assert_eq!(again["seq"], r["seq"], "a resent cmid is the same message");
+        acked.insert(r["seq"].as_u64().unwrap());
+    }
+
+    // restart the persist worker while sends go on
+    std::mem::replace(&mut persist, Proc::placeholder()).term();
+    for i in 0..10 {
+        let r = send_retrying(&mut bob, "alice", &format!("p{i}"));
+        acked.insert(r["seq"].as_u64().unwrap());
+    }
+    persist = Proc::spawn("persist", &e, &prefix, &[]);
+
+    let last = *acked.iter().next_back().unwrap();
+    assert_eq!(acked, (1..=last).collect(), "seqs are gap-free and never reused");
+    drain_msgs(&mut bob, conv, &mut bob_got, Duration::from_secs(10));
+    assert_eq!(bob_got, acked, "received after dedupe = acknowledged");
+
+    // the durable store ends with every message exactly once
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let stored = rt.block_on(async {
+        use switchboard_storage::MessageStore;
+        let pg = switchboard_storage::postgres::PgStore::connect(&e.pg, 2).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let msgs = pg.range(conv, 0, 10_000).await.unwrap();
+            if msgs.len() as u64 >= last || Instant::now() > deadline {
+                return msgs;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let seqs: Vec<u64> = stored.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, (1..=last).collect::<Vec<_>>(), "stored = acknowledged, each once");
+    let cmids: BTreeSet<&str> = stored.iter().map(|m| m.cmid.as_str()).collect();
+    assert_eq!(cmids.len() as u64, last, "no cmid stored twice");
+    println!("cluster counts: acknowledged={} stored={} received={}", acked.len(), stored.len(), bob_got.len());
+    persist.term();
+    drop(gw2);
+    drop(logic2);
+}
