@@ -160,20 +160,23 @@ fn cluster_survives_gateway_logic_and_persist_faults() {
     }
     assert_eq!(gateways(http2).into_iter().collect::<BTreeSet<_>>(), [ws1, ws2].into_iter().collect());
 
-    register(http1, "alice");
-    register(http2, "bob");
-    let mut alice = Client::login(http1, ws1, "alice", "a1");
-    let mut bob = Client::login(http2, ws2, "bob", "b1");
-    alice.ok("friend.request", json!({"to": "bob"}));
-    assert_eq!(bob.push("friend.request")["from"], "alice", "push crosses gateways");
-    bob.ok("friend.accept", json!({"from": "alice"}));
-    assert_eq!(alice.push("friend.accepted")["user"], "bob");
+    // names unique per run: the engines may outlive one test run
+    let (a, b) = (format!("{prefix}-alice"), format!("{prefix}-bob"));
+    let (a, b) = (a.as_str(), b.as_str());
+    register(http1, a);
+    register(http2, b);
+    let mut alice = Client::login(http1, ws1, a, "a1");
+    let mut bob = Client::login(http2, ws2, b, "b1");
+    alice.ok("friend.request", json!({ "to": b }));
+    assert_eq!(bob.push("friend.request")["from"], a, "push crosses gateways");
+    bob.ok("friend.accept", json!({ "from": a }));
+    assert_eq!(alice.push("friend.accepted")["user"], b);
 
-    let conv = "d:alice:bob";
+    let conv = &format!("d:{a}:{b}");
     let mut acked: BTreeSet<u64> = BTreeSet::new();
     let mut bob_got: BTreeSet<u64> = BTreeSet::new();
     for i in 0..20 {
-        let r = send_retrying(&mut alice, "bob", &format!("a{i}"));
+        let r = send_retrying(&mut alice, b, &format!("a{i}"));
         acked.insert(r["seq"].as_u64().unwrap());
         bob_got.insert(bob.push("msg")["msg"]["seq"].as_u64().unwrap());
     }
@@ -182,7 +185,7 @@ fn cluster_survives_gateway_logic_and_persist_faults() {
     // kill -9 alice's gateway; bob keeps sending while she is away
     gw1.kill9();
     for i in 0..10 {
-        let r = send_retrying(&mut bob, "alice", &format!("b{i}"));
+        let r = send_retrying(&mut bob, a, &format!("b{i}"));
         acked.insert(r["seq"].as_u64().unwrap());
     }
     // she reconnects through /v1/gateways (the dead one drops out of the registry)
@@ -195,7 +198,7 @@ fn cluster_survives_gateway_logic_and_persist_faults() {
         assert!(Instant::now() < deadline, "dead gateway still listed: {list:?}");
         std::thread::sleep(Duration::from_millis(300));
     };
-    let mut alice = Client::login(http2, ws, "alice", "a1");
+    let mut alice = Client::login(http2, ws, a, "a1");
     let mut alice_got = BTreeSet::new();
     drain_msgs(&mut alice, conv, &mut alice_got, Duration::from_secs(10));
     assert_eq!(alice_got, acked, "sync fills every gap after the gateway crash");
@@ -208,8 +211,8 @@ fn cluster_survives_gateway_logic_and_persist_faults() {
             logic1.take().unwrap().kill9();
         }
         let cmid = format!("c{i}");
-        let r = send_retrying(&mut alice, "bob", &cmid);
-        let again = send_retrying(&mut alice, "bob", &cmid);
+        let r = send_retrying(&mut alice, b, &cmid);
+        let again = send_retrying(&mut alice, b, &cmid);
         assert_eq!(again["seq"], r["seq"], "a resent cmid is the same message");
         acked.insert(r["seq"].as_u64().unwrap());
     }
@@ -217,7 +220,7 @@ fn cluster_survives_gateway_logic_and_persist_faults() {
     // restart the persist worker while sends go on
     std::mem::replace(&mut persist, Proc::placeholder()).term();
     for i in 0..10 {
-        let r = send_retrying(&mut bob, "alice", &format!("p{i}"));
+        let r = send_retrying(&mut bob, a, &format!("p{i}"));
         acked.insert(r["seq"].as_u64().unwrap());
     }
     persist = Proc::spawn("persist", &e, &prefix, &[]);
