@@ -13,3 +13,8 @@ eval "$(scripts/services.sh env)"
 echo "== fmt"; cargo fmt --all -- --check
 echo "== clippy"; cargo clippy --workspace --all-targets -- -D warnings
 echo "== test"; cargo test --workspace 2>&1 | tee "${TMPDIR:-/tmp}/switchboard-test.log"
+
+# One closing line over every test binary (cargo's last line is the doc-test
+# run, which has no tests in this workspace).
+awk '/^test result:/ { p += $4; f += $6 } END { printf "summary: %d passed, %d failed\n", p, f }' \
+    "${TMPDIR:-/tmp}/switchboard-test.log"
