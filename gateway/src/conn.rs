@@ -1,34 +1,47 @@
-//! One client connection: WebSocket handshake, auth state, request FIFO,
-//! outbound queue, unacked pushes and its timers.
+//! One client connection: auth state, request FIFO, outbound queue, unacked
+//! pushes and its timers, shared by every transport. The transport (WebSocket
+//! after its handshake, or raw length-prefixed TCP) and the wire codec (JSON
+//! text, or protobuf `Frame`s converted at this edge by [`crate::bincodec`])
+//! only matter when reading, encoding and writing frames: the rest of the
+//! state machine sees canonical JSON.
 
 use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
+use prost::Message as _;
 use switchboard_proto::internal::{AuthReply, ClientReply, ClientRequest, ConnEvent, Delivery};
+use switchboard_proto::v1::Frame;
 use tungstenite::handshake::server::{Callback, ErrorResponse, Request, Response};
 use tungstenite::handshake::MidHandshake;
 use tungstenite::http::{header, HeaderValue, StatusCode};
 use tungstenite::protocol::WebSocketConfig;
-use tungstenite::{Error as WsError, HandshakeError, Message, ServerHandshake, Utf8Bytes, WebSocket};
+use tungstenite::{Error as WsError, HandshakeError, Message, ServerHandshake, WebSocket};
 
-use crate::frame;
 use crate::metrics::GatewayMetrics;
 use crate::shard::{Env, TimerEv, TimerKind};
+use crate::tcpframe::{self, ReadStop, TcpFramed, WriteStop};
 use crate::wheel::TimerId;
+use crate::{bincodec, frame};
 
 /// The JSON subprotocol.
 pub const SUBPROTOCOL_JSON: &str = "sb.json.v1";
+/// The binary (protobuf `Frame`) subprotocol.
+pub const SUBPROTOCOL_BIN: &str = "sb.bin.v1";
 /// How long a closing connection may linger waiting for the peer.
 const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 const RETRY_AFTER_MS: u64 = 1000;
 
-/// Handshake callback: checks the path and negotiates the subprotocol.
-pub struct HsCallback;
+/// Handshake callback: checks the path and negotiates the subprotocol; sets
+/// `bin` when `sb.bin.v1` was selected.
+pub struct HsCallback {
+    bin: Arc<AtomicBool>,
+}
 
 fn reject(status: StatusCode, text: &str) -> ErrorResponse {
     let mut r = ErrorResponse::new(Some(text.to_string()));
@@ -53,20 +66,80 @@ impl Callback for HsCallback {
         if offered.is_empty() {
             return Ok(resp);
         }
-        if offered.contains(&SUBPROTOCOL_JSON) {
-            resp.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL_JSON));
-            return Ok(resp);
+        // the client lists its preferences first
+        match offered.iter().find(|p| **p == SUBPROTOCOL_JSON || **p == SUBPROTOCOL_BIN) {
+            Some(&p) => {
+                let chosen = if p == SUBPROTOCOL_BIN { SUBPROTOCOL_BIN } else { SUBPROTOCOL_JSON };
+                self.bin.store(chosen == SUBPROTOCOL_BIN, Ordering::Relaxed);
+                resp.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(chosen));
+                Ok(resp)
+            }
+            None => Err(reject(StatusCode::BAD_REQUEST, "unsupported subprotocol (supported: sb.json.v1, sb.bin.v1)")),
         }
-        Err(reject(StatusCode::BAD_REQUEST, "unsupported subprotocol (supported: sb.json.v1)"))
     }
 }
 
 type Mid = MidHandshake<ServerHandshake<TcpStream, HsCallback>>;
 
 enum Phase {
-    Handshake(Option<Box<Mid>>),
-    Open(Box<WebSocket<TcpStream>>),
+    /// WebSocket handshake in progress; the flag is set when `sb.bin.v1` was chosen.
+    Handshake(Option<Box<Mid>>, Arc<AtomicBool>),
+    Open(Transport),
     Dead,
+}
+
+/// How frames are carried once the connection is open.
+enum Transport {
+    Ws(Box<WebSocket<TcpStream>>),
+    Tcp(Box<TcpFramed>),
+}
+
+impl Transport {
+    fn stream_mut(&mut self) -> &mut TcpStream {
+        match self {
+            Transport::Ws(ws) => ws.get_mut(),
+            Transport::Tcp(t) => t.stream_mut(),
+        }
+    }
+}
+
+/// Encoding of the frames written to (and read from) the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    /// WebSocket text frames with JSON (`sb.json.v1`).
+    Json,
+    /// WebSocket binary frames with a protobuf `Frame` (`sb.bin.v1`).
+    Bin,
+    /// Raw TCP: big-endian u32 length + protobuf `Frame`.
+    Tcp,
+}
+
+/// One inbound frame or why reading stopped, whatever the transport.
+enum Read1 {
+    Frame(Message),
+    WouldBlock,
+    TooLarge(String),
+    Closed,
+    Failed(String),
+}
+
+/// Encodes a canonical JSON frame for the wire.
+fn encode(wire: Wire, json: String) -> Result<Message, String> {
+    if wire == Wire::Json {
+        return Ok(Message::text(json));
+    }
+    let v: serde_json::Value = serde_json::from_str(&json).map_err(|e| format!("not JSON: {e}"))?;
+    let f = bincodec::json_to_frame(&v).map_err(|e| e.to_string())?;
+    let len = f.encoded_len();
+    let bytes = if wire == Wire::Tcp {
+        if u32::try_from(len).is_err() {
+            return Err("frame too large to encode".into());
+        }
+        tcpframe::prefixed(len, |buf| f.encode_raw(buf))
+    } else {
+        f.encode_to_vec()
+    };
+    Ok(Message::Binary(bytes.into()))
 }
 
 struct Identity {
@@ -84,7 +157,7 @@ enum Auth {
 struct Unacked {
     conv: String,
     seq: u64,
-    frame: Utf8Bytes,
+    frame: Message,
     attempts: u32,
 }
 
@@ -100,6 +173,7 @@ pub(crate) struct Conn {
     pub id: u64,
     peer: SocketAddr,
     phase: Phase,
+    wire: Wire,
     auth: Auth,
     last_activity: Instant,
     out: VecDeque<Message>,
@@ -125,20 +199,13 @@ fn would_block(e: &WsError) -> bool {
 }
 
 impl Conn {
-    /// Starts the server handshake on a freshly accepted (and registered) socket.
-    pub fn accept(
-        key: usize,
-        id: u64,
-        peer: SocketAddr,
-        stream: TcpStream,
-        ws_config: WebSocketConfig,
-        env: &mut Env,
-    ) -> Conn {
+    fn new(key: usize, id: u64, peer: SocketAddr, phase: Phase, wire: Wire, env: &mut Env) -> Conn {
         let mut conn = Conn {
             key,
             id,
             peer,
-            phase: Phase::Handshake(None),
+            phase,
+            wire,
             auth: Auth::None,
             last_activity: env.now,
             out: VecDeque::new(),
@@ -157,14 +224,39 @@ impl Conn {
             linger_timer: None,
         };
         conn.auth_timer = Some(conn.timer(env, env.now + env.cfg.auth_timeout, TimerKind::Auth));
-        match tungstenite::accept_hdr_with_config(stream, HsCallback, Some(ws_config)) {
-            Ok(ws) => conn.opened(ws, env),
-            Err(HandshakeError::Interrupted(mid)) => conn.phase = Phase::Handshake(Some(Box::new(mid))),
+        conn
+    }
+
+    /// Starts the server handshake on a freshly accepted (and registered) socket.
+    pub fn accept(
+        key: usize,
+        id: u64,
+        peer: SocketAddr,
+        stream: TcpStream,
+        ws_config: WebSocketConfig,
+        env: &mut Env,
+    ) -> Conn {
+        let bin = Arc::new(AtomicBool::new(false));
+        let mut conn = Conn::new(key, id, peer, Phase::Dead, Wire::Json, env);
+        let cb = HsCallback { bin: bin.clone() };
+        match tungstenite::accept_hdr_with_config(stream, cb, Some(ws_config)) {
+            Ok(ws) => conn.opened(ws, &bin, env),
+            Err(HandshakeError::Interrupted(mid)) => conn.phase = Phase::Handshake(Some(Box::new(mid)), bin),
             Err(HandshakeError::Failure(e)) => {
                 tracing::debug!(peer = %peer, error = %e, "handshake failed");
                 conn.phase = Phase::Dead;
             }
         }
+        conn
+    }
+
+    /// A freshly accepted (and registered) raw TCP socket: open at once.
+    pub fn accept_tcp(key: usize, id: u64, peer: SocketAddr, stream: TcpStream, env: &mut Env) -> Conn {
+        let phase = Phase::Open(Transport::Tcp(Box::new(TcpFramed::new(stream))));
+        let mut conn = Conn::new(key, id, peer, phase, Wire::Tcp, env);
+        tracing::debug!(conn = conn.id, peer = %peer, "tcp open");
+        conn.idle_timer = Some(conn.timer(env, env.now + env.cfg.idle_timeout, TimerKind::Idle));
+        conn.read_all(env);
         conn
     }
 
@@ -177,9 +269,10 @@ impl Conn {
         matches!(self.phase, Phase::Dead)
     }
 
-    fn opened(&mut self, ws: WebSocket<TcpStream>, env: &mut Env) {
-        tracing::debug!(conn = self.id, peer = %self.peer, "websocket open");
-        self.phase = Phase::Open(Box::new(ws));
+    fn opened(&mut self, ws: WebSocket<TcpStream>, bin: &AtomicBool, env: &mut Env) {
+        self.wire = if bin.load(Ordering::Relaxed) { Wire::Bin } else { Wire::Json };
+        tracing::debug!(conn = self.id, peer = %self.peer, wire = ?self.wire, "websocket open");
+        self.phase = Phase::Open(Transport::Ws(Box::new(ws)));
         self.last_activity = env.now;
         self.idle_timer = Some(self.timer(env, env.now + env.cfg.idle_timeout, TimerKind::Idle));
         // The handshake may already have buffered the first frames.
@@ -188,14 +281,15 @@ impl Conn {
 
     /// Socket readiness.
     pub fn on_ready(&mut self, env: &mut Env, readable: bool, writable: bool) {
-        if let Phase::Handshake(mid) = &mut self.phase {
+        if let Phase::Handshake(mid, bin) = &mut self.phase {
+            let bin = bin.clone();
             let Some(mid) = mid.take() else {
                 self.phase = Phase::Dead;
                 return;
             };
             match mid.handshake() {
-                Ok(ws) => self.opened(ws, env),
-                Err(HandshakeError::Interrupted(mid)) => self.phase = Phase::Handshake(Some(Box::new(mid))),
+                Ok(ws) => self.opened(ws, &bin, env),
+                Err(HandshakeError::Interrupted(mid)) => self.phase = Phase::Handshake(Some(Box::new(mid)), bin),
                 Err(HandshakeError::Failure(e)) => {
                     tracing::debug!(peer = %self.peer, error = %e, "handshake failed");
                     self.phase = Phase::Dead;
@@ -211,32 +305,49 @@ impl Conn {
         }
     }
 
+    /// Reads the next inbound frame, whatever the transport.
+    fn read1(&mut self, max: usize) -> Read1 {
+        match &mut self.phase {
+            Phase::Open(Transport::Ws(ws)) => match ws.read() {
+                Ok(msg) => Read1::Frame(msg),
+                Err(e) if would_block(&e) => Read1::WouldBlock,
+                Err(WsError::Capacity(e)) => Read1::TooLarge(e.to_string()),
+                Err(WsError::ConnectionClosed) | Err(WsError::AlreadyClosed) => Read1::Closed,
+                Err(e) => Read1::Failed(e.to_string()),
+            },
+            Phase::Open(Transport::Tcp(t)) => match t.read_frame(max) {
+                Ok(payload) => Read1::Frame(Message::Binary(payload.into())),
+                Err(ReadStop::WouldBlock) => Read1::WouldBlock,
+                Err(ReadStop::TooLarge(n)) => Read1::TooLarge(format!("frame of {n} bytes exceeds the limit of {max}")),
+                Err(ReadStop::Closed) => Read1::Closed,
+                Err(ReadStop::Io(e)) => Read1::Failed(e.to_string()),
+            },
+            _ => Read1::WouldBlock,
+        }
+    }
+
     fn read_all(&mut self, env: &mut Env) {
+        let max = env.cfg.max_frame_bytes;
         loop {
             if self.closing {
                 self.discard_input();
                 return;
             }
-            let res = match &mut self.phase {
-                Phase::Open(ws) => ws.read(),
-                _ => return,
-            };
-            match res {
-                Ok(msg) => self.on_message(msg, env),
-                Err(e) if would_block(&e) => return,
-                Err(WsError::Capacity(e)) => {
+            match self.read1(max) {
+                Read1::Frame(msg) => self.on_message(msg, env),
+                Read1::WouldBlock => return,
+                Read1::TooLarge(e) => {
                     tracing::debug!(conn = self.id, error = %e, "frame too large");
                     GatewayMetrics::inc(&env.metrics.errors);
-                    let rid = None;
-                    self.queue_text(frame::error(rid, "too_large", &e.to_string()), env);
+                    self.queue_json(frame::error(None, "too_large", &e), env);
                     self.begin_close(env);
                 }
-                Err(WsError::ConnectionClosed) | Err(WsError::AlreadyClosed) => {
+                Read1::Closed => {
                     self.die(env);
                     return;
                 }
-                Err(e) => {
-                    tracing::debug!(conn = self.id, error = %e, "websocket read error");
+                Read1::Failed(e) => {
+                    tracing::debug!(conn = self.id, error = %e, "read error");
                     self.die(env);
                     return;
                 }
@@ -246,12 +357,15 @@ impl Conn {
 
     /// Reads and drops raw bytes of a closing connection until the peer closes.
     fn discard_input(&mut self) {
-        let Phase::Open(ws) = &mut self.phase else {
+        let Phase::Open(tr) = &mut self.phase else {
             return;
         };
+        if let Transport::Tcp(t) = tr {
+            t.clear_input();
+        }
         let mut buf = [0u8; 4096];
         loop {
-            match ws.get_mut().read(&mut buf) {
+            match tr.stream_mut().read(&mut buf) {
                 Ok(0) => {
                     self.phase = Phase::Dead;
                     return;
@@ -272,11 +386,28 @@ impl Conn {
         match msg {
             Message::Text(t) => {
                 GatewayMetrics::inc(&env.metrics.frames_in);
-                self.on_text(t.as_bytes(), env);
+                if self.wire == Wire::Json {
+                    self.on_text(t.as_bytes(), env);
+                } else {
+                    self.queue_json(frame::error(None, "bad_request", "text frames need subprotocol sb.json.v1"), env);
+                }
             }
-            Message::Binary(_) => {
+            Message::Binary(b) => {
                 GatewayMetrics::inc(&env.metrics.frames_in);
-                self.queue_text(frame::error(None, "bad_request", "binary frames need subprotocol sb.bin.v1"), env);
+                if self.wire == Wire::Json {
+                    let text = "binary frames need subprotocol sb.bin.v1";
+                    self.queue_json(frame::error(None, "bad_request", text), env);
+                    return;
+                }
+                match Frame::decode(b.as_ref()) {
+                    Ok(f) => {
+                        let json = bincodec::frame_to_json(&f).to_string();
+                        self.on_text(json.as_bytes(), env);
+                    }
+                    Err(_) => {
+                        self.queue_json(frame::error(None, "bad_request", "frame is not a valid protobuf Frame"), env)
+                    }
+                }
             }
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
             Message::Close(_) => {
@@ -293,22 +424,22 @@ impl Conn {
         let req = match frame::parse(bytes) {
             Ok(r) => r,
             Err(bad) => {
-                self.queue_text(frame::error(bad.rid, "bad_request", bad.message), env);
+                self.queue_json(frame::error(bad.rid, "bad_request", bad.message), env);
                 return;
             }
         };
         if req.op == "ping" {
-            self.queue_text(frame::ping_ok(req.rid), env);
+            self.queue_json(frame::ping_ok(req.rid), env);
             return;
         }
         match &self.auth {
             Auth::None => {
                 if req.op != "auth" {
-                    self.queue_text(frame::error(req.rid, "unauthorized", "authenticate first (op auth)"), env);
+                    self.queue_json(frame::error(req.rid, "unauthorized", "authenticate first (op auth)"), env);
                     return;
                 }
                 let Some(token) = req.str_field("token") else {
-                    self.queue_text(frame::error(req.rid, "bad_request", "missing field `token`"), env);
+                    self.queue_json(frame::error(req.rid, "bad_request", "missing field `token`"), env);
                     return;
                 };
                 self.auth = Auth::Pending;
@@ -317,7 +448,7 @@ impl Conn {
             }
             Auth::Pending | Auth::Done(_) => {
                 if req.op == "auth" && matches!(self.auth, Auth::Done(_)) {
-                    self.queue_text(frame::error(req.rid, "bad_request", "already authenticated"), env);
+                    self.queue_json(frame::error(req.rid, "bad_request", "already authenticated"), env);
                     return;
                 }
                 if req.op == "ack" {
@@ -328,7 +459,7 @@ impl Conn {
                 let q = Queued { op: req.op, rid: req.rid, bytes: bytes.to_vec() };
                 if self.inflight || !self.pending.is_empty() {
                     if self.pending.len() >= env.cfg.max_pending_requests {
-                        self.queue_text(
+                        self.queue_json(
                             frame::error_retry(q.rid, "rate_limited", "too many requests in flight", RETRY_AFTER_MS),
                             env,
                         );
@@ -357,11 +488,11 @@ impl Conn {
 
     fn dispatch(&mut self, q: Queued, env: &mut Env) {
         if q.op == "auth" {
-            self.queue_text(frame::error(q.rid, "bad_request", "already authenticated"), env);
+            self.queue_json(frame::error(q.rid, "bad_request", "already authenticated"), env);
             return;
         }
         let Some(ev) = self.conn_event(env) else {
-            self.queue_text(frame::error(q.rid, "unauthorized", "authenticate first (op auth)"), env);
+            self.queue_json(frame::error(q.rid, "unauthorized", "authenticate first (op auth)"), env);
             return;
         };
         self.inflight = true;
@@ -390,7 +521,7 @@ impl Conn {
                 if let Some(t) = self.auth_timer.take() {
                     env.wheel.cancel(t);
                 }
-                self.queue_text(frame::auth_ok(rid, &r.user, &r.session, frame::now_ms()), env);
+                self.queue_json(frame::auth_ok(rid, &r.user, &r.session, frame::now_ms()), env);
                 tracing::debug!(conn = self.id, user = %r.user, "authenticated");
                 self.auth = Auth::Done(Identity { user: r.user, session: r.session, device: r.device });
                 if let Some(ev) = self.conn_event(env) {
@@ -401,7 +532,7 @@ impl Conn {
             Ok(r) => {
                 let code = if r.code.is_empty() { "bad_token" } else { r.code.as_str() };
                 let message = if r.message.is_empty() { "invalid token" } else { r.message.as_str() };
-                self.queue_text(frame::error(rid, code, message), env);
+                self.queue_json(frame::error(rid, code, message), env);
                 self.auth = Auth::None;
                 self.begin_close(env);
             }
@@ -410,9 +541,9 @@ impl Conn {
                 GatewayMetrics::inc(&env.metrics.errors);
                 self.auth = Auth::None;
                 let msg = "logic service unavailable";
-                self.queue_text(frame::error_retry(rid, "unavailable", msg, RETRY_AFTER_MS), env);
+                self.queue_json(frame::error_retry(rid, "unavailable", msg, RETRY_AFTER_MS), env);
                 while let Some(q) = self.pending.pop_front() {
-                    self.queue_text(frame::error_retry(q.rid, "unavailable", msg, RETRY_AFTER_MS), env);
+                    self.queue_json(frame::error_retry(q.rid, "unavailable", msg, RETRY_AFTER_MS), env);
                 }
             }
         }
@@ -427,11 +558,15 @@ impl Conn {
         match result {
             Ok(reply) => {
                 if !reply.frame.is_empty() {
-                    match String::from_utf8(reply.frame) {
-                        Ok(s) => self.queue_text(s, env),
-                        Err(_) => {
+                    let encoded = String::from_utf8(reply.frame)
+                        .map_err(|_| "not UTF-8".to_string())
+                        .and_then(|s| encode(self.wire, s));
+                    match encoded {
+                        Ok(m) => self.queue(m, env),
+                        Err(e) => {
+                            tracing::warn!(conn = self.id, error = %e, "invalid reply from logic");
                             GatewayMetrics::inc(&env.metrics.errors);
-                            self.queue_text(frame::error(rid, "internal", "invalid reply from logic"), env);
+                            self.queue_json(frame::error(rid, "internal", "invalid reply from logic"), env);
                         }
                     }
                 }
@@ -443,7 +578,7 @@ impl Conn {
             Err(e) => {
                 tracing::warn!(conn = self.id, error = %e, "Logic.Handle failed");
                 GatewayMetrics::inc(&env.metrics.errors);
-                self.queue_text(
+                self.queue_json(
                     frame::error_retry(rid, "unavailable", "logic service unavailable", RETRY_AFTER_MS),
                     env,
                 );
@@ -457,10 +592,12 @@ impl Conn {
         if self.closing || !matches!(self.auth, Auth::Done(_)) || !matches!(self.phase, Phase::Open(_)) {
             return false;
         }
-        let text = match String::from_utf8(d.frame) {
-            Ok(s) => Utf8Bytes::from(s),
-            Err(_) => {
-                tracing::warn!(conn = self.id, "push frame is not UTF-8; dropped");
+        let encoded =
+            String::from_utf8(d.frame).map_err(|_| "not UTF-8".to_string()).and_then(|s| encode(self.wire, s));
+        let msg = match encoded {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(conn = self.id, error = %e, "invalid push frame; dropped");
                 GatewayMetrics::inc(&env.metrics.errors);
                 return true;
             }
@@ -469,12 +606,12 @@ impl Conn {
             if self.unacked.len() >= env.cfg.max_outbound_frames.max(1) {
                 self.unacked.remove(0);
             }
-            self.unacked.push(Unacked { conv: d.conv, seq: d.seq, frame: text.clone(), attempts: 0 });
+            self.unacked.push(Unacked { conv: d.conv, seq: d.seq, frame: msg.clone(), attempts: 0 });
             if self.repush_timer.is_none() {
                 self.repush_timer = Some(self.timer(env, env.now + env.cfg.repush_interval, TimerKind::Repush));
             }
         }
-        self.queue(Message::Text(text), env);
+        self.queue(msg, env);
         if d.close {
             self.begin_close(env);
         }
@@ -491,7 +628,7 @@ impl Conn {
                 }
                 if matches!(self.phase, Phase::Open(_)) {
                     tracing::debug!(conn = self.id, "auth timeout");
-                    self.queue_text(frame::error(None, "auth_timeout", "no auth within the time limit"), env);
+                    self.queue_json(frame::error(None, "auth_timeout", "no auth within the time limit"), env);
                     self.begin_close(env);
                 } else {
                     self.die(env);
@@ -517,7 +654,7 @@ impl Conn {
                 }
                 let max = env.cfg.repush_attempts;
                 self.unacked.retain(|u| u.attempts < max);
-                let frames: Vec<Utf8Bytes> = self
+                let frames: Vec<Message> = self
                     .unacked
                     .iter_mut()
                     .map(|u| {
@@ -526,7 +663,7 @@ impl Conn {
                     })
                     .collect();
                 for f in frames {
-                    self.queue(Message::Text(f), env);
+                    self.queue(f, env);
                 }
                 if !self.unacked.is_empty() && !self.closing {
                     self.repush_timer = Some(self.timer(env, env.now + env.cfg.repush_interval, TimerKind::Repush));
@@ -543,7 +680,7 @@ impl Conn {
     pub fn drain(&mut self, env: &mut Env) {
         match self.phase {
             Phase::Open(_) if !self.closing => {
-                self.queue_text(frame::drain(RETRY_AFTER_MS), env);
+                self.queue_json(frame::drain(RETRY_AFTER_MS), env);
                 self.begin_close(env);
             }
             Phase::Open(_) => {}
@@ -551,8 +688,15 @@ impl Conn {
         }
     }
 
-    fn queue_text(&mut self, text: String, env: &mut Env) {
-        self.queue(Message::text(text), env);
+    /// Queues a gateway-made JSON frame, encoded for this connection's wire.
+    fn queue_json(&mut self, json: String, env: &mut Env) {
+        match encode(self.wire, json) {
+            Ok(m) => self.queue(m, env),
+            Err(e) => {
+                tracing::warn!(conn = self.id, error = %e, "frame not encodable; dropped");
+                GatewayMetrics::inc(&env.metrics.errors);
+            }
+        }
     }
 
     fn queue(&mut self, msg: Message, env: &mut Env) {
@@ -610,12 +754,60 @@ impl Conn {
 
     /// Writes as much of the outbound queue as the socket takes.
     pub fn flush_out(&mut self, env: &mut Env) {
-        let Phase::Open(ws) = &mut self.phase else {
-            return;
-        };
         if self.write_blocked || self.shut {
             return;
         }
+        match &self.phase {
+            Phase::Open(Transport::Ws(_)) => self.flush_ws(env),
+            Phase::Open(Transport::Tcp(_)) => self.flush_tcp(env),
+            _ => return,
+        }
+        if self.shut {
+            // read what the peer still sends (its close frame), then EOF
+            self.discard_input();
+        }
+    }
+
+    fn flush_tcp(&mut self, env: &mut Env) {
+        let Phase::Open(Transport::Tcp(t)) = &mut self.phase else {
+            return;
+        };
+        loop {
+            if !t.has_current() {
+                match self.out.pop_front() {
+                    Some(Message::Binary(b)) => {
+                        GatewayMetrics::inc(&env.metrics.frames_out);
+                        t.set_current(b);
+                    }
+                    Some(_) => continue,
+                    None => break,
+                }
+            }
+            match t.write_current() {
+                WriteStop::Done => {}
+                WriteStop::WouldBlock => {
+                    self.write_blocked = true;
+                    return;
+                }
+                WriteStop::Io(e) => {
+                    tracing::debug!(conn = self.id, error = %e, "tcp write error");
+                    self.die(env);
+                    return;
+                }
+            }
+        }
+        if self.closing && self.out.is_empty() {
+            // everything is out: half-close so the peer sees EOF
+            self.close_sent = true;
+            let _ = t.stream_mut().shutdown(std::net::Shutdown::Write);
+            self.shut = true;
+        }
+    }
+
+    fn flush_ws(&mut self, env: &mut Env) {
+        let Phase::Open(Transport::Ws(ws)) = &mut self.phase else {
+            return;
+        };
         while let Some(msg) = self.out.pop_front() {
             match ws.write(msg) {
                 Ok(()) => GatewayMetrics::inc(&env.metrics.frames_out),
@@ -665,15 +857,11 @@ impl Conn {
                 self.die(env);
             }
         }
-        if self.shut {
-            // read what the peer still sends (its close frame), then EOF
-            self.discard_input();
-        }
     }
 
     /// Keeps WRITABLE interest registered only while output is pending.
     pub fn sync_interest(&mut self, registry: &Registry) {
-        let Phase::Open(ws) = &mut self.phase else {
+        let Phase::Open(tr) = &mut self.phase else {
             return;
         };
         let want = self.write_blocked;
@@ -681,7 +869,7 @@ impl Conn {
             return;
         }
         let interest = if want { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
-        if registry.reregister(ws.get_mut(), Token(self.key), interest).is_ok() {
+        if registry.reregister(tr.stream_mut(), Token(self.key), interest).is_ok() {
             self.registered_writable = want;
         }
     }

@@ -1,6 +1,9 @@
-//! Switchboard connection gateway: sharded mio/WebSocket front end that relays
-//! client frames to logic over gRPC and receives pushes through its own gRPC service.
+//! Switchboard connection gateway: sharded mio front end (WebSocket with JSON or
+//! protobuf frames, and raw length-prefixed TCP with protobuf frames) that relays
+//! client frames to logic over gRPC as canonical JSON and receives pushes through
+//! its own gRPC service.
 
+pub mod bincodec;
 mod bridge;
 mod conn;
 pub mod connid;
@@ -9,6 +12,7 @@ mod metrics;
 pub mod pool;
 mod push;
 mod shard;
+mod tcpframe;
 pub mod wheel;
 
 use std::net::SocketAddr;
@@ -33,6 +37,9 @@ use crate::shard::{Env, Shard, WAKER};
 pub struct GatewayConfig {
     /// WebSocket listener (path `/ws`); port 0 picks a free port.
     pub ws_addr: SocketAddr,
+    /// Raw TCP listener (big-endian u32 length + protobuf `Frame`, both directions);
+    /// port 0 picks a free port; `None` => no TCP listener.
+    pub tcp_addr: Option<SocketAddr>,
     /// Where the gRPC `Gateway` (Push) service listens; port 0 allowed.
     pub push_addr: SocketAddr,
     /// URL logic dials for pushes; `None` => `http://{bound push addr}`.
@@ -68,6 +75,7 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
             ws_addr: SocketAddr::from(([127, 0, 0, 1], 8090)),
+            tcp_addr: Some(SocketAddr::from(([127, 0, 0, 1], 8091))),
             push_addr: SocketAddr::from(([127, 0, 0, 1], 9101)),
             advertise: None,
             logic_endpoints: vec!["http://127.0.0.1:9100".into()],
@@ -110,6 +118,7 @@ pub enum GatewayError {
 /// A running gateway.
 pub struct Gateway {
     ws_addr: SocketAddr,
+    tcp_addr: Option<SocketAddr>,
     push_addr: SocketAddr,
     advertise: String,
     metrics: Arc<GatewayMetrics>,
@@ -121,7 +130,7 @@ pub struct Gateway {
     push_task: Option<tokio::task::JoinHandle<()>>,
 }
 
-fn bind_ws(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
@@ -162,9 +171,22 @@ impl Gateway {
         let mut listeners = Vec::with_capacity(shards);
         let mut ws_addr = config.ws_addr;
         for _ in 0..shards {
-            let l = bind_ws(ws_addr).map_err(|source| GatewayError::Bind { addr: ws_addr, source })?;
+            let l = bind_reuseport(ws_addr).map_err(|source| GatewayError::Bind { addr: ws_addr, source })?;
             ws_addr = l.local_addr()?;
             listeners.push(l);
+        }
+        // Raw TCP listeners, likewise one per shard.
+        let mut tcp_listeners: Vec<Option<std::net::TcpListener>> = Vec::with_capacity(shards);
+        let mut tcp_addr = config.tcp_addr;
+        for _ in 0..shards {
+            match tcp_addr {
+                Some(addr) => {
+                    let l = bind_reuseport(addr).map_err(|source| GatewayError::Bind { addr, source })?;
+                    tcp_addr = Some(l.local_addr()?);
+                    tcp_listeners.push(Some(l));
+                }
+                None => tcp_listeners.push(None),
+            }
         }
 
         let bridge = Bridge {
@@ -178,7 +200,7 @@ impl Gateway {
         let metrics = Arc::new(GatewayMetrics::default());
         let mut links = Vec::with_capacity(shards);
         let mut threads = Vec::with_capacity(shards);
-        for (idx, l) in listeners.into_iter().enumerate() {
+        for (idx, (l, tl)) in listeners.into_iter().zip(tcp_listeners).enumerate() {
             let poll = Poll::new()?;
             let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
             let (tx, rx) = crossbeam_channel::unbounded();
@@ -191,7 +213,8 @@ impl Gateway {
                 wheel: wheel::Wheel::new(shard::TICK, shard::WHEEL_SLOTS, Instant::now()),
                 now: Instant::now(),
             };
-            let shard = Shard::new(idx, poll, mio::net::TcpListener::from_std(l), rx, env)?;
+            let tl = tl.map(mio::net::TcpListener::from_std);
+            let shard = Shard::new(idx, poll, mio::net::TcpListener::from_std(l), tl, rx, env)?;
             let t = std::thread::Builder::new().name(format!("sb-gw-shard-{idx}")).spawn(move || shard.run());
             match t {
                 Ok(t) => threads.push(t),
@@ -228,9 +251,10 @@ impl Gateway {
                 tracing::warn!(error = %e, "push server failed");
             }
         });
-        tracing::info!(%ws_addr, %push_addr, %advertise, shards, "gateway listening");
+        tracing::info!(%ws_addr, ?tcp_addr, %push_addr, %advertise, shards, "gateway listening");
         Ok(Gateway {
             ws_addr,
+            tcp_addr,
             push_addr,
             advertise,
             metrics,
@@ -246,6 +270,11 @@ impl Gateway {
     /// Actual bound WebSocket address.
     pub fn ws_addr(&self) -> SocketAddr {
         self.ws_addr
+    }
+
+    /// Actual bound raw TCP address; `None` when no TCP listener was configured.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp_addr
     }
 
     /// Actual bound push (gRPC) address.

@@ -1,5 +1,5 @@
-//! One shard: a thread with its own mio poll, SO_REUSEPORT listener, connection
-//! slab, timing wheel and mailbox.
+//! One shard: a thread with its own mio poll, SO_REUSEPORT listeners (WebSocket
+//! and, optionally, raw TCP), connection slab, timing wheel and mailbox.
 
 use std::io;
 use std::sync::atomic::Ordering;
@@ -20,6 +20,7 @@ use crate::wheel::Wheel;
 use crate::GatewayConfig;
 
 pub(crate) const LISTENER: Token = Token(usize::MAX - 1);
+pub(crate) const TCP_LISTENER: Token = Token(usize::MAX - 2);
 pub(crate) const WAKER: Token = Token(usize::MAX);
 pub(crate) const TICK: Duration = Duration::from_millis(100);
 pub(crate) const WHEEL_SLOTS: usize = 1024;
@@ -57,6 +58,7 @@ pub(crate) struct Shard {
     idx: usize,
     poll: Poll,
     listener: Option<TcpListener>,
+    tcp_listener: Option<TcpListener>,
     conns: Slab<Conn>,
     env: Env,
     rx: Receiver<ShardMsg>,
@@ -69,10 +71,14 @@ impl Shard {
         idx: usize,
         poll: Poll,
         mut listener: TcpListener,
+        mut tcp_listener: Option<TcpListener>,
         rx: Receiver<ShardMsg>,
         env: Env,
     ) -> io::Result<Shard> {
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        if let Some(l) = &mut tcp_listener {
+            poll.registry().register(l, TCP_LISTENER, Interest::READABLE)?;
+        }
         let max = env.cfg.max_frame_bytes.max(1);
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(4096)
@@ -84,6 +90,7 @@ impl Shard {
             idx,
             poll,
             listener: Some(listener),
+            tcp_listener,
             conns: Slab::new(),
             env,
             rx,
@@ -108,7 +115,8 @@ impl Shard {
             self.env.now = Instant::now();
             for ev in events.iter() {
                 match ev.token() {
-                    LISTENER => self.accept_all(),
+                    LISTENER => self.accept_all(false),
+                    TCP_LISTENER => self.accept_all(true),
                     WAKER => {}
                     Token(key) => {
                         if let Some(conn) = self.conns.get_mut(key) {
@@ -158,9 +166,11 @@ impl Shard {
         tracing::debug!(shard = self.idx, "shard stopped");
     }
 
-    fn accept_all(&mut self) {
+    /// Accepts every pending connection of the WebSocket (`tcp` false) or raw TCP listener.
+    fn accept_all(&mut self, tcp: bool) {
         loop {
-            let Some(listener) = &self.listener else {
+            let listener = if tcp { &self.tcp_listener } else { &self.listener };
+            let Some(listener) = listener else {
                 return;
             };
             let (mut stream, peer) = match listener.accept() {
@@ -194,7 +204,11 @@ impl Shard {
             }
             self.env.metrics.connections.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(shard = self.idx, conn = id, peer = %peer, "accepted");
-            let conn = Conn::accept(key, id, peer, stream, self.ws_config, &mut self.env);
+            let conn = if tcp {
+                Conn::accept_tcp(key, id, peer, stream, &mut self.env)
+            } else {
+                Conn::accept(key, id, peer, stream, self.ws_config, &mut self.env)
+            };
             entry.insert(conn);
             self.finish(key);
         }
@@ -255,7 +269,7 @@ impl Shard {
     }
 
     fn start_drain(&mut self) {
-        if let Some(mut l) = self.listener.take() {
+        for mut l in [self.listener.take(), self.tcp_listener.take()].into_iter().flatten() {
             let _ = self.poll.registry().deregister(&mut l);
         }
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();

@@ -123,6 +123,7 @@ async fn gateway_end_to_end() {
 
     let gw = Gateway::start(GatewayConfig {
         ws_addr: "127.0.0.1:0".parse().unwrap(),
+        tcp_addr: None,
         push_addr: "127.0.0.1:0".parse().unwrap(),
         logic_endpoints: vec![format!("http://{logic_addr}")],
         shards: 2,
@@ -146,7 +147,7 @@ async fn gateway_end_to_end() {
         }
         let s = TcpStream::connect(addr).unwrap();
         let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
-        req.headers_mut().insert("Sec-WebSocket-Protocol", "sb.bin.v1".parse().unwrap());
+        req.headers_mut().insert("Sec-WebSocket-Protocol", "sb.xml.v1".parse().unwrap());
         match tungstenite::client(req, s) {
             Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r))) => {
                 assert_eq!(r.status(), 400)
@@ -369,6 +370,7 @@ async fn unacked_pushes_are_repushed_then_dropped_and_logic_down_is_unavailable(
     let (logic, logic_addr) = start_logic().await;
     let gw = Gateway::start(GatewayConfig {
         ws_addr: "127.0.0.1:0".parse().unwrap(),
+        tcp_addr: None,
         push_addr: "127.0.0.1:0".parse().unwrap(),
         logic_endpoints: vec![format!("http://{logic_addr}")],
         shards: 1,
@@ -463,6 +465,7 @@ async fn unacked_pushes_are_repushed_then_dropped_and_logic_down_is_unavailable(
     drop(dead);
     let gw = Gateway::start(GatewayConfig {
         ws_addr: "127.0.0.1:0".parse().unwrap(),
+        tcp_addr: None,
         push_addr: "127.0.0.1:0".parse().unwrap(),
         logic_endpoints: vec![format!("http://{dead_addr}")],
         shards: 1,

@@ -116,6 +116,7 @@ async fn dead_logic_instance_costs_one_retry_then_is_skipped() {
     let b = start_fake().await;
     let gw = Gateway::start(GatewayConfig {
         ws_addr: "127.0.0.1:0".parse().unwrap(),
+        tcp_addr: None,
         push_addr: "127.0.0.1:0".parse().unwrap(),
         logic_endpoints: vec![a.url.clone(), b.url.clone()],
         breaker_failures: 2,

@@ -19,6 +19,9 @@ impl ApiError {
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new("bad_request", message)
     }
+    pub fn rate_limited(retry_after_ms: u64) -> Self {
+        Self { code: "rate_limited", message: "slow down".into(), retry_after_ms: Some(retry_after_ms.max(1)) }
+    }
     pub fn forbidden(message: impl Into<String>) -> Self {
         Self::new("forbidden", message)
     }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -27,7 +27,9 @@ struct Http {
     extra_metrics: Vec<MetricsHook>,
 }
 
-/// The HTTP API router.
+/// The HTTP API router. Serve it with
+/// `into_make_service_with_connect_info::<SocketAddr>()`: auth endpoints are
+/// rate-limited per client IP.
 pub fn router(logic: Arc<Logic>, extra_metrics: Vec<MetricsHook>) -> Router {
     Router::new()
         .route("/v1/auth/register", post(register))
@@ -67,8 +69,13 @@ fn valid_password(p: &str) -> bool {
     (8..=128).contains(&p.chars().count())
 }
 
-async fn register(State(h): State<Http>, bytes: Bytes) -> Result<Response, ApiError> {
+async fn register(
+    State(h): State<Http>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    bytes: Bytes,
+) -> Result<Response, ApiError> {
     inc(&h.logic.metrics.http_requests);
+    h.logic.limit_auth(&peer.ip().to_string())?;
     let req: Register = body(&bytes)?;
     if !valid_username(&req.username) {
         return Err(ApiError::bad_request("username: 3-32 chars of a-z 0-9 _ . -"));
@@ -116,8 +123,13 @@ fn issue(logic: &Logic, session: &Session) -> (String, serde_json::Value) {
     (refresh, body)
 }
 
-async fn login(State(h): State<Http>, bytes: Bytes) -> Result<Response, ApiError> {
+async fn login(
+    State(h): State<Http>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    bytes: Bytes,
+) -> Result<Response, ApiError> {
     inc(&h.logic.metrics.http_requests);
+    h.logic.limit_auth(&peer.ip().to_string())?;
     let req: Login = body(&bytes)?;
     let bad = || ApiError::new("bad_credentials", "wrong username or password");
     let device = req.device.unwrap_or_else(|| format!("dev-{}", random_token(6)));
@@ -152,8 +164,13 @@ struct Refresh {
     refresh_token: String,
 }
 
-async fn refresh(State(h): State<Http>, bytes: Bytes) -> Result<Response, ApiError> {
+async fn refresh(
+    State(h): State<Http>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    bytes: Bytes,
+) -> Result<Response, ApiError> {
     inc(&h.logic.metrics.http_requests);
+    h.logic.limit_auth(&peer.ip().to_string())?;
     let req: Refresh = body(&bytes)?;
     let bad = |m: &str| ApiError::new("bad_token", m.to_string());
     let hash = refresh_hash(&req.refresh_token);

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod balance;
 pub mod error;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 mod ops;
 pub mod push;
@@ -40,6 +41,12 @@ pub struct LogicConfig {
     pub sync_max: usize,
     /// Per-gateway bound of queued push deliveries.
     pub push_queue: usize,
+    /// Socket requests per user.
+    pub user_rate: limits::Rate,
+    /// Socket requests per client IP.
+    pub ip_rate: limits::Rate,
+    /// HTTP auth requests (register, login, refresh) per client IP.
+    pub auth_rate: limits::Rate,
 }
 
 impl LogicConfig {
@@ -52,6 +59,9 @@ impl LogicConfig {
             gateways: Vec::new(),
             sync_max: 500,
             push_queue: 10_000,
+            user_rate: limits::Rate::new(50.0, 100.0),
+            ip_rate: limits::Rate::new(500.0, 1000.0),
+            auth_rate: limits::Rate::new(5.0, 20.0),
         }
     }
 }
@@ -75,6 +85,9 @@ pub struct Logic {
     pub key: auth::TokenKey,
     pub pusher: push::Pusher,
     pub metrics: Arc<metrics::LogicMetrics>,
+    user_limits: limits::Limiter,
+    ip_limits: limits::Limiter,
+    auth_limits: limits::Limiter,
     conv_locks: Vec<tokio::sync::Mutex<()>>,
 }
 
@@ -84,12 +97,29 @@ impl Logic {
         let pusher = push::Pusher::new(stores.routes.clone(), config.push_queue, metrics.clone());
         Arc::new(Self {
             key: auth::TokenKey::new(config.jwt_secret.clone()),
+            user_limits: limits::Limiter::new(config.user_rate),
+            ip_limits: limits::Limiter::new(config.ip_rate),
+            auth_limits: limits::Limiter::new(config.auth_rate),
             config,
             stores,
             pusher,
             metrics,
             conv_locks: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
         })
+    }
+
+    /// Charges one socket request to the user's and the IP's buckets.
+    pub fn limit_request(&self, user: &str, ip: &str) -> Result<(), ApiError> {
+        self.user_limits.check(user).map_err(ApiError::rate_limited)?;
+        if !ip.is_empty() {
+            self.ip_limits.check(ip).map_err(ApiError::rate_limited)?;
+        }
+        Ok(())
+    }
+
+    /// Charges one HTTP auth request to the client IP's bucket.
+    pub fn limit_auth(&self, ip: &str) -> Result<(), ApiError> {
+        self.auth_limits.check(ip).map_err(ApiError::rate_limited)
     }
 
     /// The lock serializing append + push of one conversation, so pushes

@@ -56,18 +56,17 @@ impl LogicRpc for LogicService {
 
     async fn connected(&self, req: Request<ConnEvent>) -> Result<Response<Empty>, Status> {
         let c = req.into_inner();
-        self.logic.stores.routes.add(&c.user, conn_ref(&c)).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        ops::presence::connected(&self.logic, &c.user, conn_ref(&c))
+            .await
+            .map_err(|e| Status::unavailable(e.message))?;
         Ok(Response::new(Empty {}))
     }
 
     async fn disconnected(&self, req: Request<ConnEvent>) -> Result<Response<Empty>, Status> {
         let c = req.into_inner();
-        self.logic
-            .stores
-            .routes
-            .remove(&c.user, &conn_ref(&c))
+        ops::presence::disconnected(&self.logic, &c.user, &conn_ref(&c))
             .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+            .map_err(|e| Status::unavailable(e.message))?;
         Ok(Response::new(Empty {}))
     }
 
@@ -75,7 +74,8 @@ impl LogicRpc for LogicService {
         let req = req.into_inner();
         let conn = req.conn.ok_or_else(|| Status::invalid_argument("missing conn"))?;
         inc(&self.logic.metrics.requests);
-        let caller = Caller { user: conn.user, device: conn.device, gateway: conn.gateway, conn_id: conn.conn_id };
+        let caller =
+            Caller { user: conn.user, device: conn.device, gateway: conn.gateway, conn_id: conn.conn_id, ip: req.ip };
         self.logic.metrics.inflight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (frame, close) = ops::handle(&self.logic, &caller, &req.frame).await;
         self.logic.metrics.inflight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);

@@ -11,6 +11,7 @@ mod error;
 pub mod kafka;
 pub mod memory_routes;
 pub mod model;
+pub mod mongo;
 pub mod persist;
 pub mod postgres;
 pub mod redis;

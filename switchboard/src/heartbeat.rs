@@ -47,7 +47,7 @@ impl Heartbeat {
         Self { task, redis, kind: "logic", id }
     }
 
-    pub(crate) async fn gateway(redis: RedisStore, id: String, gw: &Gateway, ws: String) -> Self {
+    pub(crate) async fn gateway(redis: RedisStore, id: String, gw: &Gateway, ws: String, tcp: String) -> Self {
         let (r, me) = (redis.clone(), id.clone());
         let (metrics, pool, rpc) = (gw.metrics(), gw.logic_pool(), gw.advertise().to_owned());
         let task = Task::spawn(|mut stopped| async move {
@@ -56,7 +56,7 @@ impl Heartbeat {
                     id: me.clone(),
                     rpc: rpc.clone(),
                     ws: ws.clone(),
-                    tcp: String::new(),
+                    tcp: tcp.clone(),
                     load: metrics.cpu_load(),
                     connections: metrics.connections(),
                 };

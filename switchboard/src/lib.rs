@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use switchboard_gateway::Gateway;
-use switchboard_logic::{http::MetricsHook, Logic, LogicService, Stores};
+use switchboard_logic::{http::MetricsHook, GatewayInfo, Logic, LogicService, Stores};
 use switchboard_storage::cluster::ClusterMessages;
 use switchboard_storage::embedded::EmbeddedStore;
 use switchboard_storage::kafka::{ensure_topics, Producer, Topics};
@@ -90,9 +90,9 @@ pub struct LogicRole {
 
 impl LogicRole {
     /// Opens the stores and serves gRPC (for gateways) and HTTP (for clients).
-    pub async fn start(s: &Settings, public_ws: Vec<String>, extra: Vec<MetricsHook>) -> anyhow::Result<Self> {
+    pub async fn start(s: &Settings, public: Vec<GatewayInfo>, extra: Vec<MetricsHook>) -> anyhow::Result<Self> {
         let (stores, redis) = open_stores(s).await?;
-        let logic = Logic::new(s.logic_config(public_ws)?, stores);
+        let logic = Logic::new(s.logic_config(public)?, stores);
 
         let grpc_listener =
             TcpListener::bind(s.logic_addr()).await.with_context(|| format!("binding {}", s.logic_addr()))?;
@@ -116,7 +116,8 @@ impl LogicRole {
         let http_addr = http_listener.local_addr()?;
         let router = switchboard_logic::http::router(logic.clone(), extra);
         let http = Task::spawn(|stopped| async move {
-            let served = axum::serve(http_listener, router)
+            let app = router.into_make_service_with_connect_info::<SocketAddr>();
+            let served = axum::serve(http_listener, app)
                 .with_graceful_shutdown(async {
                     let _ = stopped.await;
                 })
@@ -152,13 +153,14 @@ impl GatewayRole {
     /// Starts a gateway talking to the logic instances at `--logic-url`
     /// (and, in a cluster, to those the registry lists).
     pub async fn start(s: &Settings) -> anyhow::Result<Self> {
-        let gateway = Gateway::start(s.gateway_config()).await.context("starting the gateway")?;
+        let gateway = Gateway::start(s.gateway_config()?).await.context("starting the gateway")?;
         let heartbeat = match &s.redis_url {
             Some(url) => {
                 let redis = RedisStore::connect(url, &s.key_prefix()).await.context("connecting to Redis")?;
                 let ws = s.public_ws.clone().and_then(|v| v.into_iter().next());
                 let ws = ws.unwrap_or_else(|| format!("ws://{}/ws", gateway.ws_addr()));
-                Some(heartbeat::Heartbeat::gateway(redis, s.node_id(), &gateway, ws).await)
+                let tcp = gateway.tcp_addr().map(|a| a.to_string()).unwrap_or_default();
+                Some(heartbeat::Heartbeat::gateway(redis, s.node_id(), &gateway, ws, tcp).await)
             }
             None => None,
         };
@@ -229,11 +231,14 @@ impl AllInOne {
         drop(probe);
         s.logic_addr = Some(logic_addr);
         s.logic_url = Some(format!("http://{logic_addr}"));
-        let gateway = Gateway::start(s.gateway_config()).await.context("starting the gateway")?;
+        let gateway = Gateway::start(s.gateway_config()?).await.context("starting the gateway")?;
         let metrics = gateway.metrics();
         let hook: MetricsHook = Arc::new(move |out: &mut String| metrics.render(out));
-        let public_ws = vec![format!("ws://{}/ws", gateway.ws_addr())];
-        let logic = match LogicRole::start(&s, public_ws, vec![hook]).await {
+        let public = vec![GatewayInfo {
+            ws: format!("ws://{}/ws", gateway.ws_addr()),
+            tcp: gateway.tcp_addr().map(|a| a.to_string()),
+        }];
+        let logic = match LogicRole::start(&s, public, vec![hook]).await {
             Ok(l) => l,
             Err(e) => {
                 gateway.shutdown().await;

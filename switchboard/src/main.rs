@@ -46,14 +46,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Role::AllInOne(s) => {
             let s = s.with_file(config)?;
             let node = AllInOne::start(&s).await?;
-            println!("switchboard all-in-one: http://{}  ws://{}/ws", node.http_addr(), node.ws_addr());
+            let tcp = node.gateway.tcp_addr().map(|a| format!("  tcp://{a}")).unwrap_or_default();
+            println!("switchboard all-in-one: http://{}  ws://{}/ws{tcp}", node.http_addr(), node.ws_addr());
             shutdown_signal().await;
             node.stop().await;
         }
         Role::Logic(s) => {
             let s = s.with_file(config)?;
-            let public_ws = vec![format!("ws://{}/ws", s.ws_addr())];
-            let node = LogicRole::start(&s, public_ws, Vec::new()).await?;
+            let public = vec![switchboard_logic::GatewayInfo {
+                ws: format!("ws://{}/ws", s.ws_addr()),
+                tcp: s.tcp_addr()?.map(|a| a.to_string()),
+            }];
+            let node = LogicRole::start(&s, public, Vec::new()).await?;
             println!("switchboard logic: grpc {}  http://{}", node.grpc_addr, node.http_addr);
             shutdown_signal().await;
             node.stop().await;
@@ -61,7 +65,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Role::Gateway(s) => {
             let s = s.with_file(config)?;
             let gw = GatewayRole::start(&s).await?;
-            println!("switchboard gateway: ws://{}/ws  push {}", gw.gateway.ws_addr(), gw.gateway.push_addr());
+            let tcp = gw.gateway.tcp_addr().map(|a| format!("  tcp://{a}")).unwrap_or_default();
+            println!("switchboard gateway: ws://{}/ws  push {}{tcp}", gw.gateway.ws_addr(), gw.gateway.push_addr());
             shutdown_signal().await;
             gw.stop().await;
         }

@@ -23,6 +23,9 @@ pub struct Settings {
     /// WebSocket listen address (path /ws).
     #[arg(long, env = "SB_WS_ADDR")]
     pub ws_addr: Option<SocketAddr>,
+    /// Raw TCP listen address (length-prefixed protobuf frames); "off" disables it.
+    #[arg(long, env = "SB_TCP_ADDR")]
+    pub tcp_addr: Option<String>,
     /// Logic gRPC listen address (logic, all-in-one).
     #[arg(long, env = "SB_LOGIC_ADDR")]
     pub logic_addr: Option<SocketAddr>,
@@ -98,6 +101,24 @@ pub struct Settings {
     /// Records the persist worker writes per batch at most.
     #[arg(long, env = "SB_PERSIST_BATCH")]
     pub persist_batch: Option<usize>,
+    /// Socket requests per second per user (0 disables); default 50.
+    #[arg(long, env = "SB_USER_RATE")]
+    pub user_rate: Option<f64>,
+    /// Burst of socket requests per user; default 100.
+    #[arg(long, env = "SB_USER_BURST")]
+    pub user_burst: Option<f64>,
+    /// Socket requests per second per client IP (0 disables); default 500.
+    #[arg(long, env = "SB_IP_RATE")]
+    pub ip_rate: Option<f64>,
+    /// Burst of socket requests per client IP; default 1000.
+    #[arg(long, env = "SB_IP_BURST")]
+    pub ip_burst: Option<f64>,
+    /// HTTP register/login/refresh per second per client IP (0 disables); default 5.
+    #[arg(long, env = "SB_AUTH_RATE")]
+    pub auth_rate: Option<f64>,
+    /// Burst of HTTP auth requests per client IP; default 20.
+    #[arg(long, env = "SB_AUTH_BURST")]
+    pub auth_burst: Option<f64>,
 }
 
 macro_rules! overlay {
@@ -111,10 +132,11 @@ impl Settings {
         let Some(path) = path else { return Ok(self) };
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let file: Settings = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        overlay!(self, file; data_dir, http_addr, ws_addr, logic_addr, push_addr, logic_url, advertise_push,
+        overlay!(self, file; data_dir, http_addr, ws_addr, tcp_addr, logic_addr, push_addr, logic_url, advertise_push,
             public_ws, jwt_secret, shards, max_frame_bytes, max_connections, max_outbound_frames, auth_timeout_ms,
             idle_timeout_ms, repush_ms, access_ttl_secs, refresh_ttl_secs, argon2_memory_kib, argon2_iterations,
-            redis_url, postgres_url, kafka_brokers, key_prefix, topic_prefix, node_id, advertise_logic, persist_batch);
+            redis_url, postgres_url, kafka_brokers, key_prefix, topic_prefix, node_id, advertise_logic, persist_batch,
+            user_rate, user_burst, ip_rate, ip_burst, auth_rate, auth_burst);
         Ok(self)
     }
 
@@ -126,6 +148,14 @@ impl Settings {
     }
     pub fn ws_addr(&self) -> SocketAddr {
         self.ws_addr.unwrap_or(([127, 0, 0, 1], 8090).into())
+    }
+    /// The raw TCP listen address; `None` when set to "off".
+    pub fn tcp_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
+        match self.tcp_addr.as_deref() {
+            None => Ok(Some(([127, 0, 0, 1], 8091).into())),
+            Some("off") => Ok(None),
+            Some(a) => Ok(Some(a.parse().with_context(|| format!("--tcp-addr {a}"))?)),
+        }
     }
     pub fn logic_addr(&self) -> SocketAddr {
         self.logic_addr.unwrap_or(([127, 0, 0, 1], 9100).into())
@@ -177,7 +207,11 @@ impl Settings {
         Ok(secret.into_bytes())
     }
 
-    pub fn logic_config(&self, public_ws: Vec<String>) -> anyhow::Result<switchboard_logic::LogicConfig> {
+    /// `public` lists the gateways advertised when no registry is used.
+    pub fn logic_config(
+        &self,
+        public: Vec<switchboard_logic::GatewayInfo>,
+    ) -> anyhow::Result<switchboard_logic::LogicConfig> {
         let mut c = switchboard_logic::LogicConfig::new(self.jwt_secret()?);
         if let Some(s) = self.access_ttl_secs {
             c.access_ttl = Duration::from_secs(s);
@@ -191,14 +225,23 @@ impl Settings {
         if let Some(i) = self.argon2_iterations {
             c.hash_cost.iterations = i;
         }
-        let urls = self.public_ws.clone().unwrap_or(public_ws);
-        c.gateways = urls.into_iter().map(|ws| switchboard_logic::GatewayInfo { ws, tcp: None }).collect();
+        let rate = |r: Option<f64>, b: Option<f64>, d: switchboard_logic::limits::Rate| {
+            switchboard_logic::limits::Rate::new(r.unwrap_or(d.per_sec), b.unwrap_or(d.burst))
+        };
+        c.user_rate = rate(self.user_rate, self.user_burst, c.user_rate);
+        c.ip_rate = rate(self.ip_rate, self.ip_burst, c.ip_rate);
+        c.auth_rate = rate(self.auth_rate, self.auth_burst, c.auth_rate);
+        c.gateways = match self.public_ws.clone() {
+            Some(urls) => urls.into_iter().map(|ws| switchboard_logic::GatewayInfo { ws, tcp: None }).collect(),
+            None => public,
+        };
         Ok(c)
     }
 
-    pub fn gateway_config(&self) -> switchboard_gateway::GatewayConfig {
+    pub fn gateway_config(&self) -> anyhow::Result<switchboard_gateway::GatewayConfig> {
         let mut c = switchboard_gateway::GatewayConfig {
             ws_addr: self.ws_addr(),
+            tcp_addr: self.tcp_addr()?,
             push_addr: self.push_addr(),
             advertise: self.advertise_push.clone(),
             logic_endpoints: self.logic_urls(),
@@ -225,7 +268,7 @@ impl Settings {
         if let Some(ms) = self.repush_ms {
             c.repush_interval = Duration::from_millis(ms);
         }
-        c
+        Ok(c)
     }
 }
 

@@ -15,7 +15,7 @@ fn all_in_one_binary_serves_and_drains() {
     let config = dir.join("switchboard.toml");
     std::fs::write(
         &config,
-        "http_addr = \"127.0.0.1:0\"\nlogic_addr = \"127.0.0.1:0\"\npush_addr = \"127.0.0.1:0\"\nargon2_memory_kib = 1024\n",
+        "http_addr = \"127.0.0.1:0\"\ntcp_addr = \"127.0.0.1:0\"\nlogic_addr = \"127.0.0.1:0\"\npush_addr = \"127.0.0.1:0\"\nargon2_memory_kib = 1024\n",
     )
     .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
@@ -29,7 +29,7 @@ fn all_in_one_binary_serves_and_drains() {
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     // "switchboard all-in-one: http://127.0.0.1:P  ws://127.0.0.1:Q/ws"
     let http_addr = line.split("http://").nth(1).and_then(|s| s.split_whitespace().next()).expect(&line);
-    let ws_addr = line.split("ws://").nth(1).and_then(|s| s.strip_suffix("/ws\n")).expect(&line);
+    let ws_addr = line.split("ws://").nth(1).and_then(|s| s.split("/ws").next()).expect(&line);
     let (http_addr, ws_addr) = (http_addr.parse().unwrap(), ws_addr.parse().unwrap());
 
     register(http_addr, "gina");

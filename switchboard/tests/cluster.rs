@@ -45,7 +45,7 @@ impl Proc {
             .arg(role)
             .args(["--redis-url", &e.redis, "--postgres-url", &e.pg, "--kafka-brokers", &e.brokers])
             .args(["--key-prefix", &format!("{prefix}:"), "--topic-prefix", &format!("{prefix}.")])
-            .args(["--http-addr", "127.0.0.1:0", "--ws-addr", "127.0.0.1:0"])
+            .args(["--http-addr", "127.0.0.1:0", "--ws-addr", "127.0.0.1:0", "--tcp-addr", "127.0.0.1:0"])
             .args(["--logic-addr", "127.0.0.1:0", "--push-addr", "127.0.0.1:0"])
             .args(["--argon2-memory-kib", "1024", "--argon2-iterations", "1", "--repush-ms", "1000"])
             .args(extra)

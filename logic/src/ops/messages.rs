@@ -29,8 +29,13 @@ fn direct_members(conv: &str) -> Option<(&str, &str)> {
 
 /// Fails with `forbidden` unless `user` belongs to `conv`.
 fn require_member(conv: &str, user: &str) -> Result<(), ApiError> {
+    conv_members(conv, user).map(|_| ())
+}
+
+/// The members of `conv`, or `forbidden` unless `user` is one of them.
+pub fn conv_members(conv: &str, user: &str) -> Result<Vec<String>, ApiError> {
     match direct_members(conv) {
-        Some((a, b)) if a == user || b == user => Ok(()),
+        Some((a, b)) if a == user || b == user => Ok(vec![a.to_owned(), b.to_owned()]),
         _ => Err(ApiError::forbidden(format!("not a member of `{conv}`"))),
     }
 }

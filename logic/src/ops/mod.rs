@@ -3,6 +3,7 @@
 
 mod friends;
 mod messages;
+pub mod presence;
 
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
@@ -15,6 +16,8 @@ use crate::Logic;
 pub struct Caller {
     pub user: String,
     pub device: String,
+    /// The client's IP address as the gateway saw it.
+    pub ip: String,
     pub gateway: String,
     pub conn_id: u64,
 }
@@ -37,6 +40,10 @@ pub async fn handle(logic: &Logic, caller: &Caller, frame: &[u8]) -> (Value, boo
     let Some(op) = req.get("op").and_then(Value::as_str) else {
         return (ApiError::bad_request("missing field `op`").to_frame(rid), false);
     };
+    if let Err(e) = logic.limit_request(&caller.user, &caller.ip) {
+        crate::metrics::inc(&logic.metrics.errors);
+        return (e.to_frame(rid), false);
+    }
     match dispatch(logic, caller, op, &req).await {
         Ok(fields) => {
             let mut reply = Map::new();
@@ -65,6 +72,8 @@ async fn dispatch(logic: &Logic, caller: &Caller, op: &str, req: &Value) -> Resu
         "friend.reject" => friends::reject(logic, caller, parse(req)?).await,
         "friend.delete" => friends::delete(logic, caller, parse(req)?).await,
         "friend.list" => friends::list(logic, caller).await,
+        "presence" => presence::presence(logic, caller, parse(req)?).await,
+        "typing" => presence::typing(logic, caller, parse(req)?).await,
         "auth" => Err(ApiError::bad_request("already authenticated")),
         other => Err(ApiError::new("unknown_op", format!("unknown op `{other}`"))),
     }

@@ -27,6 +27,7 @@ pub fn settings(dir: &Path) -> Settings {
         data_dir: Some(dir.to_path_buf()),
         http_addr: Some(any),
         ws_addr: Some(any),
+        tcp_addr: Some("127.0.0.1:0".into()),
         logic_addr: Some(any),
         push_addr: Some(any),
         shards: Some(2),
@@ -35,6 +36,8 @@ pub fn settings(dir: &Path) -> Settings {
         auth_timeout_ms: Some(1500),
         repush_ms: Some(600),
         max_frame_bytes: Some(16 * 1024),
+        auth_rate: Some(1000.0),
+        auth_burst: Some(1000.0),
         ..Default::default()
     }
 }
@@ -101,6 +104,8 @@ pub struct Client {
     pub ws: WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>,
     rid: u64,
     pushes: VecDeque<Value>,
+    /// `presence` pushes, kept apart so tests about other pushes can ignore them.
+    pub presence: VecDeque<Value>,
 }
 
 impl Client {
@@ -112,7 +117,7 @@ impl Client {
         if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
             s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         }
-        Client { ws, rid: 0, pushes: VecDeque::new() }
+        Client { ws, rid: 0, pushes: VecDeque::new(), presence: VecDeque::new() }
     }
 
     /// Connects and authenticates with a fresh login of `user` on `device`.
@@ -129,8 +134,21 @@ impl Client {
         self.ws.send(Message::text(text)).unwrap();
     }
 
-    /// Reads the next frame; `None` when the connection is closed.
+    /// Reads the next frame (setting `presence` pushes aside); `None` when
+    /// the connection is closed.
     pub fn read(&mut self) -> Option<Value> {
+        loop {
+            let v = self.read_any()?;
+            if v["op"] == "presence" && v.get("rid").is_none() {
+                self.presence.push_back(v);
+                continue;
+            }
+            return Some(v);
+        }
+    }
+
+    /// Reads the next frame of any kind; `None` when the connection is closed.
+    pub fn read_any(&mut self) -> Option<Value> {
         loop {
             match self.ws.read() {
                 Ok(Message::Text(t)) => return Some(serde_json::from_str(t.as_str()).expect("server sends JSON")),
@@ -197,6 +215,19 @@ impl Client {
         f
     }
 
+    /// The next `presence` push.
+    pub fn presence_push(&mut self) -> Value {
+        while self.presence.is_empty() {
+            let f = self.read_any().expect("closed while waiting for presence");
+            if f["op"] == "presence" {
+                self.presence.push_back(f);
+            } else {
+                self.pushes.push_back(f);
+            }
+        }
+        self.presence.pop_front().unwrap()
+    }
+
     /// Asserts no frame arrives within `wait`.
     pub fn quiet(&mut self, wait: Duration) {
         assert!(self.pushes.is_empty(), "unexpected queued pushes: {:?}", self.pushes);
@@ -205,6 +236,7 @@ impl Client {
         }
         let start = Instant::now();
         match self.ws.read() {
+            Ok(Message::Text(t)) if t.as_str().contains(r#""op":"presence""#) => {}
             Ok(m) => panic!("expected silence, got {m:?}"),
             Err(tungstenite::Error::Io(e))
                 if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}

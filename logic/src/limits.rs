@@ -1,0 +1,124 @@
+//! Token-bucket rate limits, keyed by user or client IP. Each logic
+//! instance keeps its own buckets (a user's requests reach one instance
+//! per connection, so per-instance limits bound each connection's cost;
+//! the effective cluster-wide limit is at most instances x rate).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// Bucket parameters: `rate` tokens per second, at most `burst` stored.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    pub per_sec: f64,
+    pub burst: f64,
+}
+
+impl Rate {
+    pub const fn new(per_sec: f64, burst: f64) -> Self {
+        Self { per_sec, burst }
+    }
+}
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+const SHARDS: usize = 16;
+/// Above this many buckets in a shard, full (idle) buckets are dropped.
+const SHARD_SOFT_CAP: usize = 4096;
+
+/// A set of buckets sharing one [`Rate`].
+pub struct Limiter {
+    rate: Rate,
+    shards: Vec<Mutex<HashMap<String, Bucket>>>,
+    soft_cap: usize,
+}
+
+impl Limiter {
+    pub fn new(rate: Rate) -> Self {
+        Self::with_cap(rate, SHARD_SOFT_CAP)
+    }
+
+    fn with_cap(rate: Rate, soft_cap: usize) -> Self {
+        Self { rate, shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(), soft_cap }
+    }
+
+    /// Takes one token for `key`; `Err(ms)` says how long until one is there.
+    pub fn check(&self, key: &str) -> Result<(), u64> {
+        self.check_at(key, Instant::now())
+    }
+
+    fn check_at(&self, key: &str, now: Instant) -> Result<(), u64> {
+        if self.rate.per_sec <= 0.0 {
+            return Ok(()); // limits disabled
+        }
+        let h = key.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+        let mut shard = self.shards[(h % SHARDS as u64) as usize].lock().unwrap_or_else(|p| p.into_inner());
+        if shard.len() > self.soft_cap {
+            let (rate, burst) = (self.rate.per_sec, self.rate.burst);
+            shard.retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst);
+        }
+        let b = shard.entry(key.to_owned()).or_insert(Bucket { tokens: self.rate.burst, at: now });
+        let refill = now.saturating_duration_since(b.at).as_secs_f64() * self.rate.per_sec;
+        b.tokens = (b.tokens + refill).min(self.rate.burst);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err((((1.0 - b.tokens) / self.rate.per_sec) * 1000.0).ceil() as u64)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn burst_then_refill() {
+        let l = Limiter::new(Rate::new(10.0, 3.0));
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert!(l.check_at("u", t0).is_ok());
+        }
+        let wait = l.check_at("u", t0).unwrap_err();
+        assert!((90..=100).contains(&wait), "{wait}");
+        assert!(l.check_at("other", t0).is_ok(), "keys are independent");
+        assert!(l.check_at("u", t0 + Duration::from_millis(100)).is_ok(), "one token after 100 ms");
+        assert!(l.check_at("u", t0 + Duration::from_millis(100)).is_err());
+        for _ in 0..3 {
+            assert!(l.check_at("u", t0 + Duration::from_secs(10)).is_ok(), "refills only up to the burst");
+        }
+        assert!(l.check_at("u", t0 + Duration::from_secs(10)).is_err());
+    }
+
+    #[test]
+    fn zero_rate_disables() {
+        let l = Limiter::new(Rate::new(0.0, 0.0));
+        for _ in 0..1000 {
+            assert!(l.check("u").is_ok());
+        }
+    }
+
+    #[test]
+    fn idle_buckets_are_evicted() {
+        let l = Limiter::with_cap(Rate::new(1000.0, 1.0), 8);
+        let t0 = Instant::now();
+        for i in 0..(SHARDS * 8 * 4) {
+            let _ = l.check_at(&format!("k{i}"), t0);
+        }
+        let busy: usize = l.shards.iter().map(|s| s.lock().unwrap().len()).sum();
+        assert!(busy > SHARDS * 8, "buckets still refilling are kept: {busy}");
+        // once refilled, the next access to a shard over its cap prunes it
+        let later = t0 + Duration::from_secs(5);
+        for i in 0..(SHARDS * 8) {
+            let _ = l.check_at(&format!("fresh{i}"), later);
+        }
+        let total: usize = l.shards.iter().map(|s| s.lock().unwrap().len()).sum();
+        assert!(total <= SHARDS * 8 * 2, "{total}");
+    }
+}
