@@ -98,6 +98,24 @@ impl Bridge {
         });
     }
 
+    /// `Logic.Handle` for a request the gateway makes on a client's behalf: fire and
+    /// forget, the reply is dropped.
+    pub fn handle_detached(&self, req: ClientRequest) {
+        let pool = self.pool.clone();
+        let timeout = self.timeout;
+        self.rt.spawn(async move {
+            let r = pool
+                .call(timeout, |mut c| {
+                    let req = req.clone();
+                    async move { c.handle(req).await }
+                })
+                .await;
+            if let Err(s) = r {
+                tracing::warn!(status = %s, "Logic.Handle (gateway-made request) failed");
+            }
+        });
+    }
+
     /// `Logic.Connected`, fire and forget.
     pub fn connected(&self, ev: ConnEvent) {
         let pool = self.pool.clone();

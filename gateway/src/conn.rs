@@ -23,6 +23,7 @@ use tungstenite::http::{header, HeaderValue, StatusCode};
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Error as WsError, HandshakeError, Message, ServerHandshake, WebSocket};
 
+use crate::calls::{Calls, Ringing};
 use crate::metrics::GatewayMetrics;
 use crate::shard::{Env, TimerEv, TimerKind};
 use crate::tcpframe::{self, ReadStop, TcpFramed, WriteStop};
@@ -165,6 +166,40 @@ struct Queued {
     op: String,
     rid: Option<u64>,
     bytes: Vec<u8>,
+    /// Set for `call.offer` / `call.answer` / `call.hangup` requests naming a `call_id`.
+    call: Option<Box<CallRef>>,
+}
+
+/// The call a forwarded call request is about.
+struct CallRef {
+    /// `call.offer` (starts ringing); otherwise `call.answer` / `call.hangup` (stops it).
+    offer: bool,
+    call_id: String,
+    to: String,
+}
+
+impl CallRef {
+    /// The call of a client request, for the ops that start or stop ringing.
+    fn of(req: &frame::Request) -> Option<Box<CallRef>> {
+        let offer = match req.op.as_str() {
+            "call.offer" => true,
+            "call.answer" | "call.hangup" => false,
+            _ => return None,
+        };
+        let call_id = req.str_field("call_id")?;
+        let to = req.str_field("to");
+        if offer && to.is_none() {
+            return None;
+        }
+        Some(Box::new(CallRef { offer, call_id: call_id.to_string(), to: to.unwrap_or_default().to_string() }))
+    }
+}
+
+/// The fields of a push that may end a ringing call.
+#[derive(serde::Deserialize)]
+struct CallPush {
+    op: String,
+    call_id: Option<String>,
 }
 
 /// State of one connection, owned by its shard's slab.
@@ -192,6 +227,8 @@ pub(crate) struct Conn {
     idle_timer: Option<TimerId>,
     repush_timer: Option<TimerId>,
     linger_timer: Option<TimerId>,
+    /// Ringing `call.offer`s sent by this connection; allocated only while there are some.
+    calls: Option<Box<Calls>>,
 }
 
 fn would_block(e: &WsError) -> bool {
@@ -222,6 +259,7 @@ impl Conn {
             idle_timer: None,
             repush_timer: None,
             linger_timer: None,
+            calls: None,
         };
         conn.auth_timer = Some(conn.timer(env, env.now + env.cfg.auth_timeout, TimerKind::Auth));
         conn
@@ -456,7 +494,8 @@ impl Conn {
                         self.unacked.retain(|u| !(u.conv == conv && u.seq <= seq));
                     }
                 }
-                let q = Queued { op: req.op, rid: req.rid, bytes: bytes.to_vec() };
+                let call = CallRef::of(&req);
+                let q = Queued { op: req.op, rid: req.rid, bytes: bytes.to_vec(), call };
                 if self.inflight || !self.pending.is_empty() {
                     if self.pending.len() >= env.cfg.max_pending_requests {
                         self.queue_json(
@@ -495,9 +534,86 @@ impl Conn {
             self.queue_json(frame::error(q.rid, "unauthorized", "authenticate first (op auth)"), env);
             return;
         };
+        if let Some(call) = &q.call {
+            self.track_call(call, env);
+        }
         self.inflight = true;
         let req = ClientRequest { conn: Some(ev), frame: q.bytes, ip: self.peer.ip().to_string() };
         env.bridge.handle(&env.link, q.rid, req);
+    }
+
+    /// A call request is going to logic: an offer starts ringing (its reply is awaited to
+    /// learn whether logic took it), an answer or hangup stops ringing that call.
+    fn track_call(&mut self, call: &CallRef, env: &mut Env) {
+        if call.offer {
+            let at = env.now + env.cfg.ring_timeout;
+            let (key, conn_id) = (self.key, self.id);
+            let calls = self.calls.get_or_insert_with(Box::default);
+            let token = calls.arm(&mut env.wheel, at, &call.call_id, &call.to, |token| TimerEv {
+                key,
+                conn_id,
+                kind: TimerKind::Ring(token),
+            });
+            calls.inflight_offer = Some(token);
+        } else if let Some(calls) = &mut self.calls {
+            calls.cancel(&mut env.wheel, &call.call_id);
+            self.release_calls();
+        }
+    }
+
+    /// Frees the ringing-calls structure once it holds nothing.
+    fn release_calls(&mut self) {
+        if self.calls.as_ref().is_some_and(|c| c.is_idle()) {
+            self.calls = None;
+        }
+    }
+
+    /// The reply to an offer arrived: an offer logic refused (error reply or failed RPC)
+    /// never reached the callee, so it stops ringing.
+    fn offer_replied(&mut self, result: &Result<ClientReply, String>, env: &mut Env) {
+        let Some(calls) = &mut self.calls else {
+            return;
+        };
+        let Some(token) = calls.inflight_offer.take() else {
+            return;
+        };
+        let refused = match result {
+            Ok(reply) => serde_json::from_slice::<CallPush>(&reply.frame).is_ok_and(|r| r.op == "error"),
+            Err(_) => true,
+        };
+        if refused {
+            calls.cancel_token(&mut env.wheel, token);
+        }
+        self.release_calls();
+    }
+
+    /// A push to this connection while calls ring: `call.answer` or `call.hangup` of a
+    /// ringing call stops its ring timer.
+    fn on_call_push(&mut self, frame: &[u8], env: &mut Env) {
+        let Some(calls) = &mut self.calls else {
+            return;
+        };
+        let Ok(p) = serde_json::from_slice::<CallPush>(frame) else {
+            return;
+        };
+        if p.op != "call.answer" && p.op != "call.hangup" {
+            return;
+        }
+        if let Some(call_id) = p.call_id {
+            calls.cancel(&mut env.wheel, &call_id);
+            self.release_calls();
+        }
+    }
+
+    /// A call rang out: tell the client, and the callee's devices through logic.
+    fn call_timed_out(&mut self, call: Ringing, env: &mut Env) {
+        tracing::debug!(conn = self.id, call_id = %call.call_id, to = %call.to, "call ring timeout");
+        GatewayMetrics::inc(&env.metrics.call_timeouts);
+        self.queue_json(frame::call_timeout_push(&call.call_id), env);
+        if let Some(ev) = self.conn_event(env) {
+            let frame = frame::call_timeout_request(&call.to, &call.call_id).into_bytes();
+            env.bridge.handle_detached(ClientRequest { conn: Some(ev), frame, ip: self.peer.ip().to_string() });
+        }
     }
 
     /// Sends queued requests while none is in flight.
@@ -555,6 +671,9 @@ impl Conn {
             return;
         }
         self.inflight = false;
+        if self.calls.is_some() {
+            self.offer_replied(&result, env);
+        }
         match result {
             Ok(reply) => {
                 if !reply.frame.is_empty() {
@@ -591,6 +710,9 @@ impl Conn {
     pub fn on_push(&mut self, d: Delivery, env: &mut Env) -> bool {
         if self.closing || !matches!(self.auth, Auth::Done(_)) || !matches!(self.phase, Phase::Open(_)) {
             return false;
+        }
+        if self.calls.is_some() {
+            self.on_call_push(&d.frame, env);
         }
         let encoded =
             String::from_utf8(d.frame).map_err(|_| "not UTF-8".to_string()).and_then(|s| encode(self.wire, s));
@@ -673,6 +795,15 @@ impl Conn {
                 self.linger_timer = None;
                 self.phase = Phase::Dead;
             }
+            TimerKind::Ring(token) => {
+                let Some(call) = self.calls.as_mut().and_then(|c| c.expired(token)) else {
+                    return;
+                };
+                self.release_calls();
+                if !self.closing {
+                    self.call_timed_out(call, env);
+                }
+            }
         }
     }
 
@@ -749,6 +880,9 @@ impl Conn {
             .flatten()
         {
             env.wheel.cancel(t);
+        }
+        if let Some(mut calls) = self.calls.take() {
+            calls.cancel_all(&mut env.wheel);
         }
     }
 

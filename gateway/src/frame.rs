@@ -76,6 +76,17 @@ pub fn drain(retry_after_ms: u64) -> String {
     json!({"op": "drain", "retry_after_ms": retry_after_ms}).to_string()
 }
 
+/// The push ending a call that rang out: `{"op":"call.hangup","call_id":C,"reason":"timeout"}`.
+pub fn call_timeout_push(call_id: &str) -> String {
+    json!({"op": "call.hangup", "call_id": call_id, "reason": "timeout"}).to_string()
+}
+
+/// The request relaying a ring timeout to the callee, sent to logic on the caller's behalf
+/// (no rid): `{"op":"call.hangup","to":T,"call_id":C,"reason":"timeout"}`.
+pub fn call_timeout_request(to: &str, call_id: &str) -> String {
+    json!({"op": "call.hangup", "to": to, "call_id": call_id, "reason": "timeout"}).to_string()
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -159,5 +170,9 @@ mod tests {
         assert_eq!(a["server_ts"], 5);
         let d: Value = serde_json::from_str(&drain(1000)).unwrap();
         assert_eq!(d["op"], "drain");
+        let h: Value = serde_json::from_str(&call_timeout_push("c\"1")).unwrap();
+        assert_eq!(h, json!({"op": "call.hangup", "call_id": "c\"1", "reason": "timeout"}));
+        let h: Value = serde_json::from_str(&call_timeout_request("bob", "c1")).unwrap();
+        assert_eq!(h, json!({"op": "call.hangup", "to": "bob", "call_id": "c1", "reason": "timeout"}));
     }
 }

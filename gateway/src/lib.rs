@@ -5,6 +5,7 @@
 
 pub mod bincodec;
 mod bridge;
+mod calls;
 mod conn;
 pub mod connid;
 pub mod frame;
@@ -69,6 +70,9 @@ pub struct GatewayConfig {
     pub max_pending_requests: usize,
     /// Connections per process.
     pub max_connections: usize,
+    /// A `call.offer` unanswered this long ends with a `call.hangup` push (`reason: "timeout"`)
+    /// to the caller and a `call.hangup` relayed through logic to the callee.
+    pub ring_timeout: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -90,6 +94,7 @@ impl Default for GatewayConfig {
             max_outbound_frames: 1024,
             max_pending_requests: 64,
             max_connections: 100_000,
+            ring_timeout: Duration::from_secs(30),
         }
     }
 }

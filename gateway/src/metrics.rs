@@ -15,6 +15,7 @@ pub struct GatewayMetrics {
     pub(crate) errors: AtomicU64,
     pub(crate) slow_consumer_closed: AtomicU64,
     pub(crate) accepted: AtomicU64,
+    pub(crate) call_timeouts: AtomicU64,
     /// `f32` bits of the last CPU load sample.
     pub(crate) cpu_load: AtomicU32,
 }
@@ -23,6 +24,11 @@ impl GatewayMetrics {
     /// Open connections right now.
     pub fn connections(&self) -> u64 {
         self.connections.load(Ordering::Relaxed).max(0) as u64
+    }
+
+    /// Call offers ended by the ring timeout so far.
+    pub fn call_timeouts(&self) -> u64 {
+        self.call_timeouts.load(Ordering::Relaxed)
     }
 
     /// This process's CPU use over the last sampling second divided by the number of cores,
@@ -38,7 +44,7 @@ impl GatewayMetrics {
 
     /// Appends Prometheus text-format lines for every gateway metric.
     pub fn render(&self, out: &mut String) {
-        let rows: [(&str, &str, &str, u64); 6] = [
+        let rows: [(&str, &str, &str, u64); 7] = [
             ("switchboard_gateway_connections", "gauge", "Open client connections.", self.connections()),
             (
                 "switchboard_gateway_frames_in_total",
@@ -69,6 +75,12 @@ impl GatewayMetrics {
                 "counter",
                 "Connections accepted.",
                 self.accepted.load(Ordering::Relaxed),
+            ),
+            (
+                "switchboard_gateway_call_timeouts_total",
+                "counter",
+                "Call offers that rang out unanswered (ring timeout).",
+                self.call_timeouts(),
             ),
         ];
         for (name, kind, help, value) in rows {
@@ -160,9 +172,10 @@ mod tests {
         assert!(s.contains("switchboard_gateway_connections 3\n"));
         assert!(s.contains("switchboard_gateway_frames_in_total 1\n"));
         assert!(s.contains("switchboard_gateway_connections_accepted_total 0\n"));
+        assert!(s.contains("switchboard_gateway_call_timeouts_total 0\n"));
         assert!(s.contains("# TYPE switchboard_gateway_cpu_load gauge"));
         assert!(s.contains("switchboard_gateway_cpu_load 0\n"));
-        assert_eq!(s.matches("# HELP").count(), 7);
+        assert_eq!(s.matches("# HELP").count(), 8);
         m.set_cpu_load(0.25);
         s.clear();
         m.render(&mut s);

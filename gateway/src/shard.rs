@@ -33,6 +33,9 @@ pub(crate) enum TimerKind {
     Idle,
     Repush,
     Linger,
+    /// Ring timeout of a `call.offer`; the token names the call in the connection's
+    /// [`crate::calls::Calls`].
+    Ring(u32),
 }
 
 /// A wheel entry: which connection and which timer.
