@@ -37,6 +37,8 @@ pub fn router(logic: Arc<Logic>, extra_metrics: Vec<MetricsHook>) -> Router {
         .route("/v1/auth/refresh", post(refresh))
         .route("/v1/auth/logout", post(logout))
         .route("/v1/gateways", get(gateways))
+        .route("/v1/admin/ban", post(ban))
+        .route("/v1/admin/unban", post(unban))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new("not_found", "no such endpoint") })
@@ -92,7 +94,7 @@ async fn register(
     let password_hash = tokio::task::spawn_blocking(move || hash_password(&password, cost))
         .await
         .map_err(|e| ApiError::new("internal", e.to_string()))??;
-    let user = User { username: req.username.clone(), nickname, password_hash, created_ms: now_ms() };
+    let user = User { username: req.username.clone(), nickname, password_hash, created_ms: now_ms(), banned: false };
     if !h.logic.stores.accounts.create_user(&user).await? {
         return Err(ApiError::new("user_exists", format!("`{}` is taken", req.username)));
     }
@@ -144,6 +146,9 @@ async fn login(
     if !ok {
         return Err(bad());
     }
+    if user.banned {
+        return Err(ApiError::forbidden("this account is banned"));
+    }
     let mut session = Session {
         id: random_token(12),
         user: user.username,
@@ -181,6 +186,9 @@ async fn refresh(
     if session.revoked {
         return Err(bad("session signed out"));
     }
+    if accounts.get_user(&session.user).await?.is_none_or(|u| u.banned) {
+        return Err(bad("account banned"));
+    }
     if session.refresh_hash != hash {
         // An already-rotated token came back: it was stolen or replayed.
         // Revoke the whole session so neither holder can go on.
@@ -209,6 +217,54 @@ async fn logout(State(h): State<Http>, headers: HeaderMap) -> Result<Response, A
     let claims = h.logic.authenticate(token).await?;
     h.logic.stores.accounts.revoke_session(&claims.sid).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Checks the admin Bearer token (constant-time).
+fn require_admin(logic: &Logic, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = &logic.config.admin_token else {
+        return Err(ApiError::forbidden("the admin API is disabled (no admin token configured)"));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| ApiError::new("unauthorized", "missing Bearer token"))?;
+    let same = given.len() == expected.len()
+        && given.bytes().zip(expected.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+    if !same {
+        return Err(ApiError::new("unauthorized", "wrong admin token"));
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct BanTarget {
+    username: String,
+}
+
+async fn set_ban(h: &Http, headers: &HeaderMap, bytes: &Bytes, banned: bool) -> Result<Response, ApiError> {
+    inc(&h.logic.metrics.http_requests);
+    require_admin(&h.logic, headers)?;
+    let req: BanTarget = body(bytes)?;
+    if !h.logic.stores.accounts.set_banned(&req.username, banned).await? {
+        return Err(ApiError::new("no_such_user", format!("no user `{}`", req.username)));
+    }
+    if banned {
+        tracing::info!(user = %req.username, "banned; closing connections");
+        let kick = serde_json::to_vec(&json!({"op": "kick", "reason": "account banned"})).expect("JSON serializes");
+        for conn in h.logic.stores.routes.get(&req.username).await? {
+            h.logic.pusher.to_conn(&conn, kick.clone(), None, true).await;
+        }
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn ban(State(h): State<Http>, headers: HeaderMap, bytes: Bytes) -> Result<Response, ApiError> {
+    set_ban(&h, &headers, &bytes, true).await
+}
+
+async fn unban(State(h): State<Http>, headers: HeaderMap, bytes: Bytes) -> Result<Response, ApiError> {
+    set_ban(&h, &headers, &bytes, false).await
 }
 
 async fn gateways(State(h): State<Http>) -> Result<Response, ApiError> {

@@ -14,7 +14,7 @@ pub mod service;
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchboard_storage::{AccountStore, MessageStore, Registry, RouteTable, SocialStore};
+use switchboard_storage::{AccountStore, GroupStore, MessageStore, Registry, RouteTable, SocialStore};
 
 pub use error::ApiError;
 pub use service::LogicService;
@@ -47,6 +47,12 @@ pub struct LogicConfig {
     pub ip_rate: limits::Rate,
     /// HTTP auth requests (register, login, refresh) per client IP.
     pub auth_rate: limits::Rate,
+    /// Most members of one group.
+    pub max_group_members: usize,
+    /// How long after sending a message its sender may recall it.
+    pub recall_window: Duration,
+    /// Bearer token of the admin endpoints; `None` disables them.
+    pub admin_token: Option<String>,
 }
 
 impl LogicConfig {
@@ -62,6 +68,9 @@ impl LogicConfig {
             user_rate: limits::Rate::new(50.0, 100.0),
             ip_rate: limits::Rate::new(500.0, 1000.0),
             auth_rate: limits::Rate::new(5.0, 20.0),
+            max_group_members: 2000,
+            recall_window: Duration::from_secs(120),
+            admin_token: None,
         }
     }
 }
@@ -72,6 +81,7 @@ pub struct Stores {
     pub accounts: Arc<dyn AccountStore>,
     pub social: Arc<dyn SocialStore>,
     pub messages: Arc<dyn MessageStore>,
+    pub groups: Arc<dyn GroupStore>,
     pub routes: Arc<dyn RouteTable>,
     /// The cluster registry; `None` in a single-process deployment, where
     /// the configured gateways are advertised as they are.

@@ -38,8 +38,12 @@ impl Logic {
     pub async fn authenticate(&self, token: &str) -> Result<crate::auth::Claims, ApiError> {
         let claims = self.key.verify(token, now_secs())?;
         match self.stores.accounts.get_session(&claims.sid).await? {
-            Some(s) if !s.revoked && s.user == claims.sub => Ok(claims),
-            _ => Err(ApiError::new("bad_token", "session signed out")),
+            Some(s) if !s.revoked && s.user == claims.sub => {}
+            _ => return Err(ApiError::new("bad_token", "session signed out")),
+        }
+        match self.stores.accounts.get_user(&claims.sub).await? {
+            Some(u) if !u.banned => Ok(claims),
+            _ => Err(ApiError::new("bad_token", "account banned")),
         }
     }
 }

@@ -4,6 +4,7 @@
 //! store merged with Redis' recent-message cache so an acknowledged message
 //! is visible before the persist worker has written it.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -26,14 +27,18 @@ impl ClusterMessages {
     }
 
     async fn publish(&self, msg: &Message, members: &[String]) -> Result<()> {
-        let record = SequencedRecord { msg: msg.clone(), members: members.to_vec() };
+        let record = SequencedRecord { msg: msg.clone(), members: members.to_vec(), recall: false };
         self.producer.send(&self.topics.messages, &msg.conv, &serde_json::to_vec(&record)?).await
     }
 
     /// One message by seq, from the cache or the durable store.
     async fn get(&self, conv: &str, seq: u64) -> Result<Option<Message>> {
-        if let Some(m) = self.redis.cached_range(conv, seq, seq).await?.pop() {
-            return Ok(Some(m));
+        let mut cached = None;
+        for m in self.redis.cached_range(conv, seq, seq).await? {
+            merge_one(&mut cached, m);
+        }
+        if cached.is_some() {
+            return Ok(cached);
         }
         Ok(self.durable.range(conv, seq.saturating_sub(1), 1).await?.into_iter().find(|m| m.seq == seq))
     }
@@ -119,7 +124,7 @@ impl MessageStore for ClusterMessages {
             self.durable.range(conv, after_seq, limit).await?.into_iter().map(|m| (m.seq, m)).collect();
         let hi = after_seq.saturating_add(limit as u64);
         for m in self.redis.cached_range(conv, after_seq + 1, hi).await? {
-            by_seq.entry(m.seq).or_insert(m);
+            merge(&mut by_seq, m);
         }
         Ok(by_seq.into_values().take(limit).collect())
     }
@@ -134,7 +139,7 @@ impl MessageStore for ClusterMessages {
         let lo = top.saturating_sub(limit as u64).saturating_add(1);
         if top > 0 {
             for m in self.redis.cached_range(conv, lo, top).await? {
-                by_seq.entry(m.seq).or_insert(m);
+                merge(&mut by_seq, m);
             }
         }
         Ok(by_seq.into_values().rev().take(limit).collect())
@@ -165,5 +170,70 @@ impl MessageStore for ClusterMessages {
 
     async fn acks(&self, user: &str, device: &str) -> Result<HashMap<String, u64>> {
         self.durable.acks(user, device).await
+    }
+
+    async fn set_read(&self, user: &str, conv: &str, seq: u64) -> Result<u64> {
+        self.durable.set_read(user, conv, seq).await
+    }
+
+    async fn reads(&self, user: &str) -> Result<HashMap<String, u64>> {
+        self.durable.reads(user).await
+    }
+
+    async fn find_mid(&self, conv: &str, mid: &str) -> Result<Option<Message>> {
+        if let Some(m) = self.durable.find_mid(conv, mid).await? {
+            // the cache may hold a newer form (a recall not yet persisted)
+            return Ok(Some(self.get(conv, m.seq).await?.unwrap_or(m)));
+        }
+        // Not persisted yet: recalls only reach back minutes, so a message
+        // the durable store lacks is in the recent cache (or nowhere).
+        let mut found = None;
+        for m in self.redis.cached_range(conv, 0, u64::MAX).await? {
+            if m.mid == mid {
+                merge_one(&mut found, m);
+            }
+        }
+        Ok(found)
+    }
+
+    async fn recall(&self, conv: &str, seq: u64) -> Result<Option<Message>> {
+        let Some(m) = self.get(conv, seq).await? else { return Ok(None) };
+        let recalled = crate::recalled_form(m);
+        // Keyed by conv like the original, so the persist worker applies it
+        // after the original; it stores the recalled form either way.
+        let record = SequencedRecord { msg: recalled.clone(), members: Vec::new(), recall: true };
+        self.producer.send(&self.topics.messages, conv, &serde_json::to_vec(&record)?).await?;
+        self.redis.replace_cached(&recalled).await?;
+        Ok(Some(recalled))
+    }
+}
+
+/// Whether `m` should replace `current` as the form of one seq: a recalled
+/// form always wins (it is final); otherwise the later source (the cache,
+/// merged after the durable store) does.
+fn newer(current: &Message, m: &Message) -> bool {
+    current.kind != RECALLED || m.kind == RECALLED
+}
+
+const RECALLED: &str = "recalled";
+
+fn merge_one(slot: &mut Option<Message>, m: Message) {
+    match slot {
+        Some(current) if !newer(current, &m) => {}
+        _ => *slot = Some(m),
+    }
+}
+
+/// Merges a cached message into messages read from the durable store.
+fn merge(by_seq: &mut BTreeMap<u64, Message>, m: Message) {
+    match by_seq.entry(m.seq) {
+        Entry::Vacant(e) => {
+            e.insert(m);
+        }
+        Entry::Occupied(mut e) => {
+            if newer(e.get(), &m) {
+                e.insert(m);
+            }
+        }
     }
 }

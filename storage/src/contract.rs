@@ -5,11 +5,12 @@
 //! These functions panic on a broken contract (they are test code shipped
 //! in the library so that every backend, in any crate, runs the same suite).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::{
-    AccountStore, ConnRef, FriendState, MessageStore, NewMessage, RequestOutcome, RouteTable, Session, SocialStore,
-    User,
+    AccountStore, ConnRef, FriendState, Group, GroupStore, Message, MessageStore, NewMessage, RequestOutcome, Role,
+    RouteTable, Session, SocialStore, User,
 };
 
 /// A unique name prefix for one run of the suite.
@@ -27,10 +28,16 @@ fn text(conv: &str, from: &str, cmid: &str, body: &str) -> NewMessage {
     }
 }
 
-/// Runs every check of the message, account and social contracts.
-pub async fn run_all(accounts: &dyn AccountStore, social: &dyn SocialStore, messages: &dyn MessageStore) {
+/// Runs every check of the message, account, social and group contracts.
+pub async fn run_all(
+    accounts: &dyn AccountStore,
+    social: &dyn SocialStore,
+    messages: &dyn MessageStore,
+    groups: &dyn GroupStore,
+) {
     accounts_contract(accounts).await;
     social_contract(social).await;
+    groups_contract(groups).await;
     messages_contract(messages).await;
     concurrent_appends(messages).await;
 }
@@ -42,6 +49,7 @@ pub async fn accounts_contract(s: &dyn AccountStore) {
         nickname: "Ann".into(),
         password_hash: "$argon2id$fake".into(),
         created_ms: 1,
+        banned: false,
     };
     assert!(s.create_user(&user).await.unwrap());
     assert!(!s.create_user(&user).await.unwrap(), "a taken username is refused");
@@ -73,6 +81,64 @@ pub async fn accounts_contract(s: &dyn AccountStore) {
     s.revoke_session(&session.id).await.unwrap();
     assert!(s.get_session(&session.id).await.unwrap().unwrap().revoked);
     assert!(!s.rotate_refresh(&session.id, &format!("{p}h2"), &format!("{p}h4"), 40).await.unwrap());
+
+    assert!(s.set_banned(&user.username, true).await.unwrap());
+    let banned = s.get_user(&user.username).await.unwrap().unwrap();
+    assert_eq!(banned, User { banned: true, ..user.clone() }, "a ban changes nothing else");
+    assert!(s.set_banned(&user.username, true).await.unwrap(), "banning twice is fine");
+    assert!(s.set_banned(&user.username, false).await.unwrap());
+    assert_eq!(s.get_user(&user.username).await.unwrap(), Some(user.clone()));
+    assert!(!s.set_banned(&format!("{p}nobody"), true).await.unwrap(), "no such user");
+    assert_eq!(s.get_user(&format!("{p}nobody")).await.unwrap(), None, "a ban creates no user");
+
+    let born_banned = User { username: format!("{p}bob"), banned: true, ..user.clone() };
+    assert!(s.create_user(&born_banned).await.unwrap());
+    assert_eq!(s.get_user(&born_banned.username).await.unwrap(), Some(born_banned));
+}
+
+pub async fn groups_contract(s: &dyn GroupStore) {
+    let p = prefix();
+    let (o, a, b, c) = (format!("{p}o"), format!("{p}a"), format!("{p}b"), format!("{p}c"));
+    let g1 = Group { id: format!("{p}g1"), name: "Hikers".into(), owner: o.clone(), created_ms: 5 };
+    assert_eq!(s.group(&g1.id).await.unwrap(), None);
+    assert!(s.members(&g1.id).await.unwrap().is_empty());
+    assert!(s.create_group(&g1, &[b.clone(), a.clone(), o.clone(), a.clone()]).await.unwrap());
+    let taken = Group { name: "Other".into(), owner: c.clone(), ..g1.clone() };
+    assert!(!s.create_group(&taken, std::slice::from_ref(&c)).await.unwrap(), "a taken id is refused");
+    assert_eq!(s.group(&g1.id).await.unwrap(), Some(g1.clone()));
+    assert_eq!(s.role(&g1.id, &c).await.unwrap(), None, "a refused creation adds nobody");
+    assert_eq!(
+        s.members(&g1.id).await.unwrap(),
+        vec![(a.clone(), Role::Member), (b.clone(), Role::Member), (o.clone(), Role::Owner)],
+        "owner once, duplicates ignored, ordered by name"
+    );
+    assert_eq!(s.role(&g1.id, &o).await.unwrap(), Some(Role::Owner));
+    assert_eq!(s.role(&g1.id, &a).await.unwrap(), Some(Role::Member));
+
+    assert!(s.add_member(&g1.id, &c, Role::Admin).await.unwrap());
+    assert!(!s.add_member(&g1.id, &c, Role::Member).await.unwrap(), "already a member");
+    assert_eq!(s.role(&g1.id, &c).await.unwrap(), Some(Role::Admin), "a refused add keeps the role");
+    assert!(s.set_role(&g1.id, &a, Role::Admin).await.unwrap());
+    assert_eq!(s.role(&g1.id, &a).await.unwrap(), Some(Role::Admin));
+    assert!(!s.set_role(&g1.id, &format!("{p}x"), Role::Admin).await.unwrap(), "not a member");
+    assert_eq!(s.role(&g1.id, &format!("{p}x")).await.unwrap(), None);
+    assert!(s.remove_member(&g1.id, &b).await.unwrap());
+    assert!(!s.remove_member(&g1.id, &b).await.unwrap());
+    assert_eq!(s.role(&g1.id, &b).await.unwrap(), None);
+    assert_eq!(
+        s.members(&g1.id).await.unwrap(),
+        vec![(a.clone(), Role::Admin), (c.clone(), Role::Admin), (o.clone(), Role::Owner)]
+    );
+
+    // a second group, with an id that sorts first
+    let g0 = Group { id: format!("{p}g0"), name: "Readers".into(), owner: a.clone(), created_ms: 6 };
+    assert!(s.create_group(&g0, std::slice::from_ref(&c)).await.unwrap());
+    assert_eq!(s.user_groups(&a).await.unwrap(), vec![(g0.clone(), Role::Owner), (g1.clone(), Role::Admin)]);
+    assert_eq!(s.user_groups(&c).await.unwrap(), vec![(g0.clone(), Role::Member), (g1.clone(), Role::Admin)]);
+    assert_eq!(s.user_groups(&o).await.unwrap(), vec![(g1.clone(), Role::Owner)]);
+    assert!(s.user_groups(&b).await.unwrap().is_empty(), "a removed member loses the group");
+    assert!(s.user_groups(&format!("{p}nobody")).await.unwrap().is_empty());
+    assert!(s.members(&format!("{p}g")).await.unwrap().is_empty(), "no prefix bleed between groups");
 }
 
 pub async fn social_contract(s: &dyn SocialStore) {
@@ -151,6 +217,45 @@ pub async fn messages_contract(s: &dyn MessageStore) {
     let acks = s.acks(&b, "phone").await.unwrap();
     assert_eq!(acks.get(&conv), Some(&4), "acks never move back and are per device");
     assert_eq!(acks.len(), 1);
+
+    // read positions: per user (not per device), never back
+    assert!(s.reads(&b).await.unwrap().is_empty());
+    assert_eq!(s.set_read(&b, &conv, 5).await.unwrap(), 5);
+    assert_eq!(s.set_read(&b, &conv, 3).await.unwrap(), 5, "reads never move back");
+    assert_eq!(s.set_read(&b, &conv, 5).await.unwrap(), 5);
+    assert_eq!(s.set_read(&b, &conv, 7).await.unwrap(), 7);
+    assert_eq!(s.set_read(&a, &other, 1).await.unwrap(), 1);
+    assert_eq!(s.set_read(&a, &conv, 0).await.unwrap(), 0);
+    assert_eq!(s.reads(&b).await.unwrap(), HashMap::from([(conv.clone(), 7)]));
+    assert_eq!(s.reads(&a).await.unwrap(), HashMap::from([(other.clone(), 1)]), "a read of 0 records nothing");
+    assert_eq!(s.set_read(&b, &conv, 0).await.unwrap(), 7, "a read of 0 returns the stored seq");
+
+    // messages by mid
+    assert_eq!(s.find_mid(&conv, &first.msg.mid).await.unwrap(), Some(first.msg.clone()));
+    assert_eq!(s.find_mid(&conv, &second.msg.mid).await.unwrap(), Some(second.msg.clone()));
+    assert_eq!(s.find_mid(&other, &second.msg.mid).await.unwrap(), None, "mids are looked up per conversation");
+    assert_eq!(s.find_mid(&conv, "nope").await.unwrap(), None);
+
+    // recall: same identity, kind "recalled", empty string body, everywhere
+    let recalled = s.recall(&conv, 2).await.unwrap().expect("seq 2 exists");
+    let expected =
+        Message { kind: "recalled".into(), body: serde_json::Value::String(String::new()), ..second.msg.clone() };
+    assert_eq!(recalled, expected);
+    assert_eq!(s.range(&conv, 1, 1).await.unwrap(), vec![expected.clone()]);
+    assert_eq!(s.history(&conv, Some(3), 1).await.unwrap(), vec![expected.clone()]);
+    assert_eq!(seqs(s.range(&conv, 0, 50).await.unwrap()), (1..=10).collect::<Vec<_>>(), "nothing else moves");
+    let kinds: Vec<String> = s.history(&conv, None, 50).await.unwrap().into_iter().map(|m| m.kind).collect();
+    assert_eq!(kinds.iter().filter(|k| *k == "recalled").count(), 1, "{kinds:?}");
+    assert_eq!(s.range(&conv, 0, 1).await.unwrap(), vec![first.msg.clone()], "other messages are untouched");
+    assert_eq!(s.find_mid(&conv, &second.msg.mid).await.unwrap(), Some(expected.clone()));
+    assert_eq!(s.find_cmid(&conv, &b, "c1").await.unwrap(), Some(expected.clone()));
+    assert_eq!(s.recall(&conv, 2).await.unwrap(), Some(expected.clone()), "recalling again is harmless");
+    assert_eq!(s.recall(&conv, 11).await.unwrap(), None, "no message with that seq");
+    assert_eq!(s.recall(&format!("{conv}x"), 2).await.unwrap(), None);
+    assert_eq!(s.last_seq(&conv).await.unwrap(), 10);
+    let dup = s.append(text(&conv, &b, "c1", "two, resent"), &members).await.unwrap();
+    assert!(dup.duplicate);
+    assert_eq!(dup.msg, expected, "a resend finds the recalled form");
 }
 
 /// Appends racing on one conversation still get seqs 1..=n, each once.
@@ -219,11 +324,12 @@ mod tests {
     async fn embedded_meets_the_contract() {
         let dir = std::env::temp_dir().join(format!("sb-contract-{}", prefix()));
         let store = EmbeddedStore::open(&dir).unwrap();
-        run_all(&store, &store, &store).await;
+        run_all(&store, &store, &store, &store).await;
         drop(store);
         // reopening finds everything (durability across restart)
         let store = EmbeddedStore::open(&dir).unwrap();
         let _ = store.last_seq("d:x:y").await.unwrap();
+        assert!(store.user_groups("nobody").await.unwrap().is_empty());
         std::fs::remove_dir_all(&dir).ok();
     }
 

@@ -18,6 +18,20 @@ fn record(conv: &str, seq: u64, from: &str, cmid: &str, members: &[String]) -> S
             ts: 1_000 + seq,
         },
         members: members.to_vec(),
+        recall: false,
+    }
+}
+
+/// The record recalling `original` (as the cluster path publishes it).
+fn recall_of(original: &SequencedRecord) -> SequencedRecord {
+    SequencedRecord {
+        msg: Message {
+            kind: "recalled".into(),
+            body: serde_json::Value::String(String::new()),
+            ..original.msg.clone()
+        },
+        members: Vec::new(),
+        recall: true,
     }
 }
 
@@ -100,4 +114,55 @@ pub async fn durable_log_contract(log: &dyn DurableLog, messages: &dyn MessageSt
     assert_eq!(log.upsert_records(&late).await.unwrap(), 2);
     assert_eq!(messages.last_seq(&other).await.unwrap(), 3);
     assert_eq!(seqs(messages.range(&other, 0, 10).await.unwrap()), vec![1, 2, 3]);
+
+    recall_records(log, messages).await;
+}
+
+/// Recall records end recalled whatever their order relative to the
+/// original, and a redelivered original never un-recalls.
+async fn recall_records(log: &dyn DurableLog, messages: &dyn MessageStore) {
+    let p = prefix();
+    let a = format!("{p}a");
+    let conv = format!("d:{a}:{p}r");
+    let members = std::slice::from_ref(&a);
+    let originals: Vec<_> = (1..=6).map(|i| record(&conv, i, &a, &format!("r{i}"), members)).collect();
+    let recalls: Vec<_> = originals.iter().map(recall_of).collect();
+    let conv_ref = conv.as_str();
+    let stored = move |seq: u64| async move { messages.range(conv_ref, seq - 1, 1).await.unwrap().pop() };
+
+    // recall applied after the original
+    assert_eq!(log.upsert_records(&originals[..2]).await.unwrap(), 2);
+    assert_eq!(log.upsert_records(&recalls[..1]).await.unwrap(), 0, "a recall of a stored message is not new");
+    assert_eq!(stored(1).await, Some(recalls[0].msg.clone()));
+    assert_eq!(stored(2).await, Some(originals[1].msg.clone()), "only the recalled seq changes");
+    assert_eq!(log.upsert_records(&originals[..2]).await.unwrap(), 0);
+    assert_eq!(stored(1).await, Some(recalls[0].msg.clone()), "a redelivered original does not un-recall");
+    assert_eq!(log.upsert_records(&recalls[..1]).await.unwrap(), 0, "a redelivered recall is harmless");
+    assert_eq!(stored(1).await, Some(recalls[0].msg.clone()));
+
+    // recall applied before its original: stored recalled, the original skipped
+    assert_eq!(log.upsert_records(&recalls[2..3]).await.unwrap(), 1);
+    assert_eq!(stored(3).await, Some(recalls[2].msg.clone()));
+    assert_eq!(messages.last_seq(&conv).await.unwrap(), 3);
+    assert_eq!(log.upsert_records(&originals[2..3]).await.unwrap(), 0);
+    assert_eq!(stored(3).await, Some(recalls[2].msg.clone()), "the late original does not un-recall");
+
+    // both in one batch, either order (a recall overtaking its original)
+    let batch = vec![recalls[3].clone(), originals[3].clone(), originals[4].clone(), recalls[4].clone()];
+    assert_eq!(log.upsert_records(&batch).await.unwrap(), 2);
+    assert_eq!(stored(4).await, Some(recalls[3].msg.clone()));
+    assert_eq!(stored(5).await, Some(recalls[4].msg.clone()));
+    assert_eq!(log.upsert_records(&batch).await.unwrap(), 0);
+    assert_eq!(stored(4).await, Some(recalls[3].msg.clone()));
+
+    // a recall twice in one batch
+    let batch = vec![originals[5].clone(), recalls[5].clone(), recalls[5].clone()];
+    assert_eq!(log.upsert_records(&batch).await.unwrap(), 1);
+    assert_eq!(stored(6).await, Some(recalls[5].msg.clone()));
+
+    assert_eq!(messages.last_seq(&conv).await.unwrap(), 6);
+    assert_eq!(messages.range(&conv, 0, 10).await.unwrap().len(), 6);
+    assert_eq!(messages.find_cmid(&conv, &a, "r3").await.unwrap(), Some(recalls[2].msg.clone()));
+    assert_eq!(messages.find_mid(&conv, &originals[0].msg.mid).await.unwrap(), Some(recalls[0].msg.clone()));
+    assert_eq!(messages.user_convs(&a).await.unwrap(), vec![(conv.clone(), 6)]);
 }

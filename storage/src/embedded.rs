@@ -8,11 +8,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use crate::{
-    new_mid, now_ms, AccountStore, Appended, FriendState, Message, MessageStore, NewMessage, RequestOutcome, Result,
-    Session, SocialStore, StorageError, User,
+    new_mid, now_ms, AccountStore, Appended, FriendState, Group, GroupStore, Message, MessageStore, NewMessage,
+    RequestOutcome, Result, Role, Session, SocialStore, StorageError, User,
 };
 
 const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
@@ -31,6 +31,16 @@ const CMIDS: TableDefinition<(&str, &str, &str), u64> = TableDefinition::new("cm
 const USER_CONVS: TableDefinition<(&str, &str), ()> = TableDefinition::new("user_convs");
 /// (user, device, conv) -> acked seq.
 const ACKS: TableDefinition<(&str, &str, &str), u64> = TableDefinition::new("acks");
+/// (user, conv) -> read seq.
+const READS: TableDefinition<(&str, &str), u64> = TableDefinition::new("reads");
+/// (conv, mid) -> seq.
+const MIDS: TableDefinition<(&str, &str), u64> = TableDefinition::new("mids");
+/// group id -> Group as JSON.
+const GROUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("groups");
+/// (group, user) -> role.
+const GROUP_MEMBERS: TableDefinition<(&str, &str), &str> = TableDefinition::new("group_members");
+/// (user, group) -> role (the reverse index of `GROUP_MEMBERS`).
+const USER_GROUPS: TableDefinition<(&str, &str), &str> = TableDefinition::new("user_groups");
 
 /// All stores over one redb file. Cheap to clone.
 #[derive(Clone)]
@@ -54,6 +64,20 @@ impl EmbeddedStore {
             tx.open_table(CMIDS)?;
             tx.open_table(USER_CONVS)?;
             tx.open_table(ACKS)?;
+            tx.open_table(READS)?;
+            tx.open_table(GROUPS)?;
+            tx.open_table(GROUP_MEMBERS)?;
+            tx.open_table(USER_GROUPS)?;
+            // The mid index arrived after the messages table: fill it for
+            // messages stored before it existed.
+            let mut mids = tx.open_table(MIDS)?;
+            let messages = tx.open_table(MESSAGES)?;
+            if mids.is_empty()? && !messages.is_empty()? {
+                for row in messages.iter()? {
+                    let m: Message = serde_json::from_slice(row?.1.value())?;
+                    mids.insert((m.conv.as_str(), m.mid.as_str()), m.seq)?;
+                }
+            }
         }
         tx.commit()?;
         Ok(Self { db: Arc::new(db) })
@@ -167,6 +191,25 @@ impl AccountStore for EmbeddedStore {
             }
             tx.commit()?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn set_banned(&self, username: &str, banned: bool) -> Result<bool> {
+        let name = username.to_owned();
+        self.blocking(move |db| {
+            let tx = db.begin_write()?;
+            {
+                let mut users = tx.open_table(USERS)?;
+                let current: Option<User> = get_json(users.get(name.as_str())?)?;
+                let Some(mut user) = current else { return Ok(false) };
+                if user.banned != banned {
+                    user.banned = banned;
+                    users.insert(name.as_str(), serde_json::to_vec(&user)?.as_slice())?;
+                }
+            }
+            tx.commit()?;
+            Ok(true)
         })
         .await
     }
@@ -327,6 +370,7 @@ impl MessageStore for EmbeddedStore {
                 messages.insert((stored.conv.as_str(), stored.seq), serde_json::to_vec(&stored)?.as_slice())?;
                 seqs.insert(stored.conv.as_str(), stored.seq)?;
                 cmids.insert((stored.conv.as_str(), stored.from.as_str(), stored.cmid.as_str()), stored.seq)?;
+                tx.open_table(MIDS)?.insert((stored.conv.as_str(), stored.mid.as_str()), stored.seq)?;
                 let mut index = tx.open_table(USER_CONVS)?;
                 for m in &members {
                     index.insert((m.as_str(), stored.conv.as_str()), ())?;
@@ -444,5 +488,248 @@ impl MessageStore for EmbeddedStore {
             Ok(out)
         })
         .await
+    }
+
+    async fn set_read(&self, user: &str, conv: &str, seq: u64) -> Result<u64> {
+        let (u, c) = (user.to_owned(), conv.to_owned());
+        self.blocking(move |db| {
+            let tx = db.begin_write()?;
+            let stored = {
+                let mut t = tx.open_table(READS)?;
+                let key = (u.as_str(), c.as_str());
+                let current = t.get(key)?.map(|v| v.value());
+                match current {
+                    Some(cur) if cur >= seq => cur,
+                    // as with acks, a read of 0 records nothing
+                    None if seq == 0 => 0,
+                    _ => {
+                        t.insert(key, seq)?;
+                        seq
+                    }
+                }
+            };
+            tx.commit()?;
+            Ok(stored)
+        })
+        .await
+    }
+
+    async fn reads(&self, user: &str) -> Result<HashMap<String, u64>> {
+        let u = user.to_owned();
+        self.blocking(move |db| {
+            let t = db.begin_read()?.open_table(READS)?;
+            let mut out = HashMap::new();
+            for row in t.range((u.as_str(), "")..)? {
+                let (k, v) = row?;
+                let (owner, conv) = k.value();
+                if owner != u {
+                    break;
+                }
+                out.insert(conv.to_owned(), v.value());
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn find_mid(&self, conv: &str, mid: &str) -> Result<Option<Message>> {
+        let (conv, mid) = (conv.to_owned(), mid.to_owned());
+        self.blocking(move |db| {
+            let tx = db.begin_read()?;
+            let Some(seq) = tx.open_table(MIDS)?.get((conv.as_str(), mid.as_str()))?.map(|v| v.value()) else {
+                return Ok(None);
+            };
+            get_json(tx.open_table(MESSAGES)?.get((conv.as_str(), seq))?)
+        })
+        .await
+    }
+
+    async fn recall(&self, conv: &str, seq: u64) -> Result<Option<Message>> {
+        let conv = conv.to_owned();
+        self.blocking(move |db| {
+            let tx = db.begin_write()?;
+            let recalled = {
+                let mut messages = tx.open_table(MESSAGES)?;
+                let current: Option<Message> = get_json(messages.get((conv.as_str(), seq))?)?;
+                let Some(m) = current else { return Ok(None) };
+                let recalled = crate::recalled_form(m);
+                messages.insert((conv.as_str(), seq), serde_json::to_vec(&recalled)?.as_slice())?;
+                recalled
+            };
+            tx.commit()?;
+            Ok(Some(recalled))
+        })
+        .await
+    }
+}
+
+fn parse_role(s: &str) -> Result<Role> {
+    Role::parse(s).ok_or_else(|| StorageError::Corrupt(format!("unknown group role {s:?}")))
+}
+
+#[async_trait]
+impl GroupStore for EmbeddedStore {
+    async fn create_group(&self, group: &Group, members: &[String]) -> Result<bool> {
+        let (group, members) = (group.clone(), members.to_vec());
+        self.blocking(move |db| {
+            let tx = db.begin_write()?;
+            {
+                let mut groups = tx.open_table(GROUPS)?;
+                if groups.get(group.id.as_str())?.is_some() {
+                    return Ok(false);
+                }
+                groups.insert(group.id.as_str(), serde_json::to_vec(&group)?.as_slice())?;
+                let mut by_group = tx.open_table(GROUP_MEMBERS)?;
+                let mut by_user = tx.open_table(USER_GROUPS)?;
+                let id = group.id.as_str();
+                by_group.insert((id, group.owner.as_str()), Role::Owner.as_str())?;
+                by_user.insert((group.owner.as_str(), id), Role::Owner.as_str())?;
+                for m in &members {
+                    if by_group.get((id, m.as_str()))?.is_none() {
+                        by_group.insert((id, m.as_str()), Role::Member.as_str())?;
+                        by_user.insert((m.as_str(), id), Role::Member.as_str())?;
+                    }
+                }
+            }
+            tx.commit()?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn group(&self, id: &str) -> Result<Option<Group>> {
+        let id = id.to_owned();
+        self.blocking(move |db| get_json(db.begin_read()?.open_table(GROUPS)?.get(id.as_str())?)).await
+    }
+
+    async fn add_member(&self, id: &str, user: &str, role: Role) -> Result<bool> {
+        let (id, user) = (id.to_owned(), user.to_owned());
+        self.blocking(move |db| {
+            let tx = db.begin_write()?;
+            {
+                let mut by_group = tx.open_table(GROUP_MEMBERS)?;
+                if by_group.get((id.as_str(), user.as_str()))?.is_some() {
+                    return Ok(false);
+                }
+                by_group.insert((id.as_str(), user.as_str()), role.as_str())?;
+                tx.open_table(USER_GROUPS)?.insert((user.as_str(), id.as_str()), role.as_str())?;
+            }
+            tx.commit()?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn remove_member(&self, id: &str, user: &str) -> Result<bool> {
+        let (id, user) = (id.to_owned(), user.to_owned());
+        self.blocking(move |db| {
+            let tx = db.begin_write()?;
+            {
+                if tx.open_table(GROUP_MEMBERS)?.remove((id.as_str(), user.as_str()))?.is_none() {
+                    return Ok(false);
+                }
+                tx.open_table(USER_GROUPS)?.remove((user.as_str(), id.as_str()))?;
+            }
+            tx.commit()?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn set_role(&self, id: &str, user: &str, role: Role) -> Result<bool> {
+        let (id, user) = (id.to_owned(), user.to_owned());
+        self.blocking(move |db| {
+            let tx = db.begin_write()?;
+            {
+                let mut by_group = tx.open_table(GROUP_MEMBERS)?;
+                if by_group.get((id.as_str(), user.as_str()))?.is_none() {
+                    return Ok(false);
+                }
+                by_group.insert((id.as_str(), user.as_str()), role.as_str())?;
+                tx.open_table(USER_GROUPS)?.insert((user.as_str(), id.as_str()), role.as_str())?;
+            }
+            tx.commit()?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn role(&self, id: &str, user: &str) -> Result<Option<Role>> {
+        let (id, user) = (id.to_owned(), user.to_owned());
+        self.blocking(move |db| {
+            let t = db.begin_read()?.open_table(GROUP_MEMBERS)?;
+            let role = t.get((id.as_str(), user.as_str()))?.map(|v| v.value().to_owned());
+            role.as_deref().map(parse_role).transpose()
+        })
+        .await
+    }
+
+    async fn members(&self, id: &str) -> Result<Vec<(String, Role)>> {
+        let id = id.to_owned();
+        self.blocking(move |db| {
+            let t = db.begin_read()?.open_table(GROUP_MEMBERS)?;
+            let mut out = Vec::new();
+            for row in t.range((id.as_str(), "")..)? {
+                let (k, v) = row?;
+                let (group, user) = k.value();
+                if group != id {
+                    break;
+                }
+                out.push((user.to_owned(), parse_role(v.value())?));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn user_groups(&self, user: &str) -> Result<Vec<(Group, Role)>> {
+        let user = user.to_owned();
+        self.blocking(move |db| {
+            let tx = db.begin_read()?;
+            let index = tx.open_table(USER_GROUPS)?;
+            let groups = tx.open_table(GROUPS)?;
+            let mut out = Vec::new();
+            for row in index.range((user.as_str(), "")..)? {
+                let (k, v) = row?;
+                let (owner, id) = k.value();
+                if owner != user {
+                    break;
+                }
+                let group: Option<Group> = get_json(groups.get(id)?)?;
+                let Some(group) = group else {
+                    return Err(StorageError::Corrupt(format!("membership of {user} in missing group {id}")));
+                };
+                out.push((group, parse_role(v.value())?));
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mid_index_is_filled_for_older_databases() {
+        let dir = std::env::temp_dir().join(format!("sb-mids-{}", crate::contract::prefix()));
+        let store = EmbeddedStore::open(&dir).unwrap();
+        let msg = NewMessage {
+            conv: "d:a:b".into(),
+            from: "a".into(),
+            cmid: "c1".into(),
+            kind: "text".into(),
+            body: serde_json::json!("hi"),
+        };
+        let stored = store.append(msg, &["a".to_string()]).await.unwrap().msg;
+        // a database written before the mid index existed
+        let tx = store.db.begin_write().unwrap();
+        tx.delete_table(MIDS).unwrap();
+        tx.commit().unwrap();
+        drop(store);
+        let store = EmbeddedStore::open(&dir).unwrap();
+        assert_eq!(store.find_mid("d:a:b", &stored.mid).await.unwrap(), Some(stored));
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -28,3 +28,9 @@ pub type Result<T> = std::result::Result<T, StorageError>;
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
+
+/// The recalled form of a stored message: same conv, seq, mid, sender,
+/// cmid and ts; kind "recalled" and an empty string body.
+pub(crate) fn recalled_form(m: Message) -> Message {
+    Message { kind: "recalled".into(), body: serde_json::Value::String(String::new()), ..m }
+}

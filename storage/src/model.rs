@@ -10,6 +10,9 @@ pub struct User {
     /// argon2id PHC string.
     pub password_hash: String,
     pub created_ms: u64,
+    /// A banned user cannot sign in or keep connections.
+    #[serde(default)]
+    pub banned: bool,
 }
 
 /// One signed-in device session: the unit that logout and refresh-token
@@ -84,12 +87,53 @@ pub struct Appended {
     pub duplicate: bool,
 }
 
+/// A group chat. Its conversation id is `g:<id>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Group {
+    /// Server-assigned, `[A-Za-z0-9]{6,24}`.
+    pub id: String,
+    pub name: String,
+    pub owner: String,
+    pub created_ms: u64,
+}
+
+/// A member's role in a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Owner,
+    Admin,
+    Member,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Owner => "owner",
+            Role::Admin => "admin",
+            Role::Member => "member",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "owner" => Some(Role::Owner),
+            "admin" => Some(Role::Admin),
+            "member" => Some(Role::Member),
+            _ => None,
+        }
+    }
+}
+
 /// A message that already has its seq, as it travels through the queue to
 /// the durable store, with the users to index it for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SequencedRecord {
     pub msg: Message,
     pub members: Vec<String>,
+    /// The record recalls the stored message with this seq: the store keeps
+    /// the seq and replaces type and body (`msg` is the recalled form).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub recall: bool,
 }
 
 /// One live client connection: the gateway holding it (its push address)

@@ -5,7 +5,8 @@
 //! Collections (`_id` is the natural key; compound keys join their parts
 //! with a NUL byte, which no name contains):
 //!
-//! - `users`: `_id` username; nickname, password_hash, created_ms.
+//! - `users`: `_id` username; nickname, password_hash, created_ms, banned
+//!   (missing reads as false).
 //! - `sessions`: `_id` session id; user, device, refresh_hash, revoked,
 //!   created_ms, refresh_expires_ms.
 //! - `refresh_tokens`: `_id` token hash (every hash ever issued);
@@ -14,12 +15,16 @@
 //!   `{user: 1, other: 1}`.
 //! - `messages`: `_id` ObjectId; conv, seq, mid, from, cmid, type, body
 //!   (JSON text), ts. Unique indexes `{conv: 1, seq: 1}` and
-//!   `{conv: 1, from: 1, cmid: 1}`.
+//!   `{conv: 1, from: 1, cmid: 1}`; index `{conv: 1, mid: 1}`.
 //! - `conv_seq`: `_id` conv; last_seq, last_ts (the highest seq and ts
 //!   allocated or stored).
 //! - `user_convs`: `_id` `user\0conv`; user, conv. Index `{user: 1, conv: 1}`.
 //! - `acks`: `_id` `user\0device\0conv`; user, device, conv, seq. Index
 //!   `{user: 1, device: 1}`.
+//! - `reads`: `_id` `user\0conv`; user, conv, seq. Index `{user: 1}`.
+//! - `groups`: `_id` group id; name, owner, created_ms.
+//! - `group_members`: `_id` `group\0user`; group, user, role. Indexes
+//!   `{group: 1, user: 1}` and `{user: 1, group: 1}`.
 //!
 //! Bodies are stored as JSON text (as in PostgreSQL) so they round-trip
 //! exactly. Unsigned numbers are stored as Int64; values above `i64::MAX`
@@ -60,8 +65,8 @@ use mongodb::results::UpdateResult;
 use mongodb::{Client, ClientSession, Collection, Cursor, Database, IndexModel};
 
 use crate::{
-    new_mid, now_ms, AccountStore, Appended, DurableLog, FriendState, Message, MessageStore, NewMessage,
-    RequestOutcome, Result, SequencedRecord, Session, SocialStore, StorageError, User,
+    new_mid, now_ms, AccountStore, Appended, DurableLog, FriendState, Group, GroupStore, Message, MessageStore,
+    NewMessage, RequestOutcome, Result, Role, SequencedRecord, Session, SocialStore, StorageError, User,
 };
 
 /// MongoDB's error code for a unique index violation.
@@ -86,7 +91,11 @@ const MESSAGES: &str = "messages";
 const CONV_SEQ: &str = "conv_seq";
 const USER_CONVS: &str = "user_convs";
 const ACKS: &str = "acks";
-const COLLECTIONS: [&str; 8] = [USERS, SESSIONS, REFRESH_TOKENS, FRIENDS, MESSAGES, CONV_SEQ, USER_CONVS, ACKS];
+const READS: &str = "reads";
+const GROUPS: &str = "groups";
+const GROUP_MEMBERS: &str = "group_members";
+const COLLECTIONS: [&str; 11] =
+    [USERS, SESSIONS, REFRESH_TOKENS, FRIENDS, MESSAGES, CONV_SEQ, USER_CONVS, ACKS, READS, GROUPS, GROUP_MEMBERS];
 
 impl From<mongodb::error::Error> for StorageError {
     fn from(e: mongodb::error::Error) -> Self {
@@ -243,6 +252,33 @@ fn message_doc(m: &Message) -> Result<Document> {
         "body": serde_json::to_string(&m.body)?,
         "ts": int(m.ts),
     })
+}
+
+/// The fields a recall sets: type "recalled" and an empty string body.
+fn recalled_fields() -> Result<Document> {
+    Ok(doc! { "type": "recalled", "body": serde_json::to_string(&serde_json::Value::String(String::new()))? })
+}
+
+fn role_from_doc(d: &Document) -> Result<Role> {
+    let role = text(d, "role")?;
+    Role::parse(&role).ok_or_else(|| corrupt(format_args!("unknown group role {role:?}")))
+}
+
+fn group_doc(g: &Group) -> Document {
+    doc! { "_id": &g.id, "name": &g.name, "owner": &g.owner, "created_ms": int(g.created_ms) }
+}
+
+fn group_from_doc(d: &Document) -> Result<Group> {
+    Ok(Group {
+        id: text(d, "_id")?,
+        name: text(d, "name")?,
+        owner: text(d, "owner")?,
+        created_ms: number(d, "created_ms")?,
+    })
+}
+
+fn member_entry(group: &str, user: &str, role: Role) -> (String, Document) {
+    (key(&[group, user]), doc! { "group": group, "user": user, "role": role.as_str() })
 }
 
 fn message_from_doc(d: &Document) -> Result<Message> {
@@ -459,6 +495,9 @@ pub struct MongoStore {
     conv_seq: Collection<Document>,
     user_convs: Collection<Document>,
     acks: Collection<Document>,
+    reads: Collection<Document>,
+    groups: Collection<Document>,
+    group_members: Collection<Document>,
     transactions: bool,
 }
 
@@ -497,6 +536,9 @@ impl MongoStore {
             conv_seq: coll(CONV_SEQ),
             user_convs: coll(USER_CONVS),
             acks: coll(ACKS),
+            reads: coll(READS),
+            groups: coll(GROUPS),
+            group_members: coll(GROUP_MEMBERS),
             client,
             db,
             transactions,
@@ -541,10 +583,19 @@ impl MongoStore {
             (&self.friends, vec![index(doc! { "user": 1, "other": 1 }, false)]),
             (
                 &self.messages,
-                vec![index(doc! { "conv": 1, "seq": 1 }, true), index(doc! { "conv": 1, "from": 1, "cmid": 1 }, true)],
+                vec![
+                    index(doc! { "conv": 1, "seq": 1 }, true),
+                    index(doc! { "conv": 1, "from": 1, "cmid": 1 }, true),
+                    index(doc! { "conv": 1, "mid": 1 }, false),
+                ],
             ),
             (&self.user_convs, vec![index(doc! { "user": 1, "conv": 1 }, false)]),
             (&self.acks, vec![index(doc! { "user": 1, "device": 1 }, false)]),
+            (&self.reads, vec![index(doc! { "user": 1 }, false)]),
+            (
+                &self.group_members,
+                vec![index(doc! { "group": 1, "user": 1 }, false), index(doc! { "user": 1, "group": 1 }, false)],
+            ),
         ];
         for (coll, models) in indexes {
             let mut attempt = 0;
@@ -732,6 +783,18 @@ impl MongoStore {
         Ok(Appended { msg: stored, duplicate: false })
     }
 
+    /// One attempt of [`GroupStore::create_group`].
+    async fn create_group_in(&self, ctx: &mut Ctx<'_>, group: &Group, members: &[&str]) -> FResult<bool> {
+        if ctx.find_one(&self.groups, doc! { "_id": &group.id }).await?.is_some() {
+            return Ok(false);
+        }
+        ctx.insert_one(&self.groups, group_doc(group)).await?;
+        let mut entries = vec![member_entry(&group.id, &group.owner, Role::Owner)];
+        entries.extend(members.iter().map(|u| member_entry(&group.id, u, Role::Member)));
+        ctx.insert_missing(&self.group_members, entries).await?;
+        Ok(true)
+    }
+
     async fn find_messages(&self, filter: Document, descending: bool, limit: usize) -> Result<Vec<Message>> {
         if limit == 0 {
             // MongoDB reads a limit of 0 as "no limit".
@@ -751,6 +814,7 @@ impl AccountStore for MongoStore {
             "nickname": &user.nickname,
             "password_hash": &user.password_hash,
             "created_ms": int(user.created_ms),
+            "banned": user.banned,
         };
         match self.users.insert_one(d).await {
             Ok(_) => Ok(true),
@@ -766,6 +830,10 @@ impl AccountStore for MongoStore {
             nickname: text(&d, "nickname")?,
             password_hash: text(&d, "password_hash")?,
             created_ms: number(&d, "created_ms")?,
+            banned: match d.get("banned") {
+                None | Some(Bson::Null) => false,
+                Some(_) => flag(&d, "banned")?,
+            },
         }))
     }
 
@@ -789,6 +857,11 @@ impl AccountStore for MongoStore {
     async fn revoke_session(&self, id: &str) -> Result<()> {
         self.sessions.update_one(doc! { "_id": id }, doc! { "$set": { "revoked": true } }).await?;
         Ok(())
+    }
+
+    async fn set_banned(&self, username: &str, banned: bool) -> Result<bool> {
+        let r = self.users.update_one(doc! { "_id": username }, doc! { "$set": { "banned": banned } }).await?;
+        Ok(r.matched_count == 1)
     }
 }
 
@@ -906,6 +979,61 @@ impl MessageStore for MongoStore {
         let cursor = self.acks.find(doc! { "user": user, "device": device }).await?;
         collect(cursor).await?.iter().map(|d| Ok((text(d, "conv")?, number(d, "seq")?))).collect()
     }
+
+    async fn set_read(&self, user: &str, conv: &str, seq: u64) -> Result<u64> {
+        let filter = doc! { "_id": key(&[user, conv]) };
+        if seq == 0 {
+            // As with acks: a read of 0 records nothing.
+            return match self.reads.find_one(filter).await? {
+                Some(d) => number(&d, "seq"),
+                None => Ok(0),
+            };
+        }
+        let update = doc! {
+            "$max": { "seq": int(seq) },
+            "$setOnInsert": { "user": user, "conv": conv },
+        };
+        let upsert = || {
+            self.reads
+                .find_one_and_update(filter.clone(), update.clone())
+                .upsert(true)
+                .return_document(ReturnDocument::After)
+        };
+        let stored = match upsert().await {
+            Ok(d) => d,
+            // Two first reads racing: one upsert inserts, the other must update.
+            Err(e) if is_duplicate_key(&e) => upsert().await?,
+            Err(e) => return Err(e.into()),
+        };
+        let stored = stored.ok_or_else(|| corrupt("reads upsert returned no document"))?;
+        number(&stored, "seq")
+    }
+
+    async fn reads(&self, user: &str) -> Result<HashMap<String, u64>> {
+        let cursor = self.reads.find(doc! { "user": user }).await?;
+        collect(cursor).await?.iter().map(|d| Ok((text(d, "conv")?, number(d, "seq")?))).collect()
+    }
+
+    async fn find_mid(&self, conv: &str, mid: &str) -> Result<Option<Message>> {
+        self.messages.find_one(doc! { "conv": conv, "mid": mid }).await?.as_ref().map(message_from_doc).transpose()
+    }
+
+    async fn recall(&self, conv: &str, seq: u64) -> Result<Option<Message>> {
+        let filter = doc! { "conv": conv, "seq": int(seq) };
+        let update = doc! { "$set": recalled_fields()? };
+        let found = self.messages.find_one_and_update(filter, update).return_document(ReturnDocument::After).await?;
+        found.as_ref().map(message_from_doc).transpose()
+    }
+}
+
+impl MongoStore {
+    /// Gives the stored message (conv, seq) of `m` the type and body of
+    /// `m`; whether there was one.
+    async fn recall_stored(&self, m: &Message) -> Result<bool> {
+        let filter = doc! { "conv": &m.conv, "seq": int(m.seq) };
+        let update = doc! { "$set": { "type": &m.kind, "body": serde_json::to_string(&m.body)? } };
+        Ok(self.messages.update_one(filter, update).await?.matched_count == 1)
+    }
 }
 
 #[async_trait]
@@ -921,12 +1049,17 @@ impl DurableLog for MongoStore {
         let mut tops: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
         let mut members: BTreeSet<(&str, &str)> = BTreeSet::new();
         let mut docs = Vec::with_capacity(records.len());
+        let mut recalls: BTreeMap<(&str, u64), &Message> = BTreeMap::new();
         for r in records {
             let m = &r.msg;
             let top = tops.entry(m.conv.as_str()).or_default();
             *top = (top.0.max(m.seq), top.1.max(m.ts));
             members.extend(r.members.iter().map(|u| (u.as_str(), m.conv.as_str())));
-            docs.push(message_doc(m)?);
+            if r.recall {
+                recalls.insert((m.conv.as_str(), m.seq), m);
+            } else {
+                docs.push(message_doc(m)?);
+            }
         }
         for (conv, (seq, ts)) in tops {
             let filter = doc! { "_id": conv };
@@ -941,16 +1074,104 @@ impl DurableLog for MongoStore {
         }
         // A record whose (conv, seq) is stored, or whose (conv, from, cmid)
         // is already taken, is skipped, not an error.
-        let inserted = match self.messages.insert_many(docs).ordered(false).await {
-            Ok(r) => r.inserted_ids.len() as u64,
-            Err(e) => match duplicates_only(&e) {
-                Some(skipped) => (records.len() as u64).saturating_sub(skipped),
-                None => return Err(e.into()),
+        let plain = docs.len() as u64;
+        let mut inserted = match docs.is_empty() {
+            true => 0,
+            false => match self.messages.insert_many(docs).ordered(false).await {
+                Ok(r) => r.inserted_ids.len() as u64,
+                Err(e) => match duplicates_only(&e) {
+                    Some(skipped) => plain.saturating_sub(skipped),
+                    None => return Err(e.into()),
+                },
             },
         };
+        // Recalls after the originals of the batch: a stored message takes
+        // the recalled type and body; a missing one is stored in its
+        // recalled form, so that its original, arriving later, is skipped.
+        for m in recalls.into_values() {
+            if self.recall_stored(m).await? {
+                continue;
+            }
+            match self.messages.insert_one(message_doc(m)?).await {
+                Ok(_) => inserted += 1,
+                // The original (or its cmid) was stored meanwhile: recall it.
+                Err(e) if is_duplicate_key(&e) => {
+                    self.recall_stored(m).await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         let entries = members.into_iter().map(|(u, c)| (key(&[u, c]), doc! { "user": u, "conv": c })).collect();
         Ctx { session: None }.insert_missing(&self.user_convs, entries).await?;
         Ok(inserted)
+    }
+}
+
+#[async_trait]
+impl GroupStore for MongoStore {
+    async fn create_group(&self, group: &Group, members: &[String]) -> Result<bool> {
+        let members: BTreeSet<&str> = members.iter().map(String::as_str).filter(|u| *u != group.owner).collect();
+        let members: Vec<&str> = members.into_iter().collect();
+        match transact!(self, |ctx| self.create_group_in(ctx, group, &members)).await {
+            Ok(created) => Ok(created),
+            // A racing creation of the same id won.
+            Err(Fail::Mongo(e)) if is_duplicate_key(&e) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn group(&self, id: &str) -> Result<Option<Group>> {
+        self.groups.find_one(doc! { "_id": id }).await?.as_ref().map(group_from_doc).transpose()
+    }
+
+    async fn add_member(&self, id: &str, user: &str, role: Role) -> Result<bool> {
+        let (entry_id, mut d) = member_entry(id, user, role);
+        d.insert("_id", entry_id);
+        match self.group_members.insert_one(d).await {
+            Ok(_) => Ok(true),
+            Err(e) if is_duplicate_key(&e) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn remove_member(&self, id: &str, user: &str) -> Result<bool> {
+        Ok(self.group_members.delete_one(doc! { "_id": key(&[id, user]) }).await?.deleted_count == 1)
+    }
+
+    async fn set_role(&self, id: &str, user: &str, role: Role) -> Result<bool> {
+        let filter = doc! { "_id": key(&[id, user]) };
+        let r = self.group_members.update_one(filter, doc! { "$set": { "role": role.as_str() } }).await?;
+        Ok(r.matched_count == 1)
+    }
+
+    async fn role(&self, id: &str, user: &str) -> Result<Option<Role>> {
+        self.group_members.find_one(doc! { "_id": key(&[id, user]) }).await?.as_ref().map(role_from_doc).transpose()
+    }
+
+    async fn members(&self, id: &str) -> Result<Vec<(String, Role)>> {
+        let cursor = self.group_members.find(doc! { "group": id }).sort(doc! { "user": 1 }).await?;
+        collect(cursor).await?.iter().map(|d| Ok((text(d, "user")?, role_from_doc(d)?))).collect()
+    }
+
+    async fn user_groups(&self, user: &str) -> Result<Vec<(Group, Role)>> {
+        let cursor = self.group_members.find(doc! { "user": user }).sort(doc! { "group": 1 }).await?;
+        let memberships = collect(cursor).await?;
+        if memberships.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids = memberships.iter().map(|d| text(d, "group")).collect::<Result<Vec<_>>>()?;
+        let mut groups = HashMap::with_capacity(ids.len());
+        for d in collect(self.groups.find(doc! { "_id": { "$in": &ids } }).await?).await? {
+            let g = group_from_doc(&d)?;
+            groups.insert(g.id.clone(), g);
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        for (id, d) in ids.iter().zip(&memberships) {
+            let g =
+                groups.remove(id).ok_or_else(|| corrupt(format_args!("membership of {user} in missing group {id}")))?;
+            out.push((g, role_from_doc(d)?));
+        }
+        Ok(out)
     }
 }
 

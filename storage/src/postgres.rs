@@ -18,8 +18,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, Recycli
 use tokio_postgres::{NoTls, Row};
 
 use crate::{
-    new_mid, now_ms, AccountStore, Appended, DurableLog, FriendState, Message, MessageStore, NewMessage,
-    RequestOutcome, Result, SequencedRecord, Session, SocialStore, StorageError, User,
+    new_mid, now_ms, AccountStore, Appended, DurableLog, FriendState, Group, GroupStore, Message, MessageStore,
+    NewMessage, RequestOutcome, Result, Role, SequencedRecord, Session, SocialStore, StorageError, User,
 };
 
 /// Key of the advisory lock taken while creating the schema ("sbschema").
@@ -83,6 +83,27 @@ CREATE TABLE IF NOT EXISTS acks (
     seq BIGINT NOT NULL,
     PRIMARY KEY (username, device, conv)
 );
+ALTER TABLE users ADD COLUMN IF NOT EXISTS banned BOOLEAN NOT NULL DEFAULT FALSE;
+CREATE INDEX IF NOT EXISTS messages_mid ON messages (conv, mid);
+CREATE TABLE IF NOT EXISTS reads (
+    username TEXT COLLATE "C" NOT NULL,
+    conv TEXT COLLATE "C" NOT NULL,
+    seq BIGINT NOT NULL,
+    PRIMARY KEY (username, conv)
+);
+CREATE TABLE IF NOT EXISTS groups (
+    id TEXT COLLATE "C" PRIMARY KEY,
+    name TEXT NOT NULL,
+    owner TEXT COLLATE "C" NOT NULL,
+    created_ms BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS group_members (
+    group_id TEXT COLLATE "C" NOT NULL,
+    username TEXT COLLATE "C" NOT NULL,
+    role TEXT NOT NULL,
+    PRIMARY KEY (group_id, username)
+);
+CREATE INDEX IF NOT EXISTS group_members_username ON group_members (username);
 "#;
 
 const MESSAGE_COLS: &str = "conv, seq, mid, from_user, cmid, type, body, ts";
@@ -120,6 +141,20 @@ fn message_from_row(r: &Row) -> Result<Message> {
         kind: r.try_get("type")?,
         body: serde_json::from_str(&body)?,
         ts: uint(r.try_get("ts")?),
+    })
+}
+
+fn role_from_row(r: &Row) -> Result<Role> {
+    let role: String = r.try_get("role")?;
+    Role::parse(&role).ok_or_else(|| StorageError::Corrupt(format!("unknown group role {role:?}")))
+}
+
+fn group_from_row(r: &Row) -> Result<Group> {
+    Ok(Group {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        owner: r.try_get("owner")?,
+        created_ms: uint(r.try_get("created_ms")?),
     })
 }
 
@@ -250,18 +285,22 @@ impl AccountStore for PgStore {
         let c = self.client().await?;
         let st = c
             .prepare_cached(
-                "INSERT INTO users (username, nickname, password_hash, created_ms) VALUES ($1, $2, $3, $4) \
+                "INSERT INTO users (username, nickname, password_hash, created_ms, banned) VALUES ($1, $2, $3, $4, $5) \
                  ON CONFLICT (username) DO NOTHING",
             )
             .await?;
-        let n = c.execute(&st, &[&user.username, &user.nickname, &user.password_hash, &int(user.created_ms)]).await?;
+        let n = c
+            .execute(&st, &[&user.username, &user.nickname, &user.password_hash, &int(user.created_ms), &user.banned])
+            .await?;
         Ok(n == 1)
     }
 
     async fn get_user(&self, username: &str) -> Result<Option<User>> {
         let c = self.client().await?;
         let st = c
-            .prepare_cached("SELECT username, nickname, password_hash, created_ms FROM users WHERE username = $1")
+            .prepare_cached(
+                "SELECT username, nickname, password_hash, created_ms, banned FROM users WHERE username = $1",
+            )
             .await?;
         let Some(r) = c.query_opt(&st, &[&username]).await? else { return Ok(None) };
         Ok(Some(User {
@@ -269,6 +308,7 @@ impl AccountStore for PgStore {
             nickname: r.try_get("nickname")?,
             password_hash: r.try_get("password_hash")?,
             created_ms: uint(r.try_get("created_ms")?),
+            banned: r.try_get("banned")?,
         }))
     }
 
@@ -352,6 +392,12 @@ impl AccountStore for PgStore {
         let st = c.prepare_cached("UPDATE sessions SET revoked = TRUE WHERE id = $1").await?;
         c.execute(&st, &[&id]).await?;
         Ok(())
+    }
+
+    async fn set_banned(&self, username: &str, banned: bool) -> Result<bool> {
+        let c = self.client().await?;
+        let st = c.prepare_cached("UPDATE users SET banned = $2 WHERE username = $1").await?;
+        Ok(c.execute(&st, &[&username, &banned]).await? == 1)
     }
 }
 
@@ -584,6 +630,102 @@ impl MessageStore for PgStore {
         let st = c.prepare_cached("SELECT conv, seq FROM acks WHERE username = $1 AND device = $2").await?;
         c.query(&st, &[&user, &device]).await?.iter().map(|r| Ok((r.try_get(0)?, uint(r.try_get(1)?)))).collect()
     }
+
+    async fn set_read(&self, user: &str, conv: &str, seq: u64) -> Result<u64> {
+        let c = self.client().await?;
+        if seq == 0 {
+            // As with acks: a read of 0 records nothing.
+            let st = c.prepare_cached("SELECT seq FROM reads WHERE username = $1 AND conv = $2").await?;
+            return Ok(c
+                .query_opt(&st, &[&user, &conv])
+                .await?
+                .map(|r| r.try_get(0))
+                .transpose()?
+                .map(uint)
+                .unwrap_or(0));
+        }
+        let st = c
+            .prepare_cached(
+                "INSERT INTO reads (username, conv, seq) VALUES ($1, $2, $3) \
+                 ON CONFLICT (username, conv) DO UPDATE SET seq = GREATEST(reads.seq, EXCLUDED.seq) RETURNING seq",
+            )
+            .await?;
+        Ok(uint(c.query_one(&st, &[&user, &conv, &int(seq)]).await?.try_get(0)?))
+    }
+
+    async fn reads(&self, user: &str) -> Result<HashMap<String, u64>> {
+        let c = self.client().await?;
+        let st = c.prepare_cached("SELECT conv, seq FROM reads WHERE username = $1").await?;
+        c.query(&st, &[&user]).await?.iter().map(|r| Ok((r.try_get(0)?, uint(r.try_get(1)?)))).collect()
+    }
+
+    async fn find_mid(&self, conv: &str, mid: &str) -> Result<Option<Message>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(&format!("SELECT {MESSAGE_COLS} FROM messages WHERE conv = $1 AND mid = $2 LIMIT 1"))
+            .await?;
+        c.query_opt(&st, &[&conv, &mid]).await?.as_ref().map(message_from_row).transpose()
+    }
+
+    async fn recall(&self, conv: &str, seq: u64) -> Result<Option<Message>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(&format!(
+                "UPDATE messages SET type = 'recalled', body = '\"\"' WHERE conv = $1 AND seq = $2 \
+                 RETURNING {MESSAGE_COLS}"
+            ))
+            .await?;
+        c.query_opt(&st, &[&conv, &int(seq)]).await?.as_ref().map(message_from_row).transpose()
+    }
+}
+
+/// The columns of a set of records, as arrays for `unnest`.
+#[derive(Default)]
+struct Columns<'a> {
+    convs: Vec<&'a str>,
+    seqs: Vec<i64>,
+    mids: Vec<&'a str>,
+    froms: Vec<&'a str>,
+    cmids: Vec<&'a str>,
+    kinds: Vec<&'a str>,
+    bodies: Vec<String>,
+    tss: Vec<i64>,
+}
+
+impl<'a> Columns<'a> {
+    fn push(&mut self, m: &'a Message) -> Result<()> {
+        self.convs.push(m.conv.as_str());
+        self.seqs.push(int(m.seq));
+        self.mids.push(m.mid.as_str());
+        self.froms.push(m.from.as_str());
+        self.cmids.push(m.cmid.as_str());
+        self.kinds.push(m.kind.as_str());
+        self.bodies.push(serde_json::to_string(&m.body)?);
+        self.tss.push(int(m.ts));
+        Ok(())
+    }
+
+    /// Inserts the rows whose (conv, seq) and (conv, from, cmid) are free;
+    /// how many were inserted.
+    async fn insert_missing(&self, tx: &deadpool_postgres::Transaction<'_>) -> Result<u64> {
+        if self.convs.is_empty() {
+            return Ok(0);
+        }
+        // No conflict target: a record whose (conv, seq) is stored, or whose
+        // (conv, from, cmid) is already taken, is skipped, not an error.
+        let st = tx
+            .prepare_cached(&format!(
+                r#"INSERT INTO messages ({MESSAGE_COLS})
+                   SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[],
+                                        $7::text[], $8::int8[]) AS r({MESSAGE_COLS})
+                   ORDER BY conv COLLATE "C", seq
+                   ON CONFLICT DO NOTHING"#
+            ))
+            .await?;
+        let (c, sq, md, fr, cm, k, b, ts) =
+            (&self.convs, &self.seqs, &self.mids, &self.froms, &self.cmids, &self.kinds, &self.bodies, &self.tss);
+        Ok(tx.execute(&st, &[c, sq, md, fr, cm, k, b, ts]).await?)
+    }
 }
 
 #[async_trait]
@@ -592,24 +734,28 @@ impl DurableLog for PgStore {
         if records.is_empty() {
             return Ok(0);
         }
-        let mut convs = Vec::with_capacity(records.len());
-        let (mut seqs, mut mids, mut froms, mut cmids, mut kinds, mut bodies, mut tss) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut counters: (Vec<&str>, Vec<i64>) = (Vec::with_capacity(records.len()), Vec::new());
+        let mut plain = Columns::default();
+        // One recall per (conv, seq): an UPDATE may touch a row only once.
+        let mut recalls: std::collections::BTreeMap<(&str, u64), &Message> = std::collections::BTreeMap::new();
         let (mut member_users, mut member_convs) = (Vec::new(), Vec::new());
         for r in records {
             let m = &r.msg;
-            convs.push(m.conv.as_str());
-            seqs.push(int(m.seq));
-            mids.push(m.mid.as_str());
-            froms.push(m.from.as_str());
-            cmids.push(m.cmid.as_str());
-            kinds.push(m.kind.as_str());
-            bodies.push(serde_json::to_string(&m.body)?);
-            tss.push(int(m.ts));
+            counters.0.push(m.conv.as_str());
+            counters.1.push(int(m.seq));
+            if r.recall {
+                recalls.insert((m.conv.as_str(), m.seq), m);
+            } else {
+                plain.push(m)?;
+            }
             for u in &r.members {
                 member_users.push(u.as_str());
                 member_convs.push(m.conv.as_str());
             }
+        }
+        let mut recalled = Columns::default();
+        for m in recalls.values() {
+            recalled.push(m)?;
         }
         let mut c = self.client().await?;
         let tx = c.transaction().await?;
@@ -624,19 +770,24 @@ impl DurableLog for PgStore {
                    ON CONFLICT (conv) DO UPDATE SET last_seq = GREATEST(conv_seq.last_seq, EXCLUDED.last_seq)"#,
             )
             .await?;
-        tx.execute(&st, &[&convs, &seqs]).await?;
-        // No conflict target: a record whose (conv, seq) is stored, or whose
-        // (conv, from, cmid) is already taken, is skipped, not an error.
-        let st = tx
-            .prepare_cached(&format!(
-                r#"INSERT INTO messages ({MESSAGE_COLS})
-                   SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[],
-                                        $7::text[], $8::int8[]) AS r({MESSAGE_COLS})
-                   ORDER BY conv COLLATE "C", seq
-                   ON CONFLICT DO NOTHING"#
-            ))
-            .await?;
-        let inserted = tx.execute(&st, &[&convs, &seqs, &mids, &froms, &cmids, &kinds, &bodies, &tss]).await?;
+        tx.execute(&st, &[&counters.0, &counters.1]).await?;
+        let mut inserted = plain.insert_missing(&tx).await?;
+        if !recalled.convs.is_empty() {
+            // Recalls after the originals of the batch: a stored message
+            // (however it got there) takes the recalled type and body; a
+            // missing one is stored in its recalled form, so that its
+            // original, arriving later, is skipped.
+            let st = tx
+                .prepare_cached(
+                    r#"UPDATE messages m SET type = r.type, body = r.body
+                       FROM (SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[])
+                             AS u(conv, seq, type, body) ORDER BY conv COLLATE "C", seq) r
+                       WHERE m.conv = r.conv AND m.seq = r.seq"#,
+                )
+                .await?;
+            tx.execute(&st, &[&recalled.convs, &recalled.seqs, &recalled.kinds, &recalled.bodies]).await?;
+            inserted += recalled.insert_missing(&tx).await?;
+        }
         if !member_users.is_empty() {
             let st = tx
                 .prepare_cached(
@@ -650,6 +801,91 @@ impl DurableLog for PgStore {
         }
         tx.commit().await?;
         Ok(inserted)
+    }
+}
+
+#[async_trait]
+impl GroupStore for PgStore {
+    async fn create_group(&self, group: &Group, members: &[String]) -> Result<bool> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        let st = tx
+            .prepare_cached(
+                "INSERT INTO groups (id, name, owner, created_ms) VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING",
+            )
+            .await?;
+        if tx.execute(&st, &[&group.id, &group.name, &group.owner, &int(group.created_ms)]).await? != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        let st = tx
+            .prepare_cached(
+                r#"INSERT INTO group_members (group_id, username, role)
+                   SELECT $1, $2, 'owner'
+                   UNION ALL
+                   SELECT DISTINCT $1, u, 'member' FROM unnest($3::text[]) AS m(u) WHERE u <> $2
+                   ON CONFLICT DO NOTHING"#,
+            )
+            .await?;
+        tx.execute(&st, &[&group.id, &group.owner, &members]).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn group(&self, id: &str) -> Result<Option<Group>> {
+        let c = self.client().await?;
+        let st = c.prepare_cached("SELECT id, name, owner, created_ms FROM groups WHERE id = $1").await?;
+        c.query_opt(&st, &[&id]).await?.as_ref().map(group_from_row).transpose()
+    }
+
+    async fn add_member(&self, id: &str, user: &str, role: Role) -> Result<bool> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(
+                "INSERT INTO group_members (group_id, username, role) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            )
+            .await?;
+        Ok(c.execute(&st, &[&id, &user, &role.as_str()]).await? == 1)
+    }
+
+    async fn remove_member(&self, id: &str, user: &str) -> Result<bool> {
+        let c = self.client().await?;
+        let st = c.prepare_cached("DELETE FROM group_members WHERE group_id = $1 AND username = $2").await?;
+        Ok(c.execute(&st, &[&id, &user]).await? == 1)
+    }
+
+    async fn set_role(&self, id: &str, user: &str, role: Role) -> Result<bool> {
+        let c = self.client().await?;
+        let st = c.prepare_cached("UPDATE group_members SET role = $3 WHERE group_id = $1 AND username = $2").await?;
+        Ok(c.execute(&st, &[&id, &user, &role.as_str()]).await? == 1)
+    }
+
+    async fn role(&self, id: &str, user: &str) -> Result<Option<Role>> {
+        let c = self.client().await?;
+        let st = c.prepare_cached("SELECT role FROM group_members WHERE group_id = $1 AND username = $2").await?;
+        c.query_opt(&st, &[&id, &user]).await?.as_ref().map(role_from_row).transpose()
+    }
+
+    async fn members(&self, id: &str) -> Result<Vec<(String, Role)>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(
+                r#"SELECT username, role FROM group_members WHERE group_id = $1 ORDER BY username COLLATE "C""#,
+            )
+            .await?;
+        c.query(&st, &[&id]).await?.iter().map(|r| Ok((r.try_get("username")?, role_from_row(r)?))).collect()
+    }
+
+    async fn user_groups(&self, user: &str) -> Result<Vec<(Group, Role)>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(
+                r#"SELECT g.id, g.name, g.owner, g.created_ms, m.role FROM group_members m
+                   JOIN groups g ON g.id = m.group_id
+                   WHERE m.username = $1 ORDER BY g.id COLLATE "C""#,
+            )
+            .await?;
+        c.query(&st, &[&user]).await?.iter().map(|r| Ok((group_from_row(r)?, role_from_row(r)?))).collect()
     }
 }
 

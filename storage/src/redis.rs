@@ -191,6 +191,20 @@ impl RedisStore {
         Ok(())
     }
 
+    /// Replaces the cached message with `msg.seq` by `msg` (adding it if it
+    /// was not cached), atomically.
+    pub async fn replace_cached(&self, msg: &Message) -> Result<()> {
+        let key = self.key(&["recent", &msg.conv]);
+        let json = serde_json::to_string(msg)?;
+        let mut p = redis::pipe();
+        p.atomic();
+        p.cmd("ZREMRANGEBYSCORE").arg(&key).arg(msg.seq).arg(msg.seq).ignore();
+        p.cmd("ZADD").arg(&key).arg(msg.seq).arg(json).ignore();
+        p.cmd("EXPIRE").arg(&key).arg(RECENT_TTL_SECS).ignore();
+        let _: () = p.query_async(&mut self.conn.clone()).await?;
+        Ok(())
+    }
+
     /// Cached messages with seq in `lo..=hi`, oldest first.
     pub async fn cached_range(&self, conv: &str, lo: u64, hi: u64) -> Result<Vec<Message>> {
         let raw: Vec<String> = self.conn.clone().zrangebyscore(self.key(&["recent", conv]), lo, hi).await?;

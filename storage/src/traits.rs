@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 
 use crate::{
-    Appended, ConnRef, FriendState, Member, Message, NewMessage, RequestOutcome, Result, SequencedRecord, Session, User,
+    Appended, ConnRef, FriendState, Group, Member, Message, NewMessage, RequestOutcome, Result, Role, SequencedRecord,
+    Session, User,
 };
 
 /// Accounts and sessions.
@@ -25,6 +26,8 @@ pub trait AccountStore: Send + Sync {
     /// and the session is not revoked; `false` otherwise.
     async fn rotate_refresh(&self, session_id: &str, old_hash: &str, new_hash: &str, expires_ms: u64) -> Result<bool>;
     async fn revoke_session(&self, id: &str) -> Result<()>;
+    /// Sets or clears the ban flag; `false` when there is no such user.
+    async fn set_banned(&self, username: &str, banned: bool) -> Result<bool>;
 }
 
 /// The social graph.
@@ -65,6 +68,38 @@ pub trait MessageStore: Send + Sync {
     async fn set_ack(&self, user: &str, device: &str, conv: &str, seq: u64) -> Result<()>;
     /// The acked seq per conversation of one device.
     async fn acks(&self, user: &str, device: &str) -> Result<HashMap<String, u64>>;
+    /// Records that `user` read `conv` up to `seq` (never moves back);
+    /// returns the read seq now stored.
+    async fn set_read(&self, user: &str, conv: &str, seq: u64) -> Result<u64>;
+    /// The read seq per conversation of a user (all devices together).
+    async fn reads(&self, user: &str) -> Result<HashMap<String, u64>>;
+    /// The message of `conv` with this mid.
+    async fn find_mid(&self, conv: &str, mid: &str) -> Result<Option<Message>>;
+    /// Replaces a stored message by its recalled form (same conv, seq, mid,
+    /// from, cmid, ts; `kind` "recalled"; empty string body). Returns the
+    /// recalled message, or `None` when there is no message with that seq.
+    async fn recall(&self, conv: &str, seq: u64) -> Result<Option<Message>>;
+}
+
+/// Groups and their members.
+#[async_trait]
+pub trait GroupStore: Send + Sync {
+    /// Creates the group with its owner (role owner) and `members` (role
+    /// member; the owner and duplicates in the list are ignored); `false`
+    /// when the id is taken.
+    async fn create_group(&self, group: &Group, members: &[String]) -> Result<bool>;
+    async fn group(&self, id: &str) -> Result<Option<Group>>;
+    /// Adds a member with `role`; `false` if `user` already belongs.
+    async fn add_member(&self, id: &str, user: &str, role: Role) -> Result<bool>;
+    /// Removes a member; `false` if `user` did not belong.
+    async fn remove_member(&self, id: &str, user: &str) -> Result<bool>;
+    /// Changes a member's role; `false` if `user` does not belong.
+    async fn set_role(&self, id: &str, user: &str, role: Role) -> Result<bool>;
+    async fn role(&self, id: &str, user: &str) -> Result<Option<Role>>;
+    /// Members and roles, ordered by user name.
+    async fn members(&self, id: &str) -> Result<Vec<(String, Role)>>;
+    /// The groups of `user` with the user's role, ordered by group id.
+    async fn user_groups(&self, user: &str) -> Result<Vec<(Group, Role)>>;
 }
 
 /// The durable end of the cluster pipeline: the persist worker writes

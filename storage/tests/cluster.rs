@@ -126,12 +126,32 @@ async fn cluster_message_path_and_persist_worker() {
     task.await.unwrap().unwrap();
     assert!(stats.stored.load(Ordering::Relaxed) >= 50);
 
+    // a recall of a persisted message shows at once, though Postgres still
+    // has the original until the worker runs again
+    let original = pg.range(&conv, 9, 1).await.unwrap().pop().unwrap();
+    let recalled = cluster.recall(&conv, 10).await.unwrap().expect("seq 10 exists");
+    assert_eq!((recalled.seq, recalled.mid.as_str(), recalled.kind.as_str()), (10, original.mid.as_str(), "recalled"));
+    assert_eq!(recalled.body, serde_json::json!(""));
+    assert_eq!(cluster.range(&conv, 9, 1).await.unwrap(), vec![recalled.clone()]);
+    assert_eq!(cluster.history(&conv, Some(11), 1).await.unwrap(), vec![recalled.clone()]);
+    assert_eq!(cluster.find_mid(&conv, &original.mid).await.unwrap(), Some(recalled.clone()));
+    assert_eq!(pg.range(&conv, 9, 1).await.unwrap(), vec![original.clone()], "persisted by the worker only");
+    assert_eq!(cluster.recall(&conv, 500).await.unwrap(), None);
+
     // worker down: sends still succeed and are readable at once
     for i in 51..=60 {
         cluster.append(text(&conv, &format!("m{i}")), &members).await.unwrap();
     }
     let seqs: Vec<u64> = cluster.range(&conv, 0, 100).await.unwrap().into_iter().map(|m| m.seq).collect();
     assert_eq!(seqs, (1..=60).collect::<Vec<_>>());
+    // a recall of a message only in the cache, found by mid
+    let fresh = cluster.range(&conv, 54, 1).await.unwrap().pop().unwrap();
+    assert_eq!(pg.find_mid(&conv, &fresh.mid).await.unwrap(), None, "not persisted yet");
+    assert_eq!(cluster.find_mid(&conv, &fresh.mid).await.unwrap(), Some(fresh.clone()));
+    let recalled55 = cluster.recall(&conv, 55).await.unwrap().expect("seq 55 is cached");
+    assert_eq!(recalled55.kind, "recalled");
+    assert_eq!(cluster.range(&conv, 54, 1).await.unwrap(), vec![recalled55.clone()]);
+    assert_eq!(cluster.find_mid(&conv, &fresh.mid).await.unwrap(), Some(recalled55.clone()));
     assert_eq!(
         cluster.history(&conv, None, 3).await.unwrap().iter().map(|m| m.seq).collect::<Vec<_>>(),
         vec![60, 59, 58]
@@ -145,6 +165,11 @@ async fn cluster_message_path_and_persist_worker() {
     let (stop, stopped) = tokio::sync::oneshot::channel();
     let (task, stats) = run_worker(stopped);
     assert_eq!(wait_durable(&pg, &conv, 61).await, (1..=61).collect::<Vec<_>>());
+    // the recall records reached Postgres (ordered before m61 in the partition)
+    assert_eq!(pg.range(&conv, 9, 1).await.unwrap(), vec![recalled.clone()]);
+    assert_eq!(pg.range(&conv, 54, 1).await.unwrap(), vec![recalled55.clone()]);
+    let kinds: Vec<String> = pg.range(&conv, 0, 100).await.unwrap().into_iter().map(|m| m.kind).collect();
+    assert_eq!(kinds.iter().filter(|k| *k == "recalled").count(), 2, "{kinds:?}");
     let deadline = Instant::now() + Duration::from_secs(10);
     while stats.dead_lettered.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;

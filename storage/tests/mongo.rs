@@ -46,7 +46,7 @@ async fn mongodb_meets_the_contract() {
     let Some(url) = url("contract") else { return };
     let store = MongoStore::connect(&url, &scratch_db()).await.unwrap();
     println!("mongodb: transactions {}", if store.uses_transactions() { "on" } else { "off" });
-    run_all(&store, &store, &store).await;
+    run_all(&store, &store, &store, &store).await;
     store.drop_database().await.unwrap();
 }
 
@@ -96,11 +96,23 @@ async fn racing_startups_all_create_the_schema() {
     names.sort();
     assert_eq!(
         names,
-        ["acks", "conv_seq", "friends", "messages", "refresh_tokens", "sessions", "user_convs", "users"],
+        [
+            "acks",
+            "conv_seq",
+            "friends",
+            "group_members",
+            "groups",
+            "messages",
+            "reads",
+            "refresh_tokens",
+            "sessions",
+            "user_convs",
+            "users"
+        ],
         "every collection is created"
     );
     let indexes = a.database().collection::<mongodb::bson::Document>("messages").list_index_names().await.unwrap();
-    assert_eq!(indexes.len(), 3, "_id, (conv, seq) and (conv, from, cmid): {indexes:?}");
+    assert_eq!(indexes.len(), 4, "_id, (conv, seq), (conv, from, cmid) and (conv, mid): {indexes:?}");
     let m = a.append(text("d:x:y", "x", "c1"), &["x".to_string()]).await.unwrap();
     assert_eq!(m.msg.seq, 1);
     assert_eq!(b.last_seq("d:x:y").await.unwrap(), 1);
@@ -121,6 +133,7 @@ fn record(conv: &str, seq: u64, from: &str, cmid: &str) -> SequencedRecord {
             ts: seq,
         },
         members: vec![from.into()],
+        recall: false,
     }
 }
 

@@ -47,7 +47,7 @@ fn with_search_path(url: &str, schema: &str) -> String {
 async fn postgres_meets_the_contract() {
     let Some(url) = url("contract") else { return };
     let store = PgStore::connect(&url, 8).await.unwrap();
-    run_all(&store, &store, &store).await;
+    run_all(&store, &store, &store, &store).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,7 +94,7 @@ async fn racing_startups_both_create_the_schema() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(tables, 8, "every table is created in the scratch schema");
+    assert_eq!(tables, 11, "every table is created in the scratch schema");
     let m = a.append(text("d:x:y", "x", "c1"), &["x".to_string()]).await.unwrap();
     assert_eq!(m.msg.seq, 1);
     assert_eq!(b.last_seq("d:x:y").await.unwrap(), 1);
@@ -116,6 +116,7 @@ fn record(conv: &str, seq: u64, from: &str, cmid: &str) -> SequencedRecord {
             ts: seq,
         },
         members: vec![from.into()],
+        recall: false,
     }
 }
 

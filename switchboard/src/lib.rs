@@ -57,7 +57,8 @@ async fn open_stores(s: &Settings) -> anyhow::Result<(Stores, Option<RedisStore>
         let stores = Stores {
             accounts: Arc::new(store.clone()),
             social: Arc::new(store.clone()),
-            messages: Arc::new(store),
+            messages: Arc::new(store.clone()),
+            groups: Arc::new(store),
             routes: Arc::new(MemoryRoutes::default()),
             registry: None,
         };
@@ -71,7 +72,8 @@ async fn open_stores(s: &Settings) -> anyhow::Result<(Stores, Option<RedisStore>
     let messages = ClusterMessages::new(redis.clone(), producer, topics, Arc::new(pg.clone()));
     let stores = Stores {
         accounts: Arc::new(pg.clone()),
-        social: Arc::new(pg),
+        social: Arc::new(pg.clone()),
+        groups: Arc::new(pg),
         messages: Arc::new(messages),
         routes: Arc::new(redis.clone()),
         registry: Some(Arc::new(redis.clone())),

@@ -119,6 +119,18 @@ pub struct Settings {
     /// Burst of HTTP auth requests per client IP; default 20.
     #[arg(long, env = "SB_AUTH_BURST")]
     pub auth_burst: Option<f64>,
+    /// Bearer token of the admin endpoints (/v1/admin/*); unset disables them.
+    #[arg(long, env = "SB_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Milliseconds after sending during which a message may be recalled; default 120000.
+    #[arg(long, env = "SB_RECALL_WINDOW_MS")]
+    pub recall_window_ms: Option<u64>,
+    /// Most members of one group; default 2000.
+    #[arg(long, env = "SB_MAX_GROUP_MEMBERS")]
+    pub max_group_members: Option<usize>,
+    /// Milliseconds an unanswered call rings before it ends with reason "timeout"; default 30000.
+    #[arg(long, env = "SB_RING_TIMEOUT_MS")]
+    pub ring_timeout_ms: Option<u64>,
 }
 
 macro_rules! overlay {
@@ -136,7 +148,8 @@ impl Settings {
             public_ws, jwt_secret, shards, max_frame_bytes, max_connections, max_outbound_frames, auth_timeout_ms,
             idle_timeout_ms, repush_ms, access_ttl_secs, refresh_ttl_secs, argon2_memory_kib, argon2_iterations,
             redis_url, postgres_url, kafka_brokers, key_prefix, topic_prefix, node_id, advertise_logic, persist_batch,
-            user_rate, user_burst, ip_rate, ip_burst, auth_rate, auth_burst);
+            user_rate, user_burst, ip_rate, ip_burst, auth_rate, auth_burst, admin_token, max_group_members,
+            ring_timeout_ms, recall_window_ms);
         Ok(self)
     }
 
@@ -231,6 +244,13 @@ impl Settings {
         c.user_rate = rate(self.user_rate, self.user_burst, c.user_rate);
         c.ip_rate = rate(self.ip_rate, self.ip_burst, c.ip_rate);
         c.auth_rate = rate(self.auth_rate, self.auth_burst, c.auth_rate);
+        c.admin_token = self.admin_token.clone().filter(|t| !t.is_empty());
+        if let Some(n) = self.max_group_members {
+            c.max_group_members = n;
+        }
+        if let Some(ms) = self.recall_window_ms {
+            c.recall_window = Duration::from_millis(ms);
+        }
         c.gateways = match self.public_ws.clone() {
             Some(urls) => urls.into_iter().map(|ws| switchboard_logic::GatewayInfo { ws, tcp: None }).collect(),
             None => public,
@@ -267,6 +287,9 @@ impl Settings {
         }
         if let Some(ms) = self.repush_ms {
             c.repush_interval = Duration::from_millis(ms);
+        }
+        if let Some(ms) = self.ring_timeout_ms {
+            c.ring_timeout = Duration::from_millis(ms);
         }
         Ok(c)
     }

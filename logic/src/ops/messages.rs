@@ -6,6 +6,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use switchboard_storage::{FriendState, Message, NewMessage};
 
+use super::groups::{require_role, valid_group_id};
 use super::{fields, require_user, Caller, Fields};
 use crate::error::ApiError;
 use crate::push::MsgRef;
@@ -28,15 +29,36 @@ fn direct_members(conv: &str) -> Option<(&str, &str)> {
 }
 
 /// Fails with `forbidden` unless `user` belongs to `conv`.
-fn require_member(conv: &str, user: &str) -> Result<(), ApiError> {
-    conv_members(conv, user).map(|_| ())
+pub async fn require_member(logic: &Logic, conv: &str, user: &str) -> Result<(), ApiError> {
+    let forbidden = || ApiError::forbidden(format!("not a member of `{conv}`"));
+    if let Some(id) = conv.strip_prefix("g:") {
+        if !valid_group_id(id) {
+            return Err(forbidden());
+        }
+        return match logic.stores.groups.role(id, user).await? {
+            Some(_) => Ok(()),
+            None => Err(forbidden()),
+        };
+    }
+    match direct_members(conv) {
+        Some((a, b)) if a == user || b == user => Ok(()),
+        _ => Err(forbidden()),
+    }
 }
 
 /// The members of `conv`, or `forbidden` unless `user` is one of them.
-pub fn conv_members(conv: &str, user: &str) -> Result<Vec<String>, ApiError> {
-    match direct_members(conv) {
-        Some((a, b)) if a == user || b == user => Ok(vec![a.to_owned(), b.to_owned()]),
-        _ => Err(ApiError::forbidden(format!("not a member of `{conv}`"))),
+pub async fn conv_members(logic: &Logic, conv: &str, user: &str) -> Result<Vec<String>, ApiError> {
+    require_member(logic, conv, user).await?;
+    match conv.strip_prefix("g:") {
+        Some(id) => Ok(logic.stores.groups.members(id).await?.into_iter().map(|(u, _)| u).collect()),
+        None => Ok(direct_members(conv).map(|(a, b)| vec![a.to_owned(), b.to_owned()]).unwrap_or_default()),
+    }
+}
+
+/// Pushes `frame` to every member of `conv` but `skip` (a connection).
+async fn to_members(logic: &Logic, members: &[String], frame: &Value, at: Option<MsgRef<'_>>, skip: (&str, u64)) {
+    for m in members {
+        logic.pusher.to_user(m, frame, at, Some(skip)).await;
     }
 }
 
@@ -81,7 +103,13 @@ pub async fn send(logic: &Logic, caller: &Caller, req: Send) -> Result<Fields, A
     validate_body(&req.kind, &req.body)?;
     let to = match (req.to, req.group) {
         (Some(to), None) => to,
-        (None, Some(group)) => return Err(ApiError::new("no_such_group", format!("no group `{group}`"))),
+        (None, Some(group)) => {
+            require_role(logic, &group, &caller.user).await?;
+            let conv = format!("g:{group}");
+            let new = NewMessage { conv, from: caller.user.clone(), cmid: req.cmid, kind: req.kind, body: req.body };
+            // One stored copy; members read it by seq (no per-member index).
+            return store_and_push(logic, caller, new, &[], None).await;
+        }
         _ => return Err(ApiError::bad_request("give exactly one of `to` and `group`")),
     };
     if to == caller.user {
@@ -93,18 +121,35 @@ pub async fn send(logic: &Logic, caller: &Caller, req: Send) -> Result<Fields, A
     }
     let conv = direct_conv(&caller.user, &to);
     let members = [caller.user.clone(), to.clone()];
-    let new =
-        NewMessage { conv: conv.clone(), from: caller.user.clone(), cmid: req.cmid, kind: req.kind, body: req.body };
+    let new = NewMessage { conv, from: caller.user.clone(), cmid: req.cmid, kind: req.kind, body: req.body };
+    store_and_push(logic, caller, new, &members, Some(&members)).await
+}
 
+/// Appends a message and pushes it to the conversation's members (all of
+/// them but the sending connection), in seq order per conversation.
+/// `index` are the users to index the conversation for (direct chats);
+/// `members` the push targets when already known.
+async fn store_and_push(
+    logic: &Logic,
+    caller: &Caller,
+    new: NewMessage,
+    index: &[String],
+    members: Option<&[String]>,
+) -> Result<Fields, ApiError> {
+    let conv = new.conv.clone();
     let _order = logic.conv_lock(&conv).lock().await;
-    let appended = logic.stores.messages.append(new, &members).await?;
+    let appended = logic.stores.messages.append(new, index).await?;
     let m = &appended.msg;
     if !appended.duplicate {
         crate::metrics::inc(&logic.metrics.sends);
+        logic.stores.messages.set_read(&caller.user, &m.conv, m.seq).await?;
+        let all = match members {
+            Some(list) => list.to_vec(),
+            None => conv_members(logic, &m.conv, &caller.user).await?,
+        };
         let push = json!({"op": "msg", "msg": m});
         let at = Some(MsgRef { conv: &m.conv, seq: m.seq });
-        logic.pusher.to_user(&to, &push, at, None).await;
-        logic.pusher.to_user(&caller.user, &push, at, Some((&caller.gateway, caller.conn_id))).await;
+        to_members(logic, &all, &push, at, (&caller.gateway, caller.conn_id)).await;
     }
     Ok(fields(json!({"conv": m.conv, "mid": m.mid, "seq": m.seq, "ts": m.ts})))
 }
@@ -116,7 +161,7 @@ pub struct Ack {
 }
 
 pub async fn ack(logic: &Logic, caller: &Caller, req: Ack) -> Result<Fields, ApiError> {
-    require_member(&req.conv, &caller.user)?;
+    require_member(logic, &req.conv, &caller.user).await?;
     logic.stores.messages.set_ack(&caller.user, &caller.device, &req.conv, req.seq).await?;
     Ok(Fields::new())
 }
@@ -133,7 +178,7 @@ pub async fn sync(logic: &Logic, caller: &Caller, req: Sync) -> Result<Fields, A
     let store = &logic.stores.messages;
     let acked = store.acks(&caller.user, &caller.device).await?;
     let mut msgs: Vec<Message> = Vec::new();
-    for (conv, last) in store.user_convs(&caller.user).await? {
+    for (conv, last) in user_convs(logic, &caller.user).await? {
         // The client's own view wins; for conversations it did not name,
         // resume after what this device acked.
         let from = req.since.get(&conv).or_else(|| acked.get(&conv)).copied().unwrap_or(0);
@@ -157,10 +202,82 @@ pub struct History {
 }
 
 pub async fn history(logic: &Logic, caller: &Caller, req: History) -> Result<Fields, ApiError> {
-    require_member(&req.conv, &caller.user)?;
+    require_member(logic, &req.conv, &caller.user).await?;
     let limit = req.limit.unwrap_or(50).clamp(1, 200);
     let msgs = logic.stores.messages.history(&req.conv, req.before_seq, limit).await?;
     Ok(fields(json!({"msgs": msgs})))
+}
+
+/// Every conversation of `user` with its last seq: direct chats from the
+/// message index, groups from membership.
+async fn user_convs(logic: &Logic, user: &str) -> Result<Vec<(String, u64)>, ApiError> {
+    let mut convs = logic.stores.messages.user_convs(user).await?;
+    for (g, _) in logic.stores.groups.user_groups(user).await? {
+        let conv = format!("g:{}", g.id);
+        let last = logic.stores.messages.last_seq(&conv).await?;
+        convs.push((conv, last));
+    }
+    Ok(convs)
+}
+
+#[derive(Deserialize)]
+pub struct Read {
+    conv: String,
+    seq: u64,
+}
+
+/// Marks `conv` read up to `seq` for the user and tells the other members.
+pub async fn read(logic: &Logic, caller: &Caller, req: Read) -> Result<Fields, ApiError> {
+    let members = conv_members(logic, &req.conv, &caller.user).await?;
+    let last = logic.stores.messages.last_seq(&req.conv).await?;
+    let seq = logic.stores.messages.set_read(&caller.user, &req.conv, req.seq.min(last)).await?;
+    let push = json!({"op": "read", "conv": req.conv, "user": caller.user, "seq": seq});
+    let others: Vec<String> = members.into_iter().filter(|m| *m != caller.user).collect();
+    to_members(logic, &others, &push, None, (&caller.gateway, caller.conn_id)).await;
+    Ok(Fields::new())
+}
+
+/// Conversations with their last message, unread count and read seq,
+/// newest activity first. Conversations without messages are left out.
+pub async fn convs(logic: &Logic, caller: &Caller) -> Result<Fields, ApiError> {
+    let reads = logic.stores.messages.reads(&caller.user).await?;
+    let mut out: Vec<(u64, Value)> = Vec::new();
+    for (conv, last_seq) in user_convs(logic, &caller.user).await? {
+        let Some(last) = logic.stores.messages.history(&conv, None, 1).await?.pop() else { continue };
+        let read_seq = reads.get(&conv).copied().unwrap_or(0).min(last_seq.max(last.seq));
+        let unread = last_seq.max(last.seq).saturating_sub(read_seq);
+        out.push((last.ts, json!({"conv": conv, "last": last, "unread": unread, "read_seq": read_seq})));
+    }
+    out.sort_by_key(|(ts, _)| std::cmp::Reverse(*ts));
+    Ok(fields(json!({"convs": out.into_iter().map(|(_, v)| v).collect::<Vec<_>>()})))
+}
+
+#[derive(Deserialize)]
+pub struct Recall {
+    conv: String,
+    mid: String,
+}
+
+pub async fn recall(logic: &Logic, caller: &Caller, req: Recall) -> Result<Fields, ApiError> {
+    let members = conv_members(logic, &req.conv, &caller.user).await?;
+    let store = &logic.stores.messages;
+    let Some(m) = store.find_mid(&req.conv, &req.mid).await? else {
+        return Err(ApiError::bad_request(format!("no message `{}` in `{}`", req.mid, req.conv)));
+    };
+    if m.from != caller.user {
+        return Err(ApiError::forbidden("only the sender may recall a message"));
+    }
+    if m.kind != "recalled" {
+        let window = logic.config.recall_window.as_millis() as u64;
+        if switchboard_storage::now_ms().saturating_sub(m.ts) > window {
+            return Err(ApiError::new("too_late", format!("messages can be recalled within {} s", window / 1000)));
+        }
+        let _order = logic.conv_lock(&req.conv).lock().await;
+        store.recall(&req.conv, m.seq).await?;
+    }
+    let push = json!({"op": "recall", "conv": req.conv, "mid": req.mid, "by": caller.user});
+    to_members(logic, &members, &push, None, (&caller.gateway, caller.conn_id)).await;
+    Ok(Fields::new())
 }
 
 #[cfg(test)]
@@ -175,8 +292,6 @@ mod tests {
         assert_eq!(direct_members("d:bob:alice"), None);
         assert_eq!(direct_members("d:alice"), None);
         assert_eq!(direct_members("g:abc"), None);
-        assert!(require_member("d:alice:bob", "bob").is_ok());
-        assert_eq!(require_member("d:alice:bob", "carol").unwrap_err().code, "forbidden");
     }
 
     #[test]

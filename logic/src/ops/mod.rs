@@ -1,7 +1,9 @@
 //! Socket ops: one module per area, each op one function taking the caller
 //! and its request fields, returning the reply fields or an [`ApiError`].
 
+mod calls;
 mod friends;
+mod groups;
 mod messages;
 pub mod presence;
 
@@ -72,6 +74,15 @@ async fn dispatch(logic: &Logic, caller: &Caller, op: &str, req: &Value) -> Resu
         "friend.reject" => friends::reject(logic, caller, parse(req)?).await,
         "friend.delete" => friends::delete(logic, caller, parse(req)?).await,
         "friend.list" => friends::list(logic, caller).await,
+        "read" => messages::read(logic, caller, parse(req)?).await,
+        "convs" => messages::convs(logic, caller).await,
+        "recall" => messages::recall(logic, caller, parse(req)?).await,
+        "group.create" => groups::create(logic, caller, parse(req)?).await,
+        "group.join" => groups::join(logic, caller, parse(req)?).await,
+        "group.leave" => groups::leave(logic, caller, parse(req)?).await,
+        "group.members" => groups::members(logic, caller, parse(req)?).await,
+        "group.list" => groups::list(logic, caller).await,
+        "call.offer" | "call.answer" | "call.ice" | "call.hangup" => calls::relay(logic, caller, op, parse(req)?).await,
         "presence" => presence::presence(logic, caller, parse(req)?).await,
         "typing" => presence::typing(logic, caller, parse(req)?).await,
         "auth" => Err(ApiError::bad_request("already authenticated")),

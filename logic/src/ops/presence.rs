@@ -92,7 +92,7 @@ pub struct Typing {
 
 /// Relays `typing` to the conversation's other members; nothing is stored.
 pub async fn typing(logic: &Logic, caller: &Caller, req: Typing) -> Result<Fields, ApiError> {
-    let members = conv_members(&req.conv, &caller.user)?;
+    let members = conv_members(logic, &req.conv, &caller.user).await?;
     let push = json!({"op": "typing", "conv": req.conv, "user": caller.user});
     for m in members.iter().filter(|m| **m != caller.user) {
         logic.pusher.to_user(m, &push, None, None).await;
