@@ -58,6 +58,24 @@ pub struct Claims {
     pub typ: String,
 }
 
+/// Session ids of tokens minted offline with the deployment key
+/// ([`mint`]); they have no stored session.
+pub const MINTED_SESSION_PREFIX: &str = "cli-";
+
+/// Mints an access token for `user` on `device` valid `ttl_secs`, without
+/// a stored session (for operators and load tests).
+pub fn mint(key: &TokenKey, user: &str, device: &str, ttl_secs: u64) -> String {
+    let now = now_secs();
+    key.sign(&Claims {
+        sub: user.to_owned(),
+        sid: format!("{MINTED_SESSION_PREFIX}{}", random_token(9)),
+        dev: device.to_owned(),
+        iat: now,
+        exp: now + ttl_secs,
+        typ: "access".into(),
+    })
+}
+
 const HEADER: &str = r#"{"alg":"HS256","typ":"JWT"}"#;
 
 /// Signs and verifies HS256 JWTs with one deployment-wide secret.

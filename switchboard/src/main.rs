@@ -29,6 +29,27 @@ enum Role {
     Gateway(Settings),
     /// The persist worker: Kafka message topic -> PostgreSQL.
     Persist(Settings),
+    /// Prints access tokens signed with the deployment's key (from
+    /// --data-dir or --jwt-secret), one per line, for load tests and operators.
+    Token(TokenArgs),
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    #[command(flatten)]
+    settings: Settings,
+    /// User the tokens are for.
+    #[arg(long)]
+    user: String,
+    /// Device id; with --count N, devices ID-0 .. ID-(N-1).
+    #[arg(long, default_value = "cli")]
+    device: String,
+    /// How many tokens (one per device).
+    #[arg(long)]
+    count: Option<usize>,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 3600)]
+    ttl: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -69,6 +90,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("switchboard gateway: ws://{}/ws  push {}{tcp}", gw.gateway.ws_addr(), gw.gateway.push_addr());
             shutdown_signal().await;
             gw.stop().await;
+        }
+        Role::Token(t) => {
+            let s = t.settings.with_file(config)?;
+            let key = switchboard_logic::auth::TokenKey::new(s.jwt_secret()?);
+            let devices: Vec<String> = match t.count {
+                None => vec![t.device.clone()],
+                Some(n) => (0..n).map(|i| format!("{}-{i}", t.device)).collect(),
+            };
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            for d in devices {
+                use std::io::Write;
+                writeln!(out, "{}", switchboard_logic::auth::mint(&key, &t.user, &d, t.ttl))?;
+            }
         }
         Role::Persist(s) => {
             let s = s.with_file(config)?;

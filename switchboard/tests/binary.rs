@@ -51,3 +51,32 @@ extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
 }
+
+#[test]
+fn token_subcommand_mints_working_tokens() {
+    let dir = temp_dir("token");
+    let data = dir.join("data");
+    let out = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["token", "--user", "loadtest", "--device", "bench", "--count", "3", "--ttl", "600", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let tokens: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(String::from).collect();
+    assert_eq!(tokens.len(), 3);
+
+    // a server on the same data dir accepts them, one device each
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let node = rt.block_on(switchboard::AllInOne::start(&settings(&data))).unwrap();
+    let ws = node.ws_addr();
+    for t in &tokens {
+        let mut c = Client::connect(ws);
+        let r = c.ok("auth", json!({ "token": t }));
+        assert_eq!(r["user"], "loadtest");
+        c.ok("ping", json!({}));
+    }
+    let mut c = Client::connect(ws);
+    c.err("auth", json!({"token": format!("{}x", tokens[0])}), "bad_token");
+    rt.block_on(node.stop());
+    std::fs::remove_dir_all(&dir).ok();
+}
