@@ -182,6 +182,23 @@ fn cluster_survives_gateway_logic_and_persist_faults() {
     }
     assert_eq!(bob_got, acked, "every message pushed across gateways");
 
+    // a group across gateways: created on one logic instance, written
+    // through the other, read back from both
+    let g = alice.ok("group.create", json!({"name": "ops", "members": [b]}));
+    let (group, gconv) = (g["group"].as_str().unwrap().to_string(), g["conv"].as_str().unwrap().to_string());
+    assert_eq!(bob.push("group.joined")["group"], group.as_str());
+    let gm = bob.ok("send", json!({"group": group, "cmid": "g1", "type": "text", "body": "to the group"}));
+    assert_eq!(gm["seq"], 1);
+    assert_eq!(alice.push("msg")["msg"]["conv"], gconv.as_str());
+    alice.ok("read", json!({"conv": gconv, "seq": 1}));
+    assert_eq!(bob.push("read")["user"], a);
+    bob.ok("recall", json!({"conv": gconv, "mid": gm["mid"]}));
+    assert_eq!(alice.push("recall")["mid"], gm["mid"]);
+    let h = alice.ok("history", json!({ "conv": gconv }));
+    assert_eq!(h["msgs"][0]["type"], "recalled", "recall visible at once in the cluster");
+    let convs = bob.ok("convs", json!({}));
+    assert_eq!(convs["convs"].as_array().unwrap().len(), 2);
+
     // kill -9 alice's gateway; bob keeps sending while she is away
     gw1.kill9();
     for i in 0..10 {
@@ -248,6 +265,13 @@ fn cluster_survives_gateway_logic_and_persist_faults() {
     assert_eq!(seqs, (1..=last).collect::<Vec<_>>(), "stored = acknowledged, each once");
     let cmids: BTreeSet<&str> = stored.iter().map(|m| m.cmid.as_str()).collect();
     assert_eq!(cmids.len() as u64, last, "no cmid stored twice");
+    let recalled = rt.block_on(async {
+        use switchboard_storage::MessageStore;
+        let pg = switchboard_storage::postgres::PgStore::connect(&e.pg, 2).await.unwrap();
+        pg.range(&gconv, 0, 10).await.unwrap()
+    });
+    assert_eq!(recalled.len(), 1);
+    assert_eq!(recalled[0].kind, "recalled", "the recall reached the durable store");
     println!("cluster counts: acknowledged={} stored={} received={}", acked.len(), stored.len(), bob_got.len());
     persist.term();
     drop(gw2);

@@ -64,8 +64,21 @@ async fn direct_chat_survives_offline_and_restart() {
         assert_eq!(bob.push("msg")["msg"]["body"], img);
         bob.ok("ack", json!({"conv": "d:alice:bob", "seq": 2}));
 
+        // custom bodies are any JSON value
+        let poll = json!({"kind": "poll", "options": ["a", "b"]});
+        let s3 = alice.ok("send", json!({"to": "bob", "cmid": "c2b", "type": "custom", "body": poll}));
+        let got = bob.push("msg")["msg"].clone();
+        assert_eq!((got["type"].as_str(), got["body"].clone()), (Some("custom"), poll));
+        bob.ok("ack", json!({"conv": "d:alice:bob", "seq": s3["seq"]}));
+
         // strangers and outsiders
         let mut carol = Client::login(http_addr, ws, "carol", "c-phone");
+        carol.ok("friend.request", json!({"to": "alice", "note": "me?"}));
+        assert_eq!(alice.push("friend.request")["from"], "carol");
+        alice.ok("friend.reject", json!({"from": "carol"}));
+        alice.err("friend.accept", json!({"from": "carol"}), "bad_request");
+        alice.err("friend.reject", json!({"from": "ghost"}), "no_such_user");
+        assert_eq!(alice.ok("friend.list", json!({}))["pending"], json!([]));
         carol.err("send", json!({"to": "alice", "cmid": "x", "type": "text", "body": "hey"}), "not_friends");
         carol.err("send", json!({"to": "ghost", "cmid": "x", "type": "text", "body": "hey"}), "no_such_user");
         carol.err("history", json!({"conv": "d:alice:bob"}), "forbidden");
@@ -75,40 +88,40 @@ async fn direct_chat_survives_offline_and_restart() {
 
         // offline: bob leaves, alice sends three, bob comes back and syncs
         bob.close();
-        for i in 3..=5 {
+        for i in 4..=6 {
             let r = alice
                 .ok("send", json!({"to": "bob", "cmid": format!("c{i}"), "type": "text", "body": format!("m{i}")}));
             assert_eq!(r["seq"], i);
         }
         let mut bob = Client::login(http_addr, ws, "bob", "b-phone");
         let s = bob.ok("sync", json!({"since": {}}));
-        assert_eq!(seqs(&s["msgs"]), vec![3, 4, 5], "resumes after this device's ack");
+        assert_eq!(seqs(&s["msgs"]), vec![4, 5, 6], "resumes after this device's ack");
         assert_eq!(s["more"], false);
         let s = bob.ok("sync", json!({"since": {"d:alice:bob": 0}, "limit": 2}));
         assert_eq!(seqs(&s["msgs"]), vec![1, 2]);
         assert_eq!(s["more"], true);
-        bob.ok("ack", json!({"conv": "d:alice:bob", "seq": 5}));
+        bob.ok("ack", json!({"conv": "d:alice:bob", "seq": 6}));
 
         // a fresh device of bob has acked nothing: it gets everything
         let mut bob_laptop = Client::login(http_addr, ws, "bob", "b-laptop");
-        assert_eq!(seqs(&bob_laptop.ok("sync", json!({}))["msgs"]), vec![1, 2, 3, 4, 5]);
+        assert_eq!(seqs(&bob_laptop.ok("sync", json!({}))["msgs"]), vec![1, 2, 3, 4, 5, 6]);
 
         // history: newest first, paging by before_seq
         let h = alice.ok("history", json!({"conv": "d:alice:bob", "limit": 2}));
-        assert_eq!(seqs(&h["msgs"]), vec![5, 4]);
+        assert_eq!(seqs(&h["msgs"]), vec![6, 5]);
         let h = alice.ok("history", json!({"conv": "d:alice:bob", "before_seq": 4}));
         assert_eq!(seqs(&h["msgs"]), vec![3, 2, 1]);
 
         // both of bob's devices get the next push
-        let r = alice.ok("send", json!({"to": "bob", "cmid": "c6", "type": "text", "body": "both"}));
-        assert_eq!(bob.push("msg")["msg"]["seq"], 6);
-        assert_eq!(bob_laptop.push("msg")["msg"]["seq"], 6);
-        bob.ok("ack", json!({"conv": "d:alice:bob", "seq": 6}));
+        let r = alice.ok("send", json!({"to": "bob", "cmid": "c-both", "type": "text", "body": "both"}));
+        assert_eq!(bob.push("msg")["msg"]["seq"], 7);
+        assert_eq!(bob_laptop.push("msg")["msg"]["seq"], 7);
+        bob.ok("ack", json!({"conv": "d:alice:bob", "seq": 7}));
 
         // an unacked push comes again; acking stops it
         let again = bob_laptop.push("msg")["msg"].clone();
         assert_eq!(again["mid"], r["mid"], "unacked push is re-sent");
-        bob_laptop.ok("ack", json!({"conv": "d:alice:bob", "seq": 6}));
+        bob_laptop.ok("ack", json!({"conv": "d:alice:bob", "seq": 7}));
         bob.quiet(Duration::from_millis(1500));
         bob_laptop.quiet(Duration::from_millis(1500));
         (sent["mid"].as_str().unwrap().to_string(), sent["conv"].as_str().unwrap().to_string())
@@ -122,12 +135,12 @@ async fn direct_chat_survives_offline_and_restart() {
     blocking(move || {
         let mut alice = Client::login(http_addr, ws, "alice", "a-phone");
         let h = alice.ok("history", json!({"conv": conv}));
-        assert_eq!(seqs(&h["msgs"]), vec![6, 5, 4, 3, 2, 1]);
-        assert_eq!(h["msgs"][5]["mid"], mid1.as_str());
+        assert_eq!(seqs(&h["msgs"]), vec![7, 6, 5, 4, 3, 2, 1]);
+        assert_eq!(h["msgs"][6]["mid"], mid1.as_str());
         let list = alice.ok("friend.list", json!({}));
         assert_eq!(list["friends"][0]["user"], "bob");
-        let r = alice.ok("send", json!({"to": "bob", "cmid": "c7", "type": "text", "body": "after restart"}));
-        assert_eq!(r["seq"], 7, "seq continues after a restart, never reused");
+        let r = alice.ok("send", json!({"to": "bob", "cmid": "c-restart", "type": "text", "body": "after restart"}));
+        assert_eq!(r["seq"], 8, "seq continues after a restart, never reused");
         let r = alice.ok("send", json!({"to": "bob", "cmid": "c1", "type": "text", "body": "hello"}));
         assert_eq!(r["mid"], mid1.as_str(), "cmid idempotency survives a restart");
     })
