@@ -67,6 +67,18 @@ struct Register {
     nickname: Option<String>,
 }
 
+/// The common start of the auth endpoints: count, rate-limit per client
+/// IP, parse the JSON body.
+fn auth_request<T: for<'de> Deserialize<'de>>(
+    h: &Http,
+    peer: std::net::SocketAddr,
+    bytes: &Bytes,
+) -> Result<T, ApiError> {
+    inc(&h.logic.metrics.http_requests);
+    h.logic.limit_auth(&peer.ip().to_string())?;
+    body(bytes)
+}
+
 fn valid_password(p: &str) -> bool {
     (8..=128).contains(&p.chars().count())
 }
@@ -76,9 +88,7 @@ async fn register(
     ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
-    inc(&h.logic.metrics.http_requests);
-    h.logic.limit_auth(&peer.ip().to_string())?;
-    let req: Register = body(&bytes)?;
+    let req: Register = auth_request(&h, peer, &bytes)?;
     if !valid_username(&req.username) {
         return Err(ApiError::bad_request("username: 3-32 chars of a-z 0-9 _ . -"));
     }
@@ -130,9 +140,7 @@ async fn login(
     ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
-    inc(&h.logic.metrics.http_requests);
-    h.logic.limit_auth(&peer.ip().to_string())?;
-    let req: Login = body(&bytes)?;
+    let req: Login = auth_request(&h, peer, &bytes)?;
     let bad = || ApiError::new("bad_credentials", "wrong username or password");
     let device = req.device.unwrap_or_else(|| format!("dev-{}", random_token(6)));
     if device.is_empty() || device.chars().count() > 64 {
@@ -174,9 +182,7 @@ async fn refresh(
     ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
-    inc(&h.logic.metrics.http_requests);
-    h.logic.limit_auth(&peer.ip().to_string())?;
-    let req: Refresh = body(&bytes)?;
+    let req: Refresh = auth_request(&h, peer, &bytes)?;
     let bad = |m: &str| ApiError::new("bad_token", m.to_string());
     let hash = refresh_hash(&req.refresh_token);
     let accounts = &h.logic.stores.accounts;

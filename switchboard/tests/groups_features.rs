@@ -12,13 +12,6 @@ fn seqs(msgs: &Value) -> Vec<u64> {
     msgs.as_array().unwrap().iter().map(|m| m["seq"].as_u64().unwrap()).collect()
 }
 
-fn befriend(a: &mut Client, b: &mut Client, b_name: &str, a_name: &str) {
-    a.ok("friend.request", json!({ "to": b_name }));
-    b.push("friend.request");
-    b.ok("friend.accept", json!({ "from": a_name }));
-    a.push("friend.accepted");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_conversation_of_three() {
     let dir = temp_dir("groups");

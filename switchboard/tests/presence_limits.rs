@@ -8,13 +8,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 
-fn befriend(a: &mut Client, b: &mut Client, b_name: &str, a_name: &str) {
-    a.ok("friend.request", json!({ "to": b_name }));
-    b.push("friend.request");
-    b.ok("friend.accept", json!({ "from": a_name }));
-    a.push("friend.accepted");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kick_presence_and_typing() {
     let dir = temp_dir("presence");

@@ -257,3 +257,11 @@ impl Client {
 pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.expect("client code panicked")
 }
+
+/// `a` asks `b` to be friends and `b` accepts, consuming the pushes.
+pub fn befriend(a: &mut Client, b: &mut Client, b_name: &str, a_name: &str) {
+    a.ok("friend.request", serde_json::json!({ "to": b_name }));
+    b.push("friend.request");
+    b.ok("friend.accept", serde_json::json!({ "from": a_name }));
+    a.push("friend.accepted");
+}
