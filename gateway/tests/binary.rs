@@ -1,152 +1,50 @@
 //! End-to-end tests of the binary transports: raw length-prefixed TCP and WebSocket
 //! `sb.bin.v1`, against a fake Logic gRPC server that speaks canonical JSON.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::sync::{Arc, Mutex};
+mod common;
+
+use std::io::Write;
 use std::time::Duration;
 
+use common::*;
 use prost::Message as _;
 use serde_json::{json, Value};
 use switchboard_gateway::{Gateway, GatewayConfig};
-use switchboard_proto::internal::{
-    gateway_client::GatewayClient,
-    logic_server::{Logic, LogicServer},
-    AuthReply, AuthRequest, ClientReply, ClientRequest, ConnEvent, Delivery, Empty, PushRequest,
-};
+use switchboard_proto::internal::Delivery;
 use switchboard_proto::v1::{body::Kind, Body, Frame};
-use tonic::{Request, Response, Status};
-use tungstenite::client::IntoClientRequest;
-use tungstenite::{Message, WebSocket};
+use tungstenite::Message;
 
-#[derive(Default, Clone)]
-struct FakeLogic {
-    connected: Arc<Mutex<Vec<ConnEvent>>>,
-    /// Every frame forwarded through `Handle`, as received (JSON).
-    frames: Arc<Mutex<Vec<Value>>>,
-}
-
-#[tonic::async_trait]
-impl Logic for FakeLogic {
-    async fn authenticate(&self, r: Request<AuthRequest>) -> Result<Response<AuthReply>, Status> {
-        let ok = r.into_inner().token == "good";
-        Ok(Response::new(if ok {
-            AuthReply {
-                ok: true,
-                user: "alice".into(),
-                session: "s1".into(),
-                device: "d1".into(),
-                ..Default::default()
-            }
-        } else {
-            AuthReply { ok: false, code: "bad_token".into(), message: "invalid token".into(), ..Default::default() }
-        }))
-    }
-
-    async fn connected(&self, r: Request<ConnEvent>) -> Result<Response<Empty>, Status> {
-        self.connected.lock().unwrap().push(r.into_inner());
-        Ok(Response::new(Empty {}))
-    }
-
-    async fn disconnected(&self, _r: Request<ConnEvent>) -> Result<Response<Empty>, Status> {
-        Ok(Response::new(Empty {}))
-    }
-
-    async fn handle(&self, r: Request<ClientRequest>) -> Result<Response<ClientReply>, Status> {
-        let req = r.into_inner();
-        let v: Value = serde_json::from_slice(&req.frame).map_err(|e| Status::internal(e.to_string()))?;
-        self.frames.lock().unwrap().push(v.clone());
-        let op = v["op"].as_str().unwrap_or("?");
-        let reply = match op {
-            "send" => {
-                json!({"op": "send.ok", "rid": v["rid"], "conv": format!("d:alice:{}", v["to"].as_str().unwrap_or("")),
-                             "mid": "m1", "seq": 1, "ts": 5, "ignored_extra": true})
-            }
-            "presence" => json!({"op": "presence.ok", "rid": v["rid"], "online": {"bob": true, "carol": false}}),
-            _ => json!({"op": format!("{op}.ok"), "rid": v["rid"]}),
-        };
-        Ok(Response::new(ClientReply { frame: reply.to_string().into_bytes(), close: false }))
+/// Logic's `Handle`: `send` and `presence` get replies with extra fields to convert.
+fn reply(v: &Value) -> Value {
+    match v["op"].as_str().unwrap_or("?") {
+        "send" => {
+            json!({"op": "send.ok", "rid": v["rid"], "conv": format!("d:alice:{}", v["to"].as_str().unwrap_or("")),
+                         "mid": "m1", "seq": 1, "ts": 5, "ignored_extra": true})
+        }
+        "presence" => json!({"op": "presence.ok", "rid": v["rid"], "online": {"bob": true, "carol": false}}),
+        _ => ok_reply(v),
     }
 }
 
-async fn start_logic() -> (FakeLogic, SocketAddr) {
-    let logic = FakeLogic::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let svc = LogicServer::new(logic.clone());
-    tokio::spawn(async move {
-        let _ = tonic::transport::Server::builder()
-            .add_service(svc)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await;
-    });
-    (logic, addr)
+async fn start_logic() -> (FakeLogic, String) {
+    let server = serve(FakeLogic::with_handler(reply)).await;
+    (server.logic, server.url)
 }
 
-async fn start_gateway(logic_addr: SocketAddr) -> Gateway {
-    Gateway::start(GatewayConfig {
-        ws_addr: "127.0.0.1:0".parse().unwrap(),
-        tcp_addr: Some("127.0.0.1:0".parse().unwrap()),
-        push_addr: "127.0.0.1:0".parse().unwrap(),
-        logic_endpoints: vec![format!("http://{logic_addr}")],
+async fn start_gateway(logic_url: &str) -> Gateway {
+    common::start_gateway(GatewayConfig {
+        tcp_addr: Some(any_port()),
         shards: 2,
         max_frame_bytes: 1024,
-        ..Default::default()
+        ..config(&[logic_url])
     })
     .await
-    .unwrap()
-}
-
-fn frame(op: &str, rid: u64) -> Frame {
-    Frame { op: op.into(), rid: Some(rid), ..Default::default() }
-}
-
-// ------------------------------------------------------------------ raw TCP client
-
-fn tcp_connect(addr: SocketAddr) -> TcpStream {
-    let s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s
-}
-
-fn tcp_write_raw(s: &mut TcpStream, payload: &[u8]) {
-    let mut buf = (payload.len() as u32).to_be_bytes().to_vec();
-    buf.extend_from_slice(payload);
-    s.write_all(&buf).unwrap();
-}
-
-fn tcp_send(s: &mut TcpStream, f: &Frame) {
-    tcp_write_raw(s, &f.encode_to_vec());
-}
-
-/// Next frame; None on EOF.
-fn tcp_recv(s: &mut TcpStream) -> Option<Frame> {
-    let mut len = [0u8; 4];
-    match s.read_exact(&mut len) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return None,
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
-        Err(e) => panic!("read: {e}"),
-    }
-    let mut payload = vec![0u8; u32::from_be_bytes(len) as usize];
-    s.read_exact(&mut payload).unwrap();
-    Some(Frame::decode(payload.as_slice()).unwrap())
-}
-
-fn tcp_auth(s: &mut TcpStream) {
-    tcp_send(s, &Frame { token: "good".into(), ..frame("auth", 1) });
-    let r = tcp_recv(s).unwrap();
-    assert_eq!(r.op, "auth.ok", "{r:?}");
-    assert_eq!(r.rid, Some(1));
-    assert_eq!(r.user, "alice");
-    assert_eq!(r.session, "s1");
-    assert!(r.server_ts.unwrap() > 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_tcp_end_to_end() {
-    let (logic, logic_addr) = start_logic().await;
-    let gw = start_gateway(logic_addr).await;
+    let (logic, logic_url) = start_logic().await;
+    let gw = start_gateway(&logic_url).await;
     let tcp = gw.tcp_addr().unwrap();
     assert_ne!(tcp.port(), 0);
 
@@ -225,104 +123,64 @@ async fn raw_tcp_end_to_end() {
         s
     });
 
-    tokio::task::spawn_blocking(move || ready_rx.recv().unwrap()).await.unwrap();
-    let mut conn_id = None;
-    for _ in 0..100 {
-        conn_id = logic.connected.lock().unwrap().first().map(|e| e.conn_id);
-        if conn_id.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let conn_id = conn_id.expect("connected reported");
-    let frames = logic.frames.lock().unwrap().clone();
+    blocking(move || ready_rx.recv().unwrap()).await;
+    let conn_id = logic.connected_conn_id(0).await;
+    let frames = logic.frame_values();
     assert_eq!(
         frames[0],
         json!({"op": "send", "rid": 3, "to": "bob", "cmid": "c1", "type": "text", "body": "hi"}),
         "logic receives canonical JSON"
     );
-    let mut push = GatewayClient::connect(gw.advertise().to_string()).await.unwrap();
+    let mut push = Pusher::connect(&gw).await;
     let msg = json!({"op": "msg", "msg": {"conv": "d:alice:bob", "mid": "m7", "seq": 7, "from": "bob", "cmid": "x",
                      "type": "text", "body": "yo", "ts": 11}});
-    let reply = push
-        .push(PushRequest {
-            deliveries: vec![Delivery {
-                conn_id,
-                frame: msg.to_string().into_bytes(),
-                conv: "d:alice:bob".into(),
-                seq: 7,
-                close: false,
-            }],
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(reply.gone.is_empty());
-    tokio::task::spawn_blocking(move || pushed_rx.recv().unwrap()).await.unwrap();
+    let gone = push
+        .push(vec![Delivery {
+            conn_id,
+            frame: msg.to_string().into_bytes(),
+            conv: "d:alice:bob".into(),
+            seq: 7,
+            close: false,
+        }])
+        .await;
+    assert!(gone.is_empty());
+    blocking(move || pushed_rx.recv().unwrap()).await;
     let mut s = client.await.unwrap();
 
     // drain on shutdown reaches raw TCP clients too
     gw.shutdown().await;
-    tokio::task::spawn_blocking(move || {
+    blocking(move || {
         assert_eq!(tcp_recv(&mut s).unwrap().op, "drain");
         assert!(tcp_recv(&mut s).is_none());
     })
-    .await
-    .unwrap();
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_tcp_auth_timeout_and_disabled_listener() {
-    let (_logic, logic_addr) = start_logic().await;
-    let gw = Gateway::start(GatewayConfig {
-        ws_addr: "127.0.0.1:0".parse().unwrap(),
-        tcp_addr: Some("127.0.0.1:0".parse().unwrap()),
-        push_addr: "127.0.0.1:0".parse().unwrap(),
-        logic_endpoints: vec![format!("http://{logic_addr}")],
-        shards: 1,
+    let (_logic, logic_url) = start_logic().await;
+    let gw = common::start_gateway(GatewayConfig {
+        tcp_addr: Some(any_port()),
         auth_timeout: Duration::from_millis(300),
-        ..Default::default()
+        ..config(&[&logic_url])
     })
-    .await
-    .unwrap();
+    .await;
     let tcp = gw.tcp_addr().unwrap();
-    tokio::task::spawn_blocking(move || {
+    blocking(move || {
         let mut s = tcp_connect(tcp);
         let r = tcp_recv(&mut s).unwrap();
         assert_eq!(r.code, "auth_timeout");
         assert!(tcp_recv(&mut s).is_none());
     })
-    .await
-    .unwrap();
+    .await;
     gw.shutdown().await;
 
-    let gw = Gateway::start(GatewayConfig {
-        ws_addr: "127.0.0.1:0".parse().unwrap(),
-        tcp_addr: None,
-        push_addr: "127.0.0.1:0".parse().unwrap(),
-        logic_endpoints: vec![format!("http://{logic_addr}")],
-        shards: 1,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let gw = common::start_gateway(GatewayConfig { tcp_addr: None, ..config(&[&logic_url]) }).await;
     assert_eq!(gw.tcp_addr(), None);
     gw.shutdown().await;
 }
 
 // ------------------------------------------------------------------ WebSocket sb.bin.v1
-
-type Ws = WebSocket<TcpStream>;
-
-fn ws_connect(addr: SocketAddr, offer: &str) -> (Ws, String) {
-    let stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
-    req.headers_mut().insert("Sec-WebSocket-Protocol", offer.parse().unwrap());
-    let (ws, resp) = tungstenite::client(req, stream).unwrap();
-    let chosen = resp.headers().get("Sec-WebSocket-Protocol").unwrap().to_str().unwrap().to_string();
-    (ws, chosen)
-}
 
 fn ws_send(ws: &mut Ws, f: &Frame) {
     ws.send(Message::Binary(f.encode_to_vec().into())).unwrap();
@@ -340,10 +198,10 @@ fn ws_recv(ws: &mut Ws) -> Frame {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_binary_subprotocol() {
-    let (logic, logic_addr) = start_logic().await;
-    let gw = start_gateway(logic_addr).await;
+    let (logic, logic_url) = start_logic().await;
+    let gw = start_gateway(&logic_url).await;
     let addr = gw.ws_addr();
-    tokio::task::spawn_blocking(move || {
+    blocking(move || {
         // the client's order of preference decides
         let (mut ws, chosen) = ws_connect(addr, "sb.json.v1, sb.bin.v1");
         assert_eq!(chosen, "sb.json.v1");
@@ -389,9 +247,8 @@ async fn websocket_binary_subprotocol() {
         ws_send(&mut ws, &frame("ping", 7));
         assert_eq!(ws_recv(&mut ws).op, "ping.ok");
     })
-    .await
-    .unwrap();
-    let frames = logic.frames.lock().unwrap().clone();
+    .await;
+    let frames = logic.frame_values();
     assert_eq!(frames.len(), 1);
     assert_eq!(frames[0]["body"]["mime"], "image/png", "JSON body arrives as a JSON object");
     gw.shutdown().await;

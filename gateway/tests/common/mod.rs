@@ -1,0 +1,357 @@
+//! Shared by the end-to-end tests: a fake Logic gRPC server, gateway start-up, and blocking
+//! WebSocket and raw-TCP clients.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+use serde_json::{json, Value};
+use switchboard_gateway::{Gateway, GatewayConfig};
+use switchboard_proto::internal::{
+    gateway_client::GatewayClient,
+    logic_server::{Logic, LogicServer},
+    AuthReply, AuthRequest, ClientReply, ClientRequest, ConnEvent, Delivery, Empty, PushRequest,
+};
+use switchboard_proto::v1::Frame;
+use tonic::{Request, Response, Status};
+use tungstenite::client::IntoClientRequest;
+use tungstenite::{Message, WebSocket};
+
+// ------------------------------------------------------------------ fake Logic
+
+/// How a [`FakeLogic`] answers `Handle`: the reply frame for a forwarded frame (JSON).
+pub type Handler = Arc<dyn Fn(&Value) -> Value + Send + Sync>;
+
+/// The default `Handle` reply: `{"op": "<op>.ok", "rid": <rid>}`.
+pub fn ok_reply(v: &Value) -> Value {
+    json!({"op": format!("{}.ok", v["op"].as_str().unwrap_or("?")), "rid": v["rid"]})
+}
+
+/// A fake Logic service that records what it is told. `Authenticate` accepts the token
+/// `good` (as alice, session s1, device d1) and refuses any other with `bad_token`;
+/// `Handle` answers through its [`Handler`].
+#[derive(Clone)]
+pub struct FakeLogic {
+    /// Every RPC received, of any kind.
+    pub calls: Arc<AtomicU64>,
+    pub connected: Arc<Mutex<Vec<ConnEvent>>>,
+    pub disconnected: Arc<Mutex<Vec<ConnEvent>>>,
+    /// Every frame forwarded through `Handle`, with the sending connection's id.
+    pub frames: Arc<Mutex<Vec<(u64, Value)>>>,
+    handler: Handler,
+}
+
+impl Default for FakeLogic {
+    fn default() -> Self {
+        FakeLogic::with_handler(ok_reply)
+    }
+}
+
+impl FakeLogic {
+    pub fn with_handler(handler: impl Fn(&Value) -> Value + Send + Sync + 'static) -> Self {
+        FakeLogic {
+            calls: Arc::default(),
+            connected: Arc::default(),
+            disconnected: Arc::default(),
+            frames: Arc::default(),
+            handler: Arc::new(handler),
+        }
+    }
+
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    pub fn frames(&self) -> Vec<(u64, Value)> {
+        self.frames.lock().unwrap().clone()
+    }
+
+    /// The forwarded frames without their connection ids.
+    pub fn frame_values(&self) -> Vec<Value> {
+        self.frames().into_iter().map(|(_, v)| v).collect()
+    }
+
+    /// Waits until a forwarded frame matches `pred`.
+    pub async fn wait_for(&self, what: &str, pred: impl Fn(&Value) -> bool) -> (u64, Value) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(f) = self.frames().into_iter().find(|(_, v)| pred(v)) {
+                return f;
+            }
+            assert!(Instant::now() < deadline, "logic never received {what}; got {:?}", self.frames());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The connection id of the `n`th `Connected` event (0-based); `Connected` is fire and
+    /// forget, so this waits for it (up to 2 s).
+    pub async fn connected_conn_id(&self, n: usize) -> u64 {
+        for _ in 0..100 {
+            if let Some(e) = self.connected.lock().unwrap().get(n) {
+                return e.conn_id;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("Logic.Connected #{n} never reported");
+    }
+
+    fn count(&self) {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[tonic::async_trait]
+impl Logic for FakeLogic {
+    async fn authenticate(&self, r: Request<AuthRequest>) -> Result<Response<AuthReply>, Status> {
+        self.count();
+        let ok = r.into_inner().token == "good";
+        Ok(Response::new(if ok {
+            AuthReply {
+                ok: true,
+                user: "alice".into(),
+                session: "s1".into(),
+                device: "d1".into(),
+                ..Default::default()
+            }
+        } else {
+            AuthReply { ok: false, code: "bad_token".into(), message: "invalid token".into(), ..Default::default() }
+        }))
+    }
+
+    async fn connected(&self, r: Request<ConnEvent>) -> Result<Response<Empty>, Status> {
+        self.count();
+        self.connected.lock().unwrap().push(r.into_inner());
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn disconnected(&self, r: Request<ConnEvent>) -> Result<Response<Empty>, Status> {
+        self.count();
+        self.disconnected.lock().unwrap().push(r.into_inner());
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn handle(&self, r: Request<ClientRequest>) -> Result<Response<ClientReply>, Status> {
+        self.count();
+        let req = r.into_inner();
+        let v: Value = serde_json::from_slice(&req.frame).map_err(|e| Status::internal(e.to_string()))?;
+        let conn_id = req.conn.map(|c| c.conn_id).unwrap_or(0);
+        self.frames.lock().unwrap().push((conn_id, v.clone()));
+        let reply = (self.handler)(&v);
+        Ok(Response::new(ClientReply { frame: reply.to_string().into_bytes(), close: false }))
+    }
+}
+
+/// A running fake Logic gRPC server.
+pub struct FakeServer {
+    pub logic: FakeLogic,
+    pub addr: SocketAddr,
+    /// `http://{addr}`, as the gateway dials it.
+    pub url: String,
+    /// Stops the server (dropping it does not).
+    pub stop: tokio::sync::oneshot::Sender<()>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Serves `logic` on a free loopback port.
+pub async fn serve(logic: FakeLogic) -> FakeServer {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let svc = LogicServer::new(logic.clone());
+    let task = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+                if stop_rx.await.is_err() {
+                    // the sender was dropped, not used: keep serving
+                    std::future::pending::<()>().await;
+                }
+            })
+            .await;
+    });
+    FakeServer { logic, addr, url: format!("http://{addr}"), stop, task }
+}
+
+/// Serves a default [`FakeLogic`]; returns it with the server's URL.
+pub async fn start_logic() -> (FakeLogic, String) {
+    let server = serve(FakeLogic::default()).await;
+    (server.logic, server.url)
+}
+
+// ------------------------------------------------------------------ gateway
+
+/// A loopback address with a free port.
+pub fn any_port() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+/// A gateway on free loopback ports (WebSocket and push; no raw TCP listener), one shard,
+/// dialing `logic_endpoints`; adjust with struct update syntax.
+pub fn config(logic_endpoints: &[&str]) -> GatewayConfig {
+    GatewayConfig {
+        ws_addr: any_port(),
+        tcp_addr: None,
+        push_addr: any_port(),
+        logic_endpoints: logic_endpoints.iter().map(|u| u.to_string()).collect(),
+        shards: 1,
+        ..Default::default()
+    }
+}
+
+pub async fn start_gateway(config: GatewayConfig) -> Gateway {
+    Gateway::start(config).await.unwrap()
+}
+
+/// A client of the gateway's Push RPC.
+pub struct Pusher(GatewayClient<tonic::transport::Channel>);
+
+impl Pusher {
+    pub async fn connect(gw: &Gateway) -> Self {
+        Pusher(GatewayClient::connect(gw.advertise().to_string()).await.unwrap())
+    }
+
+    /// Pushes `deliveries`; returns the ids of the connections that are gone.
+    pub async fn push(&mut self, deliveries: Vec<Delivery>) -> Vec<u64> {
+        self.0.push(PushRequest { deliveries }).await.unwrap().into_inner().gone
+    }
+}
+
+/// Runs blocking client code off the runtime.
+pub async fn blocking<T: Send + 'static, F: FnOnce() -> T + Send + 'static>(f: F) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+// ------------------------------------------------------------------ WebSocket client
+
+pub type Ws = WebSocket<TcpStream>;
+
+/// Connects to `/ws` (5 s read timeout), offering the subprotocols `offer` if any; returns the
+/// socket and the subprotocol the server chose, if any.
+pub fn ws_open(addr: SocketAddr, offer: Option<&str>) -> (Ws, Option<String>) {
+    let stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
+    if let Some(offer) = offer {
+        req.headers_mut().insert("Sec-WebSocket-Protocol", offer.parse().unwrap());
+    }
+    let (ws, resp) = tungstenite::client(req, stream).unwrap();
+    let chosen = resp.headers().get("Sec-WebSocket-Protocol").map(|h| h.to_str().unwrap().to_string());
+    (ws, chosen)
+}
+
+/// Connects offering `offer`; returns the socket and the chosen subprotocol.
+pub fn ws_connect(addr: SocketAddr, offer: &str) -> (Ws, String) {
+    let (ws, chosen) = ws_open(addr, Some(offer));
+    (ws, chosen.expect("a subprotocol chosen"))
+}
+
+/// Connects with the JSON subprotocol `sb.json.v1`.
+pub fn ws_connect_json(addr: SocketAddr) -> Ws {
+    let (ws, chosen) = ws_connect(addr, "sb.json.v1");
+    assert_eq!(chosen, "sb.json.v1");
+    ws
+}
+
+pub fn ws_send_text(ws: &mut Ws, text: &str) {
+    ws.send(Message::text(text)).unwrap();
+}
+
+pub fn ws_send_json(ws: &mut Ws, v: Value) {
+    ws_send_text(ws, &v.to_string());
+}
+
+/// Next text frame as JSON; None if the connection closed.
+pub fn ws_recv_json(ws: &mut Ws) -> Option<Value> {
+    loop {
+        match ws.read() {
+            Ok(Message::Text(t)) => return Some(serde_json::from_str(t.as_str()).unwrap()),
+            Ok(Message::Close(_)) => return None,
+            Ok(_) => continue,
+            Err(tungstenite::Error::ConnectionClosed)
+            | Err(tungstenite::Error::AlreadyClosed)
+            | Err(tungstenite::Error::Protocol(_)) => return None,
+            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+            Err(e) => panic!("unexpected read error: {e}"),
+        }
+    }
+}
+
+/// Next text frame as JSON; panics if the connection closed.
+pub fn ws_read_json(ws: &mut Ws) -> Value {
+    ws_recv_json(ws).expect("connection closed")
+}
+
+pub fn ws_assert_closed(ws: &mut Ws) {
+    assert!(ws_recv_json(ws).is_none(), "expected the server to close");
+}
+
+/// Authenticates with the token `good` (JSON) and checks the `auth.ok` reply.
+pub fn ws_auth(ws: &mut Ws) {
+    ws_send_text(ws, r#"{"op":"auth","rid":1,"token":"good"}"#);
+    let r = ws_read_json(ws);
+    assert_eq!(r["op"], "auth.ok", "{r}");
+    assert_eq!(r["rid"], 1);
+    assert_eq!(r["user"], "alice");
+    assert_eq!(r["session"], "s1");
+    assert!(r["server_ts"].as_u64().unwrap() > 0);
+}
+
+/// Connects with the JSON subprotocol and authenticates.
+pub fn ws_connect_auth(addr: SocketAddr) -> Ws {
+    let mut ws = ws_connect_json(addr);
+    ws_auth(&mut ws);
+    ws
+}
+
+// ------------------------------------------------------------------ raw TCP client (protobuf frames)
+
+pub fn frame(op: &str, rid: u64) -> Frame {
+    Frame { op: op.into(), rid: Some(rid), ..Default::default() }
+}
+
+/// Connects with a 5 s read timeout.
+pub fn tcp_connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s
+}
+
+/// Writes `payload` behind its big-endian u32 length.
+pub fn tcp_write_raw(s: &mut TcpStream, payload: &[u8]) {
+    let mut buf = (payload.len() as u32).to_be_bytes().to_vec();
+    buf.extend_from_slice(payload);
+    s.write_all(&buf).unwrap();
+}
+
+pub fn tcp_send(s: &mut TcpStream, f: &Frame) {
+    tcp_write_raw(s, &f.encode_to_vec());
+}
+
+/// Next frame; None on EOF.
+pub fn tcp_recv(s: &mut TcpStream) -> Option<Frame> {
+    let mut len = [0u8; 4];
+    match s.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return None,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+        Err(e) => panic!("read: {e}"),
+    }
+    let mut payload = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut payload).unwrap();
+    Some(Frame::decode(payload.as_slice()).unwrap())
+}
+
+/// Authenticates with the token `good` and checks the `auth.ok` reply.
+pub fn tcp_auth(s: &mut TcpStream) {
+    tcp_send(s, &Frame { token: "good".into(), ..frame("auth", 1) });
+    let r = tcp_recv(s).unwrap();
+    assert_eq!(r.op, "auth.ok", "{r:?}");
+    assert_eq!(r.rid, Some(1));
+    assert_eq!(r.user, "alice");
+    assert_eq!(r.session, "s1");
+    assert!(r.server_ts.unwrap() > 0);
+}
