@@ -12,7 +12,7 @@ use async_trait::async_trait;
 
 use crate::kafka::{Producer, Topics};
 use crate::redis::{Alloc, RedisStore};
-use crate::{new_mid, now_ms, Appended, Message, MessageStore, NewMessage, Result, SequencedRecord, StorageError};
+use crate::{now_ms, Appended, Message, MessageStore, NewMessage, Result, SequencedRecord, StorageError};
 
 pub struct ClusterMessages {
     redis: RedisStore,
@@ -68,16 +68,7 @@ impl MessageStore for ClusterMessages {
             match self.redis.alloc(&msg.conv, &msg.from, &msg.cmid, now_ms()).await? {
                 Alloc::NoCounter => self.reseed(&msg.conv).await?,
                 Alloc::New { seq, ts } => {
-                    let m = Message {
-                        mid: new_mid(ts),
-                        seq,
-                        ts,
-                        conv: msg.conv,
-                        from: msg.from,
-                        cmid: msg.cmid,
-                        kind: msg.kind,
-                        body: msg.body,
-                    };
+                    let m = msg.stored_as(seq, ts);
                     self.redis.stash(&m).await?;
                     self.publish(&m, members).await?;
                     self.redis.cache(&m, members).await?;

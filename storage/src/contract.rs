@@ -18,7 +18,8 @@ pub fn prefix() -> String {
     format!("t{:08x}", rand::random::<u32>())
 }
 
-fn text(conv: &str, from: &str, cmid: &str, body: &str) -> NewMessage {
+/// A text message to append.
+pub fn text(conv: &str, from: &str, cmid: &str, body: &str) -> NewMessage {
     NewMessage {
         conv: conv.into(),
         from: from.into(),
@@ -256,6 +257,43 @@ pub async fn messages_contract(s: &dyn MessageStore) {
     let dup = s.append(text(&conv, &b, "c1", "two, resent"), &members).await.unwrap();
     assert!(dup.duplicate);
     assert_eq!(dup.msg, expected, "a resend finds the recalled form");
+}
+
+/// What a store wrote survives dropping it and connecting again (`connect`
+/// is called twice and must reach the same data); returns the second store.
+pub async fn data_survives_reconnect<S, F>(mut connect: impl FnMut() -> F) -> S
+where
+    S: MessageStore,
+    F: std::future::Future<Output = crate::Result<S>>,
+{
+    let p = prefix();
+    let conv = format!("d:{p}a:{p}b");
+    let members = [format!("{p}a"), format!("{p}b")];
+    let store = connect().await.unwrap();
+    let first = store.append(text(&conv, &members[0], "c1", "x"), &members).await.unwrap();
+    store.set_ack(&members[1], "phone", &conv, 1).await.unwrap();
+    drop(store);
+
+    // Connecting again re-runs the (idempotent) schema creation.
+    let store = connect().await.unwrap();
+    assert_eq!(store.range(&conv, 0, 10).await.unwrap(), vec![first.msg.clone()]);
+    assert_eq!(store.last_seq(&conv).await.unwrap(), 1);
+    assert_eq!(store.user_convs(&members[1]).await.unwrap(), vec![(conv.clone(), 1)]);
+    assert_eq!(store.acks(&members[1], "phone").await.unwrap().get(&conv), Some(&1));
+    let again = store.append(text(&conv, &members[0], "c1", "x"), &members).await.unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.msg, first.msg);
+    assert_eq!(store.append(text(&conv, &members[0], "c2", "x"), &members).await.unwrap().msg.seq, 2);
+    store
+}
+
+/// Stores that started side by side on one fresh database (racing to
+/// create its schema) all see what one of them wrote.
+pub async fn fresh_stores_share_data(a: &dyn MessageStore, b: &dyn MessageStore, c: &dyn MessageStore) {
+    let m = a.append(text("d:x:y", "x", "c1", "x"), &["x".to_string()]).await.unwrap();
+    assert_eq!(m.msg.seq, 1);
+    assert_eq!(b.last_seq("d:x:y").await.unwrap(), 1);
+    assert_eq!(c.user_convs("x").await.unwrap(), vec![("d:x:y".to_string(), 1)]);
 }
 
 /// Appends racing on one conversation still get seqs 1..=n, each once.

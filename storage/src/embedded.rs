@@ -3,17 +3,20 @@
 //! successful `append` is durable. redb calls block, so each runs on the
 //! blocking pool.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, ReadTransaction, ReadableTable, ReadableTableMetadata, Table, TableDefinition, WriteTransaction};
 
 use crate::{
-    new_mid, now_ms, AccountStore, Appended, FriendState, Group, GroupStore, Message, MessageStore, NewMessage,
-    RequestOutcome, Result, Role, Session, SocialStore, StorageError, User,
+    now_ms, AccountStore, Appended, FriendState, Group, GroupStore, Message, MessageStore, NewMessage, RequestOutcome,
+    Result, Role, Session, SocialStore, StorageError, User,
 };
+
+use End::{Abort, Commit};
 
 const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
@@ -91,6 +94,43 @@ impl EmbeddedStore {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || f(&db)).await?
     }
+
+    /// Runs `f` in a read transaction on the blocking pool.
+    async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&ReadTransaction) -> Result<T> + Send + 'static,
+    {
+        self.blocking(move |db| f(&db.begin_read()?)).await
+    }
+
+    /// Runs `f` in a write transaction on the blocking pool, committing it
+    /// (durably) when `f` says [`End::Commit`]; on [`End::Abort`] or an
+    /// error the transaction is dropped, which aborts it.
+    async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&WriteTransaction) -> Result<End<T>> + Send + 'static,
+    {
+        self.blocking(move |db| {
+            let tx = db.begin_write()?;
+            match f(&tx)? {
+                End::Commit(v) => {
+                    tx.commit()?;
+                    Ok(v)
+                }
+                End::Abort(v) => Ok(v),
+            }
+        })
+        .await
+    }
+}
+
+/// How a write transaction ends: `Commit` makes its changes durable,
+/// `Abort` leaves the database as it was (nothing to write, no fsync).
+enum End<T> {
+    Commit(T),
+    Abort(T),
 }
 
 fn get_json<T: serde::de::DeserializeOwned>(bytes: Option<redb::AccessGuard<'_, &[u8]>>) -> Result<Option<T>> {
@@ -100,53 +140,108 @@ fn get_json<T: serde::de::DeserializeOwned>(bytes: Option<redb::AccessGuard<'_, 
     }
 }
 
+fn put_json<'k, K: redb::Key + 'static>(
+    table: &mut Table<K, &'static [u8]>,
+    key: impl Borrow<K::SelfType<'k>>,
+    value: &impl serde::Serialize,
+) -> Result<()> {
+    table.insert(key, serde_json::to_vec(value)?.as_slice())?;
+    Ok(())
+}
+
+/// Lets `f` change the JSON value at `key` and writes it back if `f`
+/// returns `true`. The value written, or `None` when there was no value or
+/// `f` declined.
+fn update_json<'k, K: redb::Key + 'static, T: serde::Serialize + serde::de::DeserializeOwned>(
+    table: &mut Table<K, &'static [u8]>,
+    key: impl Borrow<K::SelfType<'k>> + Copy,
+    f: impl FnOnce(&mut T) -> bool,
+) -> Result<Option<T>> {
+    let Some(mut value) = get_json::<T>(table.get(key)?)? else { return Ok(None) };
+    if !f(&mut value) {
+        return Ok(None);
+    }
+    put_json(table, key, &value)?;
+    Ok(Some(value))
+}
+
+/// The rows of a table keyed by (first, second) whose first part is
+/// `first`, in key order, each mapped by `f` from (second, value).
+fn rows_under<V: redb::Value + 'static, R>(
+    table: &impl ReadableTable<(&'static str, &'static str), V>,
+    first: &str,
+    mut f: impl FnMut(&str, V::SelfType<'_>) -> Result<R>,
+) -> Result<Vec<R>> {
+    let mut out = Vec::new();
+    for row in table.range((first, "")..)? {
+        let (k, v) = row?;
+        let (owner, second) = k.value();
+        if owner != first {
+            break;
+        }
+        out.push(f(second, v.value())?);
+    }
+    Ok(out)
+}
+
+/// Decodes message rows (JSON values).
+fn messages<'a, K: redb::Key + 'static>(
+    rows: impl Iterator<
+        Item = std::result::Result<
+            (redb::AccessGuard<'a, K>, redb::AccessGuard<'a, &'static [u8]>),
+            redb::StorageError,
+        >,
+    >,
+) -> Result<Vec<Message>> {
+    rows.map(|row| Ok(serde_json::from_slice(row?.1.value())?)).collect()
+}
+
+/// The message of `conv` with the seq an index gave, if any.
+fn message_at(tx: &ReadTransaction, conv: &str, seq: Option<u64>) -> Result<Option<Message>> {
+    match seq {
+        Some(seq) => get_json(tx.open_table(MESSAGES)?.get((conv, seq))?),
+        None => Ok(None),
+    }
+}
+
 #[async_trait]
 impl AccountStore for EmbeddedStore {
     async fn create_user(&self, user: &User) -> Result<bool> {
         let user = user.clone();
-        self.blocking(move |db| {
-            let tx = db.begin_write()?;
-            {
-                let mut t = tx.open_table(USERS)?;
-                if t.get(user.username.as_str())?.is_some() {
-                    return Ok(false);
-                }
-                t.insert(user.username.as_str(), serde_json::to_vec(&user)?.as_slice())?;
+        self.write(move |tx| {
+            let mut t = tx.open_table(USERS)?;
+            if t.get(user.username.as_str())?.is_some() {
+                return Ok(Abort(false));
             }
-            tx.commit()?;
-            Ok(true)
+            put_json(&mut t, user.username.as_str(), &user)?;
+            Ok(Commit(true))
         })
         .await
     }
 
     async fn get_user(&self, username: &str) -> Result<Option<User>> {
         let name = username.to_owned();
-        self.blocking(move |db| get_json(db.begin_read()?.open_table(USERS)?.get(name.as_str())?)).await
+        self.read(move |tx| get_json(tx.open_table(USERS)?.get(name.as_str())?)).await
     }
 
     async fn put_session(&self, session: &Session) -> Result<()> {
         let s = session.clone();
-        self.blocking(move |db| {
-            let tx = db.begin_write()?;
-            {
-                tx.open_table(SESSIONS)?.insert(s.id.as_str(), serde_json::to_vec(&s)?.as_slice())?;
-                tx.open_table(REFRESH)?.insert(s.refresh_hash.as_str(), s.id.as_str())?;
-            }
-            tx.commit()?;
-            Ok(())
+        self.write(move |tx| {
+            put_json(&mut tx.open_table(SESSIONS)?, s.id.as_str(), &s)?;
+            tx.open_table(REFRESH)?.insert(s.refresh_hash.as_str(), s.id.as_str())?;
+            Ok(Commit(()))
         })
         .await
     }
 
     async fn get_session(&self, id: &str) -> Result<Option<Session>> {
         let id = id.to_owned();
-        self.blocking(move |db| get_json(db.begin_read()?.open_table(SESSIONS)?.get(id.as_str())?)).await
+        self.read(move |tx| get_json(tx.open_table(SESSIONS)?.get(id.as_str())?)).await
     }
 
     async fn session_by_refresh(&self, refresh_hash: &str) -> Result<Option<Session>> {
         let h = refresh_hash.to_owned();
-        self.blocking(move |db| {
-            let tx = db.begin_read()?;
+        self.read(move |tx| {
             let Some(id) = tx.open_table(REFRESH)?.get(h.as_str())?.map(|v| v.value().to_owned()) else {
                 return Ok(None);
             };
@@ -157,172 +252,132 @@ impl AccountStore for EmbeddedStore {
 
     async fn rotate_refresh(&self, session_id: &str, old_hash: &str, new_hash: &str, expires_ms: u64) -> Result<bool> {
         let (id, old, new) = (session_id.to_owned(), old_hash.to_owned(), new_hash.to_owned());
-        self.blocking(move |db| {
-            let tx = db.begin_write()?;
-            {
-                let mut sessions = tx.open_table(SESSIONS)?;
-                let current: Option<Session> = get_json(sessions.get(id.as_str())?)?;
-                let Some(mut s) = current else { return Ok(false) };
+        self.write(move |tx| {
+            let rotated = update_json(&mut tx.open_table(SESSIONS)?, id.as_str(), |s: &mut Session| {
                 if s.revoked || s.refresh_hash != old {
-                    return Ok(false);
+                    return false;
                 }
                 s.refresh_hash = new.clone();
                 s.refresh_expires_ms = expires_ms;
-                sessions.insert(id.as_str(), serde_json::to_vec(&s)?.as_slice())?;
-                tx.open_table(REFRESH)?.insert(new.as_str(), id.as_str())?;
+                true
+            })?;
+            if rotated.is_none() {
+                return Ok(Abort(false));
             }
-            tx.commit()?;
-            Ok(true)
+            tx.open_table(REFRESH)?.insert(new.as_str(), id.as_str())?;
+            Ok(Commit(true))
         })
         .await
     }
 
     async fn revoke_session(&self, id: &str) -> Result<()> {
         let id = id.to_owned();
-        self.blocking(move |db| {
-            let tx = db.begin_write()?;
-            {
-                let mut sessions = tx.open_table(SESSIONS)?;
-                let current: Option<Session> = get_json(sessions.get(id.as_str())?)?;
-                if let Some(mut s) = current {
-                    s.revoked = true;
-                    sessions.insert(id.as_str(), serde_json::to_vec(&s)?.as_slice())?;
-                }
-            }
-            tx.commit()?;
-            Ok(())
+        self.write(move |tx| {
+            update_json(&mut tx.open_table(SESSIONS)?, id.as_str(), |s: &mut Session| {
+                s.revoked = true;
+                true
+            })?;
+            Ok(Commit(()))
         })
         .await
     }
 
     async fn set_banned(&self, username: &str, banned: bool) -> Result<bool> {
         let name = username.to_owned();
-        self.blocking(move |db| {
-            let tx = db.begin_write()?;
-            {
-                let mut users = tx.open_table(USERS)?;
-                let current: Option<User> = get_json(users.get(name.as_str())?)?;
-                let Some(mut user) = current else { return Ok(false) };
-                if user.banned != banned {
-                    user.banned = banned;
-                    users.insert(name.as_str(), serde_json::to_vec(&user)?.as_slice())?;
-                }
+        self.write(move |tx| {
+            let mut users = tx.open_table(USERS)?;
+            let current: Option<User> = get_json(users.get(name.as_str())?)?;
+            let Some(mut user) = current else { return Ok(Abort(false)) };
+            if user.banned != banned {
+                user.banned = banned;
+                put_json(&mut users, name.as_str(), &user)?;
             }
-            tx.commit()?;
-            Ok(true)
+            Ok(Commit(true))
         })
         .await
     }
 }
 
-fn put_relation(t: &mut redb::Table<(&str, &str), &[u8]>, a: &str, b: &str, s: &FriendState) -> Result<()> {
-    t.insert((a, b), serde_json::to_vec(s)?.as_slice())?;
-    Ok(())
+/// Sets the relation of `a` to `b` and of `b` to `a`.
+fn put_pair(t: &mut Table<(&str, &str), &[u8]>, a: &str, b: &str, ab: &FriendState, ba: &FriendState) -> Result<()> {
+    put_json(t, (a, b), ab)?;
+    put_json(t, (b, a), ba)
 }
 
-fn relation(t: &redb::Table<(&str, &str), &[u8]>, a: &str, b: &str) -> Result<Option<FriendState>> {
-    get_json(t.get((a, b))?)
+/// Removes the relation in both directions; whether `a -> b` existed.
+fn remove_pair(t: &mut Table<(&str, &str), &[u8]>, a: &str, b: &str) -> Result<bool> {
+    let existed = t.remove((a, b))?.is_some();
+    t.remove((b, a))?;
+    Ok(existed)
+}
+
+impl EmbeddedStore {
+    /// `user` accepts (both become friends) or rejects (both relations go)
+    /// the pending request of `from`; `false` if there is none.
+    async fn answer_request(&self, user: &str, from: &str, accept: bool) -> Result<bool> {
+        let (a, b) = (user.to_owned(), from.to_owned());
+        self.write(move |tx| {
+            let mut t = tx.open_table(FRIENDS)?;
+            let current: Option<FriendState> = get_json(t.get((a.as_str(), b.as_str()))?)?;
+            if !matches!(current, Some(FriendState::Incoming { .. })) {
+                return Ok(Abort(false));
+            }
+            if accept {
+                put_pair(&mut t, &a, &b, &FriendState::Friends, &FriendState::Friends)?;
+            } else {
+                remove_pair(&mut t, &a, &b)?;
+            }
+            Ok(Commit(true))
+        })
+        .await
+    }
 }
 
 #[async_trait]
 impl SocialStore for EmbeddedStore {
     async fn friend_state(&self, user: &str, other: &str) -> Result<Option<FriendState>> {
         let (a, b) = (user.to_owned(), other.to_owned());
-        self.blocking(move |db| get_json(db.begin_read()?.open_table(FRIENDS)?.get((a.as_str(), b.as_str()))?)).await
+        self.read(move |tx| get_json(tx.open_table(FRIENDS)?.get((a.as_str(), b.as_str()))?)).await
     }
 
     async fn request_friend(&self, from: &str, to: &str, note: &str) -> Result<RequestOutcome> {
         let (a, b, note) = (from.to_owned(), to.to_owned(), note.to_owned());
-        self.blocking(move |db| {
-            let tx = db.begin_write()?;
-            let outcome = {
-                let mut t = tx.open_table(FRIENDS)?;
-                match relation(&t, &a, &b)? {
-                    Some(FriendState::Friends) => return Ok(RequestOutcome::AlreadyFriends),
-                    Some(FriendState::Incoming { .. }) => {
-                        put_relation(&mut t, &a, &b, &FriendState::Friends)?;
-                        put_relation(&mut t, &b, &a, &FriendState::Friends)?;
-                        RequestOutcome::BecameFriends
-                    }
-                    Some(FriendState::Outgoing { .. }) | None => {
-                        put_relation(&mut t, &a, &b, &FriendState::Outgoing { note: note.clone() })?;
-                        put_relation(&mut t, &b, &a, &FriendState::Incoming { note })?;
-                        RequestOutcome::Pending
-                    }
+        self.write(move |tx| {
+            let mut t = tx.open_table(FRIENDS)?;
+            let current: Option<FriendState> = get_json(t.get((a.as_str(), b.as_str()))?)?;
+            Ok(Commit(match current {
+                Some(FriendState::Friends) => return Ok(Abort(RequestOutcome::AlreadyFriends)),
+                Some(FriendState::Incoming { .. }) => {
+                    put_pair(&mut t, &a, &b, &FriendState::Friends, &FriendState::Friends)?;
+                    RequestOutcome::BecameFriends
                 }
-            };
-            tx.commit()?;
-            Ok(outcome)
+                Some(FriendState::Outgoing { .. }) | None => {
+                    let (ab, ba) = (FriendState::Outgoing { note: note.clone() }, FriendState::Incoming { note });
+                    put_pair(&mut t, &a, &b, &ab, &ba)?;
+                    RequestOutcome::Pending
+                }
+            }))
         })
         .await
     }
 
     async fn accept_friend(&self, user: &str, from: &str) -> Result<bool> {
-        let (a, b) = (user.to_owned(), from.to_owned());
-        self.blocking(move |db| {
-            let tx = db.begin_write()?;
-            {
-                let mut t = tx.open_table(FRIENDS)?;
-                if !matches!(relation(&t, &a, &b)?, Some(FriendState::Incoming { .. })) {
-                    return Ok(false);
-                }
-                put_relation(&mut t, &a, &b, &FriendState::Friends)?;
-                put_relation(&mut t, &b, &a, &FriendState::Friends)?;
-            }
-            tx.commit()?;
-            Ok(true)
-        })
-        .await
+        self.answer_request(user, from, true).await
     }
 
     async fn reject_friend(&self, user: &str, from: &str) -> Result<bool> {
-        let (a, b) = (user.to_owned(), from.to_owned());
-        self.blocking(move |db| {
-            let tx = db.begin_write()?;
-            {
-                let mut t = tx.open_table(FRIENDS)?;
-                if !matches!(relation(&t, &a, &b)?, Some(FriendState::Incoming { .. })) {
-                    return Ok(false);
-                }
-                t.remove((a.as_str(), b.as_str()))?;
-                t.remove((b.as_str(), a.as_str()))?;
-            }
-            tx.commit()?;
-            Ok(true)
-        })
-        .await
+        self.answer_request(user, from, false).await
     }
 
     async fn delete_friend(&self, user: &str, other: &str) -> Result<bool> {
         let (a, b) = (user.to_owned(), other.to_owned());
-        self.blocking(move |db| {
-            let tx = db.begin_write()?;
-            let existed = {
-                let mut t = tx.open_table(FRIENDS)?;
-                let existed = t.remove((a.as_str(), b.as_str()))?.is_some();
-                t.remove((b.as_str(), a.as_str()))?;
-                existed
-            };
-            tx.commit()?;
-            Ok(existed)
-        })
-        .await
+        self.write(move |tx| Ok(Commit(remove_pair(&mut tx.open_table(FRIENDS)?, &a, &b)?))).await
     }
 
     async fn relations(&self, user: &str) -> Result<Vec<(String, FriendState)>> {
         let a = user.to_owned();
-        self.blocking(move |db| {
-            let t = db.begin_read()?.open_table(FRIENDS)?;
-            let mut out = Vec::new();
-            for row in t.range((a.as_str(), "")..)? {
-                let (k, v) = row?;
-                let (owner, other) = k.value();
-                if owner != a {
-                    break;
-                }
-                out.push((other.to_owned(), serde_json::from_slice(v.value())?));
-            }
-            Ok(out)
+        self.read(move |tx| {
+            rows_under(&tx.open_table(FRIENDS)?, &a, |other, v| Ok((other.to_owned(), serde_json::from_slice(v)?)))
         })
         .await
     }
@@ -332,150 +387,100 @@ impl SocialStore for EmbeddedStore {
 impl MessageStore for EmbeddedStore {
     async fn append(&self, msg: NewMessage, members: &[String]) -> Result<Appended> {
         let members = members.to_vec();
-        self.blocking(move |db| {
-            let tx = db.begin_write()?;
-            let stored = {
-                let mut cmids = tx.open_table(CMIDS)?;
-                let mut messages = tx.open_table(MESSAGES)?;
-                let cmid_key = (msg.conv.as_str(), msg.from.as_str(), msg.cmid.as_str());
-                if let Some(seq) = cmids.get(cmid_key)?.map(|v| v.value()) {
-                    let Some(bytes) = messages.get((msg.conv.as_str(), seq))? else {
-                        return Err(StorageError::Corrupt(format!("cmid index points at missing {}#{seq}", msg.conv)));
-                    };
-                    let earlier: Message = serde_json::from_slice(bytes.value())?;
-                    return Ok(Appended { msg: earlier, duplicate: true });
-                }
-                let mut seqs = tx.open_table(CONV_SEQ)?;
-                let last = seqs.get(msg.conv.as_str())?.map(|v| v.value()).unwrap_or(0);
-                // ts never goes backwards inside a conversation, so seq order
-                // and time order agree even if the wall clock steps back.
-                let last_ts = match last {
-                    0 => 0,
-                    n => match messages.get((msg.conv.as_str(), n))? {
-                        Some(b) => serde_json::from_slice::<Message>(b.value())?.ts,
-                        None => 0,
-                    },
+        self.write(move |tx| {
+            let mut cmids = tx.open_table(CMIDS)?;
+            let mut messages = tx.open_table(MESSAGES)?;
+            let cmid_key = (msg.conv.as_str(), msg.from.as_str(), msg.cmid.as_str());
+            if let Some(seq) = cmids.get(cmid_key)?.map(|v| v.value()) {
+                let Some(earlier) = get_json(messages.get((msg.conv.as_str(), seq))?)? else {
+                    return Err(StorageError::Corrupt(format!("cmid index points at missing {}#{seq}", msg.conv)));
                 };
-                let ts = now_ms().max(last_ts);
-                let stored = Message {
-                    mid: new_mid(ts),
-                    seq: last + 1,
-                    ts,
-                    conv: msg.conv,
-                    from: msg.from,
-                    cmid: msg.cmid,
-                    kind: msg.kind,
-                    body: msg.body,
-                };
-                messages.insert((stored.conv.as_str(), stored.seq), serde_json::to_vec(&stored)?.as_slice())?;
-                seqs.insert(stored.conv.as_str(), stored.seq)?;
-                cmids.insert((stored.conv.as_str(), stored.from.as_str(), stored.cmid.as_str()), stored.seq)?;
-                tx.open_table(MIDS)?.insert((stored.conv.as_str(), stored.mid.as_str()), stored.seq)?;
-                let mut index = tx.open_table(USER_CONVS)?;
-                for m in &members {
-                    index.insert((m.as_str(), stored.conv.as_str()), ())?;
-                }
-                stored
+                return Ok(Abort(Appended { msg: earlier, duplicate: true }));
+            }
+            let mut seqs = tx.open_table(CONV_SEQ)?;
+            let last = seqs.get(msg.conv.as_str())?.map(|v| v.value()).unwrap_or(0);
+            // ts never goes backwards inside a conversation, so seq order
+            // and time order agree even if the wall clock steps back.
+            let last_ts = match last {
+                0 => 0,
+                n => get_json::<Message>(messages.get((msg.conv.as_str(), n))?)?.map_or(0, |m| m.ts),
             };
-            tx.commit()?;
-            Ok(Appended { msg: stored, duplicate: false })
+            let ts = now_ms().max(last_ts);
+            let stored = msg.stored_as(last + 1, ts);
+            put_json(&mut messages, (stored.conv.as_str(), stored.seq), &stored)?;
+            seqs.insert(stored.conv.as_str(), stored.seq)?;
+            cmids.insert((stored.conv.as_str(), stored.from.as_str(), stored.cmid.as_str()), stored.seq)?;
+            tx.open_table(MIDS)?.insert((stored.conv.as_str(), stored.mid.as_str()), stored.seq)?;
+            let mut index = tx.open_table(USER_CONVS)?;
+            for m in &members {
+                index.insert((m.as_str(), stored.conv.as_str()), ())?;
+            }
+            Ok(Commit(Appended { msg: stored, duplicate: false }))
         })
         .await
     }
 
     async fn find_cmid(&self, conv: &str, from: &str, cmid: &str) -> Result<Option<Message>> {
         let (conv, from, cmid) = (conv.to_owned(), from.to_owned(), cmid.to_owned());
-        self.blocking(move |db| {
-            let tx = db.begin_read()?;
-            let Some(seq) =
-                tx.open_table(CMIDS)?.get((conv.as_str(), from.as_str(), cmid.as_str()))?.map(|v| v.value())
-            else {
-                return Ok(None);
-            };
-            get_json(tx.open_table(MESSAGES)?.get((conv.as_str(), seq))?)
+        self.read(move |tx| {
+            let seq = tx.open_table(CMIDS)?.get((conv.as_str(), from.as_str(), cmid.as_str()))?.map(|v| v.value());
+            message_at(tx, &conv, seq)
         })
         .await
     }
 
     async fn range(&self, conv: &str, after_seq: u64, limit: usize) -> Result<Vec<Message>> {
         let conv = conv.to_owned();
-        self.blocking(move |db| {
-            let t = db.begin_read()?.open_table(MESSAGES)?;
+        self.read(move |tx| {
             let start = after_seq.saturating_add(1);
-            let mut out = Vec::new();
-            for row in t.range((conv.as_str(), start)..=(conv.as_str(), u64::MAX))?.take(limit) {
-                out.push(serde_json::from_slice(row?.1.value())?);
-            }
-            Ok(out)
+            messages(tx.open_table(MESSAGES)?.range((conv.as_str(), start)..=(conv.as_str(), u64::MAX))?.take(limit))
         })
         .await
     }
 
     async fn history(&self, conv: &str, before_seq: Option<u64>, limit: usize) -> Result<Vec<Message>> {
         let conv = conv.to_owned();
-        self.blocking(move |db| {
-            let t = db.begin_read()?.open_table(MESSAGES)?;
+        self.read(move |tx| {
             let end = before_seq.unwrap_or(u64::MAX);
-            let mut out = Vec::new();
-            for row in t.range((conv.as_str(), 0)..(conv.as_str(), end))?.rev().take(limit) {
-                out.push(serde_json::from_slice(row?.1.value())?);
-            }
-            Ok(out)
+            messages(tx.open_table(MESSAGES)?.range((conv.as_str(), 0)..(conv.as_str(), end))?.rev().take(limit))
         })
         .await
     }
 
     async fn last_seq(&self, conv: &str) -> Result<u64> {
         let conv = conv.to_owned();
-        self.blocking(move |db| {
-            Ok(db.begin_read()?.open_table(CONV_SEQ)?.get(conv.as_str())?.map(|v| v.value()).unwrap_or(0))
-        })
-        .await
+        self.read(move |tx| Ok(tx.open_table(CONV_SEQ)?.get(conv.as_str())?.map(|v| v.value()).unwrap_or(0))).await
     }
 
     async fn user_convs(&self, user: &str) -> Result<Vec<(String, u64)>> {
         let user = user.to_owned();
-        self.blocking(move |db| {
-            let tx = db.begin_read()?;
-            let index = tx.open_table(USER_CONVS)?;
+        self.read(move |tx| {
             let seqs = tx.open_table(CONV_SEQ)?;
-            let mut out = Vec::new();
-            for row in index.range((user.as_str(), "")..)? {
-                let (k, _) = row?;
-                let (owner, conv) = k.value();
-                if owner != user {
-                    break;
-                }
-                let last = seqs.get(conv)?.map(|v| v.value()).unwrap_or(0);
-                out.push((conv.to_owned(), last));
-            }
-            Ok(out)
+            rows_under(&tx.open_table(USER_CONVS)?, &user, |conv, ()| {
+                Ok((conv.to_owned(), seqs.get(conv)?.map(|v| v.value()).unwrap_or(0)))
+            })
         })
         .await
     }
 
     async fn set_ack(&self, user: &str, device: &str, conv: &str, seq: u64) -> Result<()> {
         let (u, d, c) = (user.to_owned(), device.to_owned(), conv.to_owned());
-        self.blocking(move |db| {
-            let tx = db.begin_write()?;
-            {
-                let mut t = tx.open_table(ACKS)?;
-                let key = (u.as_str(), d.as_str(), c.as_str());
-                let current = t.get(key)?.map(|v| v.value()).unwrap_or(0);
-                if seq > current {
-                    t.insert(key, seq)?;
-                }
+        self.write(move |tx| {
+            let mut t = tx.open_table(ACKS)?;
+            let key = (u.as_str(), d.as_str(), c.as_str());
+            let current = t.get(key)?.map(|v| v.value()).unwrap_or(0);
+            if seq > current {
+                t.insert(key, seq)?;
             }
-            tx.commit()?;
-            Ok(())
+            Ok(Commit(()))
         })
         .await
     }
 
     async fn acks(&self, user: &str, device: &str) -> Result<HashMap<String, u64>> {
         let (u, d) = (user.to_owned(), device.to_owned());
-        self.blocking(move |db| {
-            let t = db.begin_read()?.open_table(ACKS)?;
+        self.read(move |tx| {
+            let t = tx.open_table(ACKS)?;
             let mut out = HashMap::new();
             for row in t.range((u.as_str(), d.as_str(), "")..)? {
                 let (k, v) = row?;
@@ -492,72 +497,51 @@ impl MessageStore for EmbeddedStore {
 
     async fn set_read(&self, user: &str, conv: &str, seq: u64) -> Result<u64> {
         let (u, c) = (user.to_owned(), conv.to_owned());
-        self.blocking(move |db| {
-            let tx = db.begin_write()?;
-            let stored = {
-                let mut t = tx.open_table(READS)?;
-                let key = (u.as_str(), c.as_str());
-                let current = t.get(key)?.map(|v| v.value());
-                match current {
-                    Some(cur) if cur >= seq => cur,
-                    // as with acks, a read of 0 records nothing
-                    None if seq == 0 => 0,
-                    _ => {
-                        t.insert(key, seq)?;
-                        seq
-                    }
+        self.write(move |tx| {
+            let mut t = tx.open_table(READS)?;
+            let key = (u.as_str(), c.as_str());
+            let current = t.get(key)?.map(|v| v.value());
+            Ok(Commit(match current {
+                Some(cur) if cur >= seq => cur,
+                // as with acks, a read of 0 records nothing
+                None if seq == 0 => 0,
+                _ => {
+                    t.insert(key, seq)?;
+                    seq
                 }
-            };
-            tx.commit()?;
-            Ok(stored)
+            }))
         })
         .await
     }
 
     async fn reads(&self, user: &str) -> Result<HashMap<String, u64>> {
         let u = user.to_owned();
-        self.blocking(move |db| {
-            let t = db.begin_read()?.open_table(READS)?;
-            let mut out = HashMap::new();
-            for row in t.range((u.as_str(), "")..)? {
-                let (k, v) = row?;
-                let (owner, conv) = k.value();
-                if owner != u {
-                    break;
-                }
-                out.insert(conv.to_owned(), v.value());
-            }
-            Ok(out)
+        self.read(move |tx| {
+            Ok(rows_under(&tx.open_table(READS)?, &u, |conv, seq| Ok((conv.to_owned(), seq)))?.into_iter().collect())
         })
         .await
     }
 
     async fn find_mid(&self, conv: &str, mid: &str) -> Result<Option<Message>> {
         let (conv, mid) = (conv.to_owned(), mid.to_owned());
-        self.blocking(move |db| {
-            let tx = db.begin_read()?;
-            let Some(seq) = tx.open_table(MIDS)?.get((conv.as_str(), mid.as_str()))?.map(|v| v.value()) else {
-                return Ok(None);
-            };
-            get_json(tx.open_table(MESSAGES)?.get((conv.as_str(), seq))?)
+        self.read(move |tx| {
+            let seq = tx.open_table(MIDS)?.get((conv.as_str(), mid.as_str()))?.map(|v| v.value());
+            message_at(tx, &conv, seq)
         })
         .await
     }
 
     async fn recall(&self, conv: &str, seq: u64) -> Result<Option<Message>> {
         let conv = conv.to_owned();
-        self.blocking(move |db| {
-            let tx = db.begin_write()?;
-            let recalled = {
-                let mut messages = tx.open_table(MESSAGES)?;
-                let current: Option<Message> = get_json(messages.get((conv.as_str(), seq))?)?;
-                let Some(m) = current else { return Ok(None) };
-                let recalled = crate::recalled_form(m);
-                messages.insert((conv.as_str(), seq), serde_json::to_vec(&recalled)?.as_slice())?;
-                recalled
-            };
-            tx.commit()?;
-            Ok(Some(recalled))
+        self.write(move |tx| {
+            let recalled = update_json(&mut tx.open_table(MESSAGES)?, (conv.as_str(), seq), |m: &mut Message| {
+                *m = crate::recalled_form(m.clone());
+                true
+            })?;
+            Ok(match recalled {
+                Some(m) => Commit(Some(m)),
+                None => Abort(None),
+            })
         })
         .await
     }
@@ -567,97 +551,84 @@ fn parse_role(s: &str) -> Result<Role> {
     Role::parse(s).ok_or_else(|| StorageError::Corrupt(format!("unknown group role {s:?}")))
 }
 
+/// Records `user`'s role in group `id`, in both membership indexes.
+fn put_member(tx: &WriteTransaction, id: &str, user: &str, role: Role) -> Result<()> {
+    tx.open_table(GROUP_MEMBERS)?.insert((id, user), role.as_str())?;
+    tx.open_table(USER_GROUPS)?.insert((user, id), role.as_str())?;
+    Ok(())
+}
+
+/// Whether `user` belongs to group `id`.
+fn is_member(tx: &WriteTransaction, id: &str, user: &str) -> Result<bool> {
+    Ok(tx.open_table(GROUP_MEMBERS)?.get((id, user))?.is_some())
+}
+
+impl EmbeddedStore {
+    /// Gives `user` `role` in group `id` if `user` already belongs
+    /// (`member`) or does not yet (`!member`); `false` otherwise.
+    async fn put_role_if(&self, id: &str, user: &str, role: Role, member: bool) -> Result<bool> {
+        let (id, user) = (id.to_owned(), user.to_owned());
+        self.write(move |tx| {
+            if is_member(tx, &id, &user)? != member {
+                return Ok(Abort(false));
+            }
+            put_member(tx, &id, &user, role)?;
+            Ok(Commit(true))
+        })
+        .await
+    }
+}
+
 #[async_trait]
 impl GroupStore for EmbeddedStore {
     async fn create_group(&self, group: &Group, members: &[String]) -> Result<bool> {
         let (group, members) = (group.clone(), members.to_vec());
-        self.blocking(move |db| {
-            let tx = db.begin_write()?;
-            {
-                let mut groups = tx.open_table(GROUPS)?;
-                if groups.get(group.id.as_str())?.is_some() {
-                    return Ok(false);
-                }
-                groups.insert(group.id.as_str(), serde_json::to_vec(&group)?.as_slice())?;
-                let mut by_group = tx.open_table(GROUP_MEMBERS)?;
-                let mut by_user = tx.open_table(USER_GROUPS)?;
-                let id = group.id.as_str();
-                by_group.insert((id, group.owner.as_str()), Role::Owner.as_str())?;
-                by_user.insert((group.owner.as_str(), id), Role::Owner.as_str())?;
-                for m in &members {
-                    if by_group.get((id, m.as_str()))?.is_none() {
-                        by_group.insert((id, m.as_str()), Role::Member.as_str())?;
-                        by_user.insert((m.as_str(), id), Role::Member.as_str())?;
-                    }
+        self.write(move |tx| {
+            let mut groups = tx.open_table(GROUPS)?;
+            if groups.get(group.id.as_str())?.is_some() {
+                return Ok(Abort(false));
+            }
+            put_json(&mut groups, group.id.as_str(), &group)?;
+            put_member(tx, &group.id, &group.owner, Role::Owner)?;
+            for m in &members {
+                if !is_member(tx, &group.id, m)? {
+                    put_member(tx, &group.id, m, Role::Member)?;
                 }
             }
-            tx.commit()?;
-            Ok(true)
+            Ok(Commit(true))
         })
         .await
     }
 
     async fn group(&self, id: &str) -> Result<Option<Group>> {
         let id = id.to_owned();
-        self.blocking(move |db| get_json(db.begin_read()?.open_table(GROUPS)?.get(id.as_str())?)).await
+        self.read(move |tx| get_json(tx.open_table(GROUPS)?.get(id.as_str())?)).await
     }
 
     async fn add_member(&self, id: &str, user: &str, role: Role) -> Result<bool> {
-        let (id, user) = (id.to_owned(), user.to_owned());
-        self.blocking(move |db| {
-            let tx = db.begin_write()?;
-            {
-                let mut by_group = tx.open_table(GROUP_MEMBERS)?;
-                if by_group.get((id.as_str(), user.as_str()))?.is_some() {
-                    return Ok(false);
-                }
-                by_group.insert((id.as_str(), user.as_str()), role.as_str())?;
-                tx.open_table(USER_GROUPS)?.insert((user.as_str(), id.as_str()), role.as_str())?;
-            }
-            tx.commit()?;
-            Ok(true)
-        })
-        .await
+        self.put_role_if(id, user, role, false).await
     }
 
     async fn remove_member(&self, id: &str, user: &str) -> Result<bool> {
         let (id, user) = (id.to_owned(), user.to_owned());
-        self.blocking(move |db| {
-            let tx = db.begin_write()?;
-            {
-                if tx.open_table(GROUP_MEMBERS)?.remove((id.as_str(), user.as_str()))?.is_none() {
-                    return Ok(false);
-                }
-                tx.open_table(USER_GROUPS)?.remove((user.as_str(), id.as_str()))?;
+        self.write(move |tx| {
+            if tx.open_table(GROUP_MEMBERS)?.remove((id.as_str(), user.as_str()))?.is_none() {
+                return Ok(Abort(false));
             }
-            tx.commit()?;
-            Ok(true)
+            tx.open_table(USER_GROUPS)?.remove((user.as_str(), id.as_str()))?;
+            Ok(Commit(true))
         })
         .await
     }
 
     async fn set_role(&self, id: &str, user: &str, role: Role) -> Result<bool> {
-        let (id, user) = (id.to_owned(), user.to_owned());
-        self.blocking(move |db| {
-            let tx = db.begin_write()?;
-            {
-                let mut by_group = tx.open_table(GROUP_MEMBERS)?;
-                if by_group.get((id.as_str(), user.as_str()))?.is_none() {
-                    return Ok(false);
-                }
-                by_group.insert((id.as_str(), user.as_str()), role.as_str())?;
-                tx.open_table(USER_GROUPS)?.insert((user.as_str(), id.as_str()), role.as_str())?;
-            }
-            tx.commit()?;
-            Ok(true)
-        })
-        .await
+        self.put_role_if(id, user, role, true).await
     }
 
     async fn role(&self, id: &str, user: &str) -> Result<Option<Role>> {
         let (id, user) = (id.to_owned(), user.to_owned());
-        self.blocking(move |db| {
-            let t = db.begin_read()?.open_table(GROUP_MEMBERS)?;
+        self.read(move |tx| {
+            let t = tx.open_table(GROUP_MEMBERS)?;
             let role = t.get((id.as_str(), user.as_str()))?.map(|v| v.value().to_owned());
             role.as_deref().map(parse_role).transpose()
         })
@@ -666,42 +637,23 @@ impl GroupStore for EmbeddedStore {
 
     async fn members(&self, id: &str) -> Result<Vec<(String, Role)>> {
         let id = id.to_owned();
-        self.blocking(move |db| {
-            let t = db.begin_read()?.open_table(GROUP_MEMBERS)?;
-            let mut out = Vec::new();
-            for row in t.range((id.as_str(), "")..)? {
-                let (k, v) = row?;
-                let (group, user) = k.value();
-                if group != id {
-                    break;
-                }
-                out.push((user.to_owned(), parse_role(v.value())?));
-            }
-            Ok(out)
+        self.read(move |tx| {
+            rows_under(&tx.open_table(GROUP_MEMBERS)?, &id, |user, role| Ok((user.to_owned(), parse_role(role)?)))
         })
         .await
     }
 
     async fn user_groups(&self, user: &str) -> Result<Vec<(Group, Role)>> {
         let user = user.to_owned();
-        self.blocking(move |db| {
-            let tx = db.begin_read()?;
-            let index = tx.open_table(USER_GROUPS)?;
+        self.read(move |tx| {
             let groups = tx.open_table(GROUPS)?;
-            let mut out = Vec::new();
-            for row in index.range((user.as_str(), "")..)? {
-                let (k, v) = row?;
-                let (owner, id) = k.value();
-                if owner != user {
-                    break;
-                }
+            rows_under(&tx.open_table(USER_GROUPS)?, &user, |id, role| {
                 let group: Option<Group> = get_json(groups.get(id)?)?;
                 let Some(group) = group else {
                     return Err(StorageError::Corrupt(format!("membership of {user} in missing group {id}")));
                 };
-                out.push((group, parse_role(v.value())?));
-            }
-            Ok(out)
+                Ok((group, parse_role(role)?))
+            })
         })
         .await
     }

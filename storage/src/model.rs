@@ -45,6 +45,28 @@ pub enum FriendState {
     },
 }
 
+impl FriendState {
+    /// The state's name and note, as the SQL and document backends store
+    /// them (the note is empty for friends).
+    pub fn parts(&self) -> (&'static str, &str) {
+        match self {
+            FriendState::Friends => ("friends", ""),
+            FriendState::Outgoing { note } => ("outgoing", note),
+            FriendState::Incoming { note } => ("incoming", note),
+        }
+    }
+
+    /// The state from its stored name and note (see [`FriendState::parts`]).
+    pub fn from_parts(state: &str, note: String) -> crate::Result<FriendState> {
+        match state {
+            "friends" => Ok(FriendState::Friends),
+            "outgoing" => Ok(FriendState::Outgoing { note }),
+            "incoming" => Ok(FriendState::Incoming { note }),
+            other => Err(crate::StorageError::Corrupt(format!("unknown friend state {other:?}"))),
+        }
+    }
+}
+
 /// What a friend request turned into.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RequestOutcome {
@@ -77,6 +99,22 @@ pub struct NewMessage {
     pub cmid: String,
     pub kind: String,
     pub body: serde_json::Value,
+}
+
+impl NewMessage {
+    /// The message as stored with `seq` and server time `ts` (and a fresh mid).
+    pub fn stored_as(self, seq: u64, ts: u64) -> Message {
+        Message {
+            mid: new_mid(ts),
+            seq,
+            ts,
+            conv: self.conv,
+            from: self.from,
+            cmid: self.cmid,
+            kind: self.kind,
+            body: self.body,
+        }
+    }
 }
 
 /// The result of an append: the stored message, and whether it already

@@ -65,8 +65,8 @@ use mongodb::results::UpdateResult;
 use mongodb::{Client, ClientSession, Collection, Cursor, Database, IndexModel};
 
 use crate::{
-    new_mid, now_ms, AccountStore, Appended, DurableLog, FriendState, Group, GroupStore, Message, MessageStore,
-    NewMessage, RequestOutcome, Result, Role, SequencedRecord, Session, SocialStore, StorageError, User,
+    now_ms, AccountStore, Appended, DurableLog, FriendState, Group, GroupStore, Message, MessageStore, NewMessage,
+    RequestOutcome, Result, Role, SequencedRecord, Session, SocialStore, StorageError, User,
 };
 
 /// MongoDB's error code for a unique index violation.
@@ -322,20 +322,7 @@ fn state_from_doc(d: &Document) -> Result<FriendState> {
         None | Some(Bson::Null) => String::new(),
         Some(_) => text(d, "note")?,
     };
-    match text(d, "state")?.as_str() {
-        "friends" => Ok(FriendState::Friends),
-        "outgoing" => Ok(FriendState::Outgoing { note }),
-        "incoming" => Ok(FriendState::Incoming { note }),
-        other => Err(StorageError::Corrupt(format!("unknown friend state {other:?}"))),
-    }
-}
-
-fn state_fields(s: &FriendState) -> (&'static str, &str) {
-    match s {
-        FriendState::Friends => ("friends", ""),
-        FriendState::Outgoing { note } => ("outgoing", note),
-        FriendState::Incoming { note } => ("incoming", note),
-    }
+    FriendState::from_parts(&text(d, "state")?, note)
 }
 
 async fn collect(mut cursor: Cursor<Document>) -> MResult<Vec<Document>> {
@@ -678,7 +665,7 @@ impl MongoStore {
     }
 
     async fn put_relation(&self, ctx: &mut Ctx<'_>, a: &str, b: &str, s: &FriendState) -> FResult<()> {
-        let (state, note) = state_fields(s);
+        let (state, note) = s.parts();
         let set = doc! { "$set": { "user": a, "other": b, "state": state, "note": note } };
         ctx.update_one(&self.friends, doc! { "_id": key(&[a, b]) }, set, true).await?;
         Ok(())
@@ -730,20 +717,18 @@ impl MongoStore {
         })
     }
 
-    async fn accept_in(&self, ctx: &mut Ctx<'_>, user: &str, from: &str) -> FResult<bool> {
+    /// `user` accepts (both become friends) or rejects (both relations go)
+    /// the pending request of `from`; `false` if there is none.
+    async fn answer_in(&self, ctx: &mut Ctx<'_>, user: &str, from: &str, accept: bool) -> FResult<bool> {
         if !matches!(self.relation(ctx, user, from).await?, Some(FriendState::Incoming { .. })) {
             return Ok(false);
         }
-        self.put_relation(ctx, user, from, &FriendState::Friends).await?;
-        self.put_relation(ctx, from, user, &FriendState::Friends).await?;
-        Ok(true)
-    }
-
-    async fn reject_in(&self, ctx: &mut Ctx<'_>, user: &str, from: &str) -> FResult<bool> {
-        if !matches!(self.relation(ctx, user, from).await?, Some(FriendState::Incoming { .. })) {
-            return Ok(false);
+        if accept {
+            self.put_relation(ctx, user, from, &FriendState::Friends).await?;
+            self.put_relation(ctx, from, user, &FriendState::Friends).await?;
+        } else {
+            self.remove_pair(ctx, user, from).await?;
         }
-        self.remove_pair(ctx, user, from).await?;
         Ok(true)
     }
 
@@ -766,16 +751,7 @@ impl MongoStore {
             .await?
             .ok_or_else(|| corrupt("conv_seq upsert returned no document"))?;
         let ts = number(&counter, "last_ts")?;
-        let stored = Message {
-            mid: new_mid(ts),
-            seq: number(&counter, "last_seq")?,
-            ts,
-            conv: msg.conv.clone(),
-            from: msg.from.clone(),
-            cmid: msg.cmid.clone(),
-            kind: msg.kind.clone(),
-            body: msg.body.clone(),
-        };
+        let stored = msg.clone().stored_as(number(&counter, "last_seq")?, ts);
         ctx.insert_one(&self.messages, message_doc(&stored)?).await?;
         let entries =
             members.iter().map(|u| (key(&[u, &stored.conv]), doc! { "user": *u, "conv": &stored.conv })).collect();
@@ -878,11 +854,11 @@ impl SocialStore for MongoStore {
     }
 
     async fn accept_friend(&self, user: &str, from: &str) -> Result<bool> {
-        Ok(transact!(self, |ctx| self.accept_in(ctx, user, from)).await?)
+        Ok(transact!(self, |ctx| self.answer_in(ctx, user, from, true)).await?)
     }
 
     async fn reject_friend(&self, user: &str, from: &str) -> Result<bool> {
-        Ok(transact!(self, |ctx| self.reject_in(ctx, user, from)).await?)
+        Ok(transact!(self, |ctx| self.answer_in(ctx, user, from, false)).await?)
     }
 
     async fn delete_friend(&self, user: &str, other: &str) -> Result<bool> {
@@ -1178,6 +1154,7 @@ impl GroupStore for MongoStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::new_mid;
     use mongodb::bson::deserialize_from_document;
     use mongodb::error::{CommandError, Error, InsertManyError, WriteError};
 
@@ -1320,7 +1297,7 @@ mod tests {
             FriendState::Outgoing { note: "hi".into() },
             FriendState::Incoming { note: "".into() },
         ] {
-            let (state, note) = state_fields(&st);
+            let (state, note) = st.parts();
             assert_eq!(state_from_doc(&doc! { "state": state, "note": note }).unwrap(), st);
         }
         assert!(state_from_doc(&doc! { "state": "enemies" }).is_err());

@@ -18,8 +18,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, Recycli
 use tokio_postgres::{NoTls, Row};
 
 use crate::{
-    new_mid, now_ms, AccountStore, Appended, DurableLog, FriendState, Group, GroupStore, Message, MessageStore,
-    NewMessage, RequestOutcome, Result, Role, SequencedRecord, Session, SocialStore, StorageError, User,
+    now_ms, AccountStore, Appended, DurableLog, FriendState, Group, GroupStore, Message, MessageStore, NewMessage,
+    RequestOutcome, Result, Role, SequencedRecord, Session, SocialStore, StorageError, User,
 };
 
 /// Key of the advisory lock taken while creating the schema ("sbschema").
@@ -171,22 +171,17 @@ fn session_from_row(r: &Row) -> Result<Session> {
 }
 
 fn state_from_row(r: &Row) -> Result<FriendState> {
-    let state: String = r.try_get("state")?;
-    let note: String = r.try_get("note")?;
-    match state.as_str() {
-        "friends" => Ok(FriendState::Friends),
-        "outgoing" => Ok(FriendState::Outgoing { note }),
-        "incoming" => Ok(FriendState::Incoming { note }),
-        other => Err(StorageError::Corrupt(format!("unknown friend state {other:?}"))),
-    }
+    FriendState::from_parts(r.try_get("state")?, r.try_get("note")?)
 }
 
-fn state_columns(s: &FriendState) -> (&'static str, &str) {
-    match s {
-        FriendState::Friends => ("friends", ""),
-        FriendState::Outgoing { note } => ("outgoing", note),
-        FriendState::Incoming { note } => ("incoming", note),
-    }
+/// A (text, BIGINT) row, e.g. a conversation and a seq.
+fn text_and_uint(r: &Row) -> Result<(String, u64)> {
+    Ok((r.try_get(0)?, uint(r.try_get(1)?)))
+}
+
+/// The BIGINT of a one-column row, 0 without a row.
+fn uint_or_zero(row: Option<Row>) -> Result<u64> {
+    Ok(row.map(|r| r.try_get(0)).transpose()?.map(uint).unwrap_or(0))
 }
 
 /// A stable 32-bit hash (FNV-1a) of an unordered user pair, for its
@@ -261,9 +256,41 @@ impl PgStore {
                  ON CONFLICT (username, other) DO UPDATE SET state = EXCLUDED.state, note = EXCLUDED.note",
             )
             .await?;
-        let (state, note) = state_columns(s);
+        let (state, note) = s.parts();
         tx.execute(&st, &[&a, &b, &state, &note]).await?;
         Ok(())
+    }
+
+    /// Indexes a refresh token hash to its session.
+    async fn put_token(tx: &deadpool_postgres::Transaction<'_>, hash: &str, session_id: &str) -> Result<()> {
+        let st = tx
+            .prepare_cached(
+                "INSERT INTO refresh_tokens (hash, session_id) VALUES ($1, $2) \
+                 ON CONFLICT (hash) DO UPDATE SET session_id = EXCLUDED.session_id",
+            )
+            .await?;
+        tx.execute(&st, &[&hash, &session_id]).await?;
+        Ok(())
+    }
+
+    /// `user` accepts (both become friends) or rejects (both relations go)
+    /// the pending request of `from`; `false` if there is none.
+    async fn answer_request(&self, user: &str, from: &str, accept: bool) -> Result<bool> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        Self::lock_pair(&tx, user, from).await?;
+        if !matches!(Self::relation(&tx, user, from).await?, Some(FriendState::Incoming { .. })) {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        if accept {
+            Self::put_relation(&tx, user, from, &FriendState::Friends).await?;
+            Self::put_relation(&tx, from, user, &FriendState::Friends).await?;
+        } else {
+            Self::remove_pair(&tx, user, from).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Deletes the relation in both directions; whether `a -> b` existed.
@@ -328,13 +355,7 @@ impl AccountStore for PgStore {
             &[&s.id, &s.user, &s.device, &s.refresh_hash, &s.revoked, &int(s.created_ms), &int(s.refresh_expires_ms)],
         )
         .await?;
-        let st = tx
-            .prepare_cached(
-                "INSERT INTO refresh_tokens (hash, session_id) VALUES ($1, $2) \
-                 ON CONFLICT (hash) DO UPDATE SET session_id = EXCLUDED.session_id",
-            )
-            .await?;
-        tx.execute(&st, &[&s.refresh_hash, &s.id]).await?;
+        Self::put_token(&tx, &s.refresh_hash, &s.id).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -376,13 +397,7 @@ impl AccountStore for PgStore {
             tx.rollback().await?;
             return Ok(false);
         }
-        let st = tx
-            .prepare_cached(
-                "INSERT INTO refresh_tokens (hash, session_id) VALUES ($1, $2) \
-                 ON CONFLICT (hash) DO UPDATE SET session_id = EXCLUDED.session_id",
-            )
-            .await?;
-        tx.execute(&st, &[&new_hash, &session_id]).await?;
+        Self::put_token(&tx, new_hash, session_id).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -434,30 +449,11 @@ impl SocialStore for PgStore {
     }
 
     async fn accept_friend(&self, user: &str, from: &str) -> Result<bool> {
-        let mut c = self.client().await?;
-        let tx = c.transaction().await?;
-        Self::lock_pair(&tx, user, from).await?;
-        if !matches!(Self::relation(&tx, user, from).await?, Some(FriendState::Incoming { .. })) {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        Self::put_relation(&tx, user, from, &FriendState::Friends).await?;
-        Self::put_relation(&tx, from, user, &FriendState::Friends).await?;
-        tx.commit().await?;
-        Ok(true)
+        self.answer_request(user, from, true).await
     }
 
     async fn reject_friend(&self, user: &str, from: &str) -> Result<bool> {
-        let mut c = self.client().await?;
-        let tx = c.transaction().await?;
-        Self::lock_pair(&tx, user, from).await?;
-        if !matches!(Self::relation(&tx, user, from).await?, Some(FriendState::Incoming { .. })) {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        Self::remove_pair(&tx, user, from).await?;
-        tx.commit().await?;
-        Ok(true)
+        self.answer_request(user, from, false).await
     }
 
     async fn delete_friend(&self, user: &str, other: &str) -> Result<bool> {
@@ -513,16 +509,7 @@ impl MessageStore for PgStore {
         // ts never goes backwards inside a conversation, so seq order and
         // time order agree even if the wall clock steps back.
         let ts = now_ms().max(last_ts);
-        let stored = Message {
-            mid: new_mid(ts),
-            seq: uint(last) + 1,
-            ts,
-            conv: msg.conv,
-            from: msg.from,
-            cmid: msg.cmid,
-            kind: msg.kind,
-            body: msg.body,
-        };
+        let stored = msg.stored_as(uint(last) + 1, ts);
         let body = serde_json::to_string(&stored.body)?;
         let st = tx
             .prepare_cached(&format!("INSERT INTO messages ({MESSAGE_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"))
@@ -583,10 +570,9 @@ impl MessageStore for PgStore {
     async fn find_cmid(&self, conv: &str, from: &str, cmid: &str) -> Result<Option<Message>> {
         let c = self.client().await?;
         let st = c
-            .prepare_cached(
-                "SELECT conv, seq, mid, from_user, cmid, type, body, ts FROM messages \
-                 WHERE conv = $1 AND from_user = $2 AND cmid = $3",
-            )
+            .prepare_cached(&format!(
+                "SELECT {MESSAGE_COLS} FROM messages WHERE conv = $1 AND from_user = $2 AND cmid = $3"
+            ))
             .await?;
         c.query_opt(&st, &[&conv, &from, &cmid]).await?.as_ref().map(message_from_row).transpose()
     }
@@ -594,7 +580,7 @@ impl MessageStore for PgStore {
     async fn last_seq(&self, conv: &str) -> Result<u64> {
         let c = self.client().await?;
         let st = c.prepare_cached("SELECT last_seq FROM conv_seq WHERE conv = $1").await?;
-        Ok(c.query_opt(&st, &[&conv]).await?.map(|r| r.try_get(0)).transpose()?.map(uint).unwrap_or(0))
+        uint_or_zero(c.query_opt(&st, &[&conv]).await?)
     }
 
     async fn user_convs(&self, user: &str) -> Result<Vec<(String, u64)>> {
@@ -606,7 +592,7 @@ impl MessageStore for PgStore {
                    WHERE u.username = $1 ORDER BY u.conv COLLATE "C""#,
             )
             .await?;
-        c.query(&st, &[&user]).await?.iter().map(|r| Ok((r.try_get(0)?, uint(r.try_get(1)?)))).collect()
+        c.query(&st, &[&user]).await?.iter().map(text_and_uint).collect()
     }
 
     async fn set_ack(&self, user: &str, device: &str, conv: &str, seq: u64) -> Result<()> {
@@ -628,7 +614,7 @@ impl MessageStore for PgStore {
     async fn acks(&self, user: &str, device: &str) -> Result<HashMap<String, u64>> {
         let c = self.client().await?;
         let st = c.prepare_cached("SELECT conv, seq FROM acks WHERE username = $1 AND device = $2").await?;
-        c.query(&st, &[&user, &device]).await?.iter().map(|r| Ok((r.try_get(0)?, uint(r.try_get(1)?)))).collect()
+        c.query(&st, &[&user, &device]).await?.iter().map(text_and_uint).collect()
     }
 
     async fn set_read(&self, user: &str, conv: &str, seq: u64) -> Result<u64> {
@@ -636,13 +622,7 @@ impl MessageStore for PgStore {
         if seq == 0 {
             // As with acks: a read of 0 records nothing.
             let st = c.prepare_cached("SELECT seq FROM reads WHERE username = $1 AND conv = $2").await?;
-            return Ok(c
-                .query_opt(&st, &[&user, &conv])
-                .await?
-                .map(|r| r.try_get(0))
-                .transpose()?
-                .map(uint)
-                .unwrap_or(0));
+            return uint_or_zero(c.query_opt(&st, &[&user, &conv]).await?);
         }
         let st = c
             .prepare_cached(
@@ -656,7 +636,7 @@ impl MessageStore for PgStore {
     async fn reads(&self, user: &str) -> Result<HashMap<String, u64>> {
         let c = self.client().await?;
         let st = c.prepare_cached("SELECT conv, seq FROM reads WHERE username = $1").await?;
-        c.query(&st, &[&user]).await?.iter().map(|r| Ok((r.try_get(0)?, uint(r.try_get(1)?)))).collect()
+        c.query(&st, &[&user]).await?.iter().map(text_and_uint).collect()
     }
 
     async fn find_mid(&self, conv: &str, mid: &str) -> Result<Option<Message>> {

@@ -6,11 +6,12 @@
 //! own with a random name, dropped at the end.
 
 use std::io::Write;
+use std::sync::Arc;
 
-use switchboard_storage::contract::{prefix, run_all};
-use switchboard_storage::contract_durable::durable_log_contract;
+use switchboard_storage::contract::{self, prefix, run_all, text};
+use switchboard_storage::contract_durable::{self, durable_log_contract};
 use switchboard_storage::mongo::MongoStore;
-use switchboard_storage::{DurableLog, Message, MessageStore, NewMessage, SequencedRecord};
+use switchboard_storage::MessageStore;
 
 fn url(test: &str) -> Option<String> {
     match std::env::var("SB_TEST_MONGODB_URL") {
@@ -29,16 +30,6 @@ fn url(test: &str) -> Option<String> {
 /// A fresh database name for one test.
 fn scratch_db() -> String {
     format!("sb_{}", prefix())
-}
-
-fn text(conv: &str, from: &str, cmid: &str) -> NewMessage {
-    NewMessage {
-        conv: conv.into(),
-        from: from.into(),
-        cmid: cmid.into(),
-        kind: "text".into(),
-        body: serde_json::json!("x"),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,24 +53,8 @@ async fn mongodb_meets_the_durable_log_contract() {
 async fn data_survives_reconnect() {
     let Some(url) = url("restart") else { return };
     let db = scratch_db();
-    let p = prefix();
-    let conv = format!("d:{p}a:{p}b");
-    let members = [format!("{p}a"), format!("{p}b")];
-    let store = MongoStore::connect(&url, &db).await.unwrap();
-    let first = store.append(text(&conv, &members[0], "c1"), &members).await.unwrap();
-    store.set_ack(&members[1], "phone", &conv, 1).await.unwrap();
-    drop(store);
-
     // Connecting again re-runs the (idempotent) collection and index creation.
-    let store = MongoStore::connect(&url, &db).await.unwrap();
-    assert_eq!(store.range(&conv, 0, 10).await.unwrap(), vec![first.msg.clone()]);
-    assert_eq!(store.last_seq(&conv).await.unwrap(), 1);
-    assert_eq!(store.user_convs(&members[1]).await.unwrap(), vec![(conv.clone(), 1)]);
-    assert_eq!(store.acks(&members[1], "phone").await.unwrap().get(&conv), Some(&1));
-    let again = store.append(text(&conv, &members[0], "c1"), &members).await.unwrap();
-    assert!(again.duplicate);
-    assert_eq!(again.msg, first.msg);
-    assert_eq!(store.append(text(&conv, &members[0], "c2"), &members).await.unwrap().msg.seq, 2);
+    let store = contract::data_survives_reconnect(|| MongoStore::connect(&url, &db)).await;
     store.drop_database().await.unwrap();
 }
 
@@ -113,51 +88,15 @@ async fn racing_startups_all_create_the_schema() {
     );
     let indexes = a.database().collection::<mongodb::bson::Document>("messages").list_index_names().await.unwrap();
     assert_eq!(indexes.len(), 4, "_id, (conv, seq), (conv, from, cmid) and (conv, mid): {indexes:?}");
-    let m = a.append(text("d:x:y", "x", "c1"), &["x".to_string()]).await.unwrap();
-    assert_eq!(m.msg.seq, 1);
-    assert_eq!(b.last_seq("d:x:y").await.unwrap(), 1);
-    assert_eq!(c.user_convs("x").await.unwrap(), vec![("d:x:y".to_string(), 1)]);
+    contract::fresh_stores_share_data(&a, &b, &c).await;
     a.drop_database().await.unwrap();
-}
-
-fn record(conv: &str, seq: u64, from: &str, cmid: &str) -> SequencedRecord {
-    SequencedRecord {
-        msg: Message {
-            conv: conv.into(),
-            mid: switchboard_storage::new_mid(seq),
-            seq,
-            from: from.into(),
-            cmid: cmid.into(),
-            kind: "text".into(),
-            body: serde_json::json!({"n": seq, "nul": "a\u{0}b", "big": u64::MAX}),
-            ts: seq,
-        },
-        members: vec![from.into()],
-        recall: false,
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conflicting_cmid_does_not_fail_a_batch() {
     let Some(url) = url("cmid conflict") else { return };
     let store = MongoStore::connect(&url, &scratch_db()).await.unwrap();
-    let p = prefix();
-    let conv = format!("d:{p}a:{p}b");
-    let from = format!("{p}a");
-    assert_eq!(store.upsert_records(&[record(&conv, 1, &from, "k")]).await.unwrap(), 1);
-    // The same (conv, from, cmid) at another seq is skipped, and the rest of
-    // the batch is still stored.
-    let batch = [record(&conv, 2, &from, "k"), record(&conv, 3, &from, "k3")];
-    assert_eq!(store.upsert_records(&batch).await.unwrap(), 1);
-    let got = store.range(&conv, 0, 10).await.unwrap();
-    assert_eq!(got.iter().map(|m| (m.seq, m.cmid.as_str())).collect::<Vec<_>>(), vec![(1, "k"), (3, "k3")]);
-    assert_eq!(
-        got[0].body,
-        serde_json::json!({"n": 1, "nul": "a\u{0}b", "big": u64::MAX}),
-        "bodies round-trip exactly"
-    );
-    assert_eq!(store.last_seq(&conv).await.unwrap(), 3);
-    assert!(store.range(&conv, 0, 0).await.unwrap().is_empty(), "a limit of 0 returns nothing");
+    contract_durable::conflicting_cmid_in_a_batch(&store, &store).await;
     store.drop_database().await.unwrap();
 }
 
@@ -172,8 +111,8 @@ async fn racing_appends_with_one_cmid_store_it_once() {
         let from = format!("{p}a");
         let members = [from.clone()];
         let (x, y) = tokio::join!(
-            store.append(text(&conv, &from, "same"), &members),
-            store.append(text(&conv, &from, "same"), &members)
+            store.append(text(&conv, &from, "same", "x"), &members),
+            store.append(text(&conv, &from, "same", "x"), &members)
         );
         let (x, y) = (x.unwrap(), y.unwrap());
         assert_eq!(x.msg, y.msg, "both see one message");
@@ -192,44 +131,7 @@ async fn racing_appends_with_one_cmid_store_it_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_batches_and_appends() {
     let Some(url) = url("concurrent batches") else { return };
-    let store = MongoStore::connect(&url, &scratch_db()).await.unwrap();
-    let p = prefix();
-    let (x, y) = (format!("d:{p}a:{p}x"), format!("d:{p}a:{p}y"));
-    let from = format!("{p}a");
-    let mut tasks = Vec::new();
-    for i in 0..8u64 {
-        let (s, x, y, from) = (store.clone(), x.clone(), y.clone(), from.clone());
-        tasks.push(tokio::spawn(async move {
-            let seq = i + 1;
-            let mut batch =
-                vec![record(&x, seq, &from, &format!("bx{seq}")), record(&y, seq, &from, &format!("by{seq}"))];
-            if i % 2 == 1 {
-                batch.reverse();
-            }
-            s.upsert_records(&batch).await.unwrap()
-        }));
-    }
-    for i in 0..8 {
-        let (s, conv, from) = (store.clone(), if i % 2 == 0 { x.clone() } else { y.clone() }, from.clone());
-        tasks.push(tokio::spawn(async move {
-            s.append(text(&conv, &from, &format!("ap{i}")), std::slice::from_ref(&from)).await.unwrap();
-            0
-        }));
-    }
-    let mut upserted = 0;
-    for t in tasks {
-        upserted += t.await.unwrap();
-    }
-    let mut total = 0;
-    for conv in [&x, &y] {
-        let seqs: Vec<u64> = store.range(conv, 0, 100).await.unwrap().iter().map(|m| m.seq).collect();
-        assert_eq!(store.last_seq(conv).await.unwrap(), *seqs.last().unwrap());
-        let appended = store.range(conv, 0, 100).await.unwrap().iter().filter(|m| m.cmid.starts_with("ap")).count();
-        assert_eq!(appended, 4, "every append is stored: {conv}: {seqs:?}");
-        total += seqs.len() as u64;
-    }
-    // An upserted record is skipped only where an append already took its
-    // seq; every stored message is either counted by an upsert or an append.
-    assert_eq!(total, upserted + 8);
+    let store = Arc::new(MongoStore::connect(&url, &scratch_db()).await.unwrap());
+    contract_durable::concurrent_batches_and_appends(store.clone(), store.clone()).await;
     store.drop_database().await.unwrap();
 }
