@@ -222,6 +222,11 @@ async fn logout(State(h): State<Http>, headers: HeaderMap) -> Result<Response, A
         .ok_or_else(|| ApiError::new("unauthorized", "missing Bearer token"))?;
     let claims = h.logic.authenticate(token).await?;
     h.logic.stores.accounts.revoke_session(&claims.sid).await?;
+    // The session's open sockets end with it.
+    let kick = serde_json::to_vec(&json!({"op": "kick", "reason": "signed out"})).expect("JSON serializes");
+    for conn in h.logic.stores.routes.get(&claims.sub).await?.into_iter().filter(|c| c.session == claims.sid) {
+        h.logic.pusher.to_conn(&conn, kick.clone(), None, true).await;
+    }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -116,8 +116,17 @@ async fn http_api_accounts_and_tokens() {
         // logout revokes the session's access tokens
         let l = login(http_addr, "erin", "e2");
         let access = l["access_token"].as_str().unwrap();
+        let mut open = Client::connect(ws);
+        open.ok("auth", json!({ "token": access }));
+        let other = login(http_addr, "erin", "e3")["access_token"].as_str().unwrap().to_string();
+        let mut other_session = Client::connect(ws);
+        other_session.ok("auth", json!({ "token": other }));
         assert_eq!(http(http_addr, "POST", "/v1/auth/logout", None, None).1["code"], "unauthorized");
         assert_eq!(http(http_addr, "POST", "/v1/auth/logout", None, Some(access)).0, 204);
+        let k = open.read().expect("kick before close");
+        assert_eq!((k["op"].as_str(), k["reason"].as_str()), (Some("kick"), Some("signed out")));
+        assert!(open.read().is_none(), "the signed-out session's socket is closed");
+        other_session.ok("ping", json!({}));
         assert_eq!(http(http_addr, "POST", "/v1/auth/logout", None, Some(access)).0, 401);
         let mut c3 = Client::connect(ws);
         c3.err("auth", json!({"token": access}), "bad_token");
