@@ -352,6 +352,29 @@ pub async fn routes_contract(r: Arc<dyn RouteTable>) {
     assert!(r.get(&user).await.unwrap().is_empty());
 }
 
+/// The engines scripts/services.sh starts, as the tests find them.
+pub struct TestEngines {
+    pub redis: String,
+    pub pg: String,
+    pub brokers: String,
+}
+
+impl TestEngines {
+    /// Reads `SB_TEST_REDIS_URL`, `SB_TEST_POSTGRES_URL` and
+    /// `SB_TEST_KAFKA_BROKERS`; when any is unset, prints a visible SKIPPED
+    /// line naming `what` and returns `None`.
+    pub fn from_env(what: &str) -> Option<Self> {
+        let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        match (get("SB_TEST_REDIS_URL"), get("SB_TEST_POSTGRES_URL"), get("SB_TEST_KAFKA_BROKERS")) {
+            (Some(redis), Some(pg), Some(brokers)) => Some(Self { redis, pg, brokers }),
+            _ => {
+                println!("SKIPPED: {what} (SB_TEST_REDIS_URL / SB_TEST_POSTGRES_URL / SB_TEST_KAFKA_BROKERS unset; scripts/test.sh sets them)");
+                None
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,28 +8,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use switchboard_storage::cluster::ClusterMessages;
-use switchboard_storage::contract;
+use switchboard_storage::contract::{self, TestEngines};
 use switchboard_storage::kafka::{ensure_topics, Producer, Topics};
 use switchboard_storage::persist::PersistWorker;
 use switchboard_storage::postgres::PgStore;
 use switchboard_storage::redis::RedisStore;
 use switchboard_storage::{Member, MessageStore, NewMessage, Registry, RouteTable};
 
-struct Env {
-    redis: String,
-    pg: String,
-    brokers: String,
-}
-
-fn env() -> Option<Env> {
-    let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    match (get("SB_TEST_REDIS_URL"), get("SB_TEST_POSTGRES_URL"), get("SB_TEST_KAFKA_BROKERS")) {
-        (Some(redis), Some(pg), Some(brokers)) => Some(Env { redis, pg, brokers }),
-        _ => {
-            println!("SKIPPED: cluster storage tests (SB_TEST_REDIS_URL / SB_TEST_POSTGRES_URL / SB_TEST_KAFKA_BROKERS unset; scripts/test.sh sets them)");
-            None
-        }
-    }
+fn env() -> Option<TestEngines> {
+    TestEngines::from_env("cluster storage tests")
 }
 
 fn member(rpc: &str) -> Member {

@@ -15,22 +15,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
+use switchboard_storage::contract::TestEngines;
 
-struct Engines {
-    redis: String,
-    pg: String,
-    brokers: String,
-}
-
-fn engines() -> Option<Engines> {
-    let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    match (get("SB_TEST_REDIS_URL"), get("SB_TEST_POSTGRES_URL"), get("SB_TEST_KAFKA_BROKERS")) {
-        (Some(redis), Some(pg), Some(brokers)) => Some(Engines { redis, pg, brokers }),
-        _ => {
-            println!("SKIPPED: cluster process test (SB_TEST_* engine URLs unset; scripts/test.sh sets them)");
-            None
-        }
-    }
+fn engines() -> Option<TestEngines> {
+    TestEngines::from_env("cluster process test")
 }
 
 /// One role process; its first stdout line names its addresses.
@@ -40,7 +28,7 @@ struct Proc {
 }
 
 impl Proc {
-    fn spawn(role: &str, e: &Engines, prefix: &str, extra: &[&str]) -> Proc {
+    fn spawn(role: &str, e: &TestEngines, prefix: &str, extra: &[&str]) -> Proc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
             .arg(role)
             .args(["--redis-url", &e.redis, "--postgres-url", &e.pg, "--kafka-brokers", &e.brokers])
