@@ -15,6 +15,7 @@ mod push;
 mod shard;
 mod tcpframe;
 pub mod wheel;
+pub mod ws;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -217,6 +218,7 @@ impl Gateway {
                 link: link.clone(),
                 wheel: wheel::Wheel::new(shard::TICK, shard::WHEEL_SLOTS, Instant::now()),
                 now: Instant::now(),
+                scratch: vec![0; shard::SCRATCH_BYTES],
             };
             let tl = tl.map(mio::net::TcpListener::from_std);
             let shard = Shard::new(idx, poll, mio::net::TcpListener::from_std(l), tl, rx, env)?;

@@ -10,7 +10,6 @@ use crossbeam_channel::Receiver;
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
-use tungstenite::protocol::WebSocketConfig;
 
 use crate::bridge::{Bridge, ShardLink, ShardMsg};
 use crate::conn::Conn;
@@ -25,6 +24,8 @@ pub(crate) const WAKER: Token = Token(usize::MAX);
 pub(crate) const TICK: Duration = Duration::from_millis(100);
 pub(crate) const WHEEL_SLOTS: usize = 1024;
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
+/// Bytes of the per-shard read buffer.
+pub(crate) const SCRATCH_BYTES: usize = 64 * 1024;
 
 /// Why a connection timer fired.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +42,6 @@ pub(crate) enum TimerKind {
 /// A wheel entry: which connection and which timer.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct TimerEv {
-    pub key: usize,
     pub conn_id: u64,
     pub kind: TimerKind,
 }
@@ -54,6 +54,8 @@ pub(crate) struct Env {
     pub link: ShardLink,
     pub wheel: Wheel<TimerEv>,
     pub now: Instant,
+    /// Where every connection of the shard reads into (see `conn::io`).
+    pub scratch: Vec<u8>,
 }
 
 /// The shard event loop state.
@@ -66,7 +68,6 @@ pub(crate) struct Shard {
     env: Env,
     rx: Receiver<ShardMsg>,
     gens: GenCounter,
-    ws_config: WebSocketConfig,
 }
 
 impl Shard {
@@ -82,13 +83,6 @@ impl Shard {
         if let Some(l) = &mut tcp_listener {
             poll.registry().register(l, TCP_LISTENER, Interest::READABLE)?;
         }
-        let max = env.cfg.max_frame_bytes.max(1);
-        let ws_config = WebSocketConfig::default()
-            .read_buffer_size(4096)
-            .write_buffer_size(4096)
-            .max_write_buffer_size(4096 + 4 * max + 1024)
-            .max_message_size(Some(max))
-            .max_frame_size(Some(max));
         Ok(Shard {
             idx,
             poll,
@@ -98,7 +92,6 @@ impl Shard {
             env,
             rx,
             gens: GenCounter::default(),
-            ws_config,
         })
     }
 
@@ -123,9 +116,10 @@ impl Shard {
                     WAKER => {}
                     Token(key) => {
                         if let Some(conn) = self.conns.get_mut(key) {
-                            let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                            let hup = ev.is_read_closed() || ev.is_error();
+                            let readable = ev.is_readable() || hup;
                             let writable = ev.is_writable() || ev.is_write_closed() || ev.is_error();
-                            conn.on_ready(&mut self.env, readable, writable);
+                            conn.on_ready(&mut self.env, readable, writable, hup);
                             self.finish(key);
                         }
                     }
@@ -143,11 +137,9 @@ impl Shard {
             }
             self.env.wheel.advance(self.env.now, &mut fired);
             for t in fired.drain(..) {
-                if let Some(conn) = self.conns.get_mut(t.key) {
-                    if conn.id == t.conn_id {
-                        conn.on_timer(t.kind, &mut self.env);
-                        self.finish(t.key);
-                    }
+                if let Some(key) = self.lookup(t.conn_id) {
+                    self.conns[key].on_timer(t.kind, &mut self.env);
+                    self.finish(key);
                 }
             }
             if let Some(deadline) = drain_deadline {
@@ -198,20 +190,14 @@ impl Shard {
             let entry = self.conns.vacant_entry();
             let key = entry.key();
             let id = ConnId { shard: self.idx, key, gen: self.gens.bump() }.encode();
-            if let Err(e) =
-                self.poll.registry().register(&mut stream, Token(key), Interest::READABLE | Interest::WRITABLE)
-            {
+            if let Err(e) = self.poll.registry().register(&mut stream, Token(key), Interest::READABLE) {
                 tracing::warn!(error = %e, "register failed");
                 GatewayMetrics::inc(&self.env.metrics.errors);
                 continue;
             }
             self.env.metrics.connections.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(shard = self.idx, conn = id, peer = %peer, "accepted");
-            let conn = if tcp {
-                Conn::accept_tcp(key, id, peer, stream, &mut self.env)
-            } else {
-                Conn::accept(key, id, peer, stream, self.ws_config, &mut self.env)
-            };
+            let conn = Conn::accept(id, peer, stream, tcp, &mut self.env);
             entry.insert(conn);
             self.finish(key);
         }

@@ -11,15 +11,18 @@ use slab::Slab;
 /// Handle to a scheduled timer; stale handles (fired or cancelled) are harmless.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TimerId {
-    key: usize,
-    gen: u64,
+    key: u32,
+    gen: u32,
 }
+
+/// "No entry" in the intrusive lists (indices are u32 to keep entries small).
+const NIL: u32 = u32::MAX;
 
 struct Entry<T> {
     tick: u64,
-    gen: u64,
-    prev: Option<usize>,
-    next: Option<usize>,
+    gen: u32,
+    prev: u32,
+    next: u32,
     value: T,
 }
 
@@ -29,16 +32,16 @@ pub struct Wheel<T> {
     tick: Duration,
     /// Last tick already processed.
     current: u64,
-    heads: Vec<Option<usize>>,
+    heads: Vec<u32>,
     entries: Slab<Entry<T>>,
-    next_gen: u64,
+    next_gen: u32,
 }
 
 impl<T> Wheel<T> {
     /// A wheel with `slots` slots of `tick` each, whose tick 0 is `start`.
     pub fn new(tick: Duration, slots: usize, start: Instant) -> Self {
         let tick = if tick.is_zero() { Duration::from_millis(1) } else { tick };
-        Wheel { start, tick, current: 0, heads: vec![None; slots.max(1)], entries: Slab::new(), next_gen: 0 }
+        Wheel { start, tick, current: 0, heads: vec![NIL; slots.max(1)], entries: Slab::new(), next_gen: 0 }
     }
 
     /// Tick granularity.
@@ -68,35 +71,36 @@ impl<T> Wheel<T> {
         let tick = t.max(self.current + 1);
         let slot = (tick % self.heads.len() as u64) as usize;
         let gen = self.next_gen;
-        self.next_gen += 1;
+        self.next_gen = self.next_gen.wrapping_add(1);
         let head = self.heads[slot];
-        let key = self.entries.insert(Entry { tick, gen, prev: None, next: head, value });
-        if let Some(h) = head {
-            self.entries[h].prev = Some(key);
+        let key = self.entries.insert(Entry { tick, gen, prev: NIL, next: head, value });
+        assert!(key < NIL as usize, "timer wheel full");
+        let key = key as u32;
+        if head != NIL {
+            self.entries[head as usize].prev = key;
         }
-        self.heads[slot] = Some(key);
+        self.heads[slot] = key;
         TimerId { key, gen }
     }
 
     /// Cancels a timer; returns its value if it was still scheduled.
     pub fn cancel(&mut self, id: TimerId) -> Option<T> {
-        match self.entries.get(id.key) {
+        match self.entries.get(id.key as usize) {
             Some(e) if e.gen == id.gen => Some(self.unlink(id.key)),
             _ => None,
         }
     }
 
-    fn unlink(&mut self, key: usize) -> T {
-        let e = self.entries.remove(key);
-        match e.prev {
-            Some(p) => self.entries[p].next = e.next,
-            None => {
-                let slot = (e.tick % self.heads.len() as u64) as usize;
-                self.heads[slot] = e.next;
-            }
+    fn unlink(&mut self, key: u32) -> T {
+        let e = self.entries.remove(key as usize);
+        if e.prev == NIL {
+            let slot = (e.tick % self.heads.len() as u64) as usize;
+            self.heads[slot] = e.next;
+        } else {
+            self.entries[e.prev as usize].next = e.next;
         }
-        if let Some(n) = e.next {
-            self.entries[n].prev = e.prev;
+        if e.next != NIL {
+            self.entries[e.next as usize].prev = e.prev;
         }
         e.value
     }
@@ -108,8 +112,9 @@ impl<T> Wheel<T> {
             self.current += 1;
             let slot = (self.current % self.heads.len() as u64) as usize;
             let mut cur = self.heads[slot];
-            while let Some(k) = cur {
-                let e = &self.entries[k];
+            while cur != NIL {
+                let k = cur;
+                let e = &self.entries[k as usize];
                 cur = e.next;
                 if e.tick <= self.current {
                     out.push(self.unlink(k));

@@ -1,0 +1,635 @@
+//! One client connection: auth state, request FIFO, outbound bytes, unacked
+//! pushes and its timers, shared by every transport. The transport (WebSocket
+//! after its upgrade, or raw length-prefixed TCP) and the wire codec (JSON
+//! text, or protobuf `Frame`s converted at this edge by [`crate::bincodec`])
+//! only matter in [`io`], which reads, cuts and writes frames: the rest of the
+//! state machine sees canonical JSON.
+//!
+//! The struct is kept small: an idle authenticated connection is this struct in
+//! the shard's slab, its identity and one timer-wheel entry.
+
+mod io;
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use mio::net::TcpStream;
+use switchboard_proto::internal::{AuthReply, ClientReply, ClientRequest, ConnEvent, Delivery};
+
+use crate::calls::{Calls, Ringing};
+use crate::frame;
+use crate::metrics::GatewayMetrics;
+use crate::shard::{Env, TimerEv, TimerKind};
+use crate::wheel::TimerId;
+use crate::ws::close_code;
+
+/// How long a closing connection may linger waiting for the peer.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+const RETRY_AFTER_MS: u64 = 1000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for the WebSocket upgrade request.
+    Handshake,
+    Open,
+    Dead,
+}
+
+/// Encoding of the frames written to (and read from) the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wire {
+    /// WebSocket text frames with JSON (`sb.json.v1`).
+    Json,
+    /// WebSocket binary frames with a protobuf `Frame` (`sb.bin.v1`).
+    Bin,
+    /// Raw TCP: big-endian u32 length + protobuf `Frame`.
+    Tcp,
+}
+
+struct Identity {
+    user: String,
+    session: String,
+    device: String,
+}
+
+enum Auth {
+    None,
+    Pending,
+    Done(Box<Identity>),
+}
+
+struct Unacked {
+    conv: String,
+    seq: u64,
+    /// The push as written on this connection's wire.
+    frame: Box<[u8]>,
+    attempts: u32,
+}
+
+struct Queued {
+    op: String,
+    rid: Option<u64>,
+    bytes: Vec<u8>,
+    /// Set for `call.offer` / `call.answer` / `call.hangup` requests naming a `call_id`.
+    call: Option<Box<CallRef>>,
+}
+
+/// The call a forwarded call request is about.
+struct CallRef {
+    /// `call.offer` (starts ringing); otherwise `call.answer` / `call.hangup` (stops it).
+    offer: bool,
+    call_id: String,
+    to: String,
+}
+
+impl CallRef {
+    /// The call of a client request, for the ops that start or stop ringing.
+    fn of(req: &frame::Request) -> Option<Box<CallRef>> {
+        let offer = match req.op.as_str() {
+            "call.offer" => true,
+            "call.answer" | "call.hangup" => false,
+            _ => return None,
+        };
+        let call_id = req.str_field("call_id")?;
+        let to = req.str_field("to");
+        if offer && to.is_none() {
+            return None;
+        }
+        Some(Box::new(CallRef { offer, call_id: call_id.to_string(), to: to.unwrap_or_default().to_string() }))
+    }
+}
+
+/// The fields of a push that may end a ringing call.
+#[derive(serde::Deserialize)]
+struct CallPush {
+    op: String,
+    call_id: Option<String>,
+}
+
+/// State of one connection, owned by its shard's slab.
+pub(crate) struct Conn {
+    pub id: u64,
+    stream: TcpStream,
+    peer: SocketAddr,
+    last_activity: Instant,
+    auth: Auth,
+    /// Bytes of an incomplete inbound frame (empty, unallocated, otherwise).
+    rbuf: Vec<u8>,
+    /// Encoded frames not yet written (empty, unallocated, otherwise).
+    out: Vec<u8>,
+    /// Frames queued since `out` was last empty (the slow-consumer bound).
+    out_frames: u32,
+    /// Auth timeout before auth, idle timeout after, linger while closing.
+    timer: Option<TimerId>,
+    repush_timer: Option<TimerId>,
+    pending: VecDeque<Queued>,
+    unacked: Vec<Unacked>,
+    /// A fragmented WebSocket message being assembled.
+    frag: Option<Box<io::Fragments>>,
+    /// Ringing `call.offer`s sent by this connection; allocated only while there are some.
+    calls: Option<Box<Calls>>,
+    /// Close code of the WebSocket close frame the gateway sends.
+    close_code: u16,
+    phase: Phase,
+    wire: Wire,
+    /// A write hit WouldBlock: wait for WRITABLE.
+    write_blocked: bool,
+    registered_writable: bool,
+    /// Closing: no more input is processed; flush, send close, shut down.
+    closing: bool,
+    close_sent: bool,
+    shut: bool,
+    notified_closed: bool,
+    inflight: bool,
+}
+
+/// The first fields of a request, read without building a JSON value.
+#[derive(serde::Deserialize)]
+struct Head<'a> {
+    #[serde(borrow)]
+    op: std::borrow::Cow<'a, str>,
+    rid: Option<u64>,
+}
+
+impl Conn {
+    /// A freshly accepted (and registered) socket: a WebSocket waiting for its
+    /// upgrade request, or (`tcp`) a raw TCP connection, open at once.
+    pub fn accept(id: u64, peer: SocketAddr, stream: TcpStream, tcp: bool, env: &mut Env) -> Conn {
+        let mut conn = Conn {
+            id,
+            stream,
+            peer,
+            last_activity: env.now,
+            auth: Auth::None,
+            rbuf: Vec::new(),
+            out: Vec::new(),
+            out_frames: 0,
+            timer: None,
+            repush_timer: None,
+            pending: VecDeque::new(),
+            unacked: Vec::new(),
+            frag: None,
+            calls: None,
+            close_code: close_code::NORMAL,
+            phase: Phase::Handshake,
+            wire: Wire::Json,
+            write_blocked: false,
+            registered_writable: false,
+            closing: false,
+            close_sent: false,
+            shut: false,
+            notified_closed: false,
+            inflight: false,
+        };
+        conn.timer = Some(conn.arm(env, env.now + env.cfg.auth_timeout, TimerKind::Auth));
+        if tcp {
+            conn.opened(Wire::Tcp, env);
+        }
+        conn
+    }
+
+    fn arm(&self, env: &mut Env, at: Instant, kind: TimerKind) -> TimerId {
+        env.wheel.insert(at, TimerEv { conn_id: self.id, kind })
+    }
+
+    /// Replaces the connection's main timer.
+    fn rearm(&mut self, env: &mut Env, at: Instant, kind: TimerKind) {
+        if let Some(t) = self.timer.take() {
+            env.wheel.cancel(t);
+        }
+        self.timer = Some(self.arm(env, at, kind));
+    }
+
+    /// True once the connection can be dropped.
+    pub fn is_dead(&self) -> bool {
+        self.phase == Phase::Dead
+    }
+
+    fn opened(&mut self, wire: Wire, env: &mut Env) {
+        self.wire = wire;
+        self.phase = Phase::Open;
+        self.last_activity = env.now;
+        tracing::debug!(conn = self.id, peer = %self.peer, wire = ?wire, "open");
+    }
+
+    /// Socket readiness.
+    pub fn on_ready(&mut self, env: &mut Env, readable: bool, writable: bool, hup: bool) {
+        if writable {
+            self.write_blocked = false;
+        }
+        if readable {
+            self.read_ready(env, hup);
+        }
+    }
+
+    fn on_text(&mut self, bytes: &[u8], env: &mut Env) {
+        if let Ok(head) = serde_json::from_slice::<Head>(bytes) {
+            if head.op == "ping" {
+                self.queue_ping_ok(head.rid, env);
+                return;
+            }
+        }
+        let req = match frame::parse(bytes) {
+            Ok(r) => r,
+            Err(bad) => {
+                self.queue_json(frame::error(bad.rid, "bad_request", bad.message), env);
+                return;
+            }
+        };
+        if req.op == "ping" {
+            self.queue_ping_ok(req.rid, env);
+            return;
+        }
+        match &self.auth {
+            Auth::None => {
+                if req.op != "auth" {
+                    self.queue_json(frame::error(req.rid, "unauthorized", "authenticate first (op auth)"), env);
+                    return;
+                }
+                let Some(token) = req.str_field("token") else {
+                    self.queue_json(frame::error(req.rid, "bad_request", "missing field `token`"), env);
+                    return;
+                };
+                self.auth = Auth::Pending;
+                self.inflight = true;
+                env.bridge.authenticate(&env.link, self.id, req.rid, token.to_string());
+            }
+            Auth::Pending | Auth::Done(_) => {
+                if req.op == "auth" && matches!(self.auth, Auth::Done(_)) {
+                    self.queue_json(frame::error(req.rid, "bad_request", "already authenticated"), env);
+                    return;
+                }
+                if req.op == "ack" {
+                    if let (Some(conv), Some(seq)) = (req.str_field("conv"), req.u64_field("seq")) {
+                        self.unacked.retain(|u| !(u.conv == conv && u.seq <= seq));
+                    }
+                }
+                let call = CallRef::of(&req);
+                let q = Queued { op: req.op, rid: req.rid, bytes: bytes.to_vec(), call };
+                if self.inflight || !self.pending.is_empty() {
+                    if self.pending.len() >= env.cfg.max_pending_requests {
+                        self.queue_json(
+                            frame::error_retry(q.rid, "rate_limited", "too many requests in flight", RETRY_AFTER_MS),
+                            env,
+                        );
+                    } else {
+                        self.pending.push_back(q);
+                    }
+                } else {
+                    self.dispatch(q, env);
+                }
+            }
+        }
+    }
+
+    fn conn_event(&self, env: &Env) -> Option<ConnEvent> {
+        match &self.auth {
+            Auth::Done(id) => Some(ConnEvent {
+                gateway: env.bridge.advertise.to_string(),
+                conn_id: self.id,
+                user: id.user.clone(),
+                session: id.session.clone(),
+                device: id.device.clone(),
+            }),
+            _ => None,
+        }
+    }
+
+    fn dispatch(&mut self, q: Queued, env: &mut Env) {
+        if q.op == "auth" {
+            self.queue_json(frame::error(q.rid, "bad_request", "already authenticated"), env);
+            return;
+        }
+        let Some(ev) = self.conn_event(env) else {
+            self.queue_json(frame::error(q.rid, "unauthorized", "authenticate first (op auth)"), env);
+            return;
+        };
+        if let Some(call) = &q.call {
+            self.track_call(call, env);
+        }
+        self.inflight = true;
+        let req = ClientRequest { conn: Some(ev), frame: q.bytes, ip: self.peer.ip().to_string() };
+        env.bridge.handle(&env.link, q.rid, req);
+    }
+
+    /// A call request is going to logic: an offer starts ringing (its reply is awaited to
+    /// learn whether logic took it), an answer or hangup stops ringing that call.
+    fn track_call(&mut self, call: &CallRef, env: &mut Env) {
+        if call.offer {
+            let at = env.now + env.cfg.ring_timeout;
+            let conn_id = self.id;
+            let calls = self.calls.get_or_insert_with(Box::default);
+            let token = calls.arm(&mut env.wheel, at, &call.call_id, &call.to, |token| TimerEv {
+                conn_id,
+                kind: TimerKind::Ring(token),
+            });
+            calls.inflight_offer = Some(token);
+        } else if let Some(calls) = &mut self.calls {
+            calls.cancel(&mut env.wheel, &call.call_id);
+            self.release_calls();
+        }
+    }
+
+    /// Frees the ringing-calls structure once it holds nothing.
+    fn release_calls(&mut self) {
+        if self.calls.as_ref().is_some_and(|c| c.is_idle()) {
+            self.calls = None;
+        }
+    }
+
+    /// The reply to an offer arrived: an offer logic refused (error reply or failed RPC)
+    /// never reached the callee, so it stops ringing.
+    fn offer_replied(&mut self, result: &Result<ClientReply, String>, env: &mut Env) {
+        let Some(calls) = &mut self.calls else {
+            return;
+        };
+        let Some(token) = calls.inflight_offer.take() else {
+            return;
+        };
+        let refused = match result {
+            Ok(reply) => serde_json::from_slice::<CallPush>(&reply.frame).is_ok_and(|r| r.op == "error"),
+            Err(_) => true,
+        };
+        if refused {
+            calls.cancel_token(&mut env.wheel, token);
+        }
+        self.release_calls();
+    }
+
+    /// A push to this connection while calls ring: `call.answer` or `call.hangup` of a
+    /// ringing call stops its ring timer.
+    fn on_call_push(&mut self, frame: &[u8], env: &mut Env) {
+        let Some(calls) = &mut self.calls else {
+            return;
+        };
+        let Ok(p) = serde_json::from_slice::<CallPush>(frame) else {
+            return;
+        };
+        if p.op != "call.answer" && p.op != "call.hangup" {
+            return;
+        }
+        if let Some(call_id) = p.call_id {
+            calls.cancel(&mut env.wheel, &call_id);
+            self.release_calls();
+        }
+    }
+
+    /// A call rang out: tell the client, and the callee's devices through logic.
+    fn call_timed_out(&mut self, call: Ringing, env: &mut Env) {
+        tracing::debug!(conn = self.id, call_id = %call.call_id, to = %call.to, "call ring timeout");
+        GatewayMetrics::inc(&env.metrics.call_timeouts);
+        self.queue_json(frame::call_timeout_push(&call.call_id), env);
+        if let Some(ev) = self.conn_event(env) {
+            let frame = frame::call_timeout_request(&call.to, &call.call_id).into_bytes();
+            env.bridge.handle_detached(ClientRequest { conn: Some(ev), frame, ip: self.peer.ip().to_string() });
+        }
+    }
+
+    /// Sends queued requests while none is in flight.
+    fn pump(&mut self, env: &mut Env) {
+        while !self.inflight && !self.closing {
+            let Some(q) = self.pending.pop_front() else {
+                return;
+            };
+            self.dispatch(q, env);
+        }
+    }
+
+    /// Result of `Logic.Authenticate`.
+    pub fn on_auth_done(&mut self, rid: Option<u64>, result: Result<AuthReply, String>, env: &mut Env) {
+        if self.closing || !matches!(self.auth, Auth::Pending) {
+            return;
+        }
+        self.inflight = false;
+        match result {
+            Ok(r) if r.ok => {
+                self.rearm(env, self.last_activity + env.cfg.idle_timeout, TimerKind::Idle);
+                self.queue_json(frame::auth_ok(rid, &r.user, &r.session, frame::now_ms()), env);
+                tracing::debug!(conn = self.id, user = %r.user, "authenticated");
+                self.auth = Auth::Done(Box::new(Identity { user: r.user, session: r.session, device: r.device }));
+                if let Some(ev) = self.conn_event(env) {
+                    env.bridge.connected(ev);
+                }
+                self.pump(env);
+            }
+            Ok(r) => {
+                let code = if r.code.is_empty() { "bad_token" } else { r.code.as_str() };
+                let message = if r.message.is_empty() { "invalid token" } else { r.message.as_str() };
+                self.queue_json(frame::error(rid, code, message), env);
+                self.auth = Auth::None;
+                self.begin_close(env);
+            }
+            Err(e) => {
+                tracing::warn!(conn = self.id, error = %e, "Logic.Authenticate failed");
+                GatewayMetrics::inc(&env.metrics.errors);
+                self.auth = Auth::None;
+                let msg = "logic service unavailable";
+                self.queue_json(frame::error_retry(rid, "unavailable", msg, RETRY_AFTER_MS), env);
+                while let Some(q) = self.pending.pop_front() {
+                    self.queue_json(frame::error_retry(q.rid, "unavailable", msg, RETRY_AFTER_MS), env);
+                }
+            }
+        }
+    }
+
+    /// Result of `Logic.Handle`.
+    pub fn on_handle_done(&mut self, rid: Option<u64>, result: Result<ClientReply, String>, env: &mut Env) {
+        if self.closing {
+            return;
+        }
+        self.inflight = false;
+        if self.calls.is_some() {
+            self.offer_replied(&result, env);
+        }
+        match result {
+            Ok(reply) => {
+                if !reply.frame.is_empty() {
+                    let mut bytes = Vec::new();
+                    match Conn::encode_into(self.wire, &reply.frame, &mut bytes) {
+                        Ok(()) => {
+                            self.push_out(&bytes, env);
+                        }
+                        Err(e) => {
+                            tracing::warn!(conn = self.id, error = %e, "invalid reply from logic");
+                            GatewayMetrics::inc(&env.metrics.errors);
+                            self.queue_json(frame::error(rid, "internal", "invalid reply from logic"), env);
+                        }
+                    }
+                }
+                if reply.close {
+                    self.begin_close(env);
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(conn = self.id, error = %e, "Logic.Handle failed");
+                GatewayMetrics::inc(&env.metrics.errors);
+                self.queue_json(
+                    frame::error_retry(rid, "unavailable", "logic service unavailable", RETRY_AFTER_MS),
+                    env,
+                );
+            }
+        }
+        self.pump(env);
+    }
+
+    /// A push delivery; false when this connection cannot take pushes (gone).
+    pub fn on_push(&mut self, d: Delivery, env: &mut Env) -> bool {
+        if self.closing || !matches!(self.auth, Auth::Done(_)) || self.phase != Phase::Open {
+            return false;
+        }
+        if self.calls.is_some() {
+            self.on_call_push(&d.frame, env);
+        }
+        let mut bytes = Vec::new();
+        if let Err(e) = Conn::encode_into(self.wire, &d.frame, &mut bytes) {
+            tracing::warn!(conn = self.id, error = %e, "invalid push frame; dropped");
+            GatewayMetrics::inc(&env.metrics.errors);
+            return true;
+        }
+        if !self.push_out(&bytes, env) {
+            return true;
+        }
+        if !d.conv.is_empty() && d.seq > 0 {
+            if self.unacked.len() >= env.cfg.max_outbound_frames.max(1) {
+                self.unacked.remove(0);
+            }
+            self.unacked.push(Unacked { conv: d.conv, seq: d.seq, frame: bytes.into_boxed_slice(), attempts: 0 });
+            if self.repush_timer.is_none() {
+                self.repush_timer = Some(self.arm(env, env.now + env.cfg.repush_interval, TimerKind::Repush));
+            }
+        }
+        if d.close {
+            self.begin_close(env);
+        }
+        true
+    }
+
+    /// A timer of this connection fired.
+    pub fn on_timer(&mut self, kind: TimerKind, env: &mut Env) {
+        match kind {
+            TimerKind::Auth => {
+                self.timer = None;
+                if matches!(self.auth, Auth::Done(_)) || self.closing {
+                    return;
+                }
+                if self.phase == Phase::Open {
+                    tracing::debug!(conn = self.id, "auth timeout");
+                    self.queue_json(frame::error(None, "auth_timeout", "no auth within the time limit"), env);
+                    self.begin_close(env);
+                } else {
+                    self.die(env);
+                }
+            }
+            TimerKind::Idle => {
+                self.timer = None;
+                if self.closing {
+                    return;
+                }
+                let deadline = self.last_activity + env.cfg.idle_timeout;
+                if env.now >= deadline {
+                    tracing::debug!(conn = self.id, "idle timeout");
+                    self.begin_close(env);
+                } else {
+                    self.timer = Some(self.arm(env, deadline, TimerKind::Idle));
+                }
+            }
+            TimerKind::Repush => {
+                self.repush_timer = None;
+                if self.closing {
+                    return;
+                }
+                let max = env.cfg.repush_attempts;
+                self.unacked.retain(|u| u.attempts < max);
+                let mut unacked = std::mem::take(&mut self.unacked);
+                for u in &mut unacked {
+                    u.attempts += 1;
+                    if !self.push_out(&u.frame, env) {
+                        return;
+                    }
+                }
+                self.unacked = unacked;
+                if !self.unacked.is_empty() && !self.closing {
+                    self.repush_timer = Some(self.arm(env, env.now + env.cfg.repush_interval, TimerKind::Repush));
+                }
+            }
+            TimerKind::Linger => {
+                self.timer = None;
+                self.phase = Phase::Dead;
+            }
+            TimerKind::Ring(token) => {
+                let Some(call) = self.calls.as_mut().and_then(|c| c.expired(token)) else {
+                    return;
+                };
+                self.release_calls();
+                if !self.closing {
+                    self.call_timed_out(call, env);
+                }
+            }
+        }
+    }
+
+    /// Graceful drain: push `drain` and close.
+    pub fn drain(&mut self, env: &mut Env) {
+        match self.phase {
+            Phase::Open if !self.closing => {
+                self.queue_json(frame::drain(RETRY_AFTER_MS), env);
+                self.begin_close(env);
+            }
+            Phase::Open => {}
+            _ => self.die(env),
+        }
+    }
+
+    /// Starts a graceful close: remaining frames, then a close frame, then FIN.
+    pub fn begin_close(&mut self, env: &mut Env) {
+        if self.closing {
+            return;
+        }
+        self.closing = true;
+        self.pending.clear();
+        self.unacked.clear();
+        self.cancel_timers(env);
+        self.timer = Some(self.arm(env, env.now + LINGER, TimerKind::Linger));
+        self.notify_closed(env);
+    }
+
+    fn die(&mut self, env: &mut Env) {
+        self.notify_closed(env);
+        self.phase = Phase::Dead;
+    }
+
+    /// Tells logic an authenticated connection went away (once).
+    pub fn notify_closed(&mut self, env: &mut Env) {
+        if self.notified_closed {
+            return;
+        }
+        self.notified_closed = true;
+        if let Some(ev) = self.conn_event(env) {
+            env.bridge.disconnected(ev);
+        }
+    }
+
+    /// Cancels every timer of this connection.
+    pub fn cancel_timers(&mut self, env: &mut Env) {
+        for t in [self.timer.take(), self.repush_timer.take()].into_iter().flatten() {
+            env.wheel.cancel(t);
+        }
+        if let Some(mut calls) = self.calls.take() {
+            calls.cancel_all(&mut env.wheel);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The slab holds one `Conn` per socket, so its size is most of what an idle
+    /// connection costs; keep it within budget.
+    #[test]
+    fn connection_state_stays_small() {
+        let size = std::mem::size_of::<super::Conn>();
+        println!("size_of::<Conn>() = {size}");
+        assert!(size <= 256, "Conn grew to {size} bytes");
+    }
+}
