@@ -8,6 +8,7 @@ pub mod contract;
 pub mod contract_durable;
 pub mod embedded;
 mod error;
+mod group_commit;
 pub mod kafka;
 pub mod memory_routes;
 pub mod model;

@@ -38,9 +38,12 @@ enum Role {
 struct TokenArgs {
     #[command(flatten)]
     settings: Settings,
-    /// User the tokens are for.
+    /// User the tokens are for; with --users U, users NAME-0 .. NAME-(U-1).
     #[arg(long)]
     user: String,
+    /// How many users (each gets the --device / --count tokens).
+    #[arg(long)]
+    users: Option<usize>,
     /// Device id; with --count N, devices ID-0 .. ID-(N-1).
     #[arg(long, default_value = "cli")]
     device: String,
@@ -98,10 +101,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 None => vec![t.device.clone()],
                 Some(n) => (0..n).map(|i| format!("{}-{i}", t.device)).collect(),
             };
+            let users: Vec<String> = match t.users {
+                None => vec![t.user.clone()],
+                Some(n) => (0..n).map(|i| format!("{}-{i}", t.user)).collect(),
+            };
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            for d in devices {
-                use std::io::Write;
-                writeln!(out, "{}", switchboard_logic::auth::mint(&key, &t.user, &d, t.ttl))?;
+            for u in &users {
+                for d in &devices {
+                    use std::io::Write;
+                    writeln!(out, "{}", switchboard_logic::auth::mint(&key, u, d, t.ttl))?;
+                }
             }
         }
         Role::Persist(s) => {

@@ -64,6 +64,15 @@ fn token_subcommand_mints_working_tokens() {
     assert!(out.status.success());
     let tokens: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(String::from).collect();
     assert_eq!(tokens.len(), 3);
+    // --users U: the same devices for users NAME-0 .. NAME-(U-1)
+    let out = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["token", "--user", "many", "--users", "2", "--device", "d", "--count", "2", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let many: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(String::from).collect();
+    assert_eq!(many.len(), 4);
 
     // a server on the same data dir accepts them, one device each
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -75,6 +84,11 @@ fn token_subcommand_mints_working_tokens() {
         assert_eq!(r["user"], "loadtest");
         c.ok("ping", json!({}));
     }
+    let users: Vec<String> = many
+        .iter()
+        .map(|t| Client::connect(ws).ok("auth", json!({ "token": t }))["user"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(users, ["many-0", "many-0", "many-1", "many-1"]);
     let mut c = Client::connect(ws);
     c.err("auth", json!({"token": format!("{}x", tokens[0])}), "bad_token");
     rt.block_on(node.stop());
