@@ -39,6 +39,15 @@ impl Target {
         Ok(Target { url: url.to_string(), addr: SocketAddrV4::new(ip, port.parse().context("bad port")?) })
     }
 
+    /// The request path (`/ws` in `ws://127.0.0.1:8090/ws`).
+    pub fn path(&self) -> &str {
+        let rest = self.url.strip_prefix("ws://").unwrap_or(&self.url);
+        match rest.find('/') {
+            Some(i) => &rest[i..],
+            None => "/",
+        }
+    }
+
     fn request(&self) -> anyhow::Result<Request<()>> {
         let mut req = self.url.as_str().into_client_request()?;
         req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static("sb.json.v1"));

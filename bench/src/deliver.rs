@@ -1,0 +1,246 @@
+//! The receiving side shared by `fanout` and `messaging`: counting `msg` pushes per connection
+//! (first receipt vs. re-push), delivery latency from the send time carried in the `cmid`, and
+//! the cumulative `ack` sent once per read batch.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::rawws::Ctx;
+use crate::scan;
+use crate::session::Kinds;
+use crate::stats::Hist;
+
+/// Which message numbers one connection has received, and its ack state for one conversation.
+#[derive(Default)]
+pub struct Inbox {
+    bits: Vec<u64>,
+    pub max_seq: u64,
+    pub acked_seq: u64,
+    last_ack: Option<Instant>,
+}
+
+impl Inbox {
+    /// Marks message `n`; true when it is new.
+    pub fn mark(&mut self, n: u64) -> bool {
+        let (w, b) = ((n / 64) as usize, n % 64);
+        if self.bits.len() <= w {
+            self.bits.resize(w + 1, 0);
+        }
+        let new = self.bits[w] & (1 << b) == 0;
+        self.bits[w] |= 1 << b;
+        new
+    }
+
+    pub fn has(&self, n: u64) -> bool {
+        self.bits.get((n / 64) as usize).is_some_and(|w| w & (1 << (n % 64)) != 0)
+    }
+
+    /// Messages of `ok` (a sender's set of acknowledged message numbers) received here.
+    pub fn count_of(&self, ok: &Inbox) -> u64 {
+        self.bits.iter().zip(&ok.bits).map(|(a, b)| (a & b).count_ones() as u64).sum()
+    }
+
+    /// Number of marked messages.
+    pub fn len(&self) -> u64 {
+        self.bits.iter().map(|w| w.count_ones() as u64).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The receivers' counters.
+pub struct Deliveries {
+    run_prefix: Vec<u8>,
+    epoch: Instant,
+    /// The measured window, as instants.
+    pub from: Instant,
+    pub to: Instant,
+    /// Delivery latency of messages sent within the window (first receipts).
+    pub latency: Hist,
+    /// First receipts, in total and within the window.
+    pub unique: u64,
+    pub in_window: u64,
+    /// Re-pushes of messages already received on that connection.
+    pub duplicates: u64,
+    /// `msg` pushes of other runs or unparsable ones.
+    pub foreign: u64,
+    pub acks_sent: u64,
+    /// Least time between two acks of one connection (zero: one per read batch).
+    pub ack_interval: Duration,
+    pub errors: u64,
+    pub error_kinds: Kinds,
+}
+
+impl Deliveries {
+    pub fn new(run: u32, epoch: Instant, from: Instant, to: Instant) -> Self {
+        Self {
+            run_prefix: scan::run_prefix(run),
+            epoch,
+            from,
+            to,
+            latency: Hist::default(),
+            unique: 0,
+            in_window: 0,
+            duplicates: 0,
+            foreign: 0,
+            acks_sent: 0,
+            ack_interval: Duration::ZERO,
+            errors: 0,
+            error_kinds: Kinds::new(),
+        }
+    }
+
+    /// Send time of a message as carried in its `cmid`: ns since `epoch`.
+    pub fn ns(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
+
+    /// Handles a `msg` push received at `now` on a connection with inbox `inbox`. Returns the
+    /// message number when this is its first receipt here.
+    pub fn on_msg(&mut self, inbox: &mut Inbox, payload: &[u8], now: Instant) -> Option<u64> {
+        let parsed = scan::str_field(payload, "cmid").and_then(|c| scan::parse_cmid(c, &self.run_prefix));
+        let Some((n, sent_ns)) = parsed else {
+            self.foreign += 1;
+            return None;
+        };
+        if let Some(seq) = scan::u64_field(payload, "seq") {
+            inbox.max_seq = inbox.max_seq.max(seq);
+        }
+        if !inbox.mark(n) {
+            self.duplicates += 1;
+            return None;
+        }
+        self.unique += 1;
+        if now >= self.from && now < self.to {
+            self.in_window += 1;
+        }
+        let (from_ns, to_ns) = (self.ns(self.from), self.ns(self.to));
+        if sent_ns >= from_ns && sent_ns < to_ns {
+            self.latency.record(self.ns(now).saturating_sub(sent_ns));
+        }
+        Some(n)
+    }
+
+    /// Counts an `error` frame.
+    pub fn on_error(&mut self, payload: &[u8]) {
+        self.errors += 1;
+        let code = scan::str_field(payload, "code").unwrap_or(b"?");
+        crate::session::bump(&mut self.error_kinds, &String::from_utf8_lossy(code));
+    }
+
+    /// The `seq` to ack now on a connection, if any: when its highest `seq` went up and the
+    /// last ack is at least `ack_interval` old.
+    pub fn due_ack(&mut self, inbox: &mut Inbox, now: Instant) -> Option<u64> {
+        if inbox.max_seq <= inbox.acked_seq {
+            return None;
+        }
+        if let Some(last) = inbox.last_ack {
+            if now.saturating_duration_since(last) < self.ack_interval {
+                return None;
+            }
+        }
+        inbox.acked_seq = inbox.max_seq;
+        inbox.last_ack = Some(now);
+        self.acks_sent += 1;
+        Some(inbox.max_seq)
+    }
+
+    /// Sends the cumulative `ack` of `conv` at the end of a read batch, if one is due.
+    pub fn ack(&mut self, cx: &mut Ctx, inbox: &mut Inbox, conv: &str) {
+        if let Some(seq) = self.due_ack(inbox, cx.now) {
+            cx.send_text(&ack_frame(conv, seq));
+        }
+    }
+}
+
+/// The text of an `ack` (without `rid`: its `ack.ok` is not needed).
+pub fn ack_frame(conv: &str, seq: u64) -> Vec<u8> {
+    format!(r#"{{"op":"ack","conv":"{conv}","seq":{seq}}}"#).into_bytes()
+}
+
+/// CPU figures of a run.
+#[derive(Serialize, Debug, Clone, Default)]
+pub struct Cpu {
+    /// CPU seconds the load process used in the measured window, and that over the window
+    /// (1.0 = one core busy).
+    pub client_cpu_secs: f64,
+    pub client_cpu_util: f64,
+    pub server_pid: Option<u32>,
+    pub server_cpu_secs: Option<f64>,
+    pub server_cpu_util: Option<f64>,
+}
+
+/// A send request's reply bookkeeping: the rids in flight on one connection, oldest first
+/// (replies come back in request order; an early error may overtake, so lookups search).
+#[derive(Default)]
+pub struct Outstanding {
+    q: std::collections::VecDeque<(u64, u64, Instant)>,
+}
+
+impl Outstanding {
+    pub fn push(&mut self, rid: u64, n: u64, at: Instant) {
+        self.q.push_back((rid, n, at));
+    }
+
+    /// Removes `rid`: its message number and send instant.
+    pub fn take(&mut self, rid: u64) -> Option<(u64, Instant)> {
+        let i = self.q.iter().position(|e| e.0 == rid)?;
+        self.q.remove(i).map(|(_, n, at)| (n, at))
+    }
+
+    pub fn len(&self) -> usize {
+        self.q.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.q.is_empty()
+    }
+
+    pub fn clear(&mut self) -> usize {
+        let n = self.q.len();
+        self.q.clear();
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inbox_counts() {
+        let mut a = Inbox::default();
+        assert!(a.mark(3));
+        assert!(!a.mark(3));
+        assert!(a.mark(200));
+        let mut ok = Inbox::default();
+        ok.mark(3);
+        ok.mark(4);
+        assert_eq!(a.count_of(&ok), 1);
+        assert_eq!(a.len(), 2);
+        assert!(a.has(200) && !a.has(4));
+    }
+
+    #[test]
+    fn first_receipts_and_repushes() {
+        let t0 = Instant::now();
+        let to = t0 + std::time::Duration::from_secs(10);
+        let mut d = Deliveries::new(0x7, t0, t0, to);
+        let mut inbox = Inbox::default();
+        let push = |n: u64, seq: u64| {
+            format!(r#"{{"msg":{{"cmid":"{}","conv":"g:x","seq":{seq}}},"op":"msg"}}"#, scan::cmid(0x7, n, 1000))
+        };
+        let now = t0 + std::time::Duration::from_millis(1);
+        assert_eq!(d.on_msg(&mut inbox, push(0, 1).as_bytes(), now), Some(0));
+        assert_eq!(d.on_msg(&mut inbox, push(1, 2).as_bytes(), now), Some(1));
+        assert_eq!(d.on_msg(&mut inbox, push(0, 1).as_bytes(), now), None);
+        assert_eq!((d.unique, d.duplicates, inbox.max_seq), (2, 1, 2));
+        assert_eq!(d.latency.count, 2);
+        let other_run = format!(r#"{{"msg":{{"cmid":"{}","seq":9}},"op":"msg"}}"#, scan::cmid(0x8, 0, 0));
+        assert_eq!(d.on_msg(&mut inbox, other_run.as_bytes(), now), None);
+        assert_eq!(d.foreign, 1);
+    }
+}
