@@ -247,8 +247,12 @@ impl Gateway {
         let svc = GatewayServer::new(PushService { shards: links.clone() });
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(push_listener);
         let push_task = rt.spawn(async move {
+            // Push batches carry up to ~1,000 frames: windows large enough that one
+            // never waits for a flow-control update.
             let res = Server::builder()
                 .tcp_nodelay(true)
+                .initial_stream_window_size(Some(4 << 20))
+                .initial_connection_window_size(Some(8 << 20))
                 .add_service(svc)
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = stop_rx.await;

@@ -14,7 +14,9 @@ use tokio::sync::mpsc;
 use crate::metrics::{inc, LogicMetrics};
 
 /// Most deliveries sent in one Push RPC.
-const BATCH: usize = 256;
+const BATCH: usize = 1024;
+/// HTTP/2 flow-control window of push streams: a whole batch fits without waiting for a window update.
+const PUSH_WINDOW: u32 = 4 << 20;
 
 pub struct Pusher {
     routes: Arc<dyn RouteTable>,
@@ -98,7 +100,12 @@ async fn sender(
     metrics: Arc<LogicMetrics>,
 ) {
     let client = match tonic::transport::Endpoint::from_shared(gateway.clone()) {
-        Ok(ep) => GatewayClient::new(ep.connect_lazy()),
+        Ok(ep) => GatewayClient::new(
+            ep.tcp_nodelay(true)
+                .initial_stream_window_size(Some(PUSH_WINDOW))
+                .initial_connection_window_size(Some(2 * PUSH_WINDOW))
+                .connect_lazy(),
+        ),
         Err(e) => {
             tracing::error!(%gateway, error = %e, "bad gateway address; dropping its pushes");
             return;

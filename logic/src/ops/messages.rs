@@ -137,12 +137,11 @@ async fn store_and_push(
     members: Option<&[String]>,
 ) -> Result<Fields, ApiError> {
     let conv = new.conv.clone();
-    let _order = logic.conv_lock(&conv).lock().await;
+    let order = logic.conv_lock(&conv).lock().await;
     let appended = logic.stores.messages.append(new, index).await?;
     let m = &appended.msg;
     if !appended.duplicate {
         crate::metrics::inc(&logic.metrics.sends);
-        logic.stores.messages.set_read(&caller.user, &m.conv, m.seq).await?;
         let all = match members {
             Some(list) => list.to_vec(),
             None => conv_members(logic, &m.conv, &caller.user).await?,
@@ -150,6 +149,9 @@ async fn store_and_push(
         let push = json!({"op": "msg", "msg": m});
         let at = Some(MsgRef { conv: &m.conv, seq: m.seq });
         to_members(logic, &all, &push, at, (&caller.gateway, caller.conn_id)).await;
+        // Pushes are queued in seq order; the sender's own read mark needs no order.
+        drop(order);
+        logic.stores.messages.set_read(&caller.user, &m.conv, m.seq).await?;
     }
     Ok(fields(json!({"conv": m.conv, "mid": m.mid, "seq": m.seq, "ts": m.ts})))
 }
