@@ -85,7 +85,7 @@ while kill -0 "$LOAD" 2>/dev/null; do
     sleep 5
     kill -0 "$LOAD" 2>/dev/null && sample $(($(date +%s) - start)) >>"$OUT/$LABEL-servers.log"
 done
-wait "$LOAD"
+wait "$LOAD" || echo "load tool exited non-zero (see failed_workers in the report)" >&2
 LOAD=
 for p in "${GWS[@]}" "$LOGIC"; do
     if ! kill -0 "$p" 2>/dev/null; then

@@ -4,7 +4,8 @@
 //! Modes:
 //! - `connect`: ramp to N authenticated WebSocket connections at a bounded rate, hold them with
 //!   periodic `ping` ops, report connect latency, failures, drops, connect rate and server RSS;
-//!   optionally spread over several worker processes (one per fd budget). (tokio client)
+//!   optionally spread over several worker processes (one per fd budget). (rawws client, lean
+//!   buffers: a few hundred bytes of client memory per idle connection)
 //! - `ping`: pipelined `ping` round trips, k in flight per connection: frames/s, RTT percentiles
 //!   and client/server CPU time. (rawws client)
 //! - `fanout`: one sender, K receiving connections in one group: deliveries/s, delivery latency,

@@ -6,8 +6,8 @@ use switchboard_bench::{baseline, connect, fanout, messaging, ping};
 #[derive(Parser)]
 #[command(name = "switchboard-bench", version, about = "Load generator for Switchboard (loopback only)")]
 struct Cli {
-    /// Tokio worker threads for `connect` and `baseline-server` (default: the CPUs this process
-    /// may run on). `ping`, `fanout` and `messaging` run one single-threaded event loop.
+    /// Tokio worker threads for `baseline-server` (default: the CPUs this process may run on).
+    /// `connect`, `ping`, `fanout` and `messaging` run one single-threaded event loop per process.
     #[arg(long, global = true)]
     threads: Option<usize>,
     #[command(subcommand)]
@@ -38,7 +38,7 @@ fn main() -> anyhow::Result<()> {
         rt.enable_all().build()
     };
     match cli.mode {
-        Mode::Connect(a) => tokio(cli.threads)?.block_on(connect::run(a)),
+        Mode::Connect(a) => connect::main(a),
         Mode::BaselineServer(a) => tokio(cli.threads)?.block_on(baseline::run(a)),
         Mode::Ping(a) => ping::main(a),
         Mode::Fanout(a) => fanout::main(a),

@@ -13,6 +13,12 @@
 //! (`frame`), the end of each read batch (`read_done`) and `closed`, and queues outgoing frames
 //! through the [`Ctx`] it is given. Between polls, [`Client::send_text`] / [`Client::send_raw`]
 //! queue frames too; [`Client::poll`] writes them out first.
+//!
+//! **Lean mode** ([`Client::set_lean`], used by `connect` to hold hundreds of thousands of idle
+//! connections): connections opened in it own no buffer while idle. Reads go into one scratch
+//! buffer shared by all connections (only an incomplete frame's bytes are copied into a buffer of
+//! the connection's own, freed once the frame completes); the write buffer and the fragment
+//! buffer are freed as soon as they are empty.
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -37,6 +43,11 @@ pub const OP_PONG: u8 = 0xA;
 const MAX_MESSAGE: usize = 16 << 20;
 /// Initial per-connection read buffer; grows only for frames that do not fit.
 const READ_BUF: usize = 64 << 10;
+/// Lean mode: a read buffer larger than this (grown for a big frame) is freed rather than kept
+/// as the shared scratch buffer.
+const MAX_SCRATCH: usize = 1 << 20;
+/// Lean mode: smallest buffer an incomplete frame's bytes are kept in between reads.
+const TAIL_BUF: usize = 4 << 10;
 
 /// Appends one complete (FIN), masked client frame carrying `payload` to `out`.
 pub fn encode_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
@@ -211,6 +222,8 @@ struct Conn {
     frag: Vec<u8>,
     frag_op: u8,
     dirty: bool,
+    /// Lean mode (see the module docs): no buffers kept while idle.
+    lean: bool,
 }
 
 /// Counters of the engine's own work.
@@ -234,6 +247,10 @@ pub struct Client {
     /// Scratch list of the ready connections of one poll.
     ready: Vec<(usize, bool, bool)>,
     pub stats: IoStats,
+    /// Connections opened from now on are lean (see the module docs).
+    lean: bool,
+    /// Lean mode: the read buffer lent to the connection being read (empty while lent out).
+    scratch: Vec<u8>,
 }
 
 impl Client {
@@ -253,7 +270,16 @@ impl Client {
             request: request.into_bytes(),
             ready: Vec::with_capacity(1024),
             stats: IoStats::default(),
+            lean: false,
+            scratch: Vec::new(),
         })
+    }
+
+    /// Lean mode for the connections opened from now on: no per-connection buffers while idle
+    /// (reads use one shared scratch buffer; write and fragment buffers are freed once empty).
+    /// For many mostly idle connections; costs an allocation per queued write.
+    pub fn set_lean(&mut self, lean: bool) {
+        self.lean = lean;
     }
 
     /// Starts a nonblocking connect, bound to `src` when given; the upgrade request is queued
@@ -279,15 +305,22 @@ impl Client {
         entry.insert(Conn {
             sock: stream,
             state: State::Connecting,
-            rbuf: vec![0; READ_BUF],
+            rbuf: if self.lean { Vec::new() } else { vec![0; READ_BUF] },
             rlen: 0,
             wbuf: self.request.clone(),
             wpos: 0,
             frag: Vec::new(),
             frag_op: 0,
             dirty: false,
+            lean: self.lean,
         });
         Ok(id)
+    }
+
+    /// Reserves room for `additional` more connections (so the connection table is not moved
+    /// and copied while it grows; untouched room costs no memory).
+    pub fn reserve(&mut self, additional: usize) {
+        self.conns.reserve(additional);
     }
 
     /// Number of connections (in any state).
@@ -417,8 +450,45 @@ impl Client {
         Ok(())
     }
 
-    /// Reads until the socket is drained, handing every complete frame to `h`.
+    /// Reads until the socket is drained, handing every complete frame to `h`. A lean
+    /// connection without a buffer of its own borrows the scratch buffer for the reads and gives
+    /// it back afterwards, keeping only the bytes of an incomplete frame.
     fn read_ready(&mut self, id: usize, h: &mut impl Handler) -> Result<(), String> {
+        let c = &mut self.conns[id];
+        if !c.lean {
+            return self.read_loop(id, h);
+        }
+        if c.rbuf.is_empty() {
+            if self.scratch.is_empty() {
+                self.scratch = vec![0; READ_BUF];
+            }
+            std::mem::swap(&mut c.rbuf, &mut self.scratch);
+        }
+        let r = self.read_loop(id, h);
+        // The connection may be gone (closed by the handler): its buffer went with it, and the
+        // scratch buffer is allocated again on the next read.
+        if let Some(c) = self.conns.get_mut(id) {
+            if c.rlen == 0 {
+                let buf = std::mem::take(&mut c.rbuf);
+                if self.scratch.is_empty() && buf.len() <= MAX_SCRATCH {
+                    self.scratch = buf;
+                }
+            } else if self.scratch.is_empty() {
+                let mut tail = vec![0; (c.rlen * 2).max(TAIL_BUF)];
+                tail[..c.rlen].copy_from_slice(&c.rbuf[..c.rlen]);
+                let buf = std::mem::replace(&mut c.rbuf, tail);
+                if buf.len() <= MAX_SCRATCH {
+                    self.scratch = buf;
+                }
+            }
+            if c.frag_op == 0 && c.frag.capacity() > 0 {
+                c.frag = Vec::new();
+            }
+        }
+        r
+    }
+
+    fn read_loop(&mut self, id: usize, h: &mut impl Handler) -> Result<(), String> {
         loop {
             let c = &mut self.conns[id];
             if c.rlen == c.rbuf.len() {
@@ -563,7 +633,11 @@ fn write_out(c: &mut Conn, stats: &mut IoStats) -> io::Result<()> {
             Err(e) => return Err(e),
         }
     }
-    c.wbuf.clear();
+    if c.lean {
+        c.wbuf = Vec::new();
+    } else {
+        c.wbuf.clear();
+    }
     c.wpos = 0;
     Ok(())
 }
@@ -685,6 +759,7 @@ mod tests {
             frag: Vec::new(),
             frag_op: 0,
             dirty: false,
+            lean: false,
         }
     }
 
@@ -753,6 +828,68 @@ mod tests {
         c.rlen = f.len();
         let mut close = false;
         assert!(process_frames(&mut c, 0, Instant::now(), &mut h, &mut close).is_err());
+    }
+
+    #[test]
+    fn lean_connections_keep_no_buffers_while_idle() {
+        use std::io::{Read as _, Write as _};
+        // A tiny server: answers the upgrade, then sends a frame in two pieces, then one whole.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = match l.local_addr().unwrap() {
+            SocketAddr::V4(a) => a,
+            _ => unreachable!(),
+        };
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut req = Vec::new();
+            let mut b = [0u8; 1024];
+            while !req.ends_with(b"\r\n\r\n") {
+                let n = s.read(&mut b).unwrap();
+                req.extend_from_slice(&b[..n]);
+            }
+            s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+                .unwrap();
+            let f = server_frame(true, OP_TEXT, &[b'x'; 300]);
+            go_rx.recv().unwrap();
+            s.write_all(&f[..100]).unwrap();
+            go_rx.recv().unwrap();
+            s.write_all(&f[100..]).unwrap();
+            s.write_all(&server_frame(true, OP_TEXT, b"two")).unwrap();
+            // Read the client's frame, then wait for the end.
+            let mut got = [0u8; 64];
+            let _ = s.read(&mut got).unwrap();
+            let _ = go_rx.recv();
+        });
+        let mut c = Client::new(addr, "/").unwrap();
+        c.set_lean(true);
+        let id = c.open(None).unwrap();
+        let mut h = Collect::default();
+        let until = |c: &mut Client, h: &mut Collect, f: &dyn Fn(&Client, &Collect) -> bool| {
+            let t = Instant::now();
+            while !f(c, h) {
+                assert!(t.elapsed() < Duration::from_secs(5), "timed out");
+                c.poll(Some(Duration::from_millis(10)), h).unwrap();
+            }
+        };
+        until(&mut c, &mut h, &|c, _| c.state(id) == Some(State::Open));
+        let conn = &c.conns[id];
+        assert_eq!((conn.rbuf.capacity(), conn.wbuf.capacity(), conn.rlen), (0, 0, 0), "idle after upgrade");
+        go_tx.send(()).unwrap();
+        until(&mut c, &mut h, &|c, _| c.conns[id].rlen == 100);
+        assert!(c.conns[id].rbuf.len() < READ_BUF, "an incomplete frame keeps a small buffer");
+        go_tx.send(()).unwrap();
+        until(&mut c, &mut h, &|_, h| h.msgs.len() == 2);
+        assert_eq!(h.msgs[0], (OP_TEXT, vec![b'x'; 300]));
+        assert_eq!(h.msgs[1], (OP_TEXT, b"two".to_vec()));
+        assert_eq!(c.conns[id].rbuf.capacity(), 0, "buffer freed once the frame completed");
+        c.send_text(id, b"hello");
+        c.flush(&mut h);
+        assert_eq!(c.conns[id].wbuf.capacity(), 0, "write buffer freed once written");
+        assert_eq!(c.scratch.len(), READ_BUF, "the scratch buffer is back");
+        go_tx.send(()).unwrap();
+        server.join().unwrap();
+        c.close_all();
     }
 
     #[test]

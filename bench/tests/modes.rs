@@ -1,6 +1,7 @@
 //! Runs `ping`, `fanout` and `messaging` for about a second each, with small counts, against a
 //! real all-in-one node started in-process (ephemeral loopback ports, temp data dir), through
-//! the same code paths as the command line.
+//! the same code paths as the command line; and `connect` for a few seconds, in process (one
+//! worker) and through the binary with two worker processes.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -8,7 +9,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use switchboard::{AllInOne, Settings};
-use switchboard_bench::{fanout, messaging, ping};
+use switchboard_bench::{connect, fanout, messaging, ping};
 use switchboard_logic::auth::{mint, TokenKey};
 
 fn temp_dir() -> PathBuf {
@@ -53,6 +54,11 @@ struct P {
 struct F {
     #[command(flatten)]
     a: fanout::Args,
+}
+#[derive(Parser)]
+struct C {
+    #[command(flatten)]
+    a: connect::Args,
 }
 #[derive(Parser)]
 struct M {
@@ -155,6 +161,68 @@ fn ping_fanout_and_messaging_deliver_everything() {
         assert_eq!((r.missing_deliveries, r.errors, r.dropped), (0, 0, 0), "{r:?}");
         assert!(r.delivery_latency.samples > 0 && r.send_ok_latency.samples > 0);
     }
+
+    rt.block_on(node.stop());
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(t0.elapsed().as_secs() < 30, "took {:?}", t0.elapsed());
+}
+
+/// Checks a `connect` report of `n` connections: all held, none failed or dropped, pings answered.
+fn check_connect(r: &connect::Report, n: u64) {
+    assert_eq!((r.attempted, r.connected, r.failed), (n, n, 0), "{r:?}");
+    assert_eq!((r.dropped_during_ramp, r.dropped_during_hold, r.still_open_at_end), (0, 0, n), "{r:?}");
+    assert!(r.pings_sent > 0 && r.pongs > 0 && r.pongs <= r.pings_sent, "{r:?}");
+    assert_eq!(r.connect_latency.samples as u64, n);
+    assert!(r.failed_workers.is_empty() && r.workers_reported == r.workers, "{r:?}");
+    assert!(r.achieved_connect_rate > 0.0 && r.client_rss_per_connection_bytes.is_some(), "{r:?}");
+}
+
+#[test]
+fn connect_holds_every_connection() {
+    let t0 = Instant::now();
+    let dir = temp_dir();
+    let s = settings(&dir);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let node = rt.block_on(AllInOne::start(&s)).expect("node starts");
+    let ws = format!("ws://{}/ws", node.ws_addr());
+    let key = TokenKey::new(s.jwt_secret().unwrap());
+    // 10 devices per user; one connection per device.
+    let who: Vec<_> = (0..250).map(|i| (format!("conn{}", i / 10), format!("d{}", i % 10))).collect();
+    let small = tokens(&key, &dir.join("connect-50.txt"), &who[200..]);
+    let file = tokens(&key, &dir.join("connect-200.txt"), &who[..200]);
+    let file = file.to_str().unwrap();
+
+    // In process, one worker: 50 connections.
+    let args = C::parse_from([
+        "c",
+        "--url",
+        &ws,
+        "--tokens",
+        small.to_str().unwrap(),
+        "--conns",
+        "50",
+        "--rate",
+        "500",
+        "--hold",
+        "2",
+        "--ping-secs",
+        "1",
+    ])
+    .a;
+    let r = connect::run(&args).expect("connect runs");
+    check_connect(&r, 50);
+
+    // The binary, two worker processes: 200 connections.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard-bench"))
+        .args(["connect", "--url", &ws, "--tokens", file, "--conns", "200", "--rate", "1000"])
+        .args(["--hold", "3", "--ping-secs", "1", "--workers", "2", "--label", "test"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("runs the binary");
+    assert!(out.status.success(), "{}", out.status);
+    let r: connect::Report = serde_json::from_slice(&out.stdout).expect("a JSON report on stdout");
+    check_connect(&r, 200);
+    assert_eq!((r.workers, r.label.as_str()), (2, "test"));
 
     rt.block_on(node.stop());
     let _ = std::fs::remove_dir_all(&dir);
