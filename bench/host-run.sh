@@ -60,7 +60,8 @@ done
 sleep 2
 
 rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
-socks() { find "/proc/$1/fd" -lname 'socket:*' 2>/dev/null | wc -l; }
+# fds come and go while it looks, so find may complain: never let that end the run
+socks() { { find "/proc/$1/fd" -lname 'socket:*' 2>/dev/null || true; } | wc -l; }
 sample() {
     local t=$1 total_rss=0 total_socks=0 line=""
     for p in "${GWS[@]}"; do
@@ -83,7 +84,7 @@ LOAD=$!
 start=$(date +%s)
 while kill -0 "$LOAD" 2>/dev/null; do
     sleep 5
-    kill -0 "$LOAD" 2>/dev/null && sample $(($(date +%s) - start)) >>"$OUT/$LABEL-servers.log"
+    kill -0 "$LOAD" 2>/dev/null && { sample $(($(date +%s) - start)) >>"$OUT/$LABEL-servers.log" || true; }
 done
 wait "$LOAD" || echo "load tool exited non-zero (see failed_workers in the report)" >&2
 LOAD=

@@ -290,6 +290,20 @@ impl Client {
         if let Some(ip) = src {
             // Lets connections from different source addresses share ephemeral ports.
             let _ = sock.set_reuse_address(true);
+            // IP_BIND_ADDRESS_NO_PORT: pick the port at connect time from the whole 4-tuple.
+            // Without it bind(ip, 0) searches for a port no socket on `ip` holds, which
+            // grows slow (kernel time per bind) once tens of thousands are in use.
+            let on: libc::c_int = 1;
+            // SAFETY: setsockopt on a socket this function owns, with a c_int option value.
+            unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&sock),
+                    libc::IPPROTO_IP,
+                    libc::IP_BIND_ADDRESS_NO_PORT,
+                    (&on as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
             sock.bind(&SockAddr::from(SocketAddrV4::new(ip, 0)))?;
         }
         sock.set_nodelay(true)?;

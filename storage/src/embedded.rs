@@ -1,8 +1,8 @@
 //! The embedded backend: every store trait over one redb database file in
 //! the data directory. Writes go through [`crate::group_commit`]: a write
 //! returns only after an fsync covers it, so a successful `append` is
-//! durable, while concurrent writes share fsyncs. Reads block, so each runs
-//! on the blocking pool.
+//! durable, while concurrent writes share fsyncs. Reads run inline on the
+//! calling task (see [`EmbeddedStore::read`]).
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
@@ -91,22 +91,16 @@ impl EmbeddedStore {
         Ok(Self { db, writer })
     }
 
-    async fn blocking<T, F>(&self, f: F) -> Result<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Database) -> Result<T> + Send + 'static,
-    {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || f(&db)).await?
-    }
-
-    /// Runs `f` in a read transaction on the blocking pool.
+    /// Runs `f` in a read transaction, on the calling task. Reads are short
+    /// B-tree lookups on pages redb mostly has cached, far cheaper than the
+    /// hop to the blocking pool and back that running them there would cost
+    /// on every request; writes, which fsync, go to the writer thread.
     async fn read<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&ReadTransaction) -> Result<T> + Send + 'static,
     {
-        self.blocking(move |db| f(&db.begin_read()?)).await
+        f(&self.db.begin_read()?)
     }
 
     /// Runs `f` in a write transaction on the writer thread, committing it
