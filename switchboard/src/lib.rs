@@ -81,7 +81,13 @@ async fn open_stores(s: &Settings) -> anyhow::Result<(Stores, Option<RedisStore>
     Ok((stores, Some(redis)))
 }
 
+/// Concurrent gRPC streams one gateway connection may open on a logic instance.
+const LOGIC_MAX_STREAMS: u32 = 16_384;
+/// HTTP/2 connection window of the logic gRPC server (bytes).
+const LOGIC_CONNECTION_WINDOW: u32 = 64 << 20;
+
 /// A running logic instance: its gRPC and HTTP servers.
+
 pub struct LogicRole {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
@@ -102,7 +108,17 @@ impl LogicRole {
         let service = LogicService::new(logic.clone()).into_server();
         let grpc = Task::spawn(|stopped| async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+            // Gateways multiplex every client's requests over a few HTTP/2 connections: a
+            // burst of connects puts thousands of small `Authenticate` streams on one of them.
+            // h2 sends GOAWAY (ENHANCE_YOUR_CALM, "too_many_data_frames") once small DATA frames
+            // not yet read by the service exceed half the connection window, so the window is
+            // sized for such a burst.
             let served = tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .max_concurrent_streams(Some(LOGIC_MAX_STREAMS))
+                .http2_max_pending_accept_reset_streams(Some(LOGIC_MAX_STREAMS as usize))
+                .initial_connection_window_size(Some(LOGIC_CONNECTION_WINDOW))
+                .initial_stream_window_size(Some(1 << 20))
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = stopped.await;
