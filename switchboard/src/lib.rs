@@ -87,7 +87,6 @@ const LOGIC_MAX_STREAMS: u32 = 16_384;
 const LOGIC_CONNECTION_WINDOW: u32 = 64 << 20;
 
 /// A running logic instance: its gRPC and HTTP servers.
-
 pub struct LogicRole {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
