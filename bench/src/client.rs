@@ -2,9 +2,26 @@
 //! token files and source address selection.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+
+/// Flags every load mode has: the target, the source addresses and where the report goes.
+#[derive(clap::Args, Clone, Debug)]
+pub struct CommonArgs {
+    /// WebSocket URL (loopback only).
+    #[arg(long, default_value = "ws://127.0.0.1:8090/ws")]
+    pub url: String,
+    /// Source addresses to bind to, 127.0.0.2 ..= 127.0.0.(1+K) (0: let the kernel choose).
+    #[arg(long, default_value_t = 8)]
+    pub src_ips: usize,
+    /// Write the JSON report here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Free-form label stored in the report (e.g. the server's name).
+    #[arg(long, default_value = "")]
+    pub label: String,
+}
 
 /// Where to connect: a WebSocket URL whose host is an IPv4 loopback address.
 #[derive(Clone)]

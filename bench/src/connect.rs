@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
-use crate::client::{self, Target};
+use crate::client::{self, CommonArgs, Target};
 use crate::procfs::rss_kib;
 use crate::rawws::{Ctx, Handler};
 use crate::scan;
@@ -35,9 +35,8 @@ use crate::stats::{Hist, Percentiles};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct Args {
-    /// WebSocket URL (loopback only).
-    #[arg(long, default_value = "ws://127.0.0.1:8090/ws")]
-    pub url: String,
+    #[command(flatten)]
+    pub common: CommonArgs,
     /// File with one access token per line (one per connection).
     #[arg(long)]
     pub tokens: PathBuf,
@@ -59,18 +58,9 @@ pub struct Args {
     /// The server's pid: report its VmRSS before the ramp, at full load and per connection.
     #[arg(long)]
     pub server_pid: Option<u32>,
-    /// Source addresses to bind to, 127.0.0.2 ..= 127.0.0.(1+K) (0: let the kernel choose).
-    #[arg(long, default_value_t = 8)]
-    pub src_ips: usize,
     /// Seconds allowed for connect + handshake + auth.ok.
     #[arg(long, default_value_t = 10)]
     pub connect_timeout: u64,
-    /// Write the JSON report here.
-    #[arg(long)]
-    pub report: Option<PathBuf>,
-    /// Free-form label stored in the report (e.g. the server's name).
-    #[arg(long, default_value = "")]
-    pub label: String,
     /// Internal: run as a worker process, reporting JSON lines on stdout.
     #[arg(long, hide = true)]
     pub child: bool,
@@ -202,7 +192,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         return child(args);
     }
     let report = run(&args)?;
-    session::emit(&report, args.report.as_deref())?;
+    session::emit(&report, args.common.report.as_deref())?;
     if !report.failed_workers.is_empty() {
         bail!(
             "{} of {} workers failed: {}",
@@ -254,7 +244,7 @@ enum Msg {
 /// the report (with the failed workers listed in it).
 pub fn run(args: &Args) -> anyhow::Result<Report> {
     check(args)?;
-    let target = Target::parse(&args.url)?;
+    let target = Target::parse(&args.common.url)?;
     let workers = args.workers.max(1);
     let available = count_tokens(&args.tokens)?;
     if available < args.conns {
@@ -291,12 +281,12 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
             let n = args.conns * (w + 1) / workers - start;
             let spawned = Command::new(&exe)
                 .arg("connect")
-                .args(["--url", &args.url])
+                .args(["--url", &args.common.url])
                 .arg("--tokens")
                 .arg(&args.tokens)
                 .args(["--conns", &n.to_string(), "--rate", &(args.rate / workers as f64).to_string()])
                 .args(["--hold", &args.hold.to_string(), "--ping-secs", &args.ping_secs.to_string()])
-                .args(["--src-ips", &args.src_ips.to_string()])
+                .args(["--src-ips", &args.common.src_ips.to_string()])
                 .args(["--connect-timeout", &args.connect_timeout.to_string()])
                 .args(["--child", "--offset", &start.to_string()])
                 .stdin(Stdio::null())
@@ -491,14 +481,14 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
     let client_vmrss_per_connection_bytes = measured.map(|c| per_conn(c.start_kib, c.held_kib));
     Ok(Report {
         mode: "connect".into(),
-        label: args.label.clone(),
-        url: args.url.clone(),
+        label: args.common.label.clone(),
+        url: args.common.url.clone(),
         client: "rawws (mio, single-threaded per worker, lean buffers)".into(),
         started_unix,
         conns: args.conns,
         rate_target: args.rate,
         workers,
-        src_ips: args.src_ips,
+        src_ips: args.common.src_ips,
         hold_secs_target: args.hold,
         hold_secs_actual: m.hold_secs,
         ping_secs: args.ping_secs,
@@ -529,7 +519,7 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
 /// stdout (the coordinator is gone) is noted on stderr once; the run goes on (the connections
 /// stay held for the server-side measurement), and the process then exits non-zero.
 fn child(args: Args) -> anyhow::Result<()> {
-    let target = Target::parse(&args.url)?;
+    let target = Target::parse(&args.common.url)?;
     let mut broken: Option<String> = None;
     let say = |ev: &Event, broken: &mut Option<String>| {
         if broken.is_some() {
@@ -874,7 +864,7 @@ fn worker(
             // Start the attempts that are due (bounded per turn so the loop keeps serving).
             let mut burst = 0;
             while next < n && burst < 1024 && epoch + Duration::from_secs_f64(next as f64 / rate) <= now {
-                let src = (args.src_ips > 0).then(|| client::source_ip(offset + next, args.src_ips));
+                let src = (args.common.src_ips > 0).then(|| client::source_ip(offset + next, args.common.src_ips));
                 match client.open(src) {
                     Ok(id) => {
                         h.started(id, next, now);

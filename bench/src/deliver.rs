@@ -11,6 +11,27 @@ use crate::scan;
 use crate::session::Kinds;
 use crate::stats::Hist;
 
+/// The run's timing, acks and body size, shared by `fanout` and `messaging`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct DeliveryArgs {
+    /// Measured seconds.
+    #[arg(long, default_value_t = 10)]
+    pub secs: u64,
+    /// Sending seconds before the measurement.
+    #[arg(long, default_value_t = 1)]
+    pub warmup_secs: u64,
+    /// Most seconds to wait after sending for outstanding replies and deliveries.
+    #[arg(long, default_value_t = 10)]
+    pub drain_secs: u64,
+    /// Least milliseconds between two acks of one connection (0: one cumulative ack per read
+    /// batch that brought new messages). Pending acks are sent by a sweep once due.
+    #[arg(long, default_value_t = 0)]
+    pub ack_interval_ms: u64,
+    /// Text body length in bytes (at least 1).
+    #[arg(long, default_value_t = 16)]
+    pub body_bytes: usize,
+}
+
 /// Which message numbers one connection has received, and its ack state for one conversation.
 #[derive(Default)]
 pub struct Inbox {

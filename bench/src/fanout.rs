@@ -14,8 +14,8 @@ use anyhow::{bail, Context};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::client::Target;
-use crate::deliver::{ack_frame, Cpu, Deliveries, Inbox, Outstanding};
+use crate::client::{CommonArgs, Target};
+use crate::deliver::{ack_frame, Cpu, Deliveries, DeliveryArgs, Inbox, Outstanding};
 use crate::procfs::CpuMeter;
 use crate::rawws::{Client, Ctx, Handler};
 use crate::scan;
@@ -24,9 +24,8 @@ use crate::stats::{Hist, Percentiles};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct Args {
-    /// WebSocket URL (loopback only).
-    #[arg(long, default_value = "ws://127.0.0.1:8090/ws")]
-    pub url: String,
+    #[command(flatten)]
+    pub common: CommonArgs,
     /// Tokens, one per line: the first is the sender, the next `--members` the receivers
     /// (distinct user/device pairs; e.g. 100 users x 10 devices).
     #[arg(long)]
@@ -40,34 +39,11 @@ pub struct Args {
     /// Most `send`s awaiting `send.ok` (the gateway queues at most 64 requests per connection).
     #[arg(long, default_value_t = 16)]
     pub inflight: usize,
-    /// Measured seconds.
-    #[arg(long, default_value_t = 10)]
-    pub secs: u64,
-    /// Sending seconds before the measurement.
-    #[arg(long, default_value_t = 1)]
-    pub warmup_secs: u64,
-    /// Most seconds to wait after sending for outstanding replies and deliveries.
-    #[arg(long, default_value_t = 10)]
-    pub drain_secs: u64,
-    /// Least milliseconds between two acks of one connection (0: one cumulative ack per read
-    /// batch that brought new messages). Pending acks are sent by a sweep once due.
-    #[arg(long, default_value_t = 0)]
-    pub ack_interval_ms: u64,
-    /// Text body length in bytes (at least 1).
-    #[arg(long, default_value_t = 16)]
-    pub body_bytes: usize,
-    /// Source addresses to bind to, 127.0.0.2 ..= 127.0.0.(1+K) (0: let the kernel choose).
-    #[arg(long, default_value_t = 8)]
-    pub src_ips: usize,
+    #[command(flatten)]
+    pub delivery: DeliveryArgs,
     /// The server's pid: report its CPU seconds over the measured window too.
     #[arg(long)]
     pub server_pid: Option<u32>,
-    /// Write the JSON report here.
-    #[arg(long)]
-    pub report: Option<PathBuf>,
-    /// Free-form label stored in the report.
-    #[arg(long, default_value = "")]
-    pub label: String,
 }
 
 #[derive(Serialize, Debug, Clone)]
@@ -115,13 +91,13 @@ pub struct Report {
 /// Entry point of `fanout`.
 pub fn main(args: Args) -> anyhow::Result<()> {
     let report = run(&args)?;
-    session::emit(&report, args.report.as_deref())
+    session::emit(&report, args.common.report.as_deref())
 }
 
 /// Runs the benchmark and returns the report.
 pub fn run(args: &Args) -> anyhow::Result<Report> {
-    let target = Target::parse(&args.url)?;
-    session::check_bounds(args.members + 1, args.secs)?;
+    let target = Target::parse(&args.common.url)?;
+    session::check_bounds(args.members + 1, args.delivery.secs)?;
     if args.inflight == 0 || args.inflight > 64 {
         bail!("--inflight must be 1..=64 (the gateway's request queue)");
     }
@@ -138,7 +114,7 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
     let raw: Vec<&str> = tokens.iter().map(|t| t.raw.as_str()).collect();
 
     let mut client = session::new_client(&target)?;
-    let ids = session::connect_all(&mut client, &raw, args.src_ips, 0, Duration::from_secs(120))?;
+    let ids = session::connect_all(&mut client, &raw, args.common.src_ips, 0, Duration::from_secs(120))?;
     let (sender, members) = (ids[0], &ids[1..]);
     eprintln!("[fanout] {} connections authenticated", ids.len());
 
@@ -168,8 +144,8 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
     let run = session::run_id();
     let epoch = Instant::now();
     let start = epoch + Duration::from_millis(50);
-    let from = start + Duration::from_secs(args.warmup_secs);
-    let to = from + Duration::from_secs(args.secs);
+    let from = start + Duration::from_secs(args.delivery.warmup_secs);
+    let to = from + Duration::from_secs(args.delivery.secs);
     let mut h = FanH {
         sender,
         inboxes: (0..client.len()).map(|_| Inbox::default()).collect(),
@@ -183,9 +159,9 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
         send_ok_latency: Hist::default(),
         dropped: 0,
     };
-    h.d.ack_interval = Duration::from_millis(args.ack_interval_ms);
+    h.d.ack_interval = Duration::from_millis(args.delivery.ack_interval_ms);
     let mut last_sweep = Instant::now();
-    let pad = "x".repeat(args.body_bytes.max(1));
+    let pad = "x".repeat(args.delivery.body_bytes.max(1));
     let mut n = 0u64;
     let mut rid = 0u64;
     let mut cpu = None;
@@ -247,7 +223,7 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
     };
     // Drain: the remaining send.ok replies, then the deliveries they promise.
     let drain_start = Instant::now();
-    let drain_until = drain_start + Duration::from_secs(args.drain_secs);
+    let drain_until = drain_start + Duration::from_secs(args.delivery.drain_secs);
     let k = members.len() as u64;
     while Instant::now() < drain_until && !client.is_empty() {
         if h.outstanding.is_empty() && h.d.unique >= h.sent_ok * k {
@@ -264,8 +240,8 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
     let secs = (to - from).as_secs_f64();
     Ok(Report {
         mode: "fanout",
-        label: args.label.clone(),
-        url: args.url.clone(),
+        label: args.common.label.clone(),
+        url: args.common.url.clone(),
         started_unix,
         member_connections: members.len(),
         member_users,
@@ -273,7 +249,7 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
         group: group.to_string(),
         rate_target: args.rate,
         inflight: args.inflight,
-        warmup_secs: args.warmup_secs,
+        warmup_secs: args.delivery.warmup_secs,
         measured_secs: secs,
         msgs_sent: h.sent_ok,
         send_ok_in_window: h.sent_ok_in_window,
@@ -285,7 +261,7 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
         missing_deliveries: expected.saturating_sub(received_ok),
         duplicate_deliveries: h.d.duplicates,
         acks_sent: h.d.acks_sent,
-        ack_interval_ms: args.ack_interval_ms,
+        ack_interval_ms: args.delivery.ack_interval_ms,
         delivery_latency: h.d.latency.percentiles(),
         send_ok_latency: h.send_ok_latency.percentiles(),
         send_errors: h.send_errors,

@@ -17,8 +17,8 @@ use anyhow::bail;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::client::Target;
-use crate::deliver::{ack_frame, Cpu, Deliveries, Inbox, Outstanding};
+use crate::client::{CommonArgs, Target};
+use crate::deliver::{ack_frame, Cpu, Deliveries, DeliveryArgs, Inbox, Outstanding};
 use crate::procfs::CpuMeter;
 use crate::rawws::{Client, Ctx, Handler};
 use crate::scan;
@@ -27,9 +27,8 @@ use crate::stats::{Hist, Percentiles};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct Args {
-    /// WebSocket URL (loopback only).
-    #[arg(long, default_value = "ws://127.0.0.1:8090/ws")]
-    pub url: String,
+    #[command(flatten)]
+    pub common: CommonArgs,
     /// HTTP API base URL (loopback only), for registering the users.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub http_url: String,
@@ -49,34 +48,11 @@ pub struct Args {
     /// per connection); a due send beyond it is skipped and counted.
     #[arg(long, default_value_t = 32)]
     pub max_outstanding: usize,
-    /// Measured seconds.
-    #[arg(long, default_value_t = 10)]
-    pub secs: u64,
-    /// Sending seconds before the measurement.
-    #[arg(long, default_value_t = 1)]
-    pub warmup_secs: u64,
-    /// Most seconds to wait after sending for outstanding replies and deliveries.
-    #[arg(long, default_value_t = 10)]
-    pub drain_secs: u64,
-    /// Least milliseconds between two acks of one connection (0: one cumulative ack per read
-    /// batch that brought new messages). Pending acks are sent by a sweep once due.
-    #[arg(long, default_value_t = 0)]
-    pub ack_interval_ms: u64,
-    /// Text body length in bytes (at least 1).
-    #[arg(long, default_value_t = 16)]
-    pub body_bytes: usize,
-    /// Source addresses to bind to, 127.0.0.2 ..= 127.0.0.(1+K) (0: let the kernel choose).
-    #[arg(long, default_value_t = 8)]
-    pub src_ips: usize,
+    #[command(flatten)]
+    pub delivery: DeliveryArgs,
     /// The server's pid: report its CPU seconds over the measured window too.
     #[arg(long)]
     pub server_pid: Option<u32>,
-    /// Write the JSON report here.
-    #[arg(long)]
-    pub report: Option<PathBuf>,
-    /// Free-form label stored in the report.
-    #[arg(long, default_value = "")]
-    pub label: String,
 }
 
 #[derive(Serialize, Debug, Clone)]
@@ -123,14 +99,14 @@ pub struct Report {
 /// Entry point of `messaging`.
 pub fn main(args: Args) -> anyhow::Result<()> {
     let report = run(&args)?;
-    session::emit(&report, args.report.as_deref())
+    session::emit(&report, args.common.report.as_deref())
 }
 
 /// Runs the benchmark and returns the report.
 pub fn run(args: &Args) -> anyhow::Result<Report> {
-    let target = Target::parse(&args.url)?;
+    let target = Target::parse(&args.common.url)?;
     let http = session::parse_http(&args.http_url)?;
-    session::check_bounds(args.conns, args.secs)?;
+    session::check_bounds(args.conns, args.delivery.secs)?;
     if !args.conns.is_multiple_of(2) {
         bail!("--conns must be even (pairs)");
     }
@@ -162,7 +138,7 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
 
     let mut client = session::new_client(&target)?;
     let raw: Vec<&str> = tokens.iter().map(|t| t.raw.as_str()).collect();
-    let ids = session::connect_all(&mut client, &raw, args.src_ips, 0, Duration::from_secs(120))?;
+    let ids = session::connect_all(&mut client, &raw, args.common.src_ips, 0, Duration::from_secs(120))?;
     eprintln!("[messaging] {} connections authenticated; making friends", ids.len());
     let pairs = args.conns / 2;
     let peer = |i: usize| i ^ 1;
@@ -195,8 +171,8 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
     let run = session::run_id();
     let epoch = Instant::now();
     let start = epoch + Duration::from_millis(50);
-    let from = start + Duration::from_secs(args.warmup_secs);
-    let to = from + Duration::from_secs(args.secs);
+    let from = start + Duration::from_secs(args.delivery.warmup_secs);
+    let to = from + Duration::from_secs(args.delivery.secs);
     let n_conns = client.len();
     let mut h = MsgH {
         conns: (0..n_conns)
@@ -215,9 +191,9 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
         send_ok_latency: Hist::default(),
         dropped: 0,
     };
-    h.d.ack_interval = Duration::from_millis(args.ack_interval_ms);
+    h.d.ack_interval = Duration::from_millis(args.delivery.ack_interval_ms);
     let mut last_sweep = Instant::now();
-    let pad = "x".repeat(args.body_bytes.max(1));
+    let pad = "x".repeat(args.delivery.body_bytes.max(1));
     let period = Duration::from_secs_f64(1.0 / args.rate);
     // Each connection's next send, phases spread evenly over one period.
     let mut due: BinaryHeap<Reverse<(Instant, usize)>> =
@@ -295,7 +271,7 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
         None => Cpu::default(),
     };
     let drain_start = Instant::now();
-    let drain_until = drain_start + Duration::from_secs(args.drain_secs);
+    let drain_until = drain_start + Duration::from_secs(args.delivery.drain_secs);
     while Instant::now() < drain_until && !client.is_empty() {
         if h.conns.iter().all(|s| s.outstanding.is_empty()) && h.d.unique >= h.sent_ok {
             break;
@@ -310,8 +286,8 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
     let received_ok: u64 = (0..args.conns).map(|i| h.conns[i].inbox.count_of(&h.conns[peer(i)].ok)).sum();
     Ok(Report {
         mode: "messaging",
-        label: args.label.clone(),
-        url: args.url.clone(),
+        label: args.common.label.clone(),
+        url: args.common.url.clone(),
         started_unix,
         conns: args.conns,
         pairs,
@@ -319,7 +295,7 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
         friendships_created_now: created,
         rate_per_conn: args.rate,
         rate_target_total: args.rate * args.conns as f64,
-        warmup_secs: args.warmup_secs,
+        warmup_secs: args.delivery.warmup_secs,
         measured_secs: secs,
         msgs_sent: h.sent_ok,
         send_ok_in_window: h.sent_ok_in_window,
@@ -332,7 +308,7 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
         missing_deliveries: h.sent_ok.saturating_sub(received_ok),
         duplicate_deliveries: h.d.duplicates,
         acks_sent: h.d.acks_sent,
-        ack_interval_ms: args.ack_interval_ms,
+        ack_interval_ms: args.delivery.ack_interval_ms,
         delivery_latency: h.d.latency.percentiles(),
         send_ok_latency: h.send_ok_latency.percentiles(),
         send_errors: h.send_errors,

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
-use crate::client::Target;
+use crate::client::{CommonArgs, Target};
 use crate::procfs::CpuMeter;
 use crate::rawws::{self, Ctx, Handler};
 use crate::scan;
@@ -27,9 +27,8 @@ use crate::stats::{Hist, Percentiles};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct Args {
-    /// WebSocket URL (loopback only).
-    #[arg(long, default_value = "ws://127.0.0.1:8090/ws")]
-    pub url: String,
+    #[command(flatten)]
+    pub common: CommonArgs,
     /// File with one access token per line (one per connection).
     #[arg(long)]
     pub tokens: PathBuf,
@@ -45,21 +44,12 @@ pub struct Args {
     /// Unmeasured seconds before the measurement.
     #[arg(long, default_value_t = 2)]
     pub warmup_secs: u64,
-    /// Source addresses to bind to, 127.0.0.2 ..= 127.0.0.(1+K) (0: let the kernel choose).
-    #[arg(long, default_value_t = 8)]
-    pub src_ips: usize,
     /// Worker processes (each a single-threaded event loop with conns/W connections).
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
     /// The server's pid: report its CPU seconds over the measured window too.
     #[arg(long)]
     pub server_pid: Option<u32>,
-    /// Write the JSON report here.
-    #[arg(long)]
-    pub report: Option<PathBuf>,
-    /// Free-form label stored in the report (e.g. the server's name).
-    #[arg(long, default_value = "")]
-    pub label: String,
     /// Internal: run as a worker process (JSON lines on stdout, "go" on stdin).
     #[arg(long, hide = true)]
     pub child: bool,
@@ -132,12 +122,12 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         return child(args);
     }
     let report = run(&args)?;
-    session::emit(&report, args.report.as_deref())
+    session::emit(&report, args.common.report.as_deref())
 }
 
 /// Runs the benchmark (in process, or over `--workers` child processes) and returns the report.
 pub fn run(args: &Args) -> anyhow::Result<Report> {
-    let target = Target::parse(&args.url)?;
+    let target = Target::parse(&args.common.url)?;
     session::check_bounds(args.conns.div_ceil(args.workers.max(1)), args.secs)?;
     if args.inflight == 0 || args.inflight > 4096 {
         bail!("--inflight must be 1..=4096");
@@ -164,8 +154,8 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
     let frames_in_window = merged.round_trips as f64;
     Ok(Report {
         mode: "ping".into(),
-        label: args.label.clone(),
-        url: args.url.clone(),
+        label: args.common.label.clone(),
+        url: args.common.url.clone(),
         client: "rawws (mio, single-threaded per worker)".into(),
         started_unix,
         conns: args.conns,
@@ -192,7 +182,7 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
 
 /// A worker process: connects, says `ready`, waits for `go` on stdin, runs, reports.
 fn child(args: Args) -> anyhow::Result<()> {
-    let target = Target::parse(&args.url)?;
+    let target = Target::parse(&args.common.url)?;
     let tokens = session::read_tokens(&args.tokens)?;
     let raw: Vec<&str> = tokens.iter().skip(args.offset).take(args.conns).map(|t| t.raw.as_str()).collect();
     if raw.len() < args.conns {
@@ -234,12 +224,12 @@ fn coordinate(args: &Args, workers: usize) -> anyhow::Result<WorkerResult> {
         let n = args.conns * (w + 1) / workers - start;
         let mut child = Command::new(&exe)
             .arg("ping")
-            .args(["--url", &args.url])
+            .args(["--url", &args.common.url])
             .arg("--tokens")
             .arg(&args.tokens)
             .args(["--conns", &n.to_string(), "--inflight", &args.inflight.to_string()])
             .args(["--secs", &args.secs.to_string(), "--warmup-secs", &args.warmup_secs.to_string()])
-            .args(["--src-ips", &args.src_ips.to_string(), "--child", "--offset", &start.to_string()])
+            .args(["--src-ips", &args.common.src_ips.to_string(), "--child", "--offset", &start.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -356,7 +346,7 @@ fn worker(
 ) -> anyhow::Result<WorkerResult> {
     let mut client = session::new_client(target)?;
     // Source addresses continue the round robin of the other workers.
-    let ids = session::connect_all(&mut client, tokens, args.src_ips, offset, Duration::from_secs(60))?;
+    let ids = session::connect_all(&mut client, tokens, args.common.src_ips, offset, Duration::from_secs(60))?;
     go()?;
     let inflight = args.inflight;
     let start = Instant::now();
