@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::rawws::Ctx;
 use crate::scan;
 use crate::session::Kinds;
-use crate::stats::Hist;
+use crate::stats::{Hist, Percentiles};
 
 /// The run's timing, acks and body size, shared by `fanout` and `messaging`.
 #[derive(clap::Args, Clone, Debug)]
@@ -70,6 +70,41 @@ impl Inbox {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// The report fields `fanout` and `messaging` share, flattened into each report.
+#[derive(Serialize, Debug, Clone)]
+pub struct DeliveryTotals {
+    /// First receipts of `msg` pushes within the window.
+    pub deliveries_in_window: u64,
+    /// Over the whole run, after the drain.
+    pub deliveries_total: u64,
+    pub expected_deliveries: u64,
+    pub missing_deliveries: u64,
+    /// Re-pushes of messages a connection already had (the server re-pushes unacked ones).
+    pub duplicate_deliveries: u64,
+    pub acks_sent: u64,
+    pub ack_interval_ms: u64,
+    pub delivery_latency: Percentiles,
+    pub send_ok_latency: Percentiles,
+    pub send_errors: u64,
+    /// Error frames of every kind (send errors included).
+    pub errors: u64,
+    pub error_kinds: Kinds,
+    /// Connections lost during the run.
+    pub dropped: u64,
+    pub drain_secs: f64,
+}
+
+/// What a mode adds to [`Deliveries::totals`]: its own counts of the run.
+pub struct RunCounts<'a> {
+    pub expected: u64,
+    /// First receipts of messages whose `send.ok` arrived.
+    pub received_ok: u64,
+    pub send_ok_latency: &'a Hist,
+    pub send_errors: u64,
+    pub dropped: u64,
+    pub drain_secs: f64,
 }
 
 /// The receivers' counters.
@@ -224,6 +259,28 @@ impl Outstanding {
         let n = self.q.len();
         self.q.clear();
         n
+    }
+}
+
+impl Deliveries {
+    /// The shared report fields at the end of a run.
+    pub fn totals(&mut self, run: RunCounts<'_>) -> DeliveryTotals {
+        DeliveryTotals {
+            deliveries_in_window: self.in_window,
+            deliveries_total: self.unique,
+            expected_deliveries: run.expected,
+            missing_deliveries: run.expected.saturating_sub(run.received_ok),
+            duplicate_deliveries: self.duplicates,
+            acks_sent: self.acks_sent,
+            ack_interval_ms: self.ack_interval.as_millis() as u64,
+            delivery_latency: self.latency.percentiles(),
+            send_ok_latency: run.send_ok_latency.percentiles(),
+            send_errors: run.send_errors,
+            errors: self.errors,
+            error_kinds: std::mem::take(&mut self.error_kinds),
+            dropped: run.dropped,
+            drain_secs: run.drain_secs,
+        }
     }
 }
 

@@ -18,12 +18,12 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::client::{CommonArgs, Target};
-use crate::deliver::{ack_frame, Cpu, Deliveries, DeliveryArgs, Inbox, Outstanding};
+use crate::deliver::{ack_frame, Cpu, Deliveries, DeliveryArgs, DeliveryTotals, Inbox, Outstanding, RunCounts};
 use crate::procfs::CpuMeter;
 use crate::rawws::{Client, Ctx, Handler};
 use crate::scan;
-use crate::session::{self, Kinds};
-use crate::stats::{Hist, Percentiles};
+use crate::session;
+use crate::stats::Hist;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct Args {
@@ -75,23 +75,9 @@ pub struct Report {
     pub msgs_sent_per_sec: f64,
     /// Due sends skipped because --max-outstanding were awaiting `send.ok`.
     pub sends_skipped: u64,
-    /// First receipts within the window, per second.
-    pub deliveries_in_window: u64,
     pub delivered_per_sec: f64,
-    /// Over the whole run, after the drain: expected = msgs_sent.
-    pub deliveries_total: u64,
-    pub expected_deliveries: u64,
-    pub missing_deliveries: u64,
-    pub duplicate_deliveries: u64,
-    pub acks_sent: u64,
-    pub ack_interval_ms: u64,
-    pub delivery_latency: Percentiles,
-    pub send_ok_latency: Percentiles,
-    pub send_errors: u64,
-    pub errors: u64,
-    pub error_kinds: Kinds,
-    pub dropped: u64,
-    pub drain_secs: f64,
+    #[serde(flatten)]
+    pub totals: DeliveryTotals,
     #[serde(flatten)]
     pub cpu: Cpu,
 }
@@ -301,21 +287,15 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
         send_ok_in_window: h.sent_ok_in_window,
         msgs_sent_per_sec: h.sent_ok_in_window as f64 / secs,
         sends_skipped: skipped,
-        deliveries_in_window: h.d.in_window,
         delivered_per_sec: h.d.in_window as f64 / secs,
-        deliveries_total: h.d.unique,
-        expected_deliveries: h.sent_ok,
-        missing_deliveries: h.sent_ok.saturating_sub(received_ok),
-        duplicate_deliveries: h.d.duplicates,
-        acks_sent: h.d.acks_sent,
-        ack_interval_ms: args.delivery.ack_interval_ms,
-        delivery_latency: h.d.latency.percentiles(),
-        send_ok_latency: h.send_ok_latency.percentiles(),
-        send_errors: h.send_errors,
-        errors: h.d.errors,
-        error_kinds: h.d.error_kinds,
-        dropped: h.dropped,
-        drain_secs,
+        totals: h.d.totals(RunCounts {
+            expected: h.sent_ok,
+            received_ok,
+            send_ok_latency: &h.send_ok_latency,
+            send_errors: h.send_errors,
+            dropped: h.dropped,
+            drain_secs,
+        }),
         cpu,
     })
 }

@@ -125,10 +125,10 @@ fn ping_fanout_and_messaging_deliver_everything() {
     .a;
     let r = fanout::run(&args).expect("fanout runs");
     assert_eq!((r.member_connections, r.member_users), (6, 3));
-    assert!(r.msgs_sent > 0 && r.deliveries_total > 0, "{r:?}");
-    assert_eq!(r.expected_deliveries, r.msgs_sent * 6, "{r:?}");
-    assert_eq!((r.missing_deliveries, r.errors, r.dropped), (0, 0, 0), "{r:?}");
-    assert!(r.delivery_latency.samples > 0);
+    assert!(r.msgs_sent > 0 && r.totals.deliveries_total > 0, "{r:?}");
+    assert_eq!(r.totals.expected_deliveries, r.msgs_sent * 6, "{r:?}");
+    assert_eq!((r.totals.missing_deliveries, r.totals.errors, r.totals.dropped), (0, 0, 0), "{r:?}");
+    assert!(r.totals.delivery_latency.samples > 0);
 
     // messaging: 2 pairs of friends (registered over HTTP by the bench), twice, the second time
     // reusing the friendships.
@@ -157,9 +157,9 @@ fn ping_fanout_and_messaging_deliver_everything() {
         .a;
         let r = messaging::run(&args).expect("messaging runs");
         assert_eq!(r.friendships_created_now, if round == 0 { 2 } else { 0 });
-        assert!(r.msgs_sent > 0 && r.deliveries_total > 0, "{r:?}");
-        assert_eq!((r.missing_deliveries, r.errors, r.dropped), (0, 0, 0), "{r:?}");
-        assert!(r.delivery_latency.samples > 0 && r.send_ok_latency.samples > 0);
+        assert!(r.msgs_sent > 0 && r.totals.deliveries_total > 0, "{r:?}");
+        assert_eq!((r.totals.missing_deliveries, r.totals.errors, r.totals.dropped), (0, 0, 0), "{r:?}");
+        assert!(r.totals.delivery_latency.samples > 0 && r.totals.send_ok_latency.samples > 0);
     }
 
     rt.block_on(node.stop());
