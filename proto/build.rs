@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={f}");
     }
     let fds = protox::compile(files, ["proto"])?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // Frames are shared, not copied: every `bytes` field of the internal services is a `bytes::Bytes`.
+    tonic_prost_build::configure().bytes(".switchboard.internal").compile_fds(fds)?;
     Ok(())
 }

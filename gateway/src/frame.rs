@@ -1,5 +1,7 @@
 //! JSON frame parsing (op, rid and the few fields the gateway reads) and reply builders.
 
+use std::borrow::Cow;
+
 use serde_json::{json, Map, Value};
 
 /// A parsed client request frame.
@@ -20,6 +22,49 @@ impl Request {
     pub fn u64_field(&self, name: &str) -> Option<u64> {
         self.obj.get(name).and_then(Value::as_u64)
     }
+}
+
+/// The fields of a request frame the gateway itself reads; everything else goes to logic
+/// untouched (logic deserialises the frame once, into the op's own request type).
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct Head<'a> {
+    #[serde(borrow)]
+    pub op: Cow<'a, str>,
+    pub rid: Option<u64>,
+    /// `auth`
+    #[serde(borrow, default)]
+    pub token: Option<Cow<'a, str>>,
+    /// `ack`
+    #[serde(borrow, default)]
+    pub conv: Option<Cow<'a, str>>,
+    pub seq: Option<u64>,
+    /// `call.*`
+    #[serde(borrow, default)]
+    pub call_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub to: Option<Cow<'a, str>>,
+}
+
+/// Reads the [`Head`] of one text frame. Well-formed frames take one pass without building a
+/// JSON value; anything else (wrong types, duplicate keys, not an object) goes through
+/// [`parse`], which decides exactly as before: a field of the wrong type counts as absent.
+pub fn head(bytes: &[u8]) -> Result<Head<'_>, BadFrame> {
+    if let Ok(h) = serde_json::from_slice::<Head>(bytes) {
+        if !h.op.is_empty() {
+            return Ok(h);
+        }
+    }
+    let r = parse(bytes)?;
+    let owned = |name: &str| r.str_field(name).map(|s| Cow::Owned(s.to_owned()));
+    Ok(Head {
+        rid: r.rid,
+        token: owned("token"),
+        conv: owned("conv"),
+        seq: r.u64_field("seq"),
+        call_id: owned("call_id"),
+        to: owned("to"),
+        op: Cow::Owned(r.op),
+    })
 }
 
 /// Why a frame could not be parsed; `rid` is set when one could still be read.
@@ -104,6 +149,20 @@ mod tests {
         assert_eq!(r.str_field("to"), Some("bob"));
         let r = parse(br#"{"op":"ping"}"#).unwrap();
         assert_eq!(r.rid, None);
+    }
+
+    #[test]
+    fn head_reads_the_gateway_fields_once() {
+        let h = head(br#"{"op":"ack","rid":3,"conv":"d:a:b","seq":9,"extra":[1,{"x":2}]}"#).unwrap();
+        assert_eq!((h.op.as_ref(), h.rid, h.conv.as_deref(), h.seq), ("ack", Some(3), Some("d:a:b"), Some(9)));
+        // wrong types fall back to the lenient path: the field is absent, the frame is not refused
+        let h = head(br#"{"op":"auth","rid":-1,"token":5}"#).unwrap();
+        assert_eq!((h.op.as_ref(), h.rid, h.token), ("auth", None, None));
+        let h = head(br#"{"op":"x","rid":1,"rid":2}"#).unwrap();
+        assert_eq!(h.rid, Some(2));
+        assert_eq!(head(br#"{"op":"","rid":4}"#).unwrap_err().rid, Some(4));
+        assert!(head(b"[1]").is_err());
+        assert!(head(b"nope").is_err());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Switchboard connection gateway: sharded mio front end (WebSocket with JSON or
 //! protobuf frames, and raw length-prefixed TCP with protobuf frames) that relays
-//! client frames to logic over gRPC as canonical JSON and receives pushes through
-//! its own gRPC service.
+//! client frames to logic as canonical JSON over a [`LogicLink`] (gRPC, or in process)
+//! and receives pushes through [`LocalPush`] (behind its own gRPC service, or called
+//! directly by logic in the same process).
 
 pub mod bincodec;
 mod bridge;
@@ -9,6 +10,7 @@ mod calls;
 mod conn;
 pub mod connid;
 pub mod frame;
+pub mod link;
 mod metrics;
 pub mod pool;
 mod push;
@@ -26,8 +28,10 @@ use socket2::{Domain, Protocol, Socket, Type};
 use switchboard_proto::internal::gateway_server::GatewayServer;
 use tonic::transport::Server;
 
+pub use crate::link::{GrpcLink, LinkFuture, LogicLink};
 pub use crate::metrics::GatewayMetrics;
 pub use crate::pool::{EndpointStats, LogicPool};
+pub use crate::push::LocalPush;
 
 use crate::bridge::{Bridge, ShardLink, ShardMsg};
 use crate::metrics::CpuSampler;
@@ -65,12 +69,21 @@ pub struct GatewayConfig {
     pub repush_interval: Duration,
     /// Re-send an unacked push at most this many times.
     pub repush_attempts: u32,
-    /// Per-connection outbound queue bound (slow consumers are closed).
+    /// Per-connection outbound queue bound in frames (slow consumers are closed).
     pub max_outbound_frames: usize,
+    /// Per-connection outbound queue bound in bytes (slow consumers are closed).
+    pub max_outbound_bytes: usize,
+    /// Unacked `msg` pushes kept per connection for re-push (the oldest is dropped beyond;
+    /// the client catches up with `sync`). They share the frames logic sent, so this bounds
+    /// references, and `max_frame_bytes`-sized messages at most this many times.
+    pub max_unacked: usize,
     /// Per-connection queued requests awaiting logic.
     pub max_pending_requests: usize,
     /// Connections per process.
     pub max_connections: usize,
+    /// Largest gRPC message on the links to and from logic, both directions (logic's push
+    /// batches are cut well below it).
+    pub max_link_message_bytes: usize,
     /// A `call.offer` unanswered this long ends with a `call.hangup` push (`reason: "timeout"`)
     /// to the caller and a `call.hangup` relayed through logic to the callee.
     pub ring_timeout: Duration,
@@ -93,12 +106,18 @@ impl Default for GatewayConfig {
             repush_interval: Duration::from_secs(5),
             repush_attempts: 5,
             max_outbound_frames: 1024,
+            max_outbound_bytes: 8 << 20,
+            max_unacked: 1024,
             max_pending_requests: 64,
             max_connections: 100_000,
+            max_link_message_bytes: 16 << 20,
             ring_timeout: Duration::from_secs(30),
         }
     }
 }
+
+/// How long one call to logic over gRPC may take, retry included.
+const LOGIC_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Errors of [`Gateway::start`].
 #[derive(Debug, thiserror::Error)]
@@ -128,7 +147,7 @@ pub struct Gateway {
     push_addr: SocketAddr,
     advertise: String,
     metrics: Arc<GatewayMetrics>,
-    pool: Arc<LogicPool>,
+    pool: Option<Arc<LogicPool>>,
     cpu: Option<CpuSampler>,
     links: Vec<ShardLink>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -148,8 +167,15 @@ fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 
 impl Gateway {
     /// Binds listeners, starts shard threads and the push gRPC server (on the
-    /// current tokio runtime), returns once listening.
+    /// current tokio runtime), returns once listening. Logic is reached over gRPC at
+    /// `config.logic_endpoints`.
     pub async fn start(config: GatewayConfig) -> Result<Gateway, GatewayError> {
+        Self::start_with(config, None).await
+    }
+
+    /// [`Gateway::start`] with the link to logic given (`None`: gRPC to
+    /// `config.logic_endpoints`). With a link, `logic_endpoints` is not used.
+    pub async fn start_with(config: GatewayConfig, link: Option<Arc<dyn LogicLink>>) -> Result<Gateway, GatewayError> {
         let shards = if config.shards == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
@@ -159,12 +185,20 @@ impl Gateway {
             return Err(GatewayError::Config(format!("at most {} shards", connid::MAX_SHARDS)));
         }
         let rt = tokio::runtime::Handle::current();
-        if config.logic_endpoints.is_empty() {
-            return Err(GatewayError::Config("no logic endpoints".into()));
-        }
-        let pool = LogicPool::new(&config.logic_endpoints, config.breaker_failures, config.breaker_cooldown)
-            .map_err(|(endpoint, message)| GatewayError::Endpoint { endpoint, message })?;
-        let pool = Arc::new(pool);
+        let (link, pool) = match link {
+            Some(link) => (link, None),
+            None => {
+                if config.logic_endpoints.is_empty() {
+                    return Err(GatewayError::Config("no logic endpoints".into()));
+                }
+                let pool = LogicPool::new(&config.logic_endpoints, config.breaker_failures, config.breaker_cooldown)
+                    .map_err(|(endpoint, message)| GatewayError::Endpoint { endpoint, message })?
+                    .with_max_message_bytes(config.max_link_message_bytes);
+                let pool = Arc::new(pool);
+                let link: Arc<dyn LogicLink> = Arc::new(GrpcLink::new(pool.clone(), LOGIC_TIMEOUT));
+                (link, Some(pool))
+            }
+        };
 
         // Push service listener first: its address is what logic dials.
         let push_listener = tokio::net::TcpListener::bind(config.push_addr)
@@ -195,12 +229,7 @@ impl Gateway {
             }
         }
 
-        let bridge = Bridge {
-            rt: rt.clone(),
-            pool: pool.clone(),
-            advertise: Arc::from(advertise.as_str()),
-            timeout: Duration::from_secs(15),
-        };
+        let bridge = Bridge { rt: rt.clone(), link, advertise: Arc::from(advertise.as_str()) };
 
         let cfg = Arc::new(config);
         let metrics = Arc::new(GatewayMetrics::default());
@@ -244,7 +273,9 @@ impl Gateway {
         };
 
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let svc = GatewayServer::new(PushService { shards: links.clone() });
+        let svc = GatewayServer::new(PushService { local: LocalPush { shards: links.clone() } })
+            .max_decoding_message_size(cfg.max_link_message_bytes)
+            .max_encoding_message_size(cfg.max_link_message_bytes);
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(push_listener);
         let push_task = rt.spawn(async move {
             // Push batches carry up to ~1,000 frames: windows large enough that one
@@ -303,9 +334,16 @@ impl Gateway {
         self.metrics.clone()
     }
 
-    /// The pool of logic instances (feed it registry updates with [`LogicPool::update`]).
-    pub fn logic_pool(&self) -> Arc<LogicPool> {
+    /// The pool of logic instances (feed it registry updates with [`LogicPool::update`]);
+    /// `None` when the gateway was started with its own [`LogicLink`].
+    pub fn logic_pool(&self) -> Option<Arc<LogicPool>> {
         self.pool.clone()
+    }
+
+    /// Delivers pushes to this gateway's connections without going through gRPC (logic in the
+    /// same process).
+    pub fn local_push(&self) -> LocalPush {
+        LocalPush { shards: self.links.clone() }
     }
 
     /// Graceful drain: stop accepting, push `drain` to every connection, close

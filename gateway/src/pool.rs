@@ -124,6 +124,8 @@ pub struct LogicPool {
     breaker_cooldown: Duration,
     rng: AtomicU64,
     rt: Handle,
+    /// Largest message on the pool's channels, both directions.
+    max_message: usize,
 }
 
 impl std::fmt::Debug for LogicPool {
@@ -143,11 +145,14 @@ pub fn is_transport_failure(s: &Status) -> bool {
     }
 }
 
-fn client_for(url: &str) -> Result<LogicClient<Channel>, String> {
+fn client_for(url: &str, max_message: usize) -> Result<LogicClient<Channel>, String> {
     let endpoint = Endpoint::from_shared(url.to_string()).map_err(|e| e.to_string())?;
     let channel = endpoint.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true).connect_lazy();
-    Ok(LogicClient::new(channel))
+    Ok(LogicClient::new(channel).max_decoding_message_size(max_message).max_encoding_message_size(max_message))
 }
+
+/// tonic's default message limit, until [`LogicPool::with_max_message_bytes`] says otherwise.
+const DEFAULT_MAX_MESSAGE: usize = 4 << 20;
 
 impl LogicPool {
     /// A pool over `endpoints` (loads unknown). Must be called within a tokio runtime, whose
@@ -169,7 +174,7 @@ impl LogicPool {
                 if members.iter().any(|m| &m.url == url) {
                     continue;
                 }
-                let client = client_for(url).map_err(|e| (url.clone(), e))?;
+                let client = client_for(url, DEFAULT_MAX_MESSAGE).map_err(|e| (url.clone(), e))?;
                 members.push(Arc::new(Self::member(url.clone(), client, 0.0)));
             }
         }
@@ -182,7 +187,20 @@ impl LogicPool {
             breaker_cooldown,
             rng: AtomicU64::new(seed),
             rt,
+            max_message: DEFAULT_MAX_MESSAGE,
         })
+    }
+
+    /// Sets the largest message on the channels to every endpoint, both directions.
+    pub fn with_max_message_bytes(mut self, max: usize) -> Self {
+        self.max_message = max;
+        let members = self.members.get_mut().unwrap_or_else(|e| e.into_inner());
+        for m in members.iter_mut() {
+            if let Some(m) = Arc::get_mut(m) {
+                m.client = m.client.clone().max_decoding_message_size(max).max_encoding_message_size(max);
+            }
+        }
+        self
     }
 
     fn member(url: String, client: LogicClient<Channel>, load: f32) -> Member {
@@ -214,7 +232,7 @@ impl LogicPool {
                 next.push(m.clone());
                 continue;
             }
-            match client_for(&url) {
+            match client_for(&url, self.max_message) {
                 Ok(client) => next.push(Arc::new(Self::member(url, client, load))),
                 Err(e) => tracing::warn!(%url, error = %e, "ignoring invalid logic endpoint"),
             }

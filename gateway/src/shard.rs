@@ -12,7 +12,7 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 use crate::bridge::{Bridge, ShardLink, ShardMsg};
-use crate::conn::Conn;
+use crate::conn::{Conn, Encoded};
 use crate::connid::{ConnId, GenCounter, MAX_KEYS};
 use crate::metrics::GatewayMetrics;
 use crate::wheel::Wheel;
@@ -155,7 +155,7 @@ impl Shard {
         // answer pushes that raced with shutdown
         while let Ok(msg) = self.rx.try_recv() {
             if let ShardMsg::Push { deliveries, reply } = msg {
-                let _ = reply.send(deliveries.iter().map(|d| d.conn_id).collect());
+                let _ = reply.send(deliveries.iter().flat_map(|d| d.targets.iter().map(|t| t.conn_id)).collect());
             }
         }
         tracing::debug!(shard = self.idx, "shard stopped");
@@ -220,19 +220,18 @@ impl Shard {
             ShardMsg::Push { deliveries, reply } => {
                 let mut gone = Vec::new();
                 let mut touched = Vec::new();
-                for d in deliveries {
-                    let id = d.conn_id;
-                    match self.lookup(id) {
-                        Some(key) => {
-                            if self.conns[key].on_push(d, &mut self.env) {
+                for d in &deliveries {
+                    // The frame is encoded once per wire for all of its targets.
+                    let mut encoded = Encoded::default();
+                    for t in &d.targets {
+                        match self.lookup(t.conn_id) {
+                            Some(key) if self.conns[key].on_push(d, &t.user, &mut encoded, &mut self.env) => {
                                 if touched.last() != Some(&key) {
                                     touched.push(key);
                                 }
-                            } else {
-                                gone.push(id);
                             }
+                            _ => gone.push(t.conn_id),
                         }
-                        None => gone.push(id),
                     }
                 }
                 touched.sort_unstable();

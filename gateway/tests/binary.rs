@@ -136,8 +136,8 @@ async fn raw_tcp_end_to_end() {
                      "type": "text", "body": "yo", "ts": 11}});
     let gone = push
         .push(vec![Delivery {
-            conn_id,
-            frame: msg.to_string().into_bytes(),
+            targets: to(conn_id),
+            frame: msg.to_string().into_bytes().into(),
             conv: "d:alice:bob".into(),
             seq: 7,
             close: false,

@@ -105,8 +105,11 @@ async fn answered_offer_does_not_time_out() {
     let gone = Pusher::connect(&gw)
         .await
         .push(vec![Delivery {
-            conn_id,
-            frame: json!({"op": "call.answer", "from": "bob", "call_id": "c2", "sdp": "v=0"}).to_string().into_bytes(),
+            targets: to(conn_id),
+            frame: json!({"op": "call.answer", "from": "bob", "call_id": "c2", "sdp": "v=0"})
+                .to_string()
+                .into_bytes()
+                .into(),
             ..Default::default()
         }])
         .await;

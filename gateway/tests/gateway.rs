@@ -113,20 +113,20 @@ async fn gateway_end_to_end() {
     let mut gone = push
         .push(vec![
             Delivery {
-                conn_id,
-                frame: br#"{"op":"msg","msg":{"conv":"d:alice:bob","seq":1}}"#.to_vec(),
+                targets: to(conn_id),
+                frame: br#"{"op":"msg","msg":{"conv":"d:alice:bob","seq":1}}"#.to_vec().into(),
                 conv: "d:alice:bob".into(),
                 seq: 1,
                 close: false,
             },
             Delivery {
-                conn_id: conn_id ^ 1, // same slot, other generation
-                frame: b"{}".to_vec(),
+                targets: to(conn_id ^ 1), // same slot, other generation
+                frame: b"{}".to_vec().into(),
                 ..Default::default()
             },
             Delivery {
-                conn_id: u64::MAX, // no such shard
-                frame: b"{}".to_vec(),
+                targets: to(u64::MAX), // no such shard
+                frame: b"{}".to_vec().into(),
                 ..Default::default()
             },
         ])
@@ -139,8 +139,8 @@ async fn gateway_end_to_end() {
     tx.send(()).unwrap();
     let gone = push
         .push(vec![Delivery {
-            conn_id,
-            frame: br#"{"op":"kick","reason":"test"}"#.to_vec(),
+            targets: to(conn_id),
+            frame: br#"{"op":"kick","reason":"test"}"#.to_vec().into(),
             close: true,
             ..Default::default()
         }])
@@ -149,7 +149,8 @@ async fn gateway_end_to_end() {
     client_thread.await.unwrap();
     // the kicked connection is gone now
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let gone = push.push(vec![Delivery { conn_id, frame: b"{}".to_vec(), ..Default::default() }]).await;
+    let gone =
+        push.push(vec![Delivery { targets: to(conn_id), frame: b"{}".to_vec().into(), ..Default::default() }]).await;
     assert_eq!(gone, vec![conn_id]);
     assert!(logic.disconnected.lock().unwrap().iter().any(|e| e.conn_id == conn_id));
 
@@ -247,8 +248,20 @@ async fn unacked_pushes_are_repushed_then_dropped_and_logic_down_is_unavailable(
     let gone = Pusher::connect(&gw)
         .await
         .push(vec![
-            Delivery { conn_id, frame: br#"{"op":"msg","seq":1}"#.to_vec(), conv: "c1".into(), seq: 1, close: false },
-            Delivery { conn_id, frame: br#"{"op":"msg","seq":2}"#.to_vec(), conv: "c2".into(), seq: 2, close: false },
+            Delivery {
+                targets: to(conn_id),
+                frame: br#"{"op":"msg","seq":1}"#.to_vec().into(),
+                conv: "c1".into(),
+                seq: 1,
+                close: false,
+            },
+            Delivery {
+                targets: to(conn_id),
+                frame: br#"{"op":"msg","seq":2}"#.to_vec().into(),
+                conv: "c2".into(),
+                seq: 2,
+                close: false,
+            },
         ])
         .await;
     assert!(gone.is_empty());

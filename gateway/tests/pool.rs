@@ -38,7 +38,7 @@ async fn dead_logic_instance_costs_one_retry_then_is_skipped() {
     })
     .await;
     let addr = gw.ws_addr();
-    let pool = gw.logic_pool();
+    let pool = gw.logic_pool().unwrap();
     assert_eq!(pool.endpoints(), vec![a.url.clone(), b.url.clone()]);
 
     // Both alive: everything succeeds and both instances get traffic.

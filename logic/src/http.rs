@@ -223,9 +223,10 @@ async fn logout(State(h): State<Http>, headers: HeaderMap) -> Result<Response, A
     let claims = h.logic.authenticate(token).await?;
     h.logic.stores.accounts.revoke_session(&claims.sid).await?;
     // The session's open sockets end with it.
-    let kick = serde_json::to_vec(&json!({"op": "kick", "reason": "signed out"})).expect("JSON serializes");
+    let kick =
+        Bytes::from(serde_json::to_vec(&json!({"op": "kick", "reason": "signed out"})).expect("JSON serializes"));
     for conn in h.logic.stores.routes.get(&claims.sub).await?.into_iter().filter(|c| c.session == claims.sid) {
-        h.logic.pusher.to_conn(&conn, kick.clone(), None, true).await;
+        h.logic.pusher.to_conn(&claims.sub, &conn, kick.clone(), None, true).await;
     }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -262,9 +263,11 @@ async fn set_ban(h: &Http, headers: &HeaderMap, bytes: &Bytes, banned: bool) -> 
     }
     if banned {
         tracing::info!(user = %req.username, "banned; closing connections");
-        let kick = serde_json::to_vec(&json!({"op": "kick", "reason": "account banned"})).expect("JSON serializes");
+        let kick = Bytes::from(
+            serde_json::to_vec(&json!({"op": "kick", "reason": "account banned"})).expect("JSON serializes"),
+        );
         for conn in h.logic.stores.routes.get(&req.username).await? {
-            h.logic.pusher.to_conn(&conn, kick.clone(), None, true).await;
+            h.logic.pusher.to_conn(&req.username, &conn, kick.clone(), None, true).await;
         }
     }
     Ok(StatusCode::NO_CONTENT.into_response())

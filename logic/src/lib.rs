@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod balance;
+pub mod cursors;
 pub mod error;
 pub mod http;
 pub mod limits;
@@ -39,8 +40,13 @@ pub struct LogicConfig {
     pub gateways: Vec<GatewayInfo>,
     /// Most messages one `sync` reply carries.
     pub sync_max: usize,
-    /// Per-gateway bound of queued push deliveries.
-    pub push_queue: usize,
+    /// Most bytes of messages one `sync` or `history` reply carries (at least one message
+    /// always goes, so a client can get past any single message); the rest is paged.
+    pub reply_max_bytes: usize,
+    /// Bounds of the push path (queues and batches in bytes).
+    pub push: push::PushLimits,
+    /// How often coalesced ack and read cursors are written to the store.
+    pub cursor_flush: Duration,
     /// Socket requests per user.
     pub user_rate: limits::Rate,
     /// Socket requests per client IP.
@@ -64,7 +70,9 @@ impl LogicConfig {
             hash_cost: auth::HashCost::default(),
             gateways: Vec::new(),
             sync_max: 500,
-            push_queue: 10_000,
+            reply_max_bytes: 1 << 20,
+            push: push::PushLimits::default(),
+            cursor_flush: Duration::from_millis(100),
             user_rate: limits::Rate::new(50.0, 100.0),
             ip_rate: limits::Rate::new(500.0, 1000.0),
             auth_rate: limits::Rate::new(5.0, 20.0),
@@ -88,12 +96,16 @@ pub struct Stores {
     pub registry: Option<Arc<dyn Registry>>,
 }
 
+/// Stripes of the per-conversation lock (conversations hash onto them).
+const CONV_LOCKS: usize = 1024;
+
 /// Shared state of one logic instance.
 pub struct Logic {
     pub config: LogicConfig,
     pub stores: Stores,
     pub key: auth::TokenKey,
     pub pusher: push::Pusher,
+    pub cursors: Arc<cursors::Cursors>,
     pub metrics: Arc<metrics::LogicMetrics>,
     user_limits: limits::Limiter,
     ip_limits: limits::Limiter,
@@ -102,10 +114,14 @@ pub struct Logic {
 }
 
 impl Logic {
-    pub fn new(config: LogicConfig, stores: Stores) -> Arc<Self> {
+    /// A logic instance over `stores`, pushing through `transport` (gRPC to gateways, or a
+    /// gateway in the same process). Run [`cursors::Cursors::run_flusher`] on `cursors`.
+    pub fn new(config: LogicConfig, stores: Stores, transport: Arc<dyn push::PushTransport>) -> Arc<Self> {
         let metrics = Arc::new(metrics::LogicMetrics::default());
-        let pusher = push::Pusher::new(stores.routes.clone(), config.push_queue, metrics.clone());
+        let pusher = push::Pusher::new(stores.routes.clone(), transport, config.push, metrics.clone());
+        let cursors = cursors::Cursors::new(stores.messages.clone());
         Arc::new(Self {
+            cursors,
             key: auth::TokenKey::new(config.jwt_secret.clone()),
             user_limits: limits::Limiter::new(config.user_rate),
             ip_limits: limits::Limiter::new(config.ip_rate),
@@ -114,7 +130,7 @@ impl Logic {
             stores,
             pusher,
             metrics,
-            conv_locks: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
+            conv_locks: (0..CONV_LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
         })
     }
 

@@ -1,27 +1,111 @@
-//! Pushes to clients: looks up a user's connections in the route table and
-//! hands deliveries to one sender task per gateway, which batches them into
-//! `Gateway.Push` RPCs. One FIFO queue per gateway keeps the order in which
-//! deliveries were enqueued.
+//! Pushes to clients: looks up the recipients' connections in the route table (one lookup for
+//! all recipients of a push), serialises the frame once, and hands one [`Delivery`] per gateway
+//! (the frame plus the list of target connections) to that gateway's sender task, which cuts the
+//! queue into batches bounded in count and bytes and sends them through the [`PushTransport`]
+//! (gRPC, or straight into a gateway of this process). One FIFO queue per gateway keeps the order
+//! in which deliveries were enqueued; each queue is bounded in bytes (callers wait for room).
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use switchboard_proto::internal::gateway_client::GatewayClient;
-use switchboard_proto::internal::{Delivery, PushRequest};
+use switchboard_proto::internal::{Delivery, PushRequest, Target};
 use switchboard_storage::{ConnRef, RouteTable};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::metrics::{inc, LogicMetrics};
 
-/// Most deliveries sent in one Push RPC.
+/// Most deliveries sent in one batch.
 const BATCH: usize = 1024;
 /// HTTP/2 flow-control window of push streams: a whole batch fits without waiting for a window update.
 const PUSH_WINDOW: u32 = 4 << 20;
 
+/// What a push call resolves to: the ids of target connections that are gone, or why the batch
+/// could not be delivered.
+pub type PushFuture = Pin<Box<dyn Future<Output = Result<Vec<u64>, String>> + Send + 'static>>;
+
+/// Delivers batches to one gateway.
+pub trait GatewaySink: Send + Sync + 'static {
+    fn push(&self, deliveries: Vec<Delivery>) -> PushFuture;
+}
+
+/// Opens the way to a gateway named by its push address (as routes name it).
+pub trait PushTransport: Send + Sync + 'static {
+    fn connect(&self, gateway: &str) -> Result<Arc<dyn GatewaySink>, String>;
+}
+
+/// Limits of the push path, in bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct PushLimits {
+    /// Most deliveries queued per gateway.
+    pub queue: usize,
+    /// Most bytes (frames plus targets) queued per gateway; senders wait beyond it.
+    pub queue_bytes: usize,
+    /// A batch is cut before it passes this many bytes (a single larger delivery goes alone).
+    pub batch_bytes: usize,
+    /// Largest gRPC message on push links, both ends (must exceed `batch_bytes` plus one frame).
+    pub max_message_bytes: usize,
+}
+
+impl Default for PushLimits {
+    fn default() -> Self {
+        Self { queue: 10_000, queue_bytes: 64 << 20, batch_bytes: 1 << 20, max_message_bytes: 16 << 20 }
+    }
+}
+
+/// [`PushTransport`] over the gateways' gRPC `Gateway.Push`.
+pub struct GrpcPush {
+    max_message_bytes: usize,
+}
+
+impl GrpcPush {
+    pub fn new(max_message_bytes: usize) -> Self {
+        Self { max_message_bytes }
+    }
+}
+
+struct GrpcSink(GatewayClient<tonic::transport::Channel>);
+
+impl GatewaySink for GrpcSink {
+    fn push(&self, deliveries: Vec<Delivery>) -> PushFuture {
+        let mut client = self.0.clone();
+        Box::pin(async move {
+            client.push(PushRequest { deliveries }).await.map(|r| r.into_inner().gone).map_err(|e| e.to_string())
+        })
+    }
+}
+
+impl PushTransport for GrpcPush {
+    fn connect(&self, gateway: &str) -> Result<Arc<dyn GatewaySink>, String> {
+        let ep = tonic::transport::Endpoint::from_shared(gateway.to_owned()).map_err(|e| e.to_string())?;
+        let channel = ep
+            .tcp_nodelay(true)
+            .initial_stream_window_size(Some(PUSH_WINDOW))
+            .initial_connection_window_size(Some(2 * PUSH_WINDOW))
+            .connect_lazy();
+        let client = GatewayClient::new(channel)
+            .max_encoding_message_size(self.max_message_bytes)
+            .max_decoding_message_size(self.max_message_bytes);
+        Ok(Arc::new(GrpcSink(client)))
+    }
+}
+
+/// One queued delivery with the room it holds in its gateway's byte budget.
+type Queued = (Delivery, OwnedSemaphorePermit);
+
+struct Queue {
+    tx: mpsc::Sender<Queued>,
+    room: Arc<Semaphore>,
+}
+
 pub struct Pusher {
     routes: Arc<dyn RouteTable>,
-    queues: Mutex<HashMap<String, mpsc::Sender<Delivery>>>,
-    capacity: usize,
+    transport: Arc<dyn PushTransport>,
+    queues: Mutex<HashMap<String, Queue>>,
+    limits: PushLimits,
     metrics: Arc<LogicMetrics>,
 }
 
@@ -32,13 +116,23 @@ pub struct MsgRef<'a> {
     pub seq: u64,
 }
 
+/// Bytes a delivery takes in a batch (frame, targets and framing, roughly).
+fn delivery_bytes(d: &Delivery) -> usize {
+    d.frame.len() + d.conv.len() + 16 + d.targets.iter().map(|t| t.user.len() + 16).sum::<usize>()
+}
+
 impl Pusher {
-    pub fn new(routes: Arc<dyn RouteTable>, capacity: usize, metrics: Arc<LogicMetrics>) -> Self {
-        Self { routes, queues: Mutex::new(HashMap::new()), capacity, metrics }
+    pub fn new(
+        routes: Arc<dyn RouteTable>,
+        transport: Arc<dyn PushTransport>,
+        limits: PushLimits,
+        metrics: Arc<LogicMetrics>,
+    ) -> Self {
+        Self { routes, transport, queues: Mutex::new(HashMap::new()), limits, metrics }
     }
 
-    /// Sends `frame` to every connection of `user` except `skip`. Returns
-    /// how many connections it was queued for.
+    /// Sends `frame` to every connection of `user` except `skip`. Returns how many connections
+    /// it was queued for.
     pub async fn to_user(
         &self,
         user: &str,
@@ -46,91 +140,194 @@ impl Pusher {
         msg: Option<MsgRef<'_>>,
         skip: Option<(&str, u64)>,
     ) -> usize {
-        let conns = match self.routes.get(user).await {
-            Ok(c) => c,
+        let bytes = Bytes::from(serde_json::to_vec(frame).expect("JSON values always serialize"));
+        self.to_users(std::slice::from_ref(&user.to_owned()), bytes, msg, skip).await
+    }
+
+    /// The connections of `users` (one route lookup for all of them), grouped by gateway.
+    pub async fn targets(&self, users: &[String], skip: Option<(&str, u64)>) -> HashMap<String, Vec<Target>> {
+        let routes = match self.routes.get_many(users).await {
+            Ok(r) => r,
             Err(e) => {
-                tracing::warn!(error = %e, user, "route lookup failed; recipient will sync");
-                return 0;
+                tracing::warn!(error = %e, users = users.len(), "route lookup failed; recipients will sync");
+                return HashMap::new();
             }
         };
-        let bytes = serde_json::to_vec(frame).expect("JSON values always serialize");
-        let mut n = 0;
-        for c in conns {
-            if skip.is_some_and(|(g, id)| g == c.gateway && id == c.conn_id) {
-                continue;
+        let mut by_gateway: HashMap<String, Vec<Target>> = HashMap::new();
+        for (user, conns) in users.iter().zip(routes) {
+            for c in conns {
+                if skip.is_some_and(|(g, id)| g == c.gateway && id == c.conn_id) {
+                    continue;
+                }
+                by_gateway.entry(c.gateway).or_default().push(Target { conn_id: c.conn_id, user: user.clone() });
             }
-            self.to_conn(&c, bytes.clone(), msg, false).await;
-            n += 1;
+        }
+        by_gateway
+    }
+
+    /// Sends one frame (serialised once) to every connection of `users` except `skip`.
+    pub async fn to_users(
+        &self,
+        users: &[String],
+        frame: Bytes,
+        msg: Option<MsgRef<'_>>,
+        skip: Option<(&str, u64)>,
+    ) -> usize {
+        let targets = self.targets(users, skip).await;
+        self.enqueue(targets, frame, msg).await
+    }
+
+    /// Queues one delivery per gateway of `targets` (found earlier with [`Pusher::targets`]).
+    pub async fn enqueue(&self, targets: HashMap<String, Vec<Target>>, frame: Bytes, msg: Option<MsgRef<'_>>) -> usize {
+        let mut n = 0;
+        for (gateway, targets) in targets {
+            n += targets.len();
+            let d = Delivery {
+                targets,
+                frame: frame.clone(),
+                conv: msg.map(|m| m.conv.to_owned()).unwrap_or_default(),
+                seq: msg.map(|m| m.seq).unwrap_or(0),
+                close: false,
+            };
+            self.send(&gateway, d).await;
         }
         n
     }
 
-    /// Queues one delivery to one connection.
-    pub async fn to_conn(&self, conn: &ConnRef, frame: Vec<u8>, msg: Option<MsgRef<'_>>, close: bool) {
+    /// Queues one delivery to one connection of `user`.
+    pub async fn to_conn(&self, user: &str, conn: &ConnRef, frame: Bytes, msg: Option<MsgRef<'_>>, close: bool) {
         let d = Delivery {
-            conn_id: conn.conn_id,
+            targets: vec![Target { conn_id: conn.conn_id, user: user.to_owned() }],
             frame,
             conv: msg.map(|m| m.conv.to_owned()).unwrap_or_default(),
             seq: msg.map(|m| m.seq).unwrap_or(0),
             close,
         };
-        let tx = self.queue(&conn.gateway);
-        inc(&self.metrics.pushes);
-        if tx.send(d).await.is_err() {
+        self.send(&conn.gateway, d).await;
+    }
+
+    async fn send(&self, gateway: &str, d: Delivery) {
+        let Some((tx, room)) = self.queue(gateway) else {
+            inc(&self.metrics.push_failures);
+            return;
+        };
+        let targets = d.targets.len() as u64;
+        let size = delivery_bytes(&d).min(self.limits.queue_bytes) as u32;
+        let Ok(permit) = room.acquire_many_owned(size).await else {
+            inc(&self.metrics.push_failures);
+            return;
+        };
+        self.metrics.pushes.fetch_add(targets, std::sync::atomic::Ordering::Relaxed);
+        if tx.send((d, permit)).await.is_err() {
             inc(&self.metrics.push_failures);
         }
     }
 
-    fn queue(&self, gateway: &str) -> mpsc::Sender<Delivery> {
+    fn queue(&self, gateway: &str) -> Option<(mpsc::Sender<Queued>, Arc<Semaphore>)> {
         let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(tx) = queues.get(gateway).filter(|tx| !tx.is_closed()) {
-            return tx.clone();
+        if let Some(q) = queues.get(gateway).filter(|q| !q.tx.is_closed()) {
+            return Some((q.tx.clone(), q.room.clone()));
         }
-        let (tx, rx) = mpsc::channel(self.capacity);
-        queues.insert(gateway.to_owned(), tx.clone());
-        tokio::spawn(sender(gateway.to_owned(), rx, self.routes.clone(), self.metrics.clone()));
-        tx
+        let sink = match self.transport.connect(gateway) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(%gateway, error = %e, "bad gateway address; dropping its pushes");
+                return None;
+            }
+        };
+        let (tx, rx) = mpsc::channel(self.limits.queue.max(1));
+        let room = Arc::new(Semaphore::new(self.limits.queue_bytes.max(1)));
+        queues.insert(gateway.to_owned(), Queue { tx: tx.clone(), room: room.clone() });
+        tokio::spawn(sender(
+            gateway.to_owned(),
+            rx,
+            sink,
+            self.limits.batch_bytes,
+            self.routes.clone(),
+            self.metrics.clone(),
+        ));
+        Some((tx, room))
     }
+}
+
+/// Takes from `pending` (then `rx`, without waiting) the next batch: at most [`BATCH`]
+/// deliveries and, past the first, at most `max_bytes`.
+fn cut_batch(pending: &mut std::collections::VecDeque<Queued>, max_bytes: usize) -> (Vec<Delivery>, usize) {
+    let mut batch = Vec::new();
+    let mut bytes = 0;
+    while let Some((d, _)) = pending.front() {
+        let size = delivery_bytes(d);
+        if !batch.is_empty() && (bytes + size > max_bytes || batch.len() >= BATCH) {
+            break;
+        }
+        bytes += size;
+        let (d, _permit) = pending.pop_front().expect("front exists");
+        batch.push(d);
+    }
+    (batch, bytes)
 }
 
 async fn sender(
     gateway: String,
-    mut rx: mpsc::Receiver<Delivery>,
+    mut rx: mpsc::Receiver<Queued>,
+    sink: Arc<dyn GatewaySink>,
+    batch_bytes: usize,
     routes: Arc<dyn RouteTable>,
     metrics: Arc<LogicMetrics>,
 ) {
-    let client = match tonic::transport::Endpoint::from_shared(gateway.clone()) {
-        Ok(ep) => GatewayClient::new(
-            ep.tcp_nodelay(true)
-                .initial_stream_window_size(Some(PUSH_WINDOW))
-                .initial_connection_window_size(Some(2 * PUSH_WINDOW))
-                .connect_lazy(),
-        ),
-        Err(e) => {
-            tracing::error!(%gateway, error = %e, "bad gateway address; dropping its pushes");
-            return;
-        }
-    };
-    let mut batch = Vec::with_capacity(BATCH);
-    while rx.recv_many(&mut batch, BATCH).await > 0 {
-        let req = PushRequest { deliveries: std::mem::take(&mut batch) };
-        // One retry covers a dropped connection; after that the recipients
-        // catch up with `sync` (every pushed message is already durable).
-        let mut reply = client.clone().push(req.clone()).await;
-        if reply.is_err() {
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            reply = client.clone().push(req).await;
-        }
-        match reply {
-            Ok(r) => {
-                for id in r.into_inner().gone {
-                    let _ = routes.remove_conn(&gateway, id).await;
+    let mut incoming = Vec::with_capacity(BATCH);
+    let mut pending = std::collections::VecDeque::new();
+    while rx.recv_many(&mut incoming, BATCH).await > 0 {
+        pending.extend(incoming.drain(..));
+        while !pending.is_empty() {
+            let (batch, _) = cut_batch(&mut pending, batch_bytes);
+            // One retry covers a dropped connection; after that the recipients
+            // catch up with `sync` (every pushed message is already durable).
+            let mut reply = sink.push(batch.clone()).await;
+            if reply.is_err() {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                reply = sink.push(batch).await;
+            }
+            match reply {
+                Ok(gone) => {
+                    for id in gone {
+                        let _ = routes.remove_conn(&gateway, id).await;
+                    }
+                }
+                Err(e) => {
+                    inc(&metrics.push_failures);
+                    tracing::warn!(%gateway, error = %e, "push failed");
                 }
             }
-            Err(e) => {
-                inc(&metrics.push_failures);
-                tracing::warn!(%gateway, error = %e, "push failed");
-            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queued(frame_len: usize, room: &Arc<Semaphore>) -> Queued {
+        let d = Delivery {
+            targets: vec![Target { conn_id: 1, user: "u".into() }],
+            frame: Bytes::from(vec![b'x'; frame_len]),
+            ..Default::default()
+        };
+        (d, room.clone().try_acquire_many_owned(1).unwrap())
+    }
+
+    #[test]
+    fn batches_are_cut_by_bytes_and_count() {
+        let room = Arc::new(Semaphore::new(1 << 20));
+        let mut pending: std::collections::VecDeque<Queued> = (0..10).map(|_| queued(60_000, &room)).collect();
+        let (b, bytes) = cut_batch(&mut pending, 200_000);
+        assert_eq!(b.len(), 3);
+        assert!(bytes <= 200_000);
+        // one delivery larger than the cut goes alone
+        let mut big: std::collections::VecDeque<Queued> = [queued(500_000, &room), queued(10, &room)].into();
+        assert_eq!(cut_batch(&mut big, 200_000).0.len(), 1);
+        assert_eq!(cut_batch(&mut big, 200_000).0.len(), 1);
+        let mut many: std::collections::VecDeque<Queued> = (0..3000).map(|_| queued(1, &room)).collect();
+        assert_eq!(cut_batch(&mut many, usize::MAX).0.len(), BATCH);
     }
 }

@@ -55,42 +55,60 @@ impl Logic {
     }
 }
 
+impl Logic {
+    /// The reply to an `auth` op's token, as the gateway needs it.
+    pub async fn auth_reply(&self, token: &str) -> AuthReply {
+        match self.authenticate(token).await {
+            Ok(c) => AuthReply { ok: true, user: c.sub, session: c.sid, device: c.dev, ..Default::default() },
+            Err(e) => AuthReply { ok: false, code: e.code.into(), message: e.message, ..Default::default() },
+        }
+    }
+
+    /// A connection finished `auth`: route it, kick an older one of the same device, announce.
+    pub async fn conn_opened(&self, c: &ConnEvent) -> Result<(), ApiError> {
+        ops::presence::connected(self, &c.user, conn_ref(c)).await
+    }
+
+    /// An authenticated connection closed.
+    pub async fn conn_closed(&self, c: &ConnEvent) -> Result<(), ApiError> {
+        ops::presence::disconnected(self, &c.user, &conn_ref(c)).await
+    }
+
+    /// Runs one client request relayed by a gateway (whatever link carried it).
+    pub async fn handle_request(&self, req: ClientRequest) -> Result<ClientReply, ApiError> {
+        let conn = req.conn.ok_or_else(|| ApiError::bad_request("missing conn"))?;
+        inc(&self.metrics.requests);
+        let caller =
+            Caller { user: conn.user, device: conn.device, gateway: conn.gateway, conn_id: conn.conn_id, ip: req.ip };
+        self.metrics.inflight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (frame, close) = ops::handle(self, &caller, &req.op, req.rid, &req.frame).await;
+        self.metrics.inflight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        let frame = serde_json::to_vec(&frame).map_err(|e| ApiError::new("internal", e.to_string()))?;
+        Ok(ClientReply { frame: frame.into(), close })
+    }
+}
+
 #[tonic::async_trait]
 impl LogicRpc for LogicService {
     async fn authenticate(&self, req: Request<AuthRequest>) -> Result<Response<AuthReply>, Status> {
-        let reply = match self.logic.authenticate(&req.into_inner().token).await {
-            Ok(c) => AuthReply { ok: true, user: c.sub, session: c.sid, device: c.dev, ..Default::default() },
-            Err(e) => AuthReply { ok: false, code: e.code.into(), message: e.message, ..Default::default() },
-        };
-        Ok(Response::new(reply))
+        Ok(Response::new(self.logic.auth_reply(&req.into_inner().token).await))
     }
 
     async fn connected(&self, req: Request<ConnEvent>) -> Result<Response<Empty>, Status> {
-        let c = req.into_inner();
-        ops::presence::connected(&self.logic, &c.user, conn_ref(&c))
-            .await
-            .map_err(|e| Status::unavailable(e.message))?;
+        self.logic.conn_opened(&req.into_inner()).await.map_err(|e| Status::unavailable(e.message))?;
         Ok(Response::new(Empty {}))
     }
 
     async fn disconnected(&self, req: Request<ConnEvent>) -> Result<Response<Empty>, Status> {
-        let c = req.into_inner();
-        ops::presence::disconnected(&self.logic, &c.user, &conn_ref(&c))
-            .await
-            .map_err(|e| Status::unavailable(e.message))?;
+        self.logic.conn_closed(&req.into_inner()).await.map_err(|e| Status::unavailable(e.message))?;
         Ok(Response::new(Empty {}))
     }
 
     async fn handle(&self, req: Request<ClientRequest>) -> Result<Response<ClientReply>, Status> {
-        let req = req.into_inner();
-        let conn = req.conn.ok_or_else(|| Status::invalid_argument("missing conn"))?;
-        inc(&self.logic.metrics.requests);
-        let caller =
-            Caller { user: conn.user, device: conn.device, gateway: conn.gateway, conn_id: conn.conn_id, ip: req.ip };
-        self.logic.metrics.inflight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (frame, close) = ops::handle(&self.logic, &caller, &req.frame).await;
-        self.logic.metrics.inflight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        let frame = serde_json::to_vec(&frame).map_err(|e| Status::internal(e.to_string()))?;
-        Ok(Response::new(ClientReply { frame, close }))
+        match self.logic.handle_request(req.into_inner()).await {
+            Ok(r) => Ok(Response::new(r)),
+            Err(e) if e.code == "bad_request" => Err(Status::invalid_argument(e.message)),
+            Err(e) => Err(Status::internal(e.message)),
+        }
     }
 }

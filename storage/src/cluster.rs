@@ -171,6 +171,14 @@ impl MessageStore for ClusterMessages {
         self.durable.reads(user).await
     }
 
+    async fn set_acks(&self, cursors: &[crate::AckCursor]) -> Result<()> {
+        self.durable.set_acks(cursors).await
+    }
+
+    async fn set_reads(&self, cursors: &[crate::ReadCursor]) -> Result<()> {
+        self.durable.set_reads(cursors).await
+    }
+
     async fn find_mid(&self, conv: &str, mid: &str) -> Result<Option<Message>> {
         if let Some(m) = self.durable.find_mid(conv, mid).await? {
             // the cache may hold a newer form (a recall not yet persisted)

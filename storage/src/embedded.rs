@@ -14,8 +14,8 @@ use redb::{Database, ReadTransaction, ReadableTable, ReadableTableMetadata, Tabl
 
 use crate::group_commit::{End, GroupCommit};
 use crate::{
-    now_ms, AccountStore, Appended, FriendState, Group, GroupStore, Message, MessageStore, NewMessage, RequestOutcome,
-    Result, Role, Session, SocialStore, StorageError, User,
+    now_ms, AccountStore, AckCursor, Appended, FriendState, Group, GroupStore, Message, MessageStore, NewMessage,
+    ReadCursor, RequestOutcome, Result, Role, Session, SocialStore, StorageError, User,
 };
 
 use End::{Abort, Commit};
@@ -492,6 +492,38 @@ impl MessageStore for EmbeddedStore {
                     seq
                 }
             }))
+        })
+        .await
+    }
+
+    async fn set_acks(&self, cursors: &[AckCursor]) -> Result<()> {
+        let cursors = cursors.to_vec();
+        self.write(move |tx| {
+            let mut t = tx.open_table(ACKS)?;
+            for c in &cursors {
+                let key = (c.user.as_str(), c.device.as_str(), c.conv.as_str());
+                let current = t.get(key)?.map(|v| v.value()).unwrap_or(0);
+                if c.seq > current {
+                    t.insert(key, c.seq)?;
+                }
+            }
+            Ok(Commit(()))
+        })
+        .await
+    }
+
+    async fn set_reads(&self, cursors: &[ReadCursor]) -> Result<()> {
+        let cursors = cursors.to_vec();
+        self.write(move |tx| {
+            let mut t = tx.open_table(READS)?;
+            for c in &cursors {
+                let key = (c.user.as_str(), c.conv.as_str());
+                let current = t.get(key)?.map(|v| v.value()).unwrap_or(0);
+                if c.seq > current {
+                    t.insert(key, c.seq)?;
+                }
+            }
+            Ok(Commit(()))
         })
         .await
     }

@@ -62,6 +62,10 @@ impl RouteTable for MemoryRoutes {
         Ok(self.with(|r| r.by_user.get(user).cloned().unwrap_or_default()))
     }
 
+    async fn get_many(&self, users: &[String]) -> Result<Vec<Vec<ConnRef>>> {
+        Ok(self.with(|r| users.iter().map(|u| r.by_user.get(u).cloned().unwrap_or_default()).collect()))
+    }
+
     async fn remove_conn(&self, gateway: &str, conn_id: u64) -> Result<()> {
         self.with(|r| {
             if let Some(user) = r.by_conn.get(&(gateway.to_owned(), conn_id)).cloned() {

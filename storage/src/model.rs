@@ -206,3 +206,20 @@ pub struct Member {
     pub load: f32,
     pub connections: u64,
 }
+
+/// A device's ack cursor, as flushed in batches: `device` of `user` received `conv` up to `seq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AckCursor {
+    pub user: String,
+    pub device: String,
+    pub conv: String,
+    pub seq: u64,
+}
+
+/// A user's read mark, as flushed in batches: `user` read `conv` up to `seq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadCursor {
+    pub user: String,
+    pub conv: String,
+    pub seq: u64,
+}

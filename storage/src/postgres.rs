@@ -633,6 +633,48 @@ impl MessageStore for PgStore {
         Ok(uint(c.query_one(&st, &[&user, &conv, &int(seq)]).await?.try_get(0)?))
     }
 
+    async fn set_acks(&self, cursors: &[crate::AckCursor]) -> Result<()> {
+        // One statement for the batch; keys are unique within a batch (the caller coalesced them).
+        let cursors: Vec<&crate::AckCursor> = cursors.iter().filter(|c| c.seq > 0).collect();
+        if cursors.is_empty() {
+            return Ok(());
+        }
+        let users: Vec<&str> = cursors.iter().map(|c| c.user.as_str()).collect();
+        let devices: Vec<&str> = cursors.iter().map(|c| c.device.as_str()).collect();
+        let convs: Vec<&str> = cursors.iter().map(|c| c.conv.as_str()).collect();
+        let seqs: Vec<i64> = cursors.iter().map(|c| int(c.seq)).collect();
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(
+                "INSERT INTO acks (username, device, conv, seq) \
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) \
+                 ON CONFLICT (username, device, conv) DO UPDATE SET seq = GREATEST(acks.seq, EXCLUDED.seq)",
+            )
+            .await?;
+        c.execute(&st, &[&users, &devices, &convs, &seqs]).await?;
+        Ok(())
+    }
+
+    async fn set_reads(&self, cursors: &[crate::ReadCursor]) -> Result<()> {
+        let cursors: Vec<&crate::ReadCursor> = cursors.iter().filter(|c| c.seq > 0).collect();
+        if cursors.is_empty() {
+            return Ok(());
+        }
+        let users: Vec<&str> = cursors.iter().map(|c| c.user.as_str()).collect();
+        let convs: Vec<&str> = cursors.iter().map(|c| c.conv.as_str()).collect();
+        let seqs: Vec<i64> = cursors.iter().map(|c| int(c.seq)).collect();
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(
+                "INSERT INTO reads (username, conv, seq) \
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]) \
+                 ON CONFLICT (username, conv) DO UPDATE SET seq = GREATEST(reads.seq, EXCLUDED.seq)",
+            )
+            .await?;
+        c.execute(&st, &[&users, &convs, &seqs]).await?;
+        Ok(())
+    }
+
     async fn reads(&self, user: &str) -> Result<HashMap<String, u64>> {
         let c = self.client().await?;
         let st = c.prepare_cached("SELECT conv, seq FROM reads WHERE username = $1").await?;

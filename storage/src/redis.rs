@@ -321,6 +321,36 @@ impl RouteTable for RedisStore {
         Ok(out)
     }
 
+    async fn get_many(&self, users: &[String]) -> Result<Vec<Vec<ConnRef>>> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut p = redis::pipe();
+        for u in users {
+            p.cmd("HGETALL").arg(self.key(&["route", u]));
+        }
+        let all: Vec<HashMap<String, String>> = p.query_async(&mut self.conn.clone()).await?;
+        if all.iter().all(HashMap::is_empty) {
+            return Ok(vec![Vec::new(); users.len()]);
+        }
+        let live = self.live_gateways().await?;
+        let mut out = Vec::with_capacity(users.len());
+        for (user, routes) in users.iter().zip(all) {
+            let mut conns = Vec::with_capacity(routes.len());
+            for (field, json) in routes {
+                match serde_json::from_str::<ConnRef>(&json) {
+                    Ok(c) if live.contains(&c.gateway) => conns.push(c),
+                    Ok(c) => self.remove(user, &c).await?,
+                    Err(_) => {
+                        let _: () = self.conn.clone().hdel(self.key(&["route", user]), field).await?;
+                    }
+                }
+            }
+            out.push(conns);
+        }
+        Ok(out)
+    }
+
     async fn remove_conn(&self, gateway: &str, conn_id: u64) -> Result<()> {
         let field = format!("{gateway}|{conn_id}");
         let user: Option<String> = self.conn.clone().get(self.key(&["conn", &field])).await?;

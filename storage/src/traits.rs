@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 
 use crate::{
-    Appended, ConnRef, FriendState, Group, Member, Message, NewMessage, RequestOutcome, Result, Role, SequencedRecord,
-    Session, User,
+    AckCursor, Appended, ConnRef, FriendState, Group, Member, Message, NewMessage, ReadCursor, RequestOutcome, Result,
+    Role, SequencedRecord, Session, User,
 };
 
 /// Accounts and sessions.
@@ -73,6 +73,21 @@ pub trait MessageStore: Send + Sync {
     async fn set_read(&self, user: &str, conv: &str, seq: u64) -> Result<u64>;
     /// The read seq per conversation of a user (all devices together).
     async fn reads(&self, user: &str) -> Result<HashMap<String, u64>>;
+    /// [`MessageStore::set_ack`] for many cursors at once (one transaction where the backend
+    /// has them; cursors never move back).
+    async fn set_acks(&self, cursors: &[AckCursor]) -> Result<()> {
+        for c in cursors {
+            self.set_ack(&c.user, &c.device, &c.conv, c.seq).await?;
+        }
+        Ok(())
+    }
+    /// [`MessageStore::set_read`] for many cursors at once.
+    async fn set_reads(&self, cursors: &[ReadCursor]) -> Result<()> {
+        for c in cursors {
+            self.set_read(&c.user, &c.conv, c.seq).await?;
+        }
+        Ok(())
+    }
     /// The message of `conv` with this mid.
     async fn find_mid(&self, conv: &str, mid: &str) -> Result<Option<Message>>;
     /// Replaces a stored message by its recalled form (same conv, seq, mid,
@@ -120,6 +135,14 @@ pub trait RouteTable: Send + Sync {
     async fn add(&self, user: &str, conn: ConnRef) -> Result<()>;
     async fn remove(&self, user: &str, conn: &ConnRef) -> Result<()>;
     async fn get(&self, user: &str) -> Result<Vec<ConnRef>>;
+    /// The connections of each of `users`, in the same order: one round trip for a fan-out.
+    async fn get_many(&self, users: &[String]) -> Result<Vec<Vec<ConnRef>>> {
+        let mut out = Vec::with_capacity(users.len());
+        for u in users {
+            out.push(self.get(u).await?);
+        }
+        Ok(out)
+    }
     /// Removes a connection that its gateway reported gone.
     async fn remove_conn(&self, gateway: &str, conn_id: u64) -> Result<()>;
 }

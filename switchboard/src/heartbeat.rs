@@ -63,9 +63,11 @@ impl Heartbeat {
                 if let Err(e) = r.register("gateway", &m, TTL_SECS).await {
                     tracing::warn!(error = %e, "registry heartbeat failed");
                 }
-                match r.members("logic").await {
-                    Ok(list) => pool.update(list.into_iter().map(|l| (l.rpc, l.load)).collect()),
-                    Err(e) => tracing::warn!(error = %e, "reading logic instances failed"),
+                if let Some(pool) = &pool {
+                    match r.members("logic").await {
+                        Ok(list) => pool.update(list.into_iter().map(|l| (l.rpc, l.load)).collect()),
+                        Err(e) => tracing::warn!(error = %e, "reading logic instances failed"),
+                    }
                 }
                 tokio::select! {
                     _ = &mut stopped => return,

@@ -1,10 +1,11 @@
 //! The roles the `switchboard` binary runs, as a library so tests can start
-//! them in-process: `all-in-one` (gateway + logic on embedded storage, the
-//! two talking over loopback gRPC exactly as in a split deployment),
+//! them in-process: `all-in-one` (gateway + logic on embedded storage, linked
+//! in process through the same interfaces as the gRPC links of a split deployment),
 //! `logic`, `gateway` and `persist` (the cluster roles over Redis, Kafka and
 //! PostgreSQL).
 
 mod heartbeat;
+pub mod inproc;
 pub mod settings;
 
 use std::net::SocketAddr;
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use switchboard_gateway::Gateway;
+use switchboard_logic::push::{GrpcPush, PushTransport};
 use switchboard_logic::{http::MetricsHook, GatewayInfo, Logic, LogicService, Stores};
 use switchboard_storage::cluster::ClusterMessages;
 use switchboard_storage::embedded::EmbeddedStore;
@@ -90,21 +92,48 @@ const LOGIC_CONNECTION_WINDOW: u32 = 64 << 20;
 pub struct LogicRole {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    pub logic: Arc<Logic>,
     grpc: Task,
     http: Task,
+    cursors: Task,
     heartbeat: Option<heartbeat::Heartbeat>,
 }
 
 impl LogicRole {
-    /// Opens the stores and serves gRPC (for gateways) and HTTP (for clients).
+    /// Opens the stores and serves gRPC (for gateways) and HTTP (for clients); pushes go to
+    /// gateways over gRPC.
     pub async fn start(s: &Settings, public: Vec<GatewayInfo>, extra: Vec<MetricsHook>) -> anyhow::Result<Self> {
+        let transport = Arc::new(GrpcPush::new(s.logic_config(Vec::new())?.push.max_message_bytes));
+        Self::start_with(s, public, extra, transport).await
+    }
+
+    /// [`LogicRole::start`] with the way pushes reach gateways given.
+    pub async fn start_with(
+        s: &Settings,
+        public: Vec<GatewayInfo>,
+        extra: Vec<MetricsHook>,
+        transport: Arc<dyn PushTransport>,
+    ) -> anyhow::Result<Self> {
         let (stores, redis) = open_stores(s).await?;
-        let logic = Logic::new(s.logic_config(public)?, stores);
+        let config = s.logic_config(public)?;
+        let (flush_every, max_message) = (config.cursor_flush, config.push.max_message_bytes);
+        let logic = Logic::new(config, stores, transport);
+        let flusher = logic.cursors.clone();
+        let cursors = Task::spawn(|stopped| async move {
+            flusher
+                .run_flusher(flush_every, async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
 
         let grpc_listener =
             TcpListener::bind(s.logic_addr()).await.with_context(|| format!("binding {}", s.logic_addr()))?;
         let grpc_addr = grpc_listener.local_addr()?;
-        let service = LogicService::new(logic.clone()).into_server();
+        let service = LogicService::new(logic.clone())
+            .into_server()
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message);
         let grpc = Task::spawn(|stopped| async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
             // Gateways multiplex every client's requests over a few HTTP/2 connections: a
@@ -148,15 +177,17 @@ impl LogicRole {
             heartbeat::Heartbeat::logic(r, s.node_id(), rpc, logic.metrics.clone())
         });
         tracing::info!(%grpc_addr, %http_addr, cluster = heartbeat.is_some(), "logic serving");
-        Ok(Self { grpc_addr, http_addr, grpc, http, heartbeat })
+        Ok(Self { grpc_addr, http_addr, logic, grpc, http, cursors, heartbeat })
     }
 
+    /// Stops serving, then writes the cursors still in memory.
     pub async fn stop(self) {
         if let Some(h) = self.heartbeat {
             h.stop().await;
         }
         self.http.stop().await;
         self.grpc.stop().await;
+        self.cursors.stop().await;
     }
 }
 
@@ -239,29 +270,28 @@ pub struct AllInOne {
 
 impl AllInOne {
     pub async fn start(s: &Settings) -> anyhow::Result<Self> {
-        // Bind the gateway first (it reaches logic lazily) so /metrics and
-        // /v1/gateways can describe it; reserve logic's port for it.
-        let mut s = s.clone();
-        let probe =
-            std::net::TcpListener::bind(s.logic_addr()).with_context(|| format!("binding {}", s.logic_addr()))?;
-        let logic_addr = probe.local_addr()?;
-        drop(probe);
-        s.logic_addr = Some(logic_addr);
-        s.logic_url = Some(format!("http://{logic_addr}"));
-        let gateway = Gateway::start(s.gateway_config()?).await.context("starting the gateway")?;
+        // The gateway first, its link bound to logic once logic is up, so logic can push
+        // straight into its shards and /metrics and /v1/gateways can describe it.
+        let link = Arc::new(inproc::InProcessLink::default());
+        let gateway =
+            Gateway::start_with(s.gateway_config()?, Some(link.clone())).await.context("starting the gateway")?;
         let metrics = gateway.metrics();
         let hook: MetricsHook = Arc::new(move |out: &mut String| metrics.render(out));
         let public = vec![GatewayInfo {
             ws: format!("ws://{}/ws", gateway.ws_addr()),
             tcp: gateway.tcp_addr().map(|a| a.to_string()),
         }];
-        let logic = match LogicRole::start(&s, public, vec![hook]).await {
+        let grpc = GrpcPush::new(s.logic_config(Vec::new())?.push.max_message_bytes);
+        let transport =
+            Arc::new(inproc::InProcessPush::new(gateway.advertise().to_owned(), gateway.local_push(), grpc));
+        let logic = match LogicRole::start_with(s, public, vec![hook], transport).await {
             Ok(l) => l,
             Err(e) => {
                 gateway.shutdown().await;
                 return Err(e);
             }
         };
+        link.bind(logic.logic.clone());
         Ok(Self { logic, gateway })
     }
 

@@ -56,6 +56,21 @@ pub struct Settings {
     /// Per-connection bound of queued outbound frames (slow consumers beyond it are closed).
     #[arg(long, env = "SB_MAX_OUTBOUND_FRAMES")]
     pub max_outbound_frames: Option<usize>,
+    /// Per-connection bound of queued outbound bytes (slow consumers beyond it are closed); default 8 MiB.
+    #[arg(long, env = "SB_MAX_OUTBOUND_BYTES")]
+    pub max_outbound_bytes: Option<usize>,
+    /// Largest gRPC message between gateway and logic, both ways; default 16 MiB.
+    #[arg(long, env = "SB_MAX_LINK_MESSAGE_BYTES")]
+    pub max_link_message_bytes: Option<usize>,
+    /// Push batches to a gateway are cut before this many bytes; default 1 MiB.
+    #[arg(long, env = "SB_PUSH_BATCH_BYTES")]
+    pub push_batch_bytes: Option<usize>,
+    /// Most bytes of messages in one `sync` or `history` reply (the rest is paged); default 1 MiB.
+    #[arg(long, env = "SB_REPLY_MAX_BYTES")]
+    pub reply_max_bytes: Option<usize>,
+    /// Milliseconds between writes of coalesced ack and read cursors; default 100.
+    #[arg(long, env = "SB_CURSOR_FLUSH_MS")]
+    pub cursor_flush_ms: Option<u64>,
     /// Milliseconds a new connection has to `auth`.
     #[arg(long, env = "SB_AUTH_TIMEOUT_MS")]
     pub auth_timeout_ms: Option<u64>,
@@ -149,7 +164,8 @@ impl Settings {
             idle_timeout_ms, repush_ms, access_ttl_secs, refresh_ttl_secs, argon2_memory_kib, argon2_iterations,
             redis_url, postgres_url, kafka_brokers, key_prefix, topic_prefix, node_id, advertise_logic, persist_batch,
             user_rate, user_burst, ip_rate, ip_burst, auth_rate, auth_burst, admin_token, max_group_members,
-            ring_timeout_ms, recall_window_ms);
+            ring_timeout_ms, recall_window_ms, max_outbound_bytes, max_link_message_bytes, push_batch_bytes,
+            reply_max_bytes, cursor_flush_ms);
         Ok(self)
     }
 
@@ -251,6 +267,22 @@ impl Settings {
         if let Some(ms) = self.recall_window_ms {
             c.recall_window = Duration::from_millis(ms);
         }
+        if let Some(v) = self.max_link_message_bytes {
+            c.push.max_message_bytes = v;
+        }
+        if let Some(v) = self.push_batch_bytes {
+            c.push.batch_bytes = v;
+        }
+        anyhow::ensure!(
+            c.push.batch_bytes < c.push.max_message_bytes,
+            "--push-batch-bytes must be below --max-link-message-bytes"
+        );
+        if let Some(v) = self.reply_max_bytes {
+            c.reply_max_bytes = v;
+        }
+        if let Some(ms) = self.cursor_flush_ms {
+            c.cursor_flush = Duration::from_millis(ms.max(1));
+        }
         c.gateways = match self.public_ws.clone() {
             Some(urls) => urls.into_iter().map(|ws| switchboard_logic::GatewayInfo { ws, tcp: None }).collect(),
             None => public,
@@ -278,6 +310,12 @@ impl Settings {
         }
         if let Some(v) = self.max_outbound_frames {
             c.max_outbound_frames = v;
+        }
+        if let Some(v) = self.max_outbound_bytes {
+            c.max_outbound_bytes = v;
+        }
+        if let Some(v) = self.max_link_message_bytes {
+            c.max_link_message_bytes = v;
         }
         if let Some(ms) = self.auth_timeout_ms {
             c.auth_timeout = Duration::from_millis(ms);

@@ -281,14 +281,28 @@ impl Conn {
         self.begin_close(env);
     }
 
-    /// Appends an encoded frame (or several) to the output, enforcing the queue bound;
-    /// false when the connection was closed as a slow consumer.
-    pub(super) fn push_out(&mut self, bytes: &[u8], env: &mut Env) -> bool {
-        if !self.admit(env) {
-            return false;
+    /// Queues a canonical JSON frame from logic (reply or push), encoded for this connection's
+    /// wire; the binary encoding is made once per `encoded` and shared by every connection that
+    /// gets the same frame. `Ok(false)` when the connection was closed as a slow consumer.
+    pub(super) fn queue_encoded(&mut self, json: &[u8], encoded: &mut Encoded, env: &mut Env) -> Result<bool, String> {
+        if self.wire == Wire::Json {
+            if !self.admit(env) {
+                return Ok(false);
+            }
+            ws::put_frame(&mut self.out, Opcode::Text, json);
+            return Ok(true);
         }
-        self.out.extend_from_slice(bytes);
-        true
+        let payload = encoded.binary(json)?;
+        if !self.admit(env) {
+            return Ok(false);
+        }
+        if self.wire == Wire::Tcp {
+            tcpframe::put_prefix(&mut self.out, payload.len());
+        } else {
+            ws::put_header(&mut self.out, Opcode::Binary, payload.len());
+        }
+        self.out.extend_from_slice(payload);
+        Ok(true)
     }
 
     /// Counts one more outbound frame; closes a connection whose unwritten output
@@ -297,7 +311,7 @@ impl Conn {
         if self.closing && self.close_sent {
             return false;
         }
-        if self.out_frames as usize >= env.cfg.max_outbound_frames {
+        if self.out_frames as usize >= env.cfg.max_outbound_frames || self.out.len() >= env.cfg.max_outbound_bytes {
             tracing::debug!(conn = self.id, "slow consumer closed");
             env.metrics.slow_consumer_closed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.out = Vec::new();
@@ -433,5 +447,26 @@ impl Conn {
         if registry.reregister(&mut self.stream, Token(ConnId::decode(self.id).key), interest).is_ok() {
             self.registered_writable = want;
         }
+    }
+}
+
+/// One frame's protobuf encoding (`sb.bin.v1` and raw TCP), made at most once however many
+/// connections receive the frame.
+#[derive(Default)]
+pub(crate) struct Encoded {
+    binary: Option<Result<Vec<u8>, String>>,
+}
+
+impl Encoded {
+    fn binary(&mut self, json: &[u8]) -> Result<&[u8], String> {
+        let r = self.binary.get_or_insert_with(|| {
+            let v: serde_json::Value = serde_json::from_slice(json).map_err(|e| format!("not JSON: {e}"))?;
+            let f = bincodec::json_to_frame(&v).map_err(|e| e.to_string())?;
+            if u32::try_from(f.encoded_len()).is_err() {
+                return Err("frame too large to encode".into());
+            }
+            Ok(f.encode_to_vec())
+        });
+        r.as_deref().map_err(Clone::clone)
     }
 }

@@ -14,8 +14,11 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use bytes::Bytes;
 use mio::net::TcpStream;
 use switchboard_proto::internal::{AuthReply, ClientReply, ClientRequest, ConnEvent, Delivery};
+
+pub(crate) use io::Encoded;
 
 use crate::calls::{Calls, Ringing};
 use crate::frame;
@@ -62,15 +65,15 @@ enum Auth {
 struct Unacked {
     conv: String,
     seq: u64,
-    /// The push as written on this connection's wire.
-    frame: Box<[u8]>,
+    /// The push as logic sent it (canonical JSON, shared with every other receiver).
+    frame: Bytes,
     attempts: u32,
 }
 
 struct Queued {
     op: String,
     rid: Option<u64>,
-    bytes: Vec<u8>,
+    bytes: Bytes,
     /// Set for `call.offer` / `call.answer` / `call.hangup` requests naming a `call_id`.
     call: Option<Box<CallRef>>,
 }
@@ -85,14 +88,14 @@ struct CallRef {
 
 impl CallRef {
     /// The call of a client request, for the ops that start or stop ringing.
-    fn of(req: &frame::Request) -> Option<Box<CallRef>> {
-        let offer = match req.op.as_str() {
+    fn of(req: &frame::Head) -> Option<Box<CallRef>> {
+        let offer = match req.op.as_ref() {
             "call.offer" => true,
             "call.answer" | "call.hangup" => false,
             _ => return None,
         };
-        let call_id = req.str_field("call_id")?;
-        let to = req.str_field("to");
+        let call_id = req.call_id.as_deref()?;
+        let to = req.to.as_deref();
         if offer && to.is_none() {
             return None;
         }
@@ -142,14 +145,6 @@ pub(crate) struct Conn {
     shut: bool,
     notified_closed: bool,
     inflight: bool,
-}
-
-/// The first fields of a request, read without building a JSON value.
-#[derive(serde::Deserialize)]
-struct Head<'a> {
-    #[serde(borrow)]
-    op: std::borrow::Cow<'a, str>,
-    rid: Option<u64>,
 }
 
 impl Conn {
@@ -224,13 +219,7 @@ impl Conn {
     }
 
     fn on_text(&mut self, bytes: &[u8], env: &mut Env) {
-        if let Ok(head) = serde_json::from_slice::<Head>(bytes) {
-            if head.op == "ping" {
-                self.queue_ping_ok(head.rid, env);
-                return;
-            }
-        }
-        let req = match frame::parse(bytes) {
+        let req = match frame::head(bytes) {
             Ok(r) => r,
             Err(bad) => {
                 self.queue_json(frame::error(bad.rid, "bad_request", bad.message), env);
@@ -247,7 +236,7 @@ impl Conn {
                     self.queue_json(frame::error(req.rid, "unauthorized", "authenticate first (op auth)"), env);
                     return;
                 }
-                let Some(token) = req.str_field("token") else {
+                let Some(token) = req.token.as_deref() else {
                     self.queue_json(frame::error(req.rid, "bad_request", "missing field `token`"), env);
                     return;
                 };
@@ -261,12 +250,12 @@ impl Conn {
                     return;
                 }
                 if req.op == "ack" {
-                    if let (Some(conv), Some(seq)) = (req.str_field("conv"), req.u64_field("seq")) {
+                    if let (Some(conv), Some(seq)) = (req.conv.as_deref(), req.seq) {
                         self.unacked.retain(|u| !(u.conv == conv && u.seq <= seq));
                     }
                 }
                 let call = CallRef::of(&req);
-                let q = Queued { op: req.op, rid: req.rid, bytes: bytes.to_vec(), call };
+                let q = Queued { op: req.op.into_owned(), rid: req.rid, bytes: Bytes::copy_from_slice(bytes), call };
                 if self.inflight || !self.pending.is_empty() {
                     if self.pending.len() >= env.cfg.max_pending_requests {
                         self.queue_json(
@@ -309,7 +298,8 @@ impl Conn {
             self.track_call(call, env);
         }
         self.inflight = true;
-        let req = ClientRequest { conn: Some(ev), frame: q.bytes, ip: self.peer.ip().to_string() };
+        let req =
+            ClientRequest { conn: Some(ev), frame: q.bytes, ip: self.peer.ip().to_string(), op: q.op, rid: q.rid };
         env.bridge.handle(&env.link, q.rid, req);
     }
 
@@ -381,8 +371,14 @@ impl Conn {
         GatewayMetrics::inc(&env.metrics.call_timeouts);
         self.queue_json(frame::call_timeout_push(&call.call_id), env);
         if let Some(ev) = self.conn_event(env) {
-            let frame = frame::call_timeout_request(&call.to, &call.call_id).into_bytes();
-            env.bridge.handle_detached(ClientRequest { conn: Some(ev), frame, ip: self.peer.ip().to_string() });
+            let frame = Bytes::from(frame::call_timeout_request(&call.to, &call.call_id));
+            env.bridge.handle_detached(ClientRequest {
+                conn: Some(ev),
+                frame,
+                ip: self.peer.ip().to_string(),
+                op: "call.hangup".into(),
+                rid: None,
+            });
         }
     }
 
@@ -445,11 +441,8 @@ impl Conn {
         match result {
             Ok(reply) => {
                 if !reply.frame.is_empty() {
-                    let mut bytes = Vec::new();
-                    match Conn::encode_into(self.wire, &reply.frame, &mut bytes) {
-                        Ok(()) => {
-                            self.push_out(&bytes, env);
-                        }
+                    match self.queue_encoded(&reply.frame, &mut Encoded::default(), env) {
+                        Ok(_) => {}
                         Err(e) => {
                             tracing::warn!(conn = self.id, error = %e, "invalid reply from logic");
                             GatewayMetrics::inc(&env.metrics.errors);
@@ -474,28 +467,34 @@ impl Conn {
         self.pump(env);
     }
 
-    /// A push delivery; false when this connection cannot take pushes (gone).
-    pub fn on_push(&mut self, d: Delivery, env: &mut Env) -> bool {
-        if self.closing || !matches!(self.auth, Auth::Done(_)) || self.phase != Phase::Open {
+    /// A push delivery for `user` on this connection; false when this connection cannot take
+    /// pushes (gone), or is another user's (a stale route: never deliver it). `encoded` holds the
+    /// frame's encoding for the binary wires, shared by every target of the delivery.
+    pub fn on_push(&mut self, d: &Delivery, user: &str, encoded: &mut Encoded, env: &mut Env) -> bool {
+        if self.closing || self.phase != Phase::Open {
             return false;
+        }
+        match &self.auth {
+            Auth::Done(id) if id.user == user => {}
+            _ => return false,
         }
         if self.calls.is_some() {
             self.on_call_push(&d.frame, env);
         }
-        let mut bytes = Vec::new();
-        if let Err(e) = Conn::encode_into(self.wire, &d.frame, &mut bytes) {
-            tracing::warn!(conn = self.id, error = %e, "invalid push frame; dropped");
-            GatewayMetrics::inc(&env.metrics.errors);
-            return true;
-        }
-        if !self.push_out(&bytes, env) {
-            return true;
+        match self.queue_encoded(&d.frame, encoded, env) {
+            Ok(true) => {}
+            Ok(false) => return true,
+            Err(e) => {
+                tracing::warn!(conn = self.id, error = %e, "invalid push frame; dropped");
+                GatewayMetrics::inc(&env.metrics.errors);
+                return true;
+            }
         }
         if !d.conv.is_empty() && d.seq > 0 {
-            if self.unacked.len() >= env.cfg.max_outbound_frames.max(1) {
+            if self.unacked.len() >= env.cfg.max_unacked.max(1) {
                 self.unacked.remove(0);
             }
-            self.unacked.push(Unacked { conv: d.conv, seq: d.seq, frame: bytes.into_boxed_slice(), attempts: 0 });
+            self.unacked.push(Unacked { conv: d.conv.clone(), seq: d.seq, frame: d.frame.clone(), attempts: 0 });
             if self.repush_timer.is_none() {
                 self.repush_timer = Some(self.arm(env, env.now + env.cfg.repush_interval, TimerKind::Repush));
             }
@@ -545,7 +544,7 @@ impl Conn {
                 let mut unacked = std::mem::take(&mut self.unacked);
                 for u in &mut unacked {
                     u.attempts += 1;
-                    if !self.push_out(&u.frame, env) {
+                    if !matches!(self.queue_encoded(&u.frame, &mut Encoded::default(), env), Ok(true)) {
                         return;
                     }
                 }

@@ -141,7 +141,7 @@ impl Logic for FakeLogic {
         let conn_id = req.conn.map(|c| c.conn_id).unwrap_or(0);
         self.frames.lock().unwrap().push((conn_id, v.clone()));
         let reply = (self.handler)(&v);
-        Ok(Response::new(ClientReply { frame: reply.to_string().into_bytes(), close: false }))
+        Ok(Response::new(ClientReply { frame: reply.to_string().into_bytes().into(), close: false }))
     }
 }
 
@@ -204,6 +204,11 @@ pub fn config(logic_endpoints: &[&str]) -> GatewayConfig {
 
 pub async fn start_gateway(config: GatewayConfig) -> Gateway {
     Gateway::start(config).await.unwrap()
+}
+
+/// The delivery targets naming one connection of the fake logic's user (`alice`).
+pub fn to(conn_id: u64) -> Vec<switchboard_proto::internal::Target> {
+    vec![switchboard_proto::internal::Target { conn_id, user: "alice".into() }]
 }
 
 /// A client of the gateway's Push RPC.

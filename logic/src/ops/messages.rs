@@ -2,7 +2,8 @@
 
 use std::collections::HashMap;
 
-use serde::Deserialize;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use switchboard_storage::{FriendState, Message, NewMessage};
 
@@ -55,11 +56,48 @@ pub async fn conv_members(logic: &Logic, conv: &str, user: &str) -> Result<Vec<S
     }
 }
 
-/// Pushes `frame` to every member of `conv` but `skip` (a connection).
+/// Pushes `frame` (serialised once) to every member of `conv` but `skip` (a connection).
 async fn to_members(logic: &Logic, members: &[String], frame: &Value, at: Option<MsgRef<'_>>, skip: (&str, u64)) {
-    for m in members {
-        logic.pusher.to_user(m, frame, at, Some(skip)).await;
+    let bytes = Bytes::from(serde_json::to_vec(frame).expect("JSON values always serialize"));
+    logic.pusher.to_users(members, bytes, at, Some(skip)).await;
+}
+
+/// The `msg` push, serialised straight from the stored message.
+#[derive(Serialize)]
+struct MsgPush<'a> {
+    op: &'static str,
+    msg: &'a Message,
+}
+
+/// Bytes of `v` as JSON, without keeping them.
+fn json_len<T: Serialize>(v: &T) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
     }
+    let mut c = Count(0);
+    let _ = serde_json::to_writer(&mut c, v);
+    c.0
+}
+
+/// Keeps the longest prefix of `msgs` within `max_bytes` (at least one message). Returns
+/// whether anything was cut.
+fn cut_to_bytes(msgs: &mut Vec<Message>, max_bytes: usize) -> bool {
+    let mut total = 0;
+    for (i, m) in msgs.iter().enumerate() {
+        total += json_len(m) + 1;
+        if i > 0 && total > max_bytes {
+            msgs.truncate(i);
+            return true;
+        }
+    }
+    false
 }
 
 #[derive(Deserialize)]
@@ -137,21 +175,23 @@ async fn store_and_push(
     members: Option<&[String]>,
 ) -> Result<Fields, ApiError> {
     let conv = new.conv.clone();
+    // Recipients and their connections are looked up before the conversation lock, which
+    // covers seq allocation, append and enqueue only.
+    let all = match members {
+        Some(list) => list.to_vec(),
+        None => conv_members(logic, &conv, &caller.user).await?,
+    };
+    let targets = logic.pusher.targets(&all, Some((&caller.gateway, caller.conn_id))).await;
     let order = logic.conv_lock(&conv).lock().await;
     let appended = logic.stores.messages.append(new, index).await?;
     let m = &appended.msg;
     if !appended.duplicate {
         crate::metrics::inc(&logic.metrics.sends);
-        let all = match members {
-            Some(list) => list.to_vec(),
-            None => conv_members(logic, &m.conv, &caller.user).await?,
-        };
-        let push = json!({"op": "msg", "msg": m});
-        let at = Some(MsgRef { conv: &m.conv, seq: m.seq });
-        to_members(logic, &all, &push, at, (&caller.gateway, caller.conn_id)).await;
+        let push = Bytes::from(serde_json::to_vec(&MsgPush { op: "msg", msg: m }).expect("messages serialize"));
+        logic.pusher.enqueue(targets, push, Some(MsgRef { conv: &m.conv, seq: m.seq })).await;
         // Pushes are queued in seq order; the sender's own read mark needs no order.
         drop(order);
-        logic.stores.messages.set_read(&caller.user, &m.conv, m.seq).await?;
+        logic.cursors.read(&caller.user, &m.conv, m.seq).await?;
     }
     Ok(fields(json!({"conv": m.conv, "mid": m.mid, "seq": m.seq, "ts": m.ts})))
 }
@@ -164,7 +204,7 @@ pub struct Ack {
 
 pub async fn ack(logic: &Logic, caller: &Caller, req: Ack) -> Result<Fields, ApiError> {
     require_member(logic, &req.conv, &caller.user).await?;
-    logic.stores.messages.set_ack(&caller.user, &caller.device, &req.conv, req.seq).await?;
+    logic.cursors.ack(&caller.user, &caller.device, &req.conv, req.seq).await?;
     Ok(Fields::new())
 }
 
@@ -177,22 +217,46 @@ pub struct Sync {
 
 pub async fn sync(logic: &Logic, caller: &Caller, req: Sync) -> Result<Fields, ApiError> {
     let limit = req.limit.unwrap_or(logic.config.sync_max).clamp(1, logic.config.sync_max);
+    let budget = logic.config.reply_max_bytes;
     let store = &logic.stores.messages;
-    let acked = store.acks(&caller.user, &caller.device).await?;
+    let acked = logic.cursors.acks(&caller.user, &caller.device).await?;
     let mut msgs: Vec<Message> = Vec::new();
+    let (mut count, mut bytes, mut more) = (0usize, 0usize, false);
     for (conv, last) in user_convs(logic, &caller.user).await? {
         // The client's own view wins; for conversations it did not name,
         // resume after what this device acked.
         let from = req.since.get(&conv).or_else(|| acked.get(&conv)).copied().unwrap_or(0);
-        if last > from {
-            msgs.extend(store.range(&conv, from, limit + 1).await?);
+        if last <= from {
+            continue;
         }
+        if count >= limit || bytes >= budget {
+            more = true;
+            continue;
+        }
+        // One global budget (count and bytes) for the reply: each conversation contributes a
+        // gap-free run from `from`, and only what fits is read.
+        let want = limit - count;
+        let mut run = store.range(&conv, from, want).await?;
+        // A full run that stops short of the conversation's last seq leaves more to read.
+        let full = run.len() == want && run.last().is_some_and(|m| m.seq < last);
+        if !run.is_empty() {
+            let room = if count == 0 { budget } else { budget.saturating_sub(bytes) };
+            let cut = cut_to_bytes(&mut run, room.max(1));
+            if count > 0 && run.len() == 1 && json_len(&run[0]) > room {
+                // Only a first message may exceed the budget.
+                run.clear();
+                more = true;
+            }
+            more |= cut;
+        }
+        more |= full;
+        count += run.len();
+        bytes += run.iter().map(|m| json_len(m) + 1).sum::<usize>();
+        msgs.extend(run);
     }
-    // ts never decreases within a conversation and the sort is stable, so
-    // the cut below keeps a gap-free prefix of every conversation.
+    // ts never decreases within a conversation and the sort is stable, so each
+    // conversation's run stays in seq order.
     msgs.sort_by_key(|m| m.ts);
-    let more = msgs.len() > limit;
-    msgs.truncate(limit);
     Ok(fields(json!({"msgs": msgs, "more": more})))
 }
 
@@ -206,7 +270,9 @@ pub struct History {
 pub async fn history(logic: &Logic, caller: &Caller, req: History) -> Result<Fields, ApiError> {
     require_member(logic, &req.conv, &caller.user).await?;
     let limit = req.limit.unwrap_or(50).clamp(1, 200);
-    let msgs = logic.stores.messages.history(&req.conv, req.before_seq, limit).await?;
+    let mut msgs = logic.stores.messages.history(&req.conv, req.before_seq, limit).await?;
+    // Newest first: the cut keeps the newest that fit; the client pages on with `before_seq`.
+    cut_to_bytes(&mut msgs, logic.config.reply_max_bytes);
     Ok(fields(json!({"msgs": msgs})))
 }
 
@@ -232,7 +298,7 @@ pub struct Read {
 pub async fn read(logic: &Logic, caller: &Caller, req: Read) -> Result<Fields, ApiError> {
     let members = conv_members(logic, &req.conv, &caller.user).await?;
     let last = logic.stores.messages.last_seq(&req.conv).await?;
-    let seq = logic.stores.messages.set_read(&caller.user, &req.conv, req.seq.min(last)).await?;
+    let seq = logic.cursors.read(&caller.user, &req.conv, req.seq.min(last)).await?;
     let push = json!({"op": "read", "conv": req.conv, "user": caller.user, "seq": seq});
     let others: Vec<String> = members.into_iter().filter(|m| *m != caller.user).collect();
     to_members(logic, &others, &push, None, (&caller.gateway, caller.conn_id)).await;
@@ -242,7 +308,7 @@ pub async fn read(logic: &Logic, caller: &Caller, req: Read) -> Result<Fields, A
 /// Conversations with their last message, unread count and read seq,
 /// newest activity first. Conversations without messages are left out.
 pub async fn convs(logic: &Logic, caller: &Caller) -> Result<Fields, ApiError> {
-    let reads = logic.stores.messages.reads(&caller.user).await?;
+    let reads = logic.cursors.reads(&caller.user).await?;
     let mut out: Vec<(u64, Value)> = Vec::new();
     for (conv, last_seq) in user_convs(logic, &caller.user).await? {
         let Some(last) = logic.stores.messages.history(&conv, None, 1).await?.pop() else { continue };

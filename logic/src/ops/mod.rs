@@ -27,26 +27,40 @@ pub struct Caller {
 /// Reply fields (merged into `{"op": "<op>.ok", "rid": ..}`).
 pub type Fields = Map<String, Value>;
 
-fn parse<T: DeserializeOwned>(req: &Value) -> Result<T, ApiError> {
-    serde_json::from_value(req.clone()).map_err(|e| ApiError::bad_request(e.to_string()))
+/// Deserialises the frame straight into the op's request type (the one parse of the frame in
+/// logic; `op` and `rid` come from the gateway).
+fn parse<T: DeserializeOwned>(frame: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(frame).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
-/// Runs one request frame and returns the reply frame.
-pub async fn handle(logic: &Logic, caller: &Caller, frame: &[u8]) -> (Value, bool) {
-    let req: Value = match serde_json::from_slice(frame) {
-        Ok(v @ Value::Object(_)) => v,
-        Ok(_) => return (ApiError::bad_request("a frame is a JSON object").to_frame(None), false),
-        Err(e) => return (ApiError::bad_request(format!("malformed JSON: {e}")).to_frame(None), false),
+/// The op and rid of a frame whose sender did not pass them along.
+#[derive(serde::Deserialize)]
+struct Head {
+    op: Option<String>,
+    rid: Option<Value>,
+}
+
+/// Runs one request frame and returns the reply frame. `op` and `rid` are the frame's, as read
+/// by the gateway; with `op` empty they are read from the frame here.
+pub async fn handle(logic: &Logic, caller: &Caller, op: &str, rid: Option<u64>, frame: &[u8]) -> (Value, bool) {
+    let (op, rid) = if op.is_empty() {
+        match serde_json::from_slice::<Head>(frame) {
+            Ok(Head { op: Some(op), rid }) => (std::borrow::Cow::Owned(op), rid.as_ref().and_then(Value::as_u64)),
+            Ok(Head { op: None, rid }) => {
+                let rid = rid.as_ref().and_then(Value::as_u64);
+                return (ApiError::bad_request("missing field `op`").to_frame(rid), false);
+            }
+            Err(e) => return (ApiError::bad_request(format!("malformed frame: {e}")).to_frame(None), false),
+        }
+    } else {
+        (std::borrow::Cow::Borrowed(op), rid)
     };
-    let rid = req.get("rid").and_then(Value::as_u64);
-    let Some(op) = req.get("op").and_then(Value::as_str) else {
-        return (ApiError::bad_request("missing field `op`").to_frame(rid), false);
-    };
+    let op = op.as_ref();
     if let Err(e) = logic.limit_request(&caller.user, &caller.ip) {
         crate::metrics::inc(&logic.metrics.errors);
         return (e.to_frame(rid), false);
     }
-    match dispatch(logic, caller, op, &req).await {
+    match dispatch(logic, caller, op, frame).await {
         Ok(fields) => {
             let mut reply = Map::new();
             reply.insert("op".into(), Value::String(format!("{op}.ok")));
@@ -63,7 +77,7 @@ pub async fn handle(logic: &Logic, caller: &Caller, frame: &[u8]) -> (Value, boo
     }
 }
 
-async fn dispatch(logic: &Logic, caller: &Caller, op: &str, req: &Value) -> Result<Fields, ApiError> {
+async fn dispatch(logic: &Logic, caller: &Caller, op: &str, req: &[u8]) -> Result<Fields, ApiError> {
     match op {
         "send" => messages::send(logic, caller, parse(req)?).await,
         "ack" => messages::ack(logic, caller, parse(req)?).await,

@@ -42,7 +42,7 @@ pub async fn connected(logic: &Logic, user: &str, conn: ConnRef) -> Result<(), A
     for old in before.iter().filter(|c| c.device == conn.device) {
         let kick = json!({"op": "kick", "reason": "signed in again on this device"});
         let bytes = serde_json::to_vec(&kick).expect("JSON values always serialize");
-        logic.pusher.to_conn(old, bytes, None, true).await;
+        logic.pusher.to_conn(user, old, bytes.into(), None, true).await;
         routes.remove(user, old).await?;
     }
     routes.add(user, conn).await?;
