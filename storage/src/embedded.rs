@@ -395,7 +395,11 @@ impl MessageStore for EmbeddedStore {
             tx.open_table(MIDS)?.insert((stored.conv.as_str(), stored.mid.as_str()), stored.seq)?;
             let mut index = tx.open_table(USER_CONVS)?;
             for m in &members {
-                index.insert((m.as_str(), stored.conv.as_str()), ())?;
+                // Present after the first message: a lookup dirties no page, an insert would.
+                let key = (m.as_str(), stored.conv.as_str());
+                if index.get(key)?.is_none() {
+                    index.insert(key, ())?;
+                }
             }
             Ok(Commit(Appended { msg: stored, duplicate: false }))
         })

@@ -1,8 +1,15 @@
-//! Group commit for the embedded backend: one writer thread runs every write
-//! transaction back to back without an fsync (redb `Durability::None`, each
-//! still atomic and isolated on its own), then makes the whole batch durable
-//! with one `Durability::Immediate` commit before any caller hears back. Under
-//! load many writes share one fsync; alone, a write costs what it did before.
+//! Group commit for the embedded backend: one writer thread takes every write job waiting (up to
+//! [`MAX_BATCH`]), runs them back to back inside **one** redb write transaction, and commits it
+//! once with `Durability::Immediate` (one fsync) before any caller hears back. Under load many
+//! writes share one transaction and one fsync; alone, a write costs what it always did.
+//!
+//! Readers never see a write before it is durable: the batch becomes visible with the one durable
+//! commit, so a reader can never return a seq that a crash would take back.
+//!
+//! Jobs are isolated by construction, not by the database: a job that ends with [`End::Abort`]
+//! must not have written anything (every job checks before it writes), and a job that fails with
+//! an error fails its whole batch (nothing of it is committed, every caller gets the error and may
+//! retry), since its partial writes cannot be taken out of the shared transaction.
 
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
@@ -11,20 +18,19 @@ use redb::{Database, Durability, WriteTransaction};
 
 use crate::{Result, StorageError};
 
-/// How a write transaction ends: `Commit` makes its changes durable,
-/// `Abort` leaves the database as it was (nothing to write, no fsync).
+/// How a write job ends: `Commit` keeps its changes, `Abort` says it wrote nothing.
 pub(crate) enum End<T> {
     Commit(T),
     Abort(T),
 }
 
-/// Hands a finished job's result to its caller once the batch is durable (or
-/// with the error that kept it from becoming durable).
+/// Hands a finished job's result to its caller once the batch is durable (`None`), or with the
+/// reason the batch was not committed.
 type Deliver = Box<dyn FnOnce(Option<&str>) + Send>;
-/// A write job: runs its transaction and says whether it committed anything.
-type Job = Box<dyn FnOnce(&Database) -> (bool, Deliver) + Send>;
+/// A write job: runs inside the batch's transaction; `Err` carries the text that fails the batch.
+type Job = Box<dyn FnOnce(&WriteTransaction) -> (std::result::Result<bool, String>, Deliver) + Send>;
 
-/// Most jobs sharing one fsync.
+/// Most jobs sharing one transaction and fsync.
 const MAX_BATCH: usize = 512;
 
 /// The writer thread and the way to it. Dropping it stops the thread and waits
@@ -44,30 +50,28 @@ impl GroupCommit {
         Ok(Self { jobs: Some(jobs), thread: Some(thread) })
     }
 
-    /// Runs `f` in its own write transaction; resolves once that transaction
-    /// (committed on [`End::Commit`], dropped on [`End::Abort`] or an error) is
-    /// durable together with the rest of its batch.
+    /// Runs `f` inside the next batch's write transaction; resolves once that batch is durable
+    /// (or with the error that kept it from committing).
     pub async fn write<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&WriteTransaction) -> Result<End<T>> + Send + 'static,
     {
         let (reply, rx) = tokio::sync::oneshot::channel();
-        let job: Job = Box::new(move |db: &Database| {
-            let (committed, result) = match run_one(db, f) {
-                Ok((committed, v)) => (committed, Ok(v)),
-                Err(e) => (false, Err(e)),
+        let job: Job = Box::new(move |tx: &WriteTransaction| {
+            let (state, result) = match f(tx) {
+                Ok(End::Commit(v)) => (Ok(true), Ok(v)),
+                Ok(End::Abort(v)) => (Ok(false), Ok(v)),
+                Err(e) => (Err(e.to_string()), Err(e)),
             };
-            let deliver: Deliver = Box::new(move |barrier: Option<&str>| {
-                let result = match (barrier, result) {
-                    (Some(e), Ok(_)) if committed => {
-                        Err(StorageError::Embedded(format!("commit was not made durable: {e}")))
-                    }
+            let deliver: Deliver = Box::new(move |failed: Option<&str>| {
+                let result = match (failed, result) {
+                    (Some(e), Ok(_)) => Err(StorageError::Embedded(format!("write not committed: {e}"))),
                     (_, r) => r,
                 };
                 let _ = reply.send(result);
             });
-            (committed, deliver)
+            (state, deliver)
         });
         let stopped = || StorageError::Embedded("the writer thread has stopped".into());
         self.jobs.as_ref().ok_or_else(stopped)?.send(job).map_err(|_| stopped())?;
@@ -84,43 +88,49 @@ impl Drop for GroupCommit {
     }
 }
 
-fn run_one<T>(db: &Database, f: impl FnOnce(&WriteTransaction) -> Result<End<T>>) -> Result<(bool, T)> {
-    let mut tx = db.begin_write()?;
-    tx.set_durability(Durability::None);
-    match f(&tx)? {
-        End::Commit(v) => {
-            tx.commit()?;
-            Ok((true, v))
-        }
-        End::Abort(v) => Ok((false, v)),
-    }
-}
-
-fn barrier(db: &Database) -> Result<()> {
-    let mut tx = db.begin_write()?;
+/// Runs one batch in one transaction; returns why it was not committed, if it was not.
+fn run_batch(db: &Database, jobs: Vec<Job>, done: &mut Vec<Deliver>) -> Option<String> {
+    let mut tx = match db.begin_write() {
+        Ok(tx) => tx,
+        // Nothing can run: dropping the jobs fails their callers (as a stopped writer).
+        Err(e) => return Some(e.to_string()),
+    };
     tx.set_durability(Durability::Immediate);
-    tx.commit()?;
-    Ok(())
+    let mut failed: Option<String> = None;
+    let mut dirty = false;
+    for job in jobs {
+        // After a failure the remaining jobs still run (their results are replaced by the
+        // batch's error), which is simpler than reaching their callers otherwise.
+        let (state, deliver) = job(&tx);
+        match state {
+            Ok(wrote) => dirty |= wrote,
+            Err(e) => {
+                failed.get_or_insert(e);
+            }
+        }
+        done.push(deliver);
+    }
+    if failed.is_some() || !dirty {
+        let _ = tx.abort();
+        return failed;
+    }
+    tx.commit().err().map(|e| e.to_string())
 }
 
 fn run(db: &Database, rx: mpsc::Receiver<Job>) {
     let mut done: Vec<Deliver> = Vec::new();
     while let Ok(first) = rx.recv() {
-        let mut dirty = false;
-        let (committed, deliver) = first(db);
-        dirty |= committed;
-        done.push(deliver);
-        while done.len() < MAX_BATCH {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_BATCH {
             let Ok(job) = rx.try_recv() else {
                 break;
             };
-            let (committed, deliver) = job(db);
-            dirty |= committed;
-            done.push(deliver);
+            jobs.push(job);
         }
-        let failed = if dirty { barrier(db).err().map(|e| e.to_string()) } else { None };
+        let n = jobs.len();
+        let failed = run_batch(db, jobs, &mut done);
         if let Some(e) = &failed {
-            tracing::error!(error = %e, jobs = done.len(), "embedded store: durable commit failed");
+            tracing::error!(error = %e, jobs = n, "embedded store: batch not committed");
         }
         for deliver in done.drain(..) {
             deliver(failed.as_deref());

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Offered-load sweep of 1:1 `messaging` against all-in-one (server pinned to core 0, load to
+# core 1): for each total offered rate, delivered msgs/s and delivery/send.ok latency. Writes one
+# report per rate to bench/reports/messaging-sweep-<rate>$SUFFIX.json and prints a table.
+#
+#   cargo build --release -p switchboard -p switchboard-bench
+#   bash bench/run-messaging-sweep.sh [SUFFIX] [RATES...]    # RATES: total msgs/s offered
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+T=${CARGO_TARGET_DIR:-$ROOT/target}
+SB=${SB:-$T/release/switchboard}
+B=${BENCH:-$T/release/switchboard-bench}
+OUT=${OUT:-$ROOT/bench/reports}
+SUFFIX=${1:-}
+shift || true
+RATES=("$@")
+[ ${#RATES[@]} -gt 0 ] || RATES=(2000 10000 20000 30000 40000 60000)
+CONNS=${CONNS:-200}
+SECS=${SECS:-10}
+D=$(mktemp -d /tmp/sb-sweep.XXXXXX)
+ulimit -n 20000
+mkdir -p "$OUT"
+PID=
+cleanup() {
+    [[ -n $PID ]] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null
+    rm -rf "$D"
+}
+trap cleanup EXIT
+
+wait_port() {
+    for _ in $(seq 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "port $1 did not open" >&2
+    exit 1
+}
+
+"$SB" token --data-dir "$D" --user msg --users "$CONNS" --device d --ttl 7200 >"$D/tokens.txt"
+SB_LOG=warn taskset -c 0 "$SB" all-in-one --data-dir "$D" --tcp-addr off --shards 1 \
+    --user-rate 0 --ip-rate 0 --auth-rate 0 >"$D/server.log" 2>&1 &
+PID=$!
+wait_port 8090
+printf '%-9s %-11s %-8s %-8s %-8s %-8s %-8s %-8s\n' offered delivered p50_ms p99_ms ok_p50 ok_p99 missing srv_cpu
+for r in "${RATES[@]}"; do
+    per_conn=$(awk -v r="$r" -v c="$CONNS" 'BEGIN { printf "%.3f", r / c }')
+    f="$OUT/messaging-sweep-$r$SUFFIX.json"
+    taskset -c 1 "$B" messaging --url ws://127.0.0.1:8090/ws --http-url http://127.0.0.1:8080 \
+        --tokens "$D/tokens.txt" --conns "$CONNS" --rate "$per_conn" --secs "$SECS" --server-pid $PID \
+        --label "switchboard-all-in-one-core0-offered-$r" --report "$f" >/dev/null 2>"$D/load.log"
+    jq -r --arg r "$r" '[$r, (.delivered_per_sec|floor), .delivery_latency.p50_ms, .delivery_latency.p99_ms,
+        .send_ok_latency.p50_ms, .send_ok_latency.p99_ms, .missing_deliveries, .server_cpu_util] | @tsv' "$f" |
+        awk -F'\t' '{ printf "%-9s %-11s %-8.2f %-8.2f %-8.2f %-8.2f %-8s %-8.2f\n", $1, $2, $3, $4, $5, $6, $7, $8 }'
+done
