@@ -81,6 +81,9 @@ pub struct GatewayConfig {
     pub max_pending_requests: usize,
     /// Connections per process.
     pub max_connections: usize,
+    /// Secret every internal call must carry, both ways (`None`: internal links are open; only
+    /// for a gateway and logic on one trusted host).
+    pub cluster_secret: Option<String>,
     /// Largest gRPC message on the links to and from logic, both directions (logic's push
     /// batches are cut well below it).
     pub max_link_message_bytes: usize,
@@ -111,6 +114,7 @@ impl Default for GatewayConfig {
             max_pending_requests: 64,
             max_connections: 100_000,
             max_link_message_bytes: 16 << 20,
+            cluster_secret: None,
             ring_timeout: Duration::from_secs(30),
         }
     }
@@ -195,7 +199,14 @@ impl Gateway {
                     .map_err(|(endpoint, message)| GatewayError::Endpoint { endpoint, message })?
                     .with_max_message_bytes(config.max_link_message_bytes);
                 let pool = Arc::new(pool);
-                let link: Arc<dyn LogicLink> = Arc::new(GrpcLink::new(pool.clone(), LOGIC_TIMEOUT));
+                let secret = match config.cluster_secret.as_deref() {
+                    Some(s) => Some(
+                        switchboard_proto::cluster_auth::value(s)
+                            .ok_or_else(|| GatewayError::Config("the cluster secret must be visible ASCII".into()))?,
+                    ),
+                    None => None,
+                };
+                let link: Arc<dyn LogicLink> = Arc::new(GrpcLink::new(pool.clone(), LOGIC_TIMEOUT, secret));
                 (link, Some(pool))
             }
         };
@@ -276,6 +287,10 @@ impl Gateway {
         let svc = GatewayServer::new(PushService { local: LocalPush { shards: links.clone() } })
             .max_decoding_message_size(cfg.max_link_message_bytes)
             .max_encoding_message_size(cfg.max_link_message_bytes);
+        let svc = tonic::service::interceptor::InterceptedService::new(
+            svc,
+            switchboard_proto::cluster_auth::checker(cfg.cluster_secret.clone()),
+        );
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(push_listener);
         let push_task = rt.spawn(async move {
             // Push batches carry up to ~1,000 frames: windows large enough that one

@@ -8,8 +8,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use switchboard_proto::cluster_auth;
 use switchboard_proto::internal::{AuthReply, AuthRequest, ClientReply, ClientRequest, ConnEvent};
-use tonic::{Code, Status};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::{Code, Request, Status};
 
 use crate::pool::LogicPool;
 
@@ -30,16 +32,25 @@ pub trait LogicLink: Send + Sync + 'static {
 }
 
 /// [`LogicLink`] over gRPC through a [`LogicPool`] (P2C, circuit breakers, one retry on another
-/// instance), each call bounded by `timeout`.
+/// instance), each call bounded by `timeout` and carrying the cluster secret.
 pub struct GrpcLink {
     pool: Arc<LogicPool>,
     timeout: Duration,
+    secret: Option<Arc<MetadataValue<Ascii>>>,
 }
 
 impl GrpcLink {
-    pub fn new(pool: Arc<LogicPool>, timeout: Duration) -> Self {
-        Self { pool, timeout }
+    pub fn new(pool: Arc<LogicPool>, timeout: Duration, secret: Option<MetadataValue<Ascii>>) -> Self {
+        Self { pool, timeout, secret: secret.map(Arc::new) }
     }
+
+    fn parts(&self) -> (Arc<LogicPool>, Duration, Option<Arc<MetadataValue<Ascii>>>) {
+        (self.pool.clone(), self.timeout, self.secret.clone())
+    }
+}
+
+fn request<T>(msg: T, secret: &Option<Arc<MetadataValue<Ascii>>>) -> Request<T> {
+    cluster_auth::attach(Request::new(msg), secret.as_deref())
 }
 
 fn message(s: Status) -> String {
@@ -52,11 +63,11 @@ fn message(s: Status) -> String {
 
 impl LogicLink for GrpcLink {
     fn authenticate(&self, token: String) -> LinkFuture<AuthReply> {
-        let (pool, timeout) = (self.pool.clone(), self.timeout);
+        let (pool, timeout, secret) = self.parts();
         let req = AuthRequest { token };
         Box::pin(async move {
             pool.call(timeout, |mut c| {
-                let req = req.clone();
+                let req = request(req.clone(), &secret);
                 async move { c.authenticate(req).await }
             })
             .await
@@ -65,10 +76,10 @@ impl LogicLink for GrpcLink {
     }
 
     fn connected(&self, ev: ConnEvent) -> LinkFuture<()> {
-        let (pool, timeout) = (self.pool.clone(), self.timeout);
+        let (pool, timeout, secret) = self.parts();
         Box::pin(async move {
             pool.call(timeout, |mut c| {
-                let ev = ev.clone();
+                let ev = request(ev.clone(), &secret);
                 async move { c.connected(ev).await }
             })
             .await
@@ -78,10 +89,10 @@ impl LogicLink for GrpcLink {
     }
 
     fn disconnected(&self, ev: ConnEvent) -> LinkFuture<()> {
-        let (pool, timeout) = (self.pool.clone(), self.timeout);
+        let (pool, timeout, secret) = self.parts();
         Box::pin(async move {
             pool.call(timeout, |mut c| {
-                let ev = ev.clone();
+                let ev = request(ev.clone(), &secret);
                 async move { c.disconnected(ev).await }
             })
             .await
@@ -91,10 +102,10 @@ impl LogicLink for GrpcLink {
     }
 
     fn handle(&self, req: ClientRequest) -> LinkFuture<ClientReply> {
-        let (pool, timeout) = (self.pool.clone(), self.timeout);
+        let (pool, timeout, secret) = self.parts();
         Box::pin(async move {
             pool.call(timeout, |mut c| {
-                let req = req.clone();
+                let req = request(req.clone(), &secret);
                 async move { c.handle(req).await }
             })
             .await

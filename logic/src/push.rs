@@ -11,10 +11,12 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use switchboard_proto::cluster_auth;
 use switchboard_proto::internal::gateway_client::GatewayClient;
 use switchboard_proto::internal::{Delivery, PushRequest, Target};
 use switchboard_storage::{ConnRef, RouteTable};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tonic::metadata::{Ascii, MetadataValue};
 
 use crate::metrics::{inc, LogicMetrics};
 
@@ -56,25 +58,29 @@ impl Default for PushLimits {
     }
 }
 
-/// [`PushTransport`] over the gateways' gRPC `Gateway.Push`.
+/// [`PushTransport`] over the gateways' gRPC `Gateway.Push`, every call carrying the cluster
+/// secret.
 pub struct GrpcPush {
     max_message_bytes: usize,
+    secret: Option<MetadataValue<Ascii>>,
 }
 
 impl GrpcPush {
-    pub fn new(max_message_bytes: usize) -> Self {
-        Self { max_message_bytes }
+    pub fn new(max_message_bytes: usize, secret: Option<MetadataValue<Ascii>>) -> Self {
+        Self { max_message_bytes, secret }
     }
 }
 
-struct GrpcSink(GatewayClient<tonic::transport::Channel>);
+struct GrpcSink {
+    client: GatewayClient<tonic::transport::Channel>,
+    secret: Option<MetadataValue<Ascii>>,
+}
 
 impl GatewaySink for GrpcSink {
     fn push(&self, deliveries: Vec<Delivery>) -> PushFuture {
-        let mut client = self.0.clone();
-        Box::pin(async move {
-            client.push(PushRequest { deliveries }).await.map(|r| r.into_inner().gone).map_err(|e| e.to_string())
-        })
+        let mut client = self.client.clone();
+        let req = cluster_auth::attach(tonic::Request::new(PushRequest { deliveries }), self.secret.as_ref());
+        Box::pin(async move { client.push(req).await.map(|r| r.into_inner().gone).map_err(|e| e.to_string()) })
     }
 }
 
@@ -89,7 +95,7 @@ impl PushTransport for GrpcPush {
         let client = GatewayClient::new(channel)
             .max_encoding_message_size(self.max_message_bytes)
             .max_decoding_message_size(self.max_message_bytes);
-        Ok(Arc::new(GrpcSink(client)))
+        Ok(Arc::new(GrpcSink { client, secret: self.secret.clone() }))
     }
 }
 

@@ -1,6 +1,8 @@
 //! Wire definitions shared by every Switchboard role: the client `Frame`
 //! (binary form of the protocol) and the internal gateway <-> logic services.
 
+pub mod cluster_auth;
+
 /// Client frames (`sb.bin.v1` and raw TCP).
 pub mod v1 {
     tonic::include_proto!("switchboard.v1");

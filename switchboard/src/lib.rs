@@ -83,6 +83,15 @@ async fn open_stores(s: &Settings) -> anyhow::Result<(Stores, Option<RedisStore>
     Ok((stores, Some(redis)))
 }
 
+/// Pushes to gateways over gRPC with the configured message limit and cluster secret.
+fn grpc_push(s: &Settings) -> anyhow::Result<GrpcPush> {
+    let secret = s
+        .cluster_secret()?
+        .map(|c| switchboard_proto::cluster_auth::value(&c).context("cluster secret"))
+        .transpose()?;
+    Ok(GrpcPush::new(s.logic_config(Vec::new())?.push.max_message_bytes, secret))
+}
+
 /// Concurrent gRPC streams one gateway connection may open on a logic instance.
 const LOGIC_MAX_STREAMS: u32 = 16_384;
 /// HTTP/2 connection window of the logic gRPC server (bytes).
@@ -103,7 +112,7 @@ impl LogicRole {
     /// Opens the stores and serves gRPC (for gateways) and HTTP (for clients); pushes go to
     /// gateways over gRPC.
     pub async fn start(s: &Settings, public: Vec<GatewayInfo>, extra: Vec<MetricsHook>) -> anyhow::Result<Self> {
-        let transport = Arc::new(GrpcPush::new(s.logic_config(Vec::new())?.push.max_message_bytes));
+        let transport = Arc::new(grpc_push(s)?);
         Self::start_with(s, public, extra, transport).await
     }
 
@@ -134,6 +143,10 @@ impl LogicRole {
             .into_server()
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
+        let service = tonic::service::interceptor::InterceptedService::new(
+            service,
+            switchboard_proto::cluster_auth::checker(s.cluster_secret()?),
+        );
         let grpc = Task::spawn(|stopped| async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
             // Gateways multiplex every client's requests over a few HTTP/2 connections: a
@@ -281,7 +294,7 @@ impl AllInOne {
             ws: format!("ws://{}/ws", gateway.ws_addr()),
             tcp: gateway.tcp_addr().map(|a| a.to_string()),
         }];
-        let grpc = GrpcPush::new(s.logic_config(Vec::new())?.push.max_message_bytes);
+        let grpc = grpc_push(s)?;
         let transport =
             Arc::new(inproc::InProcessPush::new(gateway.advertise().to_owned(), gateway.local_push(), grpc));
         let logic = match LogicRole::start_with(s, public, vec![hook], transport).await {

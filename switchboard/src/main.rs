@@ -77,6 +77,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Role::Logic(s) => {
             let s = s.with_file(config)?;
+            s.require_cluster_secrets("logic")?;
             let public = vec![switchboard_logic::GatewayInfo {
                 ws: format!("ws://{}/ws", s.ws_addr()),
                 tcp: s.tcp_addr()?.map(|a| a.to_string()),
@@ -88,6 +89,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Role::Gateway(s) => {
             let s = s.with_file(config)?;
+            s.require_cluster_secrets("gateway")?;
             let gw = GatewayRole::start(&s).await?;
             let tcp = gw.gateway.tcp_addr().map(|a| format!("  tcp://{a}")).unwrap_or_default();
             println!("switchboard gateway: ws://{}/ws  push {}{tcp}", gw.gateway.ws_addr(), gw.gateway.push_addr());

@@ -44,6 +44,10 @@ pub struct Settings {
     /// HS256 secret for access tokens; default: generated once into <data-dir>/jwt.secret.
     #[arg(long, env = "SB_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+    /// Secret every internal gRPC call (gateway <-> logic) carries and checks, at least 32
+    /// bytes; required by the cluster roles.
+    #[arg(long, env = "SB_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
     /// Gateway event-loop threads (0 = one per core).
     #[arg(long, env = "SB_SHARDS")]
     pub shards: Option<usize>,
@@ -165,7 +169,7 @@ impl Settings {
             redis_url, postgres_url, kafka_brokers, key_prefix, topic_prefix, node_id, advertise_logic, persist_batch,
             user_rate, user_burst, ip_rate, ip_burst, auth_rate, auth_burst, admin_token, max_group_members,
             ring_timeout_ms, recall_window_ms, max_outbound_bytes, max_link_message_bytes, push_batch_bytes,
-            reply_max_bytes, cursor_flush_ms);
+            reply_max_bytes, cursor_flush_ms, cluster_secret);
         Ok(self)
     }
 
@@ -222,18 +226,66 @@ impl Settings {
     /// The token secret: configured, or read from (created once in) the data dir.
     pub fn jwt_secret(&self) -> anyhow::Result<Vec<u8>> {
         if let Some(s) = &self.jwt_secret {
-            anyhow::ensure!(s.len() >= 16, "jwt secret must be at least 16 bytes");
+            anyhow::ensure!(s.len() >= MIN_SECRET_BYTES, "--jwt-secret must be at least {MIN_SECRET_BYTES} bytes");
             return Ok(s.as_bytes().to_vec());
         }
         let dir = self.data_dir();
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join("jwt.secret");
-        if let Ok(s) = std::fs::read_to_string(&path) {
-            return Ok(s.trim().as_bytes().to_vec());
+        match std::fs::read_to_string(&path) {
+            Ok(s) => {
+                let s = s.trim();
+                // Never an empty or short HMAC key, whatever a crash or full disk left behind.
+                anyhow::ensure!(
+                    s.len() >= MIN_SECRET_BYTES,
+                    "{} holds {} bytes, fewer than {MIN_SECRET_BYTES}: remove it to generate a new key",
+                    path.display(),
+                    s.len()
+                );
+                return Ok(s.as_bytes().to_vec());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         }
         let secret: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
         write_private(&path, &secret).with_context(|| format!("writing {}", path.display()))?;
         Ok(secret.into_bytes())
+    }
+
+    /// The cluster secret, checked: at least [`MIN_SECRET_BYTES`] of visible ASCII.
+    pub fn cluster_secret(&self) -> anyhow::Result<Option<String>> {
+        let Some(s) = &self.cluster_secret else { return Ok(None) };
+        anyhow::ensure!(s.len() >= MIN_SECRET_BYTES, "--cluster-secret must be at least {MIN_SECRET_BYTES} bytes");
+        anyhow::ensure!(s.bytes().all(|b| b.is_ascii_graphic()), "--cluster-secret must be visible ASCII");
+        Ok(Some(s.clone()))
+    }
+
+    /// Refuses to run a cluster role without its secrets: instances that generated their own
+    /// token keys could not verify each other's tokens, and internal links would be open.
+    /// `logic` and `gateway` are cluster roles when Redis is configured.
+    pub fn require_cluster_secrets(&self, role: &str) -> anyhow::Result<()> {
+        if self.redis_url.is_none() {
+            if self.cluster_secret.is_none() {
+                tracing::warn!(
+                    role,
+                    "no --cluster-secret: the internal gRPC link is unauthenticated (one trusted host only)"
+                );
+            }
+            return Ok(());
+        }
+        anyhow::ensure!(
+            self.cluster_secret.is_some(),
+            "the {role} role needs --cluster-secret (SB_CLUSTER_SECRET) in a cluster"
+        );
+        self.cluster_secret()?;
+        if role == "logic" {
+            anyhow::ensure!(
+                self.jwt_secret.is_some(),
+                "the logic role needs --jwt-secret (SB_JWT_SECRET) in a cluster"
+            );
+            self.jwt_secret()?;
+        }
+        Ok(())
     }
 
     /// `public` lists the gateways advertised when no registry is used.
@@ -292,6 +344,7 @@ impl Settings {
 
     pub fn gateway_config(&self) -> anyhow::Result<switchboard_gateway::GatewayConfig> {
         let mut c = switchboard_gateway::GatewayConfig {
+            cluster_secret: self.cluster_secret()?,
             ws_addr: self.ws_addr(),
             tcp_addr: self.tcp_addr()?,
             push_addr: self.push_addr(),
@@ -333,11 +386,24 @@ impl Settings {
     }
 }
 
+/// Shortest accepted token or cluster secret.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// Writes a 0600 file atomically: a temporary file, fsynced, renamed over `path` (so `path` is
+/// either absent or complete, never empty).
 fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
-    f.write_all(contents.as_bytes())
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -368,6 +434,26 @@ mod tests {
         let a = s.jwt_secret().unwrap();
         assert_eq!(a.len(), 64);
         assert_eq!(s.jwt_secret().unwrap(), a);
+        // an empty or short key file (a crash, a full disk) is refused, never used as a key
+        std::fs::write(dir.join("jwt.secret"), "").unwrap();
+        assert!(s.jwt_secret().is_err());
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn cluster_roles_need_sane_secrets() {
+        let long = "x".repeat(MIN_SECRET_BYTES);
+        let cluster = Settings { redis_url: Some("redis://127.0.0.1:1".into()), ..Default::default() };
+        assert!(cluster.require_cluster_secrets("gateway").is_err(), "no cluster secret");
+        let s = Settings { cluster_secret: Some(long.clone()), ..cluster.clone() };
+        assert!(s.require_cluster_secrets("gateway").is_ok());
+        assert!(s.require_cluster_secrets("logic").is_err(), "logic also needs --jwt-secret");
+        let s = Settings { jwt_secret: Some("short".into()), ..s };
+        assert!(s.require_cluster_secrets("logic").is_err(), "a short jwt secret");
+        let s = Settings { jwt_secret: Some(long.clone()), ..s };
+        assert!(s.require_cluster_secrets("logic").is_ok());
+        let s = Settings { cluster_secret: Some("too short".into()), ..s };
+        assert!(s.require_cluster_secrets("logic").is_err());
+        assert!(Settings::default().require_cluster_secrets("logic").is_ok(), "one host, no cluster");
     }
 }
