@@ -9,8 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchboard_proto::cluster_auth;
+use switchboard_proto::internal::logic_client::LogicClient;
 use switchboard_proto::internal::{AuthReply, AuthRequest, ClientReply, ClientRequest, ConnEvent};
 use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
 use crate::pool::LogicPool;
@@ -61,55 +63,36 @@ fn message(s: Status) -> String {
     }
 }
 
+impl GrpcLink {
+    /// Runs one RPC through the pool with the cluster secret attached to every attempt.
+    fn call<Req, T, F, Fut>(&self, msg: Req, rpc: F) -> LinkFuture<T>
+    where
+        Req: Clone + Send + Sync + 'static,
+        T: Send + 'static,
+        F: Fn(LogicClient<Channel>, Request<Req>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>> + Send + 'static,
+    {
+        let (pool, timeout, secret) = self.parts();
+        Box::pin(async move { pool.call(timeout, |c| rpc(c, request(msg.clone(), &secret))).await.map_err(message) })
+    }
+}
+
 impl LogicLink for GrpcLink {
     fn authenticate(&self, token: String) -> LinkFuture<AuthReply> {
-        let (pool, timeout, secret) = self.parts();
-        let req = AuthRequest { token };
-        Box::pin(async move {
-            pool.call(timeout, |mut c| {
-                let req = request(req.clone(), &secret);
-                async move { c.authenticate(req).await }
-            })
-            .await
-            .map_err(message)
-        })
+        self.call(AuthRequest { token }, |mut c, r| async move { c.authenticate(r).await })
     }
 
     fn connected(&self, ev: ConnEvent) -> LinkFuture<()> {
-        let (pool, timeout, secret) = self.parts();
-        Box::pin(async move {
-            pool.call(timeout, |mut c| {
-                let ev = request(ev.clone(), &secret);
-                async move { c.connected(ev).await }
-            })
-            .await
-            .map(|_| ())
-            .map_err(message)
-        })
+        let call = self.call(ev, |mut c, r| async move { c.connected(r).await });
+        Box::pin(async move { call.await.map(|_| ()) })
     }
 
     fn disconnected(&self, ev: ConnEvent) -> LinkFuture<()> {
-        let (pool, timeout, secret) = self.parts();
-        Box::pin(async move {
-            pool.call(timeout, |mut c| {
-                let ev = request(ev.clone(), &secret);
-                async move { c.disconnected(ev).await }
-            })
-            .await
-            .map(|_| ())
-            .map_err(message)
-        })
+        let call = self.call(ev, |mut c, r| async move { c.disconnected(r).await });
+        Box::pin(async move { call.await.map(|_| ()) })
     }
 
     fn handle(&self, req: ClientRequest) -> LinkFuture<ClientReply> {
-        let (pool, timeout, secret) = self.parts();
-        Box::pin(async move {
-            pool.call(timeout, |mut c| {
-                let req = request(req.clone(), &secret);
-                async move { c.handle(req).await }
-            })
-            .await
-            .map_err(message)
-        })
+        self.call(req, |mut c, r| async move { c.handle(r).await })
     }
 }
