@@ -19,6 +19,9 @@ pub(crate) enum ShardMsg {
     HandleDone { conn_id: u64, rid: Option<u64>, result: Result<ClientReply, String> },
     /// Deliveries for connections of this shard; the shard answers with the gone ids.
     Push { deliveries: Vec<Delivery>, reply: tokio::sync::oneshot::Sender<Vec<u64>> },
+    /// Tell logic again about every authenticated connection (the route table was lost, e.g.
+    /// Redis restarted without persistence).
+    Reannounce,
     /// Graceful drain and exit.
     Shutdown,
 }

@@ -47,6 +47,19 @@ impl ConnId {
 pub struct GenCounter(u32);
 
 impl GenCounter {
+    /// A counter starting at a random generation, so the ids of a restarted gateway differ from
+    /// those of its previous boot (a stale route naming an old id finds no connection).
+    pub fn new_boot() -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32));
+        // splitmix64 finaliser: spread the clock over the 30 bits
+        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        GenCounter(((z ^ (z >> 31)) & GEN_MASK) as u32)
+    }
+
     /// Returns the next generation.
     pub fn bump(&mut self) -> u32 {
         self.0 = (self.0.wrapping_add(1)) & GEN_MASK as u32;

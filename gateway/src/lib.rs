@@ -120,6 +120,21 @@ impl Default for GatewayConfig {
     }
 }
 
+/// Asks every shard to re-announce its authenticated connections to logic (spread over a few
+/// loop turns per shard). Cheap to clone.
+#[derive(Clone)]
+pub struct Reannouncer {
+    shards: Vec<ShardLink>,
+}
+
+impl Reannouncer {
+    pub fn reannounce(&self) {
+        for s in &self.shards {
+            s.send(ShardMsg::Reannounce);
+        }
+    }
+}
+
 /// How long one call to logic over gRPC may take, retry included.
 const LOGIC_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -353,6 +368,12 @@ impl Gateway {
     /// `None` when the gateway was started with its own [`LogicLink`].
     pub fn logic_pool(&self) -> Option<Arc<LogicPool>> {
         self.pool.clone()
+    }
+
+    /// A handle that makes the gateway tell logic again about every authenticated connection
+    /// (after the route table was lost, e.g. a Redis restart).
+    pub fn reannouncer(&self) -> Reannouncer {
+        Reannouncer { shards: self.links.clone() }
     }
 
     /// Delivers pushes to this gateway's connections without going through gRPC (logic in the

@@ -24,6 +24,8 @@ pub(crate) const WAKER: Token = Token(usize::MAX);
 pub(crate) const TICK: Duration = Duration::from_millis(100);
 pub(crate) const WHEEL_SLOTS: usize = 1024;
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
+/// Connections re-announced to logic per loop iteration (spreads a re-announce of a full shard).
+const REANNOUNCE_PER_TURN: usize = 512;
 /// Bytes of the per-shard read buffer.
 pub(crate) const SCRATCH_BYTES: usize = 64 * 1024;
 
@@ -68,6 +70,8 @@ pub(crate) struct Shard {
     env: Env,
     rx: Receiver<ShardMsg>,
     gens: GenCounter,
+    /// Connection ids still to re-announce to logic.
+    reannounce: Vec<u64>,
 }
 
 impl Shard {
@@ -91,7 +95,8 @@ impl Shard {
             conns: Slab::new(),
             env,
             rx,
-            gens: GenCounter::default(),
+            gens: GenCounter::new_boot(),
+            reannounce: Vec::new(),
         })
     }
 
@@ -101,7 +106,8 @@ impl Shard {
         let mut fired = Vec::new();
         let mut drain_deadline: Option<Instant> = None;
         loop {
-            if let Err(e) = self.poll.poll(&mut events, Some(TICK)) {
+            let wait = if self.reannounce.is_empty() { TICK } else { Duration::ZERO };
+            if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
@@ -135,6 +141,7 @@ impl Shard {
                     self.on_msg(msg);
                 }
             }
+            self.reannounce_some();
             self.env.wheel.advance(self.env.now, &mut fired);
             for t in fired.drain(..) {
                 if let Some(key) = self.lookup(t.conn_id) {
@@ -241,7 +248,21 @@ impl Shard {
                 }
                 let _ = reply.send(gone);
             }
+            ShardMsg::Reannounce => {
+                self.reannounce = self.conns.iter().map(|(_, c)| c.id).collect();
+                tracing::info!(shard = self.idx, conns = self.reannounce.len(), "re-announcing connections to logic");
+            }
             ShardMsg::Shutdown => self.start_drain(),
+        }
+    }
+
+    /// Re-announces the next few connections of a pending re-announce.
+    fn reannounce_some(&mut self) {
+        let n = self.reannounce.len().min(REANNOUNCE_PER_TURN);
+        for id in self.reannounce.drain(..n).collect::<Vec<_>>() {
+            if let Some(key) = self.lookup(id) {
+                self.conns[key].announce(&mut self.env);
+            }
         }
     }
 

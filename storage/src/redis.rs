@@ -157,6 +157,16 @@ impl RedisStore {
         Ok(())
     }
 
+    /// The Redis server's run id: it changes whenever the server restarts (and with it, unless
+    /// Redis persists, every route is gone).
+    pub async fn server_run_id(&self) -> Result<String> {
+        let info: String = redis::cmd("INFO").arg("server").query_async(&mut self.conn.clone()).await?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("run_id:"))
+            .map(|id| id.trim().to_owned())
+            .ok_or_else(|| StorageError::Redis("INFO server has no run_id".into()))
+    }
+
     /// The conversation's counter, if present.
     pub async fn counter(&self, conv: &str) -> Result<Option<u64>> {
         Ok(self.conn.clone().get(self.key(&["seq", conv])).await?)

@@ -50,8 +50,22 @@ impl Heartbeat {
     pub(crate) async fn gateway(redis: RedisStore, id: String, gw: &Gateway, ws: String, tcp: String) -> Self {
         let (r, me) = (redis.clone(), id.clone());
         let (metrics, pool, rpc) = (gw.metrics(), gw.logic_pool(), gw.advertise().to_owned());
+        let reannouncer = gw.reannouncer();
         let task = Task::spawn(|mut stopped| async move {
+            let mut run_id: Option<String> = None;
             loop {
+                // A restarted Redis lost every route of this gateway's connections (their
+                // sockets are still open): announce them again so pushes find them.
+                match r.server_run_id().await {
+                    Ok(id) => {
+                        if run_id.as_ref().is_some_and(|seen| *seen != id) {
+                            tracing::warn!("Redis restarted; re-announcing every connection");
+                            reannouncer.reannounce();
+                        }
+                        run_id = Some(id);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "reading the Redis run id failed"),
+                }
                 let m = Member {
                     id: me.clone(),
                     rpc: rpc.clone(),

@@ -599,6 +599,16 @@ impl Conn {
         self.phase = Phase::Dead;
     }
 
+    /// Tells logic (again) that this connection is authenticated, if it is and stays open.
+    pub fn announce(&mut self, env: &mut Env) {
+        if self.closing {
+            return;
+        }
+        if let Some(ev) = self.conn_event(env) {
+            env.bridge.connected(ev);
+        }
+    }
+
     /// Tells logic an authenticated connection went away (once).
     pub fn notify_closed(&mut self, env: &mut Env) {
         if self.notified_closed {
