@@ -28,3 +28,4 @@ pub mod rawws;
 pub mod scan;
 pub mod session;
 pub mod stats;
+pub mod sync;

@@ -1,7 +1,7 @@
 //! `switchboard-bench`: the command line of the load generator (see the library for the modes).
 
 use clap::{Parser, Subcommand};
-use switchboard_bench::{baseline, connect, fanout, messaging, ping};
+use switchboard_bench::{baseline, connect, fanout, messaging, ping, sync};
 
 #[derive(Parser)]
 #[command(name = "switchboard-bench", version, about = "Load generator for Switchboard (loopback only)")]
@@ -24,6 +24,8 @@ enum Mode {
     Fanout(fanout::Args),
     /// Pairs of friends messaging each other at a fixed rate: throughput, latency, errors.
     Messaging(messaging::Args),
+    /// A user in many conversations, few changed: `sync` round-trip percentiles.
+    Sync(sync::Args),
     /// A plain tokio-tungstenite server answering `auth` and `ping` (the baseline).
     BaselineServer(baseline::Args),
 }
@@ -43,5 +45,6 @@ fn main() -> anyhow::Result<()> {
         Mode::Ping(a) => ping::main(a),
         Mode::Fanout(a) => fanout::main(a),
         Mode::Messaging(a) => messaging::main(a),
+        Mode::Sync(a) => sync::main(a),
     }
 }
