@@ -8,9 +8,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -19,70 +17,6 @@ use switchboard_storage::contract::TestEngines;
 
 fn engines() -> Option<TestEngines> {
     TestEngines::from_env("cluster process test")
-}
-
-/// One role process; its first stdout line names its addresses.
-struct Proc {
-    child: Child,
-    line: String,
-}
-
-impl Proc {
-    fn spawn(role: &str, e: &TestEngines, prefix: &str, extra: &[&str]) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-            .arg(role)
-            .args(["--redis-url", &e.redis, "--postgres-url", &e.pg, "--kafka-brokers", &e.brokers])
-            .args(["--key-prefix", &format!("{prefix}:"), "--topic-prefix", &format!("{prefix}.")])
-            .args(["--http-addr", "127.0.0.1:0", "--ws-addr", "127.0.0.1:0", "--tcp-addr", "127.0.0.1:0"])
-            .args(["--logic-addr", "127.0.0.1:0", "--push-addr", "127.0.0.1:0"])
-            .args(["--argon2-memory-kib", "1024", "--argon2-iterations", "1", "--repush-ms", "1000"])
-            .args(extra)
-            .env("SB_JWT_SECRET", "cluster-test-jwt-secret-0123456789abcdef")
-            .env("SB_CLUSTER_SECRET", "cluster-test-link-secret-0123456789abcdef")
-            .env("SB_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("role process starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        assert!(!line.is_empty(), "{role} exited before serving");
-        Proc { child, line }
-    }
-
-    /// The address after `marker` in the start-up line.
-    fn addr(&self, marker: &str) -> SocketAddr {
-        let rest = self.line.split(marker).nth(1).unwrap_or_else(|| panic!("{marker} in {}", self.line));
-        rest.split(|c: char| c.is_whitespace() || c == '/').next().unwrap().parse().unwrap()
-    }
-
-    /// A stand-in while a role is restarted (owns no process).
-    fn placeholder() -> Proc {
-        let child = Command::new("true").spawn().expect("true runs");
-        Proc { child, line: String::new() }
-    }
-
-    fn kill9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    fn term(mut self) {
-        // SAFETY: a plain syscall on our own child's pid.
-        unsafe { kill(self.child.id() as i32, 15) };
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "clean exit on SIGTERM: {status:?}");
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-extern "C" {
-    fn kill(pid: i32, sig: i32) -> i32;
 }
 
 fn gateways(http: SocketAddr) -> Vec<SocketAddr> {
