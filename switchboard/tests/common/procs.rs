@@ -30,9 +30,18 @@ impl Proc {
             .stdout(Stdio::piped())
             .spawn()
             .expect("role process starts");
+        let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        out.read_line(&mut line).unwrap();
         assert!(!line.is_empty(), "{role} exited before serving");
+        // The rest (its log) goes on to stderr, tagged, so the process
+        // never writes into a closed pipe.
+        let tag = role.to_owned();
+        std::thread::spawn(move || {
+            for l in out.lines().map_while(std::result::Result::ok) {
+                eprintln!("[{tag}] {l}");
+            }
+        });
         Proc { child, line }
     }
 
