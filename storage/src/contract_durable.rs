@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use crate::contract::{prefix, text};
-use crate::{DurableLog, Message, MessageStore, SequencedRecord};
+use crate::{DurableLog, Message, MessageStore, PartitionOffset, SequencedRecord};
 
 fn record(conv: &str, seq: u64, from: &str, cmid: &str, members: &[String]) -> SequencedRecord {
     SequencedRecord {
@@ -221,4 +221,45 @@ pub async fn concurrent_batches_and_appends(log: Arc<dyn DurableLog>, messages: 
     // An upserted record is skipped only where an append already took its
     // seq; every stored message is either counted by an upsert or an append.
     assert_eq!(total, upserted + 8);
+}
+
+/// Partition offsets are stored with their records, replace what was stored
+/// for their partition (the last one given wins), may come without records,
+/// and are kept per topic.
+pub async fn partition_offsets_contract(log: &dyn DurableLog, messages: &dyn MessageStore) {
+    let p = prefix();
+    let (topic, other) = (format!("{p}.messages"), format!("{p}.other"));
+    let at = |topic: &str, partition: i32, next_offset: i64| PartitionOffset {
+        topic: topic.to_owned(),
+        partition,
+        next_offset,
+    };
+    let sorted = |m: std::collections::HashMap<i32, i64>| {
+        let mut v: Vec<(i32, i64)> = m.into_iter().collect();
+        v.sort();
+        v
+    };
+    assert!(log.partition_offsets(&topic).await.unwrap().is_empty(), "nothing stored for a new topic");
+
+    let a = format!("{p}a");
+    let conv = format!("d:{a}:{p}b");
+    let members = std::slice::from_ref(&a);
+    let batch: Vec<_> = (1..=2).map(|i| record(&conv, i, &a, &format!("o{i}"), members)).collect();
+    let stored = log.upsert_records_at(&batch, &[at(&topic, 0, 5), at(&topic, 1, 3)]).await.unwrap();
+    assert_eq!(stored, 2);
+    assert_eq!(messages.range(&conv, 0, 10).await.unwrap().len(), 2, "records stored with their offsets");
+    assert_eq!(sorted(log.partition_offsets(&topic).await.unwrap()), vec![(0, 5), (1, 3)]);
+
+    // offsets alone (past records that were not stored, e.g. dead-lettered)
+    assert_eq!(log.upsert_records_at(&[], &[at(&topic, 0, 7)]).await.unwrap(), 0);
+    assert_eq!(sorted(log.partition_offsets(&topic).await.unwrap()), vec![(0, 7), (1, 3)]);
+    // one partition twice in a call: the last one wins
+    log.upsert_records_at(&batch, &[at(&topic, 1, 4), at(&topic, 1, 6)]).await.unwrap();
+    assert_eq!(sorted(log.partition_offsets(&topic).await.unwrap()), vec![(0, 7), (1, 6)]);
+    // a plain upsert and another topic leave them alone
+    log.upsert_records(&batch).await.unwrap();
+    log.upsert_records_at(&[], &[at(&other, 0, 1)]).await.unwrap();
+    assert_eq!(sorted(log.partition_offsets(&topic).await.unwrap()), vec![(0, 7), (1, 6)]);
+    assert_eq!(sorted(log.partition_offsets(&other).await.unwrap()), vec![(0, 1)]);
+    assert_eq!(messages.range(&conv, 0, 10).await.unwrap().len(), 2, "redelivered records stored once");
 }

@@ -18,6 +18,9 @@ pub enum StorageError {
     Corrupt(String),
     #[error("background task failed: {0}")]
     Task(String),
+    /// A retried operation kept failing for longer than allowed.
+    #[error("{what} kept failing for {secs} s; last error: {last}")]
+    GaveUp { what: &'static str, secs: u64, last: Box<StorageError> },
 }
 
 macro_rules! embedded_from {

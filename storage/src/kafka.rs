@@ -1,13 +1,14 @@
 //! Kafka adapters (rdkafka with its bundled librdkafka): the idempotent
 //! `acks=all` producer of the message topic, topic creation at start-up,
-//! and the consumer the persist worker reads with.
+//! and the consumer the persist worker reads with (partitions assigned by
+//! hand, no consumer group).
 
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::StreamConsumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
@@ -79,15 +80,18 @@ impl Producer {
     }
 }
 
-/// A consumer in `group` subscribed to `topic`, committing only by hand.
-pub fn consumer(brokers: &str, group: &str, topic: &str) -> Result<StreamConsumer> {
+/// A consumer for partitions assigned by hand ([`rdkafka::consumer::Consumer::assign`]) at
+/// offsets kept elsewhere: it never subscribes, so it never joins a consumer
+/// group, and it commits nothing to the broker. `group_id` only satisfies
+/// librdkafka, which accepts `assign` only from a consumer that has one.
+pub fn assigning_consumer(brokers: &str, group_id: &str) -> Result<StreamConsumer> {
     let c: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        .set("group.id", group)
+        .set("group.id", group_id)
         .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        // Where a stored offset is no longer in the log (retention).
         .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "10000")
         .create()?;
-    c.subscribe(&[topic])?;
     Ok(c)
 }

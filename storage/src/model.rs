@@ -174,6 +174,15 @@ pub struct SequencedRecord {
     pub recall: bool,
 }
 
+/// How far the persist worker got in one partition of a topic: the offset
+/// of the next record to read (every record before it is stored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionOffset {
+    pub topic: String,
+    pub partition: i32,
+    pub next_offset: i64,
+}
+
 /// One live client connection: the gateway holding it (its push address)
 /// and the connection id inside that gateway.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]

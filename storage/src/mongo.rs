@@ -25,6 +25,8 @@
 //! - `groups`: `_id` group id; name, owner, created_ms.
 //! - `group_members`: `_id` `group\0user`; group, user, role. Indexes
 //!   `{group: 1, user: 1}` and `{user: 1, group: 1}`.
+//! - `persist_offsets`: `_id` `topic\0partition`; topic, part, next_offset
+//!   (how far the persist worker got in each partition of the message topic).
 //!
 //! Bodies are stored as JSON text (as in PostgreSQL) so they round-trip
 //! exactly. Unsigned numbers are stored as Int64; values above `i64::MAX`
@@ -52,7 +54,9 @@
 //! [`DurableLog::upsert_records`] never uses a transaction: it is idempotent
 //! by design (counters with `$max`, unordered inserts whose duplicate-key
 //! failures mean "already stored", member index by insert-if-missing), so
-//! a redelivered batch repairs whatever a crash left half done.
+//! a redelivered batch repairs whatever a crash left half done. Its
+//! partition offsets are written after the records, so a crash between the
+//! two only redelivers records that are already stored.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -66,7 +70,7 @@ use mongodb::{Client, ClientSession, Collection, Cursor, Database, IndexModel};
 
 use crate::{
     now_ms, AccountStore, Appended, DurableLog, FriendState, Group, GroupStore, Message, MessageStore, NewMessage,
-    RequestOutcome, Result, Role, SequencedRecord, Session, SocialStore, StorageError, User,
+    PartitionOffset, RequestOutcome, Result, Role, SequencedRecord, Session, SocialStore, StorageError, User,
 };
 
 /// MongoDB's error code for a unique index violation.
@@ -94,8 +98,21 @@ const ACKS: &str = "acks";
 const READS: &str = "reads";
 const GROUPS: &str = "groups";
 const GROUP_MEMBERS: &str = "group_members";
-const COLLECTIONS: [&str; 11] =
-    [USERS, SESSIONS, REFRESH_TOKENS, FRIENDS, MESSAGES, CONV_SEQ, USER_CONVS, ACKS, READS, GROUPS, GROUP_MEMBERS];
+const PERSIST_OFFSETS: &str = "persist_offsets";
+const COLLECTIONS: [&str; 12] = [
+    USERS,
+    SESSIONS,
+    REFRESH_TOKENS,
+    FRIENDS,
+    MESSAGES,
+    CONV_SEQ,
+    USER_CONVS,
+    ACKS,
+    READS,
+    GROUPS,
+    GROUP_MEMBERS,
+    PERSIST_OFFSETS,
+];
 
 impl From<mongodb::error::Error> for StorageError {
     fn from(e: mongodb::error::Error) -> Self {
@@ -485,6 +502,7 @@ pub struct MongoStore {
     reads: Collection<Document>,
     groups: Collection<Document>,
     group_members: Collection<Document>,
+    persist_offsets: Collection<Document>,
     transactions: bool,
 }
 
@@ -526,6 +544,7 @@ impl MongoStore {
             reads: coll(READS),
             groups: coll(GROUPS),
             group_members: coll(GROUP_MEMBERS),
+            persist_offsets: coll(PERSIST_OFFSETS),
             client,
             db,
             transactions,
@@ -1014,7 +1033,34 @@ impl MongoStore {
 
 #[async_trait]
 impl DurableLog for MongoStore {
-    async fn upsert_records(&self, records: &[SequencedRecord]) -> Result<u64> {
+    async fn upsert_records_at(&self, records: &[SequencedRecord], offsets: &[PartitionOffset]) -> Result<u64> {
+        let inserted = self.upsert_records_only(records).await?;
+        // After the records (see the module docs); the last offset given
+        // for a partition wins.
+        for o in offsets {
+            let part = o.partition.to_string();
+            let filter = doc! { "_id": key(&[o.topic.as_str(), part.as_str()]) };
+            let update = doc! { "$set": { "topic": &o.topic, "part": o.partition, "next_offset": o.next_offset } };
+            self.persist_offsets.update_one(filter, update).upsert(true).await?;
+        }
+        Ok(inserted)
+    }
+
+    async fn partition_offsets(&self, topic: &str) -> Result<HashMap<i32, i64>> {
+        let found = collect(self.persist_offsets.find(doc! { "topic": topic }).await?).await?;
+        found
+            .iter()
+            .map(|d| match (d.get("part"), d.get("next_offset")) {
+                (Some(Bson::Int32(p)), Some(Bson::Int64(n))) => Ok((*p, *n)),
+                other => Err(corrupt(format_args!("persist offset {d}: {other:?}"))),
+            })
+            .collect()
+    }
+}
+
+impl MongoStore {
+    /// The record upserts of [`DurableLog::upsert_records`].
+    async fn upsert_records_only(&self, records: &[SequencedRecord]) -> Result<u64> {
         if records.is_empty() {
             return Ok(0);
         }

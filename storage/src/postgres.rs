@@ -5,6 +5,13 @@
 //! conversation serialises its appends) and transaction-scoped advisory
 //! locks (schema creation, one friend pair's relation).
 //!
+//! For the persist worker it also keeps how far the worker got in each
+//! partition of the message topic (`persist_offsets`, written in the same
+//! transaction as the records) and hands out [`PartitionLocks`]: session
+//! advisory locks, one per partition, on a dedicated connection each, so
+//! that a worker that dies (even by SIGKILL) releases its partitions as its
+//! connection closes.
+//!
 //! Text keys use the "C" collation so that orderings (relations by the other
 //! user's name, conversations of a user) are byte order, as in redb.
 //! Unsigned numbers are stored as BIGINT; values above `i64::MAX` (never
@@ -18,8 +25,9 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, Recycli
 use tokio_postgres::{NoTls, Row};
 
 use crate::{
-    now_ms, AccountStore, Appended, DurableLog, FriendState, Group, GroupStore, Message, MessageStore, NewMessage,
-    RequestOutcome, Result, Role, SequencedRecord, Session, SocialStore, StorageError, User,
+    now_ms, AccountStore, Appended, DurableLog, FriendState, Group, GroupStore, LockSession, Message, MessageStore,
+    NewMessage, PartitionLocks, PartitionOffset, RequestOutcome, Result, Role, SequencedRecord, Session, SocialStore,
+    StorageError, User,
 };
 
 /// Key of the advisory lock taken while creating the schema ("sbschema").
@@ -27,6 +35,10 @@ const SCHEMA_LOCK: i64 = 0x7362_7363_6865_6d61;
 /// Class (first key) of the advisory locks that serialise changes to one
 /// friend pair; the second key is a hash of the pair.
 const PAIR_LOCK_CLASS: i32 = 0x7362_6672; // "sbfr"
+/// How often a lock session's connection is probed by TCP keepalives (both
+/// ends), so that the locks of a worker that vanished without closing its
+/// connection (host down, network cut) are released within about a minute.
+const LOCK_KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS users (
@@ -104,13 +116,23 @@ CREATE TABLE IF NOT EXISTS group_members (
     PRIMARY KEY (group_id, username)
 );
 CREATE INDEX IF NOT EXISTS group_members_username ON group_members (username);
+CREATE TABLE IF NOT EXISTS persist_offsets (
+    topic TEXT COLLATE "C" NOT NULL,
+    part INT NOT NULL,
+    next_offset BIGINT NOT NULL,
+    PRIMARY KEY (topic, part)
+);
 "#;
 
 const MESSAGE_COLS: &str = "conv, seq, mid, from_user, cmid, type, body, ts";
 
 impl From<tokio_postgres::Error> for StorageError {
     fn from(e: tokio_postgres::Error) -> Self {
-        StorageError::Postgres(e.to_string())
+        // The server's own message: the error's Display says only "db error".
+        match e.as_db_error() {
+            Some(db) => StorageError::Postgres(format!("{} ({})", db.message(), db.code().code())),
+            None => StorageError::Postgres(e.to_string()),
+        }
     }
 }
 
@@ -196,10 +218,27 @@ fn pair_key(a: &str, b: &str) -> i32 {
     h as i32
 }
 
+/// The key of the session advisory lock owning `partition` of `topic`: a
+/// stable 64-bit hash (FNV-1a). Single-key locks never collide with the
+/// two-key friend pair locks (PostgreSQL keeps the two kinds apart). In
+/// `pg_locks` the key shows as `classid` (high 32 bits) and `objid` (low 32
+/// bits) with `objsubid` 1: who holds a partition, for operators and tests.
+pub fn partition_lock_key(topic: &str, partition: i32) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let key = format!("switchboard-persist\0{topic}\0{partition}");
+    for byte in key.bytes() {
+        h ^= u64::from(byte);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h as i64
+}
+
 /// All stores over one PostgreSQL database. Cheap to clone (shares the pool).
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
+    /// Where the pool connects, for connections of their own (lock sessions).
+    config: tokio_postgres::Config,
 }
 
 impl PgStore {
@@ -212,12 +251,13 @@ impl PgStore {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
         }
-        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager =
+            Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(pool_size.max(1))
             .build()
             .map_err(|e| StorageError::Postgres(format!("pool: {e}")))?;
-        let store = PgStore { pool };
+        let store = PgStore { pool, config };
         store.create_schema().await?;
         Ok(store)
     }
@@ -752,7 +792,86 @@ impl<'a> Columns<'a> {
 
 #[async_trait]
 impl DurableLog for PgStore {
-    async fn upsert_records(&self, records: &[SequencedRecord]) -> Result<u64> {
+    async fn upsert_records_at(&self, records: &[SequencedRecord], offsets: &[PartitionOffset]) -> Result<u64> {
+        if records.is_empty() && offsets.is_empty() {
+            return Ok(0);
+        }
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        let inserted = Self::upsert_in(&tx, records).await?;
+        if !offsets.is_empty() {
+            let topics: Vec<&str> = offsets.iter().map(|o| o.topic.as_str()).collect();
+            let parts: Vec<i32> = offsets.iter().map(|o| o.partition).collect();
+            let nexts: Vec<i64> = offsets.iter().map(|o| o.next_offset).collect();
+            // The last offset given for a partition wins (DISTINCT ON keeps
+            // the first row of each key in the inner order).
+            let st = tx
+                .prepare_cached(
+                    r#"INSERT INTO persist_offsets (topic, part, next_offset)
+                       SELECT DISTINCT ON (topic, part) topic, part, next_offset
+                       FROM unnest($1::text[], $2::int4[], $3::int8[]) WITH ORDINALITY AS o(topic, part, next_offset, i)
+                       ORDER BY topic, part, i DESC
+                       ON CONFLICT (topic, part) DO UPDATE SET next_offset = EXCLUDED.next_offset"#,
+                )
+                .await?;
+            tx.execute(&st, &[&topics, &parts, &nexts]).await?;
+        }
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
+    async fn partition_offsets(&self, topic: &str) -> Result<HashMap<i32, i64>> {
+        let c = self.client().await?;
+        let st = c.prepare_cached("SELECT part, next_offset FROM persist_offsets WHERE topic = $1").await?;
+        c.query(&st, &[&topic]).await?.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
+    }
+}
+
+/// A lock session of the persist worker: one connection of its own,
+/// holding session advisory locks until it closes.
+struct PgLockSession {
+    client: tokio_postgres::Client,
+}
+
+#[async_trait]
+impl PartitionLocks for PgStore {
+    async fn lock_session(&self) -> Result<Box<dyn LockSession>> {
+        let mut config = self.config.clone();
+        config.application_name("switchboard-persist-locks").keepalives(true).keepalives_idle(LOCK_KEEPALIVE_IDLE);
+        let (client, connection) = config.connect(NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(error = %e, "persist lock session connection failed");
+            }
+        });
+        // The server side probes too, so a vanished worker's locks go.
+        let idle = LOCK_KEEPALIVE_IDLE.as_secs();
+        client
+            .batch_execute(&format!(
+                "SET tcp_keepalives_idle = {idle}; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3"
+            ))
+            .await?;
+        Ok(Box::new(PgLockSession { client }))
+    }
+}
+
+#[async_trait]
+impl LockSession for PgLockSession {
+    async fn try_lock(&mut self, topic: &str, partition: i32) -> Result<bool> {
+        // Taking a lock this session already holds succeeds again (and
+        // stacks, which is harmless: the session never unlocks by hand).
+        let key = partition_lock_key(topic, partition);
+        Ok(self.client.query_one("SELECT pg_try_advisory_lock($1)", &[&key]).await?.try_get(0)?)
+    }
+
+    fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+}
+
+impl PgStore {
+    /// The record upserts of [`DurableLog::upsert_records`] inside `tx`.
+    async fn upsert_in(tx: &deadpool_postgres::Transaction<'_>, records: &[SequencedRecord]) -> Result<u64> {
         if records.is_empty() {
             return Ok(0);
         }
@@ -779,8 +898,6 @@ impl DurableLog for PgStore {
         for m in recalls.values() {
             recalled.push(m)?;
         }
-        let mut c = self.client().await?;
-        let tx = c.transaction().await?;
         // Same lock order as `append` (counter rows first, in conv order;
         // then messages; then the member index), so that batches and appends
         // never deadlock each other.
@@ -793,7 +910,7 @@ impl DurableLog for PgStore {
             )
             .await?;
         tx.execute(&st, &[&counters.0, &counters.1]).await?;
-        let mut inserted = plain.insert_missing(&tx).await?;
+        let mut inserted = plain.insert_missing(tx).await?;
         if !recalled.convs.is_empty() {
             // Recalls after the originals of the batch: a stored message
             // (however it got there) takes the recalled type and body; a
@@ -808,7 +925,7 @@ impl DurableLog for PgStore {
                 )
                 .await?;
             tx.execute(&st, &[&recalled.convs, &recalled.seqs, &recalled.kinds, &recalled.bodies]).await?;
-            inserted += recalled.insert_missing(&tx).await?;
+            inserted += recalled.insert_missing(tx).await?;
         }
         if !member_users.is_empty() {
             let st = tx
@@ -821,7 +938,6 @@ impl DurableLog for PgStore {
                 .await?;
             tx.execute(&st, &[&member_users, &member_convs]).await?;
         }
-        tx.commit().await?;
         Ok(inserted)
     }
 }
@@ -919,6 +1035,13 @@ mod tests {
     fn pair_key_ignores_order() {
         assert_eq!(pair_key("ann", "bob"), pair_key("bob", "ann"));
         assert_ne!(pair_key("ann", "bob"), pair_key("annb", "ob"));
+    }
+
+    #[test]
+    fn partition_lock_keys_differ() {
+        assert_eq!(partition_lock_key("sb.messages", 0), partition_lock_key("sb.messages", 0));
+        assert_ne!(partition_lock_key("sb.messages", 0), partition_lock_key("sb.messages", 1));
+        assert_ne!(partition_lock_key("a.messages", 0), partition_lock_key("b.messages", 0));
     }
 
     #[test]

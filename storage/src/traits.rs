@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 
 use crate::{
-    AckCursor, Appended, ConnRef, FriendState, Group, Member, Message, NewMessage, ReadCursor, RequestOutcome, Result,
-    Role, SequencedRecord, Session, User,
+    AckCursor, Appended, ConnRef, FriendState, Group, Member, Message, NewMessage, PartitionOffset, ReadCursor,
+    RequestOutcome, Result, Role, SequencedRecord, Session, User,
 };
 
 /// Accounts and sessions.
@@ -125,7 +125,35 @@ pub trait DurableLog: Send + Sync {
     /// its members, and keeps the conversation's last seq and cmid index in
     /// step. Returns how many records were new. Safe to call again with the
     /// same batch (redelivery after a crash).
-    async fn upsert_records(&self, records: &[SequencedRecord]) -> Result<u64>;
+    async fn upsert_records(&self, records: &[SequencedRecord]) -> Result<u64> {
+        self.upsert_records_at(records, &[]).await
+    }
+    /// [`DurableLog::upsert_records`], and records how far the reader got
+    /// in each partition of `offsets` (replacing what was stored for it),
+    /// atomically with the records where the backend has transactions.
+    /// Offsets may be given without records (e.g. past undecodable ones).
+    async fn upsert_records_at(&self, records: &[SequencedRecord], offsets: &[PartitionOffset]) -> Result<u64>;
+    /// The stored next offset of each partition of `topic` that has one.
+    async fn partition_offsets(&self, topic: &str) -> Result<HashMap<i32, i64>>;
+}
+
+/// Exclusive ownership of partitions among persist workers: a partition is
+/// owned by the one [`LockSession`] holding its lock.
+#[async_trait]
+pub trait PartitionLocks: Send + Sync {
+    /// A new session; the locks it takes live as long as it does, and are
+    /// released when its owner dies, however it dies.
+    async fn lock_session(&self) -> Result<Box<dyn LockSession>>;
+}
+
+/// One owner's locks (see [`PartitionLocks`]).
+#[async_trait]
+pub trait LockSession: Send {
+    /// Takes the lock of `partition` of `topic` unless another session
+    /// holds it; whether this session holds it now.
+    async fn try_lock(&mut self, topic: &str, partition: i32) -> Result<bool>;
+    /// The session ended (e.g. its connection broke): its locks are gone.
+    fn is_closed(&self) -> bool;
 }
 
 /// Where users are connected right now (user -> connections). Ephemeral by

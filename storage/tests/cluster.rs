@@ -1,7 +1,8 @@
 //! The cluster backends against real servers started by scripts/services.sh:
 //! the Redis route table and registry, and the whole cluster message path
 //! (Redis seq + Kafka + PostgreSQL) through the same contract suite as every
-//! other message store, then the persist worker end to end.
+//! other message store, then the persist worker end to end, and two persist
+//! workers sharing one topic.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -10,10 +11,10 @@ use std::time::{Duration, Instant};
 use switchboard_storage::cluster::ClusterMessages;
 use switchboard_storage::contract::{self, TestEngines};
 use switchboard_storage::kafka::{ensure_topics, Producer, Topics};
-use switchboard_storage::persist::PersistWorker;
-use switchboard_storage::postgres::PgStore;
+use switchboard_storage::persist::{PersistConfig, PersistStats, PersistWorker};
+use switchboard_storage::postgres::{partition_lock_key, PgStore};
 use switchboard_storage::redis::RedisStore;
-use switchboard_storage::{Member, MessageStore, NewMessage, Registry, RouteTable};
+use switchboard_storage::{Member, Message, MessageStore, NewMessage, Registry, RouteTable, SequencedRecord};
 
 fn env() -> Option<TestEngines> {
     TestEngines::from_env("cluster storage tests")
@@ -91,9 +92,10 @@ async fn cluster_message_path_and_persist_worker() {
         let a = cluster.append(text(&conv, &format!("m{i}")), &members).await.unwrap();
         assert_eq!(a.msg.seq, i);
     }
-    let group = format!("{p}-persist");
     let run_worker = |stop: tokio::sync::oneshot::Receiver<()>| {
-        let worker = PersistWorker::new(&env.brokers, &group, topics.clone(), Arc::new(pg.clone()), 100).unwrap();
+        let config = PersistConfig { max_batch: 100, ..PersistConfig::default() };
+        let pg = Arc::new(pg.clone());
+        let worker = PersistWorker::new(&env.brokers, topics.clone(), pg.clone(), pg, config).unwrap();
         let stats = worker.stats.clone();
         (
             tokio::spawn(async move {
@@ -148,7 +150,7 @@ async fn cluster_message_path_and_persist_worker() {
     producer.send(&topics.messages, &conv, b"{not a record").await.unwrap();
     cluster.append(text(&conv, "m61"), &members).await.unwrap();
 
-    // restarted worker: picks up after its committed offsets, exactly once
+    // restarted worker: picks up after its stored offsets, exactly once
     let (stop, stopped) = tokio::sync::oneshot::channel();
     let (task, stats) = run_worker(stopped);
     assert_eq!(wait_durable(&pg, &conv, 61).await, (1..=61).collect::<Vec<_>>());
@@ -175,4 +177,147 @@ async fn cluster_message_path_and_persist_worker() {
     let old = cluster.append(text(&conv, "m7"), &members).await.unwrap();
     assert!(old.duplicate);
     assert_eq!(old.msg.seq, 7);
+}
+
+/// A record of `conv` at `seq` as the message topic carries it.
+fn record_bytes(conv: &str, seq: u64) -> Vec<u8> {
+    let msg = Message {
+        conv: conv.into(),
+        seq,
+        mid: switchboard_storage::new_mid(1_000 + seq),
+        from: "ann".into(),
+        cmid: format!("k{seq}"),
+        kind: "text".into(),
+        body: serde_json::json!(seq),
+        ts: 1_000 + seq,
+    };
+    serde_json::to_vec(&SequencedRecord { msg, members: vec!["ann".into()], recall: false }).unwrap()
+}
+
+/// A persist worker running in a task of this test.
+struct Worker {
+    stats: Arc<PersistStats>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<switchboard_storage::Result<()>>,
+}
+
+impl Worker {
+    fn start(brokers: &str, topics: &Topics, pg: &PgStore) -> Worker {
+        let config =
+            PersistConfig { max_batch: 100, claim_every: Duration::from_millis(200), ..PersistConfig::default() };
+        let pg = Arc::new(pg.clone());
+        let worker = PersistWorker::new(brokers, topics.clone(), pg.clone(), pg, config).unwrap();
+        let stats = worker.stats.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(worker.run(async {
+            let _ = stopped.await;
+        }));
+        Worker { stats, stop, task }
+    }
+
+    fn partitions(&self) -> u64 {
+        self.stats.partitions.load(Ordering::Relaxed)
+    }
+
+    fn stored(&self) -> u64 {
+        self.stats.stored.load(Ordering::Relaxed)
+    }
+
+    fn records(&self) -> u64 {
+        self.stats.records.load(Ordering::Relaxed)
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The server process holding the lock of `partition` of `topic`.
+async fn lock_holder(admin: &tokio_postgres::Client, topic: &str, partition: i32) -> Option<i32> {
+    let key = partition_lock_key(topic, partition) as u64;
+    let (hi, lo) = ((key >> 32) as i64, (key & 0xffff_ffff) as i64);
+    let row = admin
+        .query_opt(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1 \
+             AND classid::int8 = $1 AND objid::int8 = $2",
+            &[&hi, &lo],
+        )
+        .await
+        .unwrap();
+    row.map(|r| r.get(0))
+}
+
+/// Two workers on one topic: the first owns every partition and the second
+/// none (no record is stored twice over); when the first stops, the second
+/// takes every partition over; when the server ends its lock session, it
+/// lets its partitions go, takes them again on a new session and goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persist_workers_own_partitions_exclusively_and_take_over() {
+    let Some(env) = env() else { return };
+    let p = contract::prefix();
+    let topics = Topics::with_prefix(&format!("{p}."));
+    ensure_topics(&env.brokers, &topics).await.unwrap();
+    let producer = Producer::new(&env.brokers, Duration::from_secs(10)).unwrap();
+    let pg = PgStore::connect(&env.pg, 4).await.unwrap();
+    let (admin, conn) = tokio_postgres::connect(&env.pg, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    // conversations over every partition
+    let convs: Vec<String> = (0..8).map(|i| format!("d:{p}ann:{p}b{i}")).collect();
+    let send_round = |seq: u64| {
+        let (producer, topics, convs) = (producer.clone(), topics.clone(), convs.clone());
+        async move {
+            for conv in &convs {
+                producer.send(&topics.messages, conv, &record_bytes(conv, seq)).await.unwrap();
+            }
+        }
+    };
+    let all_stored = |seq: u64| {
+        let (pg, convs) = (pg.clone(), convs.clone());
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            for conv in &convs {
+                assert_eq!(wait_durable(&pg, conv, seq as usize).await, (1..=seq).collect::<Vec<_>>(), "{conv}");
+                assert!(Instant::now() < deadline, "stored too late");
+            }
+        }
+    };
+
+    let a = Worker::start(&env.brokers, &topics, &pg);
+    eventually("the first worker owns every partition", || a.partitions() == 3).await;
+    let b = Worker::start(&env.brokers, &topics, &pg);
+    send_round(1).await;
+    all_stored(1).await;
+    tokio::time::sleep(Duration::from_millis(600)).await; // a few claim rounds of the second worker
+    assert_eq!((a.partitions(), b.partitions()), (3, 0), "a partition has one owner");
+    assert_eq!((a.stored(), b.stored()), (8, 0));
+
+    a.stop().await;
+    eventually("the second worker takes over", || b.partitions() == 3).await;
+    send_round(2).await;
+    all_stored(2).await;
+    assert_eq!((b.records(), b.stored()), (8, 8), "the new owner reads on from the stored offsets");
+
+    // the server ends the second worker's lock session
+    let holder = lock_holder(&admin, &topics.messages, 0).await.expect("partition 0 is held");
+    admin.execute("SELECT pg_terminate_backend($1)", &[&holder]).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match lock_holder(&admin, &topics.messages, 0).await {
+            Some(pid) if pid != holder && b.partitions() == 3 => break,
+            _ => assert!(Instant::now() < deadline, "partitions not claimed again on a new session"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    send_round(3).await;
+    all_stored(3).await;
+    b.stop().await;
 }

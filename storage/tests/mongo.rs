@@ -46,6 +46,7 @@ async fn mongodb_meets_the_durable_log_contract() {
     let Some(url) = url("durable log") else { return };
     let store = MongoStore::connect(&url, &scratch_db()).await.unwrap();
     durable_log_contract(&store, &store).await;
+    contract_durable::partition_offsets_contract(&store, &store).await;
     store.drop_database().await.unwrap();
 }
 
@@ -78,6 +79,7 @@ async fn racing_startups_all_create_the_schema() {
             "group_members",
             "groups",
             "messages",
+            "persist_offsets",
             "reads",
             "refresh_tokens",
             "sessions",

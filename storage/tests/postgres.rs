@@ -8,6 +8,7 @@ use std::sync::Arc;
 use switchboard_storage::contract::{self, prefix, run_all};
 use switchboard_storage::contract_durable::{self, durable_log_contract};
 use switchboard_storage::postgres::PgStore;
+use switchboard_storage::PartitionLocks;
 
 fn url(test: &str) -> Option<String> {
     match std::env::var("SB_TEST_POSTGRES_URL") {
@@ -49,6 +50,36 @@ async fn postgres_meets_the_durable_log_contract() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_keeps_partition_offsets() {
+    let Some(url) = url("partition offsets") else { return };
+    let store = PgStore::connect(&url, 2).await.unwrap();
+    contract_durable::partition_offsets_contract(&store, &store).await;
+}
+
+/// A partition lock is held by one session at a time, and the server
+/// releases it when the holder's connection goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_locks_are_exclusive_and_die_with_their_session() {
+    let Some(url) = url("partition locks") else { return };
+    let store = PgStore::connect(&url, 2).await.unwrap();
+    let topic = format!("{}.messages", prefix());
+    let (mut a, mut b) = (store.lock_session().await.unwrap(), store.lock_session().await.unwrap());
+    assert!(a.try_lock(&topic, 0).await.unwrap());
+    assert!(a.try_lock(&topic, 0).await.unwrap(), "its holder takes it again");
+    assert!(!b.try_lock(&topic, 0).await.unwrap(), "held by the other session");
+    assert!(b.try_lock(&topic, 1).await.unwrap());
+    assert!(!a.try_lock(&topic, 1).await.unwrap());
+    assert!(b.try_lock(&format!("{topic}2"), 0).await.unwrap(), "locks are per topic");
+    drop(a);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !b.try_lock(&topic, 0).await.unwrap() {
+        assert!(std::time::Instant::now() < deadline, "the lock of a closed session was not released");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(!b.is_closed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_survives_reconnect() {
     let Some(url) = url("restart") else { return };
     contract::data_survives_reconnect(|| PgStore::connect(&url, 2)).await;
@@ -68,7 +99,7 @@ async fn racing_startups_both_create_the_schema() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(tables, 11, "every table is created in the scratch schema");
+    assert_eq!(tables, 12, "every table is created in the scratch schema");
     contract::fresh_stores_share_data(&a, &b, &c).await;
     drop((a, b, c));
     admin.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.unwrap();

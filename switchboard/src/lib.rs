@@ -20,7 +20,7 @@ use switchboard_storage::cluster::ClusterMessages;
 use switchboard_storage::embedded::EmbeddedStore;
 use switchboard_storage::kafka::{ensure_topics, Producer, Topics};
 use switchboard_storage::memory_routes::MemoryRoutes;
-use switchboard_storage::persist::{PersistStats, PersistWorker};
+use switchboard_storage::persist::{PersistConfig, PersistStats, PersistWorker};
 use switchboard_storage::postgres::PgStore;
 use switchboard_storage::redis::RedisStore;
 use tokio::net::TcpListener;
@@ -238,10 +238,12 @@ impl GatewayRole {
     }
 }
 
-/// The persist worker role: Kafka -> PostgreSQL.
+/// The persist worker role: Kafka -> PostgreSQL (see
+/// [`switchboard_storage::persist`]).
 pub struct PersistRole {
     pub stats: Arc<PersistStats>,
-    task: Task,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<switchboard_storage::Result<()>>,
 }
 
 impl PersistRole {
@@ -249,29 +251,43 @@ impl PersistRole {
         let Some((_, pg_url, brokers)) = s.cluster()? else {
             anyhow::bail!("persist needs --redis-url, --postgres-url and --kafka-brokers");
         };
-        let pg = PgStore::connect(&pg_url, 4).await.context("connecting to PostgreSQL")?;
+        let pg = Arc::new(PgStore::connect(&pg_url, 4).await.context("connecting to PostgreSQL")?);
         let topics = Topics::with_prefix(&s.topic_prefix());
         ensure_topics(&brokers, &topics).await.context("creating Kafka topics")?;
-        let group = format!("{}persist", s.topic_prefix());
-        let worker = PersistWorker::new(&brokers, &group, topics, Arc::new(pg), s.persist_batch.unwrap_or(500))
-            .context("creating the persist worker")?;
+        let topic = topics.messages.clone();
+        let mut config = PersistConfig::default();
+        config.max_batch = s.persist_batch.unwrap_or(config.max_batch);
+        if let Some(secs) = s.persist_give_up_secs {
+            config.give_up_after = Duration::from_secs(secs);
+        }
+        let worker =
+            PersistWorker::new(&brokers, topics, pg.clone(), pg, config).context("creating the persist worker")?;
         let stats = worker.stats.clone();
-        let task = Task::spawn(|stopped| async move {
-            if let Err(e) = worker
-                .run(async {
-                    let _ = stopped.await;
-                })
-                .await
-            {
-                tracing::error!(error = %e, "persist worker failed");
-            }
-        });
-        tracing::info!(%group, "persist worker running");
-        Ok(Self { stats, task })
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(worker.run(async {
+            let _ = stopped.await;
+        }));
+        tracing::info!(%topic, "persist worker running");
+        Ok(Self { stats, stop, task })
     }
 
-    pub async fn stop(self) {
-        self.task.stop().await;
+    /// Runs until `shutdown` resolves, then stops the worker; or until the
+    /// worker fails, with its error (the process then exits non-zero, for
+    /// its supervisor to restart it).
+    pub async fn run_until(mut self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+        tokio::select! {
+            _ = shutdown => self.stop().await,
+            done = &mut self.task => match done.context("persist worker task")? {
+                Ok(()) => anyhow::bail!("persist worker stopped on its own"),
+                Err(e) => Err(e).context("persist worker failed"),
+            },
+        }
+    }
+
+    /// Stops the worker between two writes; its error if it had failed.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.task.await.context("persist worker task")?.context("persist worker failed")
     }
 }
 

@@ -119,8 +119,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let s = s.with_file(config)?;
             let worker = PersistRole::start(&s).await?;
             println!("switchboard persist: running");
-            shutdown_signal().await;
-            worker.stop().await;
+            worker.run_until(shutdown_signal()).await?;
         }
     }
     Ok(())

@@ -120,6 +120,10 @@ pub struct Settings {
     /// Records the persist worker writes per batch at most.
     #[arg(long, env = "SB_PERSIST_BATCH")]
     pub persist_batch: Option<usize>,
+    /// Seconds the persist worker retries a failing store, broker or lock
+    /// session before it exits non-zero (for its supervisor to restart it); default 60.
+    #[arg(long, env = "SB_PERSIST_GIVE_UP_SECS")]
+    pub persist_give_up_secs: Option<u64>,
     /// Socket requests per second per user (0 disables); default 50.
     #[arg(long, env = "SB_USER_RATE")]
     pub user_rate: Option<f64>,
@@ -167,6 +171,7 @@ impl Settings {
             public_ws, jwt_secret, shards, max_frame_bytes, max_connections, max_outbound_frames, auth_timeout_ms,
             idle_timeout_ms, repush_ms, access_ttl_secs, refresh_ttl_secs, argon2_memory_kib, argon2_iterations,
             redis_url, postgres_url, kafka_brokers, key_prefix, topic_prefix, node_id, advertise_logic, persist_batch,
+            persist_give_up_secs,
             user_rate, user_burst, ip_rate, ip_burst, auth_rate, auth_burst, admin_token, max_group_members,
             ring_timeout_ms, recall_window_ms, max_outbound_bytes, max_link_message_bytes, push_batch_bytes,
             reply_max_bytes, cursor_flush_ms, cluster_secret);
@@ -425,6 +430,17 @@ mod tests {
         std::fs::write(&path, "no_such_option = 1\n").unwrap();
         assert!(Settings::default().with_file(Some(&path)).is_err(), "unknown keys are refused");
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn example_configs_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tuning/config");
+        for role in ["all-in-one", "gateway", "logic", "persist"] {
+            let path = dir.join(format!("{role}.toml"));
+            Settings::default().with_file(Some(&path)).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        }
+        let persist = Settings::default().with_file(Some(&dir.join("persist.toml"))).unwrap();
+        assert_eq!(persist.persist_give_up_secs, Some(60));
     }
 
     #[test]

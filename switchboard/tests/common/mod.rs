@@ -1,6 +1,12 @@
 //! Test client: a tiny HTTP/1.1 client and a WebSocket client speaking the
-//! JSON protocol, both over real sockets, written from docs/protocol.md.
+//! JSON protocol, both over real sockets, written from docs/protocol.md;
+//! role processes of the binary on the real engines ([`procs`]).
 #![allow(dead_code)]
+
+pub mod procs;
+
+#[allow(unused_imports)]
+pub use procs::Proc;
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};

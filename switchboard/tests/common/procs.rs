@@ -1,0 +1,89 @@
+//! Role processes of the `switchboard` binary on the real engines, for the
+//! tests that kill them: each is spawned with the run's key and topic
+//! prefixes, and its first stdout line (which names its addresses) is read.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+
+use switchboard_storage::contract::TestEngines;
+
+/// One role process; its first stdout line names its addresses.
+pub struct Proc {
+    child: Child,
+    line: String,
+}
+
+impl Proc {
+    pub fn spawn(role: &str, e: &TestEngines, prefix: &str, extra: &[&str]) -> Proc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .arg(role)
+            .args(["--redis-url", &e.redis, "--postgres-url", &e.pg, "--kafka-brokers", &e.brokers])
+            .args(["--key-prefix", &format!("{prefix}:"), "--topic-prefix", &format!("{prefix}.")])
+            .args(["--http-addr", "127.0.0.1:0", "--ws-addr", "127.0.0.1:0", "--tcp-addr", "127.0.0.1:0"])
+            .args(["--logic-addr", "127.0.0.1:0", "--push-addr", "127.0.0.1:0"])
+            .args(["--argon2-memory-kib", "1024", "--argon2-iterations", "1", "--repush-ms", "1000"])
+            .args(extra)
+            .env("SB_JWT_SECRET", "cluster-test-jwt-secret-0123456789abcdef")
+            .env("SB_CLUSTER_SECRET", "cluster-test-link-secret-0123456789abcdef")
+            .env("SB_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("role process starts");
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert!(!line.is_empty(), "{role} exited before serving");
+        // The rest (its log) goes on to stderr, tagged, so the process
+        // never writes into a closed pipe.
+        let tag = role.to_owned();
+        std::thread::spawn(move || {
+            for l in out.lines().map_while(std::result::Result::ok) {
+                eprintln!("[{tag}] {l}");
+            }
+        });
+        Proc { child, line }
+    }
+
+    /// The address after `marker` in the start-up line.
+    pub fn addr(&self, marker: &str) -> SocketAddr {
+        let rest = self.line.split(marker).nth(1).unwrap_or_else(|| panic!("{marker} in {}", self.line));
+        rest.split(|c: char| c.is_whitespace() || c == '/').next().unwrap().parse().unwrap()
+    }
+
+    /// A stand-in while a role is restarted (owns no process).
+    pub fn placeholder() -> Proc {
+        let child = Command::new("true").spawn().expect("true runs");
+        Proc { child, line: String::new() }
+    }
+
+    /// The exit status, if the process has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
+    /// SIGKILL, and waits for the process to be gone.
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM; asserts a clean exit.
+    pub fn term(mut self) {
+        // SAFETY: a plain syscall on our own child's pid.
+        unsafe { kill(self.child.id() as i32, 15) };
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+}
