@@ -56,10 +56,30 @@ pub(crate) struct Bridge {
 }
 
 impl Bridge {
-    /// Authenticates a token; the result goes back to `shard` as [`ShardMsg::AuthDone`].
+    /// Authenticates a token and, when it is good, registers the connection with logic (route,
+    /// presence) before the result goes back to `shard` as [`ShardMsg::AuthDone`]: by the time
+    /// the client reads `auth.ok`, pushes already find it. A failed registration fails the auth
+    /// (`unavailable`; the client retries).
     pub fn authenticate(&self, shard: &ShardLink, conn_id: u64, rid: Option<u64>, token: String) {
         let shard = shard.clone();
-        self.spawn(self.link.authenticate(token), move |result| {
+        let (link, gateway) = (self.link.clone(), self.advertise.clone());
+        let auth = self.link.authenticate(token);
+        self.rt.spawn(async move {
+            let mut result = auth.await;
+            if let Ok(r) = &result {
+                if r.ok {
+                    let ev = ConnEvent {
+                        gateway: gateway.to_string(),
+                        conn_id,
+                        user: r.user.clone(),
+                        session: r.session.clone(),
+                        device: r.device.clone(),
+                    };
+                    if let Err(e) = link.connected(ev).await {
+                        result = Err(format!("registering the connection: {e}"));
+                    }
+                }
+            }
             shard.send(ShardMsg::AuthDone { conn_id, rid, result });
         });
     }

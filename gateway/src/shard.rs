@@ -212,12 +212,18 @@ impl Shard {
 
     fn on_msg(&mut self, msg: ShardMsg) {
         match msg {
-            ShardMsg::AuthDone { conn_id, rid, result } => {
-                if let Some(key) = self.lookup(conn_id) {
+            ShardMsg::AuthDone { conn_id, rid, result } => match self.lookup(conn_id) {
+                Some(key) => {
                     self.conns[key].on_auth_done(rid, result, &mut self.env);
                     self.finish(key);
                 }
-            }
+                // Closed while logic registered it: unregister.
+                None => {
+                    if let Some(r) = result.as_ref().ok().filter(|r| r.ok) {
+                        self.env.bridge.disconnected(Conn::auth_event(&self.env, conn_id, r));
+                    }
+                }
+            },
             ShardMsg::HandleDone { conn_id, rid, result } => {
                 if let Some(key) = self.lookup(conn_id) {
                     self.conns[key].on_handle_done(rid, result, &mut self.env);

@@ -272,6 +272,17 @@ impl Conn {
         }
     }
 
+    /// The event naming a connection that `reply` authenticated.
+    pub fn auth_event(env: &Env, conn_id: u64, reply: &AuthReply) -> ConnEvent {
+        ConnEvent {
+            gateway: env.bridge.advertise.to_string(),
+            conn_id,
+            user: reply.user.clone(),
+            session: reply.session.clone(),
+            device: reply.device.clone(),
+        }
+    }
+
     fn conn_event(&self, env: &Env) -> Option<ConnEvent> {
         match &self.auth {
             Auth::Done(id) => Some(ConnEvent {
@@ -395,6 +406,12 @@ impl Conn {
     /// Result of `Logic.Authenticate`.
     pub fn on_auth_done(&mut self, rid: Option<u64>, result: Result<AuthReply, String>, env: &mut Env) {
         if self.closing || !matches!(self.auth, Auth::Pending) {
+            // Registered meanwhile but no longer wanted: unregister.
+            if let Ok(r) = &result {
+                if r.ok {
+                    env.bridge.disconnected(Conn::auth_event(env, self.id, r));
+                }
+            }
             return;
         }
         self.inflight = false;
@@ -403,10 +420,8 @@ impl Conn {
                 self.rearm(env, self.last_activity + env.cfg.idle_timeout, TimerKind::Idle);
                 self.queue_json(frame::auth_ok(rid, &r.user, &r.session, frame::now_ms()), env);
                 tracing::debug!(conn = self.id, user = %r.user, "authenticated");
+                // Logic registered the connection before answering (see `Bridge::authenticate`).
                 self.auth = Auth::Done(Box::new(Identity { user: r.user, session: r.session, device: r.device }));
-                if let Some(ev) = self.conn_event(env) {
-                    env.bridge.connected(ev);
-                }
                 self.pump(env);
             }
             Ok(r) => {
