@@ -2,6 +2,7 @@
 //! mailboxes.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::Sender;
@@ -26,23 +27,37 @@ pub(crate) enum ShardMsg {
     Shutdown,
 }
 
-/// A shard's mailbox: channel plus the waker of its poll loop.
+/// A shard's mailbox: channel plus the waker of its poll loop. Wake-ups are coalesced: a
+/// sender wakes the shard only if no wake-up is pending since the shard last emptied its mailbox
+/// (one eventfd write per batch of messages, not per message).
 #[derive(Clone)]
 pub(crate) struct ShardLink {
     pub tx: Sender<ShardMsg>,
     pub waker: Arc<Waker>,
+    pub woken: Arc<AtomicBool>,
 }
 
 impl ShardLink {
+    pub fn new(tx: Sender<ShardMsg>, waker: Arc<Waker>) -> Self {
+        Self { tx, waker, woken: Arc::new(AtomicBool::new(false)) }
+    }
+
     /// Queues `msg` and wakes the shard; false if the shard is gone.
     pub fn send(&self, msg: ShardMsg) -> bool {
         if self.tx.send(msg).is_err() {
             return false;
         }
-        if let Err(e) = self.waker.wake() {
-            tracing::warn!(error = %e, "failed to wake shard");
+        if !self.woken.swap(true, Ordering::AcqRel) {
+            if let Err(e) = self.waker.wake() {
+                tracing::warn!(error = %e, "failed to wake shard");
+            }
         }
         true
+    }
+
+    /// The shard is about to empty its mailbox: later messages must wake it again.
+    pub fn rearm(&self) {
+        self.woken.store(false, Ordering::Release);
     }
 }
 

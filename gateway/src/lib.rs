@@ -265,7 +265,7 @@ impl Gateway {
             let poll = Poll::new()?;
             let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
             let (tx, rx) = crossbeam_channel::unbounded();
-            let link = ShardLink { tx, waker };
+            let link = ShardLink::new(tx, waker);
             let env = Env {
                 cfg: cfg.clone(),
                 metrics: metrics.clone(),

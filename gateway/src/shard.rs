@@ -72,6 +72,9 @@ pub(crate) struct Shard {
     gens: GenCounter,
     /// Connection ids still to re-announce to logic.
     reannounce: Vec<u64>,
+    /// Connections touched by mailbox messages, flushed once after the mailbox is empty (one
+    /// write for a reply, pushes and re-pushes that arrived together).
+    dirty: Vec<usize>,
 }
 
 impl Shard {
@@ -97,6 +100,7 @@ impl Shard {
             rx,
             gens: GenCounter::new_boot(),
             reannounce: Vec::new(),
+            dirty: Vec::new(),
         })
     }
 
@@ -131,6 +135,7 @@ impl Shard {
                     }
                 }
             }
+            self.env.link.rearm();
             while let Ok(msg) = self.rx.try_recv() {
                 if let ShardMsg::Shutdown = msg {
                     if drain_deadline.is_none() {
@@ -141,6 +146,7 @@ impl Shard {
                     self.on_msg(msg);
                 }
             }
+            self.flush_dirty();
             self.reannounce_some();
             self.env.wheel.advance(self.env.now, &mut fired);
             for t in fired.drain(..) {
@@ -215,7 +221,7 @@ impl Shard {
             ShardMsg::AuthDone { conn_id, rid, result } => match self.lookup(conn_id) {
                 Some(key) => {
                     self.conns[key].on_auth_done(rid, result, &mut self.env);
-                    self.finish(key);
+                    self.dirty.push(key);
                 }
                 // Closed while logic registered it: unregister.
                 None => {
@@ -227,30 +233,24 @@ impl Shard {
             ShardMsg::HandleDone { conn_id, rid, result } => {
                 if let Some(key) = self.lookup(conn_id) {
                     self.conns[key].on_handle_done(rid, result, &mut self.env);
-                    self.finish(key);
+                    self.dirty.push(key);
                 }
             }
             ShardMsg::Push { deliveries, reply } => {
                 let mut gone = Vec::new();
-                let mut touched = Vec::new();
                 for d in &deliveries {
                     // The frame is encoded once per wire for all of its targets.
                     let mut encoded = Encoded::default();
                     for t in &d.targets {
                         match self.lookup(t.conn_id) {
                             Some(key) if self.conns[key].on_push(d, &t.user, &mut encoded, &mut self.env) => {
-                                if touched.last() != Some(&key) {
-                                    touched.push(key);
+                                if self.dirty.last() != Some(&key) {
+                                    self.dirty.push(key);
                                 }
                             }
                             _ => gone.push(t.conn_id),
                         }
                     }
-                }
-                touched.sort_unstable();
-                touched.dedup();
-                for key in touched {
-                    self.finish(key);
                 }
                 let _ = reply.send(gone);
             }
@@ -260,6 +260,17 @@ impl Shard {
             }
             ShardMsg::Shutdown => self.start_drain(),
         }
+    }
+
+    /// Writes out (and settles) every connection the mailbox touched.
+    fn flush_dirty(&mut self) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        dirty.sort_unstable();
+        dirty.dedup();
+        for key in dirty.drain(..) {
+            self.finish(key);
+        }
+        self.dirty = dirty;
     }
 
     /// Re-announces the next few connections of a pending re-announce.
