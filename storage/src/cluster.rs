@@ -3,16 +3,74 @@
 //! acknowledged once the broker has the record), reads from the durable
 //! store merged with Redis' recent-message cache so an acknowledged message
 //! is visible before the persist worker has written it.
+//!
+//! A send reserves its seq together with the whole message in one Redis
+//! step, publishes it, then marks it done (and caches it) in another. An
+//! instance that dies between the two leaves a pending reservation: a retry
+//! of the same cmid publishes exactly the reserved message and completes it;
+//! if nobody does within a timeout, a sweeper claims the seq and publishes a
+//! **void** record for it ([`void_message`]), so the conversation never keeps
+//! a hole. The persist worker stores the first record of a (conv, seq) in
+//! the conversation's partition and skips later ones, so a void never
+//! replaces a message the broker had before it; a claim for a void makes
+//! the later completion of that reservation fail, so no attempt reports a
+//! seq as sent that may end up void. A retry that meets a voided seq
+//! reads from the durable store which record won: its message (then it is
+//! sent, at that seq) or the void (then it gets a fresh seq).
 
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
 use crate::kafka::{Producer, Topics};
-use crate::redis::{Alloc, RedisStore};
+use crate::redis::{Alloc, CmidRecord, CmidState, Completion, RedisStore};
 use crate::{now_ms, Appended, Message, MessageStore, NewMessage, Result, SequencedRecord, StorageError};
+
+/// The `type` of a void record: a seq that will never hold a message.
+pub const VOID: &str = "void";
+
+/// How long a retry that meets a voided seq waits for the durable store to
+/// show which record of that seq won (then it answers `Busy`). Logic holds
+/// the conversation's order lock meanwhile, so this stays short; it only
+/// happens to a retry later than the void timeout.
+const RESOLVE_WAIT: Duration = Duration::from_secs(3);
+/// Rounds of allocation an append goes through before giving up (each
+/// round ends in success or in a changed cmid record).
+const ROUNDS: usize = 6;
+/// Overdue reservations one sweep looks at.
+const SWEEP_BATCH: usize = 500;
+
+/// The void record of `seq` in `conv`: `type` "void", empty body and
+/// sender, `cmid` "void:<seq>" (unique, so it never collides with a
+/// client's cmid in the durable store's cmid index), and the `ts` reserved
+/// with the seq (so ts stays monotonic in seq order).
+pub fn void_message(conv: &str, seq: u64, ts: u64) -> Message {
+    Message {
+        conv: conv.to_owned(),
+        mid: format!("{ts:011x}{seq:016x}"),
+        seq,
+        from: String::new(),
+        cmid: format!("void:{seq}"),
+        kind: VOID.to_owned(),
+        body: serde_json::Value::String(String::new()),
+        ts,
+    }
+}
+
+/// Where [`ClusterMessages::append_then_crash`] stops, as a logic instance
+/// killed with SIGKILL mid-send would.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// The seq is reserved (with the message); nothing was published.
+    AfterReserve,
+    /// The broker acknowledged the message; Redis still says pending.
+    AfterPublish,
+}
 
 pub struct ClusterMessages {
     redis: RedisStore,
@@ -31,6 +89,10 @@ impl ClusterMessages {
         self.producer.send(&self.topics.messages, &msg.conv, &serde_json::to_vec(&record)?).await
     }
 
+    async fn publish_void(&self, conv: &str, seq: u64, ts: u64) -> Result<()> {
+        self.publish(&void_message(conv, seq, ts), &[]).await
+    }
+
     /// One message by seq, from the cache or the durable store.
     async fn get(&self, conv: &str, seq: u64) -> Result<Option<Message>> {
         let mut cached = None;
@@ -40,6 +102,10 @@ impl ClusterMessages {
         if cached.is_some() {
             return Ok(cached);
         }
+        self.durable_at(conv, seq).await
+    }
+
+    async fn durable_at(&self, conv: &str, seq: u64) -> Result<Option<Message>> {
         Ok(self.durable.range(conv, seq.saturating_sub(1), 1).await?.into_iter().find(|m| m.seq == seq))
     }
 
@@ -53,6 +119,116 @@ impl ClusterMessages {
         tracing::info!(conv, seq, "seeding seq counter");
         self.redis.seed(conv, seq, ts).await
     }
+
+    /// [`RedisStore::alloc`], seeding a missing counter first.
+    async fn alloc(&self, msg: &NewMessage, replace: Option<&str>) -> Result<Alloc> {
+        for _ in 0..3 {
+            match self.redis.alloc(msg, now_ms(), replace).await? {
+                Alloc::NoCounter => self.reseed(&msg.conv).await?,
+                known_or_new => return Ok(known_or_new),
+            }
+        }
+        Err(StorageError::Redis(format!("could not seed the seq counter of {}", msg.conv)))
+    }
+
+    /// Publishes a reserved message and completes its reservation; `None`
+    /// when the reservation was claimed for a void (or resolved) meanwhile,
+    /// so this attempt may not report it as sent.
+    async fn deliver(&self, m: Message, members: &[String]) -> Result<Option<Appended>> {
+        self.publish(&m, members).await?;
+        Ok(match self.redis.complete(&m, members).await? {
+            Completion::Done => Some(Appended { msg: m, duplicate: false }),
+            Completion::Already => Some(Appended { msg: m, duplicate: true }),
+            Completion::Void | Completion::Moved => None,
+        })
+    }
+
+    /// The message of a pending reservation without content (written by an
+    /// earlier version): the one that version stashed, else this retry's
+    /// own. `None` when the record changed meanwhile.
+    async fn adopt(&self, msg: &NewMessage, rec: &CmidRecord) -> Result<Option<Message>> {
+        let stashed = self.redis.legacy_stashed(&msg.conv, rec.seq).await?;
+        let own = stashed
+            .filter(|m| m.from == msg.from && m.cmid == msg.cmid)
+            .unwrap_or_else(|| msg.clone().stored_as(rec.seq, rec.ts));
+        let now = self.redis.adopt(rec, &own, now_ms()).await?;
+        Ok(now.filter(|r| r.seq == rec.seq && r.state == CmidState::Pending).and_then(|r| r.message()))
+    }
+
+    /// A retry met a voided seq: which record of it did the durable store
+    /// keep? Its message: sent, at that seq (`Some`). The void: `None`, the
+    /// cmid needs a fresh seq.
+    async fn resolve_void(&self, msg: &NewMessage, rec: &CmidRecord) -> Result<Option<Appended>> {
+        // The sweeper that claimed the seq may have died before publishing
+        // the void: publish it (again; only the first record counts).
+        self.publish_void(&msg.conv, rec.seq, rec.ts).await?;
+        let deadline = Instant::now() + RESOLVE_WAIT;
+        loop {
+            if let Some(m) = self.durable_at(&msg.conv, rec.seq).await? {
+                if m.kind == VOID && m.from.is_empty() {
+                    return Ok(None);
+                }
+                if m.from != msg.from || m.cmid != msg.cmid {
+                    return Err(StorageError::Corrupt(format!("{}#{} holds another cmid", msg.conv, rec.seq)));
+                }
+                let first = self.redis.void_lost(rec, &m).await?;
+                return Ok(Some(Appended { msg: m, duplicate: !first }));
+            }
+            if Instant::now() >= deadline {
+                return Err(StorageError::Busy(format!("{}#{} is being voided", msg.conv, rec.seq)));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Voids every seq reserved more than `after` ago that no attempt has
+    /// completed: claims it (from then on no attempt can complete it) and
+    /// publishes its void record. Safe to run on every logic instance at
+    /// once. Returns how many voids this call published.
+    pub async fn sweep(&self, after: Duration) -> Result<usize> {
+        let now = now_ms();
+        let cutoff = now.saturating_sub(after.as_millis() as u64);
+        let mut voided = 0;
+        for key in self.redis.overdue(cutoff, SWEEP_BATCH).await? {
+            let Some(rec) = self.redis.claim_void(&key, cutoff, now).await? else { continue };
+            let Some(conv) = rec.conv() else { continue };
+            tracing::warn!(conv, seq = rec.seq, "voiding a seq that no send completed");
+            self.publish_void(conv, rec.seq, rec.ts).await?;
+            self.redis.void_published(&key, &rec).await?;
+            voided += 1;
+        }
+        Ok(voided)
+    }
+
+    /// Runs [`ClusterMessages::sweep`] every quarter of `after` (between
+    /// 100 ms and 5 s) until `stop` resolves.
+    pub async fn run_sweeper(&self, after: Duration, stop: impl Future<Output = ()>) {
+        let period = (after / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = tokio::time::sleep(period) => {}
+            }
+            if let Err(e) = self.sweep(after).await {
+                tracing::warn!(error = %e, "voiding overdue seqs failed");
+            }
+        }
+    }
+
+    /// Test support: goes through a send of a new cmid as far as `at`, then
+    /// stops as a process killed there would. Returns the reserved message.
+    #[doc(hidden)]
+    pub async fn append_then_crash(&self, msg: NewMessage, members: &[String], at: CrashPoint) -> Result<Message> {
+        let Alloc::New(rec) = self.alloc(&msg, None).await? else {
+            return Err(StorageError::Corrupt(format!("cmid {} is known already", msg.cmid)));
+        };
+        let m = rec.message().ok_or_else(|| StorageError::Corrupt("a new reservation without content".into()))?;
+        if at == CrashPoint::AfterPublish {
+            self.publish(&m, members).await?;
+        }
+        Ok(m)
+    }
 }
 
 #[async_trait]
@@ -64,46 +240,54 @@ impl MessageStore for ClusterMessages {
             self.redis.remember_cmid(&m).await?;
             return Ok(Appended { msg: m, duplicate: true });
         }
-        for _ in 0..3 {
-            match self.redis.alloc(&msg.conv, &msg.from, &msg.cmid, now_ms()).await? {
-                Alloc::NoCounter => self.reseed(&msg.conv).await?,
-                Alloc::New { seq, ts } => {
-                    let m = msg.stored_as(seq, ts);
-                    self.redis.stash(&m).await?;
-                    self.publish(&m, members).await?;
-                    self.redis.cache(&m, members).await?;
-                    self.redis.mark_done(&m).await?;
-                    return Ok(Appended { msg: m, duplicate: false });
+        // A voided record this append may replace by a fresh reservation.
+        let mut replace: Option<String> = None;
+        for _ in 0..ROUNDS {
+            let rec = match self.alloc(&msg, replace.as_deref()).await? {
+                Alloc::New(rec) => {
+                    let m = rec.message().ok_or_else(|| StorageError::Corrupt("reserved without content".into()))?;
+                    match self.deliver(m, members).await? {
+                        Some(a) => return Ok(a),
+                        None => continue,
+                    }
                 }
-                Alloc::Known { seq, done: true, .. } => {
-                    let Some(m) = self.get(&msg.conv, seq).await? else {
-                        return Err(StorageError::Corrupt(format!("cmid of {}#{seq} has no message", msg.conv)));
+                Alloc::Known(rec) => rec,
+                Alloc::NoCounter => continue,
+            };
+            match rec.state {
+                CmidState::Done => {
+                    let Some(m) = self.get(&msg.conv, rec.seq).await? else {
+                        return Err(StorageError::Corrupt(format!("cmid of {}#{} has no message", msg.conv, rec.seq)));
                     };
                     return Ok(Appended { msg: m, duplicate: true });
                 }
-                Alloc::Known { seq, done: false, .. } => {
-                    // An earlier attempt allocated the seq but has no broker
-                    // ack (yet): publish the same message (the store dedupes).
-                    let Some(m) = self.redis.stashed(&msg.conv, seq).await? else {
-                        // the first attempt finished meanwhile
-                        return match self.get(&msg.conv, seq).await? {
-                            Some(m) => Ok(Appended { msg: m, duplicate: true }),
-                            None => Err(StorageError::Corrupt(format!("pending {}#{seq} was not stashed", msg.conv))),
-                        };
+                CmidState::Pending => {
+                    // An earlier attempt reserved the seq but has no broker
+                    // ack (yet): publish the same message (the store
+                    // dedupes by (conv, seq)).
+                    tracing::warn!(conv = msg.conv, seq = rec.seq, "completing a seq an earlier attempt reserved");
+                    let m = match rec.message() {
+                        Some(m) => Some(m),
+                        None => self.adopt(&msg, &rec).await?,
                     };
-                    self.publish(&m, members).await?;
-                    self.redis.cache(&m, members).await?;
-                    self.redis.mark_done(&m).await?;
-                    return Ok(Appended { msg: m, duplicate: false });
+                    if let Some(m) = m {
+                        if let Some(a) = self.deliver(m, members).await? {
+                            return Ok(a);
+                        }
+                    }
                 }
+                CmidState::Void => match self.resolve_void(&msg, &rec).await? {
+                    Some(a) => return Ok(a),
+                    None => replace = Some(rec.raw().to_owned()),
+                },
             }
         }
-        Err(StorageError::Redis(format!("could not seed the seq counter of {}", msg.conv)))
+        Err(StorageError::Busy(format!("the send of cmid {} in {} did not settle", msg.cmid, msg.conv)))
     }
 
     async fn find_cmid(&self, conv: &str, from: &str, cmid: &str) -> Result<Option<Message>> {
-        if let Some((seq, _, true)) = self.redis.cmid(conv, from, cmid).await? {
-            if let Some(m) = self.get(conv, seq).await? {
+        if let Some(rec) = self.redis.cmid(conv, from, cmid).await?.filter(|r| r.state == CmidState::Done) {
+            if let Some(m) = self.get(conv, rec.seq).await? {
                 return Ok(Some(m));
             }
         }
@@ -197,6 +381,10 @@ impl MessageStore for ClusterMessages {
 
     async fn recall(&self, conv: &str, seq: u64) -> Result<Option<Message>> {
         let Some(m) = self.get(conv, seq).await? else { return Ok(None) };
+        if m.kind == VOID {
+            // a void holds no message to recall
+            return Ok(None);
+        }
         let recalled = crate::recalled_form(m);
         // Keyed by conv like the original, so the persist worker applies it
         // after the original; it stores the recalled form either way.

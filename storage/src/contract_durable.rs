@@ -107,6 +107,44 @@ pub async fn durable_log_contract(log: &dyn DurableLog, messages: &dyn MessageSt
     assert_eq!(seqs(messages.range(&other, 0, 10).await.unwrap()), vec![1, 2, 3]);
 
     recall_records(log, messages).await;
+    first_record_of_a_seq_wins(log, messages).await;
+}
+
+/// Of several records with one (conv, seq), in one batch or in several,
+/// the first is stored and the others skipped: the cluster relies on it to
+/// let a message published before its seq's void win over the void, and the
+/// void over a message published after it.
+async fn first_record_of_a_seq_wins(log: &dyn DurableLog, messages: &dyn MessageStore) {
+    let p = prefix();
+    let a = format!("{p}a");
+    let convs = [format!("d:{a}:{p}v"), format!("d:{a}:{p}w")];
+    let members = std::slice::from_ref(&a);
+    let void_of = |conv: &str, seq: u64| SequencedRecord {
+        msg: crate::cluster::void_message(conv, seq, 1_000 + seq),
+        members: Vec::new(),
+        recall: false,
+    };
+    // two conversations interleaved (as in a partition), seqs descending in
+    // one of them: the batch is far from the store's own order
+    let (mut batch, mut first) = (Vec::new(), vec![Vec::new(), Vec::new()]);
+    for i in 1..=64u64 {
+        for (c, conv) in convs.iter().enumerate() {
+            let seq = if c == 0 { i } else { 65 - i };
+            let (m, v) = (record(conv, seq, &a, &format!("v{seq}"), members), void_of(conv, seq));
+            let pair = if (seq + c as u64).is_multiple_of(3) { [v, m] } else { [m, v] };
+            first[c].push(pair[0].msg.clone());
+            batch.extend(pair);
+        }
+    }
+    first[1].reverse();
+    assert_eq!(log.upsert_records(&batch).await.unwrap(), 128, "one record per seq");
+    for (conv, first) in convs.iter().zip(&first) {
+        assert_eq!(&messages.range(conv, 0, 100).await.unwrap(), first, "the first of each seq in the batch");
+    }
+    // a later batch changes nothing, whichever record it carries
+    let again: Vec<_> = batch.chunks(2).map(|pair| pair[1].clone()).collect();
+    assert_eq!(log.upsert_records(&again).await.unwrap(), 0);
+    assert_eq!(messages.range(&convs[0], 0, 100).await.unwrap(), first[0]);
 }
 
 /// Recall records end recalled whatever their order relative to the

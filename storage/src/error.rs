@@ -16,6 +16,10 @@ pub enum StorageError {
     Mongo(String),
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
+    /// A state that settles by itself (another instance's work in flight,
+    /// the persist worker behind): the same call may succeed later.
+    #[error("not settled yet, retry: {0}")]
+    Busy(String),
     #[error("background task failed: {0}")]
     Task(String),
     /// A retried operation kept failing for longer than allowed.

@@ -1072,6 +1072,9 @@ impl MongoStore {
         let mut members: BTreeSet<(&str, &str)> = BTreeSet::new();
         let mut docs = Vec::with_capacity(records.len());
         let mut recalls: BTreeMap<(&str, u64), &Message> = BTreeMap::new();
+        // Only the first record of a (conv, seq) in the batch, as in the
+        // partition (a void and its seq's message may share a batch).
+        let mut seen = BTreeSet::new();
         for r in records {
             let m = &r.msg;
             let top = tops.entry(m.conv.as_str()).or_default();
@@ -1079,7 +1082,7 @@ impl MongoStore {
             members.extend(r.members.iter().map(|u| (u.as_str(), m.conv.as_str())));
             if r.recall {
                 recalls.insert((m.conv.as_str(), m.seq), m);
-            } else {
+            } else if seen.insert((m.conv.as_str(), m.seq)) {
                 docs.push(message_doc(m)?);
             }
         }

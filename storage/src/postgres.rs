@@ -880,13 +880,18 @@ impl PgStore {
         // One recall per (conv, seq): an UPDATE may touch a row only once.
         let mut recalls: std::collections::BTreeMap<(&str, u64), &Message> = std::collections::BTreeMap::new();
         let (mut member_users, mut member_convs) = (Vec::new(), Vec::new());
+        // Only the first record of a (conv, seq) in the batch, as in the
+        // partition: a later one (a void published after the message, or
+        // the message after its void) is skipped like one of a later batch.
+        // One INSERT does not keep the batch's order among equal keys.
+        let mut seen = std::collections::HashSet::new();
         for r in records {
             let m = &r.msg;
             counters.0.push(m.conv.as_str());
             counters.1.push(int(m.seq));
             if r.recall {
                 recalls.insert((m.conv.as_str(), m.seq), m);
-            } else {
+            } else if seen.insert((m.conv.as_str(), m.seq)) {
                 plain.push(m)?;
             }
             for u in &r.members {

@@ -1,8 +1,11 @@
 //! Redis adapters of the cluster deployment: the route table, the
-//! per-conversation seq counters with the `cmid` index and the
-//! recent-message cache (so a `send.ok`'d message is readable before the
-//! persist worker stores it), conversation membership for `sync`, and the
-//! registry of gateways and logic instances with their reported load.
+//! per-conversation seq counters with the `cmid` index (each cmid record
+//! reserves its seq together with the message's content, so a retry can
+//! always publish the very same message, and pending records are indexed by
+//! age so that a seq nobody completes can be voided), the recent-message
+//! cache (so a `send.ok`'d message is readable before the persist worker
+//! stores it), conversation membership for `sync`, and the registry of
+//! gateways and logic instances with their reported load.
 
 use std::collections::{HashMap, HashSet};
 
@@ -10,7 +13,7 @@ use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 
-use crate::{ConnRef, Member, Message, Registry, Result, RouteTable, StorageError};
+use crate::{ConnRef, Member, Message, NewMessage, Registry, Result, RouteTable, StorageError};
 
 impl From<redis::RedisError> for StorageError {
     fn from(e: redis::RedisError) -> Self {
@@ -25,13 +28,16 @@ const CMID_TTL_SECS: u64 = 7 * 24 * 3600;
 const RECENT_KEEP: isize = 1000;
 const RECENT_TTL_SECS: i64 = 24 * 3600;
 
-/// Allocates the next seq of a conversation unless the cmid is known.
-/// KEYS: cmid, seq counter, last ts. ARGV: now_ms, cmid ttl.
-/// Returns {0, "seq:ts:p"} (new), {1, stored value} (known cmid) or {2, ""}
-/// (no counter: reseed it from the durable store first).
+/// Allocates the next seq of a conversation unless the cmid is known, and
+/// stores the message's content in the cmid record in the same step, so that
+/// no seq is ever reserved without what is needed to publish it.
+/// KEYS: cmid, seq counter, last ts, pending index.
+/// ARGV: now_ms, cmid ttl, content (JSON), a voided record to replace ('' for none).
+/// Returns {0, record} (new), {1, record} (known cmid) or {2, ''} (no
+/// counter: reseed it from the durable store first).
 const ALLOC_SCRIPT: &str = r#"
 local v = redis.call('GET', KEYS[1])
-if v then return {1, v} end
+if v and v ~= ARGV[4] then return {1, v} end
 if redis.call('EXISTS', KEYS[2]) == 0 then return {2, ''} end
 local seq = redis.call('INCR', KEYS[2])
 local now = tonumber(ARGV[1])
@@ -39,30 +45,210 @@ local last = tonumber(redis.call('GET', KEYS[3]) or '0')
 local ts = now
 if last > now then ts = last end
 redis.call('SET', KEYS[3], string.format('%d', ts))
-local val = string.format('%d:%d:p', seq, ts)
+local val = string.format('%d:%d:p:', seq, ts) .. ARGV[3]
 redis.call('SET', KEYS[1], val, 'EX', ARGV[2])
+redis.call('ZADD', KEYS[4], now, KEYS[1])
 return {0, val}
 "#;
 
-/// The answer of [`RedisStore::alloc`].
+/// Gives a pending record written without content (by a version before
+/// content was reserved with the seq) its content, unless another attempt
+/// did first. KEYS: cmid, pending index. ARGV: the content-less record,
+/// the record with content, cmid ttl, now_ms. Returns the record now stored.
+const ADOPT_SCRIPT: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if v ~= ARGV[1] then return v or '' end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+redis.call('ZADD', KEYS[2], 'NX', ARGV[4], KEYS[1])
+return ARGV[2]
+"#;
+
+/// Marks a reserved message as acknowledged by the broker and caches it, in
+/// one step, unless the seq was claimed for a void meanwhile.
+/// KEYS: cmid, recent cache, pending index, then the `convs` set of each member.
+/// ARGV: "seq:ts:" of the reservation, done record, cmid ttl, message JSON,
+/// seq, cache size, cache ttl, conv.
+/// Returns 'done' (marked now), 'already' (marked before), 'void' (claimed
+/// for a void: the caller must not report success) or 'moved' (the cmid
+/// names another seq now).
+const COMPLETE_SCRIPT: &str = r#"
+local v = redis.call('GET', KEYS[1])
+local head = ARGV[1]
+if v then
+  if string.sub(v, 1, #head) ~= head then return 'moved' end
+  local st = string.sub(v, #head + 1, #head + 1)
+  if st == 'v' then return 'void' end
+  if st == 'd' then return 'already' end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+redis.call('ZREM', KEYS[3], KEYS[1])
+redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4])
+redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -tonumber(ARGV[6]) - 1)
+redis.call('EXPIRE', KEYS[2], ARGV[7])
+for i = 4, #KEYS do redis.call('SADD', KEYS[i], ARGV[8]) end
+return 'done'
+"#;
+
+/// Claims an overdue pending seq for a void: the record turns from pending
+/// to void (so no attempt can complete it any more) and its index entry is
+/// pushed back by a full timeout (so a sweeper that dies before publishing
+/// the void is replaced later, and concurrent sweepers skip it).
+/// KEYS: cmid, pending index. ARGV: cutoff_ms, now_ms, cmid ttl.
+/// Returns the void record, or '' when there is nothing to void.
+const CLAIM_SCRIPT: &str = r#"
+local score = redis.call('ZSCORE', KEYS[2], KEYS[1])
+if not score or tonumber(score) > tonumber(ARGV[1]) then return '' end
+local v = redis.call('GET', KEYS[1])
+local head, st, rest
+if v then head, st, rest = string.match(v, '^(%d+:%d+:)(%a)(.*)$') end
+if not head or st == 'd' or rest == '' then
+  redis.call('ZREM', KEYS[2], KEYS[1])
+  return ''
+end
+if st == 'p' then
+  v = head .. 'v' .. rest
+  redis.call('SET', KEYS[1], v, 'EX', ARGV[3])
+end
+redis.call('ZADD', KEYS[2], ARGV[2], KEYS[1])
+return v
+"#;
+
+/// Sets a record to `ARGV[2]` and drops its index entry if it still is
+/// `ARGV[1]`. KEYS: cmid, pending index. ARGV: expected, new ('' keeps it), ttl.
+/// Returns 1 when it was.
+const SETTLE_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] ~= '' then redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) end
+redis.call('ZREM', KEYS[2], KEYS[1])
+return 1
+"#;
+
+/// What a cmid record says of its message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CmidState {
+    /// The seq is reserved; the broker has not acknowledged the message (yet).
+    Pending,
+    /// The broker acknowledged the message.
+    Done,
+    /// The seq was claimed for a void after the timeout: no attempt may
+    /// report it as sent unless the durable store ends up holding the
+    /// message itself (the broker had it before the void).
+    Void,
+}
+
+/// What is reserved with a seq: everything of the message but its seq and
+/// ts, which the record carries. Stored as JSON after the record's head.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Content {
+    conv: String,
+    from: String,
+    cmid: String,
+    #[serde(rename = "type")]
+    kind: String,
+    body: serde_json::Value,
+    /// The mid after its 11 hex digits of `ts` (see [`crate::new_mid`]).
+    mid_tail: String,
+}
+
+impl Content {
+    fn of(msg: &NewMessage) -> Self {
+        Content {
+            conv: msg.conv.clone(),
+            from: msg.from.clone(),
+            cmid: msg.cmid.clone(),
+            kind: msg.kind.clone(),
+            body: msg.body.clone(),
+            mid_tail: format!("{:016x}", rand::random::<u64>()),
+        }
+    }
+}
+
+/// A cmid record as stored: `seq:ts:state`, then, while the message is not
+/// acknowledged, `:` and its [`Content`] (`state` is `p`, `d` or `v`).
+/// Records written before content was reserved with the seq lack it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CmidRecord {
+    pub seq: u64,
+    pub ts: u64,
+    pub state: CmidState,
+    content: Option<Content>,
+    raw: String,
+}
+
+impl CmidRecord {
+    fn parse(raw: &str) -> Option<Self> {
+        let mut it = raw.splitn(4, ':');
+        let seq = it.next()?.parse().ok()?;
+        let ts = it.next()?.parse().ok()?;
+        let state = match it.next()? {
+            "p" => CmidState::Pending,
+            "d" => CmidState::Done,
+            "v" => CmidState::Void,
+            _ => return None,
+        };
+        let content = match it.next() {
+            Some(json) => Some(serde_json::from_str(json).ok()?),
+            None => None,
+        };
+        Some(Self { seq, ts, state, content, raw: raw.to_owned() })
+    }
+
+    /// The reserved message, exactly as every attempt publishes it (`None`
+    /// for a record without content).
+    pub fn message(&self) -> Option<Message> {
+        let c = self.content.clone()?;
+        Some(Message {
+            mid: format!("{:011x}{}", self.ts, c.mid_tail),
+            seq: self.seq,
+            ts: self.ts,
+            conv: c.conv,
+            from: c.from,
+            cmid: c.cmid,
+            kind: c.kind,
+            body: c.body,
+        })
+    }
+
+    /// The conversation, when the record carries content.
+    pub fn conv(&self) -> Option<&str> {
+        self.content.as_ref().map(|c| c.conv.as_str())
+    }
+
+    /// The record as stored (compare-and-set scripts match it exactly).
+    pub fn raw(&self) -> &str {
+        &self.raw
+    }
+
+    fn head(&self) -> String {
+        format!("{}:{}:", self.seq, self.ts)
+    }
+}
+
+/// The answer of [`RedisStore::alloc`].
+#[derive(Debug, Clone, PartialEq)]
 pub enum Alloc {
-    /// A fresh seq and ts for a new message.
-    New { seq: u64, ts: u64 },
-    /// The cmid was seen before; `done` tells whether its message reached
-    /// the queue (otherwise it must be produced again).
-    Known { seq: u64, ts: u64, done: bool },
+    /// A fresh seq and ts, reserved with the message (in the record).
+    New(CmidRecord),
+    /// The cmid was seen before; the record tells whether its message
+    /// reached the queue, is pending (it must be produced again) or was
+    /// voided.
+    Known(CmidRecord),
     /// The conversation's counter is missing (new conversation or a Redis
     /// restart): seed it from the durable store and try again.
     NoCounter,
 }
 
-fn parse_alloc(v: &str) -> Option<(u64, u64, bool)> {
-    let mut it = v.split(':');
-    let seq = it.next()?.parse().ok()?;
-    let ts = it.next()?.parse().ok()?;
-    let done = it.next()? == "d";
-    Some((seq, ts, done))
+/// The answer of [`RedisStore::complete`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    /// Marked acknowledged and cached by this call.
+    Done,
+    /// Another attempt had marked it already.
+    Already,
+    /// Claimed for a void first: this attempt must not report success.
+    Void,
+    /// The cmid names another seq now (its void was resolved).
+    Moved,
 }
 
 /// Every Redis-backed store of the cluster over one multiplexed connection.
@@ -96,30 +282,73 @@ impl RedisStore {
         self.key(&["cmid", conv, &format!("{}:{from}:{cmid}", from.len())])
     }
 
-    /// Allocates a seq for (conv, from, cmid); see [`Alloc`].
-    pub async fn alloc(&self, conv: &str, from: &str, cmid: &str, now_ms: u64) -> Result<Alloc> {
+    fn pending_index(&self) -> String {
+        self.key(&["pending-index"])
+    }
+
+    /// Allocates a seq for the message's (conv, from, cmid) and reserves it
+    /// with the message's content, or answers what is known of the cmid;
+    /// see [`Alloc`]. `replace` is a voided record (as read) that may be
+    /// replaced by a fresh reservation: its void won, so the cmid's message
+    /// needs a new seq.
+    pub async fn alloc(&self, msg: &NewMessage, now_ms: u64, replace: Option<&str>) -> Result<Alloc> {
         let script = redis::Script::new(ALLOC_SCRIPT);
         let (code, val): (i64, String) = script
-            .key(self.cmid_key(conv, from, cmid))
-            .key(self.key(&["seq", conv]))
-            .key(self.key(&["ts", conv]))
+            .key(self.cmid_key(&msg.conv, &msg.from, &msg.cmid))
+            .key(self.key(&["seq", &msg.conv]))
+            .key(self.key(&["ts", &msg.conv]))
+            .key(self.pending_index())
             .arg(now_ms)
             .arg(CMID_TTL_SECS)
+            .arg(serde_json::to_string(&Content::of(msg))?)
+            .arg(replace.unwrap_or(""))
             .invoke_async(&mut self.conn.clone())
             .await?;
         let bad = || StorageError::Corrupt(format!("seq allocation answered {code} {val:?}"));
         match code {
-            0 => parse_alloc(&val).map(|(seq, ts, _)| Alloc::New { seq, ts }).ok_or_else(bad),
-            1 => parse_alloc(&val).map(|(seq, ts, done)| Alloc::Known { seq, ts, done }).ok_or_else(bad),
+            0 => CmidRecord::parse(&val).map(Alloc::New).ok_or_else(bad),
+            1 => CmidRecord::parse(&val).map(Alloc::Known).ok_or_else(bad),
             2 => Ok(Alloc::NoCounter),
             _ => Err(bad()),
         }
     }
 
-    /// What Redis knows of a cmid: (seq, ts, done).
-    pub async fn cmid(&self, conv: &str, from: &str, cmid: &str) -> Result<Option<(u64, u64, bool)>> {
+    /// What Redis knows of a cmid.
+    pub async fn cmid(&self, conv: &str, from: &str, cmid: &str) -> Result<Option<CmidRecord>> {
         let v: Option<String> = self.conn.clone().get(self.cmid_key(conv, from, cmid)).await?;
-        Ok(v.as_deref().and_then(parse_alloc))
+        Ok(v.as_deref().and_then(CmidRecord::parse))
+    }
+
+    /// Gives a pending record without content (written by an earlier
+    /// version, which stashed the message in a separate step, or died
+    /// before) the content of `msg`: the message that version stashed, or
+    /// the retry's own (same cmid, same message). Another attempt may do so
+    /// first: returns the record now stored, whatever it is.
+    pub async fn adopt(&self, rec: &CmidRecord, msg: &Message, now_ms: u64) -> Result<Option<CmidRecord>> {
+        let mid_tail = match msg.mid.strip_prefix(&format!("{:011x}", rec.ts)) {
+            Some(tail) => tail.to_owned(),
+            None => format!("{:016x}", rand::random::<u64>()),
+        };
+        let content = Content {
+            conv: msg.conv.clone(),
+            from: msg.from.clone(),
+            cmid: msg.cmid.clone(),
+            kind: msg.kind.clone(),
+            body: msg.body.clone(),
+            mid_tail,
+        };
+        let adopted = format!("{}p:{}", rec.head(), serde_json::to_string(&content)?);
+        let script = redis::Script::new(ADOPT_SCRIPT);
+        let now: String = script
+            .key(self.cmid_key(&msg.conv, &msg.from, &msg.cmid))
+            .key(self.pending_index())
+            .arg(rec.raw())
+            .arg(adopted)
+            .arg(CMID_TTL_SECS)
+            .arg(now_ms)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(CmidRecord::parse(&now))
     }
 
     /// Seeds a missing counter (another seeder may win; that is fine, both
@@ -150,11 +379,104 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Marks a cmid's message as handed to the queue.
-    pub async fn mark_done(&self, msg: &Message) -> Result<()> {
-        self.remember_cmid(msg).await?;
-        let _: () = self.conn.clone().del(self.key(&["pending", &msg.conv, &msg.seq.to_string()])).await?;
-        Ok(())
+    /// After the broker acknowledged `msg`: marks its cmid done and caches it
+    /// (indexing the conversation for `members`) in one step, unless its seq
+    /// was claimed for a void first; see [`Completion`].
+    pub async fn complete(&self, msg: &Message, members: &[String]) -> Result<Completion> {
+        let script = redis::Script::new(COMPLETE_SCRIPT);
+        let mut call = script.key(self.cmid_key(&msg.conv, &msg.from, &msg.cmid));
+        call.key(self.key(&["recent", &msg.conv])).key(self.pending_index());
+        for m in members {
+            call.key(self.key(&["convs", m]));
+        }
+        let answer: String = call
+            .arg(format!("{}:{}:", msg.seq, msg.ts))
+            .arg(format!("{}:{}:d", msg.seq, msg.ts))
+            .arg(CMID_TTL_SECS)
+            .arg(serde_json::to_string(msg)?)
+            .arg(msg.seq)
+            .arg(RECENT_KEEP)
+            .arg(RECENT_TTL_SECS)
+            .arg(&msg.conv)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        match answer.as_str() {
+            "done" => Ok(Completion::Done),
+            "already" => Ok(Completion::Already),
+            "void" => Ok(Completion::Void),
+            "moved" => Ok(Completion::Moved),
+            other => Err(StorageError::Corrupt(format!("completion answered {other:?}"))),
+        }
+    }
+
+    /// How many reserved seqs are pending (neither acknowledged nor voided).
+    pub async fn pending(&self) -> Result<u64> {
+        Ok(self.conn.clone().zcard(self.pending_index()).await?)
+    }
+
+    /// Keys of cmid records whose seq has been pending since before
+    /// `cutoff_ms` (at most `limit`), oldest first.
+    pub async fn overdue(&self, cutoff_ms: u64, limit: usize) -> Result<Vec<String>> {
+        let keys: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.pending_index())
+            .arg("-inf")
+            .arg(cutoff_ms)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(keys)
+    }
+
+    /// Claims the overdue pending seq of the cmid record at `key` for a
+    /// void (see [`CmidState::Void`]); `None` when it is not overdue any
+    /// more, was acknowledged, or has no content to tell its conversation.
+    /// A record already void is returned again (its void may not have been
+    /// published: the sweeper that claimed it may have died).
+    pub async fn claim_void(&self, key: &str, cutoff_ms: u64, now_ms: u64) -> Result<Option<CmidRecord>> {
+        let script = redis::Script::new(CLAIM_SCRIPT);
+        let v: String = script
+            .key(key)
+            .key(self.pending_index())
+            .arg(cutoff_ms)
+            .arg(now_ms)
+            .arg(CMID_TTL_SECS)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        if v.is_empty() {
+            return Ok(None);
+        }
+        CmidRecord::parse(&v)
+            .map(Some)
+            .ok_or_else(|| StorageError::Corrupt(format!("claimed cmid record {v:?} does not parse")))
+    }
+
+    /// Once the void of the record claimed at `key` is acknowledged by the
+    /// broker: drops its pending-index entry if the record is still that void.
+    pub async fn void_published(&self, key: &str, rec: &CmidRecord) -> Result<()> {
+        self.settle(key, rec.raw(), "").await.map(|_| ())
+    }
+
+    /// A voided record whose message `stored` the durable store holds after
+    /// all (the broker had it before the void): marks it done. `false` when
+    /// the record changed meanwhile.
+    pub async fn void_lost(&self, rec: &CmidRecord, stored: &Message) -> Result<bool> {
+        let done = format!("{}:{}:d", rec.seq, rec.ts);
+        self.settle(&self.cmid_key(&stored.conv, &stored.from, &stored.cmid), rec.raw(), &done).await
+    }
+
+    async fn settle(&self, key: &str, expected: &str, new: &str) -> Result<bool> {
+        let script = redis::Script::new(SETTLE_SCRIPT);
+        let n: i64 = script
+            .key(key)
+            .key(self.pending_index())
+            .arg(expected)
+            .arg(new)
+            .arg(CMID_TTL_SECS)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(n == 1)
     }
 
     /// The Redis server's run id: it changes whenever the server restarts (and with it, unless
@@ -172,33 +494,11 @@ impl RedisStore {
         Ok(self.conn.clone().get(self.key(&["seq", conv])).await?)
     }
 
-    /// Keeps a message whose seq is allocated but not yet acknowledged by
-    /// the broker, so a retry with its cmid can publish the same message.
-    pub async fn stash(&self, msg: &Message) -> Result<()> {
-        let key = self.key(&["pending", &msg.conv, &msg.seq.to_string()]);
-        let _: () = self.conn.clone().set_ex(key, serde_json::to_string(msg)?, CMID_TTL_SECS).await?;
-        Ok(())
-    }
-
-    /// A stashed message, if any.
-    pub async fn stashed(&self, conv: &str, seq: u64) -> Result<Option<Message>> {
+    /// A message stashed by a version before content was reserved with the
+    /// seq (it stashed in a separate step after allocating), if any.
+    pub async fn legacy_stashed(&self, conv: &str, seq: u64) -> Result<Option<Message>> {
         let raw: Option<String> = self.conn.clone().get(self.key(&["pending", conv, &seq.to_string()])).await?;
         raw.map(|s| serde_json::from_str(&s).map_err(StorageError::from)).transpose()
-    }
-
-    /// Caches a message and indexes the conversation for its members.
-    pub async fn cache(&self, msg: &Message, members: &[String]) -> Result<()> {
-        let key = self.key(&["recent", &msg.conv]);
-        let json = serde_json::to_string(msg)?;
-        let mut p = redis::pipe();
-        p.cmd("ZADD").arg(&key).arg(msg.seq).arg(json).ignore();
-        p.cmd("ZREMRANGEBYRANK").arg(&key).arg(0).arg(-RECENT_KEEP - 1).ignore();
-        p.cmd("EXPIRE").arg(&key).arg(RECENT_TTL_SECS).ignore();
-        for m in members {
-            p.cmd("SADD").arg(self.key(&["convs", m])).arg(&msg.conv).ignore();
-        }
-        let _: () = p.query_async(&mut self.conn.clone()).await?;
-        Ok(())
     }
 
     /// Replaces the cached message with `msg.seq` by `msg` (adding it if it
@@ -379,10 +679,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn alloc_values_parse() {
-        assert_eq!(parse_alloc("7:1700000000000:p"), Some((7, 1_700_000_000_000, false)));
-        assert_eq!(parse_alloc("7:1:d"), Some((7, 1, true)));
-        assert_eq!(parse_alloc("x:1:d"), None);
-        assert_eq!(parse_alloc("7"), None);
+    fn cmid_records_parse() {
+        let old = CmidRecord::parse("7:1700000000000:p").unwrap();
+        assert_eq!((old.seq, old.ts, old.state, old.message()), (7, 1_700_000_000_000, CmidState::Pending, None));
+        assert_eq!(CmidRecord::parse("7:1:d").unwrap().state, CmidState::Done);
+        assert_eq!(CmidRecord::parse("x:1:d"), None);
+        assert_eq!(CmidRecord::parse("7"), None);
+        assert_eq!(CmidRecord::parse("7:1:q"), None);
+
+        let new = NewMessage {
+            conv: "d:a:b".into(),
+            from: "a".into(),
+            cmid: "c:1".into(),
+            kind: "text".into(),
+            body: serde_json::json!("x:y"),
+        };
+        let content = Content::of(&new);
+        let raw = format!("7:255:v:{}", serde_json::to_string(&content).unwrap());
+        let rec = CmidRecord::parse(&raw).unwrap();
+        assert_eq!((rec.state, rec.conv(), rec.raw()), (CmidState::Void, Some("d:a:b"), raw.as_str()));
+        let m = rec.message().unwrap();
+        assert_eq!(m.mid, format!("000000000ff{}", content.mid_tail));
+        assert_eq!(m, Message { mid: m.mid.clone(), ..new.stored_as(7, 255) });
     }
 }

@@ -51,9 +51,15 @@ impl Task {
     }
 }
 
+/// The cluster's handles a logic instance keeps besides its stores.
+struct ClusterParts {
+    redis: RedisStore,
+    messages: Arc<ClusterMessages>,
+}
+
 /// The stores a logic instance runs on: embedded in the data dir, or the
 /// cluster engines when configured.
-async fn open_stores(s: &Settings) -> anyhow::Result<(Stores, Option<RedisStore>)> {
+async fn open_stores(s: &Settings) -> anyhow::Result<(Stores, Option<ClusterParts>)> {
     let Some((redis_url, pg_url, brokers)) = s.cluster()? else {
         let store = EmbeddedStore::open(&s.data_dir()).context("opening the embedded store")?;
         let stores = Stores {
@@ -71,16 +77,16 @@ async fn open_stores(s: &Settings) -> anyhow::Result<(Stores, Option<RedisStore>
     let topics = Topics::with_prefix(&s.topic_prefix());
     ensure_topics(&brokers, &topics).await.context("creating Kafka topics")?;
     let producer = Producer::new(&brokers, Duration::from_secs(10)).context("creating the Kafka producer")?;
-    let messages = ClusterMessages::new(redis.clone(), producer, topics, Arc::new(pg.clone()));
+    let messages = Arc::new(ClusterMessages::new(redis.clone(), producer, topics, Arc::new(pg.clone())));
     let stores = Stores {
         accounts: Arc::new(pg.clone()),
         social: Arc::new(pg.clone()),
         groups: Arc::new(pg),
-        messages: Arc::new(messages),
+        messages: messages.clone(),
         routes: Arc::new(redis.clone()),
         registry: Some(Arc::new(redis.clone())),
     };
-    Ok((stores, Some(redis)))
+    Ok((stores, Some(ClusterParts { redis, messages })))
 }
 
 /// Pushes to gateways over gRPC with the configured message limit and cluster secret.
@@ -106,6 +112,8 @@ pub struct LogicRole {
     http: Task,
     cursors: Task,
     heartbeat: Option<heartbeat::Heartbeat>,
+    /// Voids seqs whose send no instance completed (cluster only).
+    sweeper: Option<Task>,
 }
 
 impl LogicRole {
@@ -123,7 +131,7 @@ impl LogicRole {
         extra: Vec<MetricsHook>,
         transport: Arc<dyn PushTransport>,
     ) -> anyhow::Result<Self> {
-        let (stores, redis) = open_stores(s).await?;
+        let (stores, cluster) = open_stores(s).await?;
         let config = s.logic_config(public)?;
         let (flush_every, max_message) = (config.cursor_flush, config.push.max_message_bytes);
         let logic = Logic::new(config, stores, transport);
@@ -185,18 +193,33 @@ impl LogicRole {
                 tracing::error!(error = %e, "HTTP server failed");
             }
         });
-        let heartbeat = redis.map(|r| {
-            let rpc = s.advertise_logic.clone().unwrap_or_else(|| format!("http://{grpc_addr}"));
-            heartbeat::Heartbeat::logic(r, s.node_id(), rpc, logic.metrics.clone())
-        });
+        let (heartbeat, sweeper) = match cluster {
+            Some(ClusterParts { redis, messages }) => {
+                let rpc = s.advertise_logic.clone().unwrap_or_else(|| format!("http://{grpc_addr}"));
+                let heartbeat = heartbeat::Heartbeat::logic(redis, s.node_id(), rpc, logic.metrics.clone());
+                let void_after = s.void_after();
+                let sweeper = Task::spawn(|stopped| async move {
+                    messages
+                        .run_sweeper(void_after, async {
+                            let _ = stopped.await;
+                        })
+                        .await
+                });
+                (Some(heartbeat), Some(sweeper))
+            }
+            None => (None, None),
+        };
         tracing::info!(%grpc_addr, %http_addr, cluster = heartbeat.is_some(), "logic serving");
-        Ok(Self { grpc_addr, http_addr, logic, grpc, http, cursors, heartbeat })
+        Ok(Self { grpc_addr, http_addr, logic, grpc, http, cursors, heartbeat, sweeper })
     }
 
     /// Stops serving, then writes the cursors still in memory.
     pub async fn stop(self) {
         if let Some(h) = self.heartbeat {
             h.stop().await;
+        }
+        if let Some(s) = self.sweeper {
+            s.stop().await;
         }
         self.http.stop().await;
         self.grpc.stop().await;

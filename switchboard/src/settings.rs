@@ -124,6 +124,10 @@ pub struct Settings {
     /// session before it exits non-zero (for its supervisor to restart it); default 60.
     #[arg(long, env = "SB_PERSIST_GIVE_UP_SECS")]
     pub persist_give_up_secs: Option<u64>,
+    /// Milliseconds after which a reserved seq whose send no instance completed is voided
+    /// (cluster logic); default 30000.
+    #[arg(long, env = "SB_VOID_AFTER_MS")]
+    pub void_after_ms: Option<u64>,
     /// Socket requests per second per user (0 disables); default 50.
     #[arg(long, env = "SB_USER_RATE")]
     pub user_rate: Option<f64>,
@@ -174,7 +178,7 @@ impl Settings {
             persist_give_up_secs,
             user_rate, user_burst, ip_rate, ip_burst, auth_rate, auth_burst, admin_token, max_group_members,
             ring_timeout_ms, recall_window_ms, max_outbound_bytes, max_link_message_bytes, push_batch_bytes,
-            reply_max_bytes, cursor_flush_ms, cluster_secret);
+            reply_max_bytes, cursor_flush_ms, cluster_secret, void_after_ms);
         Ok(self)
     }
 
@@ -214,6 +218,10 @@ impl Settings {
     }
     pub fn topic_prefix(&self) -> String {
         self.topic_prefix.clone().unwrap_or_else(|| "sb.".into())
+    }
+    /// How long a reserved seq may stay pending before it is voided (at least 100 ms).
+    pub fn void_after(&self) -> Duration {
+        Duration::from_millis(self.void_after_ms.unwrap_or(30_000).max(100))
     }
     pub fn node_id(&self) -> String {
         self.node_id.clone().unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()))
