@@ -28,7 +28,7 @@ use async_trait::async_trait;
 
 use crate::kafka::{Producer, Topics};
 use crate::redis::{Alloc, CmidRecord, CmidState, Completion, RedisStore};
-use crate::{now_ms, Appended, Message, MessageStore, NewMessage, Result, SequencedRecord, StorageError};
+use crate::{now_ms, Appended, DurableLog, Message, MessageStore, NewMessage, Result, SequencedRecord, StorageError};
 
 /// The `type` of a void record: a seq that will never hold a message.
 pub const VOID: &str = "void";
@@ -77,11 +77,53 @@ pub struct ClusterMessages {
     producer: Producer,
     topics: Topics,
     durable: Arc<dyn MessageStore>,
+    /// Where the persist worker records how far it stored the topic; with it, a counter is only
+    /// seeded once everything the broker holds is stored (see [`ClusterMessages::reseed`]).
+    persisted: Option<Arc<dyn DurableLog>>,
 }
+
+/// How long seeding a lost counter waits for the persist worker to store the topic's tail.
+const SEED_WAIT: Duration = Duration::from_secs(30);
 
 impl ClusterMessages {
     pub fn new(redis: RedisStore, producer: Producer, topics: Topics, durable: Arc<dyn MessageStore>) -> Self {
-        Self { redis, producer, topics, durable }
+        Self { redis, producer, topics, durable, persisted: None }
+    }
+
+    /// Seeds lost counters only from a complete store: `log` is the durable store as the
+    /// persist worker writes it (with its partition offsets).
+    pub fn with_persisted_log(mut self, log: Arc<dyn DurableLog>) -> Self {
+        self.persisted = Some(log);
+        self
+    }
+
+    /// Waits until the persist worker has stored every record the broker held when this was
+    /// called (each partition's stored offset reaches its high watermark), so the durable store
+    /// then knows every seq and cmid ever acknowledged. `Busy` when that takes longer than
+    /// [`SEED_WAIT`] (the worker is down or far behind): the send is refused, never given a seq
+    /// that may be taken.
+    async fn wait_persisted(&self) -> Result<()> {
+        let Some(log) = &self.persisted else { return Ok(()) };
+        let topic = &self.topics.messages;
+        let marks = self.producer.high_watermarks(topic).await?;
+        let deadline = Instant::now() + SEED_WAIT;
+        loop {
+            let stored = log.partition_offsets(topic).await?;
+            let behind: Vec<i32> = marks
+                .iter()
+                .filter(|(p, hw)| *hw > 0 && stored.get(p).copied().unwrap_or(0) < *hw)
+                .map(|(p, _)| *p)
+                .collect();
+            if behind.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(StorageError::Busy(format!(
+                    "partitions {behind:?} of {topic} are not stored yet; a lost seq counter is seeded only after"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     async fn publish(&self, msg: &Message, members: &[String]) -> Result<()> {
@@ -109,8 +151,11 @@ impl ClusterMessages {
         Ok(self.durable.range(conv, seq.saturating_sub(1), 1).await?.into_iter().find(|m| m.seq == seq))
     }
 
-    /// Seeds a missing counter from the durable store and the cache.
+    /// Seeds a missing counter (Redis lost it) from the durable store and the cache, once the
+    /// durable store holds everything the broker has (records still in the topic would otherwise
+    /// keep seqs the new counter hands out again).
     async fn reseed(&self, conv: &str) -> Result<()> {
+        self.wait_persisted().await?;
         let durable = self.durable.history(conv, None, 1).await?.pop();
         let (mut seq, mut ts) = durable.map(|m| (m.seq, m.ts)).unwrap_or((0, 0));
         if let Some(m) = self.redis.cached_range(conv, seq + 1, u64::MAX).await?.pop() {
@@ -124,7 +169,13 @@ impl ClusterMessages {
     async fn alloc(&self, msg: &NewMessage, replace: Option<&str>) -> Result<Alloc> {
         for _ in 0..3 {
             match self.redis.alloc(msg, now_ms(), replace).await? {
-                Alloc::NoCounter => self.reseed(&msg.conv).await?,
+                Alloc::NoCounter => {
+                    self.reseed(&msg.conv).await?;
+                    // The store is complete now: a cmid Redis forgot with its counter is there.
+                    if let Some(m) = self.durable.find_cmid(&msg.conv, &msg.from, &msg.cmid).await? {
+                        self.redis.remember_cmid(&m).await?;
+                    }
+                }
                 known_or_new => return Ok(known_or_new),
             }
         }

@@ -72,6 +72,31 @@ impl Producer {
         Ok(Self { inner, timeout })
     }
 
+    /// The high watermark (the offset the next record will get) of every partition of `topic`.
+    pub async fn high_watermarks(&self, topic: &str) -> Result<Vec<(i32, i64)>> {
+        use rdkafka::producer::Producer as _;
+        let (inner, topic, timeout) = (self.inner.clone(), topic.to_owned(), self.timeout);
+        tokio::task::spawn_blocking(move || {
+            let client = inner.client();
+            let meta = client.fetch_metadata(Some(&topic), timeout)?;
+            let parts: Vec<i32> = meta
+                .topics()
+                .iter()
+                .filter(|t| t.name() == topic)
+                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                .collect();
+            if parts.is_empty() {
+                return Err(StorageError::Busy(format!("no partitions of {topic} in the broker's metadata")));
+            }
+            parts
+                .into_iter()
+                .map(|p| Ok((p, client.fetch_watermarks(&topic, p, timeout)?.1)))
+                .collect::<Result<Vec<_>>>()
+        })
+        .await
+        .map_err(|e| StorageError::Task(e.to_string()))?
+    }
+
     /// Sends one record keyed by `key` (records with one key stay in order).
     pub async fn send(&self, topic: &str, key: &str, payload: &[u8]) -> Result<()> {
         let record = FutureRecord::to(topic).key(key).payload(payload);

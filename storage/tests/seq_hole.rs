@@ -329,3 +329,42 @@ async fn slow_send_after_its_void_is_not_acknowledged() {
     assert_eq!((stored[0].kind.as_str(), stored[1].cmid.as_str()), (VOID, "m1"));
     rig.stop_persist().await;
 }
+
+/// Redis loses everything (counters and cmids) while acknowledged records are still only in
+/// the topic (the persist worker is down): a new send must not reuse their seqs, and a retry of
+/// one of their cmids must get its message back, not a new seq. The counter is seeded only once
+/// the worker has stored the topic up to its high watermark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_counters_never_reuse_a_seq_still_in_the_topic() {
+    let Some(mut rig) = Rig::new().await else { return };
+    let instance = || async {
+        let producer = Producer::new(&rig.env.brokers, Duration::from_secs(10)).unwrap();
+        ClusterMessages::new(rig.redis().await, producer, rig.topics.clone(), Arc::new(rig.pg.clone()))
+            .with_persisted_log(Arc::new(rig.pg.clone()))
+    };
+    let before = instance().await;
+    for i in 1..=3 {
+        assert_eq!(before.append(rig.msg(&format!("m{i}")), &rig.members).await.unwrap().msg.seq, i);
+    }
+    drop(before);
+    // Redis loses this deployment's keys; nothing is stored in PostgreSQL yet.
+    let mut raw = rig.raw().await;
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}:*", rig.prefix)).query_async(&mut raw).await.unwrap();
+    assert!(!keys.is_empty());
+    let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut raw).await.unwrap();
+    assert!(rig.pg.range(&rig.conv, 0, 100).await.unwrap().is_empty(), "nothing stored yet");
+
+    let after = instance().await;
+    // The worker comes back a little later; the send waits for it instead of reusing seq 1.
+    let (m4, members) = (rig.msg("m4"), rig.members.clone());
+    let send = after.append(m4, &members);
+    let (sent, ()) = tokio::join!(send, async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        rig.start_persist();
+    });
+    assert_eq!(sent.unwrap().msg.seq, 4, "seqs 1-3 are taken by records that were still in the topic");
+    let retried = after.append(rig.msg("m2"), &rig.members).await.unwrap();
+    assert_eq!((retried.msg.seq, retried.duplicate), (2, true), "a forgotten cmid finds its message");
+    assert_eq!(seqs(&rig.durable(4).await), vec![1, 2, 3, 4]);
+    rig.stop_persist().await;
+}

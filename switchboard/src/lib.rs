@@ -77,7 +77,10 @@ async fn open_stores(s: &Settings) -> anyhow::Result<(Stores, Option<ClusterPart
     let topics = Topics::with_prefix(&s.topic_prefix());
     ensure_topics(&brokers, &topics).await.context("creating Kafka topics")?;
     let producer = Producer::new(&brokers, Duration::from_secs(10)).context("creating the Kafka producer")?;
-    let messages = Arc::new(ClusterMessages::new(redis.clone(), producer, topics, Arc::new(pg.clone())));
+    let messages = Arc::new(
+        ClusterMessages::new(redis.clone(), producer, topics, Arc::new(pg.clone()))
+            .with_persisted_log(Arc::new(pg.clone())),
+    );
     let stores = Stores {
         accounts: Arc::new(pg.clone()),
         social: Arc::new(pg.clone()),
