@@ -17,6 +17,7 @@ use crate::connid::{ConnId, GenCounter, MAX_KEYS};
 use crate::metrics::GatewayMetrics;
 use crate::wheel::Wheel;
 use crate::GatewayConfig;
+use switchboard_proto::internal::Delivery;
 
 pub(crate) const LISTENER: Token = Token(usize::MAX - 1);
 pub(crate) const TCP_LISTENER: Token = Token(usize::MAX - 2);
@@ -75,7 +76,15 @@ pub(crate) struct Shard {
     /// Connections touched by mailbox messages, flushed once after the mailbox is empty (one
     /// write for a reply, pushes and re-pushes that arrived together).
     dirty: Vec<usize>,
+    /// Pushes for connections whose `auth` logic has registered but the shard has not heard back
+    /// yet (logic routes a connection before answering), delivered right after `auth.ok`;
+    /// bounded by [`HELD_MAX`] per connection.
+    held: std::collections::HashMap<u64, Vec<Delivery>>,
 }
+
+/// Most pushes held for one connection while its `auth` is answered (more are dropped: the
+/// client catches up with `sync` after `auth.ok`).
+const HELD_MAX: usize = 64;
 
 impl Shard {
     pub fn new(
@@ -101,6 +110,7 @@ impl Shard {
             gens: GenCounter::new_boot(),
             reannounce: Vec::new(),
             dirty: Vec::new(),
+            held: std::collections::HashMap::new(),
         })
     }
 
@@ -221,6 +231,11 @@ impl Shard {
             ShardMsg::AuthDone { conn_id, rid, result } => match self.lookup(conn_id) {
                 Some(key) => {
                     self.conns[key].on_auth_done(rid, result, &mut self.env);
+                    // Pushes that raced ahead of the answer go out right after `auth.ok`.
+                    for d in self.held.remove(&conn_id).unwrap_or_default() {
+                        let user = d.targets.first().map(|t| t.user.clone()).unwrap_or_default();
+                        self.conns[key].on_push(&d, &user, &mut Encoded::default(), &mut self.env);
+                    }
                     self.dirty.push(key);
                 }
                 // Closed while logic registered it: unregister.
@@ -243,6 +258,12 @@ impl Shard {
                     let mut encoded = Encoded::default();
                     for t in &d.targets {
                         match self.lookup(t.conn_id) {
+                            Some(key) if self.conns[key].auth_pending() => {
+                                let held = self.held.entry(t.conn_id).or_default();
+                                if held.len() < HELD_MAX {
+                                    held.push(Delivery { targets: vec![t.clone()], ..d.clone() });
+                                }
+                            }
                             Some(key) if self.conns[key].on_push(d, &t.user, &mut encoded, &mut self.env) => {
                                 if self.dirty.last() != Some(&key) {
                                     self.dirty.push(key);
@@ -320,6 +341,7 @@ impl Shard {
 
     fn remove(&mut self, key: usize) {
         if let Some(mut conn) = self.conns.try_remove(key) {
+            self.held.remove(&conn.id);
             conn.notify_closed(&mut self.env);
             conn.cancel_timers(&mut self.env);
             self.env.metrics.connections.fetch_sub(1, Ordering::Relaxed);

@@ -6,7 +6,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use common::*;
-use serde_json::Value;
+use serde_json::{json, Value};
 use switchboard_gateway::GatewayConfig;
 use switchboard_proto::internal::Delivery;
 use tungstenite::client::IntoClientRequest;
@@ -289,6 +289,26 @@ async fn unacked_pushes_are_repushed_then_dropped_and_logic_down_is_unavailable(
         assert_eq!(r["retry_after_ms"], 1000);
         ws_send_text(&mut ws, r#"{"op":"ping","rid":2}"#);
         assert_eq!(ws_recv_json(&mut ws).unwrap()["op"], "ping.ok");
+    })
+    .await;
+    gw.shutdown().await;
+}
+
+/// Logic routes a connection before it answers `auth`, so a push can reach the gateway before
+/// the answer: it is held and delivered right after `auth.ok`, never reported gone (which would
+/// drop the route).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_racing_the_auth_answer_arrives_after_auth_ok() {
+    let logic = FakeLogic::default();
+    *logic.push_on_connect.lock().unwrap() = Some(json!({"op": "presence", "user": "bob", "online": true}));
+    let server = serve(logic).await;
+    let gw = start_gateway(config(&[&server.url])).await;
+    let addr = gw.ws_addr();
+    blocking(move || {
+        let mut ws = ws_connect_auth(addr);
+        let r = ws_recv_json(&mut ws).unwrap();
+        assert_eq!(r["op"], "presence", "the push that raced the auth answer: {r}");
+        assert_eq!(r["user"], "bob");
     })
     .await;
     gw.shutdown().await;

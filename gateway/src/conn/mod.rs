@@ -196,6 +196,12 @@ impl Conn {
         self.timer = Some(self.arm(env, at, kind));
     }
 
+    /// Logic is registering this connection (its `auth` is being answered): pushes for it are
+    /// held by the shard until the answer arrives.
+    pub fn auth_pending(&self) -> bool {
+        matches!(self.auth, Auth::Pending) && !self.closing
+    }
+
     /// True once the connection can be dropped.
     pub fn is_dead(&self) -> bool {
         self.phase == Phase::Dead

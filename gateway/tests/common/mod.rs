@@ -42,6 +42,9 @@ pub struct FakeLogic {
     pub disconnected: Arc<Mutex<Vec<ConnEvent>>>,
     /// Every frame forwarded through `Handle`, with the sending connection's id.
     pub frames: Arc<Mutex<Vec<(u64, Value)>>>,
+    /// When set, `Connected` first pushes this frame to the new connection through the
+    /// gateway's Push RPC (as a real logic instance may, before it answers).
+    pub push_on_connect: Arc<Mutex<Option<Value>>>,
     handler: Handler,
 }
 
@@ -58,6 +61,7 @@ impl FakeLogic {
             connected: Arc::default(),
             disconnected: Arc::default(),
             frames: Arc::default(),
+            push_on_connect: Arc::default(),
             handler: Arc::new(handler),
         }
     }
@@ -124,7 +128,19 @@ impl Logic for FakeLogic {
 
     async fn connected(&self, r: Request<ConnEvent>) -> Result<Response<Empty>, Status> {
         self.count();
-        self.connected.lock().unwrap().push(r.into_inner());
+        let ev = r.into_inner();
+        let push = self.push_on_connect.lock().unwrap().clone();
+        if let Some(frame) = push {
+            let mut client = GatewayClient::connect(ev.gateway.clone()).await.unwrap();
+            let d = Delivery {
+                targets: to(ev.conn_id),
+                frame: frame.to_string().into_bytes().into(),
+                ..Default::default()
+            };
+            let gone = client.push(PushRequest { deliveries: vec![d] }).await.unwrap().into_inner().gone;
+            assert!(gone.is_empty(), "a connection being authenticated is not gone");
+        }
+        self.connected.lock().unwrap().push(ev);
         Ok(Response::new(Empty {}))
     }
 
