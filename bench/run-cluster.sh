@@ -74,6 +74,14 @@ for r in "${RATES[@]}"; do
             --label "cluster-2gw-2logic-gateway$i-offered-$r" --report "$D/m$i.json" >/dev/null 2>"$D/load$i.log" &
         LOAD+=($!)
     done
+    if [[ -n ${CPU_PROFILE:-} ]]; then
+        # CPU seconds of every process of the run over 4 s in the middle of the load
+        sleep 4
+        snap() { for p in "${PIDS[@]}" $(pgrep -f 'redis-server|postgres|tansu' | tr '\n' ' '); do
+            echo "$p $(tr -d '\0' </proc/$p/cmdline 2>/dev/null | cut -c1-40) $(awk '{print $14+$15}' /proc/$p/stat 2>/dev/null)"; done; }
+        snap >"$D/cpu1"; sleep 4; snap >"$D/cpu2"
+        join <(sort "$D/cpu1") <(sort "$D/cpu2") | awk '{ printf "cpu %-6s %-42s %5.1f%%\n", $1, $2, ($NF - $(NF-1)) / 4 }' | sort -k4 -nr | head -12
+    fi
     wait "${LOAD[@]}"
     jq -s --arg r "$r" '{offered: ($r|tonumber), delivered_per_sec: (map(.delivered_per_sec)|add),
         p50_ms: (map(.delivery_latency.p50_ms)|max), p99_ms: (map(.delivery_latency.p99_ms)|max),
