@@ -96,6 +96,10 @@ pub struct Stores {
     pub registry: Option<Arc<dyn Registry>>,
 }
 
+/// What a conversation lock guards besides the order of appends: the completion signal of the
+/// last send whose push is not enqueued yet (each send enqueues after the one before it).
+pub(crate) type ConvTail = Option<tokio::sync::oneshot::Receiver<()>>;
+
 /// Stripes of the per-conversation lock (conversations hash onto them).
 const CONV_LOCKS: usize = 1024;
 
@@ -110,7 +114,7 @@ pub struct Logic {
     user_limits: limits::Limiter,
     ip_limits: limits::Limiter,
     auth_limits: limits::Limiter,
-    conv_locks: Vec<tokio::sync::Mutex<()>>,
+    conv_locks: Vec<tokio::sync::Mutex<ConvTail>>,
 }
 
 impl Logic {
@@ -130,7 +134,7 @@ impl Logic {
             stores,
             pusher,
             metrics,
-            conv_locks: (0..CONV_LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
+            conv_locks: (0..CONV_LOCKS).map(|_| tokio::sync::Mutex::new(None)).collect(),
         })
     }
 
@@ -150,7 +154,7 @@ impl Logic {
 
     /// The lock serializing append + push of one conversation, so pushes
     /// leave in seq order.
-    fn conv_lock(&self, conv: &str) -> &tokio::sync::Mutex<()> {
+    fn conv_lock(&self, conv: &str) -> &tokio::sync::Mutex<ConvTail> {
         let h = conv.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
         &self.conv_locks[(h % self.conv_locks.len() as u64) as usize]
     }

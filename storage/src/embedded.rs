@@ -365,45 +365,60 @@ impl SocialStore for EmbeddedStore {
     }
 }
 
+/// The write of one appended message: the next seq of its conversation (or the earlier message
+/// with the same cmid), inside the group-commit batch's transaction.
+fn append_job(
+    msg: NewMessage,
+    members: Vec<String>,
+) -> impl FnOnce(&WriteTransaction) -> Result<End<Appended>> + Send + 'static {
+    move |tx| {
+        let mut cmids = tx.open_table(CMIDS)?;
+        let mut messages = tx.open_table(MESSAGES)?;
+        let cmid_key = (msg.conv.as_str(), msg.from.as_str(), msg.cmid.as_str());
+        if let Some(seq) = cmids.get(cmid_key)?.map(|v| v.value()) {
+            let Some(earlier) = get_json(messages.get((msg.conv.as_str(), seq))?)? else {
+                return Err(StorageError::Corrupt(format!("cmid index points at missing {}#{seq}", msg.conv)));
+            };
+            return Ok(Abort(Appended { msg: earlier, duplicate: true }));
+        }
+        let mut seqs = tx.open_table(CONV_SEQ)?;
+        let last = seqs.get(msg.conv.as_str())?.map(|v| v.value()).unwrap_or(0);
+        // ts never goes backwards inside a conversation, so seq order
+        // and time order agree even if the wall clock steps back.
+        let last_ts = match last {
+            0 => 0,
+            n => get_json::<Message>(messages.get((msg.conv.as_str(), n))?)?.map_or(0, |m| m.ts),
+        };
+        let ts = now_ms().max(last_ts);
+        let stored = msg.stored_as(last + 1, ts);
+        put_json(&mut messages, (stored.conv.as_str(), stored.seq), &stored)?;
+        seqs.insert(stored.conv.as_str(), stored.seq)?;
+        cmids.insert((stored.conv.as_str(), stored.from.as_str(), stored.cmid.as_str()), stored.seq)?;
+        tx.open_table(MIDS)?.insert((stored.conv.as_str(), stored.mid.as_str()), stored.seq)?;
+        let mut index = tx.open_table(USER_CONVS)?;
+        for m in &members {
+            // Present after the first message: a lookup dirties no page, an insert would.
+            let key = (m.as_str(), stored.conv.as_str());
+            if index.get(key)?.is_none() {
+                index.insert(key, ())?;
+            }
+        }
+        Ok(Commit(Appended { msg: stored, duplicate: false }))
+    }
+}
+
 #[async_trait]
 impl MessageStore for EmbeddedStore {
+    fn append_ordered(
+        &self,
+        msg: &NewMessage,
+        members: &[String],
+    ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = Result<Appended>> + Send + 'static>>> {
+        Some(Box::pin(self.writer.submit(append_job(msg.clone(), members.to_vec()))))
+    }
+
     async fn append(&self, msg: NewMessage, members: &[String]) -> Result<Appended> {
-        let members = members.to_vec();
-        self.write(move |tx| {
-            let mut cmids = tx.open_table(CMIDS)?;
-            let mut messages = tx.open_table(MESSAGES)?;
-            let cmid_key = (msg.conv.as_str(), msg.from.as_str(), msg.cmid.as_str());
-            if let Some(seq) = cmids.get(cmid_key)?.map(|v| v.value()) {
-                let Some(earlier) = get_json(messages.get((msg.conv.as_str(), seq))?)? else {
-                    return Err(StorageError::Corrupt(format!("cmid index points at missing {}#{seq}", msg.conv)));
-                };
-                return Ok(Abort(Appended { msg: earlier, duplicate: true }));
-            }
-            let mut seqs = tx.open_table(CONV_SEQ)?;
-            let last = seqs.get(msg.conv.as_str())?.map(|v| v.value()).unwrap_or(0);
-            // ts never goes backwards inside a conversation, so seq order
-            // and time order agree even if the wall clock steps back.
-            let last_ts = match last {
-                0 => 0,
-                n => get_json::<Message>(messages.get((msg.conv.as_str(), n))?)?.map_or(0, |m| m.ts),
-            };
-            let ts = now_ms().max(last_ts);
-            let stored = msg.stored_as(last + 1, ts);
-            put_json(&mut messages, (stored.conv.as_str(), stored.seq), &stored)?;
-            seqs.insert(stored.conv.as_str(), stored.seq)?;
-            cmids.insert((stored.conv.as_str(), stored.from.as_str(), stored.cmid.as_str()), stored.seq)?;
-            tx.open_table(MIDS)?.insert((stored.conv.as_str(), stored.mid.as_str()), stored.seq)?;
-            let mut index = tx.open_table(USER_CONVS)?;
-            for m in &members {
-                // Present after the first message: a lookup dirties no page, an insert would.
-                let key = (m.as_str(), stored.conv.as_str());
-                if index.get(key)?.is_none() {
-                    index.insert(key, ())?;
-                }
-            }
-            Ok(Commit(Appended { msg: stored, duplicate: false }))
-        })
-        .await
+        self.write(append_job(msg, members.to_vec())).await
     }
 
     async fn find_cmid(&self, conv: &str, from: &str, cmid: &str) -> Result<Option<Message>> {

@@ -57,6 +57,16 @@ impl GroupCommit {
         T: Send + 'static,
         F: FnOnce(&WriteTransaction) -> Result<End<T>> + Send + 'static,
     {
+        self.submit(f).await
+    }
+
+    /// [`GroupCommit::write`], with the job queued before this returns: jobs run in the order of
+    /// the calls, whenever their futures are polled.
+    pub fn submit<T, F>(&self, f: F) -> impl std::future::Future<Output = Result<T>> + Send + 'static
+    where
+        T: Send + 'static,
+        F: FnOnce(&WriteTransaction) -> Result<End<T>> + Send + 'static,
+    {
         let (reply, rx) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move |tx: &WriteTransaction| {
             let (state, result) = match f(tx) {
@@ -74,8 +84,11 @@ impl GroupCommit {
             (state, deliver)
         });
         let stopped = || StorageError::Embedded("the writer thread has stopped".into());
-        self.jobs.as_ref().ok_or_else(stopped)?.send(job).map_err(|_| stopped())?;
-        rx.await.map_err(|_| stopped())?
+        let queued = self.jobs.as_ref().ok_or_else(stopped).and_then(|j| j.send(job).map_err(|_| stopped()));
+        async move {
+            queued?;
+            rx.await.map_err(|_| stopped())?
+        }
     }
 }
 

@@ -54,6 +54,18 @@ pub trait MessageStore: Send + Sync {
     /// are added to the conversation's member index (who may read it and whose
     /// `sync` includes it).
     async fn append(&self, msg: NewMessage, members: &[String]) -> Result<Appended>;
+    /// [`MessageStore::append`] for stores that fix a message's place in its conversation when
+    /// the call returns (before the future is polled): appends started in some order get their
+    /// seqs in that order. Lets callers order pushes without holding a lock while the write
+    /// becomes durable. `None` when the store cannot promise it (the caller then holds its
+    /// conversation lock across [`MessageStore::append`]).
+    fn append_ordered(
+        &self,
+        _msg: &NewMessage,
+        _members: &[String],
+    ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = Result<Appended>> + Send + 'static>>> {
+        None
+    }
     /// The message `from` sent in `conv` with this cmid, if stored.
     async fn find_cmid(&self, conv: &str, from: &str, cmid: &str) -> Result<Option<Message>>;
     /// Messages with seq > `after_seq`, oldest first, at most `limit`.

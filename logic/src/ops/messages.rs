@@ -182,18 +182,49 @@ async fn store_and_push(
         None => conv_members(logic, &conv, &caller.user).await?,
     };
     let targets = logic.pusher.targets(&all, Some((&caller.gateway, caller.conn_id))).await;
-    let order = logic.conv_lock(&conv).lock().await;
-    let appended = logic.stores.messages.append(new, index).await?;
+    let mut tail = logic.conv_lock(&conv).lock().await;
+    let store = &logic.stores.messages;
+    let appended = match store.append_ordered(&new, index) {
+        Some(write) => {
+            // The message's place is fixed already: wait for durability without the lock. Pushes
+            // still leave in seq order: each send enqueues after the previous one of its lock
+            // stripe has (`done` is dropped, which signals the next, however this ends).
+            let (done, next) = tokio::sync::oneshot::channel::<()>();
+            let prev = tail.replace(next);
+            drop(tail);
+            let appended = write.await;
+            if let Some(prev) = prev {
+                let _ = prev.await;
+            }
+            let appended = appended?;
+            if !appended.duplicate {
+                enqueue_msg(logic, targets, &appended.msg).await;
+            }
+            drop(done);
+            appended
+        }
+        None => {
+            let appended = store.append(new, index).await?;
+            if !appended.duplicate {
+                enqueue_msg(logic, targets, &appended.msg).await;
+            }
+            drop(tail);
+            appended
+        }
+    };
     let m = &appended.msg;
     if !appended.duplicate {
         crate::metrics::inc(&logic.metrics.sends);
-        let push = Bytes::from(serde_json::to_vec(&MsgPush { op: "msg", msg: m }).expect("messages serialize"));
-        logic.pusher.enqueue(targets, push, Some(MsgRef { conv: &m.conv, seq: m.seq })).await;
-        // Pushes are queued in seq order; the sender's own read mark needs no order.
-        drop(order);
+        // The sender's own read mark needs no order.
         logic.cursors.read(&caller.user, &m.conv, m.seq).await?;
     }
     Ok(fields(json!({"conv": m.conv, "mid": m.mid, "seq": m.seq, "ts": m.ts})))
+}
+
+/// Queues the `msg` push of a stored message for `targets` (serialised once).
+async fn enqueue_msg(logic: &Logic, targets: HashMap<String, Vec<switchboard_proto::internal::Target>>, m: &Message) {
+    let push = Bytes::from(serde_json::to_vec(&MsgPush { op: "msg", msg: m }).expect("messages serialize"));
+    logic.pusher.enqueue(targets, push, Some(MsgRef { conv: &m.conv, seq: m.seq })).await;
 }
 
 #[derive(Deserialize)]
