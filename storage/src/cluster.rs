@@ -99,11 +99,19 @@ impl ClusterMessages {
 
     /// Waits until the persist worker has stored every record the broker held when this was
     /// called (each partition's stored offset reaches its high watermark), so the durable store
-    /// then knows every seq and cmid ever acknowledged. `Busy` when that takes longer than
+    /// then knows every seq and cmid ever acknowledged. Only after Redis lost its data: an
+    /// `epoch` key, settled by the first wait after a loss, tells a new conversation's missing
+    /// counter from a lost one (Redis must not evict keys: `maxmemory-policy noeviction`). `Busy` when that takes longer than
     /// [`SEED_WAIT`] (the worker is down or far behind): the send is refused, never given a seq
     /// that may be taken.
     async fn wait_persisted(&self) -> Result<()> {
         let Some(log) = &self.persisted else { return Ok(()) };
+        // Without a loss since the last wait, a missing counter is a new conversation's: nothing
+        // of it can be in the topic, so there is nothing to wait for.
+        if self.redis.epoch_settled().await? {
+            return Ok(());
+        }
+        let epoch = self.redis.open_epoch().await?;
         let topic = &self.topics.messages;
         let marks = self.producer.high_watermarks(topic).await?;
         let deadline = Instant::now() + SEED_WAIT;
@@ -115,7 +123,7 @@ impl ClusterMessages {
                 .map(|(p, _)| *p)
                 .collect();
             if behind.is_empty() {
-                return Ok(());
+                return self.redis.settle_epoch(&epoch).await;
             }
             if Instant::now() >= deadline {
                 return Err(StorageError::Busy(format!(

@@ -479,6 +479,35 @@ impl RedisStore {
         Ok(n == 1)
     }
 
+    /// Whether the counters' epoch is settled: no data loss since the persist worker was last
+    /// known to have stored the whole topic (see `ClusterMessages::reseed`). A missing key means
+    /// Redis lost its data (or never had any).
+    pub async fn epoch_settled(&self) -> Result<bool> {
+        let v: Option<String> = self.conn.clone().get(self.key(&["epoch"])).await?;
+        Ok(v.is_some_and(|v| v.ends_with(":settled")))
+    }
+
+    /// Opens an epoch after a loss (or joins the one being opened): returns its id.
+    pub async fn open_epoch(&self) -> Result<String> {
+        let key = self.key(&["epoch"]);
+        let mine = format!("{:016x}:pending", rand::random::<u64>());
+        let mut c = self.conn.clone();
+        let _: Option<String> = redis::cmd("SET").arg(&key).arg(&mine).arg("NX").query_async(&mut c).await?;
+        let now: Option<String> = c.get(&key).await?;
+        let now = now.ok_or_else(|| StorageError::Busy("the counters' epoch vanished".into()))?;
+        Ok(now.split(':').next().unwrap_or_default().to_owned())
+    }
+
+    /// Marks epoch `id` settled (only if it is still the current, pending one).
+    pub async fn settle_epoch(&self, id: &str) -> Result<()> {
+        let script = redis::Script::new(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] .. ':pending' then \
+               redis.call('SET', KEYS[1], ARGV[1] .. ':settled') end return 1",
+        );
+        let _: i64 = script.key(self.key(&["epoch"])).arg(id).invoke_async(&mut self.conn.clone()).await?;
+        Ok(())
+    }
+
     /// The Redis server's run id: it changes whenever the server restarts (and with it, unless
     /// Redis persists, every route is gone).
     pub async fn server_run_id(&self) -> Result<String> {

@@ -368,3 +368,18 @@ async fn lost_counters_never_reuse_a_seq_still_in_the_topic() {
     assert_eq!(seqs(&rig.durable(4).await), vec![1, 2, 3, 4]);
     rig.stop_persist().await;
 }
+
+/// In a settled epoch (no Redis loss since the last wait), a new conversation's first send does
+/// not wait for the persist worker: here the worker never runs, and the send still succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_conversations_do_not_wait_for_the_persist_worker() {
+    let Some(rig) = Rig::new().await else { return };
+    let producer = Producer::new(&rig.env.brokers, Duration::from_secs(10)).unwrap();
+    let store = ClusterMessages::new(rig.redis().await, producer, rig.topics.clone(), Arc::new(rig.pg.clone()))
+        .with_persisted_log(Arc::new(rig.pg.clone()));
+    // The first counter ever: the epoch opens and settles (the topic is empty).
+    assert_eq!(store.append(rig.msg("a1"), &rig.members).await.unwrap().msg.seq, 1);
+    // Another conversation, with a record of the first one unstored in the topic: no wait.
+    let other = NewMessage { conv: format!("{}x", rig.conv), ..rig.msg("b1") };
+    assert_eq!(store.append(other, &rig.members).await.expect("no wait for the worker").msg.seq, 1);
+}
