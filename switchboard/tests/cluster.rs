@@ -33,20 +33,6 @@ fn http_req(addr: SocketAddr, method: &str, path: &str) -> (u16, Value) {
     http(addr, method, path, None, None)
 }
 
-/// Sends with retries on `unavailable`, reusing the cmid; returns the reply.
-fn send_retrying(c: &mut Client, to: &str, cmid: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let r = c.call("send", json!({"to": to, "cmid": cmid, "type": "text", "body": cmid}));
-        if r["op"] == "send.ok" {
-            return r;
-        }
-        assert_eq!(r["code"], "unavailable", "{r}");
-        assert!(Instant::now() < deadline, "send {cmid} kept failing: {r}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// Seqs of `conv` received on a client (pushes and sync), deduplicated.
 fn drain_msgs(c: &mut Client, conv: &str, into: &mut BTreeSet<u64>, wait: Duration) {
     let deadline = Instant::now() + wait;
@@ -99,7 +85,7 @@ fn cluster_survives_gateway_logic_and_persist_faults() {
     let mut acked: BTreeSet<u64> = BTreeSet::new();
     let mut bob_got: BTreeSet<u64> = BTreeSet::new();
     for i in 0..20 {
-        let r = send_retrying(&mut alice, b, &format!("a{i}"));
+        let r = send_retrying(&mut alice, b, &format!("a{i}"), Duration::from_secs(30));
         acked.insert(r["seq"].as_u64().unwrap());
         bob_got.insert(bob.push("msg")["msg"]["seq"].as_u64().unwrap());
     }
@@ -125,7 +111,7 @@ fn cluster_survives_gateway_logic_and_persist_faults() {
     // kill -9 alice's gateway; bob keeps sending while she is away
     gw1.kill9();
     for i in 0..10 {
-        let r = send_retrying(&mut bob, a, &format!("b{i}"));
+        let r = send_retrying(&mut bob, a, &format!("b{i}"), Duration::from_secs(30));
         acked.insert(r["seq"].as_u64().unwrap());
     }
     // she reconnects through /v1/gateways (the dead one drops out of the registry)
@@ -151,8 +137,8 @@ fn cluster_survives_gateway_logic_and_persist_faults() {
             logic1.take().unwrap().kill9();
         }
         let cmid = format!("c{i}");
-        let r = send_retrying(&mut alice, b, &cmid);
-        let again = send_retrying(&mut alice, b, &cmid);
+        let r = send_retrying(&mut alice, b, &cmid, Duration::from_secs(30));
+        let again = send_retrying(&mut alice, b, &cmid, Duration::from_secs(30));
         assert_eq!(again["seq"], r["seq"], "a resent cmid is the same message");
         acked.insert(r["seq"].as_u64().unwrap());
     }
@@ -160,7 +146,7 @@ fn cluster_survives_gateway_logic_and_persist_faults() {
     // restart the persist worker while sends go on
     std::mem::replace(&mut persist, Proc::placeholder()).term();
     for i in 0..10 {
-        let r = send_retrying(&mut bob, a, &format!("p{i}"));
+        let r = send_retrying(&mut bob, a, &format!("p{i}"), Duration::from_secs(30));
         acked.insert(r["seq"].as_u64().unwrap());
     }
     persist = Proc::spawn("persist", &e, &prefix, &[]);

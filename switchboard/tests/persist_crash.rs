@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 use switchboard_storage::contract::TestEngines;
 use switchboard_storage::kafka::{Producer, Topics};
 use switchboard_storage::postgres::{partition_lock_key, PgStore};
@@ -25,20 +25,6 @@ use switchboard_storage::{Message, MessageStore, SequencedRecord};
 
 /// How long a restarted worker may take to store again, and to catch up.
 const RESUME_WITHIN: Duration = Duration::from_secs(10);
-
-/// Sends with retries on `unavailable`, reusing the cmid; returns the reply.
-fn send_retrying(c: &mut Client, to: &str, cmid: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let r = c.call("send", json!({"to": to, "cmid": cmid, "type": "text", "body": cmid}));
-        if r["op"] == "send.ok" {
-            return r;
-        }
-        assert_eq!(r["code"], "unavailable", "{r}");
-        assert!(Instant::now() < deadline, "send {cmid} kept failing: {r}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// The seqs stored in PostgreSQL for each of `convs`.
 fn stored(rt: &tokio::runtime::Runtime, pg: &PgStore, convs: &[String]) -> BTreeMap<String, BTreeSet<u64>> {
@@ -96,7 +82,7 @@ fn persist_worker_recovers_from_repeated_sigkill_under_traffic() {
             let mut acked: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();
             let mut i = 0usize;
             while !stop.load(Ordering::Relaxed) {
-                let r = send_retrying(&mut a, &friends[i % friends.len()], &format!("m{i}"));
+                let r = send_retrying(&mut a, &friends[i % friends.len()], &format!("m{i}"), Duration::from_secs(20));
                 acked.entry(r["conv"].as_str().unwrap().to_owned()).or_default().insert(r["seq"].as_u64().unwrap());
                 i += 1;
                 std::thread::sleep(Duration::from_millis(4));

@@ -290,3 +290,18 @@ pub fn befriend(a: &mut Client, b: &mut Client, b_name: &str, a_name: &str) {
     b.ok("friend.accept", serde_json::json!({ "from": a_name }));
     a.push("friend.accepted");
 }
+
+/// Sends a direct message, retrying on `unavailable` with the same cmid for up to `within`;
+/// returns the `send.ok`.
+pub fn send_retrying(c: &mut Client, to: &str, cmid: &str, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let r = c.call("send", json!({"to": to, "cmid": cmid, "type": "text", "body": cmid}));
+        if r["op"] == "send.ok" {
+            return r;
+        }
+        assert_eq!(r["code"], "unavailable", "{r}");
+        assert!(Instant::now() < deadline, "send {cmid} kept failing: {r}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
