@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite from a fresh machine: installs and starts what the
 # tests need (scripts/services.sh, 127.0.0.1 only), checks formatting and
-# lints, builds, runs every test, and stops the services again.
+# lints, builds, runs every test and a short fuzz run, and stops the services again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +13,8 @@ eval "$(scripts/services.sh env)"
 echo "== fmt"; cargo fmt --all -- --check
 echo "== clippy"; cargo clippy --workspace --all-targets -- -D warnings
 echo "== test"; cargo test --workspace 2>&1 | tee "${TMPDIR:-/tmp}/switchboard-test.log"
+# A short run of every fuzz target on its seeds (cargo-fuzz and nightly installed when missing).
+echo "== fuzz"; scripts/fuzz.sh "${SB_FUZZ_SECONDS:-20}"
 
 # One closing line over every test binary (cargo's last line is the doc-test
 # run, which has no tests in this workspace).

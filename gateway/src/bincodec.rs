@@ -6,7 +6,7 @@
 //! - empty strings, unset optionals and empty repeated fields / maps are omitted from the JSON,
 //!   so `{"op":"ping","rid":1}` round-trips exactly; a JSON `null` counts as absent;
 //! - `body` is `Body{text}` when the JSON body is a string and `Body{json}` (the value as JSON
-//!   text) for any other JSON value; a `Body{json}` that is not valid JSON is dropped;
+//!   text) for any other JSON value; a `Body{json}` that is not valid JSON, or is `null`, is dropped;
 //! - `msg`, `msgs[]` and `convs[].last` are `Message`; `since` is the map;
 //! - JSON `members` is `repeated string members` when it is an array of strings
 //!   (`group.create`) and `member_list` when it is an array of `{user, role}` objects
@@ -57,7 +57,8 @@ fn put_opt<T: Into<Value> + Copy>(m: &mut Map<String, Value>, k: &str, v: Option
 fn body_to_json(b: &Body) -> Option<Value> {
     match &b.kind {
         Some(Kind::Text(t)) => Some(Value::String(t.clone())),
-        Some(Kind::Json(j)) => serde_json::from_str(j).ok(),
+        // `null` is no body, as in the other direction: canonical JSON has no `"body":null`
+        Some(Kind::Json(j)) => serde_json::from_str(j).ok().filter(|v: &Value| !v.is_null()),
         None => None,
     }
 }
@@ -481,6 +482,16 @@ mod tests {
         let f =
             Frame { op: "x".into(), body: Some(Body { kind: Some(Kind::Json("{nope".into())) }), ..Default::default() };
         assert_eq!(frame_to_json(&f), json!({"op": "x"}));
+        // a Body.json of `null` is no body (fuzz target bin_decode: it was `"body":null`, which
+        // the JSON -> proto direction reads as absent, so the JSON was not canonical)
+        let null = Some(Body { kind: Some(Kind::Json("null".into())) });
+        let msg = Message { conv: "c".into(), body: null.clone(), ..Default::default() };
+        let f = Frame { op: "x".into(), body: null, msg: Some(msg), ..Default::default() };
+        let v = frame_to_json(&f);
+        assert_eq!(v, json!({"op": "x", "msg": {"conv": "c", "seq": 0, "ts": 0}}));
+        assert_eq!(frame_to_json(&json_to_frame(&v).unwrap()), v);
+        let bytes = Frame::decode(&b"\x0a\x01x\x72\x06\x12\x04null"[..]).unwrap();
+        assert_eq!(frame_to_json(&bytes), json!({"op": "x"}));
     }
 
     #[test]

@@ -46,12 +46,21 @@ pub struct Head<'a> {
 }
 
 /// Reads the [`Head`] of one text frame. Well-formed frames take one pass without building a
-/// JSON value; anything else (wrong types, duplicate keys, not an object) goes through
-/// [`parse`], which decides exactly as before: a field of the wrong type counts as absent.
+/// JSON value; anything else (wrong types, duplicate keys, not an object, not UTF-8) goes
+/// through [`parse`], which decides exactly as before: a field of the wrong type counts as
+/// absent. One difference is kept: the one pass skips the fields it does not read the way
+/// serde_json skips any value, without its nesting limit (128 levels), number range
+/// (`1e999`) or surrogate (`"\ud800"`) checks, so a frame whose only such fault is inside
+/// those fields is accepted here and refused by [`parse`]. Logic skips the same fields the same
+/// way (its typed requests), and checks any field it reads (fuzz target `json_head`).
 pub fn head(bytes: &[u8]) -> Result<Head<'_>, BadFrame> {
-    if let Ok(h) = serde_json::from_slice::<Head>(bytes) {
-        if !h.op.is_empty() {
-            return Ok(h);
+    // Only text takes the one pass: serde_json skips the strings it does not read without
+    // checking their UTF-8, which `parse` refuses (found by fuzzing).
+    if let Ok(text) = std::str::from_utf8(bytes) {
+        if let Ok(h) = serde_json::from_str::<Head>(text) {
+            if !h.op.is_empty() {
+                return Ok(h);
+            }
         }
     }
     let r = parse(bytes)?;
@@ -163,6 +172,27 @@ mod tests {
         assert_eq!(head(br#"{"op":"","rid":4}"#).unwrap_err().rid, Some(4));
         assert!(head(b"[1]").is_err());
         assert!(head(b"nope").is_err());
+    }
+
+    #[test]
+    fn head_refuses_what_parse_refuses_in_fields_it_skips() {
+        // fuzz target json_head: invalid UTF-8 in a string the one pass skips was accepted
+        let frame = b"{\"op\":\"auth\",\"rid\":2,\"tn\":\"eyJ0eXAiOiJKV1Qif\xf8\xff\xff\xff9.c2ln\"}";
+        assert_eq!(parse(frame).unwrap_err(), BadFrame { rid: None, message: "frame is not valid JSON" });
+        assert_eq!(head(frame).unwrap_err(), parse(frame).unwrap_err());
+        // the documented difference: faults serde_json does not look for in the values it skips
+        let deep = format!(r#"{{"op":"x","rid":1,"skip":{}{}}}"#, "[".repeat(200), "]".repeat(200));
+        let huge = r#"{"op":"s\u0019nd","d":184E6744073709515615,"rid":1}"#.to_string(); // found by fuzzing
+        let lone = r#"{"op":"x","rid":1,"skip":"\ud800"}"#.to_string();
+        for frame in [deep, huge, lone] {
+            assert!(parse(frame.as_bytes()).is_err(), "{frame}");
+            let h = head(frame.as_bytes()).unwrap();
+            assert_eq!(h.rid, Some(1));
+        }
+        // ... and only there: the same faults in a field the gateway reads are refused
+        for frame in [r#"{"op":"x","rid":1e999}"#, r#"{"op":"x","token":"\ud800"}"#] {
+            assert_eq!(head(frame.as_bytes()).unwrap_err(), parse(frame.as_bytes()).unwrap_err(), "{frame}");
+        }
     }
 
     #[test]

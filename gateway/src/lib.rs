@@ -15,7 +15,8 @@ mod metrics;
 pub mod pool;
 mod push;
 mod shard;
-mod tcpframe;
+/// Raw TCP length-prefix framing (public for the fuzz targets in `fuzz/`).
+pub mod tcpframe;
 pub mod wheel;
 pub mod ws;
 
