@@ -165,23 +165,7 @@ pub fn by_reads<E>(
 }
 
 /// A client (masked) frame, as a browser would send it: minimal length form.
-pub fn client_frame(first_byte: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-    let mut v = vec![first_byte];
-    match payload.len() {
-        0..=125 => v.push(0x80 | payload.len() as u8),
-        126..=0xFFFF => {
-            v.push(0x80 | 126);
-            v.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-        }
-        _ => {
-            v.push(0x80 | 127);
-            v.extend_from_slice(&(payload.len() as u64).to_be_bytes());
-        }
-    }
-    v.extend_from_slice(&mask);
-    v.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    v
-}
+pub use switchboard_gateway::ws::client_frame;
 
 /// Decodes one unmasked server frame (reference decoder, independent of the gateway's):
 /// `(first byte, header bytes, payload)`. Panics unless the frame is complete, uses the

@@ -346,26 +346,33 @@ pub fn close_reply_code(payload: &[u8]) -> u16 {
     }
 }
 
+/// A masked client frame (first byte, minimal length form, `mask` applied), as a browser sends
+/// it: for tests and the fuzz targets, which play the client.
+#[doc(hidden)]
+pub fn client_frame(first_byte: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    let mut v = vec![first_byte];
+    match payload.len() {
+        0..=125 => v.push(0x80 | payload.len() as u8),
+        126..=0xFFFF => {
+            v.push(0x80 | 126);
+            v.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        }
+        _ => {
+            v.push(0x80 | 127);
+            v.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+        }
+    }
+    v.extend_from_slice(&mask);
+    v.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn masked(opcode: u8, fin: bool, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-        let mut v = vec![(if fin { 0x80 } else { 0 }) | opcode];
-        match payload.len() {
-            0..=125 => v.push(0x80 | payload.len() as u8),
-            126..=0xFFFF => {
-                v.push(0x80 | 126);
-                v.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-            }
-            _ => {
-                v.push(0x80 | 127);
-                v.extend_from_slice(&(payload.len() as u64).to_be_bytes());
-            }
-        }
-        v.extend_from_slice(&mask);
-        v.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        v
+        client_frame((if fin { 0x80 } else { 0 }) | opcode, payload, mask)
     }
 
     const REQ: &str = "GET /ws?x=1 HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\

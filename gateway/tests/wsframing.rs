@@ -19,22 +19,7 @@ const UPGRADE: &str = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConn
 
 /// A masked client frame.
 fn frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
-    let mask = [0x37, 0xFA, 0x21, 0x3D];
-    let mut v = vec![(if fin { 0x80 } else { 0 }) | opcode];
-    match payload.len() {
-        0..=125 => v.push(0x80 | payload.len() as u8),
-        126..=0xFFFF => {
-            v.push(0x80 | 126);
-            v.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-        }
-        _ => {
-            v.push(0x80 | 127);
-            v.extend_from_slice(&(payload.len() as u64).to_be_bytes());
-        }
-    }
-    v.extend_from_slice(&mask);
-    v.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    v
+    switchboard_gateway::ws::client_frame((if fin { 0x80 } else { 0 }) | opcode, payload, [0x37, 0xFA, 0x21, 0x3D])
 }
 
 fn text(s: &str) -> Vec<u8> {
