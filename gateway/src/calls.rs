@@ -89,12 +89,14 @@ impl Calls {
         Some(self.ringing.remove(i))
     }
 
-    /// Cancels every ring timer.
-    pub fn cancel_all<T>(&mut self, wheel: &mut Wheel<T>) {
-        for r in self.ringing.drain(..) {
+    /// Cancels every ring timer; returns the calls that were ringing.
+    pub fn cancel_all<T>(&mut self, wheel: &mut Wheel<T>) -> Vec<Ringing> {
+        let ringing: Vec<Ringing> = self.ringing.drain(..).collect();
+        for r in &ringing {
             wheel.cancel(r.timer);
         }
         self.inflight_offer = None;
+        ringing
     }
 
     /// True when no call is ringing and no offer reply is awaited.

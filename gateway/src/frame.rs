@@ -141,6 +141,12 @@ pub fn call_timeout_request(to: &str, call_id: &str) -> String {
     json!({"op": "call.hangup", "to": to, "call_id": call_id, "reason": "timeout"}).to_string()
 }
 
+/// The request ending a call whose caller went away while it rang, sent to logic on the caller's
+/// behalf (no rid): `{"op":"call.hangup","to":T,"call_id":C,"reason":"gone"}`.
+pub fn call_gone_request(to: &str, call_id: &str) -> String {
+    json!({"op": "call.hangup", "to": to, "call_id": call_id, "reason": "gone"}).to_string()
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)

@@ -180,3 +180,23 @@ async fn ring_timeout_over_raw_tcp() {
     assert_eq!(hangup, json!({"op": "call.hangup", "to": "bob", "call_id": "t1", "reason": "timeout"}));
     gw.shutdown().await;
 }
+
+/// A caller that disconnects while its offer rings hangs the call up: logic gets a
+/// `call.hangup` with reason `gone` for the callee, made on the caller's behalf.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caller_gone_while_ringing_hangs_up() {
+    let (logic, gw) = start().await;
+    let addr = gw.ws_addr();
+    blocking(move || {
+        let mut ws = ws_connect_auth(addr);
+        offer(&mut ws, 2, "bob", "c-gone");
+        assert_eq!(ws_read_json(&mut ws)["op"], "call.offer.ok");
+        drop(ws);
+    })
+    .await;
+    let (_, hangup) =
+        logic.wait_for("a hangup with reason gone", |v| v["op"] == "call.hangup" && v["reason"] == "gone").await;
+    assert_eq!((hangup["to"].as_str(), hangup["call_id"].as_str()), (Some("bob"), Some("c-gone")));
+    assert!(hangup.get("rid").is_none());
+    gw.shutdown().await;
+}

@@ -610,9 +610,9 @@ impl Conn {
         self.closing = true;
         self.pending.clear();
         self.unacked.clear();
+        self.notify_closed(env);
         self.cancel_timers(env);
         self.timer = Some(self.arm(env, env.now + LINGER, TimerKind::Linger));
-        self.notify_closed(env);
     }
 
     fn die(&mut self, env: &mut Env) {
@@ -636,8 +636,30 @@ impl Conn {
             return;
         }
         self.notified_closed = true;
+        self.hang_up_ringing(env);
         if let Some(ev) = self.conn_event(env) {
             env.bridge.disconnected(ev);
+        }
+    }
+
+    /// The connection goes away while its offers ring: each callee gets a `call.hangup` with
+    /// reason `gone`, relayed through logic on the caller's behalf.
+    fn hang_up_ringing(&mut self, env: &mut Env) {
+        let Some(mut calls) = self.calls.take() else {
+            return;
+        };
+        let ringing = calls.cancel_all(&mut env.wheel);
+        let Some(ev) = self.conn_event(env) else {
+            return;
+        };
+        for call in ringing {
+            env.bridge.handle_detached(ClientRequest {
+                conn: Some(ev.clone()),
+                frame: Bytes::from(frame::call_gone_request(&call.to, &call.call_id)),
+                ip: self.peer.ip().to_string(),
+                op: "call.hangup".into(),
+                rid: None,
+            });
         }
     }
 
