@@ -143,10 +143,11 @@ pub async fn send(logic: &Logic, caller: &Caller, req: Send) -> Result<Fields, A
         (Some(to), None) => to,
         (None, Some(group)) => {
             require_role(logic, &group, &caller.user).await?;
+            let members: Vec<String> = logic.stores.groups.members(&group).await?.into_iter().map(|(u, _)| u).collect();
             let conv = format!("g:{group}");
             let new = NewMessage { conv, from: caller.user.clone(), cmid: req.cmid, kind: req.kind, body: req.body };
             // One stored copy; members read it by seq (no per-member index).
-            return store_and_push(logic, caller, new, &[], None).await;
+            return store_and_push(logic, caller, new, &[], &members).await;
         }
         _ => return Err(ApiError::bad_request("give exactly one of `to` and `group`")),
     };
@@ -160,28 +161,24 @@ pub async fn send(logic: &Logic, caller: &Caller, req: Send) -> Result<Fields, A
     let conv = direct_conv(&caller.user, &to);
     let members = [caller.user.clone(), to.clone()];
     let new = NewMessage { conv, from: caller.user.clone(), cmid: req.cmid, kind: req.kind, body: req.body };
-    store_and_push(logic, caller, new, &members, Some(&members)).await
+    store_and_push(logic, caller, new, &members, &members).await
 }
 
 /// Appends a message and pushes it to the conversation's members (all of
 /// them but the sending connection), in seq order per conversation.
 /// `index` are the users to index the conversation for (direct chats);
-/// `members` the push targets when already known.
+/// `members` the push targets.
 async fn store_and_push(
     logic: &Logic,
     caller: &Caller,
     new: NewMessage,
     index: &[String],
-    members: Option<&[String]>,
+    members: &[String],
 ) -> Result<Fields, ApiError> {
     let conv = new.conv.clone();
-    // Recipients and their connections are looked up before the conversation lock, which
-    // covers seq allocation, append and enqueue only.
-    let all = match members {
-        Some(list) => list.to_vec(),
-        None => conv_members(logic, &conv, &caller.user).await?,
-    };
-    let targets = logic.pusher.targets(&all, Some((&caller.gateway, caller.conn_id))).await;
+    // Recipients' connections are looked up before the conversation lock, which covers seq
+    // allocation, append and enqueue only.
+    let targets = logic.pusher.targets(members, Some((&caller.gateway, caller.conn_id))).await;
     let mut tail = logic.conv_lock(&conv).lock().await;
     let store = &logic.stores.messages;
     let appended = match store.append_ordered(&new, index) {
