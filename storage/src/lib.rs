@@ -16,7 +16,9 @@ pub mod mongo;
 pub mod persist;
 pub mod postgres;
 pub mod redis;
+mod tail;
 mod traits;
+mod wal;
 
 pub use error::StorageError;
 pub use model::*;

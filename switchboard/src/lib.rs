@@ -61,7 +61,8 @@ struct ClusterParts {
 /// cluster engines when configured.
 async fn open_stores(s: &Settings) -> anyhow::Result<(Stores, Option<ClusterParts>)> {
     let Some((redis_url, pg_url, brokers)) = s.cluster()? else {
-        let store = EmbeddedStore::open(&s.data_dir()).context("opening the embedded store")?;
+        let store =
+            EmbeddedStore::open_with(&s.data_dir(), s.checkpoint_policy()).context("opening the embedded store")?;
         let stores = Stores {
             accounts: Arc::new(store.clone()),
             social: Arc::new(store.clone()),

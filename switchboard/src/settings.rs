@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use serde::Deserialize;
+use switchboard_storage::embedded::CheckpointPolicy;
 
 /// Every option is optional here; `get` accessors apply the defaults.
 #[derive(Debug, Clone, Default, Args, Deserialize)]
@@ -75,6 +76,14 @@ pub struct Settings {
     /// Milliseconds between writes of coalesced ack and read cursors; default 100.
     #[arg(long, env = "SB_CURSOR_FLUSH_MS")]
     pub cursor_flush_ms: Option<u64>,
+    /// Embedded store: longest milliseconds appends stay only in its write-ahead log before a
+    /// B-tree checkpoint; default 200.
+    #[arg(long, env = "SB_EMBEDDED_CHECKPOINT_MS")]
+    pub embedded_checkpoint_ms: Option<u64>,
+    /// Embedded store: most bytes of appends held in its write-ahead log (and in memory) before a
+    /// checkpoint; default 32 MiB.
+    #[arg(long, env = "SB_EMBEDDED_CHECKPOINT_BYTES")]
+    pub embedded_checkpoint_bytes: Option<usize>,
     /// Milliseconds a new connection has to `auth`.
     #[arg(long, env = "SB_AUTH_TIMEOUT_MS")]
     pub auth_timeout_ms: Option<u64>,
@@ -178,8 +187,21 @@ impl Settings {
             persist_give_up_secs,
             user_rate, user_burst, ip_rate, ip_burst, auth_rate, auth_burst, admin_token, max_group_members,
             ring_timeout_ms, recall_window_ms, max_outbound_bytes, max_link_message_bytes, push_batch_bytes,
-            reply_max_bytes, cursor_flush_ms, cluster_secret, void_after_ms);
+            reply_max_bytes, cursor_flush_ms, cluster_secret, void_after_ms, embedded_checkpoint_ms,
+            embedded_checkpoint_bytes);
         Ok(self)
+    }
+
+    /// When the embedded store commits its B-trees (defaults in [`CheckpointPolicy::default`]).
+    pub fn checkpoint_policy(&self) -> CheckpointPolicy {
+        let mut p = CheckpointPolicy::default();
+        if let Some(ms) = self.embedded_checkpoint_ms {
+            p.interval = Duration::from_millis(ms.max(1));
+        }
+        if let Some(b) = self.embedded_checkpoint_bytes {
+            p.bytes = b.max(1);
+        }
+        p
     }
 
     pub fn data_dir(&self) -> PathBuf {

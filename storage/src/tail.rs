@@ -1,0 +1,129 @@
+//! The embedded store's tail: the messages appended (and durable in the write-ahead log) since the
+//! last B-tree commit, which readers see through it until that commit makes them visible in the
+//! B-trees. Readers take what they need from the tail **before** opening their read transaction:
+//! the writer empties the tail only after a commit, so every message is in one or the other (or
+//! both, when the commit lands in between; then the B-tree's copy wins, since a recall may have
+//! changed it).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::Message;
+
+/// A message appended since the last commit, with the members whose conversation index got
+/// their first row for its conversation with it.
+pub(crate) struct Entry {
+    pub msg: Arc<Message>,
+    pub indexed: Vec<String>,
+    /// Its size in the log, which stands for the memory it holds here.
+    pub bytes: usize,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// conv -> its messages since the last commit, in seq order.
+    convs: HashMap<String, Vec<Arc<Message>>>,
+    /// "conv\0from\0cmid" -> seq.
+    cmids: HashMap<String, u64>,
+    /// "conv\0mid" -> seq.
+    mids: HashMap<String, u64>,
+    /// user -> conversations first indexed for them since the last commit.
+    indexed: HashMap<String, Vec<String>>,
+    bytes: usize,
+}
+
+/// Shared by the writer thread (which fills and empties it) and readers.
+#[derive(Default, Clone)]
+pub(crate) struct Tail(Arc<Mutex<Inner>>);
+
+fn cmid_key(conv: &str, from: &str, cmid: &str) -> String {
+    format!("{conv}\0{from}\0{cmid}")
+}
+
+fn mid_key(conv: &str, mid: &str) -> String {
+    format!("{conv}\0{mid}")
+}
+
+impl Tail {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves consistent maps (every change is one insert).
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes `entries` (durable in the log) visible to readers.
+    pub fn extend(&self, entries: Vec<Entry>) {
+        let mut t = self.lock();
+        for Entry { msg, indexed, bytes } in entries {
+            t.bytes += bytes + msg.conv.len() * 2 + 128;
+            t.cmids.insert(cmid_key(&msg.conv, &msg.from, &msg.cmid), msg.seq);
+            t.mids.insert(mid_key(&msg.conv, &msg.mid), msg.seq);
+            for user in indexed {
+                t.indexed.entry(user).or_default().push(msg.conv.clone());
+            }
+            t.convs.entry(msg.conv.clone()).or_default().push(msg);
+        }
+    }
+
+    /// Forgets everything once a commit holds it.
+    pub fn clear(&self) {
+        *self.lock() = Inner::default();
+    }
+
+    /// Roughly the memory the tail holds, in bytes.
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
+    /// The messages of `conv` in the tail whose seq is in `range`.
+    pub fn messages(&self, conv: &str, range: impl std::ops::RangeBounds<u64>) -> Vec<Arc<Message>> {
+        let t = self.lock();
+        t.convs.get(conv).map_or_else(Vec::new, |ms| ms.iter().filter(|m| range.contains(&m.seq)).cloned().collect())
+    }
+
+    /// The last seq of `conv` in the tail.
+    pub fn last_seq(&self, conv: &str) -> Option<u64> {
+        self.lock().convs.get(conv).and_then(|ms| ms.last()).map(|m| m.seq)
+    }
+
+    /// The message of `conv` that `from` sent with `cmid`, if it is in the tail.
+    pub fn by_cmid(&self, conv: &str, from: &str, cmid: &str) -> Option<Arc<Message>> {
+        let t = self.lock();
+        let seq = *t.cmids.get(&cmid_key(conv, from, cmid))?;
+        at(&t, conv, seq)
+    }
+
+    /// The message `mid` of `conv`, if it is in the tail.
+    pub fn by_mid(&self, conv: &str, mid: &str) -> Option<Arc<Message>> {
+        let t = self.lock();
+        let seq = *t.mids.get(&mid_key(conv, mid))?;
+        at(&t, conv, seq)
+    }
+
+    /// For `user`: the conversations first indexed for them in the tail, and the last seq in the
+    /// tail of every conversation that has one.
+    pub fn user_view(&self, user: &str) -> (Vec<String>, HashMap<String, u64>) {
+        let t = self.lock();
+        let new = t.indexed.get(user).cloned().unwrap_or_default();
+        let lasts = t.convs.iter().filter_map(|(c, ms)| Some((c.clone(), ms.last()?.seq))).collect();
+        (new, lasts)
+    }
+}
+
+fn at(t: &Inner, conv: &str, seq: u64) -> Option<Arc<Message>> {
+    let ms = t.convs.get(conv)?;
+    let first = ms.first()?.seq;
+    ms.get(usize::try_from(seq.checked_sub(first)?).ok()?).cloned()
+}
+
+/// Merges messages read from the B-tree (`stored`) with the tail's: one per seq, the stored copy
+/// winning, in ascending seq order.
+pub(crate) fn merge(stored: Vec<Message>, tail: Vec<Arc<Message>>) -> Vec<Message> {
+    if tail.is_empty() {
+        return stored;
+    }
+    let mut by_seq: std::collections::BTreeMap<u64, Message> = stored.into_iter().map(|m| (m.seq, m)).collect();
+    for m in tail {
+        by_seq.entry(m.seq).or_insert_with(|| (*m).clone());
+    }
+    by_seq.into_values().collect()
+}
