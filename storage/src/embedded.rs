@@ -15,6 +15,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use redb::{Database, ReadTransaction, ReadableTable, ReadableTableMetadata, Table, TableDefinition, WriteTransaction};
 
+use crate::caches::{members_hash, ConvCache, ConvState, GroupCache, Members};
 pub use crate::group_commit::CheckpointPolicy;
 use crate::group_commit::{End, GroupCommit, Logged};
 use crate::tail::{merge, Entry, Tail};
@@ -59,6 +60,8 @@ pub struct EmbeddedStore {
     db: Arc<Database>,
     writer: Arc<GroupCommit>,
     tail: Tail,
+    convs: ConvCache,
+    groups: Arc<GroupCache>,
 }
 
 impl EmbeddedStore {
@@ -111,8 +114,17 @@ impl EmbeddedStore {
         }
         let db = Arc::new(db);
         let tail = Tail::default();
-        let writer = Arc::new(GroupCommit::start(db.clone(), wal, tail.clone(), replay, policy)?);
-        Ok(Self { db, writer, tail })
+        let convs = ConvCache::default();
+        let lost = convs.clone();
+        let writer = Arc::new(GroupCommit::start(
+            db.clone(),
+            wal,
+            tail.clone(),
+            replay,
+            policy,
+            Box::new(move || lost.clear()),
+        )?);
+        Ok(Self { db, writer, tail, convs, groups: Arc::default() })
     }
 
     /// Runs `f` in a read transaction, on the calling task. Reads are short
@@ -445,8 +457,10 @@ fn replay(tx: &WriteTransaction, records: &[Vec<u8>]) -> Result<()> {
 fn append_job(
     msg: NewMessage,
     members: Vec<String>,
+    cache: ConvCache,
 ) -> impl FnOnce(&WriteTransaction) -> Result<Logged<Appended>> + Send + 'static {
     move |tx| {
+        let known = cache.get(&msg.conv);
         let (last, last_ts) = {
             let cmids = tx.open_table(CMIDS)?;
             let messages = tx.open_table(MESSAGES)?;
@@ -457,29 +471,35 @@ fn append_job(
                 };
                 return Ok(Logged::Unchanged(Appended { msg: earlier, duplicate: true }));
             }
-            let last = tx.open_table(CONV_SEQ)?.get(msg.conv.as_str())?.map(|v| v.value()).unwrap_or(0);
-            // ts never goes backwards inside a conversation, so seq order
-            // and time order agree even if the wall clock steps back.
-            let last_ts = match last {
-                0 => 0,
-                n => get_json::<Message>(messages.get((msg.conv.as_str(), n))?)?.map_or(0, |m| m.ts),
-            };
-            (last, last_ts)
+            match known {
+                Some(k) => (k.seq, k.ts),
+                None => {
+                    let last = tx.open_table(CONV_SEQ)?.get(msg.conv.as_str())?.map(|v| v.value()).unwrap_or(0);
+                    let last_ts = match last {
+                        0 => 0,
+                        n => get_json::<Message>(messages.get((msg.conv.as_str(), n))?)?.map_or(0, |m| m.ts),
+                    };
+                    (last, last_ts)
+                }
+            }
         };
+        // ts never goes backwards inside a conversation, so seq order
+        // and time order agree even if the wall clock steps back.
         let stored = msg.stored_as(last + 1, now_ms().max(last_ts));
-        let indexed = {
+        let hash = members_hash(&members);
+        let mut indexed = Vec::new();
+        if known.is_none_or(|k| k.indexed != hash) {
             let index = tx.open_table(USER_CONVS)?;
-            let mut indexed = Vec::new();
             for m in members {
                 // Present after the first message: a lookup dirties no page, an insert would.
                 if index.get((m.as_str(), stored.conv.as_str()))?.is_none() {
                     indexed.push(m);
                 }
             }
-            indexed
-        };
+        }
         let json = serde_json::to_vec(&stored)?;
         put_message(tx, &stored, &json, &indexed)?;
+        cache.put(&stored.conv, ConvState { seq: stored.seq, ts: stored.ts, indexed: hash });
         let record = encode_record(&json, &indexed)?;
         let bytes = record.len();
         let entry = Entry { msg: Arc::new(stored.clone()), indexed, bytes };
@@ -494,11 +514,11 @@ impl MessageStore for EmbeddedStore {
         msg: &NewMessage,
         members: &[String],
     ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = Result<Appended>> + Send + 'static>>> {
-        Some(Box::pin(self.writer.append(append_job(msg.clone(), members.to_vec()))))
+        Some(Box::pin(self.writer.append(append_job(msg.clone(), members.to_vec(), self.convs.clone()))))
     }
 
     async fn append(&self, msg: NewMessage, members: &[String]) -> Result<Appended> {
-        self.writer.append(append_job(msg, members.to_vec())).await
+        self.writer.append(append_job(msg, members.to_vec(), self.convs.clone())).await
     }
 
     async fn find_cmid(&self, conv: &str, from: &str, cmid: &str) -> Result<Option<Message>> {
@@ -726,23 +746,44 @@ impl EmbeddedStore {
     /// Gives `user` `role` in group `id` if `user` already belongs
     /// (`member`) or does not yet (`!member`); `false` otherwise.
     async fn put_role_if(&self, id: &str, user: &str, role: Role, member: bool) -> Result<bool> {
-        let (id, user) = (id.to_owned(), user.to_owned());
-        self.write(move |tx| {
-            if is_member(tx, &id, &user)? != member {
-                return Ok(Abort(false));
-            }
-            put_member(tx, &id, &user, role)?;
-            Ok(Commit(true))
-        })
-        .await
+        let (gid, user) = (id.to_owned(), user.to_owned());
+        let done = self
+            .write(move |tx| {
+                if is_member(tx, &gid, &user)? != member {
+                    return Ok(Abort(false));
+                }
+                put_member(tx, &gid, &user, role)?;
+                Ok(Commit(true))
+            })
+            .await;
+        self.groups.invalidate(id);
+        done
+    }
+
+    /// The members of group `id`, sorted by user: from the cache, or read and cached.
+    async fn member_list(&self, id: &str) -> Result<Members> {
+        if let Some(list) = self.groups.get(id) {
+            return Ok(list);
+        }
+        let generation = self.groups.generation();
+        let gid = id.to_owned();
+        let list: Members = Arc::new(
+            self.read(move |tx| {
+                rows_under(&tx.open_table(GROUP_MEMBERS)?, &gid, |user, role| Ok((user.to_owned(), parse_role(role)?)))
+            })
+            .await?,
+        );
+        self.groups.insert(generation, id, list.clone());
+        Ok(list)
     }
 }
 
 #[async_trait]
 impl GroupStore for EmbeddedStore {
     async fn create_group(&self, group: &Group, members: &[String]) -> Result<bool> {
+        let id = group.id.clone();
         let (group, members) = (group.clone(), members.to_vec());
-        self.write(move |tx| {
+        let done = self.write(move |tx| {
             let mut groups = tx.open_table(GROUPS)?;
             if groups.get(group.id.as_str())?.is_some() {
                 return Ok(Abort(false));
@@ -755,8 +796,10 @@ impl GroupStore for EmbeddedStore {
                 }
             }
             Ok(Commit(true))
-        })
-        .await
+        });
+        let done = done.await;
+        self.groups.invalidate(&id);
+        done
     }
 
     async fn group(&self, id: &str) -> Result<Option<Group>> {
@@ -769,15 +812,18 @@ impl GroupStore for EmbeddedStore {
     }
 
     async fn remove_member(&self, id: &str, user: &str) -> Result<bool> {
-        let (id, user) = (id.to_owned(), user.to_owned());
-        self.write(move |tx| {
-            if tx.open_table(GROUP_MEMBERS)?.remove((id.as_str(), user.as_str()))?.is_none() {
-                return Ok(Abort(false));
-            }
-            tx.open_table(USER_GROUPS)?.remove((user.as_str(), id.as_str()))?;
-            Ok(Commit(true))
-        })
-        .await
+        let (gid, user) = (id.to_owned(), user.to_owned());
+        let done = self
+            .write(move |tx| {
+                if tx.open_table(GROUP_MEMBERS)?.remove((gid.as_str(), user.as_str()))?.is_none() {
+                    return Ok(Abort(false));
+                }
+                tx.open_table(USER_GROUPS)?.remove((user.as_str(), gid.as_str()))?;
+                Ok(Commit(true))
+            })
+            .await;
+        self.groups.invalidate(id);
+        done
     }
 
     async fn set_role(&self, id: &str, user: &str, role: Role) -> Result<bool> {
@@ -785,21 +831,12 @@ impl GroupStore for EmbeddedStore {
     }
 
     async fn role(&self, id: &str, user: &str) -> Result<Option<Role>> {
-        let (id, user) = (id.to_owned(), user.to_owned());
-        self.read(move |tx| {
-            let t = tx.open_table(GROUP_MEMBERS)?;
-            let role = t.get((id.as_str(), user.as_str()))?.map(|v| v.value().to_owned());
-            role.as_deref().map(parse_role).transpose()
-        })
-        .await
+        let list = self.member_list(id).await?;
+        Ok(list.binary_search_by(|(u, _)| u.as_str().cmp(user)).ok().map(|i| list[i].1))
     }
 
     async fn members(&self, id: &str) -> Result<Vec<(String, Role)>> {
-        let id = id.to_owned();
-        self.read(move |tx| {
-            rows_under(&tx.open_table(GROUP_MEMBERS)?, &id, |user, role| Ok((user.to_owned(), parse_role(role)?)))
-        })
-        .await
+        Ok(self.member_list(id).await?.as_ref().clone())
     }
 
     async fn user_groups(&self, user: &str) -> Result<Vec<(Group, Role)>> {

@@ -86,10 +86,32 @@ pub(crate) struct GroupCommit {
 }
 
 impl GroupCommit {
-    pub fn start(db: Arc<Database>, wal: Wal, tail: Tail, replay: Replay, policy: CheckpointPolicy) -> Result<Self> {
+    /// Starts the writer thread; `lost` runs whenever the open transaction is dropped unfinished
+    /// (to forget what was cached from it). Results are handed back through the Tokio runtime
+    /// this is called on, if any: one task per batch wakes the callers, instead of one
+    /// cross-thread wake-up each.
+    pub fn start(
+        db: Arc<Database>,
+        wal: Wal,
+        tail: Tail,
+        replay: Replay,
+        policy: CheckpointPolicy,
+        lost: Box<dyn Fn() + Send>,
+    ) -> Result<Self> {
         let (jobs, rx) = mpsc::channel::<Job>();
-        let writer =
-            Writer { db, wal, tail, replay, policy, open: None, dirty: false, opened: Instant::now(), broken: None };
+        let writer = Writer {
+            db,
+            wal,
+            tail,
+            replay,
+            policy,
+            lost,
+            runtime: tokio::runtime::Handle::try_current().ok(),
+            open: None,
+            dirty: false,
+            opened: Instant::now(),
+            broken: None,
+        };
         let thread = std::thread::Builder::new()
             .name("sb-redb-writer".into())
             .spawn(move || writer.run(rx))
@@ -173,6 +195,8 @@ struct Writer {
     tail: Tail,
     replay: Replay,
     policy: CheckpointPolicy,
+    lost: Box<dyn Fn() + Send>,
+    runtime: Option<tokio::runtime::Handle>,
     /// The transaction holding the appends since the last commit.
     open: Option<WriteTransaction>,
     /// Whether `open` holds any change.
@@ -215,8 +239,20 @@ impl Writer {
             if let Some(e) = &failed {
                 tracing::error!(error = %e, jobs = n, "embedded store: batch not committed");
             }
-            for deliver in done.drain(..) {
-                deliver(failed.as_deref());
+            match &self.runtime {
+                Some(rt) => {
+                    let batch = std::mem::take(&mut done);
+                    rt.spawn(async move {
+                        for deliver in batch {
+                            deliver(failed.as_deref());
+                        }
+                    });
+                }
+                None => {
+                    for deliver in done.drain(..) {
+                        deliver(failed.as_deref());
+                    }
+                }
             }
         }
         self.checkpoint();
@@ -312,6 +348,7 @@ impl Writer {
     /// what was acknowledged. On failure the writer stops taking writes.
     fn restore(&mut self) {
         self.open = None;
+        (self.lost)();
         let result = (|| -> Result<()> {
             let records = self.wal.records()?;
             let mut tx = self.db.begin_write()?;

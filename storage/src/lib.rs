@@ -3,6 +3,7 @@
 //! implements the same traits and passes the same contract suite
 //! (`contract` module), so a deployment chooses one by configuration.
 
+mod caches;
 pub mod cluster;
 pub mod contract;
 pub mod contract_durable;
