@@ -5,6 +5,7 @@
 //! PostgreSQL).
 
 mod heartbeat;
+pub mod http_serve;
 pub mod inproc;
 pub mod settings;
 
@@ -186,17 +187,8 @@ impl LogicRole {
             TcpListener::bind(s.http_addr()).await.with_context(|| format!("binding {}", s.http_addr()))?;
         let http_addr = http_listener.local_addr()?;
         let router = switchboard_logic::http::router(logic.clone(), extra);
-        let http = Task::spawn(|stopped| async move {
-            let app = router.into_make_service_with_connect_info::<SocketAddr>();
-            let served = axum::serve(http_listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = stopped.await;
-                })
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        });
+        let limits = s.http_limits();
+        let http = Task::spawn(|stopped| http_serve::serve(http_listener, router, limits, stopped));
         let (heartbeat, sweeper) = match cluster {
             Some(ClusterParts { redis, messages }) => {
                 let rpc = s.advertise_logic.clone().unwrap_or_else(|| format!("http://{grpc_addr}"));

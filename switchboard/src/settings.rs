@@ -11,6 +11,8 @@ use clap::Args;
 use serde::Deserialize;
 use switchboard_storage::embedded::CheckpointPolicy;
 
+use crate::http_serve::HttpLimits;
+
 /// Every option is optional here; `get` accessors apply the defaults.
 #[derive(Debug, Clone, Default, Args, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -76,6 +78,16 @@ pub struct Settings {
     /// Milliseconds between writes of coalesced ack and read cursors; default 100.
     #[arg(long, env = "SB_CURSOR_FLUSH_MS")]
     pub cursor_flush_ms: Option<u64>,
+    /// Most open HTTP API connections (one more is closed at once); default 10000.
+    #[arg(long, env = "SB_HTTP_MAX_CONNECTIONS")]
+    pub http_max_connections: Option<usize>,
+    /// Milliseconds an HTTP client has to send a request head (also closes idle keep-alive
+    /// connections); default 10000.
+    #[arg(long, env = "SB_HTTP_HEADER_TIMEOUT_MS")]
+    pub http_header_timeout_ms: Option<u64>,
+    /// Milliseconds to receive, handle and answer one HTTP request (408 after it); default 30000.
+    #[arg(long, env = "SB_HTTP_REQUEST_TIMEOUT_MS")]
+    pub http_request_timeout_ms: Option<u64>,
     /// Embedded store: longest milliseconds appends stay only in its write-ahead log before a
     /// B-tree checkpoint; default 200.
     #[arg(long, env = "SB_EMBEDDED_CHECKPOINT_MS")]
@@ -188,8 +200,23 @@ impl Settings {
             user_rate, user_burst, ip_rate, ip_burst, auth_rate, auth_burst, admin_token, max_group_members,
             ring_timeout_ms, recall_window_ms, max_outbound_bytes, max_link_message_bytes, push_batch_bytes,
             reply_max_bytes, cursor_flush_ms, cluster_secret, void_after_ms, embedded_checkpoint_ms,
-            embedded_checkpoint_bytes);
+            embedded_checkpoint_bytes, http_max_connections, http_header_timeout_ms, http_request_timeout_ms);
         Ok(self)
+    }
+
+    /// Limits of the HTTP API listener (defaults in [`HttpLimits::default`]).
+    pub fn http_limits(&self) -> HttpLimits {
+        let mut l = HttpLimits::default();
+        if let Some(n) = self.http_max_connections {
+            l.max_connections = n.max(1);
+        }
+        if let Some(ms) = self.http_header_timeout_ms {
+            l.header_timeout = Duration::from_millis(ms.max(1));
+        }
+        if let Some(ms) = self.http_request_timeout_ms {
+            l.request_timeout = Duration::from_millis(ms.max(1));
+        }
+        l
     }
 
     /// When the embedded store commits its B-trees (defaults in [`CheckpointPolicy::default`]).
