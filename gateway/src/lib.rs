@@ -10,6 +10,7 @@ mod calls;
 mod conn;
 pub mod connid;
 pub mod frame;
+mod ipcap;
 pub mod link;
 mod metrics;
 pub mod pool;
@@ -82,6 +83,9 @@ pub struct GatewayConfig {
     pub max_pending_requests: usize,
     /// Connections per process.
     pub max_connections: usize,
+    /// Connections per client address bucket (an IPv4 address, an IPv6 /64) over the whole
+    /// process; 0: no cap.
+    pub max_connections_per_ip: usize,
     /// Secret every internal call must carry, both ways (`None`: internal links are open; only
     /// for a gateway and logic on one trusted host).
     pub cluster_secret: Option<String>,
@@ -114,6 +118,7 @@ impl Default for GatewayConfig {
             max_unacked: 1024,
             max_pending_requests: 64,
             max_connections: 100_000,
+            max_connections_per_ip: 1000,
             max_link_message_bytes: 16 << 20,
             cluster_secret: None,
             ring_timeout: Duration::from_secs(30),
@@ -260,6 +265,7 @@ impl Gateway {
 
         let cfg = Arc::new(config);
         let metrics = Arc::new(GatewayMetrics::default());
+        let ip_caps = Arc::new(ipcap::IpCaps::new(cfg.max_connections_per_ip));
         let mut links = Vec::with_capacity(shards);
         let mut threads = Vec::with_capacity(shards);
         for (idx, (l, tl)) in listeners.into_iter().zip(tcp_listeners).enumerate() {
@@ -275,6 +281,7 @@ impl Gateway {
                 wheel: wheel::Wheel::new(shard::TICK, shard::WHEEL_SLOTS, Instant::now()),
                 now: Instant::now(),
                 scratch: vec![0; shard::SCRATCH_BYTES],
+                ip_caps: ip_caps.clone(),
             };
             let tl = tl.map(mio::net::TcpListener::from_std);
             let shard = Shard::new(idx, poll, mio::net::TcpListener::from_std(l), tl, rx, env)?;

@@ -14,6 +14,7 @@ use slab::Slab;
 use crate::bridge::{Bridge, ShardLink, ShardMsg};
 use crate::conn::{Conn, Encoded};
 use crate::connid::{ConnId, GenCounter, MAX_KEYS};
+use crate::ipcap::IpCaps;
 use crate::metrics::GatewayMetrics;
 use crate::wheel::Wheel;
 use crate::GatewayConfig;
@@ -59,6 +60,8 @@ pub(crate) struct Env {
     pub now: Instant,
     /// Where every connection of the shard reads into (see `conn::io`).
     pub scratch: Vec<u8>,
+    /// Open connections per client address, over every shard.
+    pub ip_caps: Arc<IpCaps>,
 }
 
 /// The shard event loop state.
@@ -209,6 +212,12 @@ impl Shard {
                 drop(stream);
                 continue;
             }
+            if !self.env.ip_caps.admit(peer.ip()) {
+                tracing::debug!(peer = %peer, "connections per address reached; closing");
+                GatewayMetrics::inc(&self.env.metrics.errors);
+                drop(stream);
+                continue;
+            }
             let _ = stream.set_nodelay(true);
             let entry = self.conns.vacant_entry();
             let key = entry.key();
@@ -216,6 +225,7 @@ impl Shard {
             if let Err(e) = self.poll.registry().register(&mut stream, Token(key), Interest::READABLE) {
                 tracing::warn!(error = %e, "register failed");
                 GatewayMetrics::inc(&self.env.metrics.errors);
+                self.env.ip_caps.release(peer.ip());
                 continue;
             }
             self.env.metrics.connections.fetch_add(1, Ordering::Relaxed);
@@ -345,6 +355,7 @@ impl Shard {
             conn.notify_closed(&mut self.env);
             conn.cancel_timers(&mut self.env);
             self.env.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+            self.env.ip_caps.release(conn.peer_ip());
             tracing::debug!(shard = self.idx, conn = conn.id, "connection closed");
         }
     }

@@ -101,9 +101,7 @@ async fn register(
     }
     let cost = h.logic.config.hash_cost;
     let password = req.password;
-    let password_hash = tokio::task::spawn_blocking(move || hash_password(&password, cost))
-        .await
-        .map_err(|e| ApiError::new("internal", e.to_string()))??;
+    let password_hash = h.logic.hash_slot(move || hash_password(&password, cost)).await??;
     let user = User { username: req.username.clone(), nickname, password_hash, created_ms: now_ms(), banned: false };
     if !h.logic.stores.accounts.create_user(&user).await? {
         return Err(ApiError::new("user_exists", format!("`{}` is taken", req.username)));
@@ -146,11 +144,10 @@ async fn login(
     if device.is_empty() || device.chars().count() > 64 {
         return Err(ApiError::bad_request("device: 1-64 chars"));
     }
+    h.logic.limit_login(&req.username)?;
     let user = h.logic.stores.accounts.get_user(&req.username).await?.ok_or_else(bad)?;
     let (password, phc) = (req.password, user.password_hash);
-    let ok = tokio::task::spawn_blocking(move || verify_password(&password, &phc))
-        .await
-        .map_err(|e| ApiError::new("internal", e.to_string()))?;
+    let ok = h.logic.hash_slot(move || verify_password(&password, &phc)).await?;
     if !ok {
         return Err(bad());
     }

@@ -15,6 +15,7 @@ pub mod service;
 use std::sync::Arc;
 use std::time::Duration;
 
+use switchboard_proto::net::ip_bucket_key;
 use switchboard_storage::{AccountStore, GroupStore, MessageStore, Registry, RouteTable, SocialStore};
 
 pub use error::ApiError;
@@ -53,6 +54,10 @@ pub struct LogicConfig {
     pub ip_rate: limits::Rate,
     /// HTTP auth requests (register, login, refresh) per client IP.
     pub auth_rate: limits::Rate,
+    /// Login attempts per account (whatever their source address).
+    pub login_rate: limits::Rate,
+    /// Password hashes computed at once (each holds the argon2 memory cost); more wait.
+    pub hash_concurrency: usize,
     /// Most members of one group.
     pub max_group_members: usize,
     /// How long after sending a message its sender may recall it.
@@ -76,6 +81,8 @@ impl LogicConfig {
             user_rate: limits::Rate::new(50.0, 100.0),
             ip_rate: limits::Rate::new(500.0, 1000.0),
             auth_rate: limits::Rate::new(5.0, 20.0),
+            login_rate: limits::Rate::new(1.0, 10.0),
+            hash_concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()),
             max_group_members: 2000,
             recall_window: Duration::from_secs(120),
             admin_token: None,
@@ -100,6 +107,9 @@ pub struct Stores {
 /// last send whose push is not enqueued yet (each send enqueues after the one before it).
 pub(crate) type ConvTail = Option<tokio::sync::oneshot::Receiver<()>>;
 
+/// Longest wait for a password-hashing slot before the request is refused as `rate_limited`.
+const HASH_WAIT: Duration = Duration::from_secs(5);
+
 /// Stripes of the per-conversation lock (conversations hash onto them).
 const CONV_LOCKS: usize = 1024;
 
@@ -114,6 +124,9 @@ pub struct Logic {
     user_limits: limits::Limiter,
     ip_limits: limits::Limiter,
     auth_limits: limits::Limiter,
+    login_limits: limits::Limiter,
+    /// Slots for password hashing (see [`Logic::hash_slot`]).
+    hash_slots: limits::Slots,
     conv_locks: Vec<tokio::sync::Mutex<ConvTail>>,
 }
 
@@ -130,6 +143,8 @@ impl Logic {
             user_limits: limits::Limiter::new(config.user_rate),
             ip_limits: limits::Limiter::new(config.ip_rate),
             auth_limits: limits::Limiter::new(config.auth_rate),
+            login_limits: limits::Limiter::new(config.login_rate),
+            hash_slots: limits::Slots::new(config.hash_concurrency, HASH_WAIT),
             config,
             stores,
             pusher,
@@ -138,18 +153,31 @@ impl Logic {
         })
     }
 
-    /// Charges one socket request to the user's and the IP's buckets.
+    /// Charges one socket request to the user's and the IP's buckets (an IPv6 client's bucket is
+    /// its /64).
     pub fn limit_request(&self, user: &str, ip: &str) -> Result<(), ApiError> {
         self.user_limits.check(user).map_err(ApiError::rate_limited)?;
         if !ip.is_empty() {
-            self.ip_limits.check(ip).map_err(ApiError::rate_limited)?;
+            self.ip_limits.check(&ip_bucket_key(ip)).map_err(ApiError::rate_limited)?;
         }
         Ok(())
     }
 
-    /// Charges one HTTP auth request to the client IP's bucket.
+    /// Charges one HTTP auth request to the client IP's bucket (an IPv6 client's is its /64).
     pub fn limit_auth(&self, ip: &str) -> Result<(), ApiError> {
-        self.auth_limits.check(ip).map_err(ApiError::rate_limited)
+        self.auth_limits.check(&ip_bucket_key(ip)).map_err(ApiError::rate_limited)
+    }
+
+    /// Charges one login attempt to the account's bucket, wherever it comes from.
+    pub fn limit_login(&self, username: &str) -> Result<(), ApiError> {
+        self.login_limits.check(username).map_err(ApiError::rate_limited)
+    }
+
+    /// Runs `f` (a password hash or check) in one of the `hash_concurrency` slots, so a burst
+    /// of logins queues instead of holding the argon2 memory cost (19 MiB by default) once per
+    /// request. A request that waits longer than [`HASH_WAIT`] gets `rate_limited`.
+    pub async fn hash_slot<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+        self.hash_slots.run(f).await
     }
 
     /// The lock serializing append + push of one conversation, so pushes

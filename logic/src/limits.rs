@@ -1,11 +1,42 @@
 //! Token-bucket rate limits, keyed by user or client IP. Each logic
 //! instance keeps its own buckets (a user's requests reach one instance
 //! per connection, so per-instance limits bound each connection's cost;
-//! the effective cluster-wide limit is at most instances x rate).
+//! the effective cluster-wide limit is at most instances x rate). Also
+//! [`Slots`]: a cap on expensive blocking work running at once.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::ApiError;
+
+/// At most `n` jobs of one kind on the blocking pool at once; others wait for a slot, up to
+/// `wait`, then fail as `rate_limited`.
+pub struct Slots {
+    free: Arc<tokio::sync::Semaphore>,
+    wait: Duration,
+}
+
+impl Slots {
+    pub fn new(n: usize, wait: Duration) -> Self {
+        Self { free: Arc::new(tokio::sync::Semaphore::new(n.max(1))), wait }
+    }
+
+    /// Runs `f` on the blocking pool in a slot.
+    pub async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+        let slot = tokio::time::timeout(self.wait, self.free.clone().acquire_owned())
+            .await
+            .map_err(|_| ApiError::rate_limited(self.wait.as_millis() as u64))?
+            .map_err(|e| ApiError::new("internal", e.to_string()))?;
+        tokio::task::spawn_blocking(move || {
+            let out = f();
+            drop(slot);
+            out
+        })
+        .await
+        .map_err(|e| ApiError::new("internal", e.to_string()))
+    }
+}
 
 /// Bucket parameters: `rate` tokens per second, at most `burst` stored.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -76,7 +107,60 @@ impl Limiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Twelve jobs through two slots: never more than two at once, all of them done; a job that
+    /// cannot get a slot in time is refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn slots_cap_the_jobs_running_at_once() {
+        let slots = Arc::new(Slots::new(2, Duration::from_secs(30)));
+        let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let jobs: Vec<_> = (0..12)
+            .map(|i| {
+                let (slots, now, most) = (slots.clone(), now.clone(), most.clone());
+                tokio::spawn(async move {
+                    slots
+                        .run(move || {
+                            let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+                            most.fetch_max(n, Ordering::SeqCst);
+                            std::thread::sleep(Duration::from_millis(20));
+                            now.fetch_sub(1, Ordering::SeqCst);
+                            i
+                        })
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut done = Vec::new();
+        for j in jobs {
+            done.push(j.await.unwrap());
+        }
+        done.sort_unstable();
+        assert_eq!(done, (0..12).collect::<Vec<_>>());
+        assert!(most.load(Ordering::SeqCst) <= 2, "never more than two at once");
+
+        // one slot, held until released: the next job waits 50 ms and is refused
+        let one = Arc::new(Slots::new(1, Duration::from_millis(50)));
+        let (started, running) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let busy = {
+            let one = one.clone();
+            tokio::spawn(async move {
+                one.run(move || {
+                    started.send(()).unwrap();
+                    released.recv().unwrap();
+                })
+                .await
+            })
+        };
+        tokio::task::spawn_blocking(move || running.recv().unwrap()).await.unwrap();
+        let refused = one.run(|| ()).await.unwrap_err();
+        assert_eq!(refused.code, "rate_limited");
+        release.send(()).unwrap();
+        busy.await.unwrap().unwrap();
+        one.run(|| ()).await.unwrap();
+    }
 
     #[test]
     fn burst_then_refill() {

@@ -60,6 +60,10 @@ pub struct Settings {
     /// Most connections one gateway process holds.
     #[arg(long, env = "SB_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Most connections one gateway process holds from one client address (an IPv4 address,
+    /// an IPv6 /64); 0: no cap; default 1000.
+    #[arg(long, env = "SB_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<usize>,
     /// Per-connection bound of queued outbound frames (slow consumers beyond it are closed).
     #[arg(long, env = "SB_MAX_OUTBOUND_FRAMES")]
     pub max_outbound_frames: Option<usize>,
@@ -114,6 +118,16 @@ pub struct Settings {
     /// argon2id memory cost in KiB.
     #[arg(long, env = "SB_ARGON2_MEMORY_KIB")]
     pub argon2_memory_kib: Option<u32>,
+    /// Password hashes (register, login) computed at once; more wait for a slot; default: the
+    /// number of CPUs.
+    #[arg(long, env = "SB_ARGON2_CONCURRENCY")]
+    pub argon2_concurrency: Option<usize>,
+    /// Login attempts per second per account (0 disables); default 1.
+    #[arg(long, env = "SB_LOGIN_RATE")]
+    pub login_rate: Option<f64>,
+    /// Burst of login attempts per account; default 10.
+    #[arg(long, env = "SB_LOGIN_BURST")]
+    pub login_burst: Option<f64>,
     /// argon2id iterations.
     #[arg(long, env = "SB_ARGON2_ITERATIONS")]
     pub argon2_iterations: Option<u32>,
@@ -200,7 +214,8 @@ impl Settings {
             user_rate, user_burst, ip_rate, ip_burst, auth_rate, auth_burst, admin_token, max_group_members,
             ring_timeout_ms, recall_window_ms, max_outbound_bytes, max_link_message_bytes, push_batch_bytes,
             reply_max_bytes, cursor_flush_ms, cluster_secret, void_after_ms, embedded_checkpoint_ms,
-            embedded_checkpoint_bytes, http_max_connections, http_header_timeout_ms, http_request_timeout_ms);
+            embedded_checkpoint_bytes, http_max_connections, http_header_timeout_ms, http_request_timeout_ms,
+            max_connections_per_ip, argon2_concurrency, login_rate, login_burst);
         Ok(self)
     }
 
@@ -374,6 +389,10 @@ impl Settings {
         c.user_rate = rate(self.user_rate, self.user_burst, c.user_rate);
         c.ip_rate = rate(self.ip_rate, self.ip_burst, c.ip_rate);
         c.auth_rate = rate(self.auth_rate, self.auth_burst, c.auth_rate);
+        c.login_rate = rate(self.login_rate, self.login_burst, c.login_rate);
+        if let Some(n) = self.argon2_concurrency {
+            c.hash_concurrency = n.max(1);
+        }
         c.admin_token = self.admin_token.clone().filter(|t| !t.is_empty());
         if let Some(n) = self.max_group_members {
             c.max_group_members = n;
@@ -422,6 +441,9 @@ impl Settings {
         }
         if let Some(v) = self.max_connections {
             c.max_connections = v;
+        }
+        if let Some(v) = self.max_connections_per_ip {
+            c.max_connections_per_ip = v;
         }
         if let Some(v) = self.max_outbound_frames {
             c.max_outbound_frames = v;

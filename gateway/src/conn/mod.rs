@@ -150,6 +150,11 @@ pub(crate) struct Conn {
 impl Conn {
     /// A freshly accepted (and registered) socket: a WebSocket waiting for its
     /// upgrade request, or (`tcp`) a raw TCP connection, open at once.
+    /// The client's address, as accepted.
+    pub fn peer_ip(&self) -> std::net::IpAddr {
+        self.peer.ip()
+    }
+
     pub fn accept(id: u64, peer: SocketAddr, stream: TcpStream, tcp: bool, env: &mut Env) -> Conn {
         let mut conn = Conn {
             id,

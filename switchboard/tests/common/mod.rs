@@ -44,6 +44,8 @@ pub fn settings(dir: &Path) -> Settings {
         max_frame_bytes: Some(16 * 1024),
         auth_rate: Some(1000.0),
         auth_burst: Some(1000.0),
+        login_rate: Some(1000.0),
+        login_burst: Some(1000.0),
         ..Default::default()
     }
 }
