@@ -18,7 +18,7 @@ use redb::{Database, ReadTransaction, ReadableTable, ReadableTableMetadata, Tabl
 use crate::caches::{members_hash, ConvCache, ConvState, GroupCache, Members};
 pub use crate::group_commit::CheckpointPolicy;
 use crate::group_commit::{End, GroupCommit, Logged};
-use crate::tail::{merge, Entry, Tail};
+use crate::tail::{merge, merge_cursors, Entry, Tail};
 use crate::wal::Wal;
 use crate::{
     now_ms, AccountStore, AckCursor, Appended, FriendState, Group, GroupStore, Message, MessageStore, NewMessage,
@@ -416,40 +416,95 @@ fn put_message(tx: &WriteTransaction, m: &Message, json: &[u8], indexed: &[Strin
     Ok(())
 }
 
-/// A log record of an append: the message's JSON length (u32 LE), its JSON, then the members
-/// indexed with it as a JSON array.
+/// Log record tags: a message append, raised ack cursors, raised read marks.
+const APPEND: u8 = b'M';
+const ACKS_RAISED: u8 = b'A';
+const READS_RAISED: u8 = b'R';
+
+/// A log record of an append: [`APPEND`], the message's JSON length (u32 LE), its JSON, then the
+/// members indexed with it as a JSON array.
 fn encode_record(json: &[u8], indexed: &[String]) -> Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(4 + json.len() + 16);
+    let mut out = Vec::with_capacity(5 + json.len() + 16);
+    out.push(APPEND);
     out.extend_from_slice(&(json.len() as u32).to_le_bytes());
     out.extend_from_slice(json);
     serde_json::to_writer(&mut out, indexed)?;
     Ok(out)
 }
 
-fn decode_record(record: &[u8]) -> Result<(Message, &[u8], Vec<String>)> {
+/// A log record of cursors: their tag, then the cursors as a JSON array.
+fn encode_cursors(tag: u8, cursors: &impl serde::Serialize) -> Result<Vec<u8>> {
+    let mut out = vec![tag];
+    serde_json::to_writer(&mut out, cursors)?;
+    Ok(out)
+}
+
+fn decode_append(record: &[u8]) -> Result<(Message, &[u8], Vec<String>)> {
     let corrupt = || StorageError::Corrupt("write-ahead log record too short".into());
     let len = u32::from_le_bytes(record.get(..4).ok_or_else(corrupt)?.try_into().expect("4 bytes")) as usize;
     let json = record.get(4..4 + len).ok_or_else(corrupt)?;
     Ok((serde_json::from_slice(json)?, json, serde_json::from_slice(&record[4 + len..])?))
 }
 
-/// Writes the logged appends that `tx` does not hold yet (a seq above its conversation's last).
+/// Writes the logged appends that `tx` does not hold yet (a seq above its conversation's last)
+/// and raises the logged cursors (raising is idempotent).
 fn replay(tx: &WriteTransaction, records: &[Vec<u8>]) -> Result<()> {
     for record in records {
-        let (m, json, indexed) = decode_record(record)?;
-        let last = tx.open_table(CONV_SEQ)?.get(m.conv.as_str())?.map_or(0, |v| v.value());
-        if m.seq <= last {
-            continue;
+        match record.split_first() {
+            Some((&APPEND, rest)) => {
+                let (m, json, indexed) = decode_append(rest)?;
+                let last = tx.open_table(CONV_SEQ)?.get(m.conv.as_str())?.map_or(0, |v| v.value());
+                if m.seq <= last {
+                    continue;
+                }
+                if m.seq != last + 1 {
+                    return Err(StorageError::Corrupt(format!(
+                        "write-ahead log: {}#{} follows #{last}: a record is missing",
+                        m.conv, m.seq
+                    )));
+                }
+                put_message(tx, &m, json, &indexed)?;
+            }
+            Some((&ACKS_RAISED, rest)) => {
+                raise_acks(tx, &serde_json::from_slice::<Vec<AckCursor>>(rest)?)?;
+            }
+            Some((&READS_RAISED, rest)) => {
+                raise_reads(tx, &serde_json::from_slice::<Vec<ReadCursor>>(rest)?)?;
+            }
+            _ => return Err(StorageError::Corrupt("write-ahead log record of unknown kind".into())),
         }
-        if m.seq != last + 1 {
-            return Err(StorageError::Corrupt(format!(
-                "write-ahead log: {}#{} follows #{last}: a record is missing",
-                m.conv, m.seq
-            )));
-        }
-        put_message(tx, &m, json, &indexed)?;
     }
     Ok(())
+}
+
+/// Raises the stored ack cursors to `cursors`; the ones that moved.
+fn raise_acks(tx: &WriteTransaction, cursors: &[AckCursor]) -> Result<Vec<AckCursor>> {
+    let mut t = tx.open_table(ACKS)?;
+    let mut moved = Vec::new();
+    for c in cursors {
+        let key = (c.user.as_str(), c.device.as_str(), c.conv.as_str());
+        let current = t.get(key)?.map(|v| v.value()).unwrap_or(0);
+        if c.seq > current {
+            t.insert(key, c.seq)?;
+            moved.push(c.clone());
+        }
+    }
+    Ok(moved)
+}
+
+/// Raises the stored read marks to `cursors`; the ones that moved.
+fn raise_reads(tx: &WriteTransaction, cursors: &[ReadCursor]) -> Result<Vec<ReadCursor>> {
+    let mut t = tx.open_table(READS)?;
+    let mut moved = Vec::new();
+    for c in cursors {
+        let key = (c.user.as_str(), c.conv.as_str());
+        let current = t.get(key)?.map(|v| v.value()).unwrap_or(0);
+        if c.seq > current {
+            t.insert(key, c.seq)?;
+            moved.push(c.clone());
+        }
+    }
+    Ok(moved)
 }
 
 /// The write of one appended message: the next seq of its conversation (or the earlier message
@@ -502,7 +557,7 @@ fn append_job(
         cache.put(&stored.conv, ConvState { seq: stored.seq, ts: stored.ts, indexed: hash });
         let record = encode_record(&json, &indexed)?;
         let bytes = record.len();
-        let entry = Entry { msg: Arc::new(stored.clone()), indexed, bytes };
+        let entry = Entry::Message { msg: Arc::new(stored.clone()), indexed, bytes };
         Ok(Logged::Appended { value: Appended { msg: stored, duplicate: false }, record, entry })
     }
 }
@@ -622,21 +677,25 @@ impl MessageStore for EmbeddedStore {
     }
 
     async fn acks(&self, user: &str, device: &str) -> Result<HashMap<String, u64>> {
+        let tail = self.tail.acks(user, device);
         let (u, d) = (user.to_owned(), device.to_owned());
-        self.read(move |tx| {
-            let t = tx.open_table(ACKS)?;
-            let mut out = HashMap::new();
-            for row in t.range((u.as_str(), d.as_str(), "")..)? {
-                let (k, v) = row?;
-                let (owner, dev, conv) = k.value();
-                if owner != u || dev != d {
-                    break;
+        let mut stored = self
+            .read(move |tx| {
+                let t = tx.open_table(ACKS)?;
+                let mut out = HashMap::new();
+                for row in t.range((u.as_str(), d.as_str(), "")..)? {
+                    let (k, v) = row?;
+                    let (owner, dev, conv) = k.value();
+                    if owner != u || dev != d {
+                        break;
+                    }
+                    out.insert(conv.to_owned(), v.value());
                 }
-                out.insert(conv.to_owned(), v.value());
-            }
-            Ok(out)
-        })
-        .await
+                Ok(out)
+            })
+            .await?;
+        merge_cursors(&mut stored, tail);
+        Ok(stored)
     }
 
     async fn set_read(&self, user: &str, conv: &str, seq: u64) -> Result<u64> {
@@ -658,44 +717,49 @@ impl MessageStore for EmbeddedStore {
         .await
     }
 
+    /// Logged like an append (durable in the log, visible through the tail), so the cursor
+    /// flushes do not force a B-tree commit each.
     async fn set_acks(&self, cursors: &[AckCursor]) -> Result<()> {
         let cursors = cursors.to_vec();
-        self.write(move |tx| {
-            let mut t = tx.open_table(ACKS)?;
-            for c in &cursors {
-                let key = (c.user.as_str(), c.device.as_str(), c.conv.as_str());
-                let current = t.get(key)?.map(|v| v.value()).unwrap_or(0);
-                if c.seq > current {
-                    t.insert(key, c.seq)?;
+        self.writer
+            .append(move |tx| {
+                let moved = raise_acks(tx, &cursors)?;
+                if moved.is_empty() {
+                    return Ok(Logged::Unchanged(()));
                 }
-            }
-            Ok(Commit(()))
-        })
-        .await
+                let record = encode_cursors(ACKS_RAISED, &moved)?;
+                Ok(Logged::Appended { value: (), record, entry: Entry::Acks(moved) })
+            })
+            .await
     }
 
+    /// As [`EmbeddedStore::set_acks`].
     async fn set_reads(&self, cursors: &[ReadCursor]) -> Result<()> {
         let cursors = cursors.to_vec();
-        self.write(move |tx| {
-            let mut t = tx.open_table(READS)?;
-            for c in &cursors {
-                let key = (c.user.as_str(), c.conv.as_str());
-                let current = t.get(key)?.map(|v| v.value()).unwrap_or(0);
-                if c.seq > current {
-                    t.insert(key, c.seq)?;
+        self.writer
+            .append(move |tx| {
+                let moved = raise_reads(tx, &cursors)?;
+                if moved.is_empty() {
+                    return Ok(Logged::Unchanged(()));
                 }
-            }
-            Ok(Commit(()))
-        })
-        .await
+                let record = encode_cursors(READS_RAISED, &moved)?;
+                Ok(Logged::Appended { value: (), record, entry: Entry::Reads(moved) })
+            })
+            .await
     }
 
     async fn reads(&self, user: &str) -> Result<HashMap<String, u64>> {
+        let tail = self.tail.reads(user);
         let u = user.to_owned();
-        self.read(move |tx| {
-            Ok(rows_under(&tx.open_table(READS)?, &u, |conv, seq| Ok((conv.to_owned(), seq)))?.into_iter().collect())
-        })
-        .await
+        let mut stored: HashMap<String, u64> = self
+            .read(move |tx| {
+                Ok(rows_under(&tx.open_table(READS)?, &u, |conv, seq| Ok((conv.to_owned(), seq)))?
+                    .into_iter()
+                    .collect())
+            })
+            .await?;
+        merge_cursors(&mut stored, tail);
+        Ok(stored)
     }
 
     async fn find_mid(&self, conv: &str, mid: &str) -> Result<Option<Message>> {
@@ -945,6 +1009,19 @@ mod tests {
                         if i % 50 == 0 {
                             store.set_read(&format!("m{t}"), &conv, a.msg.seq).await.unwrap();
                         }
+                        if i % 7 == 0 {
+                            let user = format!("m{t}");
+                            let c = crate::AckCursor {
+                                user: user.clone(),
+                                device: "d".into(),
+                                conv: conv.clone(),
+                                seq: a.msg.seq,
+                            };
+                            store.set_acks(&[c]).await.unwrap();
+                            let r = crate::ReadCursor { user: user.clone(), conv: conv.clone(), seq: a.msg.seq };
+                            store.set_reads(&[r]).await.unwrap();
+                            println!("cursor {user} {conv} {}", a.msg.seq);
+                        }
                     }
                 })
             })
@@ -976,11 +1053,15 @@ mod tests {
                 .unwrap();
             let out = std::io::BufReader::new(child.stdout.take().unwrap());
             let mut acked = Vec::new();
+            let mut cursors = Vec::new();
             let mut lines = out.lines();
             // a different moment each round
             let kill_after = 1500 + round * 1700;
             for line in lines.by_ref() {
                 let line = line.unwrap();
+                if let Some(rest) = line.strip_prefix("cursor ") {
+                    cursors.push(rest.split(' ').map(str::to_owned).collect::<Vec<_>>());
+                }
                 if let Some(rest) = line.strip_prefix("acked ") {
                     acked.push(rest.split(' ').map(str::to_owned).collect::<Vec<_>>());
                     if acked.len() == kill_after {
@@ -996,6 +1077,14 @@ mod tests {
                 for a in &acked {
                     let m = store.find_cmid(&a[0], &a[2], &a[3]).await.unwrap();
                     assert_eq!(m.map(|m| m.seq.to_string()), Some(a[1].clone()), "acknowledged {a:?} kept its seq");
+                }
+                assert!(!cursors.is_empty());
+                for c in &cursors {
+                    let seq: u64 = c[2].parse().unwrap();
+                    let acks = store.acks(&c[0], "d").await.unwrap();
+                    assert!(acks.get(&c[1]).is_some_and(|&s| s >= seq), "ack {c:?} kept: {acks:?}");
+                    let reads = store.reads(&c[0]).await.unwrap();
+                    assert!(reads.get(&c[1]).is_some_and(|&s| s >= seq), "read {c:?} kept: {reads:?}");
                 }
                 for c in 0..4 {
                     let conv = format!("g:c{c}");

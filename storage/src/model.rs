@@ -217,7 +217,7 @@ pub struct Member {
 }
 
 /// A device's ack cursor, as flushed in batches: `device` of `user` received `conv` up to `seq`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AckCursor {
     pub user: String,
     pub device: String,
@@ -226,7 +226,7 @@ pub struct AckCursor {
 }
 
 /// A user's read mark, as flushed in batches: `user` read `conv` up to `seq`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReadCursor {
     pub user: String,
     pub conv: String,

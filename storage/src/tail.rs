@@ -1,5 +1,5 @@
-//! The embedded store's tail: the messages appended (and durable in the write-ahead log) since the
-//! last B-tree commit, which readers see through it until that commit makes them visible in the
+//! The embedded store's tail: the messages appended and the ack and read cursors raised (all
+//! durable in the write-ahead log) since the last B-tree commit, which readers see through it until that commit makes them visible in the
 //! B-trees. Readers take what they need from the tail **before** opening their read transaction:
 //! the writer empties the tail only after a commit, so every message is in one or the other (or
 //! both, when the commit lands in between; then the B-tree's copy wins, since a recall may have
@@ -8,16 +8,21 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::Message;
+use crate::{AckCursor, Message, ReadCursor};
 
-/// A message appended since the last commit, with the members whose conversation index got
-/// their first row for its conversation with it.
-pub(crate) struct Entry {
-    pub msg: Arc<Message>,
-    pub indexed: Vec<String>,
-    /// Its size in the log, which stands for the memory it holds here.
-    pub bytes: usize,
+/// What one logged write adds to the tail.
+pub(crate) enum Entry {
+    /// A message appended, with the members whose conversation index got their first row for
+    /// its conversation with it, and its size in the log (which stands for the memory it holds).
+    Message { msg: Arc<Message>, indexed: Vec<String>, bytes: usize },
+    /// Ack cursors raised.
+    Acks(Vec<AckCursor>),
+    /// Read marks raised.
+    Reads(Vec<ReadCursor>),
 }
+
+/// Rough memory of one cursor in the tail.
+const CURSOR_BYTES: usize = 96;
 
 #[derive(Default)]
 struct Inner {
@@ -29,6 +34,10 @@ struct Inner {
     mids: HashMap<String, u64>,
     /// user -> conversations first indexed for them since the last commit.
     indexed: HashMap<String, Vec<String>>,
+    /// (user, device) -> conv -> acked seq.
+    acks: HashMap<(String, String), HashMap<String, u64>>,
+    /// user -> conv -> read seq.
+    reads: HashMap<String, HashMap<String, u64>>,
     bytes: usize,
 }
 
@@ -53,14 +62,30 @@ impl Tail {
     /// Makes `entries` (durable in the log) visible to readers.
     pub fn extend(&self, entries: Vec<Entry>) {
         let mut t = self.lock();
-        for Entry { msg, indexed, bytes } in entries {
-            t.bytes += bytes + msg.conv.len() * 2 + 128;
-            t.cmids.insert(cmid_key(&msg.conv, &msg.from, &msg.cmid), msg.seq);
-            t.mids.insert(mid_key(&msg.conv, &msg.mid), msg.seq);
-            for user in indexed {
-                t.indexed.entry(user).or_default().push(msg.conv.clone());
+        for entry in entries {
+            match entry {
+                Entry::Message { msg, indexed, bytes } => {
+                    t.bytes += bytes + msg.conv.len() * 2 + 128;
+                    t.cmids.insert(cmid_key(&msg.conv, &msg.from, &msg.cmid), msg.seq);
+                    t.mids.insert(mid_key(&msg.conv, &msg.mid), msg.seq);
+                    for user in indexed {
+                        t.indexed.entry(user).or_default().push(msg.conv.clone());
+                    }
+                    t.convs.entry(msg.conv.clone()).or_default().push(msg);
+                }
+                Entry::Acks(cursors) => {
+                    t.bytes += cursors.len() * CURSOR_BYTES;
+                    for c in cursors {
+                        raise(t.acks.entry((c.user, c.device)).or_default(), c.conv, c.seq);
+                    }
+                }
+                Entry::Reads(cursors) => {
+                    t.bytes += cursors.len() * CURSOR_BYTES;
+                    for c in cursors {
+                        raise(t.reads.entry(c.user).or_default(), c.conv, c.seq);
+                    }
+                }
             }
-            t.convs.entry(msg.conv.clone()).or_default().push(msg);
         }
     }
 
@@ -72,6 +97,16 @@ impl Tail {
     /// Roughly the memory the tail holds, in bytes.
     pub fn bytes(&self) -> usize {
         self.lock().bytes
+    }
+
+    /// The ack cursors of `device` of `user` raised in the tail.
+    pub fn acks(&self, user: &str, device: &str) -> HashMap<String, u64> {
+        self.lock().acks.get(&(user.to_owned(), device.to_owned())).cloned().unwrap_or_default()
+    }
+
+    /// The read marks of `user` raised in the tail.
+    pub fn reads(&self, user: &str) -> HashMap<String, u64> {
+        self.lock().reads.get(user).cloned().unwrap_or_default()
     }
 
     /// The messages of `conv` in the tail whose seq is in `range`.
@@ -106,6 +141,18 @@ impl Tail {
         let new = t.indexed.get(user).cloned().unwrap_or_default();
         let lasts = t.convs.iter().filter_map(|(c, ms)| Some((c.clone(), ms.last()?.seq))).collect();
         (new, lasts)
+    }
+}
+
+fn raise(map: &mut HashMap<String, u64>, conv: String, seq: u64) {
+    let v = map.entry(conv).or_insert(seq);
+    *v = (*v).max(seq);
+}
+
+/// Raises every cursor of `stored` to its value in `tail` where that is higher.
+pub(crate) fn merge_cursors(stored: &mut HashMap<String, u64>, tail: HashMap<String, u64>) {
+    for (conv, seq) in tail {
+        raise(stored, conv, seq);
     }
 }
 
