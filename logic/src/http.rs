@@ -197,6 +197,7 @@ async fn refresh(
         // Revoke the whole session so neither holder can go on.
         tracing::warn!(user = %session.user, session = %session.id, "refresh token reuse; revoking session");
         accounts.revoke_session(&session.id).await?;
+        kick(&h.logic, &session.user, Some(&session.id), "session revoked").await?;
         return Err(bad("refresh token reused; session revoked"));
     }
     if session.refresh_expires_ms <= now_ms() {
@@ -220,12 +221,18 @@ async fn logout(State(h): State<Http>, headers: HeaderMap) -> Result<Response, A
     let claims = h.logic.authenticate(token).await?;
     h.logic.stores.accounts.revoke_session(&claims.sid).await?;
     // The session's open sockets end with it.
-    let kick =
-        Bytes::from(serde_json::to_vec(&json!({"op": "kick", "reason": "signed out"})).expect("JSON serializes"));
-    for conn in h.logic.stores.routes.get(&claims.sub).await?.into_iter().filter(|c| c.session == claims.sid) {
-        h.logic.pusher.to_conn(&claims.sub, &conn, kick.clone(), None, true).await;
-    }
+    kick(&h.logic, &claims.sub, Some(&claims.sid), "signed out").await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Sends `kick` with `reason` to, and closes, every connection of `user` (of session `sid` only,
+/// when given).
+async fn kick(logic: &Logic, user: &str, sid: Option<&str>, reason: &str) -> Result<(), ApiError> {
+    let frame = Bytes::from(serde_json::to_vec(&json!({"op": "kick", "reason": reason})).expect("JSON serializes"));
+    for conn in logic.stores.routes.get(user).await?.into_iter().filter(|c| sid.is_none_or(|s| c.session == s)) {
+        logic.pusher.to_conn(user, &conn, frame.clone(), None, true).await;
+    }
+    Ok(())
 }
 
 /// Checks the admin Bearer token (constant-time).
@@ -260,12 +267,7 @@ async fn set_ban(h: &Http, headers: &HeaderMap, bytes: &Bytes, banned: bool) -> 
     }
     if banned {
         tracing::info!(user = %req.username, "banned; closing connections");
-        let kick = Bytes::from(
-            serde_json::to_vec(&json!({"op": "kick", "reason": "account banned"})).expect("JSON serializes"),
-        );
-        for conn in h.logic.stores.routes.get(&req.username).await? {
-            h.logic.pusher.to_conn(&req.username, &conn, kick.clone(), None, true).await;
-        }
+        kick(&h.logic, &req.username, None, "account banned").await?;
     }
     Ok(StatusCode::NO_CONTENT.into_response())
 }

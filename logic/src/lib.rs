@@ -64,6 +64,8 @@ pub struct LogicConfig {
     pub recall_window: Duration,
     /// Bearer token of the admin endpoints; `None` disables them.
     pub admin_token: Option<String>,
+    /// How often sessions whose refresh token expired are deleted.
+    pub session_prune: Duration,
 }
 
 impl LogicConfig {
@@ -86,6 +88,7 @@ impl LogicConfig {
             max_group_members: 2000,
             recall_window: Duration::from_secs(120),
             admin_token: None,
+            session_prune: Duration::from_secs(3600),
         }
     }
 }
@@ -178,6 +181,23 @@ impl Logic {
     /// request. A request that waits longer than [`HASH_WAIT`] gets `rate_limited`.
     pub async fn hash_slot<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
         self.hash_slots.run(f).await
+    }
+
+    /// Deletes the sessions whose refresh token expired (with their token hashes), now and every
+    /// `session_prune` after, until `stop` resolves.
+    pub async fn run_session_pruner(&self, stop: impl std::future::Future<Output = ()>) {
+        tokio::pin!(stop);
+        loop {
+            match self.stores.accounts.prune_sessions(switchboard_storage::now_ms()).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(sessions = n, "pruned expired sessions"),
+                Err(e) => tracing::warn!(error = %e, "pruning expired sessions failed"),
+            }
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = tokio::time::sleep(self.config.session_prune) => {}
+            }
+        }
     }
 
     /// The lock serializing append + push of one conversation, so pushes

@@ -92,6 +92,34 @@ pub async fn accounts_contract(s: &dyn AccountStore) {
     assert!(!s.set_banned(&format!("{p}nobody"), true).await.unwrap(), "no such user");
     assert_eq!(s.get_user(&format!("{p}nobody")).await.unwrap(), None, "a ban creates no user");
 
+    // Pruning takes sessions whose refresh token expired (revoked or not) with every token hash
+    // issued for them; live sessions stay. (Expiries below 10 belong to this check alone.)
+    let session = |id: &str, hash: &str, expires: u64| Session {
+        id: format!("{p}{id}"),
+        user: user.username.clone(),
+        device: id.into(),
+        refresh_hash: format!("{p}{hash}"),
+        revoked: false,
+        created_ms: 1,
+        refresh_expires_ms: expires,
+    };
+    let (dead, live) = (session("dead", "d1", 3), session("live", "l1", u64::MAX / 4));
+    s.put_session(&dead).await.unwrap();
+    s.put_session(&live).await.unwrap();
+    assert!(s.rotate_refresh(&dead.id, &dead.refresh_hash, &format!("{p}d2"), 4).await.unwrap());
+    assert!(s.prune_sessions(5).await.unwrap() >= 1);
+    assert_eq!(s.get_session(&dead.id).await.unwrap(), None);
+    for h in ["d1", "d2"] {
+        assert_eq!(s.session_by_refresh(&format!("{p}{h}")).await.unwrap(), None, "token {h} pruned");
+    }
+    assert_eq!(s.get_session(&live.id).await.unwrap(), Some(live.clone()));
+    assert_eq!(s.session_by_refresh(&live.refresh_hash).await.unwrap(), Some(live));
+    assert_eq!(
+        s.get_session(&format!("{p}s1")).await.unwrap().map(|x| x.refresh_expires_ms),
+        Some(20),
+        "expiry 20 is after 5"
+    );
+
     let born_banned = User { username: format!("{p}bob"), banned: true, ..user.clone() };
     assert!(s.create_user(&born_banned).await.unwrap());
     assert_eq!(s.get_user(&born_banned.username).await.unwrap(), Some(born_banned));

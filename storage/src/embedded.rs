@@ -288,6 +288,39 @@ impl AccountStore for EmbeddedStore {
         .await
     }
 
+    async fn prune_sessions(&self, before_ms: u64) -> Result<usize> {
+        self.write(move |tx| {
+            let mut sessions = tx.open_table(SESSIONS)?;
+            let mut gone = std::collections::HashSet::new();
+            for row in sessions.iter()? {
+                let (id, value) = row?;
+                let s: Session = serde_json::from_slice(value.value())?;
+                if s.refresh_expires_ms < before_ms {
+                    gone.insert(id.value().to_owned());
+                }
+            }
+            if gone.is_empty() {
+                return Ok(Abort(0));
+            }
+            for id in &gone {
+                sessions.remove(id.as_str())?;
+            }
+            let mut refresh = tx.open_table(REFRESH)?;
+            let stale: Vec<String> = refresh
+                .iter()?
+                .filter_map(|row| match row {
+                    Ok((hash, id)) => gone.contains(id.value()).then(|| Ok(hash.value().to_owned())),
+                    Err(e) => Some(Err(e)),
+                })
+                .collect::<std::result::Result<_, _>>()?;
+            for hash in &stale {
+                refresh.remove(hash.as_str())?;
+            }
+            Ok(Commit(gone.len()))
+        })
+        .await
+    }
+
     async fn revoke_session(&self, id: &str) -> Result<()> {
         let id = id.to_owned();
         self.write(move |tx| {

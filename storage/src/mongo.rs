@@ -849,6 +849,19 @@ impl AccountStore for MongoStore {
         Ok(transact!(self, |ctx| self.rotate_in(ctx, session_id, old_hash, new_hash, expires_ms)).await?)
     }
 
+    async fn prune_sessions(&self, before_ms: u64) -> Result<usize> {
+        let expired = doc! { "refresh_expires_ms": { "$lt": int(before_ms) } };
+        let found = collect(self.sessions.find(expired).projection(doc! { "_id": 1 }).await?).await?;
+        let ids: Vec<String> = found.iter().map(|d| text(d, "_id")).collect::<Result<_>>()?;
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        // Tokens first: a crash in between leaves sessions that the next prune finds again.
+        self.refresh_tokens.delete_many(doc! { "session_id": { "$in": &ids } }).await?;
+        let r = self.sessions.delete_many(doc! { "_id": { "$in": &ids } }).await?;
+        Ok(r.deleted_count as usize)
+    }
+
     async fn revoke_session(&self, id: &str) -> Result<()> {
         self.sessions.update_one(doc! { "_id": id }, doc! { "$set": { "revoked": true } }).await?;
         Ok(())

@@ -60,6 +60,8 @@ CREATE TABLE IF NOT EXISTS refresh_tokens (
     hash TEXT COLLATE "C" PRIMARY KEY,
     session_id TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS refresh_tokens_session ON refresh_tokens (session_id);
+CREATE INDEX IF NOT EXISTS sessions_refresh_expiry ON sessions (refresh_expires_ms);
 CREATE TABLE IF NOT EXISTS friends (
     username TEXT COLLATE "C" NOT NULL,
     other TEXT COLLATE "C" NOT NULL,
@@ -440,6 +442,17 @@ impl AccountStore for PgStore {
         Self::put_token(&tx, new_hash, session_id).await?;
         tx.commit().await?;
         Ok(true)
+    }
+
+    async fn prune_sessions(&self, before_ms: u64) -> Result<usize> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        let st = tx.prepare_cached("DELETE FROM sessions WHERE refresh_expires_ms < $1 RETURNING id").await?;
+        let gone: Vec<String> = tx.query(&st, &[&int(before_ms)]).await?.iter().map(|r| r.get(0)).collect();
+        let st = tx.prepare_cached("DELETE FROM refresh_tokens WHERE session_id = ANY($1)").await?;
+        tx.execute(&st, &[&gone]).await?;
+        tx.commit().await?;
+        Ok(gone.len())
     }
 
     async fn revoke_session(&self, id: &str) -> Result<()> {

@@ -26,6 +26,9 @@ pub trait AccountStore: Send + Sync {
     /// and the session is not revoked; `false` otherwise.
     async fn rotate_refresh(&self, session_id: &str, old_hash: &str, new_hash: &str, expires_ms: u64) -> Result<bool>;
     async fn revoke_session(&self, id: &str) -> Result<()>;
+    /// Deletes every session whose refresh token expired before `before_ms` (revoked or not)
+    /// with every refresh token hash ever issued for it; how many sessions went.
+    async fn prune_sessions(&self, before_ms: u64) -> Result<usize>;
     /// Sets or clears the ban flag; `false` when there is no such user.
     async fn set_banned(&self, username: &str, banned: bool) -> Result<bool>;
 }

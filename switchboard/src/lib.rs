@@ -116,6 +116,7 @@ pub struct LogicRole {
     grpc: Task,
     http: Task,
     cursors: Task,
+    pruner: Task,
     heartbeat: Option<heartbeat::Heartbeat>,
     /// Voids seqs whose send no instance completed (cluster only).
     sweeper: Option<Task>,
@@ -140,6 +141,14 @@ impl LogicRole {
         let config = s.logic_config(public)?;
         let (flush_every, max_message) = (config.cursor_flush, config.push.max_message_bytes);
         let logic = Logic::new(config, stores, transport);
+        let janitor = logic.clone();
+        let pruner = Task::spawn(|stopped| async move {
+            janitor
+                .run_session_pruner(async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
         let flusher = logic.cursors.clone();
         let cursors = Task::spawn(|stopped| async move {
             flusher
@@ -206,7 +215,7 @@ impl LogicRole {
             None => (None, None),
         };
         tracing::info!(%grpc_addr, %http_addr, cluster = heartbeat.is_some(), "logic serving");
-        Ok(Self { grpc_addr, http_addr, logic, grpc, http, cursors, heartbeat, sweeper })
+        Ok(Self { grpc_addr, http_addr, logic, grpc, http, cursors, pruner, heartbeat, sweeper })
     }
 
     /// Stops serving, then writes the cursors still in memory.
@@ -219,6 +228,7 @@ impl LogicRole {
         }
         self.http.stop().await;
         self.grpc.stop().await;
+        self.pruner.stop().await;
         self.cursors.stop().await;
     }
 }

@@ -112,6 +112,9 @@ pub struct Settings {
     /// Access token lifetime in seconds.
     #[arg(long, env = "SB_ACCESS_TTL_SECS")]
     pub access_ttl_secs: Option<u64>,
+    /// Seconds between deletions of sessions whose refresh token expired; default 3600.
+    #[arg(long, env = "SB_SESSION_PRUNE_SECS")]
+    pub session_prune_secs: Option<u64>,
     /// Refresh token lifetime in seconds.
     #[arg(long, env = "SB_REFRESH_TTL_SECS")]
     pub refresh_ttl_secs: Option<u64>,
@@ -215,7 +218,7 @@ impl Settings {
             ring_timeout_ms, recall_window_ms, max_outbound_bytes, max_link_message_bytes, push_batch_bytes,
             reply_max_bytes, cursor_flush_ms, cluster_secret, void_after_ms, embedded_checkpoint_ms,
             embedded_checkpoint_bytes, http_max_connections, http_header_timeout_ms, http_request_timeout_ms,
-            max_connections_per_ip, argon2_concurrency, login_rate, login_burst);
+            max_connections_per_ip, argon2_concurrency, login_rate, login_burst, session_prune_secs);
         Ok(self)
     }
 
@@ -376,6 +379,9 @@ impl Settings {
         }
         if let Some(s) = self.refresh_ttl_secs {
             c.refresh_ttl = Duration::from_secs(s);
+        }
+        if let Some(s) = self.session_prune_secs {
+            c.session_prune = Duration::from_secs(s.max(1));
         }
         if let Some(m) = self.argon2_memory_kib {
             c.hash_cost.memory_kib = m;

@@ -107,6 +107,10 @@ async fn http_api_accounts_and_tokens() {
         // reusing the rotated-out token revokes the session
         let (st, e) = http(http_addr, "POST", "/v1/auth/refresh", Some(json!({"refresh_token": r1})), None);
         assert_eq!((st, e["code"].as_str()), (401, Some("bad_token")));
+        // and ends the session's sockets
+        let k = c.read().expect("kick before close");
+        assert_eq!((k["op"].as_str(), k["reason"].as_str()), (Some("kick"), Some("session revoked")), "{k}");
+        assert!(c.read().is_none(), "the revoked session's socket is closed");
         let (st, _) =
             http(http_addr, "POST", "/v1/auth/refresh", Some(json!({"refresh_token": r["refresh_token"]})), None);
         assert_eq!(st, 401, "the whole session is revoked after reuse");
