@@ -34,7 +34,7 @@ impl ApiError {
             "forbidden" | "not_friends" | "not_member" => 403,
             "no_such_user" | "no_such_group" | "not_found" => 404,
             "user_exists" | "already_friends" => 409,
-            "rate_limited" => 429,
+            "rate_limited" | "too_many_connections" => 429,
             "unavailable" => 503,
             _ => 500,
         }

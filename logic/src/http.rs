@@ -27,22 +27,44 @@ struct Http {
     extra_metrics: Vec<MetricsHook>,
 }
 
-/// The HTTP API router. Serve it with
-/// `into_make_service_with_connect_info::<SocketAddr>()`: auth endpoints are
-/// rate-limited per client IP.
+/// The HTTP API router, client and operator endpoints together on one listener. Requests need
+/// a `ConnectInfo<SocketAddr>` extension (the client's address): auth endpoints are rate-limited
+/// per client IP.
 pub fn router(logic: Arc<Logic>, extra_metrics: Vec<MetricsHook>) -> Router {
+    finish(client_routes().merge(operator_routes()), Http { logic, extra_metrics })
+}
+
+/// The client endpoints (with `/healthz`) and the operator endpoints (`/metrics`,
+/// `/v1/admin/*`, and `/healthz` too), to serve on two listeners: the second on a private
+/// address.
+pub fn split_routers(logic: Arc<Logic>, extra_metrics: Vec<MetricsHook>) -> (Router, Router) {
+    let h = Http { logic, extra_metrics };
+    (finish(client_routes(), h.clone()), finish(operator_routes().route("/healthz", get(healthz)), h))
+}
+
+fn client_routes() -> Router<Http> {
     Router::new()
         .route("/v1/auth/register", post(register))
         .route("/v1/auth/login", post(login))
         .route("/v1/auth/refresh", post(refresh))
         .route("/v1/auth/logout", post(logout))
         .route("/v1/gateways", get(gateways))
+        .route("/healthz", get(healthz))
+}
+
+fn operator_routes() -> Router<Http> {
+    Router::new()
         .route("/v1/admin/ban", post(ban))
         .route("/v1/admin/unban", post(unban))
-        .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
-        .fallback(|| async { ApiError::new("not_found", "no such endpoint") })
-        .with_state(Http { logic, extra_metrics })
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+fn finish(routes: Router<Http>, h: Http) -> Router {
+    routes.fallback(|| async { ApiError::new("not_found", "no such endpoint") }).with_state(h)
 }
 
 impl IntoResponse for ApiError {

@@ -66,6 +66,8 @@ pub struct LogicConfig {
     pub admin_token: Option<String>,
     /// How often sessions whose refresh token expired are deleted.
     pub session_prune: Duration,
+    /// Most connections of one user over all devices (checked at `auth`).
+    pub max_connections_per_user: usize,
 }
 
 impl LogicConfig {
@@ -89,6 +91,7 @@ impl LogicConfig {
             recall_window: Duration::from_secs(120),
             admin_token: None,
             session_prune: Duration::from_secs(3600),
+            max_connections_per_user: 32,
         }
     }
 }

@@ -58,10 +58,27 @@ impl Logic {
 impl Logic {
     /// The reply to an `auth` op's token, as the gateway needs it.
     pub async fn auth_reply(&self, token: &str) -> AuthReply {
-        match self.authenticate(token).await {
+        let checked = match self.authenticate(token).await {
+            Ok(c) => self.room_for(&c.sub, &c.dev).await.map(|()| c),
+            Err(e) => Err(e),
+        };
+        match checked {
             Ok(c) => AuthReply { ok: true, user: c.sub, session: c.sid, device: c.dev, ..Default::default() },
             Err(e) => AuthReply { ok: false, code: e.code.into(), message: e.message, ..Default::default() },
         }
+    }
+
+    /// `too_many_connections` when `user` holds `max_connections_per_user` connections of
+    /// devices other than `device` (one of `device` is replaced by the new one, not added).
+    /// Checked before the route is added, so connections authenticating at the same moment may
+    /// pass it together.
+    async fn room_for(&self, user: &str, device: &str) -> Result<(), ApiError> {
+        let cap = self.config.max_connections_per_user;
+        let held = self.stores.routes.get(user).await?.iter().filter(|c| c.device != device).count();
+        if held >= cap {
+            return Err(ApiError::new("too_many_connections", format!("at most {cap} connections per user")));
+        }
+        Ok(())
     }
 
     /// A connection finished `auth`: route it, kick an older one of the same device, announce.

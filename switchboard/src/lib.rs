@@ -112,9 +112,12 @@ const LOGIC_CONNECTION_WINDOW: u32 = 64 << 20;
 pub struct LogicRole {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    /// The operator listener (`/metrics`, `/v1/admin/*`), when `--admin-addr` sets one.
+    pub admin_addr: Option<SocketAddr>,
     pub logic: Arc<Logic>,
     grpc: Task,
     http: Task,
+    admin: Option<Task>,
     cursors: Task,
     pruner: Task,
     heartbeat: Option<heartbeat::Heartbeat>,
@@ -195,8 +198,17 @@ impl LogicRole {
         let http_listener =
             TcpListener::bind(s.http_addr()).await.with_context(|| format!("binding {}", s.http_addr()))?;
         let http_addr = http_listener.local_addr()?;
-        let router = switchboard_logic::http::router(logic.clone(), extra);
         let limits = s.http_limits();
+        let (router, admin, admin_addr) = match s.admin_addr {
+            None => (switchboard_logic::http::router(logic.clone(), extra), None, None),
+            Some(addr) => {
+                let (client, operator) = switchboard_logic::http::split_routers(logic.clone(), extra);
+                let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+                let admin_addr = listener.local_addr()?;
+                let admin = Task::spawn(|stopped| http_serve::serve(listener, operator, limits, stopped));
+                (client, Some(admin), Some(admin_addr))
+            }
+        };
         let http = Task::spawn(|stopped| http_serve::serve(http_listener, router, limits, stopped));
         let (heartbeat, sweeper) = match cluster {
             Some(ClusterParts { redis, messages }) => {
@@ -215,7 +227,7 @@ impl LogicRole {
             None => (None, None),
         };
         tracing::info!(%grpc_addr, %http_addr, cluster = heartbeat.is_some(), "logic serving");
-        Ok(Self { grpc_addr, http_addr, logic, grpc, http, cursors, pruner, heartbeat, sweeper })
+        Ok(Self { grpc_addr, http_addr, admin_addr, logic, grpc, http, admin, cursors, pruner, heartbeat, sweeper })
     }
 
     /// Stops serving, then writes the cursors still in memory.
@@ -227,6 +239,9 @@ impl LogicRole {
             s.stop().await;
         }
         self.http.stop().await;
+        if let Some(a) = self.admin {
+            a.stop().await;
+        }
         self.grpc.stop().await;
         self.pruner.stop().await;
         self.cursors.stop().await;

@@ -82,6 +82,14 @@ pub struct Settings {
     /// Milliseconds between writes of coalesced ack and read cursors; default 100.
     #[arg(long, env = "SB_CURSOR_FLUSH_MS")]
     pub cursor_flush_ms: Option<u64>,
+    /// Serve `/metrics` and `/v1/admin/*` on this (private) address only, instead of on the
+    /// client-facing HTTP listener.
+    #[arg(long, env = "SB_ADMIN_ADDR")]
+    pub admin_addr: Option<SocketAddr>,
+    /// Most connections one user holds over all devices (a new `auth` beyond it is refused with
+    /// `too_many_connections`; one replacing the same device's connection is not); default 32.
+    #[arg(long, env = "SB_MAX_CONNECTIONS_PER_USER")]
+    pub max_connections_per_user: Option<usize>,
     /// Most open HTTP API connections (one more is closed at once); default 10000.
     #[arg(long, env = "SB_HTTP_MAX_CONNECTIONS")]
     pub http_max_connections: Option<usize>,
@@ -218,7 +226,8 @@ impl Settings {
             ring_timeout_ms, recall_window_ms, max_outbound_bytes, max_link_message_bytes, push_batch_bytes,
             reply_max_bytes, cursor_flush_ms, cluster_secret, void_after_ms, embedded_checkpoint_ms,
             embedded_checkpoint_bytes, http_max_connections, http_header_timeout_ms, http_request_timeout_ms,
-            max_connections_per_ip, argon2_concurrency, login_rate, login_burst, session_prune_secs);
+            max_connections_per_ip, argon2_concurrency, login_rate, login_burst, session_prune_secs,
+            admin_addr, max_connections_per_user);
         Ok(self)
     }
 
@@ -379,6 +388,9 @@ impl Settings {
         }
         if let Some(s) = self.refresh_ttl_secs {
             c.refresh_ttl = Duration::from_secs(s);
+        }
+        if let Some(n) = self.max_connections_per_user {
+            c.max_connections_per_user = n.max(1);
         }
         if let Some(s) = self.session_prune_secs {
             c.session_prune = Duration::from_secs(s.max(1));

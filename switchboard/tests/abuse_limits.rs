@@ -93,3 +93,50 @@ async fn logins_to_one_account_are_throttled() {
     node.stop().await;
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_user_cannot_hold_unbounded_connections() {
+    let dir = temp_dir("per-user");
+    let mut s = common::settings(&dir);
+    s.max_connections_per_user = Some(2);
+    let node = switchboard::AllInOne::start(&s).await.expect("node starts");
+    let (addr, ws) = (node.http_addr(), node.ws_addr());
+    common::blocking(move || {
+        register(addr, "many");
+        register(addr, "other");
+        let token = |device: &str| common::login(addr, "many", device)["access_token"].as_str().unwrap().to_owned();
+        let (t1, t2, t3) = (token("d1"), token("d2"), token("d3"));
+        let mut c1 = common::Client::connect(ws);
+        c1.ok("auth", json!({ "token": t1 }));
+        let mut c2 = common::Client::connect(ws);
+        c2.ok("auth", json!({ "token": t2 }));
+        // a third device is refused (and closed, as any refused auth)
+        let mut c3 = common::Client::connect(ws);
+        let e = c3.err("auth", json!({ "token": t3 }), "too_many_connections");
+        assert!(e["message"].as_str().unwrap().contains('2'), "{e}");
+        assert!(c3.read().is_none(), "closed after the refusal");
+        // a new connection of a device already connected replaces it instead
+        let mut c2b = common::Client::connect(ws);
+        c2b.ok("auth", json!({ "token": token("d2") }));
+        assert_eq!(c2.read().expect("kick")["op"], "kick");
+        // other users are not affected
+        common::Client::login(addr, ws, "other", "o1").ok("ping", json!({}));
+        // once a connection closes there is room again
+        c1.close();
+        let mut admitted = false;
+        for _ in 0..100 {
+            let mut c3 = common::Client::connect(ws);
+            let r = c3.call("auth", json!({ "token": t3 }));
+            if r["op"] == "auth.ok" {
+                admitted = true;
+                break;
+            }
+            assert_eq!(r["code"], "too_many_connections", "{r}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(admitted, "no room after a connection closed");
+    })
+    .await;
+    node.stop().await;
+    std::fs::remove_dir_all(dir).ok();
+}
