@@ -99,7 +99,10 @@ fn sends_acknowledged_before_a_sigkill_survive_it() {
     }
     let mut ann = Client::login(http, ws, "ann", "a1");
     let mut ben = Client::login(http, ws, "ben", "b1");
+    let mut cid = Client::login(http, ws, "cid", "c1");
     befriend(&mut ann, &mut ben, "ben", "ann");
+    befriend(&mut ann, &mut cid, "cid", "ann");
+    drop(cid);
     let g = ann.ok("group.create", json!({"name": "crash", "members": ["ben", "cid"]}));
     let (group, gconv) = (g["group"].as_str().unwrap().to_owned(), g["conv"].as_str().unwrap().to_owned());
     let acked = Arc::new(Mutex::new(HashMap::new()));

@@ -30,6 +30,10 @@ async fn group_conversation_of_three() {
 
         owen.err("group.create", json!({"name": "trip", "members": ["pia", "ghost"]}), "no_such_user");
         owen.err("group.create", json!({"name": "", "members": []}), "bad_request");
+        // only friends can be added
+        owen.err("group.create", json!({"name": "trip", "members": ["pia", "quinn"]}), "not_friends");
+        befriend(&mut owen, &mut pia, "pia", "owen");
+        befriend(&mut owen, &mut quinn, "quinn", "owen");
         let g = owen.ok("group.create", json!({"name": "trip", "members": ["pia", "quinn", "owen"]}));
         let (group, conv) = (g["group"].as_str().unwrap().to_string(), g["conv"].as_str().unwrap().to_string());
         assert_eq!(conv, format!("g:{group}"));

@@ -35,6 +35,10 @@ pub async fn request(logic: &Logic, caller: &Caller, req: Request) -> Result<Fie
         return Err(ApiError::bad_request(format!("note longer than {MAX_NOTE} chars")));
     }
     require_user(logic, &req.to).await?;
+    // Asking again while the request is pending changes nothing and notifies nobody again.
+    if let Some(FriendState::Outgoing { .. }) = logic.stores.social.friend_state(&caller.user, &req.to).await? {
+        return Ok(Fields::new());
+    }
     match logic.stores.social.request_friend(&caller.user, &req.to, &req.note).await? {
         RequestOutcome::AlreadyFriends => {
             Err(ApiError::new("already_friends", format!("already friends with `{}`", req.to)))

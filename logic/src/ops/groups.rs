@@ -57,6 +57,12 @@ pub async fn create(logic: &Logic, caller: &Caller, req: Create) -> Result<Field
     for m in &members {
         require_user(logic, m).await?;
     }
+    // Consent: the creator adds friends only; anyone else joins by the group id themselves.
+    for m in &members {
+        if !super::messages::are_friends(logic, &caller.user, m).await? {
+            return Err(ApiError::new("not_friends", format!("`{m}` is not your friend: only friends can be added")));
+        }
+    }
     let group = loop {
         let g = Group { id: new_group_id(), name: name.to_owned(), owner: caller.user.clone(), created_ms: now_ms() };
         if logic.stores.groups.create_group(&g, &members).await? {

@@ -47,6 +47,20 @@ pub async fn require_member(logic: &Logic, conv: &str, user: &str) -> Result<(),
     }
 }
 
+/// Whether `user` and `other` are friends.
+pub async fn are_friends(logic: &Logic, user: &str, other: &str) -> Result<bool, ApiError> {
+    Ok(logic.stores.social.friend_state(user, other).await? == Some(FriendState::Friends))
+}
+
+/// In a direct conversation of `user`: the other member, unless that is a friend of `user`
+/// (`None` for groups and for friends). Pushes that reach the other side of a direct
+/// conversation (`typing`, read receipts) go to friends only.
+pub async fn stranger_in(logic: &Logic, conv: &str, user: &str) -> Result<Option<String>, ApiError> {
+    let Some((a, b)) = direct_members(conv) else { return Ok(None) };
+    let other = if a == user { b } else { a };
+    Ok((!are_friends(logic, user, other).await?).then(|| other.to_owned()))
+}
+
 /// The members of `conv`, or `forbidden` unless `user` is one of them.
 pub async fn conv_members(logic: &Logic, conv: &str, user: &str) -> Result<Vec<String>, ApiError> {
     require_member(logic, conv, user).await?;
@@ -327,6 +341,11 @@ pub async fn read(logic: &Logic, caller: &Caller, req: Read) -> Result<Fields, A
     let members = conv_members(logic, &req.conv, &caller.user).await?;
     let last = logic.stores.messages.last_seq(&req.conv).await?;
     let seq = logic.cursors.read(&caller.user, &req.conv, req.seq.min(last)).await?;
+    // The read mark is the caller's own; the receipt goes to a direct conversation's other side
+    // only while they are friends.
+    if stranger_in(logic, &req.conv, &caller.user).await?.is_some() {
+        return Ok(Fields::new());
+    }
     let push = json!({"op": "read", "conv": req.conv, "user": caller.user, "seq": seq});
     let others: Vec<String> = members.into_iter().filter(|m| *m != caller.user).collect();
     to_members(logic, &others, &push, None, (&caller.gateway, caller.conn_id)).await;

@@ -5,7 +5,8 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use switchboard_storage::{ConnRef, FriendState};
 
-use super::{fields, messages::conv_members, Caller, Fields};
+use super::messages::{conv_members, stranger_in};
+use super::{fields, Caller, Fields};
 use crate::error::ApiError;
 use crate::Logic;
 
@@ -93,6 +94,9 @@ pub struct Typing {
 /// Relays `typing` to the conversation's other members; nothing is stored.
 pub async fn typing(logic: &Logic, caller: &Caller, req: Typing) -> Result<Fields, ApiError> {
     let members = conv_members(logic, &req.conv, &caller.user).await?;
+    if let Some(other) = stranger_in(logic, &req.conv, &caller.user).await? {
+        return Err(ApiError::new("not_friends", format!("`{other}` is not your friend")));
+    }
     let push = json!({"op": "typing", "conv": req.conv, "user": caller.user});
     for m in members.iter().filter(|m| **m != caller.user) {
         logic.pusher.to_user(m, &push, None, None).await;
