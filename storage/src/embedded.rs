@@ -17,7 +17,7 @@ use redb::{Database, ReadTransaction, ReadableTable, ReadableTableMetadata, Tabl
 
 use crate::caches::{members_hash, ConvCache, ConvState, GroupCache, Members};
 pub use crate::group_commit::CheckpointPolicy;
-use crate::group_commit::{End, GroupCommit, Logged};
+use crate::group_commit::{End, GroupCommit, Log, Logged};
 use crate::tail::{merge, merge_cursors, Entry, Tail};
 use crate::wal::Wal;
 use crate::{
@@ -116,14 +116,8 @@ impl EmbeddedStore {
         let tail = Tail::default();
         let convs = ConvCache::default();
         let lost = convs.clone();
-        let writer = Arc::new(GroupCommit::start(
-            db.clone(),
-            wal,
-            tail.clone(),
-            replay,
-            policy,
-            Box::new(move || lost.clear()),
-        )?);
+        let log = Log { wal, tail: tail.clone(), replay, policy, lost: Box::new(move || lost.clear()) };
+        let writer = Arc::new(GroupCommit::start(db.clone(), log)?);
         Ok(Self { db, writer, tail, convs, groups: Arc::default() })
     }
 
@@ -753,32 +747,12 @@ impl MessageStore for EmbeddedStore {
     /// Logged like an append (durable in the log, visible through the tail), so the cursor
     /// flushes do not force a B-tree commit each.
     async fn set_acks(&self, cursors: &[AckCursor]) -> Result<()> {
-        let cursors = cursors.to_vec();
-        self.writer
-            .append(move |tx| {
-                let moved = raise_acks(tx, &cursors)?;
-                if moved.is_empty() {
-                    return Ok(Logged::Unchanged(()));
-                }
-                let record = encode_cursors(ACKS_RAISED, &moved)?;
-                Ok(Logged::Appended { value: (), record, entry: Entry::Acks(moved) })
-            })
-            .await
+        self.log_cursors(cursors.to_vec(), raise_acks, ACKS_RAISED, Entry::Acks).await
     }
 
     /// As [`EmbeddedStore::set_acks`].
     async fn set_reads(&self, cursors: &[ReadCursor]) -> Result<()> {
-        let cursors = cursors.to_vec();
-        self.writer
-            .append(move |tx| {
-                let moved = raise_reads(tx, &cursors)?;
-                if moved.is_empty() {
-                    return Ok(Logged::Unchanged(()));
-                }
-                let record = encode_cursors(READS_RAISED, &moved)?;
-                Ok(Logged::Appended { value: (), record, entry: Entry::Reads(moved) })
-            })
-            .await
+        self.log_cursors(cursors.to_vec(), raise_reads, READS_RAISED, Entry::Reads).await
     }
 
     async fn reads(&self, user: &str) -> Result<HashMap<String, u64>> {
@@ -855,6 +829,27 @@ impl EmbeddedStore {
             .await;
         self.groups.invalidate(id);
         done
+    }
+
+    /// Raises cursors with `raise` in the next batch and logs the ones that moved (tagged `tag`)
+    /// for the tail as `entry`.
+    async fn log_cursors<C: serde::Serialize + Send + 'static>(
+        &self,
+        cursors: Vec<C>,
+        raise: fn(&WriteTransaction, &[C]) -> Result<Vec<C>>,
+        tag: u8,
+        entry: fn(Vec<C>) -> Entry,
+    ) -> Result<()> {
+        self.writer
+            .append(move |tx| {
+                let moved = raise(tx, &cursors)?;
+                if moved.is_empty() {
+                    return Ok(Logged::Unchanged(()));
+                }
+                let record = encode_cursors(tag, &moved)?;
+                Ok(Logged::Appended { value: (), record, entry: entry(moved) })
+            })
+            .await
     }
 
     /// The members of group `id`, sorted by user: from the cache, or read and cached.

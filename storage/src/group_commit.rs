@@ -86,26 +86,15 @@ pub(crate) struct GroupCommit {
 }
 
 impl GroupCommit {
-    /// Starts the writer thread; `lost` runs whenever the open transaction is dropped unfinished
-    /// (to forget what was cached from it). Results are handed back through the Tokio runtime
+    /// Starts the writer thread; `log.lost` runs whenever the open transaction is dropped
+    /// unfinished (to forget what was cached from it). Results are handed back through the Tokio runtime
     /// this is called on, if any: one task per batch wakes the callers, instead of one
     /// cross-thread wake-up each.
-    pub fn start(
-        db: Arc<Database>,
-        wal: Wal,
-        tail: Tail,
-        replay: Replay,
-        policy: CheckpointPolicy,
-        lost: Box<dyn Fn() + Send>,
-    ) -> Result<Self> {
+    pub fn start(db: Arc<Database>, log: Log) -> Result<Self> {
         let (jobs, rx) = mpsc::channel::<Job>();
         let writer = Writer {
             db,
-            wal,
-            tail,
-            replay,
-            policy,
-            lost,
+            log,
             runtime: tokio::runtime::Handle::try_current().ok(),
             open: None,
             dirty: false,
@@ -188,14 +177,20 @@ impl Drop for GroupCommit {
     }
 }
 
+/// The write-ahead side of the writer: the log, the tail readers see it through, how to replay
+/// it, when to checkpoint, and what to forget when the open transaction is lost.
+pub(crate) struct Log {
+    pub wal: Wal,
+    pub tail: Tail,
+    pub replay: Replay,
+    pub policy: CheckpointPolicy,
+    pub lost: Box<dyn Fn() + Send>,
+}
+
 /// The writer thread's state.
 struct Writer {
     db: Arc<Database>,
-    wal: Wal,
-    tail: Tail,
-    replay: Replay,
-    policy: CheckpointPolicy,
-    lost: Box<dyn Fn() + Send>,
+    log: Log,
     runtime: Option<tokio::runtime::Handle>,
     /// The transaction holding the appends since the last commit.
     open: Option<WriteTransaction>,
@@ -212,7 +207,7 @@ impl Writer {
         let mut done: Vec<Deliver> = Vec::new();
         loop {
             let first = if self.open.is_some() {
-                let wait = (self.opened + self.policy.interval).saturating_duration_since(Instant::now());
+                let wait = (self.opened + self.log.policy.interval).saturating_duration_since(Instant::now());
                 match rx.recv_timeout(wait) {
                     Ok(job) => job,
                     Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -305,8 +300,8 @@ impl Writer {
         }
         self.dirty |= plain || !entries.is_empty();
         self.open = Some(tx);
-        let due =
-            self.tail.bytes() + framed.len() >= self.policy.bytes || self.opened.elapsed() >= self.policy.interval;
+        let due = self.log.tail.bytes() + framed.len() >= self.log.policy.bytes
+            || self.opened.elapsed() >= self.log.policy.interval;
         if plain || due {
             // The commit makes this batch's appends durable and visible too: no log record needed.
             return self.checkpoint();
@@ -314,12 +309,12 @@ impl Writer {
         if framed.is_empty() {
             return None;
         }
-        if let Err(e) = self.wal.append(&framed) {
+        if let Err(e) = self.log.wal.append(&framed) {
             self.open = None;
             self.restore();
             return Some(e.to_string());
         }
-        self.tail.extend(entries);
+        self.log.tail.extend(entries);
         None
     }
 
@@ -335,8 +330,8 @@ impl Writer {
             self.restore();
             return Some(e.to_string());
         }
-        self.tail.clear();
-        if let Err(e) = self.wal.reset() {
+        self.log.tail.clear();
+        if let Err(e) = self.log.wal.reset() {
             // Harmless for correctness (replay skips what the B-trees hold) but the log grows.
             tracing::error!(error = %e, "embedded store: could not empty the write-ahead log");
         }
@@ -348,19 +343,19 @@ impl Writer {
     /// what was acknowledged. On failure the writer stops taking writes.
     fn restore(&mut self) {
         self.open = None;
-        (self.lost)();
+        (self.log.lost)();
         let result = (|| -> Result<()> {
-            let records = self.wal.records()?;
+            let records = self.log.wal.records()?;
             let mut tx = self.db.begin_write()?;
-            (self.replay)(&tx, &records)?;
+            (self.log.replay)(&tx, &records)?;
             tx.set_durability(Durability::Immediate);
             tx.commit()?;
             Ok(())
         })();
         match result {
             Ok(()) => {
-                self.tail.clear();
-                if let Err(e) = self.wal.reset() {
+                self.log.tail.clear();
+                if let Err(e) = self.log.wal.reset() {
                     tracing::error!(error = %e, "embedded store: could not empty the write-ahead log");
                 }
             }

@@ -241,9 +241,10 @@ impl Client {
         if let Some(f) = self.pushes.pop_front() {
             return Some(f);
         }
-        let set = |ws: &WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>, d| {
+        let set = |ws: &WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>, d: Duration| {
             if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
-                s.set_read_timeout(Some(d)).unwrap();
+                // A zero timeout is refused by the OS call (it would mean "block"): wait a tick.
+                s.set_read_timeout(Some(d.max(Duration::from_millis(1)))).unwrap();
             }
         };
         set(&self.ws, wait);
