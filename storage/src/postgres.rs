@@ -56,12 +56,14 @@ CREATE TABLE IF NOT EXISTS sessions (
     created_ms BIGINT NOT NULL,
     refresh_expires_ms BIGINT NOT NULL
 );
+-- Each CREATE INDEX locks its table even when the index exists: sessions before
+-- refresh_tokens, the order every write of both takes (else a concurrent prune deadlocks).
+CREATE INDEX IF NOT EXISTS sessions_refresh_expiry ON sessions (refresh_expires_ms);
 CREATE TABLE IF NOT EXISTS refresh_tokens (
     hash TEXT COLLATE "C" PRIMARY KEY,
     session_id TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS refresh_tokens_session ON refresh_tokens (session_id);
-CREATE INDEX IF NOT EXISTS sessions_refresh_expiry ON sessions (refresh_expires_ms);
 CREATE TABLE IF NOT EXISTS friends (
     username TEXT COLLATE "C" NOT NULL,
     other TEXT COLLATE "C" NOT NULL,
