@@ -12,6 +12,7 @@ mod ops;
 pub mod push;
 pub mod service;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,6 +69,10 @@ pub struct LogicConfig {
     pub session_prune: Duration,
     /// Most connections of one user over all devices (checked at `auth`).
     pub max_connections_per_user: usize,
+    /// How long a connection's session counts as valid after it was last read from the store:
+    /// a request after that re-reads it, so a revoked session or a banned user stops being
+    /// served within this time even if the kick push that should have closed the socket was lost.
+    pub session_check: Duration,
 }
 
 impl LogicConfig {
@@ -92,6 +97,7 @@ impl LogicConfig {
             admin_token: None,
             session_prune: Duration::from_secs(3600),
             max_connections_per_user: 32,
+            session_check: Duration::from_secs(5),
         }
     }
 }
@@ -113,6 +119,9 @@ pub struct Stores {
 /// last send whose push is not enqueued yet (each send enqueues after the one before it).
 pub(crate) type ConvTail = Option<tokio::sync::oneshot::Receiver<()>>;
 
+/// Most sessions remembered as confirmed (beyond it the memory starts over).
+const MAX_SESSIONS_SEEN: usize = 200_000;
+
 /// Longest wait for a password-hashing slot before the request is refused as `rate_limited`.
 const HASH_WAIT: Duration = Duration::from_secs(5);
 
@@ -133,6 +142,8 @@ pub struct Logic {
     login_limits: limits::Limiter,
     /// Slots for password hashing (see [`Logic::hash_slot`]).
     hash_slots: limits::Slots,
+    /// Sessions confirmed valid lately (see [`Logic::confirm_session`]).
+    sessions_seen: std::sync::Mutex<HashMap<String, std::time::Instant>>,
     conv_locks: Vec<tokio::sync::Mutex<ConvTail>>,
 }
 
@@ -151,6 +162,7 @@ impl Logic {
             auth_limits: limits::Limiter::new(config.auth_rate),
             login_limits: limits::Limiter::new(config.login_rate),
             hash_slots: limits::Slots::new(config.hash_concurrency, HASH_WAIT),
+            sessions_seen: std::sync::Mutex::new(HashMap::new()),
             config,
             stores,
             pusher,
@@ -184,6 +196,31 @@ impl Logic {
     /// request. A request that waits longer than [`HASH_WAIT`] gets `rate_limited`.
     pub async fn hash_slot<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
         self.hash_slots.run(f).await
+    }
+
+    /// `bad_token` when `session` of `user` was revoked or `user` is banned, read from the store
+    /// at most once per `session_check` per session (a session that is gone, pruned after its
+    /// refresh token expired, does not end an authenticated connection).
+    pub async fn confirm_session(&self, user: &str, session: &str) -> Result<(), ApiError> {
+        let fresh = |seen: &HashMap<String, std::time::Instant>| {
+            seen.get(session).is_some_and(|at| at.elapsed() < self.config.session_check)
+        };
+        if fresh(&self.sessions_seen.lock().unwrap_or_else(|p| p.into_inner())) {
+            return Ok(());
+        }
+        let accounts = &self.stores.accounts;
+        let revoked = accounts.get_session(session).await?.is_some_and(|s| s.revoked || s.user != user);
+        let banned = accounts.get_user(user).await?.is_none_or(|u| u.banned);
+        let mut seen = self.sessions_seen.lock().unwrap_or_else(|p| p.into_inner());
+        if revoked || banned {
+            seen.remove(session);
+            return Err(ApiError::new("bad_token", "the session was signed out or the account banned"));
+        }
+        if seen.len() >= MAX_SESSIONS_SEEN {
+            seen.clear();
+        }
+        seen.insert(session.to_owned(), std::time::Instant::now());
+        Ok(())
     }
 
     /// Deletes the sessions whose refresh token expired (with their token hashes), now and every

@@ -95,6 +95,11 @@ impl Logic {
     pub async fn handle_request(&self, req: ClientRequest) -> Result<ClientReply, ApiError> {
         let conn = req.conn.ok_or_else(|| ApiError::bad_request("missing conn"))?;
         inc(&self.metrics.requests);
+        if let Err(e) = self.confirm_session(&conn.user, &conn.session).await {
+            let frame =
+                serde_json::to_vec(&e.to_frame(req.rid)).map_err(|e| ApiError::new("internal", e.to_string()))?;
+            return Ok(ClientReply { frame: frame.into(), close: e.code == "bad_token" });
+        }
         let caller =
             Caller { user: conn.user, device: conn.device, gateway: conn.gateway, conn_id: conn.conn_id, ip: req.ip };
         self.metrics.inflight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

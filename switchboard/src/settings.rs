@@ -120,6 +120,10 @@ pub struct Settings {
     /// Access token lifetime in seconds.
     #[arg(long, env = "SB_ACCESS_TTL_SECS")]
     pub access_ttl_secs: Option<u64>,
+    /// Milliseconds a connection's session counts as valid before a request re-reads it (a
+    /// revoked session or banned user stops being served within it); default 5000.
+    #[arg(long, env = "SB_SESSION_CHECK_MS")]
+    pub session_check_ms: Option<u64>,
     /// Seconds between deletions of sessions whose refresh token expired; default 3600.
     #[arg(long, env = "SB_SESSION_PRUNE_SECS")]
     pub session_prune_secs: Option<u64>,
@@ -227,7 +231,7 @@ impl Settings {
             reply_max_bytes, cursor_flush_ms, cluster_secret, void_after_ms, embedded_checkpoint_ms,
             embedded_checkpoint_bytes, http_max_connections, http_header_timeout_ms, http_request_timeout_ms,
             max_connections_per_ip, argon2_concurrency, login_rate, login_burst, session_prune_secs,
-            admin_addr, max_connections_per_user);
+            admin_addr, max_connections_per_user, session_check_ms);
         Ok(self)
     }
 
@@ -391,6 +395,9 @@ impl Settings {
         }
         if let Some(n) = self.max_connections_per_user {
             c.max_connections_per_user = n.max(1);
+        }
+        if let Some(ms) = self.session_check_ms {
+            c.session_check = Duration::from_millis(ms);
         }
         if let Some(s) = self.session_prune_secs {
             c.session_prune = Duration::from_secs(s.max(1));

@@ -1,5 +1,6 @@
-//! Sessions whose refresh token expired are deleted with their token hashes: after the pruner
-//! ran, the old refresh token is unknown (not merely expired) and the store does not keep it.
+//! Session lifecycle from outside: sessions whose refresh token expired are deleted with their
+//! token hashes (after the pruner ran, the old refresh token is unknown, not merely expired), and
+//! a revoked session stops being served even when no kick reached its socket.
 
 mod common;
 
@@ -36,6 +37,47 @@ async fn expired_sessions_are_pruned() {
         }
         // a fresh login still works
         assert!(login(addr, "pru", "p2")["refresh_token"].is_string());
+    })
+    .await;
+    node.stop().await;
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// A session revoked behind the socket's back (as if the kick push that should close it was
+/// lost) stops being served within `session_check_ms`: the next request gets `bad_token` and
+/// the connection closes; the user's other sessions go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_session_stops_being_served_without_its_kick() {
+    let dir = temp_dir("revoked");
+    let mut s = common::settings(&dir);
+    s.session_check_ms = Some(100);
+    let node = switchboard::AllInOne::start(&s).await.expect("node starts");
+    let (addr, ws) = (node.http_addr(), node.ws_addr());
+    let accounts = node.logic.logic.stores.accounts.clone();
+    let (session, mut gone, mut kept) = common::blocking(move || {
+        register(addr, "rev");
+        let mut gone = common::Client::connect(ws);
+        let token = login(addr, "rev", "d1")["access_token"].as_str().unwrap().to_owned();
+        let ok = gone.ok("auth", json!({ "token": token }));
+        let kept = common::Client::login(addr, ws, "rev", "d2");
+        gone.ok("friend.list", json!({}));
+        (ok["session"].as_str().unwrap().to_owned(), gone, kept)
+    })
+    .await;
+    accounts.revoke_session(&session).await.unwrap();
+    common::blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let r = gone.call("friend.list", json!({}));
+            if r["op"] == "error" {
+                assert_eq!(r["code"], "bad_token", "{r}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "still served after its session was revoked");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(gone.read().is_none(), "closed after bad_token");
+        kept.ok("friend.list", json!({}));
     })
     .await;
     node.stop().await;
