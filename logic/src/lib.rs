@@ -199,8 +199,9 @@ impl Logic {
     }
 
     /// `bad_token` when `session` of `user` was revoked or `user` is banned, read from the store
-    /// at most once per `session_check` per session (a session that is gone, pruned after its
-    /// refresh token expired, does not end an authenticated connection).
+    /// at most once per `session_check` per session (a session or user the store does not hold,
+    /// such as a pruned session or a minted token's user, does not end an authenticated
+    /// connection).
     pub async fn confirm_session(&self, user: &str, session: &str) -> Result<(), ApiError> {
         let fresh = |seen: &HashMap<String, std::time::Instant>| {
             seen.get(session).is_some_and(|at| at.elapsed() < self.config.session_check)
@@ -210,7 +211,9 @@ impl Logic {
         }
         let accounts = &self.stores.accounts;
         let revoked = accounts.get_session(session).await?.is_some_and(|s| s.revoked || s.user != user);
-        let banned = accounts.get_user(user).await?.is_none_or(|u| u.banned);
+        // Only an explicit ban counts: tokens minted by `switchboard token` may name users who
+        // never registered.
+        let banned = accounts.get_user(user).await?.is_some_and(|u| u.banned);
         let mut seen = self.sessions_seen.lock().unwrap_or_else(|p| p.into_inner());
         if revoked || banned {
             seen.remove(session);
