@@ -818,17 +818,30 @@ impl EmbeddedStore {
     /// (`member`) or does not yet (`!member`); `false` otherwise.
     async fn put_role_if(&self, id: &str, user: &str, role: Role, member: bool) -> Result<bool> {
         let (gid, user) = (id.to_owned(), user.to_owned());
-        let done = self
-            .write(move |tx| {
-                if is_member(tx, &gid, &user)? != member {
-                    return Ok(Abort(false));
-                }
-                put_member(tx, &gid, &user, role)?;
-                Ok(Commit(true))
-            })
-            .await;
-        self.groups.invalidate(id);
-        done
+        self.group_write(id, move |tx| {
+            if is_member(tx, &gid, &user)? != member {
+                return Ok(Abort(false));
+            }
+            put_member(tx, &gid, &user, role)?;
+            Ok(Commit(true))
+        })
+        .await
+    }
+
+    /// A write to group `id`, run to its end even if the caller goes away, then the group's
+    /// cached member list forgotten: a cancelled caller can never leave a stale list cached.
+    async fn group_write<T, F>(&self, id: &str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&WriteTransaction) -> Result<End<T>> + Send + 'static,
+    {
+        let (writer, groups, id) = (self.writer.clone(), self.groups.clone(), id.to_owned());
+        tokio::spawn(async move {
+            let done = writer.write(f).await;
+            groups.invalidate(&id);
+            done
+        })
+        .await?
     }
 
     /// Raises cursors with `raise` in the next batch and logs the ones that moved (tagged `tag`)
@@ -875,7 +888,7 @@ impl GroupStore for EmbeddedStore {
     async fn create_group(&self, group: &Group, members: &[String]) -> Result<bool> {
         let id = group.id.clone();
         let (group, members) = (group.clone(), members.to_vec());
-        let done = self.write(move |tx| {
+        self.group_write(&id, move |tx| {
             let mut groups = tx.open_table(GROUPS)?;
             if groups.get(group.id.as_str())?.is_some() {
                 return Ok(Abort(false));
@@ -888,10 +901,8 @@ impl GroupStore for EmbeddedStore {
                 }
             }
             Ok(Commit(true))
-        });
-        let done = done.await;
-        self.groups.invalidate(&id);
-        done
+        })
+        .await
     }
 
     async fn group(&self, id: &str) -> Result<Option<Group>> {
@@ -905,17 +916,14 @@ impl GroupStore for EmbeddedStore {
 
     async fn remove_member(&self, id: &str, user: &str) -> Result<bool> {
         let (gid, user) = (id.to_owned(), user.to_owned());
-        let done = self
-            .write(move |tx| {
-                if tx.open_table(GROUP_MEMBERS)?.remove((gid.as_str(), user.as_str()))?.is_none() {
-                    return Ok(Abort(false));
-                }
-                tx.open_table(USER_GROUPS)?.remove((user.as_str(), gid.as_str()))?;
-                Ok(Commit(true))
-            })
-            .await;
-        self.groups.invalidate(id);
-        done
+        self.group_write(id, move |tx| {
+            if tx.open_table(GROUP_MEMBERS)?.remove((gid.as_str(), user.as_str()))?.is_none() {
+                return Ok(Abort(false));
+            }
+            tx.open_table(USER_GROUPS)?.remove((user.as_str(), gid.as_str()))?;
+            Ok(Commit(true))
+        })
+        .await
     }
 
     async fn set_role(&self, id: &str, user: &str, role: Role) -> Result<bool> {

@@ -356,7 +356,11 @@ impl Writer {
             Ok(()) => {
                 self.log.tail.clear();
                 if let Err(e) = self.log.wal.reset() {
-                    tracing::error!(error = %e, "embedded store: could not empty the write-ahead log");
+                    // What follows the acknowledged records may be a failed batch's: stop rather
+                    // than log after it.
+                    let why = format!("the writer stopped: the write-ahead log could not be emptied ({e})");
+                    tracing::error!("embedded store: {why}");
+                    self.broken = Some(why);
                 }
             }
             Err(e) => {

@@ -65,7 +65,16 @@ impl Tail {
         for entry in entries {
             match entry {
                 Entry::Message { msg, indexed, bytes } => {
-                    t.bytes += bytes + msg.conv.len() * 2 + 128;
+                    // The decoded message (its body as a JSON tree), its keys in the two maps,
+                    // and one index row per newly indexed member.
+                    t.bytes += bytes
+                        + value_bytes(&msg.body)
+                        + 4 * msg.conv.len()
+                        + msg.from.len()
+                        + msg.cmid.len()
+                        + msg.mid.len()
+                        + 256
+                        + indexed.iter().map(|u| u.len() + msg.conv.len() + 64).sum::<usize>();
                     t.cmids.insert(cmid_key(&msg.conv, &msg.from, &msg.cmid), msg.seq);
                     t.mids.insert(mid_key(&msg.conv, &msg.mid), msg.seq);
                     for user in indexed {
@@ -141,6 +150,18 @@ impl Tail {
         let new = t.indexed.get(user).cloned().unwrap_or_default();
         let lasts = t.convs.iter().filter_map(|(c, ms)| Some((c.clone(), ms.last()?.seq))).collect();
         (new, lasts)
+    }
+}
+
+/// Roughly the heap a decoded JSON value holds (`serde_json::Value` slots are 32 bytes; map
+/// entries carry their key and some overhead).
+fn value_bytes(v: &serde_json::Value) -> usize {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => s.len(),
+        Value::Array(a) => a.iter().map(|x| 32 + value_bytes(x)).sum(),
+        Value::Object(o) => o.iter().map(|(k, x)| 32 + 48 + k.len() + value_bytes(x)).sum(),
+        _ => 0,
     }
 }
 

@@ -8,7 +8,8 @@
 //! there: it was never acknowledged, since a batch is acknowledged only after its `fdatasync`.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use xxhash_rust::xxh3::xxh3_64;
@@ -17,7 +18,8 @@ use crate::{Result, StorageError};
 
 const HEADER: usize = 12;
 
-/// The log file, open for appending.
+/// The log file. Records are written at `len` by position, never through the file cursor, so a
+/// failed write or truncation can never leave a gap before the next record.
 pub(crate) struct Wal {
     file: File,
     len: u64,
@@ -50,18 +52,14 @@ impl Wal {
             );
             file.set_len(intact).map_err(|e| io_error("cutting the torn tail", e))?;
         }
-        file.seek(SeekFrom::Start(intact)).map_err(|e| io_error("seeking", e))?;
         Ok((Self { file, len: intact }, records))
     }
 
     /// The payloads of every record in the log, oldest first.
     pub fn records(&mut self) -> Result<Vec<Vec<u8>>> {
-        let mut bytes = Vec::with_capacity(self.len as usize);
-        self.file.seek(SeekFrom::Start(0)).map_err(|e| io_error("seeking", e))?;
-        let read = self.file.read_to_end(&mut bytes).map_err(|e| io_error("reading", e));
-        self.file.seek(SeekFrom::Start(self.len)).map_err(|e| io_error("seeking", e))?;
-        read?;
-        Ok(parse(&bytes[..(self.len as usize).min(bytes.len())]).0)
+        let mut bytes = vec![0; self.len as usize];
+        self.file.read_exact_at(&mut bytes, 0).map_err(|e| io_error("reading", e))?;
+        Ok(parse(&bytes).0)
     }
 
     /// Appends `payload` framed as a record to `out` (a batch written by [`Wal::append`]).
@@ -73,7 +71,7 @@ impl Wal {
 
     /// Writes framed records and waits until they are on disk.
     pub fn append(&mut self, framed: &[u8]) -> Result<()> {
-        let written = self.file.write_all(framed).map_err(|e| io_error("writing", e));
+        let written = self.file.write_all_at(framed, self.len).map_err(|e| io_error("writing", e));
         let synced = written.and_then(|()| self.file.sync_data().map_err(|e| io_error("fdatasync", e)));
         match synced {
             Ok(()) => {
@@ -81,9 +79,9 @@ impl Wal {
                 Ok(())
             }
             Err(e) => {
-                // Whatever part of the batch reached the file is not acknowledged: cut it off.
+                // Whatever part of the batch reached the file is not acknowledged: cut it off
+                // (the next write lands at `len` anyway; the writer empties the log next).
                 let _ = self.file.set_len(self.len);
-                let _ = self.file.seek(SeekFrom::Start(self.len));
                 Err(e)
             }
         }
@@ -95,7 +93,6 @@ impl Wal {
             return Ok(());
         }
         self.file.set_len(0).map_err(|e| io_error("truncating", e))?;
-        self.file.seek(SeekFrom::Start(0)).map_err(|e| io_error("seeking", e))?;
         self.len = 0;
         // Not synced: if the truncation is lost in a crash, replaying records the B-tree already
         // holds changes nothing (replay skips what is there).
@@ -123,6 +120,7 @@ fn parse(bytes: &[u8]) -> (Vec<Vec<u8>>, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     fn temp(name: &str) -> std::path::PathBuf {
         let dir = std::env::temp_dir().join(format!("sb-wal-{name}-{}", crate::contract::prefix()));
