@@ -87,7 +87,10 @@ fn cluster_survives_gateway_logic_and_persist_faults() {
     for i in 0..20 {
         let r = send_retrying(&mut alice, b, &format!("a{i}"), Duration::from_secs(30));
         acked.insert(r["seq"].as_u64().unwrap());
-        bob_got.insert(bob.push("msg")["msg"]["seq"].as_u64().unwrap());
+        let seq = bob.push("msg")["msg"]["seq"].as_u64().unwrap();
+        bob_got.insert(seq);
+        // acked as a client does, so no re-push (1 s here) interleaves with the pushes below
+        bob.ok("ack", json!({"conv": conv, "seq": seq}));
     }
     assert_eq!(bob_got, acked, "every message pushed across gateways");
 
@@ -99,6 +102,7 @@ fn cluster_survives_gateway_logic_and_persist_faults() {
     let gm = bob.ok("send", json!({"group": group, "cmid": "g1", "type": "text", "body": "to the group"}));
     assert_eq!(gm["seq"], 1);
     assert_eq!(alice.push("msg")["msg"]["conv"], gconv.as_str());
+    alice.ok("ack", json!({"conv": gconv, "seq": 1}));
     alice.ok("read", json!({"conv": gconv, "seq": 1}));
     assert_eq!(bob.push("read")["user"], a);
     bob.ok("recall", json!({"conv": gconv, "mid": gm["mid"]}));
