@@ -575,14 +575,15 @@ impl RedisStore {
 
 #[async_trait]
 impl Registry for RedisStore {
-    /// Publishes a registry entry that lives `ttl_secs` unless refreshed.
-    async fn register(&self, kind: &str, m: &Member, ttl_secs: u64) -> Result<()> {
+    /// Publishes a registry entry that lives `ttl_secs` unless refreshed; `true` when it was
+    /// absent (SET … GET, Redis 6.2+).
+    async fn register(&self, kind: &str, m: &Member, ttl_secs: u64) -> Result<bool> {
         let json = serde_json::to_string(m)?;
         let mut p = redis::pipe();
-        p.cmd("SET").arg(self.key(&[kind, &m.id])).arg(json).arg("EX").arg(ttl_secs).ignore();
+        p.cmd("SET").arg(self.key(&[kind, &m.id])).arg(json).arg("EX").arg(ttl_secs).arg("GET");
         p.cmd("SADD").arg(self.key(&[kind])).arg(&m.id).ignore();
-        let _: () = p.query_async(&mut self.conn.clone()).await?;
-        Ok(())
+        let (before,): (Option<String>,) = p.query_async(&mut self.conn.clone()).await?;
+        Ok(before.is_none())
     }
 
     /// Removes a registry entry (graceful shutdown).

@@ -194,8 +194,9 @@ pub trait RouteTable: Send + Sync {
 /// reported load, for balancing. Entries expire unless refreshed.
 #[async_trait]
 pub trait Registry: Send + Sync {
-    /// Publishes an entry of `kind` ("gateway" or "logic") for `ttl_secs`.
-    async fn register(&self, kind: &str, m: &Member, ttl_secs: u64) -> Result<()>;
+    /// Publishes an entry of `kind` ("gateway" or "logic") for `ttl_secs`; `true` when there was
+    /// no entry of `m.id` (a first registration, or one that lapsed since the last).
+    async fn register(&self, kind: &str, m: &Member, ttl_secs: u64) -> Result<bool>;
     /// Removes an entry (graceful shutdown).
     async fn deregister(&self, kind: &str, id: &str) -> Result<()>;
     /// The live entries of one kind.

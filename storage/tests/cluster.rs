@@ -29,7 +29,8 @@ async fn redis_routes_and_registry() {
     let Some(env) = env() else { return };
     let prefix = format!("{}:", contract::prefix());
     let store = RedisStore::connect(&env.redis, &prefix).await.unwrap();
-    store.register("gateway", &member("gw1"), 30).await.unwrap();
+    assert!(store.register("gateway", &member("gw1"), 30).await.unwrap(), "a first registration");
+    assert!(!store.register("gateway", &member("gw1"), 30).await.unwrap(), "a refresh");
     store.register("gateway", &member("gw2"), 30).await.unwrap();
     contract::routes_contract(Arc::new(store.clone())).await;
 
@@ -43,6 +44,8 @@ async fn redis_routes_and_registry() {
     let ids: Vec<String> = store.members("gateway").await.unwrap().into_iter().map(|m| m.id).collect();
     assert!(!ids.contains(&"gw3".to_string()), "{ids:?}");
     assert!(store.get("zed").await.unwrap().is_empty(), "routes of a dead gateway are ignored");
+    assert!(store.register("gateway", &member("gw3"), 30).await.unwrap(), "a lapsed entry registers anew");
+    store.deregister("gateway", "gw3").await.unwrap();
     store.deregister("gateway", "gw1").await.unwrap();
     let ids: Vec<String> = store.members("gateway").await.unwrap().into_iter().map(|m| m.id).collect();
     assert_eq!(ids, vec!["gw2".to_string()]);

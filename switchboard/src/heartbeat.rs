@@ -53,14 +53,17 @@ impl Heartbeat {
         let reannouncer = gw.reannouncer();
         let task = Task::spawn(|mut stopped| async move {
             let mut run_id: Option<String> = None;
+            let mut registered = false;
             loop {
                 // A restarted Redis lost every route of this gateway's connections (their
                 // sockets are still open): announce them again so pushes find them.
+                let mut announced = false;
                 match r.server_run_id().await {
                     Ok(id) => {
                         if run_id.as_ref().is_some_and(|seen| *seen != id) {
                             tracing::warn!("Redis restarted; re-announcing every connection");
                             reannouncer.reannounce();
+                            announced = true;
                         }
                         run_id = Some(id);
                     }
@@ -74,9 +77,17 @@ impl Heartbeat {
                     load: metrics.cpu_load(),
                     connections: metrics.connections(),
                 };
-                if let Err(e) = r.register("gateway", &m, TTL_SECS).await {
-                    tracing::warn!(error = %e, "registry heartbeat failed");
+                match r.register("gateway", &m, TTL_SECS).await {
+                    // This gateway's entry lapsed (a starved or cut-off heartbeat): logic
+                    // instances dropped the routes of its connections meanwhile, so announce them.
+                    Ok(true) if registered && !announced => {
+                        tracing::warn!("registry entry had lapsed; re-announcing every connection");
+                        reannouncer.reannounce();
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "registry heartbeat failed"),
                 }
+                registered = true;
                 if let Some(pool) = &pool {
                     match r.members("logic").await {
                         Ok(list) => pool.update(list.into_iter().map(|l| (l.rpc, l.load)).collect()),
