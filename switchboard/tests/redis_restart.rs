@@ -60,14 +60,7 @@ fn pushes_reach_open_sockets_after_a_redis_restart() {
     let _persist = Proc::spawn("persist", &e, &prefix, &[]);
 
     let (alice, bob) = (format!("{prefix}a"), format!("{prefix}b"));
-    register(http_addr, &alice);
-    register(http_addr, &bob);
-    let mut a = Client::login(http_addr, ws_addr, &alice, "a1");
-    let mut b = Client::login(http_addr, ws_addr, &bob, "b1");
-    a.ok("friend.request", json!({"to": bob}));
-    b.push("friend.request");
-    b.ok("friend.accept", json!({"from": alice}));
-    a.push("friend.accepted");
+    let (mut a, mut b) = friends(http_addr, ws_addr, &alice, &bob);
     a.ok("send", json!({"to": bob, "cmid": "before", "type": "text", "body": "before"}));
     assert_eq!(b.push("msg")["msg"]["body"], "before");
 

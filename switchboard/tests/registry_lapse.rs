@@ -33,14 +33,7 @@ fn a_lapsed_gateway_announces_its_connections_again() {
     let ws_addr = gw.addr("ws://");
 
     let (alice, bob) = (format!("{prefix}a"), format!("{prefix}b"));
-    register(http_addr, &alice);
-    register(http_addr, &bob);
-    let mut a = Client::login(http_addr, ws_addr, &alice, "a1");
-    let mut b = Client::login(http_addr, ws_addr, &bob, "b1");
-    a.ok("friend.request", json!({"to": bob}));
-    b.push("friend.request");
-    b.ok("friend.accept", json!({"from": alice}));
-    a.push("friend.accepted");
+    let (mut a, mut b) = friends(http_addr, ws_addr, &alice, &bob);
     let conv = if alice < bob { format!("d:{alice}:{bob}") } else { format!("d:{bob}:{alice}") };
 
     // The entry vanishes as if its TTL ran out, and a send right then finds bob's gateway dead:

@@ -294,6 +294,16 @@ pub fn befriend(a: &mut Client, b: &mut Client, b_name: &str, a_name: &str) {
     a.push("friend.accepted");
 }
 
+/// Registers `a` and `b`, logs them in (devices `a1` and `b1`) and makes them friends.
+pub fn friends(http: SocketAddr, ws: SocketAddr, a: &str, b: &str) -> (Client, Client) {
+    register(http, a);
+    register(http, b);
+    let mut ca = Client::login(http, ws, a, "a1");
+    let mut cb = Client::login(http, ws, b, "b1");
+    befriend(&mut ca, &mut cb, b, a);
+    (ca, cb)
+}
+
 /// Sends a direct message, retrying on `unavailable` with the same cmid for up to `within`;
 /// returns the `send.ok`.
 pub fn send_retrying(c: &mut Client, to: &str, cmid: &str, within: Duration) -> Value {
