@@ -7,7 +7,7 @@ mod common;
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use common::{http, register, temp_dir};
+use common::{http, register};
 use serde_json::json;
 use tungstenite::client::IntoClientRequest;
 
@@ -26,10 +26,10 @@ fn ws_from(src: &str, ws: SocketAddr) -> Result<tungstenite::WebSocket<TcpStream
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_address_cannot_take_the_gateway() {
-    let dir = temp_dir("per-ip");
-    let mut s = common::settings(&dir);
-    s.max_connections_per_ip = Some(3);
-    let node = switchboard::AllInOne::start(&s).await.expect("node starts");
+    let (node, dir) = common::start_tweaked("per-ip", |s| {
+        s.max_connections_per_ip = Some(3);
+    })
+    .await;
     let ws = node.ws_addr();
     common::blocking(move || {
         let mut held: Vec<_> =
@@ -60,11 +60,11 @@ async fn one_address_cannot_take_the_gateway() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logins_to_one_account_are_throttled() {
-    let dir = temp_dir("login-rate");
-    let mut s = common::settings(&dir);
-    s.login_rate = Some(0.01);
-    s.login_burst = Some(3.0);
-    let node = switchboard::AllInOne::start(&s).await.expect("node starts");
+    let (node, dir) = common::start_tweaked("login-rate", |s| {
+        s.login_rate = Some(0.01);
+        s.login_burst = Some(3.0);
+    })
+    .await;
     let addr = node.http_addr();
     common::blocking(move || {
         register(addr, "target");
@@ -96,10 +96,10 @@ async fn logins_to_one_account_are_throttled() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_user_cannot_hold_unbounded_connections() {
-    let dir = temp_dir("per-user");
-    let mut s = common::settings(&dir);
-    s.max_connections_per_user = Some(2);
-    let node = switchboard::AllInOne::start(&s).await.expect("node starts");
+    let (node, dir) = common::start_tweaked("per-user", |s| {
+        s.max_connections_per_user = Some(2);
+    })
+    .await;
     let (addr, ws) = (node.http_addr(), node.ws_addr());
     common::blocking(move || {
         register(addr, "many");

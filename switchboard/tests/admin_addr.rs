@@ -3,16 +3,16 @@
 
 mod common;
 
-use common::{http, register, temp_dir};
+use common::{http, register};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_endpoints_move_to_their_own_address() {
-    let dir = temp_dir("admin-addr");
-    let mut s = common::settings(&dir);
-    s.admin_addr = Some("127.0.0.1:0".parse().unwrap());
-    s.admin_token = Some("operator-token-0123456789".into());
-    let node = switchboard::AllInOne::start(&s).await.expect("node starts");
+    let (node, dir) = common::start_tweaked("admin-addr", |s| {
+        s.admin_addr = Some("127.0.0.1:0".parse().unwrap());
+        s.admin_token = Some("operator-token-0123456789".into());
+    })
+    .await;
     let public = node.http_addr();
     let admin = node.logic.admin_addr.expect("an admin listener");
     assert_ne!(public, admin);

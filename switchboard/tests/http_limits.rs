@@ -9,9 +9,6 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use common::temp_dir;
-use switchboard::Settings;
-
 fn connect(addr: SocketAddr) -> TcpStream {
     let s = TcpStream::connect(addr).unwrap();
     // Far above the server's timeouts: a read that returns is the server's doing.
@@ -30,16 +27,9 @@ fn read_to_close(s: &mut TcpStream) -> String {
     String::from_utf8_lossy(&got).into_owned()
 }
 
-async fn node(name: &str, tweak: impl FnOnce(&mut Settings)) -> (switchboard::AllInOne, std::path::PathBuf) {
-    let dir = temp_dir(name);
-    let mut s = common::settings(&dir);
-    tweak(&mut s);
-    (switchboard::AllInOne::start(&s).await.expect("node starts"), dir)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_and_idle_clients_are_closed() {
-    let (node, dir) = node("http-timeouts", |s| {
+    let (node, dir) = common::start_tweaked("http-timeouts", |s| {
         s.http_header_timeout_ms = Some(300);
         s.http_request_timeout_ms = Some(600);
     })
@@ -80,7 +70,7 @@ async fn slow_and_idle_clients_are_closed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_cap_are_closed() {
-    let (node, dir) = node("http-cap", |s| {
+    let (node, dir) = common::start_tweaked("http-cap", |s| {
         s.http_max_connections = Some(3);
         s.http_header_timeout_ms = Some(60_000);
     })

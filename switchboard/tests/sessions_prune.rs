@@ -6,16 +6,16 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{http, login, register, temp_dir};
+use common::{http, login, register};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_sessions_are_pruned() {
-    let dir = temp_dir("prune");
-    let mut s = common::settings(&dir);
-    s.refresh_ttl_secs = Some(1);
-    s.session_prune_secs = Some(1);
-    let node = switchboard::AllInOne::start(&s).await.expect("node starts");
+    let (node, dir) = common::start_tweaked("prune", |s| {
+        s.refresh_ttl_secs = Some(1);
+        s.session_prune_secs = Some(1);
+    })
+    .await;
     let addr = node.http_addr();
     common::blocking(move || {
         register(addr, "pru");
@@ -48,10 +48,10 @@ async fn expired_sessions_are_pruned() {
 /// the connection closes; the user's other sessions go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_session_stops_being_served_without_its_kick() {
-    let dir = temp_dir("revoked");
-    let mut s = common::settings(&dir);
-    s.session_check_ms = Some(100);
-    let node = switchboard::AllInOne::start(&s).await.expect("node starts");
+    let (node, dir) = common::start_tweaked("revoked", |s| {
+        s.session_check_ms = Some(100);
+    })
+    .await;
     let (addr, ws) = (node.http_addr(), node.ws_addr());
     let accounts = node.logic.logic.stores.accounts.clone();
     let (session, mut gone, mut kept) = common::blocking(move || {

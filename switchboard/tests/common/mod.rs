@@ -54,6 +54,15 @@ pub async fn start(dir: &Path) -> AllInOne {
     AllInOne::start(&settings(dir)).await.expect("node starts")
 }
 
+/// A node on a fresh temporary directory named after `name`, with [`settings`] changed by
+/// `tweak`; the caller removes the directory.
+pub async fn start_tweaked(name: &str, tweak: impl FnOnce(&mut Settings)) -> (AllInOne, PathBuf) {
+    let dir = temp_dir(name);
+    let mut s = settings(&dir);
+    tweak(&mut s);
+    (AllInOne::start(&s).await.expect("node starts"), dir)
+}
+
 /// One HTTP request; returns (status, JSON body or Null).
 pub fn http(addr: SocketAddr, method: &str, path: &str, body: Option<Value>, bearer: Option<&str>) -> (u16, Value) {
     let mut s = TcpStream::connect(addr).unwrap();
