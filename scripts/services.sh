@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs (when missing) and runs the engines the cluster tests need, on
 # 127.0.0.1 only: Redis, PostgreSQL and tansu (a Kafka-protocol broker).
+# Redis and PostgreSQL also take TLS (Redis on a port of its own), with a
+# certificate signed by a throwaway CA made here.
 #   scripts/services.sh up|down|status|env
 # `env` prints the export lines the tests read (SB_TEST_*). Idempotent: `up`
 # reuses running services and an already-built broker binary.
@@ -9,6 +11,7 @@ set -euo pipefail
 STATE="${SB_SERVICES_DIR:-/var/tmp/switchboard-services}"
 TOOLS="${SB_TOOLS_DIR:-$HOME/.cache/switchboard}"
 REDIS_PORT="${SB_REDIS_PORT:-16379}"
+REDIS_TLS_PORT="${SB_REDIS_TLS_PORT:-16380}"
 PG_PORT="${SB_PG_PORT:-15432}"
 KAFKA_PORT="${SB_KAFKA_PORT:-19092}"
 TANSU_VERSION=0.6.0
@@ -31,6 +34,7 @@ wait_for() { # name, seconds, command...
 install_packages() {
     local missing=()
     command -v redis-server >/dev/null || missing+=(redis-server)
+    command -v openssl >/dev/null || missing+=(openssl)
     [ -n "$PG_BIN" ] || missing+=(postgresql)
     if [ ${#missing[@]} -gt 0 ]; then
         log "installing ${missing[*]}"
@@ -49,10 +53,28 @@ install_packages() {
     fi
 }
 
+# A CA and a server certificate for 127.0.0.1/localhost, made once per state dir.
+tls_certs() {
+    local d="$STATE/tls"
+    [ -f "$d/server.pem" ] && return
+    mkdir -p "$d"
+    local ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+    openssl req -x509 "${ec[@]}" -keyout "$d/ca.key" -out "$d/ca.pem" -days 3650 -subj /CN=switchboard-test-ca \
+        -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
+    openssl req -new "${ec[@]}" -keyout "$d/server.key" -out "$d/server.csr" -subj /CN=localhost 2>/dev/null
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' \
+        >"$d/server.ext"
+    openssl x509 -req -in "$d/server.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" -CAcreateserial -days 3650 \
+        -extfile "$d/server.ext" -out "$d/server.pem" 2>/dev/null
+    log "made a test CA and server certificate in $d"
+}
+
 redis_up() {
     if redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then log "redis already up"; return; fi
     mkdir -p "$STATE/redis"
     redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no \
+        --tls-port "$REDIS_TLS_PORT" --tls-cert-file "$STATE/tls/server.pem" --tls-key-file "$STATE/tls/server.key" \
+        --tls-ca-cert-file "$STATE/tls/ca.pem" --tls-auth-clients no \
         --dir "$STATE/redis" --pidfile "$STATE/redis/redis.pid" --logfile "$STATE/redis/redis.log"
     wait_for redis 20 redis-cli -p "$REDIS_PORT" ping
 }
@@ -61,10 +83,13 @@ pg_up() {
     if port_open "$PG_PORT"; then log "postgres already up"; return; fi
     rm -rf "$STATE/pg"
     mkdir -p "$STATE/pg/data" "$STATE/pg/run"
+    cp "$STATE/tls/server.pem" "$STATE/tls/server.key" "$STATE/pg/"
+    chmod 600 "$STATE/pg/server.key"
     chown -R postgres "$STATE/pg"
     su postgres -c "$PG_BIN/initdb -D $STATE/pg/data -A trust -U postgres" >/dev/null
     su postgres -c "$PG_BIN/pg_ctl -D $STATE/pg/data -l $STATE/pg/run/pg.log \
-        -o '-p $PG_PORT -k $STATE/pg/run -c listen_addresses=127.0.0.1 -c fsync=on' start" >/dev/null
+        -o '-p $PG_PORT -k $STATE/pg/run -c listen_addresses=127.0.0.1 -c fsync=on \
+        -c ssl=on -c ssl_cert_file=$STATE/pg/server.pem -c ssl_key_file=$STATE/pg/server.key' start" >/dev/null
     wait_for postgres 30 psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -c 'select 1'
 }
 
@@ -104,6 +129,9 @@ env_lines() {
     echo "export SB_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:$PG_PORT/postgres"
     echo "export SB_TEST_KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT"
     echo "export SB_TANSU_BIN=$TANSU"
+    echo "export SB_TEST_REDIS_TLS_URL=rediss://127.0.0.1:$REDIS_TLS_PORT/"
+    echo "export SB_TEST_POSTGRES_TLS_URL=postgres://postgres@127.0.0.1:$PG_PORT/postgres?sslmode=require"
+    echo "export SB_TEST_CA_FILE=$STATE/tls/ca.pem"
 }
 
 case "${1:-}" in
@@ -111,7 +139,7 @@ case "${1:-}" in
         t0=$SECONDS
         install_packages
         mkdir -p "$STATE"
-        redis_up; pg_up; kafka_up
+        tls_certs; redis_up; pg_up; kafka_up
         log "services up in $((SECONDS - t0))s"
         ;;
     down) down ;;

@@ -16,7 +16,8 @@
 //! - `friends`, `pending`, `groups`, `convs` map to `Friend`, `Pending`, `GroupInfo`,
 //!   `ConvSummary`;
 //! - inside nested messages, empty strings are omitted but numbers and bools are always
-//!   written (`seq`, `ts`, `unread`, `read_seq`, `online`): proto3 cannot tell 0 from unset;
+//!   written (`seq`, `ts`, `unread`, `read_seq`, `online`, `invite_only`): proto3 cannot tell 0
+//!   from unset;
 //! - a JSON field without a proto counterpart is dropped; a known field of the wrong JSON type
 //!   is a [`CodecError`].
 
@@ -145,7 +146,12 @@ pub fn frame_to_json(f: &Frame) -> Value {
         list(&mut m, "members", &f.members, |x| Value::String(x.clone()));
     }
     list(&mut m, "groups", &f.groups, |x| {
-        obj(vec![("group", x.group.clone().into()), ("name", x.name.clone().into()), ("role", x.role.clone().into())])
+        obj(vec![
+            ("group", x.group.clone().into()),
+            ("name", x.name.clone().into()),
+            ("role", x.role.clone().into()),
+            ("invite_only", x.invite_only.into()),
+        ])
     });
     list(&mut m, "convs", &f.convs, |x| {
         let mut c = Map::new();
@@ -170,6 +176,7 @@ pub fn frame_to_json(f: &Frame) -> Value {
     put_str(&mut m, "candidate", &f.candidate);
     put_str(&mut m, "reason", &f.reason);
     put_opt(&mut m, "read_seq", f.read_seq);
+    put_opt(&mut m, "invite_only", f.invite_only);
     Value::Object(m)
 }
 
@@ -302,7 +309,12 @@ pub fn json_to_frame(v: &Value) -> Result<Frame, CodecError> {
         pending: o.objects("pending", |x| Ok(Pending { from: x.str("from")?, note: x.str("note")? }))?,
         name: o.str("name")?,
         groups: o.objects("groups", |x| {
-            Ok(GroupInfo { group: x.str("group")?, name: x.str("name")?, role: x.str("role")? })
+            Ok(GroupInfo {
+                group: x.str("group")?,
+                name: x.str("name")?,
+                role: x.str("role")?,
+                invite_only: x.bool_opt("invite_only")? == Some(true),
+            })
         })?,
         convs: o.objects("convs", |x| {
             Ok(ConvSummary {
@@ -319,6 +331,7 @@ pub fn json_to_frame(v: &Value) -> Result<Frame, CodecError> {
         candidate: o.str("candidate")?,
         reason: o.str("reason")?,
         read_seq: o.u64_opt("read_seq")?,
+        invite_only: o.bool_opt("invite_only")?,
         ..Default::default()
     };
     f.limit = match o.u64_opt("limit")? {
@@ -439,7 +452,8 @@ mod tests {
                    "pending": [{"from": "dave", "note": "hey"}, {"from": "erin"}]}),
             json!({"op": "group.create.ok", "rid": 10, "group": "G1", "conv": "g:G1"}),
             json!({"op": "group.members.ok", "rid": 11, "members": [{"user": "alice", "role": "owner"}, {"user": "bob", "role": "member"}]}),
-            json!({"op": "group.list.ok", "rid": 12, "groups": [{"group": "G1", "name": "team", "role": "owner"}]}),
+            json!({"op": "group.list.ok", "rid": 12, "groups": [{"group": "G1", "name": "team", "role": "owner", "invite_only": false}]}),
+            json!({"op": "group.set", "rid": 13, "group": "G1", "invite_only": true}),
             json!({"op": "error", "rid": 13, "code": "bad_request", "message": "missing field `cmid`"}),
             json!({"op": "error", "rid": 14, "code": "rate_limited", "message": "slow down", "retry_after_ms": 1000}),
             json!({"op": "error", "code": "auth_timeout", "message": "no auth"}),

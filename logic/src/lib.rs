@@ -11,8 +11,8 @@ pub mod metrics;
 mod ops;
 pub mod push;
 pub mod service;
+pub mod sessions;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -119,9 +119,6 @@ pub struct Stores {
 /// last send whose push is not enqueued yet (each send enqueues after the one before it).
 pub(crate) type ConvTail = Option<tokio::sync::oneshot::Receiver<()>>;
 
-/// Most sessions remembered as confirmed (beyond it the memory starts over).
-const MAX_SESSIONS_SEEN: usize = 200_000;
-
 /// Longest wait for a password-hashing slot before the request is refused as `rate_limited`.
 const HASH_WAIT: Duration = Duration::from_secs(5);
 
@@ -143,7 +140,9 @@ pub struct Logic {
     /// Slots for password hashing (see [`Logic::hash_slot`]).
     hash_slots: limits::Slots,
     /// Sessions confirmed valid lately (see [`Logic::confirm_session`]).
-    sessions_seen: std::sync::Mutex<HashMap<String, std::time::Instant>>,
+    sessions: Arc<sessions::SessionWatch>,
+    /// Checks of pushed-to sessions, taken by [`Logic::run_sessions`].
+    session_checks: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<sessions::Check>>>,
     conv_locks: Vec<tokio::sync::Mutex<ConvTail>>,
 }
 
@@ -152,7 +151,10 @@ impl Logic {
     /// gateway in the same process). Run [`cursors::Cursors::run_flusher`] on `cursors`.
     pub fn new(config: LogicConfig, stores: Stores, transport: Arc<dyn push::PushTransport>) -> Arc<Self> {
         let metrics = Arc::new(metrics::LogicMetrics::default());
-        let pusher = push::Pusher::new(stores.routes.clone(), transport, config.push, metrics.clone());
+        let (watch, checks) = sessions::SessionWatch::new(config.session_check);
+        let sessions = Arc::new(watch);
+        let pusher =
+            push::Pusher::new(stores.routes.clone(), transport, config.push, metrics.clone(), sessions.clone());
         let cursors = cursors::Cursors::new(stores.messages.clone());
         Arc::new(Self {
             cursors,
@@ -162,7 +164,8 @@ impl Logic {
             auth_limits: limits::Limiter::new(config.auth_rate),
             login_limits: limits::Limiter::new(config.login_rate),
             hash_slots: limits::Slots::new(config.hash_concurrency, HASH_WAIT),
-            sessions_seen: std::sync::Mutex::new(HashMap::new()),
+            sessions,
+            session_checks: std::sync::Mutex::new(Some(checks)),
             config,
             stores,
             pusher,
@@ -203,42 +206,57 @@ impl Logic {
     /// such as a pruned session or a minted token's user, does not end an authenticated
     /// connection).
     pub async fn confirm_session(&self, user: &str, session: &str) -> Result<(), ApiError> {
-        let fresh = |seen: &HashMap<String, std::time::Instant>| {
-            seen.get(session).is_some_and(|at| at.elapsed() < self.config.session_check)
-        };
-        if fresh(&self.sessions_seen.lock().unwrap_or_else(|p| p.into_inner())) {
+        if self.sessions.fresh(session) {
             return Ok(());
         }
+        self.check_session(user, session).await
+    }
+
+    /// Reads `session` of `user` from the store: `bad_token` (and forgotten) when it was revoked
+    /// or the user banned, else confirmed for `session_check`.
+    async fn check_session(&self, user: &str, session: &str) -> Result<(), ApiError> {
         let accounts = &self.stores.accounts;
         let revoked = accounts.get_session(session).await?.is_some_and(|s| s.revoked || s.user != user);
         // Only an explicit ban counts: tokens minted by `switchboard token` may name users who
         // never registered.
         let banned = accounts.get_user(user).await?.is_some_and(|u| u.banned);
-        let mut seen = self.sessions_seen.lock().unwrap_or_else(|p| p.into_inner());
         if revoked || banned {
-            seen.remove(session);
+            self.sessions.forget(session);
             return Err(ApiError::new("bad_token", "the session was signed out or the account banned"));
         }
-        if seen.len() >= MAX_SESSIONS_SEEN {
-            seen.clear();
-        }
-        seen.insert(session.to_owned(), std::time::Instant::now());
+        self.sessions.confirmed(session);
         Ok(())
     }
 
     /// Deletes the sessions whose refresh token expired (with their token hashes), now and every
-    /// `session_prune` after, until `stop` resolves.
-    pub async fn run_session_pruner(&self, stop: impl std::future::Future<Output = ()>) {
+    /// `session_prune` after, and closes pushed-to connections whose session turns out revoked
+    /// (or whose user banned), until `stop` resolves.
+    pub async fn run_sessions(&self, stop: impl std::future::Future<Output = ()>) {
         tokio::pin!(stop);
+        let mut checks = self.session_checks.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let mut next_prune = tokio::time::Instant::now();
         loop {
-            match self.stores.accounts.prune_sessions(switchboard_storage::now_ms()).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(sessions = n, "pruned expired sessions"),
-                Err(e) => tracing::warn!(error = %e, "pruning expired sessions failed"),
-            }
             tokio::select! {
                 _ = &mut stop => return,
-                _ = tokio::time::sleep(self.config.session_prune) => {}
+                _ = tokio::time::sleep_until(next_prune) => {
+                    match self.stores.accounts.prune_sessions(switchboard_storage::now_ms()).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(sessions = n, "pruned expired sessions"),
+                        Err(e) => tracing::warn!(error = %e, "pruning expired sessions failed"),
+                    }
+                    next_prune = tokio::time::Instant::now() + self.config.session_prune;
+                }
+                Some((user, conn)) = async { match checks.as_mut() { Some(rx) => rx.recv().await, None => None } } => {
+                    match self.check_session(&user, &conn.session).await {
+                        Err(e) if e.code == "bad_token" => {
+                            let frame = serde_json::to_vec(&serde_json::json!({"op": "kick", "reason": "session revoked"}))
+                                .expect("JSON serializes");
+                            self.pusher.to_conn(&user, &conn, frame.into(), None, true).await;
+                        }
+                        Err(e) => tracing::warn!(error = %e.message, "checking a session failed"),
+                        Ok(()) => {}
+                    }
+                }
             }
         }
     }

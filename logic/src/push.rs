@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tonic::metadata::{Ascii, MetadataValue};
 
 use crate::metrics::{inc, LogicMetrics};
+use crate::sessions::SessionWatch;
 
 /// Most deliveries sent in one batch.
 const BATCH: usize = 1024;
@@ -113,6 +114,8 @@ pub struct Pusher {
     queues: Mutex<HashMap<String, Queue>>,
     limits: PushLimits,
     metrics: Arc<LogicMetrics>,
+    /// Told of every pushed-to connection, to close those whose session ended.
+    sessions: Arc<SessionWatch>,
 }
 
 /// What a push is about, for the gateway's re-push of unacked messages.
@@ -133,8 +136,9 @@ impl Pusher {
         transport: Arc<dyn PushTransport>,
         limits: PushLimits,
         metrics: Arc<LogicMetrics>,
+        sessions: Arc<SessionWatch>,
     ) -> Self {
-        Self { routes, transport, queues: Mutex::new(HashMap::new()), limits, metrics }
+        Self { routes, transport, queues: Mutex::new(HashMap::new()), limits, metrics, sessions }
     }
 
     /// Sends `frame` to every connection of `user` except `skip`. Returns how many connections
@@ -159,6 +163,7 @@ impl Pusher {
                 return HashMap::new();
             }
         };
+        self.sessions.pushed_to(users.iter().zip(&routes).flat_map(|(u, cs)| cs.iter().map(move |c| (u.as_str(), c))));
         let mut by_gateway: HashMap<String, Vec<Target>> = HashMap::new();
         for (user, conns) in users.iter().zip(routes) {
             for c in conns {

@@ -128,7 +128,7 @@ pub async fn accounts_contract(s: &dyn AccountStore) {
 pub async fn groups_contract(s: &dyn GroupStore) {
     let p = prefix();
     let (o, a, b, c) = (format!("{p}o"), format!("{p}a"), format!("{p}b"), format!("{p}c"));
-    let g1 = Group { id: format!("{p}g1"), name: "Hikers".into(), owner: o.clone(), created_ms: 5 };
+    let g1 = Group { id: format!("{p}g1"), name: "Hikers".into(), owner: o.clone(), created_ms: 5, invite_only: false };
     assert_eq!(s.group(&g1.id).await.unwrap(), None);
     assert!(s.members(&g1.id).await.unwrap().is_empty());
     assert!(s.create_group(&g1, &[b.clone(), a.clone(), o.clone(), a.clone()]).await.unwrap());
@@ -160,7 +160,7 @@ pub async fn groups_contract(s: &dyn GroupStore) {
     );
 
     // a second group, with an id that sorts first
-    let g0 = Group { id: format!("{p}g0"), name: "Readers".into(), owner: a.clone(), created_ms: 6 };
+    let g0 = Group { id: format!("{p}g0"), name: "Readers".into(), owner: a.clone(), created_ms: 6, invite_only: true };
     assert!(s.create_group(&g0, std::slice::from_ref(&c)).await.unwrap());
     assert_eq!(s.user_groups(&a).await.unwrap(), vec![(g0.clone(), Role::Owner), (g1.clone(), Role::Admin)]);
     assert_eq!(s.user_groups(&c).await.unwrap(), vec![(g0.clone(), Role::Member), (g1.clone(), Role::Admin)]);
@@ -168,6 +168,18 @@ pub async fn groups_contract(s: &dyn GroupStore) {
     assert!(s.user_groups(&b).await.unwrap().is_empty(), "a removed member loses the group");
     assert!(s.user_groups(&format!("{p}nobody")).await.unwrap().is_empty());
     assert!(s.members(&format!("{p}g")).await.unwrap().is_empty(), "no prefix bleed between groups");
+
+    assert!(s.set_invite_only(&g1.id, true).await.unwrap());
+    assert!(s.group(&g1.id).await.unwrap().unwrap().invite_only);
+    assert!(s.set_invite_only(&g0.id, false).await.unwrap());
+    assert_eq!(
+        s.user_groups(&c).await.unwrap(),
+        vec![
+            (Group { invite_only: false, ..g0.clone() }, Role::Member),
+            (Group { invite_only: true, ..g1.clone() }, Role::Admin)
+        ]
+    );
+    assert!(!s.set_invite_only(&format!("{p}none"), true).await.unwrap(), "no such group");
 }
 
 pub async fn social_contract(s: &dyn SocialStore) {
@@ -196,6 +208,28 @@ pub async fn social_contract(s: &dyn SocialStore) {
     assert!(s.delete_friend(&a, &b).await.unwrap());
     assert_eq!(s.friend_state(&b, &a).await.unwrap(), None);
     assert!(!s.delete_friend(&a, &b).await.unwrap());
+
+    // Blocking ends the friendship both ways and refuses requests either way until lifted.
+    let d = format!("{p}d");
+    assert!(!s.blocks(&a, &c).await.unwrap());
+    assert!(s.set_block(&a, &c, true).await.unwrap());
+    assert!(!s.set_block(&a, &c, true).await.unwrap(), "already blocked");
+    assert!(s.blocks(&a, &c).await.unwrap());
+    assert!(!s.blocks(&c, &a).await.unwrap(), "blocking is one-way");
+    assert_eq!(s.friend_state(&a, &c).await.unwrap(), None, "the friendship ended");
+    assert_eq!(s.friend_state(&c, &a).await.unwrap(), None);
+    assert_eq!(s.request_friend(&c, &a, "again").await.unwrap(), RequestOutcome::Blocked);
+    assert_eq!(s.request_friend(&a, &c, "").await.unwrap(), RequestOutcome::Blocked);
+    assert_eq!(s.friend_state(&a, &c).await.unwrap(), None, "a refused request stores nothing");
+    assert_eq!(s.request_friend(&d, &a, "").await.unwrap(), RequestOutcome::Pending);
+    assert!(s.set_block(&a, &d, true).await.unwrap());
+    assert_eq!(s.friend_state(&a, &d).await.unwrap(), None, "a pending request ends too");
+    assert_eq!(s.blocked(&a).await.unwrap(), vec![c.clone(), d.clone()]);
+    assert!(s.blocked(&c).await.unwrap().is_empty());
+    assert!(s.set_block(&a, &c, false).await.unwrap());
+    assert!(!s.set_block(&a, &c, false).await.unwrap(), "not blocked any more");
+    assert_eq!(s.blocked(&a).await.unwrap(), vec![d.clone()]);
+    assert_eq!(s.request_friend(&c, &a, "").await.unwrap(), RequestOutcome::Pending);
 }
 
 pub async fn messages_contract(s: &dyn MessageStore) {

@@ -53,6 +53,8 @@ const GROUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("groups");
 const GROUP_MEMBERS: TableDefinition<(&str, &str), &str> = TableDefinition::new("group_members");
 /// (user, group) -> role (the reverse index of `GROUP_MEMBERS`).
 const USER_GROUPS: TableDefinition<(&str, &str), &str> = TableDefinition::new("user_groups");
+/// (user, other): `user` blocks `other`.
+const BLOCKS: TableDefinition<(&str, &str), ()> = TableDefinition::new("blocks");
 
 /// All stores over one redb file. Cheap to clone.
 #[derive(Clone)]
@@ -92,6 +94,7 @@ impl EmbeddedStore {
             tx.open_table(GROUPS)?;
             tx.open_table(GROUP_MEMBERS)?;
             tx.open_table(USER_GROUPS)?;
+            tx.open_table(BLOCKS)?;
             // The mid index arrived after the messages table: fill it for
             // messages stored before it existed.
             let mut mids = tx.open_table(MIDS)?;
@@ -388,6 +391,10 @@ impl SocialStore for EmbeddedStore {
     async fn request_friend(&self, from: &str, to: &str, note: &str) -> Result<RequestOutcome> {
         let (a, b, note) = (from.to_owned(), to.to_owned(), note.to_owned());
         self.write(move |tx| {
+            let blocks = tx.open_table(BLOCKS)?;
+            if blocks.get((a.as_str(), b.as_str()))?.is_some() || blocks.get((b.as_str(), a.as_str()))?.is_some() {
+                return Ok(Abort(RequestOutcome::Blocked));
+            }
             let mut t = tx.open_table(FRIENDS)?;
             let current: Option<FriendState> = get_json(t.get((a.as_str(), b.as_str()))?)?;
             Ok(Commit(match current {
@@ -425,6 +432,35 @@ impl SocialStore for EmbeddedStore {
             rows_under(&tx.open_table(FRIENDS)?, &a, |other, v| Ok((other.to_owned(), serde_json::from_slice(v)?)))
         })
         .await
+    }
+
+    async fn set_block(&self, user: &str, other: &str, block: bool) -> Result<bool> {
+        let (a, b) = (user.to_owned(), other.to_owned());
+        self.write(move |tx| {
+            let mut blocks = tx.open_table(BLOCKS)?;
+            if !block {
+                return Ok(match blocks.remove((a.as_str(), b.as_str()))? {
+                    Some(_) => Commit(true),
+                    None => Abort(false),
+                });
+            }
+            if blocks.insert((a.as_str(), b.as_str()), ())?.is_some() {
+                return Ok(Abort(false));
+            }
+            remove_pair(&mut tx.open_table(FRIENDS)?, &a, &b)?;
+            Ok(Commit(true))
+        })
+        .await
+    }
+
+    async fn blocks(&self, user: &str, other: &str) -> Result<bool> {
+        let (a, b) = (user.to_owned(), other.to_owned());
+        self.read(move |tx| Ok(tx.open_table(BLOCKS)?.get((a.as_str(), b.as_str()))?.is_some())).await
+    }
+
+    async fn blocked(&self, user: &str) -> Result<Vec<String>> {
+        let a = user.to_owned();
+        self.read(move |tx| rows_under(&tx.open_table(BLOCKS)?, &a, |other, ()| Ok(other.to_owned()))).await
     }
 }
 
@@ -950,6 +986,18 @@ impl GroupStore for EmbeddedStore {
                 };
                 Ok((group, parse_role(role)?))
             })
+        })
+        .await
+    }
+
+    async fn set_invite_only(&self, id: &str, invite_only: bool) -> Result<bool> {
+        let gid = id.to_owned();
+        self.group_write(id, move |tx| {
+            let mut groups = tx.open_table(GROUPS)?;
+            let group: Option<Group> = get_json(groups.get(gid.as_str())?)?;
+            let Some(group) = group else { return Ok(Abort(false)) };
+            put_json(&mut groups, gid.as_str(), &Group { invite_only, ..group })?;
+            Ok(Commit(true))
         })
         .await
     }

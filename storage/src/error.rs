@@ -12,6 +12,8 @@ pub enum StorageError {
     Kafka(String),
     #[error("postgres: {0}")]
     Postgres(String),
+    #[error("tls: {0}")]
+    Tls(String),
     #[error("mongodb: {0}")]
     Mongo(String),
     #[error("stored record is corrupt: {0}")]

@@ -1,8 +1,9 @@
 //! Kafka adapters (rdkafka with its bundled librdkafka): the idempotent
 //! `acks=all` producer of the message topic, topic creation at start-up,
 //! and the consumer the persist worker reads with (partitions assigned by
-//! hand, no consumer group).
+//! hand, no consumer group), over plain TCP or TLS ([`Brokers`]).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -21,6 +22,59 @@ impl From<KafkaError> for StorageError {
     }
 }
 
+/// Where the Kafka cluster is and how to reach it.
+#[derive(Debug, Clone, Default)]
+pub struct Brokers {
+    /// Bootstrap servers, `host:port[,host:port]`.
+    pub servers: String,
+    /// TLS (`security.protocol=ssl`, host names verified), trusting this CA file
+    /// besides the system's roots when one is given.
+    pub tls: Option<Option<PathBuf>>,
+}
+
+impl Brokers {
+    /// Plain TCP to `servers`.
+    pub fn plain(servers: &str) -> Self {
+        Self { servers: servers.to_owned(), tls: None }
+    }
+
+    /// TLS to `servers`, verified against `ca` (a PEM file) or the system's roots.
+    pub fn tls(servers: &str, ca: Option<PathBuf>) -> Self {
+        Self { servers: servers.to_owned(), tls: Some(ca) }
+    }
+
+    /// A librdkafka configuration reaching these brokers.
+    fn config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.servers);
+        if let Some(ca) = &self.tls {
+            c.set("security.protocol", "ssl").set("ssl.endpoint.identification.algorithm", "https");
+            if let Some(ca) = ca {
+                c.set("ssl.ca.location", ca.to_string_lossy());
+            }
+        }
+        c
+    }
+}
+
+impl From<&str> for Brokers {
+    fn from(servers: &str) -> Self {
+        Self::plain(servers)
+    }
+}
+
+impl From<&String> for Brokers {
+    fn from(servers: &String) -> Self {
+        Self::plain(servers)
+    }
+}
+
+impl From<&Brokers> for Brokers {
+    fn from(b: &Brokers) -> Self {
+        b.clone()
+    }
+}
+
 /// Topic names and sizes of one deployment.
 #[derive(Debug, Clone)]
 pub struct Topics {
@@ -36,8 +90,8 @@ impl Topics {
 }
 
 /// Creates the topics if missing (the broker does not auto-create them).
-pub async fn ensure_topics(brokers: &str, topics: &Topics) -> Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+pub async fn ensure_topics(brokers: impl Into<Brokers>, topics: &Topics) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> = brokers.into().config().create()?;
     let new: Vec<NewTopic> = [&topics.messages, &topics.dead_letter]
         .into_iter()
         .map(|t| NewTopic::new(t, topics.partitions, TopicReplication::Fixed(1)))
@@ -61,9 +115,10 @@ pub struct Producer {
 }
 
 impl Producer {
-    pub fn new(brokers: &str, timeout: Duration) -> Result<Self> {
-        let inner: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
+    pub fn new(brokers: impl Into<Brokers>, timeout: Duration) -> Result<Self> {
+        let inner: FutureProducer = brokers
+            .into()
+            .config()
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "1")
@@ -109,9 +164,9 @@ impl Producer {
 /// offsets kept elsewhere: it never subscribes, so it never joins a consumer
 /// group, and it commits nothing to the broker. `group_id` only satisfies
 /// librdkafka, which accepts `assign` only from a consumer that has one.
-pub fn assigning_consumer(brokers: &str, group_id: &str) -> Result<StreamConsumer> {
-    let c: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+pub fn assigning_consumer(brokers: &Brokers, group_id: &str) -> Result<StreamConsumer> {
+    let c: StreamConsumer = brokers
+        .config()
         .set("group.id", group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")

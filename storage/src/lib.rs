@@ -18,6 +18,7 @@ pub mod persist;
 pub mod postgres;
 pub mod redis;
 mod tail;
+pub mod tls;
 mod traits;
 mod wal;
 

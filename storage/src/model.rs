@@ -75,6 +75,8 @@ pub enum RequestOutcome {
     /// The other user had already asked: both are friends now.
     BecameFriends,
     AlreadyFriends,
+    /// One of the two blocks the other: nothing was stored.
+    Blocked,
 }
 
 /// A stored message. `body` is a JSON string for text, an object otherwise.
@@ -133,6 +135,9 @@ pub struct Group {
     pub name: String,
     pub owner: String,
     pub created_ms: u64,
+    /// Nobody joins by the group id alone: members are added by its owner or admins.
+    #[serde(default)]
+    pub invite_only: bool,
 }
 
 /// A member's role in a group.

@@ -99,7 +99,8 @@ const READS: &str = "reads";
 const GROUPS: &str = "groups";
 const GROUP_MEMBERS: &str = "group_members";
 const PERSIST_OFFSETS: &str = "persist_offsets";
-const COLLECTIONS: [&str; 12] = [
+const BLOCKS: &str = "blocks";
+const COLLECTIONS: [&str; 13] = [
     USERS,
     SESSIONS,
     REFRESH_TOKENS,
@@ -112,6 +113,7 @@ const COLLECTIONS: [&str; 12] = [
     GROUPS,
     GROUP_MEMBERS,
     PERSIST_OFFSETS,
+    BLOCKS,
 ];
 
 impl From<mongodb::error::Error> for StorageError {
@@ -282,7 +284,10 @@ fn role_from_doc(d: &Document) -> Result<Role> {
 }
 
 fn group_doc(g: &Group) -> Document {
-    doc! { "_id": &g.id, "name": &g.name, "owner": &g.owner, "created_ms": int(g.created_ms) }
+    doc! {
+        "_id": &g.id, "name": &g.name, "owner": &g.owner, "created_ms": int(g.created_ms),
+        "invite_only": g.invite_only,
+    }
 }
 
 fn group_from_doc(d: &Document) -> Result<Group> {
@@ -291,6 +296,7 @@ fn group_from_doc(d: &Document) -> Result<Group> {
         name: text(d, "name")?,
         owner: text(d, "owner")?,
         created_ms: number(d, "created_ms")?,
+        invite_only: d.get_bool("invite_only").unwrap_or(false),
     })
 }
 
@@ -503,6 +509,8 @@ pub struct MongoStore {
     groups: Collection<Document>,
     group_members: Collection<Document>,
     persist_offsets: Collection<Document>,
+    /// `_id` key(user, other): `user` blocks `other`.
+    blocks: Collection<Document>,
     transactions: bool,
 }
 
@@ -545,6 +553,7 @@ impl MongoStore {
             groups: coll(GROUPS),
             group_members: coll(GROUP_MEMBERS),
             persist_offsets: coll(PERSIST_OFFSETS),
+            blocks: coll(BLOCKS),
             client,
             db,
             transactions,
@@ -587,6 +596,7 @@ impl MongoStore {
         let indexes = [
             (&self.refresh_tokens, vec![index(doc! { "session_id": 1 }, false)]),
             (&self.friends, vec![index(doc! { "user": 1, "other": 1 }, false)]),
+            (&self.blocks, vec![index(doc! { "user": 1, "other": 1 }, false)]),
             (
                 &self.messages,
                 vec![
@@ -720,7 +730,25 @@ impl MongoStore {
         Ok(true)
     }
 
+    async fn block_in(&self, ctx: &mut Ctx<'_>, user: &str, other: &str, block: bool) -> FResult<bool> {
+        let id = key(&[user, other]);
+        if !block {
+            return Ok(ctx.delete_id(&self.blocks, &id).await?);
+        }
+        let set = doc! { "$set": { "user": user, "other": other } };
+        if ctx.update_one(&self.blocks, doc! { "_id": &id }, set, true).await?.upserted_id.is_none() {
+            return Ok(false);
+        }
+        self.remove_pair(ctx, user, other).await?;
+        Ok(true)
+    }
+
     async fn request_in(&self, ctx: &mut Ctx<'_>, from: &str, to: &str, note: &str) -> FResult<RequestOutcome> {
+        for id in [key(&[from, to]), key(&[to, from])] {
+            if ctx.find_one(&self.blocks, doc! { "_id": id }).await?.is_some() {
+                return Ok(RequestOutcome::Blocked);
+            }
+        }
         Ok(match self.relation(ctx, from, to).await? {
             Some(FriendState::Friends) => RequestOutcome::AlreadyFriends,
             Some(FriendState::Incoming { .. }) => {
@@ -900,6 +928,19 @@ impl SocialStore for MongoStore {
     async fn relations(&self, user: &str) -> Result<Vec<(String, FriendState)>> {
         let cursor = self.friends.find(doc! { "user": user }).sort(doc! { "other": 1 }).await?;
         collect(cursor).await?.iter().map(|d| Ok((text(d, "other")?, state_from_doc(d)?))).collect()
+    }
+
+    async fn set_block(&self, user: &str, other: &str, block: bool) -> Result<bool> {
+        Ok(transact!(self, |ctx| self.block_in(ctx, user, other, block)).await?)
+    }
+
+    async fn blocks(&self, user: &str, other: &str) -> Result<bool> {
+        Ok(self.blocks.find_one(doc! { "_id": key(&[user, other]) }).await?.is_some())
+    }
+
+    async fn blocked(&self, user: &str) -> Result<Vec<String>> {
+        let cursor = self.blocks.find(doc! { "user": user }).sort(doc! { "other": 1 }).await?;
+        collect(cursor).await?.iter().map(|d| text(d, "other")).collect()
     }
 }
 
@@ -1210,6 +1251,11 @@ impl GroupStore for MongoStore {
             out.push((g, role_from_doc(d)?));
         }
         Ok(out)
+    }
+
+    async fn set_invite_only(&self, id: &str, invite_only: bool) -> Result<bool> {
+        let r = self.groups.update_one(doc! { "_id": id }, doc! { "$set": { "invite_only": invite_only } }).await?;
+        Ok(r.matched_count == 1)
     }
 }
 

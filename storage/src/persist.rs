@@ -34,7 +34,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
 use rdkafka::{Message as _, Offset, TopicPartitionList};
 
-use crate::kafka::{assigning_consumer, Producer, Topics};
+use crate::kafka::{assigning_consumer, Brokers, Producer, Topics};
 use crate::{DurableLog, LockSession, PartitionLocks, PartitionOffset, Result, SequencedRecord, StorageError};
 
 /// Counters of a persist worker.
@@ -155,15 +155,16 @@ impl PersistWorker {
     /// A worker reading `topics.messages` from `brokers` into `log`, owning
     /// partitions through `locks`.
     pub fn new(
-        brokers: &str,
+        brokers: impl Into<Brokers>,
         topics: Topics,
         log: Arc<dyn DurableLog>,
         locks: Arc<dyn PartitionLocks>,
         config: PersistConfig,
     ) -> Result<Self> {
+        let brokers = brokers.into();
         Ok(Self {
-            consumer: Arc::new(assigning_consumer(brokers, &format!("{}.persist-assign", topics.messages))?),
-            dead_letter: Producer::new(brokers, Duration::from_secs(10))?,
+            consumer: Arc::new(assigning_consumer(&brokers, &format!("{}.persist-assign", topics.messages))?),
+            dead_letter: Producer::new(&brokers, Duration::from_secs(10))?,
             topics,
             log,
             locks,

@@ -24,6 +24,8 @@ use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod};
 use tokio_postgres::{NoTls, Row};
 
+use crate::tls::{BackendTls, PgTls};
+
 use crate::{
     now_ms, AccountStore, Appended, DurableLog, FriendState, Group, GroupStore, LockSession, Message, MessageStore,
     NewMessage, PartitionLocks, PartitionOffset, RequestOutcome, Result, Role, SequencedRecord, Session, SocialStore,
@@ -120,6 +122,12 @@ CREATE TABLE IF NOT EXISTS group_members (
     PRIMARY KEY (group_id, username)
 );
 CREATE INDEX IF NOT EXISTS group_members_username ON group_members (username);
+CREATE TABLE IF NOT EXISTS blocks (
+    username TEXT COLLATE "C" NOT NULL,
+    other TEXT COLLATE "C" NOT NULL,
+    PRIMARY KEY (username, other)
+);
+ALTER TABLE groups ADD COLUMN IF NOT EXISTS invite_only BOOLEAN NOT NULL DEFAULT FALSE;
 CREATE TABLE IF NOT EXISTS persist_offsets (
     topic TEXT COLLATE "C" NOT NULL,
     part INT NOT NULL,
@@ -135,15 +143,31 @@ impl From<tokio_postgres::Error> for StorageError {
         // The server's own message: the error's Display says only "db error".
         match e.as_db_error() {
             Some(db) => StorageError::Postgres(format!("{} ({})", db.message(), db.code().code())),
-            None => StorageError::Postgres(e.to_string()),
+            None => StorageError::Postgres(with_sources(&e)),
         }
     }
 }
 
 impl From<PoolError> for StorageError {
     fn from(e: PoolError) -> Self {
-        StorageError::Postgres(e.to_string())
+        StorageError::Postgres(with_sources(&e))
     }
+}
+
+/// An error's message followed by its sources' ("error performing TLS handshake: invalid peer
+/// certificate: UnknownIssuer"), so a failed connection says why.
+fn with_sources(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
 }
 
 /// A u64 as stored (BIGINT), clamped to `i64::MAX`.
@@ -181,6 +205,7 @@ fn group_from_row(r: &Row) -> Result<Group> {
         name: r.try_get("name")?,
         owner: r.try_get("owner")?,
         created_ms: uint(r.try_get("created_ms")?),
+        invite_only: r.try_get("invite_only")?,
     })
 }
 
@@ -243,25 +268,38 @@ pub struct PgStore {
     pool: Pool,
     /// Where the pool connects, for connections of their own (lock sessions).
     config: tokio_postgres::Config,
+    /// How those connect (TLS when the URL asks for it).
+    tls: PgTls,
 }
 
 impl PgStore {
-    /// Connects to `url` (e.g. `postgres://user@host:5432/db`, without TLS)
-    /// with a pool of at most `pool_size` connections, and creates the
-    /// schema if it is missing. Safe when several processes start at once.
+    /// Connects to `url` (e.g. `postgres://user@host:5432/db`; TLS with
+    /// `?sslmode=require`, verified against the web PKI roots) with a pool of
+    /// at most `pool_size` connections, and creates the schema if it is
+    /// missing. Safe when several processes start at once.
     pub async fn connect(url: &str, pool_size: usize) -> Result<PgStore> {
+        Self::connect_tls(url, pool_size, &BackendTls::system()).await
+    }
+
+    /// [`PgStore::connect`], a TLS connection trusting `tls`'s roots.
+    pub async fn connect_tls(url: &str, pool_size: usize, tls: &BackendTls) -> Result<PgStore> {
         let mut config: tokio_postgres::Config =
             url.parse().map_err(|e| StorageError::Postgres(format!("bad url: {e}")))?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
         }
-        let manager =
-            Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let tls = tls.postgres(&config)?;
+        let manager_config = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+        let manager = if tls.is_tls() {
+            Manager::from_config(config.clone(), tls.clone(), manager_config)
+        } else {
+            Manager::from_config(config.clone(), NoTls, manager_config)
+        };
         let pool = Pool::builder(manager)
             .max_size(pool_size.max(1))
             .build()
             .map_err(|e| StorageError::Postgres(format!("pool: {e}")))?;
-        let store = PgStore { pool, config };
+        let store = PgStore { pool, config, tls };
         store.create_schema().await?;
         Ok(store)
     }
@@ -483,6 +521,15 @@ impl SocialStore for PgStore {
         let mut c = self.client().await?;
         let tx = c.transaction().await?;
         Self::lock_pair(&tx, from, to).await?;
+        let st = tx
+            .prepare_cached(
+                "SELECT 1 FROM blocks WHERE (username = $1 AND other = $2) OR (username = $2 AND other = $1)",
+            )
+            .await?;
+        if !tx.query(&st, &[&from, &to]).await?.is_empty() {
+            tx.rollback().await?;
+            return Ok(RequestOutcome::Blocked);
+        }
         let outcome = match Self::relation(&tx, from, to).await? {
             Some(FriendState::Friends) => {
                 tx.rollback().await?;
@@ -526,6 +573,36 @@ impl SocialStore for PgStore {
             .prepare_cached(r#"SELECT other, state, note FROM friends WHERE username = $1 ORDER BY other COLLATE "C""#)
             .await?;
         c.query(&st, &[&user]).await?.iter().map(|r| Ok((r.try_get("other")?, state_from_row(r)?))).collect()
+    }
+
+    async fn set_block(&self, user: &str, other: &str, block: bool) -> Result<bool> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        Self::lock_pair(&tx, user, other).await?;
+        let sql = if block {
+            "INSERT INTO blocks (username, other) VALUES ($1, $2) ON CONFLICT DO NOTHING"
+        } else {
+            "DELETE FROM blocks WHERE username = $1 AND other = $2"
+        };
+        let st = tx.prepare_cached(sql).await?;
+        let changed = tx.execute(&st, &[&user, &other]).await? == 1;
+        if changed && block {
+            Self::remove_pair(&tx, user, other).await?;
+        }
+        tx.commit().await?;
+        Ok(changed)
+    }
+
+    async fn blocks(&self, user: &str, other: &str) -> Result<bool> {
+        let c = self.client().await?;
+        let st = c.prepare_cached("SELECT 1 FROM blocks WHERE username = $1 AND other = $2").await?;
+        Ok(c.query_opt(&st, &[&user, &other]).await?.is_some())
+    }
+
+    async fn blocked(&self, user: &str) -> Result<Vec<String>> {
+        let c = self.client().await?;
+        let st = c.prepare_cached(r#"SELECT other FROM blocks WHERE username = $1 ORDER BY other COLLATE "C""#).await?;
+        c.query(&st, &[&user]).await?.iter().map(|r| Ok(r.try_get("other")?)).collect()
     }
 }
 
@@ -853,12 +930,7 @@ impl PartitionLocks for PgStore {
     async fn lock_session(&self) -> Result<Box<dyn LockSession>> {
         let mut config = self.config.clone();
         config.application_name("switchboard-persist-locks").keepalives(true).keepalives_idle(LOCK_KEEPALIVE_IDLE);
-        let (client, connection) = config.connect(NoTls).await?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::warn!(error = %e, "persist lock session connection failed");
-            }
-        });
+        let client = self.tls.connect(&config).await?;
         // The server side probes too, so a vanished worker's locks go.
         let idle = LOCK_KEEPALIVE_IDLE.as_secs();
         client
@@ -969,10 +1041,13 @@ impl GroupStore for PgStore {
         let tx = c.transaction().await?;
         let st = tx
             .prepare_cached(
-                "INSERT INTO groups (id, name, owner, created_ms) VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING",
+                "INSERT INTO groups (id, name, owner, created_ms, invite_only) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (id) DO NOTHING",
             )
             .await?;
-        if tx.execute(&st, &[&group.id, &group.name, &group.owner, &int(group.created_ms)]).await? != 1 {
+        let row: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+            [&group.id, &group.name, &group.owner, &int(group.created_ms), &group.invite_only];
+        if tx.execute(&st, &row).await? != 1 {
             tx.rollback().await?;
             return Ok(false);
         }
@@ -992,7 +1067,7 @@ impl GroupStore for PgStore {
 
     async fn group(&self, id: &str) -> Result<Option<Group>> {
         let c = self.client().await?;
-        let st = c.prepare_cached("SELECT id, name, owner, created_ms FROM groups WHERE id = $1").await?;
+        let st = c.prepare_cached("SELECT id, name, owner, created_ms, invite_only FROM groups WHERE id = $1").await?;
         c.query_opt(&st, &[&id]).await?.as_ref().map(group_from_row).transpose()
     }
 
@@ -1038,12 +1113,18 @@ impl GroupStore for PgStore {
         let c = self.client().await?;
         let st = c
             .prepare_cached(
-                r#"SELECT g.id, g.name, g.owner, g.created_ms, m.role FROM group_members m
+                r#"SELECT g.id, g.name, g.owner, g.created_ms, g.invite_only, m.role FROM group_members m
                    JOIN groups g ON g.id = m.group_id
                    WHERE m.username = $1 ORDER BY g.id COLLATE "C""#,
             )
             .await?;
         c.query(&st, &[&user]).await?.iter().map(|r| Ok((group_from_row(r)?, role_from_row(r)?))).collect()
+    }
+
+    async fn set_invite_only(&self, id: &str, invite_only: bool) -> Result<bool> {
+        let c = self.client().await?;
+        let st = c.prepare_cached("UPDATE groups SET invite_only = $2 WHERE id = $1").await?;
+        Ok(c.execute(&st, &[&id, &invite_only]).await? == 1)
     }
 }
 

@@ -11,6 +11,8 @@ use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
+
+use crate::tls::BackendTls;
 use redis::AsyncCommands;
 
 use crate::{ConnRef, Member, Message, NewMessage, Registry, Result, RouteTable, StorageError};
@@ -260,8 +262,14 @@ pub struct RedisStore {
 
 impl RedisStore {
     /// Connects; every key gets `prefix` (lets deployments or test runs share a server).
+    /// A `rediss://` URL connects with TLS, verified against the system's roots.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self> {
-        let client = redis::Client::open(url)?;
+        Self::connect_tls(url, prefix, &BackendTls::system()).await
+    }
+
+    /// [`RedisStore::connect`], a `rediss://` URL verified against `tls`'s roots.
+    pub async fn connect_tls(url: &str, prefix: &str, tls: &BackendTls) -> Result<Self> {
+        let client = tls.redis_client(url)?;
         let conn = ConnectionManager::new(client).await?;
         Ok(Self { conn, prefix: prefix.to_owned() })
     }

@@ -37,7 +37,8 @@ pub trait AccountStore: Send + Sync {
 #[async_trait]
 pub trait SocialStore: Send + Sync {
     async fn friend_state(&self, user: &str, other: &str) -> Result<Option<FriendState>>;
-    /// `from` asks `to`. If `to` had already asked `from`, both become friends.
+    /// `from` asks `to`. If `to` had already asked `from`, both become friends; if either
+    /// blocks the other, nothing changes ([`RequestOutcome::Blocked`]).
     async fn request_friend(&self, from: &str, to: &str, note: &str) -> Result<RequestOutcome>;
     /// `user` accepts the pending request of `from`; `false` if there is none.
     async fn accept_friend(&self, user: &str, from: &str) -> Result<bool>;
@@ -47,6 +48,13 @@ pub trait SocialStore: Send + Sync {
     async fn delete_friend(&self, user: &str, other: &str) -> Result<bool>;
     /// Every relation of `user`, ordered by the other user's name.
     async fn relations(&self, user: &str) -> Result<Vec<(String, FriendState)>>;
+    /// `user` blocks (`block`) or unblocks `other`; blocking also ends their friendship or
+    /// pending request, both ways, in the same write. `false` when nothing changed.
+    async fn set_block(&self, user: &str, other: &str, block: bool) -> Result<bool>;
+    /// Whether `user` blocks `other`.
+    async fn blocks(&self, user: &str, other: &str) -> Result<bool>;
+    /// Everyone `user` blocks, ordered by name.
+    async fn blocked(&self, user: &str) -> Result<Vec<String>>;
 }
 
 /// Durable messages with per-conversation sequence numbers.
@@ -130,6 +138,8 @@ pub trait GroupStore: Send + Sync {
     async fn members(&self, id: &str) -> Result<Vec<(String, Role)>>;
     /// The groups of `user` with the user's role, ordered by group id.
     async fn user_groups(&self, user: &str) -> Result<Vec<(Group, Role)>>;
+    /// Sets whether the group is invite-only; `false` if there is no such group.
+    async fn set_invite_only(&self, id: &str, invite_only: bool) -> Result<bool>;
 }
 
 /// The durable end of the cluster pipeline: the persist worker writes

@@ -74,8 +74,9 @@ async fn open_stores(s: &Settings) -> anyhow::Result<(Stores, Option<ClusterPart
         };
         return Ok((stores, None));
     };
-    let pg = PgStore::connect(&pg_url, 8).await.context("connecting to PostgreSQL")?;
-    let redis = RedisStore::connect(&redis_url, &s.key_prefix()).await.context("connecting to Redis")?;
+    let tls = s.backend_tls()?;
+    let pg = PgStore::connect_tls(&pg_url, 8, &tls).await.context("connecting to PostgreSQL")?;
+    let redis = RedisStore::connect_tls(&redis_url, &s.key_prefix(), &tls).await.context("connecting to Redis")?;
     let topics = Topics::with_prefix(&s.topic_prefix());
     ensure_topics(&brokers, &topics).await.context("creating Kafka topics")?;
     let producer = Producer::new(&brokers, Duration::from_secs(10)).context("creating the Kafka producer")?;
@@ -147,7 +148,7 @@ impl LogicRole {
         let janitor = logic.clone();
         let pruner = Task::spawn(|stopped| async move {
             janitor
-                .run_session_pruner(async {
+                .run_sessions(async {
                     let _ = stopped.await;
                 })
                 .await
@@ -261,7 +262,9 @@ impl GatewayRole {
         let gateway = Gateway::start(s.gateway_config()?).await.context("starting the gateway")?;
         let heartbeat = match &s.redis_url {
             Some(url) => {
-                let redis = RedisStore::connect(url, &s.key_prefix()).await.context("connecting to Redis")?;
+                let redis = RedisStore::connect_tls(url, &s.key_prefix(), &s.backend_tls()?)
+                    .await
+                    .context("connecting to Redis")?;
                 let ws = s.public_ws.clone().and_then(|v| v.into_iter().next());
                 let ws = ws.unwrap_or_else(|| format!("ws://{}/ws", gateway.ws_addr()));
                 let tcp = gateway.tcp_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -295,7 +298,8 @@ impl PersistRole {
         let Some((_, pg_url, brokers)) = s.cluster()? else {
             anyhow::bail!("persist needs --redis-url, --postgres-url and --kafka-brokers");
         };
-        let pg = Arc::new(PgStore::connect(&pg_url, 4).await.context("connecting to PostgreSQL")?);
+        let pg =
+            Arc::new(PgStore::connect_tls(&pg_url, 4, &s.backend_tls()?).await.context("connecting to PostgreSQL")?);
         let topics = Topics::with_prefix(&s.topic_prefix());
         ensure_topics(&brokers, &topics).await.context("creating Kafka topics")?;
         let topic = topics.messages.clone();

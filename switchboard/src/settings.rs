@@ -10,6 +10,8 @@ use anyhow::Context;
 use clap::Args;
 use serde::Deserialize;
 use switchboard_storage::embedded::CheckpointPolicy;
+use switchboard_storage::kafka::Brokers;
+use switchboard_storage::tls::BackendTls;
 
 use crate::http_serve::HttpLimits;
 
@@ -155,6 +157,14 @@ pub struct Settings {
     /// Kafka bootstrap servers, host:port[,host:port] (cluster).
     #[arg(long, env = "SB_KAFKA_BROKERS")]
     pub kafka_brokers: Option<String>,
+    /// Talk TLS to the Kafka brokers (`security.protocol=ssl`); default false.
+    #[arg(long, env = "SB_KAFKA_TLS")]
+    pub kafka_tls: Option<bool>,
+    /// PEM bundle of a private certificate authority that TLS connections to Redis
+    /// (`rediss://` URLs), PostgreSQL (`sslmode=require`) and Kafka (`--kafka-tls true`) are
+    /// verified against, besides the usual roots.
+    #[arg(long, env = "SB_BACKEND_CA_FILE")]
+    pub backend_ca_file: Option<PathBuf>,
     /// Prefix of every Redis key (default "sb:").
     #[arg(long, env = "SB_KEY_PREFIX")]
     pub key_prefix: Option<String>,
@@ -231,7 +241,8 @@ impl Settings {
             reply_max_bytes, cursor_flush_ms, cluster_secret, void_after_ms, embedded_checkpoint_ms,
             embedded_checkpoint_bytes, http_max_connections, http_header_timeout_ms, http_request_timeout_ms,
             max_connections_per_ip, argon2_concurrency, login_rate, login_burst, session_prune_secs,
-            admin_addr, max_connections_per_user, session_check_ms);
+            admin_addr, max_connections_per_user, session_check_ms, backend_ca_file,
+            kafka_tls);
         Ok(self)
     }
 
@@ -307,11 +318,25 @@ impl Settings {
         self.node_id.clone().unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()))
     }
 
+    /// The roots TLS connections to the cluster's engines trust.
+    pub fn backend_tls(&self) -> anyhow::Result<BackendTls> {
+        match &self.backend_ca_file {
+            Some(path) => Ok(BackendTls::with_ca_file(path)?),
+            None => Ok(BackendTls::system()),
+        }
+    }
+
     /// The cluster engines, when configured: (redis, postgres, kafka).
-    pub fn cluster(&self) -> anyhow::Result<Option<(String, String, String)>> {
+    pub fn cluster(&self) -> anyhow::Result<Option<(String, String, Brokers)>> {
         match (&self.redis_url, &self.postgres_url, &self.kafka_brokers) {
             (None, None, None) => Ok(None),
-            (Some(r), Some(p), Some(k)) => Ok(Some((r.clone(), p.clone(), k.clone()))),
+            (Some(r), Some(p), Some(k)) => {
+                let brokers = match self.kafka_tls {
+                    Some(true) => Brokers::tls(k, self.backend_ca_file.clone()),
+                    _ => Brokers::plain(k),
+                };
+                Ok(Some((r.clone(), p.clone(), brokers)))
+            }
             _ => anyhow::bail!("cluster mode needs all of --redis-url, --postgres-url and --kafka-brokers"),
         }
     }

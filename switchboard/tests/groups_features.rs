@@ -47,7 +47,7 @@ async fn group_conversation_of_three() {
             m["members"],
             json!([{"user": "owen", "role": "owner"}, {"user": "pia", "role": "member"}, {"user": "quinn", "role": "member"}])
         );
-        assert_eq!(quinn.ok("group.list", json!({}))["groups"], json!([{"group": group, "name": "trip", "role": "member"}]));
+        assert_eq!(quinn.ok("group.list", json!({}))["groups"], json!([{"group": group, "name": "trip", "role": "member", "invite_only": false}]));
 
         // group send: one seq per group, every other member gets it
         let sent = owen.ok("send", json!({"group": group, "cmid": "g1", "type": "text", "body": "hi all"}));

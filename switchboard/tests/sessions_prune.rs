@@ -83,3 +83,45 @@ async fn a_revoked_session_stops_being_served_without_its_kick() {
     node.stop().await;
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// The same for a socket that only receives: the first push after `session_check_ms` has its
+/// session read again, and the socket is kicked and closed though it never sends a request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_socket_of_a_revoked_session_is_closed_by_its_pushes() {
+    let (node, dir) = common::start_tweaked("revoked-idle", |s| {
+        s.session_check_ms = Some(100);
+    })
+    .await;
+    let (addr, ws) = (node.http_addr(), node.ws_addr());
+    let accounts = node.logic.logic.stores.accounts.clone();
+    let (session, mut sender, mut idle) = common::blocking(move || {
+        let (mut sender, idle) = common::friends(addr, ws, "snd", "idl");
+        idle.close();
+        let mut idle = common::Client::connect(ws);
+        let token = login(addr, "idl", "i2")["access_token"].as_str().unwrap().to_owned();
+        let ok = idle.ok("auth", json!({ "token": token }));
+        sender.ok("send", json!({"to": "idl", "cmid": "before", "type": "text", "body": "before"}));
+        assert_eq!(idle.push("msg")["msg"]["body"], "before");
+        (ok["session"].as_str().unwrap().to_owned(), sender, idle)
+    })
+    .await;
+    accounts.revoke_session(&session).await.unwrap();
+    common::blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for i in 0.. {
+            sender.ok("send", json!({"to": "idl", "cmid": format!("after{i}"), "type": "text", "body": "after"}));
+            while let Some(f) = idle.read_within(Duration::from_millis(200)) {
+                if f["op"] == "kick" {
+                    assert_eq!(f["reason"], "session revoked");
+                    assert!(idle.read().is_none(), "closed after the kick");
+                    return;
+                }
+                assert_eq!(f["op"], "msg", "{f}");
+            }
+            assert!(Instant::now() < deadline, "an idle socket of a revoked session still receives pushes");
+        }
+    })
+    .await;
+    node.stop().await;
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -1,4 +1,4 @@
-//! friend.request / accept / reject / delete / list.
+//! friend.request / accept / reject / delete / list, and block / unblock / block.list.
 
 use serde::Deserialize;
 use serde_json::json;
@@ -48,6 +48,12 @@ pub async fn request(logic: &Logic, caller: &Caller, req: Request) -> Result<Fie
             logic.pusher.to_user(&req.to, &push, None, None).await;
             Ok(Fields::new())
         }
+        // The caller blocks them: say so. They block the caller: the request looks sent, and
+        // nothing is stored or delivered (a block is not revealed).
+        RequestOutcome::Blocked if logic.stores.social.blocks(&caller.user, &req.to).await? => {
+            Err(ApiError::new("forbidden", format!("you block `{}`: unblock them first", req.to)))
+        }
+        RequestOutcome::Blocked => Ok(Fields::new()),
         RequestOutcome::BecameFriends => {
             // The other side had asked first: this request accepts theirs.
             let push = json!({"op": "friend.accepted", "user": caller.user});
@@ -86,6 +92,22 @@ pub async fn delete(logic: &Logic, caller: &Caller, req: Delete) -> Result<Field
         return Err(ApiError::bad_request(format!("`{}` is not a friend", req.user)));
     }
     Ok(Fields::new())
+}
+
+/// `block {user}` / `unblock {user}`: a block ends the friendship or pending request both ways
+/// (nobody is told) and refuses friend requests either way until it is lifted.
+pub async fn block(logic: &Logic, caller: &Caller, req: Delete, block: bool) -> Result<Fields, ApiError> {
+    if req.user == caller.user {
+        return Err(ApiError::bad_request("cannot block yourself"));
+    }
+    require_user(logic, &req.user).await?;
+    logic.stores.social.set_block(&caller.user, &req.user, block).await?;
+    Ok(Fields::new())
+}
+
+/// `block.list`: everyone the caller blocks, as `users`.
+pub async fn blocked(logic: &Logic, caller: &Caller) -> Result<Fields, ApiError> {
+    Ok(fields(json!({"users": logic.stores.social.blocked(&caller.user).await?})))
 }
 
 pub async fn list(logic: &Logic, caller: &Caller) -> Result<Fields, ApiError> {

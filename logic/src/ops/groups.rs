@@ -1,4 +1,4 @@
-//! group.create / join / leave / members / list.
+//! group.create / join / add / set / leave / members / list.
 
 use serde::Deserialize;
 use serde_json::json;
@@ -41,6 +41,8 @@ pub struct Create {
     name: String,
     #[serde(default)]
     members: Vec<String>,
+    #[serde(default)]
+    invite_only: bool,
 }
 
 pub async fn create(logic: &Logic, caller: &Caller, req: Create) -> Result<Fields, ApiError> {
@@ -64,7 +66,13 @@ pub async fn create(logic: &Logic, caller: &Caller, req: Create) -> Result<Field
         }
     }
     let group = loop {
-        let g = Group { id: new_group_id(), name: name.to_owned(), owner: caller.user.clone(), created_ms: now_ms() };
+        let g = Group {
+            id: new_group_id(),
+            name: name.to_owned(),
+            owner: caller.user.clone(),
+            created_ms: now_ms(),
+            invite_only: req.invite_only,
+        };
         if logic.stores.groups.create_group(&g, &members).await? {
             break g;
         }
@@ -84,16 +92,74 @@ pub struct Target {
 }
 
 pub async fn join(logic: &Logic, caller: &Caller, req: Target) -> Result<Fields, ApiError> {
-    require_group(logic, &req.group).await?;
-    let count = logic.stores.groups.members(&req.group).await?.len();
+    let group = require_group(logic, &req.group).await?;
+    let conv = format!("g:{}", req.group);
+    if logic.stores.groups.role(&req.group, &caller.user).await?.is_some() {
+        return Ok(fields(json!({ "conv": conv })));
+    }
+    if group.invite_only {
+        return Err(ApiError::new(
+            "forbidden",
+            format!("group `{}` is invite-only: its owner or an admin adds members", req.group),
+        ));
+    }
+    add_member(logic, &req.group, &caller.user, Some(caller)).await?;
+    Ok(fields(json!({ "conv": conv })))
+}
+
+/// Adds `user` as a member if the group has room; tells their devices (except the caller's
+/// own connection, which gets the reply).
+async fn add_member(logic: &Logic, group: &str, user: &str, caller: Option<&Caller>) -> Result<(), ApiError> {
+    let count = logic.stores.groups.members(group).await?.len();
     if count >= logic.config.max_group_members {
         return Err(ApiError::bad_request("the group is full"));
     }
-    if logic.stores.groups.add_member(&req.group, &caller.user, Role::Member).await? {
-        let push = json!({"op": "group.joined", "group": req.group, "conv": format!("g:{}", req.group)});
-        logic.pusher.to_user(&caller.user, &push, None, Some((&caller.gateway, caller.conn_id))).await;
+    if logic.stores.groups.add_member(group, user, Role::Member).await? {
+        let push = json!({"op": "group.joined", "group": group, "conv": format!("g:{group}")});
+        let except = caller.map(|c| (c.gateway.as_str(), c.conn_id));
+        logic.pusher.to_user(user, &push, None, except).await;
     }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+pub struct Add {
+    group: String,
+    user: String,
+}
+
+/// `group.add {group, user}`: a member adds a friend of theirs (in an invite-only group, only
+/// the owner or an admin may).
+pub async fn add(logic: &Logic, caller: &Caller, req: Add) -> Result<Fields, ApiError> {
+    let role = require_role(logic, &req.group, &caller.user).await?;
+    let group = require_group(logic, &req.group).await?;
+    if group.invite_only && role == Role::Member {
+        return Err(ApiError::new("forbidden", "only the owner or an admin adds members to an invite-only group"));
+    }
+    require_user(logic, &req.user).await?;
+    if !super::messages::are_friends(logic, &caller.user, &req.user).await? {
+        return Err(ApiError::new(
+            "not_friends",
+            format!("`{}` is not your friend: only friends can be added", req.user),
+        ));
+    }
+    add_member(logic, &req.group, &req.user, None).await?;
     Ok(fields(json!({"conv": format!("g:{}", req.group)})))
+}
+
+#[derive(Deserialize)]
+pub struct Set {
+    group: String,
+    invite_only: bool,
+}
+
+/// `group.set {group, invite_only}`: the owner or an admin changes the group's settings.
+pub async fn set(logic: &Logic, caller: &Caller, req: Set) -> Result<Fields, ApiError> {
+    if require_role(logic, &req.group, &caller.user).await? == Role::Member {
+        return Err(ApiError::new("forbidden", "only the owner or an admin changes a group's settings"));
+    }
+    logic.stores.groups.set_invite_only(&req.group, req.invite_only).await?;
+    Ok(Fields::new())
 }
 
 pub async fn leave(logic: &Logic, caller: &Caller, req: Target) -> Result<Fields, ApiError> {
@@ -131,7 +197,7 @@ pub async fn list(logic: &Logic, caller: &Caller) -> Result<Fields, ApiError> {
         .user_groups(&caller.user)
         .await?
         .into_iter()
-        .map(|(g, role)| json!({"group": g.id, "name": g.name, "role": role.as_str()}))
+        .map(|(g, role)| json!({"group": g.id, "name": g.name, "role": role.as_str(), "invite_only": g.invite_only}))
         .collect();
     Ok(fields(json!({ "groups": list })))
 }

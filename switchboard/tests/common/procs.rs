@@ -15,9 +15,11 @@ pub struct Proc {
 }
 
 impl Proc {
-    pub fn spawn(role: &str, e: &TestEngines, prefix: &str, extra: &[&str]) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-            .arg(role)
+    /// The command line of `role` on the engines `e` (keys and topics under `prefix`), with the
+    /// test's addresses, cheap password hashing and the cluster secrets.
+    pub fn command(role: &str, e: &TestEngines, prefix: &str, extra: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_switchboard"));
+        c.arg(role)
             .args(["--redis-url", &e.redis, "--postgres-url", &e.pg, "--kafka-brokers", &e.brokers])
             .args(["--key-prefix", &format!("{prefix}:"), "--topic-prefix", &format!("{prefix}.")])
             .args(["--http-addr", "127.0.0.1:0", "--ws-addr", "127.0.0.1:0", "--tcp-addr", "127.0.0.1:0"])
@@ -26,10 +28,13 @@ impl Proc {
             .args(extra)
             .env("SB_JWT_SECRET", "cluster-test-jwt-secret-0123456789abcdef")
             .env("SB_CLUSTER_SECRET", "cluster-test-link-secret-0123456789abcdef")
-            .env("SB_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("role process starts");
+            .env("SB_LOG", "warn");
+        c
+    }
+
+    pub fn spawn(role: &str, e: &TestEngines, prefix: &str, extra: &[&str]) -> Proc {
+        let mut child =
+            Self::command(role, e, prefix, extra).stdout(Stdio::piped()).spawn().expect("role process starts");
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         out.read_line(&mut line).unwrap();
