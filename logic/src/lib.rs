@@ -11,6 +11,7 @@ pub mod metrics;
 mod ops;
 pub mod push;
 pub mod service;
+pub mod web;
 
 use std::collections::HashMap;
 use std::sync::Arc;
