@@ -58,6 +58,8 @@ mod tests {
             assert!(!bytes.is_empty(), "{path} is empty");
         }
         let index = std::str::from_utf8(FILES[0].2).unwrap();
-        assert!(!index.contains("http://") && !index.contains("https://"), "index.html must not load remote files");
+        for remote in ["src=\"http", "href=\"http", "src=\"//", "href=\"//"] {
+            assert!(!index.contains(remote), "index.html must not load remote files ({remote})");
+        }
     }
 }
