@@ -51,6 +51,7 @@ export class Client {
     this.timer = null;
     this.pinger = null;
     this.syncing = null;
+    this.opening = false;
   }
 
   // ---- events ------------------------------------------------------------------------------
@@ -176,7 +177,7 @@ export class Client {
   /** Starts (and keeps) a socket session: reconnects by itself until disconnect() or a kick. */
   connect() {
     this.wanted = true;
-    if (!this.ws && !this.timer) this.#open();
+    if (!this.ws && !this.timer && !this.opening) this.#open();
   }
 
   /** Closes the socket and stops reconnecting. */
@@ -189,7 +190,7 @@ export class Client {
 
   /** Reconnects now instead of waiting for the backoff (e.g. when the browser comes online). */
   retryNow() {
-    if (!this.wanted || this.ws) return;
+    if (!this.wanted || this.ws || this.opening) return;
     clearTimeout(this.timer);
     this.timer = null;
     this.#open();
@@ -200,6 +201,7 @@ export class Client {
     if (!this.session) return this.#forget('not signed in');
     this.setState('connecting', { attempt: this.attempt });
     let ws;
+    this.opening = true;
     try {
       if (this.session.expires_at < Date.now() + 30000) await this.refresh();
       const { gateways } = await this.http('GET', '/v1/gateways');
@@ -208,6 +210,8 @@ export class Client {
     } catch (e) {
       if (this.session) this.#retryLater(e);
       return;
+    } finally {
+      this.opening = false;
     }
     if (!this.wanted) return ws.close();
     this.ws = ws;
@@ -341,6 +345,7 @@ export class Client {
   /** Records a message the app got another way (`history`, its own `send.ok`) as seen. */
   markSeen(m) {
     this.seen.add(`${m.conv}\n${m.seq}`);
+    if (this.top.get(m.conv) === m.seq - 1) this.top.set(m.conv, m.seq);
   }
 
   /** Sends a message: `{to | group, type, body, cmid?}`. Kept in an outbox until `send.ok`,

@@ -223,7 +223,7 @@ function messageRow(state, c, m, act) {
   const canRecall = mine && m.seq && m.type !== 'recalled' && act.now() - m.ts <= RECALL_WINDOW_MS;
   return h(
     'div',
-    { class: `msg ${mine ? 'mine' : 'theirs'} ${m.type}`, dataset: { seq: m.seq || '', cmid: m.cmid || '', mid: m.mid || '' } },
+    { class: `msg ${mine ? 'mine' : 'theirs'} type-${m.type}`, dataset: { seq: m.seq || '', cmid: m.cmid || '', mid: m.mid || '' } },
     !mine && state.open.startsWith('g:') ? h('span', { class: 'from' }, m.from) : null,
     body,
     h(

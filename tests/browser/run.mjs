@@ -9,6 +9,7 @@
 import { spawn } from 'node:child_process';
 import { mkdirSync, mkdtempSync, rmSync, openSync } from 'node:fs';
 import { createServer } from 'node:net';
+import { createServer as createHttpServer } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import assert from 'node:assert/strict';
@@ -157,7 +158,7 @@ test('two users register, befriend, chat both ways; unread badge, read receipt, 
     await u.page.waitForSelector('.msg .recalled');
   }
   assert.deepEqual(await texts(bob), ['hello bob', 'hi alice!', 'This message was recalled']);
-  await shot(alice, '03-chat');
+  await shot(alice, '02-chat');
 });
 
 test('the receiving page goes offline; messages sent meanwhile arrive once each, in order, after it reconnects by itself', async () => {
@@ -203,6 +204,75 @@ test('a message with HTML renders as text (no element created, nothing run)', as
   }
   const preview = await bob.page.textContent(`.conv[data-conv="${direct(alice, bob)}"] .conv-last`);
   assert.equal(preview, evil);
+});
+
+test('media messages by URL: an image shows inline, a file as a link', async () => {
+  const { alice, bob } = users;
+  // A media host on another port, serving a picture cut from a screenshot and a "file".
+  const png = Buffer.from(
+    (
+      await alice.page.evaluate(() => {
+        const c = document.createElement('canvas');
+        [c.width, c.height] = [480, 320];
+        const g = c.getContext('2d');
+        const sky = g.createLinearGradient(0, 0, 0, 320);
+        sky.addColorStop(0, '#2f6fed');
+        sky.addColorStop(1, '#f7b267');
+        g.fillStyle = sky;
+        g.fillRect(0, 0, 480, 320);
+        g.fillStyle = '#ffe8a3';
+        g.beginPath();
+        g.arc(360, 200, 50, 0, Math.PI * 2);
+        g.fill();
+        g.fillStyle = '#1d2330';
+        g.fillRect(0, 250, 480, 70);
+        return c.toDataURL('image/png');
+      })
+    ).split(',')[1],
+    'base64',
+  );
+  const host = createHttpServer((req, res) => {
+    res.writeHead(200, { 'Content-Type': req.url.endsWith('.png') ? 'image/png' : 'application/pdf' });
+    res.end(req.url.endsWith('.png') ? png : '%PDF-1.4 not really');
+  });
+  await new Promise((r) => host.listen(0, '127.0.0.1', r));
+  const base = `http://127.0.0.1:${host.address().port}`;
+  try {
+    for (const path of ['/sunset.png', '/notes%20v2.pdf']) {
+      await alice.page.click('#attach-btn');
+      await alice.page.fill('#attach-url', base + path);
+      await alice.page.click('#attach-send');
+    }
+    await bob.page.waitForFunction(() => {
+      const img = document.querySelector('#messages .msg img.image');
+      return img && img.complete && img.naturalWidth > 0;
+    });
+    assert.equal(await bob.page.getAttribute('#messages .msg img.image', 'src'), `${base}/sunset.png`);
+    await bob.page.waitForSelector('#messages a.file:has-text("notes v2.pdf")');
+    await sendText(bob, 'nice picture, thanks');
+    await waitText(alice, 'nice picture, thanks');
+    await bob.page.waitForFunction(() => {
+      const b = document.getElementById('messages');
+      return b.scrollHeight - b.scrollTop - b.clientHeight < 5;
+    });
+    await shot(bob, '03-media');
+  } finally {
+    host.close();
+  }
+});
+
+test('a friend request can be rejected', async (browser) => {
+  const { alice } = users;
+  const dave = (users.dave = await register(browser, 'dave'));
+  await dave.page.fill('#friend-to', 'alice');
+  await dave.page.fill('#friend-note', 'remember me?');
+  await dave.page.click('#friend-add');
+  await alice.page.waitForSelector('.pending[data-from="dave"] .note:has-text("remember me?")');
+  await alice.page.click('.pending[data-from="dave"] .reject');
+  await alice.page.waitForSelector('.pending[data-from="dave"]', { state: 'detached' });
+  assert.equal(await alice.page.$('.friend[data-user="dave"]'), null);
+  await dave.context.close();
+  delete users.dave;
 });
 
 test('a group of three across contexts; members; history scroll-back loads older messages; leave', async (browser) => {
@@ -329,7 +399,15 @@ for (const { name, fn } of tests) {
   } catch (e) {
     failed++;
     console.log(`FAIL ${name}\n${e.stack || e}`);
-    for (const [who, u] of Object.entries(users)) await shot(u, `fail-${passed + 1}-${who}`).catch(() => {});
+    for (const [who, u] of Object.entries(users)) {
+      await shot(u, `fail-${passed + 1}-${who}`).catch(() => {});
+      const seen = await u.page
+        .evaluate(() => ({ conn: document.getElementById('conn').dataset.state, open: globalThis.switchboard.store.state.open,
+          texts: [...document.querySelectorAll('#messages .msg .text')].map((e) => e.textContent) }))
+        .catch((e) => e.message);
+      console.log(`  ${who}: ${JSON.stringify(seen)}`);
+    }
+    if (pageErrors.length) console.log(`  page errors: ${JSON.stringify(pageErrors)}`);
     break; // later tests build on the earlier ones' users
   }
 }
