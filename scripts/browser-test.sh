@@ -9,15 +9,18 @@ cd "$(dirname "$0")/.."
 log() { echo "[browser] $*"; }
 
 CHROMIUM="${CHROMIUM:-/usr/bin/chromium}"
-if [ ! -x "$CHROMIUM" ]; then
-    log "installing chromium"
+missing=()
+[ -x "$CHROMIUM" ] || missing+=(chromium)
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
+if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]}"
     t0=$SECONDS
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq chromium >/dev/null
+    apt-get install -y -qq "${missing[@]}" >/dev/null
     log "apt install took $((SECONDS - t0))s"
 fi
-command -v node >/dev/null || { echo "node (20 or later) and npm are required"; exit 1; }
 
 t0=$SECONDS
 (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)

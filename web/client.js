@@ -137,8 +137,9 @@ export class Client {
 
   /** Signs out on the server (best effort) and forgets the tokens. */
   async logout() {
-    const token = this.session?.access_token;
     this.disconnect();
+    if (this.session && this.session.expires_at < Date.now() + 5000) await this.refresh().catch(() => {});
+    const token = this.session?.access_token;
     if (token) await this.http('POST', '/v1/auth/logout', null, token).catch(() => {});
     this.#forget('signed out');
   }

@@ -363,8 +363,19 @@ test('a second sign-in of the same device (another tab) kicks the first, which s
   await second.page.close();
 });
 
-test('log out, and log in again', async () => {
+test('stay logged in: a reload with an expired access token rotates the refresh token; log out, log in again', async () => {
   const { alice } = users;
+  const before = await alice.page.evaluate(() => {
+    const s = JSON.parse(localStorage.getItem('sb.session'));
+    localStorage.setItem('sb.session', JSON.stringify({ ...s, expires_at: 0 }));
+    return s.refresh_token;
+  });
+  await alice.page.reload();
+  await online(alice.page);
+  const after = await alice.page.evaluate(() => JSON.parse(localStorage.getItem('sb.session')));
+  assert.notEqual(after.refresh_token, before);
+  assert.ok(after.expires_at > Date.now());
+  await alice.page.waitForSelector('.conv');
   await alice.page.click('#logout-btn');
   await alice.page.waitForSelector('#login:not([hidden])');
   assert.equal(await alice.page.evaluate(() => localStorage.getItem('sb.session')), null);
