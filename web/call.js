@@ -113,7 +113,7 @@ export function createCalls(sb, store) {
       return;
     }
     state.call = null;
-    set({ id: f.call_id, peer: f.from, video: f.reason === 'video', dir: 'in', state: 'ringing', offerSdp: f.sdp });
+    set({ id: f.call_id, peer: f.from, video: f.reason === 'video' || /^m=video /m.test(f.sdp || ''), dir: 'in', state: 'ringing', offerSdp: f.sdp });
   });
   sb.on('call.answer', async (f) => {
     const call = state.call;

@@ -263,6 +263,7 @@ function renderCall(state, act) {
   $('call').hidden = !call;
   if (!call) return;
   $('call-title').textContent = `${call.video ? 'Video call' : 'Call'} with ${call.peer}`;
+  document.querySelector('#call .videos').hidden = !call.video;
   const st = $('call-state');
   let text = CALL_TEXT[call.state] || call.state;
   if (call.state === 'ended' && call.reason) text += call.reason === 'timeout' ? ': no answer (rang out)' : `: ${call.reason}`;

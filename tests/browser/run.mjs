@@ -275,7 +275,7 @@ test('a friend request can be rejected', async (browser) => {
   delete users.dave;
 });
 
-test('a group of three across contexts; members; history scroll-back loads older messages; leave', async (browser) => {
+test('a group of three across contexts; members; history scroll-back loads older messages; leave and join by id', async (browser) => {
   const { alice, bob } = users;
   const carol = (users.carol = await register(browser, 'carol'));
   await befriend(alice, carol, '<b>note</b> from alice');
@@ -325,6 +325,14 @@ test('a group of three across contexts; members; history scroll-back loads older
   // Carol leaves: the group goes from her list.
   await carol.page.click('#leave-btn');
   await carol.page.waitForSelector(`.conv[data-conv="${conv}"]`, { state: 'detached' });
+  await alice.page.click('#members-btn'); // close
+  await alice.page.click('#members-btn'); // and open again: carol is gone
+  await alice.page.waitForFunction(() => document.querySelectorAll('#members .member').length === 2);
+  // ... and joins again by the group's id, with the history readable.
+  await carol.page.fill('#join-id', conv.slice(2));
+  await carol.page.click('#group-join');
+  await carol.page.waitForSelector(`.conv.active[data-conv="${conv}"]`);
+  await waitText(carol, 'bulk 45');
 });
 
 test('a video call between two contexts with fake media reaches "connected"; an unanswered one rings out', async () => {
