@@ -117,7 +117,15 @@ async function loadOlder(conv) {
     const msgs = await sb.history(conv, before, PAGE);
     for (const m of msgs) put(m);
     const min = Math.min(...msgs.map((m) => m.seq));
-    state.older.set(conv, { loaded: true, done: msgs.length < PAGE || min <= 1 });
+    const done = msgs.length < PAGE || min <= 1;
+    state.older.set(conv, { loaded: true, done });
+    // A page that does not fill the list gives nothing to scroll: fetch the next one.
+    if (!done) {
+      requestAnimationFrame(() => {
+        const box = $('messages');
+        if (state.open === conv && box.scrollHeight <= box.clientHeight + 60) attempt(loadOlder)(conv);
+      });
+    }
   } catch (e) {
     state.older.set(conv, o);
     throw e;

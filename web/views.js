@@ -120,6 +120,8 @@ function renderConvs(state, store, act) {
     );
   });
   $('conv-list').replaceChildren(...items);
+  const unread = store.convList().reduce((n, c) => n + (c.last && c.conv !== state.open ? Math.max(0, c.last.seq - c.readSeq) : 0), 0);
+  document.title = unread ? `(${unread}) Switchboard` : 'Switchboard';
 }
 
 function renderFriends(state, act) {
