@@ -32,6 +32,7 @@ function attempt(fn) {
     try {
       return await fn(...args);
     } catch (e) {
+      if (e.code === 'disconnected') return notice('Not connected: try again once back online.');
       notice(e.code ? `${e.code}: ${e.message}` : String(e.message || e));
     }
   };

@@ -229,7 +229,7 @@ export class Client {
       clearInterval(this.pinger);
       this.pinger = setInterval(() => this.request('ping').catch(() => {}), PING_MS);
       this.setState('online');
-      await this.sync();
+      await this.sync().catch(() => {}); // a gap left here is filled by the next sync
       this.#flushOutbox();
       this.emit('ready', { user: this.session.user });
     } catch (e) {
