@@ -216,7 +216,7 @@ export class Client {
     }
     if (!this.wanted) return ws.close();
     this.ws = ws;
-    ws.onmessage = (ev) => this.#frame(ev.data);
+    ws.onmessage = (ev) => this.ws === ws && this.#frame(ev.data); // never a stale socket's frames
     ws.onclose = () => this.#closed(ws);
     ws.onopen = () => this.#authenticate();
   }

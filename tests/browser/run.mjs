@@ -19,7 +19,7 @@ const BIN = process.env.SWITCHBOARD_BIN;
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 const ART = process.env.ARTIFACTS || join(process.env.TMPDIR || tmpdir(), 'switchboard-browser');
 const WAIT = 20000; // generous: every wait is for a condition
-const RING_MS = 8000; // the server's ring timeout in these tests
+const RING_MS = 10000; // the server's ring timeout in these tests
 const PASSWORD = 'password123';
 
 assert.ok(BIN, 'SWITCHBOARD_BIN must name the switchboard binary');
