@@ -14,7 +14,7 @@ const store = createStore();
 const { state } = store;
 const calls = createCalls(sb, store);
 // For the browser tests and the console: the SDK and the state.
-globalThis.switchboard = { sb, store };
+globalThis.switchboard = { sb, store, calls };
 
 // ---- helpers -----------------------------------------------------------------------------------
 

@@ -145,5 +145,14 @@ export function createCalls(sb, store) {
     end(f.reason || 'hung up', false);
   });
 
-  return { start, accept, hangup, end };
+  /** The addresses of the candidate pair in use (for the tests and the console). */
+  async function route() {
+    if (!pc) return null;
+    const stats = [...(await pc.getStats()).values()];
+    const pair = stats.find((s) => s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded');
+    const cand = (id) => stats.find((s) => s.id === id);
+    return pair ? { local: cand(pair.localCandidateId)?.address, remote: cand(pair.remoteCandidateId)?.address } : null;
+  }
+
+  return { start, accept, hangup, end, route };
 }

@@ -344,6 +344,8 @@ test('a video call between two contexts with fake media reaches "connected"; an 
   await alice.page.waitForSelector('#call-state[data-state="connected"]');
   await bob.page.waitForSelector('#call-state[data-state="connected"]');
   await bob.page.waitForFunction(() => document.getElementById('remote-video').readyState >= 2);
+  const route = await bob.page.evaluate(() => globalThis.switchboard.calls.route());
+  console.log(`     call media went ${JSON.stringify(route)}`);
   await shot(bob, '06-call');
   await bob.page.click('#call-hangup');
   await alice.page.waitForSelector('#call-state[data-state="ended"]');
