@@ -50,10 +50,22 @@ async function startServer() {
     try {
       if ((await fetch(`${url}/healthz`)).ok) break;
     } catch {}
-    if (i > 600) throw new Error('server did not come up in 60 s');
+    if (i > 600) {
+      proc.kill('SIGTERM');
+      throw new Error(`server did not come up in 60 s; see ${ART}/server.log`);
+    }
     await new Promise((r) => setTimeout(r, 100));
   }
-  return { url, stop: () => (proc.kill('SIGTERM'), rmSync(dir, { recursive: true, force: true })) };
+  let stopped = false;
+  const stop = () => {
+    if (stopped) return;
+    stopped = true;
+    proc.kill('SIGTERM');
+    try {
+      rmSync(dir, { recursive: true, force: true, maxRetries: 3 });
+    } catch {}
+  };
+  return { url, stop };
 }
 
 // ---- page helpers ------------------------------------------------------------------------------
@@ -399,6 +411,9 @@ test('stay logged in: a reload with an expired access token rotates the refresh 
 // ---- runner ------------------------------------------------------------------------------------
 
 const server = await startServer();
+// The server goes with this script, however it ends.
+process.on('exit', () => server.stop());
+for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => process.exit(130));
 const browser = await chromium.launch({
   executablePath: CHROMIUM,
   headless: true,
@@ -433,6 +448,5 @@ for (const { name, fn } of tests) {
   }
 }
 await browser.close();
-server.stop();
 console.log(`browser tests: ${passed} passed, ${failed} failed, ${tests.length - passed - failed} not run in ${((Date.now() - t0) / 1000).toFixed(1)} s; screenshots in ${ART}`);
 process.exit(failed ? 1 : 0);
