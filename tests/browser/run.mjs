@@ -315,6 +315,9 @@ test('a group of three across contexts; members; history scroll-back loads older
     for (let i = 1; i <= 45; i++) await globalThis.switchboard.sb.send({ group, type: 'text', body: `bulk ${i}` });
   }, conv.slice(2));
   await waitText(carol, 'bulk 45');
+  // Newest activity first: bob's list now starts with the group, then alice.
+  await bob.page.waitForFunction((c) => document.querySelector('#conv-list .conv')?.dataset.conv === c, conv);
+  assert.deepEqual(await bob.page.$$eval('#conv-list .conv', (els) => els.map((e) => e.dataset.conv)), [conv, direct(alice, bob)]);
   // Carol reloads: she stays logged in, and the chat opens with the newest page only.
   await carol.page.reload();
   await online(carol.page);
@@ -375,7 +378,7 @@ test('a video call between two contexts with fake media reaches "connected"; an 
   for (const u of [alice, carol]) await u.page.click('#call-hangup');
 });
 
-test('a second sign-in of the same device (another tab) kicks the first, which says so', async (browser) => {
+test('a second sign-in of the same device (another tab) kicks the first, which says so; presence goes offline', async (browser) => {
   const { bob } = users;
   const second = await newPage(browser, bob.context); // same profile: same session and device
   await online(second.page);
@@ -383,6 +386,8 @@ test('a second sign-in of the same device (another tab) kicks the first, which s
   assert.match(await bob.page.textContent('#banner'), /signed in again on this device/);
   await shot(bob, '08-kicked');
   await second.page.close();
+  // Bob has no connection left: alice sees him go offline.
+  await users.alice.page.waitForSelector('.friend[data-user="bob"][data-online="false"]');
 });
 
 test('stay logged in: a reload with an expired access token rotates the refresh token; log out, log in again', async () => {
