@@ -20,7 +20,7 @@ export function createStore() {
     call: null, // {id, peer, dir, state, video, reason}
   };
 
-  /** Notifies subscribers once per animation frame, whatever the number of changes. */
+  /** Notifies subscribers once per task (a microtask later), however many changes were made. */
   function changed() {
     if (queued) return;
     queued = true;
