@@ -173,7 +173,7 @@ test('two users register, befriend, chat both ways; unread badge, read receipt, 
   await shot(alice, '02-chat');
 });
 
-test('the receiving page goes offline; messages sent meanwhile arrive once each, in order, after it reconnects by itself', async () => {
+test('the receiving page goes offline; messages sent meanwhile arrive once each, in order, after it reconnects by itself; its own message waits in the outbox', async () => {
   const { alice, bob } = users;
   // Cut bob's network and close his socket: the client must notice and keep retrying.
   await bob.context.setOffline(true);
@@ -185,18 +185,21 @@ test('the receiving page goes offline; messages sent meanwhile arrive once each,
   // Still cut off: none of them reached bob's screen yet.
   assert.equal((await texts(bob)).filter((t) => t.startsWith('while away')).length, 0);
   assert.notEqual(await bob.page.getAttribute('#conn', 'data-state'), 'online');
+  // Bob writes meanwhile: it waits in the outbox, shown as sending.
+  await sendText(bob, 'written offline');
+  await bob.page.waitForSelector('.msg.mine:has-text("written offline") .status[data-status="sending"]');
   await shot(bob, '04-offline');
   await bob.context.setOffline(false);
   await online(bob.page);
   await waitText(bob, 'while away 5');
-  const got = await texts(bob);
+  await bob.page.waitForSelector('.msg.mine:has-text("written offline") .status:is([data-status="sent"], [data-status="read"])');
+  await waitText(alice, 'written offline');
+  assert.equal((await texts(alice)).filter((t) => t === 'written offline').length, 1);
+  const got = (await texts(bob)).filter((t) => t !== 'written offline');
   assert.deepEqual(got.slice(-5), sent, 'in order');
   assert.equal(new Set(got).size, got.length, `no duplicates: ${JSON.stringify(got)}`);
   // Read by bob once he is back on the open chat.
-  await alice.page.waitForFunction(() => {
-    const s = [...document.querySelectorAll('.msg.mine .status')];
-    return s.length > 0 && s[s.length - 1].dataset.status === 'read';
-  });
+  await alice.page.waitForSelector('.msg.mine:has-text("while away 5") .status[data-status="read"]');
   // The same after a second cut, closed by the test only (no network change).
   await bob.page.evaluate(() => globalThis.switchboard.sb.ws.close());
   await sendText(alice, 'after the blip');
