@@ -13,6 +13,7 @@ eval "$(scripts/services.sh env)"
 echo "== fmt"; cargo fmt --all -- --check
 echo "== clippy"; cargo clippy --workspace --all-targets -- -D warnings
 echo "== test"; cargo test --workspace 2>&1 | tee "${TMPDIR:-/tmp}/switchboard-test.log"
+echo "== browser"; scripts/browser-test.sh
 # A short run of every fuzz target on its seeds (cargo-fuzz and nightly installed when missing).
 echo "== fuzz"; scripts/fuzz.sh "${SB_FUZZ_SECONDS:-20}"
 

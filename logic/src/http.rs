@@ -50,6 +50,7 @@ fn client_routes() -> Router<Http> {
         .route("/v1/auth/logout", post(logout))
         .route("/v1/gateways", get(gateways))
         .route("/healthz", get(healthz))
+        .merge(crate::web::routes())
 }
 
 fn operator_routes() -> Router<Http> {

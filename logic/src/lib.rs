@@ -12,6 +12,7 @@ mod ops;
 pub mod push;
 pub mod service;
 pub mod sessions;
+pub mod web;
 
 use std::sync::Arc;
 use std::time::Duration;

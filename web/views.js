@@ -1,0 +1,276 @@
+// The views: draw the store's state into the page's skeleton (index.html). Every piece of user
+// content (names, notes, messages, URLs) goes in through textContent or a checked attribute,
+// never as HTML.
+
+const $ = (id) => document.getElementById(id);
+const RECALL_WINDOW_MS = 120000; // the server's default (--recall-window-ms)
+
+/** Builds an element: h('li', {class: 'x', onclick}, 'text', child, ...). Strings become text. */
+export function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith('on')) el.addEventListener(k.slice(2), v);
+    else if (k === 'class') el.className = v;
+    else if (k === 'dataset') Object.assign(el.dataset, v);
+    else el.setAttribute(k, v === true ? '' : v);
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined || c === false) continue;
+    el.append(typeof c === 'string' || typeof c === 'number' ? document.createTextNode(String(c)) : c);
+  }
+  return el;
+}
+
+/** A conversation's display name: the peer's nickname, or the group's name. */
+export function convName(state, conv) {
+  if (conv.startsWith('g:')) return state.groups.get(conv.slice(2))?.name || conv.slice(2);
+  const peer = peerOf(state, conv);
+  const f = state.friends.get(peer);
+  return f && f.nickname && f.nickname !== peer ? `${f.nickname} (${peer})` : peer;
+}
+
+export function peerOf(state, conv) {
+  if (!conv.startsWith('d:')) return null;
+  const [, a, b] = conv.split(':');
+  return a === state.me ? b : a;
+}
+
+function time(ts) {
+  return new Date(ts).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+}
+
+function day(ts) {
+  const d = new Date(ts);
+  const today = new Date();
+  const yesterday = new Date(Date.now() - 86400000);
+  if (d.toDateString() === today.toDateString()) return 'Today';
+  if (d.toDateString() === yesterday.toDateString()) return 'Yesterday';
+  return d.toLocaleDateString([], { weekday: 'short', year: 'numeric', month: 'short', day: 'numeric' });
+}
+
+/** One line of text for a message (conversation list, notifications). */
+export function preview(m) {
+  if (!m) return '';
+  switch (m.type) {
+    case 'text':
+      return m.body;
+    case 'recalled':
+      return 'message recalled';
+    case 'image':
+      return `[image] ${m.body?.name || ''}`;
+    case 'file':
+    case 'audio':
+    case 'video':
+      return `[${m.type}] ${m.body?.name || ''}`;
+    default:
+      return `[${m.type}]`;
+  }
+}
+
+function safeUrl(u) {
+  try {
+    const url = new URL(u, location.href);
+    return ['http:', 'https:'].includes(url.protocol) ? url.href : null;
+  } catch {
+    return null;
+  }
+}
+
+const CONN_TEXT = {
+  online: 'online',
+  connecting: 'connecting…',
+  offline: 'offline, reconnecting…',
+  kicked: 'disconnected',
+  'signed-out': 'signed out',
+};
+
+/** Draws everything from the state; `act` holds the app's actions for the controls. */
+export function render(state, store, act) {
+  const signedIn = !!state.me;
+  $('login').hidden = signedIn;
+  $('main').hidden = !signedIn;
+  const banner = $('banner');
+  banner.hidden = !state.notice;
+  banner.textContent = state.notice?.text || '';
+  banner.className = `banner ${state.notice?.kind || ''}`;
+  if (!signedIn) return;
+
+  $('me-name').textContent = state.me;
+  const conn = $('conn');
+  conn.textContent = CONN_TEXT[state.conn.state] || state.conn.state;
+  conn.className = `conn ${state.conn.state}`;
+  conn.dataset.state = state.conn.state;
+
+  renderConvs(state, store, act);
+  renderFriends(state, act);
+  renderChat(state, store, act);
+  renderCall(state, act);
+}
+
+function renderConvs(state, store, act) {
+  const items = store.convList().map((c) => {
+    const unread = c.last ? Math.max(0, c.last.seq - c.readSeq) : 0;
+    return h(
+      'li',
+      { class: c.conv === state.open ? 'conv active' : 'conv', dataset: { conv: c.conv }, onclick: () => act.open(c.conv) },
+      h('span', { class: 'conv-name' }, convName(state, c.conv)),
+      unread > 0 && c.conv !== state.open ? h('span', { class: 'badge' }, String(unread)) : null,
+      h('span', { class: 'conv-last' }, preview(c.last)),
+    );
+  });
+  $('conv-list').replaceChildren(...items);
+  const unread = store.convList().reduce((n, c) => n + (c.last && c.conv !== state.open ? Math.max(0, c.last.seq - c.readSeq) : 0), 0);
+  document.title = unread ? `(${unread}) Switchboard` : 'Switchboard';
+}
+
+function renderFriends(state, act) {
+  $('pending-list').replaceChildren(
+    ...state.pending.map((p) =>
+      h(
+        'li',
+        { class: 'pending', dataset: { from: p.from } },
+        h('span', { class: 'pending-from' }, p.from),
+        p.note ? h('span', { class: 'note' }, p.note) : null,
+        h('button', { class: 'accept', onclick: () => act.accept(p.from) }, 'Accept'),
+        h('button', { class: 'reject secondary', onclick: () => act.reject(p.from) }, 'Reject'),
+      ),
+    ),
+  );
+  const friends = [...state.friends.values()].sort((a, b) => a.user.localeCompare(b.user));
+  $('friend-list').replaceChildren(
+    ...friends.map((f) =>
+      h(
+        'li',
+        { class: 'friend', dataset: { user: f.user, online: String(!!f.online) }, onclick: () => act.openDirect(f.user) },
+        h('span', { class: f.online ? 'dot on' : 'dot', title: f.online ? 'online' : 'offline' }),
+        h('span', { class: 'friend-name' }, f.nickname && f.nickname !== f.user ? `${f.nickname} (${f.user})` : f.user),
+      ),
+    ),
+  );
+  // Friends to add to the next group.
+  const pick = $('group-pick');
+  const chosen = new Set([...pick.querySelectorAll('input:checked')].map((i) => i.value));
+  pick.replaceChildren(
+    ...friends.map((f) =>
+      h('label', { class: 'pick' }, h('input', { type: 'checkbox', value: f.user, checked: chosen.has(f.user) }), f.user),
+    ),
+  );
+}
+
+function renderChat(state, store, act) {
+  const open = state.open;
+  $('empty').hidden = !!open;
+  $('chat').hidden = !open;
+  if (!open) return;
+  const isGroup = open.startsWith('g:');
+  $('chat-title').textContent = convName(state, open);
+  const peer = peerOf(state, open);
+  const f = peer && state.friends.get(peer);
+  $('chat-sub').textContent = isGroup ? `group ${open.slice(2)}` : f ? (f.online ? 'online' : 'offline') : '';
+  $('call-audio').hidden = isGroup;
+  $('call-video').hidden = isGroup;
+  $('members-btn').hidden = !isGroup;
+  $('leave-btn').hidden = !isGroup;
+
+  const members = $('members');
+  members.hidden = !(state.members && state.members.conv === open);
+  if (!members.hidden) {
+    members.replaceChildren(
+      h('strong', {}, `Members (${state.members.list.length})`),
+      h('ul', {}, ...state.members.list.map((m) => h('li', { class: 'member' }, m.user, m.role !== 'member' ? ` · ${m.role}` : ''))),
+    );
+  }
+
+  renderMessages(state, store, act);
+
+  const t = state.typing.get(open);
+  $('typing').textContent = t && t.until > Date.now() ? `${t.user} is typing…` : '';
+}
+
+function renderMessages(state, store, act) {
+  const box = $('messages');
+  const open = state.open;
+  const c = state.convs.get(open);
+  const older = state.older.get(open) || {};
+  // Keep the reader's place: stick to the bottom if there, else keep the distance from it.
+  const fromBottom = box.scrollHeight - box.scrollTop - box.clientHeight;
+  const sameConv = box.dataset.conv === open;
+  const rows = [];
+  rows.push(h('div', { class: 'older' }, older.done ? 'Beginning of the conversation' : older.loading ? 'Loading…' : ''));
+  let lastDay = null;
+  for (const m of store.messagesOf(open)) {
+    if (m.type === 'void') continue;
+    const d = day(m.ts);
+    if (d !== lastDay) {
+      rows.push(h('div', { class: 'day' }, d));
+      lastDay = d;
+    }
+    rows.push(messageRow(state, c, m, act));
+  }
+  box.replaceChildren(...rows);
+  box.dataset.conv = open;
+  if (!sameConv || fromBottom < 40) box.scrollTop = box.scrollHeight;
+  else box.scrollTop = box.scrollHeight - box.clientHeight - fromBottom;
+}
+
+function messageRow(state, c, m, act) {
+  const mine = m.from === state.me;
+  const body = messageBody(m);
+  let status = null;
+  if (mine && m.type !== 'recalled') {
+    const s = m.failed ? 'failed' : !m.seq ? 'sending' : c && c.peerRead >= m.seq ? 'read' : 'sent';
+    status = h('span', { class: `status ${s}`, dataset: { status: s } }, s === 'read' ? 'read ✓✓' : s === 'sent' ? 'sent ✓' : s);
+  }
+  const canRecall = mine && m.seq && m.type !== 'recalled' && act.now() - m.ts <= RECALL_WINDOW_MS;
+  return h(
+    'div',
+    { class: `msg ${mine ? 'mine' : 'theirs'} type-${m.type}`, dataset: { seq: m.seq || '', cmid: m.cmid || '', mid: m.mid || '' } },
+    !mine && state.open.startsWith('g:') ? h('span', { class: 'from' }, m.from) : null,
+    body,
+    h(
+      'span',
+      { class: 'meta' },
+      h('span', { class: 'time' }, time(m.ts)),
+      status,
+      canRecall ? h('button', { class: 'recall link', onclick: () => act.recall(m) }, 'recall') : null,
+    ),
+  );
+}
+
+function messageBody(m) {
+  if (m.type === 'text') return h('span', { class: 'text' }, m.body);
+  if (m.type === 'recalled') return h('span', { class: 'text recalled' }, 'This message was recalled');
+  if (['image', 'file', 'audio', 'video'].includes(m.type) && m.body && typeof m.body === 'object') {
+    const url = safeUrl(m.body.url);
+    const name = m.body.name || m.body.url;
+    if (!url) return h('span', { class: 'text' }, `[${m.type}] ${name}`);
+    const link = h('a', { href: url, target: '_blank', rel: 'noopener noreferrer', class: 'file' }, name);
+    if (m.type === 'image') return h('span', { class: 'media' }, h('img', { src: url, alt: name, class: 'image', loading: 'lazy' }), link);
+    return link;
+  }
+  return h('span', { class: 'text custom' }, typeof m.body === 'string' ? m.body : JSON.stringify(m.body));
+}
+
+const CALL_TEXT = {
+  calling: 'Calling…',
+  ringing: 'Incoming call',
+  connecting: 'Connecting…',
+  connected: 'Connected',
+  ended: 'Call ended',
+};
+
+function renderCall(state, act) {
+  const call = state.call;
+  $('call').hidden = !call;
+  if (!call) return;
+  $('call-title').textContent = `${call.video ? 'Video call' : 'Call'} with ${call.peer}`;
+  document.querySelector('#call .videos').hidden = !call.video;
+  const st = $('call-state');
+  let text = CALL_TEXT[call.state] || call.state;
+  if (call.state === 'ended' && call.reason) text += call.reason === 'timeout' ? ': no answer (rang out)' : `: ${call.reason}`;
+  st.textContent = text;
+  st.dataset.state = call.state;
+  $('call-accept').hidden = call.state !== 'ringing';
+  $('call-hangup').textContent = call.state === 'ended' ? 'Close' : call.state === 'ringing' ? 'Decline' : 'Hang up';
+}
