@@ -115,6 +115,14 @@ pub fn error_retry(rid: Option<u64>, code: &str, message: &str, retry_after_ms: 
     with_rid(json!({"op": "error", "code": code, "message": message, "retry_after_ms": retry_after_ms}), rid)
 }
 
+/// `{"op":"ack.ok","rid":R}`, written without building a JSON value (one per delivery).
+pub fn ack_ok(rid: Option<u64>) -> String {
+    match rid {
+        Some(r) => format!("{{\"op\":\"ack.ok\",\"rid\":{r}}}"),
+        None => "{\"op\":\"ack.ok\"}".to_owned(),
+    }
+}
+
 /// `{"op":"ping.ok","rid":R}`.
 pub fn ping_ok(rid: Option<u64>) -> String {
     with_rid(json!({"op": "ping.ok"}), rid)

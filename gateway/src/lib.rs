@@ -4,6 +4,7 @@
 //! and receives pushes through [`LocalPush`] (behind its own gRPC service, or called
 //! directly by logic in the same process).
 
+mod acks;
 pub mod bincodec;
 mod bridge;
 mod calls;
@@ -71,6 +72,10 @@ pub struct GatewayConfig {
     pub repush_interval: Duration,
     /// Re-send an unacked push at most this many times.
     pub repush_attempts: u32,
+    /// The gateway answers a client's `ack` itself when it holds the acked push, and hands logic
+    /// the highest acked seq per connection and conversation this long after the first ack
+    /// (see `acks`); zero relays every `ack` to logic.
+    pub ack_flush: Duration,
     /// Per-connection outbound queue bound in frames (slow consumers are closed).
     pub max_outbound_frames: usize,
     /// Per-connection outbound queue bound in bytes (slow consumers are closed).
@@ -113,6 +118,7 @@ impl Default for GatewayConfig {
             idle_timeout: Duration::from_secs(60),
             repush_interval: Duration::from_secs(5),
             repush_attempts: 5,
+            ack_flush: Duration::from_millis(50),
             max_outbound_frames: 1024,
             max_outbound_bytes: 8 << 20,
             max_unacked: 1024,
@@ -282,6 +288,7 @@ impl Gateway {
                 now: Instant::now(),
                 scratch: vec![0; shard::SCRATCH_BYTES],
                 ip_caps: ip_caps.clone(),
+                acks: Default::default(),
             };
             let tl = tl.map(mio::net::TcpListener::from_std);
             let shard = Shard::new(idx, poll, mio::net::TcpListener::from_std(l), tl, rx, env)?;

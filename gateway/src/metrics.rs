@@ -16,6 +16,8 @@ pub struct GatewayMetrics {
     pub(crate) slow_consumer_closed: AtomicU64,
     pub(crate) accepted: AtomicU64,
     pub(crate) call_timeouts: AtomicU64,
+    /// Client acks answered by the gateway itself (see `acks`).
+    pub(crate) acks_local: AtomicU64,
     /// `f32` bits of the last CPU load sample.
     pub(crate) cpu_load: AtomicU32,
 }
@@ -44,7 +46,7 @@ impl GatewayMetrics {
 
     /// Appends Prometheus text-format lines for every gateway metric.
     pub fn render(&self, out: &mut String) {
-        let rows: [(&str, &str, &str, u64); 7] = [
+        let rows: [(&str, &str, &str, u64); 8] = [
             ("switchboard_gateway_connections", "gauge", "Open client connections.", self.connections()),
             (
                 "switchboard_gateway_frames_in_total",
@@ -81,6 +83,12 @@ impl GatewayMetrics {
                 "counter",
                 "Call offers that rang out unanswered (ring timeout).",
                 self.call_timeouts(),
+            ),
+            (
+                "switchboard_gateway_acks_local_total",
+                "counter",
+                "Client acks answered by the gateway (handed to logic coalesced).",
+                self.acks_local.load(Ordering::Relaxed),
             ),
         ];
         for (name, kind, help, value) in rows {

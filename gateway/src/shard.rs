@@ -11,6 +11,7 @@ use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
+use crate::acks::AckBatch;
 use crate::bridge::{Bridge, ShardLink, ShardMsg};
 use crate::conn::{Conn, Encoded};
 use crate::connid::{ConnId, GenCounter, MAX_KEYS};
@@ -62,6 +63,8 @@ pub(crate) struct Env {
     pub scratch: Vec<u8>,
     /// Open connections per client address, over every shard.
     pub ip_caps: Arc<IpCaps>,
+    /// Acks answered here and not yet handed to logic.
+    pub acks: AckBatch,
 }
 
 /// The shard event loop state.
@@ -161,6 +164,9 @@ impl Shard {
             }
             self.flush_dirty();
             self.reannounce_some();
+            if self.env.acks.is_due(self.env.now) || drain_deadline.is_some() {
+                self.flush_acks();
+            }
             self.env.wheel.advance(self.env.now, &mut fired);
             for t in fired.drain(..) {
                 if let Some(key) = self.lookup(t.conn_id) {
@@ -178,6 +184,7 @@ impl Shard {
         for k in keys {
             self.remove(k);
         }
+        self.flush_acks();
         // answer pushes that raced with shutdown
         while let Ok(msg) = self.rx.try_recv() {
             if let ShardMsg::Push { deliveries, reply } = msg {
@@ -185,6 +192,13 @@ impl Shard {
             }
         }
         tracing::debug!(shard = self.idx, "shard stopped");
+    }
+
+    /// Hands the acks answered here to logic (one request each, replies dropped).
+    fn flush_acks(&mut self) {
+        for req in self.env.acks.take() {
+            self.env.bridge.handle_detached(req);
+        }
     }
 
     /// Accepts every pending connection of the WebSocket (`tcp` false) or raw TCP listener.

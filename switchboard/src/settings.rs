@@ -116,6 +116,10 @@ pub struct Settings {
     /// Milliseconds of silence after which a connection is closed.
     #[arg(long, env = "SB_IDLE_TIMEOUT_MS")]
     pub idle_timeout_ms: Option<u64>,
+    /// Milliseconds a gateway holds the acks it answered itself before handing logic the highest
+    /// per connection and conversation; 0 relays every ack to logic; default 50.
+    #[arg(long, env = "SB_ACK_FLUSH_MS")]
+    pub ack_flush_ms: Option<u64>,
     /// Milliseconds before an unacked push is sent again.
     #[arg(long, env = "SB_REPUSH_MS")]
     pub repush_ms: Option<u64>,
@@ -242,7 +246,7 @@ impl Settings {
             embedded_checkpoint_bytes, http_max_connections, http_header_timeout_ms, http_request_timeout_ms,
             max_connections_per_ip, argon2_concurrency, login_rate, login_burst, session_prune_secs,
             admin_addr, max_connections_per_user, session_check_ms, backend_ca_file,
-            kafka_tls);
+            kafka_tls, ack_flush_ms);
         Ok(self)
     }
 
@@ -515,6 +519,9 @@ impl Settings {
         }
         if let Some(ms) = self.ring_timeout_ms {
             c.ring_timeout = Duration::from_millis(ms);
+        }
+        if let Some(ms) = self.ack_flush_ms {
+            c.ack_flush = Duration::from_millis(ms);
         }
         Ok(c)
     }

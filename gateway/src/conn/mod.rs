@@ -262,7 +262,9 @@ impl Conn {
                 }
                 if req.op == "ack" {
                     if let (Some(conv), Some(seq)) = (req.conv.as_deref(), req.seq) {
-                        self.unacked.retain(|u| !(u.conv == conv && u.seq <= seq));
+                        if self.ack_here(req.rid, conv, seq, env) {
+                            return;
+                        }
                     }
                 }
                 let call = CallRef::of(&req);
@@ -281,6 +283,24 @@ impl Conn {
                 }
             }
         }
+    }
+
+    /// Drops the unacked pushes an `ack` of `conv` up to `seq` covers. When one of them had
+    /// `seq` at least (the connection received the conversation, so it is a member) and no
+    /// request is in flight (replies stay in request order), answers `ack.ok` here and queues
+    /// the ack for logic (see `crate::acks`); `true` then.
+    fn ack_here(&mut self, rid: Option<u64>, conv: &str, seq: u64, env: &mut Env) -> bool {
+        let held = self.unacked.iter().any(|u| u.conv == conv && u.seq >= seq);
+        self.unacked.retain(|u| !(u.conv == conv && u.seq <= seq));
+        if !held || env.cfg.ack_flush.is_zero() || self.inflight || !self.pending.is_empty() {
+            return false;
+        }
+        let Some(ev) = self.conn_event(env) else { return false };
+        let ip = self.peer.ip().to_string();
+        env.acks.add(self.id, move || (ev, ip), conv, seq, env.now + env.cfg.ack_flush);
+        GatewayMetrics::inc(&env.metrics.acks_local);
+        self.queue_json(frame::ack_ok(rid), env);
+        true
     }
 
     /// The event naming a connection that `reply` authenticated.
