@@ -3,7 +3,9 @@
 //! conversation) is answered `ack.ok` at once, and only its highest seq per connection and
 //! conversation is handed to logic, as one request without a reply per `ack_flush`. Logic
 //! coalesces cursors in memory anyway (docs/protocol.md §11): this saves a logic round trip for
-//! nearly every delivery, which is what an ack per read batch costs under fan-out.
+//! nearly every delivery, which is what an ack per read batch costs under fan-out. A later
+//! request of the same connection goes to logic only after that connection's waiting acks (so
+//! an ack-based `sync` right after an `ack` sees it).
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -53,18 +55,33 @@ impl AckBatch {
         self.due = None;
         let mut out = Vec::new();
         for (_, w) in self.waiting.drain() {
-            for (conv, seq) in w.convs {
-                let frame = serde_json::json!({"op": "ack", "conv": conv, "seq": seq}).to_string();
-                out.push(ClientRequest {
-                    conn: Some(w.conn.clone()),
-                    frame: Bytes::from(frame),
-                    ip: w.ip.clone(),
-                    op: "ack".into(),
-                    rid: None,
-                });
-            }
+            w.into_requests(&mut out);
         }
         out
+    }
+
+    /// Takes the waiting acks of one connection (its next request must reach logic after them).
+    pub fn take_conn(&mut self, conn_id: u64) -> Vec<ClientRequest> {
+        let mut out = Vec::new();
+        if let Some(w) = self.waiting.remove(&conn_id) {
+            w.into_requests(&mut out);
+        }
+        out
+    }
+}
+
+impl Waiting {
+    fn into_requests(self, out: &mut Vec<ClientRequest>) {
+        for (conv, seq) in self.convs {
+            let frame = serde_json::json!({"op": "ack", "conv": conv, "seq": seq}).to_string();
+            out.push(ClientRequest {
+                conn: Some(self.conn.clone()),
+                frame: Bytes::from(frame),
+                ip: self.ip.clone(),
+                op: "ack".into(),
+                rid: None,
+            });
+        }
     }
 }
 
@@ -104,5 +121,10 @@ mod tests {
             ]
         );
         assert!(b.take().is_empty() && !b.is_due(t0 + Duration::from_secs(60)));
+        b.add(3, who("cy"), "g:x", 1, t0);
+        b.add(4, who("di"), "g:x", 1, t0);
+        assert_eq!(b.take_conn(3).len(), 1);
+        assert!(b.take_conn(3).is_empty(), "taken once");
+        assert_eq!(b.take().len(), 1, "the other connection's ack stays for the flush");
     }
 }

@@ -181,9 +181,10 @@ mod tests {
         assert!(s.contains("switchboard_gateway_frames_in_total 1\n"));
         assert!(s.contains("switchboard_gateway_connections_accepted_total 0\n"));
         assert!(s.contains("switchboard_gateway_call_timeouts_total 0\n"));
+        assert!(s.contains("switchboard_gateway_acks_local_total 0\n"));
         assert!(s.contains("# TYPE switchboard_gateway_cpu_load gauge"));
         assert!(s.contains("switchboard_gateway_cpu_load 0\n"));
-        assert_eq!(s.matches("# HELP").count(), 8);
+        assert_eq!(s.matches("# HELP").count(), 9);
         m.set_cpu_load(0.25);
         s.clear();
         m.render(&mut s);

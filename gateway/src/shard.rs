@@ -366,6 +366,10 @@ impl Shard {
     fn remove(&mut self, key: usize) {
         if let Some(mut conn) = self.conns.try_remove(key) {
             self.held.remove(&conn.id);
+            // Its held acks go now: a reconnect of the device resumes after them.
+            for req in self.env.acks.take_conn(conn.id) {
+                self.env.bridge.handle_detached(req);
+            }
             conn.notify_closed(&mut self.env);
             conn.cancel_timers(&mut self.env);
             self.env.metrics.connections.fetch_sub(1, Ordering::Relaxed);

@@ -223,7 +223,8 @@ impl Logic {
         let banned = accounts.get_user(user).await?.is_some_and(|u| u.banned);
         if revoked || banned {
             self.sessions.forget(session);
-            return Err(ApiError::new("bad_token", "the session was signed out or the account banned"));
+            let why = if banned { "the account is banned" } else { "the session was signed out" };
+            return Err(ApiError::new("bad_token", why));
         }
         self.sessions.confirmed(session);
         Ok(())
@@ -250,7 +251,8 @@ impl Logic {
                 Some((user, conn)) = async { match checks.as_mut() { Some(rx) => rx.recv().await, None => None } } => {
                     match self.check_session(&user, &conn.session).await {
                         Err(e) if e.code == "bad_token" => {
-                            let frame = serde_json::to_vec(&serde_json::json!({"op": "kick", "reason": "session revoked"}))
+                            let reason = if e.message.contains("banned") { "account banned" } else { "session revoked" };
+                            let frame = serde_json::to_vec(&serde_json::json!({"op": "kick", "reason": reason}))
                                 .expect("JSON serializes");
                             self.pusher.to_conn(&user, &conn, frame.into(), None, true).await;
                         }

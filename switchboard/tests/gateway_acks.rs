@@ -33,6 +33,8 @@ async fn acks_of_delivered_pushes_are_answered_by_the_gateway_and_reach_logic() 
         let before = metric(&metrics(()), "switchboard_gateway_acks_local_total");
         b.ok("ack", json!({"conv": conv, "seq": last}));
         assert_eq!(metric(&metrics(()), "switchboard_gateway_acks_local_total"), before + 1, "answered by the gateway");
+        // The connection's next request reaches logic after the held ack: sync resumes after it.
+        assert_eq!(b.ok("sync", json!({}))["msgs"], json!([]), "a sync right after the ack saw it");
 
         // Not delivered here: logic answers, and refuses a conversation the caller is not in.
         b.err("ack", json!({"conv": "d:gka:gkz", "seq": 1}), "forbidden");

@@ -125,3 +125,51 @@ async fn an_idle_socket_of_a_revoked_session_is_closed_by_its_pushes() {
     node.stop().await;
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// A ban written behind the sockets' back (as if its kick pushes were lost): the banned user's
+/// connections stop being served within `session_check_ms`, idle ones through their next push.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ban_without_its_kick_stops_every_socket() {
+    let (node, dir) = common::start_tweaked("banned-quiet", |s| {
+        s.session_check_ms = Some(100);
+    })
+    .await;
+    let (addr, ws) = (node.http_addr(), node.ws_addr());
+    let accounts = node.logic.logic.stores.accounts.clone();
+    let (mut friend, mut active, mut idle) = common::blocking(move || {
+        let (friend, active) = common::friends(addr, ws, "bfr", "bnd");
+        let idle = common::Client::login(addr, ws, "bnd", "b2");
+        (friend, active, idle)
+    })
+    .await;
+    assert!(accounts.set_banned("bnd", true).await.unwrap());
+    common::blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let r = active.call("friend.list", json!({}));
+            if r["op"] == "error" {
+                assert_eq!(r["code"], "bad_token", "{r}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "a banned user's socket is still served");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(active.read().is_none(), "closed after bad_token");
+        // The idle device: no request of its own; a friend's message brings the check.
+        for i in 0.. {
+            // The sender is not banned; sends to a banned user are still accepted.
+            friend.ok("send", json!({"to": "bnd", "cmid": format!("b{i}"), "type": "text", "body": "hi"}));
+            while let Some(f) = idle.read_within(Duration::from_millis(200)) {
+                if f["op"] == "kick" {
+                    assert_eq!(f["reason"], "account banned");
+                    assert!(idle.read().is_none(), "closed after the kick");
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "a banned user's idle socket still receives pushes");
+        }
+    })
+    .await;
+    node.stop().await;
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -342,7 +342,12 @@ impl Conn {
         self.inflight = true;
         let req =
             ClientRequest { conn: Some(ev), frame: q.bytes, ip: self.peer.ip().to_string(), op: q.op, rid: q.rid };
-        env.bridge.handle(&env.link, q.rid, req);
+        let held = env.acks.take_conn(self.id);
+        if held.is_empty() {
+            env.bridge.handle(&env.link, q.rid, req);
+        } else {
+            env.bridge.handle_after(&env.link, q.rid, held, req);
+        }
     }
 
     /// A call request is going to logic: an offer starts ringing (its reply is awaited to
