@@ -415,6 +415,7 @@ pub async fn routes_contract(r: Arc<dyn RouteTable>) {
 }
 
 /// The engines scripts/services.sh starts, as the tests find them.
+#[derive(Clone)]
 pub struct TestEngines {
     pub redis: String,
     pub pg: String,
