@@ -2,7 +2,8 @@
 # Installs (when missing) and runs the engines the cluster tests need, on
 # 127.0.0.1 only: Redis, PostgreSQL and tansu (a Kafka-protocol broker).
 # Redis and PostgreSQL also take TLS (Redis on a port of its own), with a
-# certificate signed by a throwaway CA made here.
+# certificate signed by a throwaway CA made here (also usable as a client
+# certificate: the mutual-TLS test of the internal links uses it).
 #   scripts/services.sh up|down|status|env
 # `env` prints the export lines the tests read (SB_TEST_*). Idempotent: `up`
 # reuses running services and an already-built broker binary.
@@ -62,7 +63,7 @@ tls_certs() {
     openssl req -x509 "${ec[@]}" -keyout "$d/ca.key" -out "$d/ca.pem" -days 3650 -subj /CN=switchboard-test-ca \
         -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
     openssl req -new "${ec[@]}" -keyout "$d/server.key" -out "$d/server.csr" -subj /CN=localhost 2>/dev/null
-    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' \
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth,clientAuth\n' \
         >"$d/server.ext"
     openssl x509 -req -in "$d/server.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" -CAcreateserial -days 3650 \
         -extfile "$d/server.ext" -out "$d/server.pem" 2>/dev/null

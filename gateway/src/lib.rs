@@ -94,6 +94,8 @@ pub struct GatewayConfig {
     /// Secret every internal call must carry, both ways (`None`: internal links are open; only
     /// for a gateway and logic on one trusted host).
     pub cluster_secret: Option<String>,
+    /// Mutual TLS on the push service and the links to logic (`None`: plain TCP).
+    pub cluster_tls: Option<switchboard_proto::cluster_tls::ClusterTls>,
     /// Largest gRPC message on the links to and from logic, both directions (logic's push
     /// batches are cut well below it).
     pub max_link_message_bytes: usize,
@@ -127,6 +129,7 @@ impl Default for GatewayConfig {
             max_connections_per_ip: 1000,
             max_link_message_bytes: 16 << 20,
             cluster_secret: None,
+            cluster_tls: None,
             ring_timeout: Duration::from_secs(30),
         }
     }
@@ -224,7 +227,9 @@ impl Gateway {
                 }
                 let pool = LogicPool::new(&config.logic_endpoints, config.breaker_failures, config.breaker_cooldown)
                     .map_err(|(endpoint, message)| GatewayError::Endpoint { endpoint, message })?
-                    .with_max_message_bytes(config.max_link_message_bytes);
+                    .with_max_message_bytes(config.max_link_message_bytes)
+                    .with_tls(config.cluster_tls.clone())
+                    .map_err(|message| GatewayError::Config(format!("cluster TLS: {message}")))?;
                 let pool = Arc::new(pool);
                 let secret = match config.cluster_secret.as_deref() {
                     Some(s) => Some(
@@ -243,7 +248,8 @@ impl Gateway {
             .await
             .map_err(|source| GatewayError::Bind { addr: config.push_addr, source })?;
         let push_addr = push_listener.local_addr()?;
-        let advertise = config.advertise.clone().unwrap_or_else(|| format!("http://{push_addr}"));
+        let scheme = if config.cluster_tls.is_some() { "https" } else { "http" };
+        let advertise = config.advertise.clone().unwrap_or_else(|| format!("{scheme}://{push_addr}"));
 
         // WebSocket listeners, one per shard, sharing the port via SO_REUSEPORT.
         let mut listeners = Vec::with_capacity(shards);
@@ -322,10 +328,21 @@ impl Gateway {
             switchboard_proto::cluster_auth::checker(cfg.cluster_secret.clone()),
         );
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(push_listener);
+        let push_tls = cfg.cluster_tls.clone();
         let push_task = rt.spawn(async move {
             // Push batches carry up to ~1,000 frames: windows large enough that one
             // never waits for a flow-control update.
-            let res = Server::builder()
+            let builder = match &push_tls {
+                Some(t) => match Server::builder().tls_config(t.server()) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::error!(error = %e, "push server TLS configuration refused");
+                        return;
+                    }
+                },
+                None => Server::builder(),
+            };
+            let res = builder
                 .tcp_nodelay(true)
                 .initial_stream_window_size(Some(4 << 20))
                 .initial_connection_window_size(Some(8 << 20))

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use switchboard_proto::cluster_tls::{https, ClusterTls};
 use switchboard_proto::internal::logic_client::LogicClient;
 use tokio::runtime::Handle;
 use tonic::transport::{Channel, Endpoint};
@@ -126,6 +127,8 @@ pub struct LogicPool {
     rt: Handle,
     /// Largest message on the pool's channels, both directions.
     max_message: usize,
+    /// Mutual TLS on the channels, when the cluster uses it.
+    tls: Option<ClusterTls>,
 }
 
 impl std::fmt::Debug for LogicPool {
@@ -145,9 +148,16 @@ pub fn is_transport_failure(s: &Status) -> bool {
     }
 }
 
-fn client_for(url: &str, max_message: usize) -> Result<LogicClient<Channel>, String> {
-    let endpoint = Endpoint::from_shared(url.to_string()).map_err(|e| e.to_string())?;
-    let channel = endpoint.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true).connect_lazy();
+fn client_for(url: &str, max_message: usize, tls: Option<&ClusterTls>) -> Result<LogicClient<Channel>, String> {
+    let mut endpoint = match tls {
+        Some(t) => Endpoint::from_shared(https(url))
+            .map_err(|e| e.to_string())?
+            .tls_config(t.client())
+            .map_err(|e| e.to_string())?,
+        None => Endpoint::from_shared(url.to_string()).map_err(|e| e.to_string())?,
+    };
+    endpoint = endpoint.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true);
+    let channel = endpoint.connect_lazy();
     Ok(LogicClient::new(channel).max_decoding_message_size(max_message).max_encoding_message_size(max_message))
 }
 
@@ -174,7 +184,7 @@ impl LogicPool {
                 if members.iter().any(|m| &m.url == url) {
                     continue;
                 }
-                let client = client_for(url, DEFAULT_MAX_MESSAGE).map_err(|e| (url.clone(), e))?;
+                let client = client_for(url, DEFAULT_MAX_MESSAGE, None).map_err(|e| (url.clone(), e))?;
                 members.push(Arc::new(Self::member(url.clone(), client, 0.0)));
             }
         }
@@ -188,7 +198,20 @@ impl LogicPool {
             rng: AtomicU64::new(seed),
             rt,
             max_message: DEFAULT_MAX_MESSAGE,
+            tls: None,
         })
+    }
+
+    /// Talks mutual TLS to every endpoint (`http://` URLs are dialled as `https://`).
+    pub fn with_tls(mut self, tls: Option<ClusterTls>) -> Result<Self, String> {
+        self.tls = tls;
+        let _guard = self.rt.enter();
+        let members = self.members.get_mut().unwrap_or_else(|e| e.into_inner());
+        for m in members.iter_mut() {
+            let client = client_for(&m.url, self.max_message, self.tls.as_ref())?;
+            *m = Arc::new(Self::member(m.url.clone(), client, f32::from_bits(m.load.load(Ordering::Relaxed))));
+        }
+        Ok(self)
     }
 
     /// Sets the largest message on the channels to every endpoint, both directions.
@@ -232,7 +255,7 @@ impl LogicPool {
                 next.push(m.clone());
                 continue;
             }
-            match client_for(&url, self.max_message) {
+            match client_for(&url, self.max_message, self.tls.as_ref()) {
                 Ok(client) => next.push(Arc::new(Self::member(url, client, load))),
                 Err(e) => tracing::warn!(%url, error = %e, "ignoring invalid logic endpoint"),
             }

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use switchboard_proto::cluster_auth;
+use switchboard_proto::cluster_tls::{https, ClusterTls};
 use switchboard_proto::internal::gateway_client::GatewayClient;
 use switchboard_proto::internal::{Delivery, PushRequest, Target};
 use switchboard_storage::{ConnRef, RouteTable};
@@ -64,11 +65,18 @@ impl Default for PushLimits {
 pub struct GrpcPush {
     max_message_bytes: usize,
     secret: Option<MetadataValue<Ascii>>,
+    tls: Option<ClusterTls>,
 }
 
 impl GrpcPush {
     pub fn new(max_message_bytes: usize, secret: Option<MetadataValue<Ascii>>) -> Self {
-        Self { max_message_bytes, secret }
+        Self { max_message_bytes, secret, tls: None }
+    }
+
+    /// Talks mutual TLS to the gateways (`http://` push URLs are dialled as `https://`).
+    pub fn with_tls(mut self, tls: Option<ClusterTls>) -> Self {
+        self.tls = tls;
+        self
     }
 }
 
@@ -87,7 +95,13 @@ impl GatewaySink for GrpcSink {
 
 impl PushTransport for GrpcPush {
     fn connect(&self, gateway: &str) -> Result<Arc<dyn GatewaySink>, String> {
-        let ep = tonic::transport::Endpoint::from_shared(gateway.to_owned()).map_err(|e| e.to_string())?;
+        let ep = match &self.tls {
+            Some(t) => tonic::transport::Endpoint::from_shared(https(gateway))
+                .map_err(|e| e.to_string())?
+                .tls_config(t.client())
+                .map_err(|e| e.to_string())?,
+            None => tonic::transport::Endpoint::from_shared(gateway.to_owned()).map_err(|e| e.to_string())?,
+        };
         let channel = ep
             .tcp_nodelay(true)
             .initial_stream_window_size(Some(PUSH_WINDOW))

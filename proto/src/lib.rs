@@ -2,6 +2,7 @@
 //! (binary form of the protocol) and the internal gateway <-> logic services.
 
 pub mod cluster_auth;
+pub mod cluster_tls;
 pub mod net;
 
 /// Client frames (`sb.bin.v1` and raw TCP).

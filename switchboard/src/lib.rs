@@ -101,7 +101,7 @@ fn grpc_push(s: &Settings) -> anyhow::Result<GrpcPush> {
         .cluster_secret()?
         .map(|c| switchboard_proto::cluster_auth::value(&c).context("cluster secret"))
         .transpose()?;
-    Ok(GrpcPush::new(s.logic_config(Vec::new())?.push.max_message_bytes, secret))
+    Ok(GrpcPush::new(s.logic_config(Vec::new())?.push.max_message_bytes, secret).with_tls(s.cluster_tls()?))
 }
 
 /// Concurrent gRPC streams one gateway connection may open on a logic instance.
@@ -173,6 +173,8 @@ impl LogicRole {
             service,
             switchboard_proto::cluster_auth::checker(s.cluster_secret()?),
         );
+        let grpc_tls = s.cluster_tls()?;
+        let grpc_scheme_tls = grpc_tls.is_some();
         let grpc = Task::spawn(|stopped| async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
             // Gateways multiplex every client's requests over a few HTTP/2 connections: a
@@ -180,7 +182,17 @@ impl LogicRole {
             // h2 sends GOAWAY (ENHANCE_YOUR_CALM, "too_many_data_frames") once small DATA frames
             // not yet read by the service exceed half the connection window, so the window is
             // sized for such a burst.
-            let served = tonic::transport::Server::builder()
+            let builder = match &grpc_tls {
+                Some(t) => match tonic::transport::Server::builder().tls_config(t.server()) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::error!(error = %e, "logic gRPC TLS configuration refused");
+                        return;
+                    }
+                },
+                None => tonic::transport::Server::builder(),
+            };
+            let served = builder
                 .tcp_nodelay(true)
                 .max_concurrent_streams(Some(LOGIC_MAX_STREAMS))
                 .http2_max_pending_accept_reset_streams(Some(LOGIC_MAX_STREAMS as usize))
@@ -213,7 +225,8 @@ impl LogicRole {
         let http = Task::spawn(|stopped| http_serve::serve(http_listener, router, limits, stopped));
         let (heartbeat, sweeper) = match cluster {
             Some(ClusterParts { redis, messages }) => {
-                let rpc = s.advertise_logic.clone().unwrap_or_else(|| format!("http://{grpc_addr}"));
+                let scheme = if grpc_scheme_tls { "https" } else { "http" };
+                let rpc = s.advertise_logic.clone().unwrap_or_else(|| format!("{scheme}://{grpc_addr}"));
                 let heartbeat = heartbeat::Heartbeat::logic(redis, s.node_id(), rpc, logic.metrics.clone());
                 let void_after = s.void_after();
                 let sweeper = Task::spawn(|stopped| async move {

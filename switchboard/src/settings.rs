@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use serde::Deserialize;
+use switchboard_proto::cluster_tls::ClusterTls;
 use switchboard_storage::embedded::CheckpointPolicy;
 use switchboard_storage::kafka::Brokers;
 use switchboard_storage::tls::BackendTls;
@@ -161,6 +162,17 @@ pub struct Settings {
     /// Kafka bootstrap servers, host:port[,host:port] (cluster).
     #[arg(long, env = "SB_KAFKA_BROKERS")]
     pub kafka_brokers: Option<String>,
+    /// This node's certificate (PEM) for mutual TLS on the internal gRPC links; with
+    /// --cluster-tls-key and --cluster-tls-ca (all three or none).
+    #[arg(long, env = "SB_CLUSTER_TLS_CERT")]
+    pub cluster_tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --cluster-tls-cert.
+    #[arg(long, env = "SB_CLUSTER_TLS_KEY")]
+    pub cluster_tls_key: Option<PathBuf>,
+    /// The CA (PEM) that signed every node's certificate: servers admit only clients it signed,
+    /// clients verify servers against it.
+    #[arg(long, env = "SB_CLUSTER_TLS_CA")]
+    pub cluster_tls_ca: Option<PathBuf>,
     /// Talk TLS to the Kafka brokers (`security.protocol=ssl`); default false.
     #[arg(long, env = "SB_KAFKA_TLS")]
     pub kafka_tls: Option<bool>,
@@ -246,7 +258,8 @@ impl Settings {
             embedded_checkpoint_bytes, http_max_connections, http_header_timeout_ms, http_request_timeout_ms,
             max_connections_per_ip, argon2_concurrency, login_rate, login_burst, session_prune_secs,
             admin_addr, max_connections_per_user, session_check_ms, backend_ca_file,
-            kafka_tls, ack_flush_ms);
+            kafka_tls, ack_flush_ms,
+            cluster_tls_cert, cluster_tls_key, cluster_tls_ca);
         Ok(self)
     }
 
@@ -320,6 +333,15 @@ impl Settings {
     }
     pub fn node_id(&self) -> String {
         self.node_id.clone().unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()))
+    }
+
+    /// Mutual TLS on the internal links, when configured (all three files or none).
+    pub fn cluster_tls(&self) -> anyhow::Result<Option<ClusterTls>> {
+        match (&self.cluster_tls_cert, &self.cluster_tls_key, &self.cluster_tls_ca) {
+            (None, None, None) => Ok(None),
+            (Some(c), Some(k), Some(a)) => Ok(Some(ClusterTls::from_files(c, k, a).map_err(anyhow::Error::msg)?)),
+            _ => anyhow::bail!("mutual TLS needs all of --cluster-tls-cert, --cluster-tls-key and --cluster-tls-ca"),
+        }
     }
 
     /// The roots TLS connections to the cluster's engines trust.
@@ -480,6 +502,7 @@ impl Settings {
     pub fn gateway_config(&self) -> anyhow::Result<switchboard_gateway::GatewayConfig> {
         let mut c = switchboard_gateway::GatewayConfig {
             cluster_secret: self.cluster_secret()?,
+            cluster_tls: self.cluster_tls()?,
             ws_addr: self.ws_addr(),
             tcp_addr: self.tcp_addr()?,
             push_addr: self.push_addr(),
