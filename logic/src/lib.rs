@@ -164,7 +164,11 @@ impl Logic {
             ip_limits: limits::Limiter::new(config.ip_rate),
             auth_limits: limits::Limiter::new(config.auth_rate),
             login_limits: limits::Limiter::new(config.login_rate),
-            hash_slots: limits::Slots::new(config.hash_concurrency, HASH_WAIT),
+            hash_slots: {
+                let slots = limits::Slots::new(config.hash_concurrency, HASH_WAIT);
+                let _ = metrics.hashing.set(slots.counts());
+                slots
+            },
             sessions,
             session_checks: std::sync::Mutex::new(Some(checks)),
             config,

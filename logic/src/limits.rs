@@ -5,6 +5,7 @@
 //! [`Slots`]: a cap on expensive blocking work running at once.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,21 +16,47 @@ use crate::ApiError;
 pub struct Slots {
     free: Arc<tokio::sync::Semaphore>,
     wait: Duration,
+    counts: Arc<SlotCounts>,
+}
+
+/// What [`Slots`] saw, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct SlotCounts {
+    running: AtomicUsize,
+    /// Most jobs that ever ran at once.
+    pub peak: AtomicUsize,
+    /// Jobs that found every slot taken and waited.
+    pub waited: AtomicU64,
 }
 
 impl Slots {
     pub fn new(n: usize, wait: Duration) -> Self {
-        Self { free: Arc::new(tokio::sync::Semaphore::new(n.max(1))), wait }
+        Self { free: Arc::new(tokio::sync::Semaphore::new(n.max(1))), wait, counts: Arc::default() }
+    }
+
+    /// The counters (shared; they live as long as any holder).
+    pub fn counts(&self) -> Arc<SlotCounts> {
+        self.counts.clone()
     }
 
     /// Runs `f` on the blocking pool in a slot.
     pub async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
-        let slot = tokio::time::timeout(self.wait, self.free.clone().acquire_owned())
-            .await
-            .map_err(|_| ApiError::rate_limited(self.wait.as_millis() as u64))?
-            .map_err(|e| ApiError::new("internal", e.to_string()))?;
+        let slot = match self.free.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                self.counts.waited.fetch_add(1, Ordering::Relaxed);
+                tokio::time::timeout(self.wait, self.free.clone().acquire_owned())
+                    .await
+                    .map_err(|_| ApiError::rate_limited(self.wait.as_millis() as u64))?
+                    .map_err(|e| ApiError::new("internal", e.to_string()))?
+            }
+        };
+        let counts = self.counts.clone();
         tokio::task::spawn_blocking(move || {
+            let now = counts.running.fetch_add(1, Ordering::Relaxed) + 1;
+            counts.peak.fetch_max(now, Ordering::Relaxed);
             let out = f();
+            counts.running.fetch_sub(1, Ordering::Relaxed);
             drop(slot);
             out
         })

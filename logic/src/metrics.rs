@@ -13,6 +13,8 @@ pub struct LogicMetrics {
     pub http_requests: AtomicU64,
     /// Socket requests being handled right now.
     pub inflight: AtomicI64,
+    /// The password-hashing slots' counters (set once the slots exist).
+    pub hashing: std::sync::OnceLock<std::sync::Arc<crate::limits::SlotCounts>>,
 }
 
 pub fn inc(c: &AtomicU64) {
@@ -37,6 +39,17 @@ impl LogicMetrics {
         ];
         for (name, help, v) in rows {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
+        }
+        if let Some(h) = self.hashing.get() {
+            let peak = "switchboard_logic_password_hashes_peak";
+            let waited = "switchboard_logic_password_hash_waits_total";
+            let _ = writeln!(
+                out,
+                "# HELP {peak} Most password hashes (argon2) that ran at once.\n# TYPE {peak} gauge\n{peak} {}\n\
+                 # HELP {waited} Password hashes that waited for a free slot.\n# TYPE {waited} counter\n{waited} {}",
+                h.peak.load(Ordering::Relaxed),
+                h.waited.load(Ordering::Relaxed)
+            );
         }
         let name = "switchboard_logic_inflight_requests";
         let _ = writeln!(

@@ -1,6 +1,7 @@
 //! Limits against one noisy client, driven from outside: a gateway holds at most
 //! `max_connections_per_ip` connections from one address (others are served), and logins to one
-//! account are throttled whatever address they come from.
+//! account are throttled whatever address they come from, and password hashes run in bounded
+//! slots.
 
 mod common;
 
@@ -135,6 +136,50 @@ async fn one_user_cannot_hold_unbounded_connections() {
             std::thread::sleep(Duration::from_millis(50));
         }
         assert!(admitted, "no room after a connection closed");
+    })
+    .await;
+    node.stop().await;
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// Password hashing runs in bounded slots: three logins at once with one slot run one after the
+/// other (the others wait; none is refused), as `/metrics` shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_hashes_run_in_bounded_slots() {
+    let (node, dir) = common::start_tweaked("hash-slots", |s| {
+        s.argon2_concurrency = Some(1);
+        s.argon2_memory_kib = Some(8 * 1024);
+        s.argon2_iterations = Some(1);
+        s.auth_rate = Some(0.0);
+        s.login_rate = Some(0.0);
+    })
+    .await;
+    let addr = node.http_addr();
+    common::blocking(move || {
+        let users: Vec<String> = (0..3).map(|i| format!("slot{i}")).collect();
+        for u in &users {
+            register(addr, u);
+        }
+        let logins: Vec<_> = users
+            .into_iter()
+            .map(|u| {
+                std::thread::spawn(move || {
+                    let body = json!({"username": u, "password": "password123", "device": "d"});
+                    http(addr, "POST", "/v1/auth/login", Some(body), None).0
+                })
+            })
+            .collect();
+        for l in logins {
+            assert_eq!(l.join().unwrap(), 200, "a login waiting for its slot still succeeds");
+        }
+        let (_, m) = http(addr, "GET", "/metrics", None, None);
+        let m = m.as_str().unwrap().to_owned();
+        let value = |name: &str| -> u64 {
+            let line = m.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{name}"));
+            line.rsplit(' ').next().unwrap().parse().unwrap()
+        };
+        assert_eq!(value("switchboard_logic_password_hashes_peak"), 1, "never more hashes at once than slots");
+        assert!(value("switchboard_logic_password_hash_waits_total") >= 1, "concurrent logins queued for the slot");
     })
     .await;
     node.stop().await;
