@@ -9,6 +9,40 @@ use std::time::{Duration, Instant};
 use common::{http, login, register};
 use serde_json::json;
 
+/// Sends requests on `c` until one is refused with `bad_token` (within 20 s), then checks the
+/// connection closed.
+fn until_refused(c: &mut common::Client, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = c.call("friend.list", json!({}));
+        if r["op"] == "error" {
+            assert_eq!(r["code"], "bad_token", "{r}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{what}: still served");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(c.read().is_none(), "{what}: closed after bad_token");
+}
+
+/// Has `sender` message `to` until `idle` (which only reads) gets `kick` with `reason` and is
+/// closed (within 20 s).
+fn until_kicked(sender: &mut common::Client, to: &str, idle: &mut common::Client, reason: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for i in 0.. {
+        sender.ok("send", json!({"to": to, "cmid": format!("k{i}"), "type": "text", "body": "after"}));
+        while let Some(f) = idle.read_within(Duration::from_millis(200)) {
+            if f["op"] == "kick" {
+                assert_eq!(f["reason"], reason);
+                assert!(idle.read().is_none(), "closed after the kick");
+                return;
+            }
+            assert_eq!(f["op"], "msg", "{f}");
+        }
+        assert!(Instant::now() < deadline, "an idle socket still receives pushes ({reason})");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_sessions_are_pruned() {
     let (node, dir) = common::start_tweaked("prune", |s| {
@@ -66,17 +100,7 @@ async fn a_revoked_session_stops_being_served_without_its_kick() {
     .await;
     accounts.revoke_session(&session).await.unwrap();
     common::blocking(move || {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let r = gone.call("friend.list", json!({}));
-            if r["op"] == "error" {
-                assert_eq!(r["code"], "bad_token", "{r}");
-                break;
-            }
-            assert!(Instant::now() < deadline, "still served after its session was revoked");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        assert!(gone.read().is_none(), "closed after bad_token");
+        until_refused(&mut gone, "a revoked session's socket");
         kept.ok("friend.list", json!({}));
     })
     .await;
@@ -107,19 +131,7 @@ async fn an_idle_socket_of_a_revoked_session_is_closed_by_its_pushes() {
     .await;
     accounts.revoke_session(&session).await.unwrap();
     common::blocking(move || {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        for i in 0.. {
-            sender.ok("send", json!({"to": "idl", "cmid": format!("after{i}"), "type": "text", "body": "after"}));
-            while let Some(f) = idle.read_within(Duration::from_millis(200)) {
-                if f["op"] == "kick" {
-                    assert_eq!(f["reason"], "session revoked");
-                    assert!(idle.read().is_none(), "closed after the kick");
-                    return;
-                }
-                assert_eq!(f["op"], "msg", "{f}");
-            }
-            assert!(Instant::now() < deadline, "an idle socket of a revoked session still receives pushes");
-        }
+        until_kicked(&mut sender, "idl", &mut idle, "session revoked");
     })
     .await;
     node.stop().await;
@@ -144,30 +156,10 @@ async fn a_ban_without_its_kick_stops_every_socket() {
     .await;
     assert!(accounts.set_banned("bnd", true).await.unwrap());
     common::blocking(move || {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let r = active.call("friend.list", json!({}));
-            if r["op"] == "error" {
-                assert_eq!(r["code"], "bad_token", "{r}");
-                break;
-            }
-            assert!(Instant::now() < deadline, "a banned user's socket is still served");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        assert!(active.read().is_none(), "closed after bad_token");
-        // The idle device: no request of its own; a friend's message brings the check.
-        for i in 0.. {
-            // The sender is not banned; sends to a banned user are still accepted.
-            friend.ok("send", json!({"to": "bnd", "cmid": format!("b{i}"), "type": "text", "body": "hi"}));
-            while let Some(f) = idle.read_within(Duration::from_millis(200)) {
-                if f["op"] == "kick" {
-                    assert_eq!(f["reason"], "account banned");
-                    assert!(idle.read().is_none(), "closed after the kick");
-                    return;
-                }
-            }
-            assert!(Instant::now() < deadline, "a banned user's idle socket still receives pushes");
-        }
+        until_refused(&mut active, "a banned user's socket");
+        // The idle device: no request of its own; a friend's message (a banned user still
+        // receives sends) brings the check.
+        until_kicked(&mut friend, "bnd", &mut idle, "account banned");
     })
     .await;
     node.stop().await;
