@@ -464,19 +464,40 @@ impl SocialStore for EmbeddedStore {
     }
 }
 
-/// Writes a stored message (`json` is its encoding) and its index rows, with the first
-/// conversation-index rows of `indexed` members.
-fn put_message(tx: &WriteTransaction, m: &Message, json: &[u8], indexed: &[String]) -> Result<()> {
-    let conv = m.conv.as_str();
-    tx.open_table(MESSAGES)?.insert((conv, m.seq), json)?;
-    tx.open_table(CONV_SEQ)?.insert(conv, m.seq)?;
-    tx.open_table(CMIDS)?.insert((conv, m.from.as_str(), m.cmid.as_str()), m.seq)?;
-    tx.open_table(MIDS)?.insert((conv, m.mid.as_str()), m.seq)?;
-    let mut index = tx.open_table(USER_CONVS)?;
-    for user in indexed {
-        index.insert((user.as_str(), conv), ())?;
+/// The tables a message append writes, each opened once per append (an open and its close
+/// each cost a lookup in the transaction's table tree).
+struct MessageTables<'t> {
+    messages: Table<'t, (&'static str, u64), &'static [u8]>,
+    conv_seq: Table<'t, &'static str, u64>,
+    cmids: Table<'t, (&'static str, &'static str, &'static str), u64>,
+    mids: Table<'t, (&'static str, &'static str), u64>,
+    user_convs: Table<'t, (&'static str, &'static str), ()>,
+}
+
+impl<'t> MessageTables<'t> {
+    fn open(tx: &'t WriteTransaction) -> Result<Self> {
+        Ok(Self {
+            messages: tx.open_table(MESSAGES)?,
+            conv_seq: tx.open_table(CONV_SEQ)?,
+            cmids: tx.open_table(CMIDS)?,
+            mids: tx.open_table(MIDS)?,
+            user_convs: tx.open_table(USER_CONVS)?,
+        })
     }
-    Ok(())
+
+    /// Writes a stored message (`json` is its encoding) and its index rows, with the first
+    /// conversation-index rows of `indexed` members.
+    fn put(&mut self, m: &Message, json: &[u8], indexed: &[String]) -> Result<()> {
+        let conv = m.conv.as_str();
+        self.messages.insert((conv, m.seq), json)?;
+        self.conv_seq.insert(conv, m.seq)?;
+        self.cmids.insert((conv, m.from.as_str(), m.cmid.as_str()), m.seq)?;
+        self.mids.insert((conv, m.mid.as_str()), m.seq)?;
+        for user in indexed {
+            self.user_convs.insert((user.as_str(), conv), ())?;
+        }
+        Ok(())
+    }
 }
 
 /// Log record tags: a message append, raised ack cursors, raised read marks.
@@ -512,11 +533,12 @@ fn decode_append(record: &[u8]) -> Result<(Message, &[u8], Vec<String>)> {
 /// Writes the logged appends that `tx` does not hold yet (a seq above its conversation's last)
 /// and raises the logged cursors (raising is idempotent).
 fn replay(tx: &WriteTransaction, records: &[Vec<u8>]) -> Result<()> {
+    let mut tables = MessageTables::open(tx)?;
     for record in records {
         match record.split_first() {
             Some((&APPEND, rest)) => {
                 let (m, json, indexed) = decode_append(rest)?;
-                let last = tx.open_table(CONV_SEQ)?.get(m.conv.as_str())?.map_or(0, |v| v.value());
+                let last = tables.conv_seq.get(m.conv.as_str())?.map_or(0, |v| v.value());
                 if m.seq <= last {
                     continue;
                 }
@@ -526,7 +548,7 @@ fn replay(tx: &WriteTransaction, records: &[Vec<u8>]) -> Result<()> {
                         m.conv, m.seq
                     )));
                 }
-                put_message(tx, &m, json, &indexed)?;
+                tables.put(&m, json, &indexed)?;
             }
             Some((&ACKS_RAISED, rest)) => {
                 raise_acks(tx, &serde_json::from_slice::<Vec<AckCursor>>(rest)?)?;
@@ -579,12 +601,11 @@ fn append_job(
 ) -> impl FnOnce(&WriteTransaction) -> Result<Logged<Appended>> + Send + 'static {
     move |tx| {
         let known = cache.get(&msg.conv);
+        let mut tables = MessageTables::open(tx)?;
         let (last, last_ts) = {
-            let cmids = tx.open_table(CMIDS)?;
-            let messages = tx.open_table(MESSAGES)?;
             let cmid_key = (msg.conv.as_str(), msg.from.as_str(), msg.cmid.as_str());
-            if let Some(seq) = cmids.get(cmid_key)?.map(|v| v.value()) {
-                let Some(earlier) = get_json(messages.get((msg.conv.as_str(), seq))?)? else {
+            if let Some(seq) = tables.cmids.get(cmid_key)?.map(|v| v.value()) {
+                let Some(earlier) = get_json(tables.messages.get((msg.conv.as_str(), seq))?)? else {
                     return Err(StorageError::Corrupt(format!("cmid index points at missing {}#{seq}", msg.conv)));
                 };
                 return Ok(Logged::Unchanged(Appended { msg: earlier, duplicate: true }));
@@ -592,10 +613,10 @@ fn append_job(
             match known {
                 Some(k) => (k.seq, k.ts),
                 None => {
-                    let last = tx.open_table(CONV_SEQ)?.get(msg.conv.as_str())?.map(|v| v.value()).unwrap_or(0);
+                    let last = tables.conv_seq.get(msg.conv.as_str())?.map(|v| v.value()).unwrap_or(0);
                     let last_ts = match last {
                         0 => 0,
-                        n => get_json::<Message>(messages.get((msg.conv.as_str(), n))?)?.map_or(0, |m| m.ts),
+                        n => get_json::<Message>(tables.messages.get((msg.conv.as_str(), n))?)?.map_or(0, |m| m.ts),
                     };
                     (last, last_ts)
                 }
@@ -607,16 +628,15 @@ fn append_job(
         let hash = members_hash(&members);
         let mut indexed = Vec::new();
         if known.is_none_or(|k| k.indexed != hash) {
-            let index = tx.open_table(USER_CONVS)?;
             for m in members {
                 // Present after the first message: a lookup dirties no page, an insert would.
-                if index.get((m.as_str(), stored.conv.as_str()))?.is_none() {
+                if tables.user_convs.get((m.as_str(), stored.conv.as_str()))?.is_none() {
                     indexed.push(m);
                 }
             }
         }
         let json = serde_json::to_vec(&stored)?;
-        put_message(tx, &stored, &json, &indexed)?;
+        tables.put(&stored, &json, &indexed)?;
         cache.put(&stored.conv, ConvState { seq: stored.seq, ts: stored.ts, indexed: hash });
         let record = encode_record(&json, &indexed)?;
         let bytes = record.len();
