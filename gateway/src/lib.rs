@@ -29,7 +29,6 @@ use std::time::{Duration, Instant};
 use mio::{Poll, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
 use switchboard_proto::internal::gateway_server::GatewayServer;
-use tonic::transport::Server;
 
 pub use crate::link::{GrpcLink, LinkFuture, LogicLink};
 pub use crate::metrics::GatewayMetrics;
@@ -248,7 +247,7 @@ impl Gateway {
             .await
             .map_err(|source| GatewayError::Bind { addr: config.push_addr, source })?;
         let push_addr = push_listener.local_addr()?;
-        let scheme = if config.cluster_tls.is_some() { "https" } else { "http" };
+        let scheme = switchboard_proto::cluster_tls::scheme(config.cluster_tls.as_ref());
         let advertise = config.advertise.clone().unwrap_or_else(|| format!("{scheme}://{push_addr}"));
 
         // WebSocket listeners, one per shard, sharing the port via SO_REUSEPORT.
@@ -332,15 +331,12 @@ impl Gateway {
         let push_task = rt.spawn(async move {
             // Push batches carry up to ~1,000 frames: windows large enough that one
             // never waits for a flow-control update.
-            let builder = match &push_tls {
-                Some(t) => match Server::builder().tls_config(t.server()) {
-                    Ok(b) => b,
-                    Err(e) => {
-                        tracing::error!(error = %e, "push server TLS configuration refused");
-                        return;
-                    }
-                },
-                None => Server::builder(),
+            let builder = match switchboard_proto::cluster_tls::server(push_tls.as_ref()) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(error = %e, "push server TLS configuration refused");
+                    return;
+                }
             };
             let res = builder
                 .tcp_nodelay(true)

@@ -6,10 +6,10 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use switchboard_proto::cluster_tls::{https, ClusterTls};
+use switchboard_proto::cluster_tls::{endpoint, ClusterTls};
 use switchboard_proto::internal::logic_client::LogicClient;
 use tokio::runtime::Handle;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Response, Status};
 
 /// Breaker state of one logic instance.
@@ -149,15 +149,7 @@ pub fn is_transport_failure(s: &Status) -> bool {
 }
 
 fn client_for(url: &str, max_message: usize, tls: Option<&ClusterTls>) -> Result<LogicClient<Channel>, String> {
-    let mut endpoint = match tls {
-        Some(t) => Endpoint::from_shared(https(url))
-            .map_err(|e| e.to_string())?
-            .tls_config(t.client())
-            .map_err(|e| e.to_string())?,
-        None => Endpoint::from_shared(url.to_string()).map_err(|e| e.to_string())?,
-    };
-    endpoint = endpoint.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true);
-    let channel = endpoint.connect_lazy();
+    let channel = endpoint(url, tls)?.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true).connect_lazy();
     Ok(LogicClient::new(channel).max_decoding_message_size(max_message).max_encoding_message_size(max_message))
 }
 

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use switchboard_proto::cluster_auth;
-use switchboard_proto::cluster_tls::{https, ClusterTls};
+use switchboard_proto::cluster_tls::{self, ClusterTls};
 use switchboard_proto::internal::gateway_client::GatewayClient;
 use switchboard_proto::internal::{Delivery, PushRequest, Target};
 use switchboard_storage::{ConnRef, RouteTable};
@@ -95,13 +95,7 @@ impl GatewaySink for GrpcSink {
 
 impl PushTransport for GrpcPush {
     fn connect(&self, gateway: &str) -> Result<Arc<dyn GatewaySink>, String> {
-        let ep = match &self.tls {
-            Some(t) => tonic::transport::Endpoint::from_shared(https(gateway))
-                .map_err(|e| e.to_string())?
-                .tls_config(t.client())
-                .map_err(|e| e.to_string())?,
-            None => tonic::transport::Endpoint::from_shared(gateway.to_owned()).map_err(|e| e.to_string())?,
-        };
+        let ep = cluster_tls::endpoint(gateway, self.tls.as_ref())?;
         let channel = ep
             .tcp_nodelay(true)
             .initial_stream_window_size(Some(PUSH_WINDOW))

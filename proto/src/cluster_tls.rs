@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
 
 /// The node's certificate and key and the cluster CA, as PEM. Cheap to clone.
 #[derive(Clone)]
@@ -61,6 +61,33 @@ pub fn https(url: &str) -> String {
     match url.strip_prefix("http://") {
         Some(rest) => format!("https://{rest}"),
         None => url.to_owned(),
+    }
+}
+
+/// The endpoint of an internal link to `url`: mutual TLS when `tls` is set (the URL then dialled
+/// as `https://`), plain otherwise.
+pub fn endpoint(url: &str, tls: Option<&ClusterTls>) -> Result<Endpoint, String> {
+    match tls {
+        Some(t) => Endpoint::from_shared(https(url)).and_then(|e| e.tls_config(t.client())),
+        None => Endpoint::from_shared(url.to_owned()),
+    }
+    .map_err(|e| e.to_string())
+}
+
+/// A gRPC server builder for an internal service: mutual TLS when `tls` is set.
+pub fn server(tls: Option<&ClusterTls>) -> Result<Server, String> {
+    match tls {
+        Some(t) => Server::builder().tls_config(t.server()).map_err(|e| e.to_string()),
+        None => Ok(Server::builder()),
+    }
+}
+
+/// The scheme of this node's own link URLs.
+pub fn scheme(tls: Option<&ClusterTls>) -> &'static str {
+    if tls.is_some() {
+        "https"
+    } else {
+        "http"
     }
 }
 

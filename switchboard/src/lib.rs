@@ -174,7 +174,7 @@ impl LogicRole {
             switchboard_proto::cluster_auth::checker(s.cluster_secret()?),
         );
         let grpc_tls = s.cluster_tls()?;
-        let grpc_scheme_tls = grpc_tls.is_some();
+        let scheme = switchboard_proto::cluster_tls::scheme(grpc_tls.as_ref());
         let grpc = Task::spawn(|stopped| async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
             // Gateways multiplex every client's requests over a few HTTP/2 connections: a
@@ -182,15 +182,12 @@ impl LogicRole {
             // h2 sends GOAWAY (ENHANCE_YOUR_CALM, "too_many_data_frames") once small DATA frames
             // not yet read by the service exceed half the connection window, so the window is
             // sized for such a burst.
-            let builder = match &grpc_tls {
-                Some(t) => match tonic::transport::Server::builder().tls_config(t.server()) {
-                    Ok(b) => b,
-                    Err(e) => {
-                        tracing::error!(error = %e, "logic gRPC TLS configuration refused");
-                        return;
-                    }
-                },
-                None => tonic::transport::Server::builder(),
+            let builder = match switchboard_proto::cluster_tls::server(grpc_tls.as_ref()) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(error = %e, "logic gRPC TLS configuration refused");
+                    return;
+                }
             };
             let served = builder
                 .tcp_nodelay(true)
@@ -225,7 +222,6 @@ impl LogicRole {
         let http = Task::spawn(|stopped| http_serve::serve(http_listener, router, limits, stopped));
         let (heartbeat, sweeper) = match cluster {
             Some(ClusterParts { redis, messages }) => {
-                let scheme = if grpc_scheme_tls { "https" } else { "http" };
                 let rpc = s.advertise_logic.clone().unwrap_or_else(|| format!("{scheme}://{grpc_addr}"));
                 let heartbeat = heartbeat::Heartbeat::logic(redis, s.node_id(), rpc, logic.metrics.clone());
                 let void_after = s.void_after();

@@ -8,7 +8,7 @@ mod common;
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use common::{http, register};
+use common::register;
 use serde_json::json;
 use tungstenite::client::IntoClientRequest;
 
@@ -70,15 +70,7 @@ async fn logins_to_one_account_are_throttled() {
     common::blocking(move || {
         register(addr, "target");
         register(addr, "bystander");
-        let login = |user: &str, password: &str| {
-            http(
-                addr,
-                "POST",
-                "/v1/auth/login",
-                Some(json!({"username": user, "password": password, "device": "d"})),
-                None,
-            )
-        };
+        let login = |user: &str, password: &str| common::try_login(addr, user, password, "d");
         // guesses count too
         assert_eq!(login("target", "wrong-guess-1").0, 401);
         assert_eq!(login("target", "wrong-guess-2").0, 401);
@@ -146,42 +138,28 @@ async fn one_user_cannot_hold_unbounded_connections() {
 /// other (the others wait; none is refused), as `/metrics` shows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn password_hashes_run_in_bounded_slots() {
-    let (node, dir) = common::start_tweaked("hash-slots", |s| {
+    let tweak = |s: &mut switchboard::Settings| {
         s.argon2_concurrency = Some(1);
         s.argon2_memory_kib = Some(8 * 1024);
         s.argon2_iterations = Some(1);
         s.auth_rate = Some(0.0);
         s.login_rate = Some(0.0);
-    })
-    .await;
-    let addr = node.http_addr();
-    common::blocking(move || {
+    };
+    common::with_node("hash-slots", tweak, |addr, _| {
         let users: Vec<String> = (0..3).map(|i| format!("slot{i}")).collect();
         for u in &users {
             register(addr, u);
         }
         let logins: Vec<_> = users
             .into_iter()
-            .map(|u| {
-                std::thread::spawn(move || {
-                    let body = json!({"username": u, "password": "password123", "device": "d"});
-                    http(addr, "POST", "/v1/auth/login", Some(body), None).0
-                })
-            })
+            .map(|u| std::thread::spawn(move || common::try_login(addr, &u, "password123", "d").0))
             .collect();
         for l in logins {
             assert_eq!(l.join().unwrap(), 200, "a login waiting for its slot still succeeds");
         }
-        let (_, m) = http(addr, "GET", "/metrics", None, None);
-        let m = m.as_str().unwrap().to_owned();
-        let value = |name: &str| -> u64 {
-            let line = m.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{name}"));
-            line.rsplit(' ').next().unwrap().parse().unwrap()
-        };
+        let value = |name: &str| common::metric(addr, name);
         assert_eq!(value("switchboard_logic_password_hashes_peak"), 1, "never more hashes at once than slots");
         assert!(value("switchboard_logic_password_hash_waits_total") >= 1, "concurrent logins queued for the slot");
     })
     .await;
-    node.stop().await;
-    std::fs::remove_dir_all(dir).ok();
 }

@@ -4,26 +4,26 @@
 
 mod common;
 
-use common::{blocking, friends, start_tweaked};
+use common::{friends, with_node};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_callee_hears_when_the_ringing_caller_is_gone() {
     // A ring timeout far beyond the test: only the caller's disconnect can end the call.
-    let (node, dir) = start_tweaked("call-gone", |s| s.ring_timeout_ms = Some(600_000)).await;
-    let (http_addr, ws) = (node.http_addr(), node.ws_addr());
-    blocking(move || {
-        let (mut caller, mut callee) = friends(http_addr, ws, "cgo", "cge");
-        caller.ok("call.offer", json!({"to": "cge", "call_id": "ring1", "sdp": "v=0"}));
-        assert_eq!(callee.push("call.offer")["call_id"], "ring1");
-        caller.close();
-        let h = callee.push("call.hangup");
-        assert_eq!(
-            (h["call_id"].as_str(), h["reason"].as_str(), h["from"].as_str()),
-            (Some("ring1"), Some("gone"), Some("cgo"))
-        );
-    })
+    with_node(
+        "call-gone",
+        |s| s.ring_timeout_ms = Some(600_000),
+        |http_addr, ws| {
+            let (mut caller, mut callee) = friends(http_addr, ws, "cgo", "cge");
+            caller.ok("call.offer", json!({"to": "cge", "call_id": "ring1", "sdp": "v=0"}));
+            assert_eq!(callee.push("call.offer")["call_id"], "ring1");
+            caller.close();
+            let h = callee.push("call.hangup");
+            assert_eq!(
+                (h["call_id"].as_str(), h["reason"].as_str(), h["from"].as_str()),
+                (Some("ring1"), Some("gone"), Some("cgo"))
+            );
+        },
+    )
     .await;
-    node.stop().await;
-    std::fs::remove_dir_all(dir).ok();
 }

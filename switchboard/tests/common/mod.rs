@@ -63,6 +63,28 @@ pub async fn start_tweaked(name: &str, tweak: impl FnOnce(&mut Settings)) -> (Al
     (AllInOne::start(&s).await.expect("node starts"), dir)
 }
 
+/// Starts a node as [`start_tweaked`] does, runs the blocking client code `body` against its
+/// HTTP and WebSocket addresses, then stops the node and removes its directory.
+pub async fn with_node(
+    name: &str,
+    tweak: impl FnOnce(&mut Settings),
+    body: impl FnOnce(SocketAddr, SocketAddr) + Send + 'static,
+) {
+    let (node, dir) = start_tweaked(name, tweak).await;
+    let (http_addr, ws) = (node.http_addr(), node.ws_addr());
+    blocking(move || body(http_addr, ws)).await;
+    node.stop().await;
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// The value of an unlabelled metric on the node's `/metrics`.
+pub fn metric(addr: SocketAddr, name: &str) -> u64 {
+    let (_, text) = http(addr, "GET", "/metrics", None, None);
+    let text = text.as_str().expect("metrics text").to_owned();
+    let line = text.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{name} missing"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
 /// One HTTP request; returns (status, JSON body or Null).
 pub fn http(addr: SocketAddr, method: &str, path: &str, body: Option<Value>, bearer: Option<&str>) -> (u16, Value) {
     let mut s = TcpStream::connect(addr).unwrap();
@@ -106,15 +128,15 @@ pub fn register(addr: SocketAddr, user: &str) {
 
 /// Logs in; returns the login reply (access_token, refresh_token, expires_in).
 pub fn login(addr: SocketAddr, user: &str, device: &str) -> Value {
-    let (st, body) = http(
-        addr,
-        "POST",
-        "/v1/auth/login",
-        Some(json!({"username": user, "password": "password123", "device": device})),
-        None,
-    );
+    let (st, body) = try_login(addr, user, "password123", device);
     assert_eq!(st, 200, "{body}");
     body
+}
+
+/// A login attempt; returns (status, body).
+pub fn try_login(addr: SocketAddr, user: &str, password: &str, device: &str) -> (u16, Value) {
+    let body = json!({"username": user, "password": password, "device": device});
+    http(addr, "POST", "/v1/auth/login", Some(body), None)
 }
 
 pub struct Client {
