@@ -1,11 +1,11 @@
 //! The embedded backend: every store trait over one redb database file in
 //! the data directory, plus a write-ahead log of message appends beside it.
 //! Writes go through [`crate::group_commit`]: a write returns only after an
-//! fsync covers it (the log's for an append, the database's otherwise), so a
-//! successful `append` is durable, while concurrent writes share fsyncs.
-//! Reads run inline on the calling task (see [`EmbeddedStore::read`]); the
-//! message reads also look at the [`Tail`] of appends not yet committed to
-//! the B-trees.
+//! fsync covers it (the log's for an append, a recall or a cursor, the
+//! database's otherwise), so a successful `append` is durable, while
+//! concurrent writes share fsyncs. Reads run inline on the calling task (see
+//! [`EmbeddedStore::read`]); the message reads also look at the [`Tail`] of
+//! logged changes that the B-trees may not hold yet.
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
@@ -17,9 +17,9 @@ use redb::{Database, ReadTransaction, ReadableTable, ReadableTableMetadata, Tabl
 
 use crate::caches::{members_hash, ConvCache, ConvState, GroupCache, Members};
 pub use crate::group_commit::CheckpointPolicy;
-use crate::group_commit::{End, GroupCommit, Log, Logged};
-use crate::tail::{merge, merge_cursors, Entry, Tail};
-use crate::wal::Wal;
+use crate::group_commit::{End, GroupCommit, Log, Logged, Reader};
+use crate::tail::{merge, merge_cursors, Entry, Gen, Tail};
+use crate::wal::Segments;
 use crate::{
     now_ms, AccountStore, AckCursor, Appended, FriendState, Group, GroupStore, Message, MessageStore, NewMessage,
     ReadCursor, RequestOutcome, Result, Role, Session, SocialStore, StorageError, User,
@@ -73,9 +73,9 @@ impl EmbeddedStore {
         Self::open_with(dir, CheckpointPolicy::default())
     }
 
-    /// Opens (or creates) `dir/switchboard.redb` and its write-ahead log `dir/appends.wal`,
-    /// replaying into the database whatever the log holds that it does not (the appends
-    /// acknowledged since the last checkpoint before a crash).
+    /// Opens (or creates) `dir/switchboard.redb` and its write-ahead log segments
+    /// `dir/appends-<n>.wal`, replaying into the database whatever the log holds that it does
+    /// not (what was acknowledged since the last checkpoint before a crash).
     pub fn open_with(dir: &Path, policy: CheckpointPolicy) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| StorageError::Embedded(format!("{}: {e}", dir.display())))?;
         let db = Database::create(dir.join("switchboard.redb"))?;
@@ -107,19 +107,27 @@ impl EmbeddedStore {
             }
         }
         tx.commit()?;
-        let (mut wal, records) = Wal::open(&dir.join("appends.wal"))?;
+        let (records, last) = Segments::recover(dir)?;
         if !records.is_empty() {
             let tx = db.begin_write()?;
             replay(&tx, &records)?;
             tx.commit()?;
-            wal.reset()?;
             tracing::info!(records = records.len(), "embedded store: replayed the write-ahead log");
         }
+        Segments::remove_through(dir, last)?;
+        let segments = Segments::start(dir, last + 1)?;
         let db = Arc::new(db);
         let tail = Tail::default();
         let convs = ConvCache::default();
         let lost = convs.clone();
-        let log = Log { wal, tail: tail.clone(), replay, policy, lost: Box::new(move || lost.clear()) };
+        let log = Log {
+            segments,
+            dir: dir.to_owned(),
+            tail: tail.clone(),
+            apply,
+            policy,
+            lost: Box::new(move || lost.clear()),
+        };
         let writer = Arc::new(GroupCommit::start(db.clone(), log)?);
         Ok(Self { db, writer, tail, convs, groups: Arc::default() })
     }
@@ -209,14 +217,6 @@ fn messages<'a, K: redb::Key + 'static>(
     >,
 ) -> Result<Vec<Message>> {
     rows.map(|row| Ok(serde_json::from_slice(row?.1.value())?)).collect()
-}
-
-/// The message of `conv` with the seq an index gave, if any.
-fn message_at(tx: &ReadTransaction, conv: &str, seq: Option<u64>) -> Result<Option<Message>> {
-    match seq {
-        Some(seq) => get_json(tx.open_table(MESSAGES)?.get((conv, seq))?),
-        None => Ok(None),
-    }
 }
 
 #[async_trait]
@@ -464,8 +464,8 @@ impl SocialStore for EmbeddedStore {
     }
 }
 
-/// The tables a message append writes, each opened once per append (an open and its close
-/// each cost a lookup in the transaction's table tree).
+/// The tables a message append writes, each opened once (an open and its close each cost a
+/// lookup in the transaction's table tree).
 struct MessageTables<'t> {
     messages: Table<'t, (&'static str, u64), &'static [u8]>,
     conv_seq: Table<'t, &'static str, u64>,
@@ -500,10 +500,11 @@ impl<'t> MessageTables<'t> {
     }
 }
 
-/// Log record tags: a message append, raised ack cursors, raised read marks.
+/// Log record tags: a message append, raised ack cursors, raised read marks, a recall.
 const APPEND: u8 = b'M';
 const ACKS_RAISED: u8 = b'A';
 const READS_RAISED: u8 = b'R';
+const RECALLED: u8 = b'X';
 
 /// A log record of an append: [`APPEND`], the message's JSON length (u32 LE), its JSON, then the
 /// members indexed with it as a JSON array.
@@ -516,10 +517,10 @@ fn encode_record(json: &[u8], indexed: &[String]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// A log record of cursors: their tag, then the cursors as a JSON array.
-fn encode_cursors(tag: u8, cursors: &impl serde::Serialize) -> Result<Vec<u8>> {
+/// A log record of cursors (or of a recalled message): its tag, then the value as JSON.
+fn encode_tagged(tag: u8, value: &impl serde::Serialize) -> Result<Vec<u8>> {
     let mut out = vec![tag];
-    serde_json::to_writer(&mut out, cursors)?;
+    serde_json::to_writer(&mut out, value)?;
     Ok(out)
 }
 
@@ -530,8 +531,8 @@ fn decode_append(record: &[u8]) -> Result<(Message, &[u8], Vec<String>)> {
     Ok((serde_json::from_slice(json)?, json, serde_json::from_slice(&record[4 + len..])?))
 }
 
-/// Writes the logged appends that `tx` does not hold yet (a seq above its conversation's last)
-/// and raises the logged cursors (raising is idempotent).
+/// Writes the logged appends that `tx` does not hold yet (a seq above its conversation's last),
+/// in log order, and applies the logged recalls and cursors (both idempotent).
 fn replay(tx: &WriteTransaction, records: &[Vec<u8>]) -> Result<()> {
     let mut tables = MessageTables::open(tx)?;
     for record in records {
@@ -550,6 +551,10 @@ fn replay(tx: &WriteTransaction, records: &[Vec<u8>]) -> Result<()> {
                 }
                 tables.put(&m, json, &indexed)?;
             }
+            Some((&RECALLED, json)) => {
+                let m: Message = serde_json::from_slice(json)?;
+                tables.messages.insert((m.conv.as_str(), m.seq), json)?;
+            }
             Some((&ACKS_RAISED, rest)) => {
                 raise_acks(tx, &serde_json::from_slice::<Vec<AckCursor>>(rest)?)?;
             }
@@ -562,64 +567,132 @@ fn replay(tx: &WriteTransaction, records: &[Vec<u8>]) -> Result<()> {
     Ok(())
 }
 
-/// Raises the stored ack cursors to `cursors`; the ones that moved.
-fn raise_acks(tx: &WriteTransaction, cursors: &[AckCursor]) -> Result<Vec<AckCursor>> {
+/// A checkpoint: writes a frozen tail generation into the B-trees, each table's rows in key
+/// order (neighbouring inserts touch the same pages), a conversation's last seq once.
+fn apply(tx: &WriteTransaction, gen: &Gen) -> Result<()> {
+    let mut tables = MessageTables::open(tx)?;
+    let mut convs: Vec<_> = gen.convs.iter().collect();
+    convs.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let mut cmids = Vec::new();
+    let mut mids = Vec::new();
+    for (conv, c) in &convs {
+        for (seq, held) in &c.by_seq {
+            tables.messages.insert((conv.as_str(), *seq), &held.json[..])?;
+            if held.appended {
+                cmids.push((conv.as_str(), held.msg.from.as_str(), held.msg.cmid.as_str(), *seq));
+                mids.push((conv.as_str(), held.msg.mid.as_str(), *seq));
+            }
+        }
+        if c.last > 0 {
+            tables.conv_seq.insert(conv.as_str(), c.last)?;
+        }
+    }
+    cmids.sort_unstable();
+    for (conv, from, cmid, seq) in cmids {
+        tables.cmids.insert((conv, from, cmid), seq)?;
+    }
+    mids.sort_unstable();
+    for (conv, mid, seq) in mids {
+        tables.mids.insert((conv, mid), seq)?;
+    }
+    let mut indexed: Vec<(&str, &str)> =
+        gen.indexed.iter().flat_map(|(u, cs)| cs.iter().map(move |c| (u.as_str(), c.as_str()))).collect();
+    indexed.sort_unstable();
+    for key in indexed {
+        tables.user_convs.insert(key, ())?;
+    }
+    drop(tables);
+    let mut acks: Vec<AckCursor> = gen
+        .acks
+        .iter()
+        .flat_map(|((u, d), cs)| {
+            cs.iter().map(move |(c, &seq)| AckCursor { user: u.clone(), device: d.clone(), conv: c.clone(), seq })
+        })
+        .collect();
+    acks.sort_unstable_by(|a, b| (&a.user, &a.device, &a.conv).cmp(&(&b.user, &b.device, &b.conv)));
+    raise_acks(tx, &acks)?;
+    let mut reads: Vec<ReadCursor> = gen
+        .reads
+        .iter()
+        .flat_map(|(u, cs)| cs.iter().map(move |(c, &seq)| ReadCursor { user: u.clone(), conv: c.clone(), seq }))
+        .collect();
+    reads.sort_unstable_by(|a, b| (&a.user, &a.conv).cmp(&(&b.user, &b.conv)));
+    raise_reads(tx, &reads)?;
+    Ok(())
+}
+
+/// Raises the stored ack cursors to `cursors`.
+fn raise_acks(tx: &WriteTransaction, cursors: &[AckCursor]) -> Result<()> {
     let mut t = tx.open_table(ACKS)?;
-    let mut moved = Vec::new();
     for c in cursors {
         let key = (c.user.as_str(), c.device.as_str(), c.conv.as_str());
         let current = t.get(key)?.map(|v| v.value()).unwrap_or(0);
         if c.seq > current {
             t.insert(key, c.seq)?;
-            moved.push(c.clone());
         }
     }
-    Ok(moved)
+    Ok(())
 }
 
-/// Raises the stored read marks to `cursors`; the ones that moved.
-fn raise_reads(tx: &WriteTransaction, cursors: &[ReadCursor]) -> Result<Vec<ReadCursor>> {
+/// Raises the stored read marks to `cursors`.
+fn raise_reads(tx: &WriteTransaction, cursors: &[ReadCursor]) -> Result<()> {
     let mut t = tx.open_table(READS)?;
-    let mut moved = Vec::new();
     for c in cursors {
         let key = (c.user.as_str(), c.conv.as_str());
         let current = t.get(key)?.map(|v| v.value()).unwrap_or(0);
         if c.seq > current {
             t.insert(key, c.seq)?;
-            moved.push(c.clone());
         }
     }
-    Ok(moved)
+    Ok(())
+}
+
+/// The message `conv`#`seq` as the log thread sees it: the tail (with its batch in progress),
+/// then the B-trees.
+fn logged_message(reader: &Reader, tail: &Tail, conv: &str, seq: u64) -> Result<Option<Arc<Message>>> {
+    if let Some(m) = tail.at(conv, seq, true) {
+        return Ok(Some(m));
+    }
+    let stored: Option<Message> = reader.with(|tx| get_json(tx.open_table(MESSAGES)?.get((conv, seq))?))?;
+    Ok(stored.map(Arc::new))
 }
 
 /// The write of one appended message: the next seq of its conversation (or the earlier message
-/// with the same cmid), inside the group-commit batch's transaction.
+/// with the same cmid), on the log thread.
 fn append_job(
     msg: NewMessage,
     members: Vec<String>,
     cache: ConvCache,
-) -> impl FnOnce(&WriteTransaction) -> Result<Logged<Appended>> + Send + 'static {
-    move |tx| {
-        let known = cache.get(&msg.conv);
-        let mut tables = MessageTables::open(tx)?;
-        let (last, last_ts) = {
-            let cmid_key = (msg.conv.as_str(), msg.from.as_str(), msg.cmid.as_str());
-            if let Some(seq) = tables.cmids.get(cmid_key)?.map(|v| v.value()) {
-                let Some(earlier) = get_json(tables.messages.get((msg.conv.as_str(), seq))?)? else {
-                    return Err(StorageError::Corrupt(format!("cmid index points at missing {}#{seq}", msg.conv)));
+    tail: Tail,
+) -> impl FnOnce(&Reader) -> Result<Logged<Appended>> + Send + 'static {
+    move |reader| {
+        let conv = msg.conv.as_str();
+        let earlier = match tail.by_cmid(conv, &msg.from, &msg.cmid, true) {
+            Some(m) => Some(m),
+            None => match reader.with(|tx| {
+                Ok(tx.open_table(CMIDS)?.get((conv, msg.from.as_str(), msg.cmid.as_str()))?.map(|v| v.value()))
+            })? {
+                Some(seq) => Some(
+                    logged_message(reader, &tail, conv, seq)?
+                        .ok_or_else(|| StorageError::Corrupt(format!("cmid index points at missing {conv}#{seq}")))?,
+                ),
+                None => None,
+            },
+        };
+        if let Some(earlier) = earlier {
+            return Ok(Logged::Unchanged(Appended { msg: (*earlier).clone(), duplicate: true }));
+        }
+        let known = cache.get(conv);
+        let (last, last_ts) = match (known, tail.last(conv, true)) {
+            (Some(k), _) => (k.seq, k.ts),
+            (None, Some(last)) => last,
+            (None, None) => {
+                let last = reader.with(|tx| Ok(tx.open_table(CONV_SEQ)?.get(conv)?.map(|v| v.value()).unwrap_or(0)))?;
+                let ts = match last {
+                    0 => 0,
+                    n => logged_message(reader, &tail, conv, n)?.map_or(0, |m| m.ts),
                 };
-                return Ok(Logged::Unchanged(Appended { msg: earlier, duplicate: true }));
-            }
-            match known {
-                Some(k) => (k.seq, k.ts),
-                None => {
-                    let last = tables.conv_seq.get(msg.conv.as_str())?.map(|v| v.value()).unwrap_or(0);
-                    let last_ts = match last {
-                        0 => 0,
-                        n => get_json::<Message>(tables.messages.get((msg.conv.as_str(), n))?)?.map_or(0, |m| m.ts),
-                    };
-                    (last, last_ts)
-                }
+                (last, ts)
             }
         };
         // ts never goes backwards inside a conversation, so seq order
@@ -628,20 +701,60 @@ fn append_job(
         let hash = members_hash(&members);
         let mut indexed = Vec::new();
         if known.is_none_or(|k| k.indexed != hash) {
+            let mut missing = Vec::new();
             for m in members {
-                // Present after the first message: a lookup dirties no page, an insert would.
-                if tables.user_convs.get((m.as_str(), stored.conv.as_str()))?.is_none() {
-                    indexed.push(m);
+                if !tail.indexed(&m, &stored.conv) {
+                    missing.push(m);
                 }
+            }
+            if !missing.is_empty() {
+                reader.with(|tx| {
+                    let t = tx.open_table(USER_CONVS)?;
+                    for m in missing {
+                        if t.get((m.as_str(), stored.conv.as_str()))?.is_none() {
+                            indexed.push(m);
+                        }
+                    }
+                    Ok(())
+                })?;
             }
         }
         let json = serde_json::to_vec(&stored)?;
-        tables.put(&stored, &json, &indexed)?;
-        cache.put(&stored.conv, ConvState { seq: stored.seq, ts: stored.ts, indexed: hash });
         let record = encode_record(&json, &indexed)?;
+        cache.put(&stored.conv, ConvState { seq: stored.seq, ts: stored.ts, indexed: hash });
         let bytes = record.len();
-        let entry = Entry::Message { msg: Arc::new(stored.clone()), indexed, bytes };
-        Ok(Logged::Appended { value: Appended { msg: stored, duplicate: false }, record, entry })
+        let msg = Arc::new(stored);
+        let entry = Entry::Message { msg: msg.clone(), json: json.into(), indexed, bytes };
+        Ok(Logged::Appended { value: Appended { msg: Arc::unwrap_or_clone(msg), duplicate: false }, record, entry })
+    }
+}
+
+impl EmbeddedStore {
+    /// The message of `conv` whose seq `index` finds in a read transaction (a cmid or mid
+    /// index), as the tail has it if it changed there. Tried again if a checkpoint committed
+    /// meanwhile, since the tail may then have let go of a change the transaction predates.
+    async fn indexed_message<F>(&self, conv: &str, index: F) -> Result<Option<Message>>
+    where
+        F: Fn(&ReadTransaction) -> Result<Option<u64>> + Send + Sync + 'static,
+    {
+        let index = Arc::new(index);
+        loop {
+            let before = self.writer.commits();
+            let (c, index) = (conv.to_owned(), index.clone());
+            let stored = self
+                .read(move |tx| {
+                    let seq = index(tx)?;
+                    Ok(match seq {
+                        Some(seq) => get_json::<Message>(tx.open_table(MESSAGES)?.get((c.as_str(), seq))?)?,
+                        None => None,
+                    })
+                })
+                .await?;
+            let fresher = stored.as_ref().and_then(|m| self.tail.at(conv, m.seq, false));
+            if self.writer.commits() == before {
+                return Ok(fresher.map(|m| (*m).clone()).or(stored));
+            }
+        }
     }
 }
 
@@ -652,21 +765,21 @@ impl MessageStore for EmbeddedStore {
         msg: &NewMessage,
         members: &[String],
     ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = Result<Appended>> + Send + 'static>>> {
-        Some(Box::pin(self.writer.append(append_job(msg.clone(), members.to_vec(), self.convs.clone()))))
+        let job = append_job(msg.clone(), members.to_vec(), self.convs.clone(), self.tail.clone());
+        Some(Box::pin(self.writer.append(job)))
     }
 
     async fn append(&self, msg: NewMessage, members: &[String]) -> Result<Appended> {
-        self.writer.append(append_job(msg, members.to_vec(), self.convs.clone())).await
+        self.writer.append(append_job(msg, members.to_vec(), self.convs.clone(), self.tail.clone())).await
     }
 
     async fn find_cmid(&self, conv: &str, from: &str, cmid: &str) -> Result<Option<Message>> {
-        if let Some(m) = self.tail.by_cmid(conv, from, cmid) {
+        if let Some(m) = self.tail.by_cmid(conv, from, cmid, false) {
             return Ok(Some((*m).clone()));
         }
-        let (conv, from, cmid) = (conv.to_owned(), from.to_owned(), cmid.to_owned());
-        self.read(move |tx| {
-            let seq = tx.open_table(CMIDS)?.get((conv.as_str(), from.as_str(), cmid.as_str()))?.map(|v| v.value());
-            message_at(tx, &conv, seq)
+        let (c, from, cmid) = (conv.to_owned(), from.to_owned(), cmid.to_owned());
+        self.indexed_message(conv, move |tx| {
+            Ok(tx.open_table(CMIDS)?.get((c.as_str(), from.as_str(), cmid.as_str()))?.map(|v| v.value()))
         })
         .await
     }
@@ -708,7 +821,7 @@ impl MessageStore for EmbeddedStore {
     }
 
     async fn last_seq(&self, conv: &str) -> Result<u64> {
-        let tail = self.tail.last_seq(conv).unwrap_or(0);
+        let tail = self.tail.last(conv, false).map_or(0, |(seq, _)| seq);
         let conv = conv.to_owned();
         let stored = self
             .read(move |tx| Ok(tx.open_table(CONV_SEQ)?.get(conv.as_str())?.map(|v| v.value()).unwrap_or(0)))
@@ -746,17 +859,8 @@ impl MessageStore for EmbeddedStore {
     }
 
     async fn set_ack(&self, user: &str, device: &str, conv: &str, seq: u64) -> Result<()> {
-        let (u, d, c) = (user.to_owned(), device.to_owned(), conv.to_owned());
-        self.write(move |tx| {
-            let mut t = tx.open_table(ACKS)?;
-            let key = (u.as_str(), d.as_str(), c.as_str());
-            let current = t.get(key)?.map(|v| v.value()).unwrap_or(0);
-            if seq > current {
-                t.insert(key, seq)?;
-            }
-            Ok(Commit(()))
-        })
-        .await
+        let c = AckCursor { user: user.to_owned(), device: device.to_owned(), conv: conv.to_owned(), seq };
+        self.set_acks(&[c]).await
     }
 
     async fn acks(&self, user: &str, device: &str) -> Result<HashMap<String, u64>> {
@@ -782,33 +886,23 @@ impl MessageStore for EmbeddedStore {
     }
 
     async fn set_read(&self, user: &str, conv: &str, seq: u64) -> Result<u64> {
-        let (u, c) = (user.to_owned(), conv.to_owned());
-        self.write(move |tx| {
-            let mut t = tx.open_table(READS)?;
-            let key = (u.as_str(), c.as_str());
-            let current = t.get(key)?.map(|v| v.value());
-            Ok(Commit(match current {
-                Some(cur) if cur >= seq => cur,
-                // as with acks, a read of 0 records nothing
-                None if seq == 0 => 0,
-                _ => {
-                    t.insert(key, seq)?;
-                    seq
-                }
-            }))
-        })
-        .await
+        let c = ReadCursor { user: user.to_owned(), conv: conv.to_owned(), seq };
+        self.set_reads(&[c]).await?;
+        // as with acks, a read of 0 records nothing
+        Ok(self.reads(user).await?.get(conv).copied().unwrap_or(0))
     }
 
     /// Logged like an append (durable in the log, visible through the tail), so the cursor
     /// flushes do not force a B-tree commit each.
     async fn set_acks(&self, cursors: &[AckCursor]) -> Result<()> {
-        self.log_cursors(cursors.to_vec(), raise_acks, ACKS_RAISED, Entry::Acks).await
+        let moved: Vec<AckCursor> = cursors.iter().filter(|c| c.seq > 0).cloned().collect();
+        self.log_cursors(moved, ACKS_RAISED, Entry::Acks).await
     }
 
     /// As [`EmbeddedStore::set_acks`].
     async fn set_reads(&self, cursors: &[ReadCursor]) -> Result<()> {
-        self.log_cursors(cursors.to_vec(), raise_reads, READS_RAISED, Entry::Reads).await
+        let moved: Vec<ReadCursor> = cursors.iter().filter(|c| c.seq > 0).cloned().collect();
+        self.log_cursors(moved, READS_RAISED, Entry::Reads).await
     }
 
     async fn reads(&self, user: &str) -> Result<HashMap<String, u64>> {
@@ -829,27 +923,32 @@ impl MessageStore for EmbeddedStore {
         if let Some(m) = self.tail.by_mid(conv, mid) {
             return Ok(Some((*m).clone()));
         }
-        let (conv, mid) = (conv.to_owned(), mid.to_owned());
-        self.read(move |tx| {
-            let seq = tx.open_table(MIDS)?.get((conv.as_str(), mid.as_str()))?.map(|v| v.value());
-            message_at(tx, &conv, seq)
+        let (c, mid) = (conv.to_owned(), mid.to_owned());
+        self.indexed_message(conv, move |tx| {
+            Ok(tx.open_table(MIDS)?.get((c.as_str(), mid.as_str()))?.map(|v| v.value()))
         })
         .await
     }
 
+    /// Logged like an append: the recalled form replaces the message in the tail at once and in
+    /// the B-trees at the next checkpoint.
     async fn recall(&self, conv: &str, seq: u64) -> Result<Option<Message>> {
-        let conv = conv.to_owned();
-        self.write(move |tx| {
-            let recalled = update_json(&mut tx.open_table(MESSAGES)?, (conv.as_str(), seq), |m: &mut Message| {
-                *m = crate::recalled_form(m.clone());
-                true
-            })?;
-            Ok(match recalled {
-                Some(m) => Commit(Some(m)),
-                None => Abort(None),
+        let (conv, tail) = (conv.to_owned(), self.tail.clone());
+        self.writer
+            .append(move |reader| {
+                let Some(m) = logged_message(reader, &tail, &conv, seq)? else {
+                    return Ok(Logged::Unchanged(None));
+                };
+                let recalled = crate::recalled_form((*m).clone());
+                let json = serde_json::to_vec(&recalled)?;
+                let mut record = Vec::with_capacity(1 + json.len());
+                record.push(RECALLED);
+                record.extend_from_slice(&json);
+                let msg = Arc::new(recalled.clone());
+                let entry = Entry::Recalled { msg, json: json.into(), bytes: record.len() };
+                Ok(Logged::Appended { value: Some(recalled), record, entry })
             })
-        })
-        .await
+            .await
     }
 }
 
@@ -900,23 +999,21 @@ impl EmbeddedStore {
         .await?
     }
 
-    /// Raises cursors with `raise` in the next batch and logs the ones that moved (tagged `tag`)
-    /// for the tail as `entry`.
+    /// Logs cursors (tagged `tag`) for the tail as `entry`; the next checkpoint raises the
+    /// stored ones to them.
     async fn log_cursors<C: serde::Serialize + Send + 'static>(
         &self,
         cursors: Vec<C>,
-        raise: fn(&WriteTransaction, &[C]) -> Result<Vec<C>>,
         tag: u8,
         entry: fn(Vec<C>) -> Entry,
     ) -> Result<()> {
+        if cursors.is_empty() {
+            return Ok(());
+        }
         self.writer
-            .append(move |tx| {
-                let moved = raise(tx, &cursors)?;
-                if moved.is_empty() {
-                    return Ok(Logged::Unchanged(()));
-                }
-                let record = encode_cursors(tag, &moved)?;
-                Ok(Logged::Appended { value: (), record, entry: entry(moved) })
+            .append(move |_| {
+                let record = encode_tagged(tag, &cursors)?;
+                Ok(Logged::Appended { value: (), record, entry: entry(cursors) })
             })
             .await
     }
@@ -1040,12 +1137,60 @@ mod tests {
         };
         let stored = store.append(msg, &["a".to_string()]).await.unwrap().msg;
         // a database written before the mid index existed
-        let tx = store.db.begin_write().unwrap();
+        drop(store);
+        let db = Database::create(dir.join("switchboard.redb")).unwrap();
+        let tx = db.begin_write().unwrap();
         tx.delete_table(MIDS).unwrap();
         tx.commit().unwrap();
-        drop(store);
+        drop(db);
         let store = EmbeddedStore::open(&dir).unwrap();
         assert_eq!(store.find_mid("d:a:b", &stored.mid).await.unwrap(), Some(stored));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// A recall is seen by every read at once (from the tail), after its checkpoint (from the
+    /// B-trees) and after a restart; a log written by an older version (`appends.wal`) is
+    /// replayed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn recalls_and_older_logs_are_read_back() {
+        let dir = std::env::temp_dir().join(format!("sb-recall-{}", crate::contract::prefix()));
+        let policy = CheckpointPolicy { interval: std::time::Duration::from_millis(20), bytes: 1 << 20 };
+        let store = EmbeddedStore::open_with(&dir, policy).unwrap();
+        let new = |cmid: &str| NewMessage {
+            conv: "d:a:b".into(),
+            from: "a".into(),
+            cmid: cmid.into(),
+            kind: "text".into(),
+            body: serde_json::json!(cmid),
+        };
+        let first = store.append(new("c1"), &["a".to_string(), "b".to_string()]).await.unwrap().msg;
+        let check = |store: EmbeddedStore, mid: String| async move {
+            let m = store.find_mid("d:a:b", &mid).await.unwrap().unwrap();
+            assert_eq!(m.kind, "recalled");
+            assert_eq!(store.find_cmid("d:a:b", "a", "c1").await.unwrap().unwrap().kind, "recalled");
+            assert_eq!(store.range("d:a:b", 0, 1).await.unwrap()[0].kind, "recalled");
+            assert!(store.history("d:a:b", None, 10).await.unwrap().iter().any(|m| m.kind == "recalled"));
+            let again = store.append(new("c1"), &[]).await.unwrap();
+            assert!(again.duplicate && again.msg.kind == "recalled");
+        };
+        assert_eq!(store.recall("d:a:b", first.seq).await.unwrap().unwrap().kind, "recalled");
+        check(store.clone(), first.mid.clone()).await;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        check(store.clone(), first.mid.clone()).await;
+        assert_eq!(store.recall("d:a:b", 99).await.unwrap(), None);
+        drop(store);
+        // an older version's single log file, holding an append the B-trees lack
+        let later = Message { seq: 2, cmid: "c2".into(), mid: "m-2".into(), ..first.clone() };
+        let json = serde_json::to_vec(&later).unwrap();
+        let mut framed = Vec::new();
+        crate::wal::Wal::frame(&mut framed, &encode_record(&json, &[]).unwrap());
+        std::fs::write(dir.join("appends.wal"), framed).unwrap();
+        let store = EmbeddedStore::open(&dir).unwrap();
+        check(store.clone(), first.mid.clone()).await;
+        assert_eq!(store.find_cmid("d:a:b", "a", "c2").await.unwrap().unwrap().seq, 2);
+        assert_eq!(store.append(new("c3"), &[]).await.unwrap().msg.seq, 3);
+        assert!(!dir.join("appends.wal").exists());
+        drop(store);
         std::fs::remove_dir_all(&dir).ok();
     }
 
@@ -1110,6 +1255,13 @@ mod tests {
                         };
                         let a = store.append(msg, &members[..2 + (i % 38)]).await.unwrap();
                         println!("acked {} {} {} {}", conv, a.msg.seq, a.msg.from, a.msg.cmid);
+                        if i % 11 == 3 {
+                            // recalled while in the tail, in a frozen generation or committed
+                            let back = if i % 2 == 0 { 0 } else { 40 };
+                            let seq = a.msg.seq.saturating_sub(back).max(1);
+                            store.recall(&conv, seq).await.unwrap().unwrap();
+                            println!("recalled {conv} {seq}");
+                        }
                         if i % 50 == 0 {
                             store.set_read(&format!("m{t}"), &conv, a.msg.seq).await.unwrap();
                         }
@@ -1158,11 +1310,16 @@ mod tests {
             let out = std::io::BufReader::new(child.stdout.take().unwrap());
             let mut acked = Vec::new();
             let mut cursors = Vec::new();
+            let mut recalled = Vec::new();
             let mut lines = out.lines();
             // a different moment each round
             let kill_after = 1500 + round * 1700;
             for line in lines.by_ref() {
                 let line = line.unwrap();
+                if let Some(rest) = line.strip_prefix("recalled ") {
+                    let (conv, seq) = rest.split_once(' ').unwrap();
+                    recalled.push((conv.to_owned(), seq.parse::<u64>().unwrap()));
+                }
                 if let Some(rest) = line.strip_prefix("cursor ") {
                     cursors.push(rest.split(' ').map(str::to_owned).collect::<Vec<_>>());
                 }
@@ -1183,6 +1340,13 @@ mod tests {
                     assert_eq!(m.map(|m| m.seq.to_string()), Some(a[1].clone()), "acknowledged {a:?} kept its seq");
                 }
                 assert!(!cursors.is_empty());
+                assert!(!recalled.is_empty());
+                for (conv, seq) in &recalled {
+                    let m = store.range(conv, seq - 1, 1).await.unwrap();
+                    assert_eq!(m[0].kind, "recalled", "recall of {conv}#{seq} kept");
+                    let by_cmid = store.find_cmid(conv, &m[0].from, &m[0].cmid).await.unwrap().unwrap();
+                    assert_eq!(by_cmid.kind, "recalled", "{conv}#{seq} by cmid");
+                }
                 for c in &cursors {
                     let seq: u64 = c[2].parse().unwrap();
                     let acks = store.acks(&c[0], "d").await.unwrap();

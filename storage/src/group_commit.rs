@@ -1,35 +1,35 @@
-//! Group commit for the embedded backend: one writer thread takes every write job waiting (up to
-//! [`MAX_BATCH`]) and runs them back to back inside one redb write transaction.
-//!
-//! Two kinds of writes become durable in two ways:
-//! - **Message appends** ([`GroupCommit::append`]) are durable once their records are in the
-//!   write-ahead log ([`crate::wal`]): one `write` and one `fdatasync` per batch. Their changes
-//!   stay in the **open** transaction, which later batches keep using, and readers see them
-//!   through the [`Tail`] until a checkpoint commits that transaction (every
-//!   `checkpoint_interval`, or sooner once the tail holds `checkpoint_bytes`) and empties the log.
-//!   Copy-on-write B-tree pages are then written once per checkpoint, not once per batch.
-//! - **Every other write** commits the open transaction with `Durability::Immediate` (one fsync,
-//!   which makes the appends before it durable in the B-trees too) before its caller hears back.
+//! Group commit for the embedded backend, on two threads:
+//! - The **log thread** takes every append job waiting (up to [`MAX_BATCH`]) and runs them back
+//!   to back: each reads what it needs (the tail, then the B-trees through a read transaction)
+//!   and returns a log record; the batch's records cost one `write` and one `fdatasync` in the
+//!   write-ahead log ([`crate::wal`]), after which they are durable and reach the [`Tail`] that
+//!   readers see them through. Appends never wait for a B-tree.
+//! - The **B-tree thread** owns redb's write transactions. It applies the tail's frozen
+//!   generation in one commit (a **checkpoint**: every `checkpoint_interval`, or sooner once the
+//!   tail holds `checkpoint_bytes`), sorted per table, then drops that generation and the log
+//!   segments holding it; and it runs every other write (accounts, friends, groups), many to one
+//!   commit with `Durability::Immediate` (one fsync) before their callers hear back.
 //!
 //! Readers never see a write before it is durable: an append reaches the tail after its log
 //! `fdatasync`, anything else becomes visible with its durable commit.
 //!
-//! Jobs are isolated by construction, not by the database: a job that ends with [`End::Abort`]
-//! must not have written anything (every job checks before it writes), and a job that fails with
-//! an error fails its whole batch (nothing of it is committed, every caller gets the error and may
-//! retry), since its partial writes cannot be taken out of the shared transaction. The open
-//! transaction is then dropped and the log replayed into a new one, which restores exactly the
-//! appends already acknowledged. If even that fails, the writer refuses every later write (a seq
-//! must never be handed out twice) and the log is replayed at the next start.
+//! Failures stay small: an append job that fails fails alone (it wrote nothing); a failed log
+//! write fails its batch and nothing of it becomes visible; a checkpoint that cannot commit is
+//! retried (its records stay in the log and its generation in the tail, so nothing
+//! acknowledged is lost, and appends wait once the tail holds twice `checkpoint_bytes`); a
+//! plain job that fails with an error fails its batch, whose transaction is dropped.
 
+use std::cell::RefCell;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use redb::{Database, Durability, WriteTransaction};
+use redb::{Database, ReadTransaction, WriteTransaction};
 
-use crate::tail::{Entry, Tail};
-use crate::wal::Wal;
+use crate::tail::{Entry, Gen, Tail};
+use crate::wal::{Segments, Wal};
 use crate::{Result, StorageError};
 
 /// How a write job ends: `Commit` keeps its changes, `Abort` says it wrote nothing.
@@ -38,28 +38,22 @@ pub(crate) enum End<T> {
     Abort(T),
 }
 
-/// How an append job ends: with its log record and tail entry, or having written nothing.
+/// How an append job ends: with its log record and tail entry, or having logged nothing.
 pub(crate) enum Logged<T> {
     Appended { value: T, record: Vec<u8>, entry: Entry },
     Unchanged(T),
 }
 
-/// What a job did to the transaction.
-enum Effect {
-    None,
-    Logged { record: Vec<u8>, entry: Entry },
-    Plain,
-}
+/// Writes a frozen tail generation into a transaction (a checkpoint).
+pub(crate) type Apply = fn(&WriteTransaction, &Gen) -> Result<()>;
 
-/// Re-applies log records (their payloads) to a transaction, skipping what it already holds.
-pub(crate) type Replay = fn(&WriteTransaction, &[Vec<u8>]) -> Result<()>;
-
-/// When the open transaction is committed although only appends wrote to it.
+/// When the tail is handed to a checkpoint.
 #[derive(Debug, Clone, Copy)]
 pub struct CheckpointPolicy {
     /// Longest time appends wait in the log for their B-tree commit.
     pub interval: Duration,
-    /// Most bytes of appended records held in the tail (and the log) before a commit.
+    /// Most bytes of appended records held in the tail's active generation before a checkpoint;
+    /// appends wait while it holds twice this and the previous checkpoint has not committed.
     pub bytes: usize,
 }
 
@@ -69,59 +63,150 @@ impl Default for CheckpointPolicy {
     }
 }
 
-/// Hands a finished job's result to its caller once the batch is durable (`None`), or with the
-/// reason the batch was not committed.
+/// Hands a finished job's result to its caller once its batch is durable (`None`), or with the
+/// reason the batch was not.
 type Deliver = Box<dyn FnOnce(Option<&str>) + Send>;
-/// A write job: runs inside the batch's transaction; `Err` carries the text that fails the batch.
-type Job = Box<dyn FnOnce(&WriteTransaction) -> (std::result::Result<Effect, String>, Deliver) + Send>;
+/// An append job: its log record and tail entry (if it logged anything), and its delivery.
+type AppendJob = Box<dyn FnOnce(&Reader) -> (Option<(Vec<u8>, Entry)>, Deliver) + Send>;
+/// A plain write job: whether it wrote (`Err`: the text that fails the batch), and its delivery.
+type PlainJob = Box<dyn FnOnce(&WriteTransaction) -> (std::result::Result<bool, String>, Deliver) + Send>;
 
 /// Most jobs sharing one batch.
 const MAX_BATCH: usize = 512;
+/// How long the B-tree thread waits before trying a failed checkpoint again.
+const RETRY: Duration = Duration::from_secs(1);
 
-/// The writer thread and the way to it. Dropping it commits what is open, stops the thread and
-/// waits for it, so the database file is closed (and the log empty) when the store is gone.
+enum LogMsg {
+    Job(AppendJob),
+    /// The B-tree thread committed the frozen generation.
+    Done,
+    Stop,
+}
+
+enum TreeMsg {
+    Plain(PlainJob),
+    /// Apply `gen`, then remove the log segments up to `through`.
+    Checkpoint {
+        gen: Arc<Gen>,
+        through: u64,
+    },
+}
+
+/// Read access for append jobs. Look in the tail (with this batch's staged entries) **first**,
+/// then here: the transaction is reopened whenever a checkpoint committed since it was opened,
+/// and a checkpoint counts itself before the tail drops its generation, so what is no longer in
+/// the tail is always in the transaction.
+pub(crate) struct Reader<'a> {
+    db: &'a Database,
+    commits: &'a AtomicU64,
+    tx: RefCell<Option<(u64, ReadTransaction)>>,
+}
+
+impl Reader<'_> {
+    /// Runs `f` on a read transaction holding every checkpoint committed before this call.
+    pub fn with<T>(&self, f: impl FnOnce(&ReadTransaction) -> Result<T>) -> Result<T> {
+        let now = self.commits.load(Ordering::SeqCst);
+        let mut slot = self.tx.borrow_mut();
+        let tx = match slot.take() {
+            Some((at, tx)) if at == now => tx,
+            _ => self.db.begin_read()?,
+        };
+        let out = f(&tx);
+        *slot = Some((now, tx));
+        out
+    }
+}
+
+/// The two threads and the ways to them. Dropping it commits everything logged, stops the
+/// threads and waits for them, so the database file is closed (and the log empty) when the
+/// store is gone.
 pub(crate) struct GroupCommit {
-    jobs: Option<mpsc::Sender<Job>>,
-    thread: Option<JoinHandle<()>>,
+    commits: Arc<AtomicU64>,
+    log: mpsc::Sender<LogMsg>,
+    tree: Option<mpsc::Sender<TreeMsg>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// What the log thread needs besides the database.
+pub(crate) struct Log {
+    pub segments: Segments,
+    pub dir: PathBuf,
+    pub tail: Tail,
+    pub apply: Apply,
+    pub policy: CheckpointPolicy,
+    /// Runs when a batch's records could not be logged (to forget what was cached from it).
+    pub lost: Box<dyn Fn() + Send>,
 }
 
 impl GroupCommit {
-    /// Starts the writer thread; `log.lost` runs whenever the open transaction is dropped
-    /// unfinished (to forget what was cached from it). Results are handed back through the Tokio runtime
-    /// this is called on, if any: one task per batch wakes the callers, instead of one
-    /// cross-thread wake-up each.
+    /// Starts both threads. Results are handed back through the Tokio runtime this is called
+    /// on, if any: one task per batch wakes the callers, instead of one cross-thread wake-up
+    /// each.
     pub fn start(db: Arc<Database>, log: Log) -> Result<Self> {
-        let (jobs, rx) = mpsc::channel::<Job>();
-        let writer = Writer {
-            db,
-            log,
-            runtime: tokio::runtime::Handle::try_current().ok(),
-            open: None,
-            dirty: false,
-            opened: Instant::now(),
-            broken: None,
+        let (log_tx, log_rx) = mpsc::channel::<LogMsg>();
+        let (tree_tx, tree_rx) = mpsc::channel::<TreeMsg>();
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        let commits = Arc::new(AtomicU64::new(0));
+        let tree = TreeThread {
+            db: db.clone(),
+            dir: log.dir.clone(),
+            tail: log.tail.clone(),
+            apply: log.apply,
+            commits: commits.clone(),
+            log: log_tx.clone(),
+            runtime: runtime.clone(),
         };
-        let thread = std::thread::Builder::new()
-            .name("sb-redb-writer".into())
-            .spawn(move || writer.run(rx))
-            .map_err(|e| StorageError::Embedded(format!("starting the writer thread: {e}")))?;
-        Ok(Self { jobs: Some(jobs), thread: Some(thread) })
+        let writer = LogThread {
+            db,
+            commits: commits.clone(),
+            segments: log.segments,
+            tail: log.tail,
+            policy: log.policy,
+            lost: log.lost,
+            runtime,
+            tree: tree_tx.clone(),
+            in_flight: false,
+            since: None,
+            deferred: Vec::new(),
+        };
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(f)
+                .map_err(|e| StorageError::Embedded(format!("starting the {name} thread: {e}")))
+        };
+        let tree_thread = spawn("sb-redb-writer", Box::new(move || tree.run(tree_rx)))?;
+        let log_thread = spawn("sb-store-log", Box::new(move || writer.run(log_rx)))?;
+        Ok(Self { commits, log: log_tx, tree: Some(tree_tx), threads: vec![log_thread, tree_thread] })
     }
 
-    /// Runs `f` inside the next batch's write transaction; resolves once its change is durable
-    /// by a commit (or with the error that kept it from committing).
+    /// How many checkpoints have committed (a reader that saw it unchanged around a lookup in
+    /// the tail and the B-trees saw every change in one or the other).
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::SeqCst)
+    }
+
+    /// Runs `f` inside the next plain batch's write transaction; resolves once its change is
+    /// durable by a commit (or with the error that kept it from committing).
     pub async fn write<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&WriteTransaction) -> Result<End<T>> + Send + 'static,
     {
-        self.queue(move |tx| {
-            f(tx).map(|end| match end {
-                End::Commit(v) => (Effect::Plain, v),
-                End::Abort(v) => (Effect::None, v),
-            })
-        })
-        .await
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let job: PlainJob = Box::new(move |tx: &WriteTransaction| {
+            let (state, result) = match f(tx) {
+                Ok(End::Commit(v)) => (Ok(true), Ok(v)),
+                Ok(End::Abort(v)) => (Ok(false), Ok(v)),
+                Err(e) => (Err(e.to_string()), Err(e)),
+            };
+            (state, deliver(reply, result))
+        });
+        let sent = self.tree.as_ref().is_some_and(|t| t.send(TreeMsg::Plain(job)).is_ok());
+        if !sent {
+            return Err(stopped());
+        }
+        rx.await.map_err(|_| stopped())?
     }
 
     /// Queues an append job before this returns (jobs run in the order of the calls, whenever
@@ -129,38 +214,18 @@ impl GroupCommit {
     pub fn append<T, F>(&self, f: F) -> impl std::future::Future<Output = Result<T>> + Send + 'static
     where
         T: Send + 'static,
-        F: FnOnce(&WriteTransaction) -> Result<Logged<T>> + Send + 'static,
-    {
-        self.queue(move |tx| {
-            f(tx).map(|logged| match logged {
-                Logged::Appended { value, record, entry } => (Effect::Logged { record, entry }, value),
-                Logged::Unchanged(v) => (Effect::None, v),
-            })
-        })
-    }
-
-    fn queue<T, F>(&self, f: F) -> impl std::future::Future<Output = Result<T>> + Send + 'static
-    where
-        T: Send + 'static,
-        F: FnOnce(&WriteTransaction) -> Result<(Effect, T)> + Send + 'static,
+        F: FnOnce(&Reader) -> Result<Logged<T>> + Send + 'static,
     {
         let (reply, rx) = tokio::sync::oneshot::channel();
-        let job: Job = Box::new(move |tx: &WriteTransaction| {
-            let (state, result) = match f(tx) {
-                Ok((effect, v)) => (Ok(effect), Ok(v)),
-                Err(e) => (Err(e.to_string()), Err(e)),
+        let job: AppendJob = Box::new(move |reader: &Reader| {
+            let (logged, result) = match f(reader) {
+                Ok(Logged::Appended { value, record, entry }) => (Some((record, entry)), Ok(value)),
+                Ok(Logged::Unchanged(v)) => (None, Ok(v)),
+                Err(e) => (None, Err(e)),
             };
-            let deliver: Deliver = Box::new(move |failed: Option<&str>| {
-                let result = match (failed, result) {
-                    (Some(e), Ok(_)) => Err(StorageError::Embedded(format!("write not committed: {e}"))),
-                    (_, r) => r,
-                };
-                let _ = reply.send(result);
-            });
-            (state, deliver)
+            (logged, deliver(reply, result))
         });
-        let stopped = || StorageError::Embedded("the writer thread has stopped".into());
-        let queued = self.jobs.as_ref().ok_or_else(stopped).and_then(|j| j.send(job).map_err(|_| stopped()));
+        let queued = self.log.send(LogMsg::Job(job)).map_err(|_| stopped());
         async move {
             queued?;
             rx.await.map_err(|_| stopped())?
@@ -168,207 +233,324 @@ impl GroupCommit {
     }
 }
 
+fn stopped() -> StorageError {
+    StorageError::Embedded("the writer thread has stopped".into())
+}
+
+/// The delivery of `result` through `reply`, turned into an error if its batch failed.
+fn deliver<T: Send + 'static>(reply: tokio::sync::oneshot::Sender<Result<T>>, result: Result<T>) -> Deliver {
+    Box::new(move |failed: Option<&str>| {
+        let result = match (failed, result) {
+            (Some(e), Ok(_)) => Err(StorageError::Embedded(format!("write not committed: {e}"))),
+            (_, r) => r,
+        };
+        let _ = reply.send(result);
+    })
+}
+
+/// Runs the deliveries of a batch: on the runtime in one task if there is one.
+fn hand_back(runtime: &Option<tokio::runtime::Handle>, done: Vec<Deliver>, failed: Option<String>) {
+    match runtime {
+        Some(rt) => {
+            rt.spawn(async move {
+                for d in done {
+                    d(failed.as_deref());
+                }
+            });
+        }
+        None => {
+            for d in done {
+                d(failed.as_deref());
+            }
+        }
+    }
+}
+
 impl Drop for GroupCommit {
     fn drop(&mut self) {
-        self.jobs = None;
-        if let Some(t) = self.thread.take() {
+        let _ = self.log.send(LogMsg::Stop);
+        self.tree = None;
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
 }
 
-/// The write-ahead side of the writer: the log, the tail readers see it through, how to replay
-/// it, when to checkpoint, and what to forget when the open transaction is lost.
-pub(crate) struct Log {
-    pub wal: Wal,
-    pub tail: Tail,
-    pub replay: Replay,
-    pub policy: CheckpointPolicy,
-    pub lost: Box<dyn Fn() + Send>,
-}
-
-/// The writer thread's state.
-struct Writer {
+/// The log thread's state.
+struct LogThread {
     db: Arc<Database>,
-    log: Log,
+    commits: Arc<AtomicU64>,
+    segments: Segments,
+    tail: Tail,
+    policy: CheckpointPolicy,
+    lost: Box<dyn Fn() + Send>,
     runtime: Option<tokio::runtime::Handle>,
-    /// The transaction holding the appends since the last commit.
-    open: Option<WriteTransaction>,
-    /// Whether `open` holds any change.
-    dirty: bool,
-    /// When `open` began.
-    opened: Instant,
-    /// Why the writer refuses writes, once it could not restore the logged appends.
-    broken: Option<String>,
+    tree: mpsc::Sender<TreeMsg>,
+    /// A frozen generation is with the B-tree thread.
+    in_flight: bool,
+    /// When the active generation got its first entry.
+    since: Option<Instant>,
+    /// Jobs received while waiting for a checkpoint, run before any newer one.
+    deferred: Vec<AppendJob>,
 }
 
-impl Writer {
-    fn run(mut self, rx: mpsc::Receiver<Job>) {
-        let mut done: Vec<Deliver> = Vec::new();
+impl LogThread {
+    fn run(mut self, rx: mpsc::Receiver<LogMsg>) {
         loop {
-            let first = if self.open.is_some() {
-                let wait = (self.opened + self.log.policy.interval).saturating_duration_since(Instant::now());
-                match rx.recv_timeout(wait) {
-                    Ok(job) => job,
-                    Err(mpsc::RecvTimeoutError::Timeout) => {
-                        self.checkpoint();
+            let first = if !self.deferred.is_empty() {
+                self.deferred.remove(0)
+            } else {
+                let msg = match self.since {
+                    Some(since) if !self.in_flight => {
+                        match rx.recv_timeout((since + self.policy.interval).saturating_duration_since(Instant::now()))
+                        {
+                            Ok(m) => m,
+                            Err(mpsc::RecvTimeoutError::Timeout) => {
+                                self.checkpoint();
+                                continue;
+                            }
+                            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                        }
+                    }
+                    _ => match rx.recv() {
+                        Ok(m) => m,
+                        Err(_) => break,
+                    },
+                };
+                match msg {
+                    LogMsg::Job(job) => job,
+                    LogMsg::Done => {
+                        self.in_flight = false;
+                        self.checkpoint_if_due();
                         continue;
                     }
+                    LogMsg::Stop => break,
+                }
+            };
+            let mut jobs = vec![first];
+            let mut stop = false;
+            while jobs.len() < MAX_BATCH {
+                if !self.deferred.is_empty() {
+                    jobs.push(self.deferred.remove(0));
+                    continue;
+                }
+                match rx.try_recv() {
+                    Ok(LogMsg::Job(job)) => jobs.push(job),
+                    Ok(LogMsg::Done) => self.in_flight = false,
+                    Ok(LogMsg::Stop) => {
+                        stop = true;
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.run_batch(jobs);
+            if stop {
+                break;
+            }
+            if self.in_flight && self.tail.state().0 >= 2 * self.policy.bytes {
+                // Backpressure: the B-tree thread is behind (or failing); hold new appends
+                // until it catches up rather than let the tail grow without bound.
+                self.wait_done(&rx);
+            }
+            self.checkpoint_if_due();
+        }
+        // Everything logged goes to the B-trees before the store closes.
+        if self.in_flight {
+            self.wait_done(&rx);
+        }
+        self.checkpoint();
+        if self.in_flight {
+            self.wait_done(&rx);
+        }
+    }
+
+    /// Blocks until the B-tree thread commits the frozen generation, keeping the jobs that
+    /// arrive meanwhile for later.
+    fn wait_done(&mut self, rx: &mpsc::Receiver<LogMsg>) {
+        while self.in_flight {
+            match rx.recv() {
+                Ok(LogMsg::Job(job)) => self.deferred.push(job),
+                Ok(LogMsg::Done) => self.in_flight = false,
+                // Stopping waits for the checkpoint anyway; a lost B-tree thread cannot answer.
+                Ok(LogMsg::Stop) => {}
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn run_batch(&mut self, jobs: Vec<AppendJob>) {
+        let reader = Reader { db: &self.db, commits: &self.commits, tx: RefCell::new(None) };
+        let mut done = Vec::with_capacity(jobs.len());
+        let mut framed = Vec::new();
+        let mut entries = 0;
+        for job in jobs {
+            let (logged, deliver) = job(&reader);
+            if let Some((record, entry)) = logged {
+                Wal::frame(&mut framed, &record);
+                // Later jobs of this batch see it; readers only once it is durable.
+                self.tail.stage(entry);
+                entries += 1;
+            }
+            done.push(deliver);
+        }
+        drop(reader);
+        let mut failed = None;
+        if entries > 0 {
+            match self.segments.append(&framed) {
+                Ok(()) => {
+                    self.tail.publish();
+                    self.since.get_or_insert_with(Instant::now);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, jobs = done.len(), "embedded store: appends not logged");
+                    self.tail.discard();
+                    (self.lost)();
+                    failed = Some(e.to_string());
+                }
+            }
+        }
+        hand_back(&self.runtime, done, failed);
+    }
+
+    fn checkpoint_if_due(&mut self) {
+        let due =
+            self.since.is_some_and(|s| s.elapsed() >= self.policy.interval) || self.tail.state().0 >= self.policy.bytes;
+        if due {
+            self.checkpoint();
+        }
+    }
+
+    /// Hands the active generation to the B-tree thread, with the log segment holding it.
+    fn checkpoint(&mut self) {
+        if self.in_flight || self.since.is_none() {
+            return;
+        }
+        let through = match self.segments.rotate() {
+            Ok(n) => n,
+            Err(e) => {
+                // The appends stay in the current segment and the tail; tried again later.
+                tracing::error!(error = %e, "embedded store: could not start a new log segment");
+                self.since = Some(Instant::now());
+                return;
+            }
+        };
+        self.since = None;
+        if let Some(gen) = self.tail.freeze() {
+            self.in_flight = self.tree.send(TreeMsg::Checkpoint { gen, through }).is_ok();
+        }
+    }
+}
+
+/// The B-tree thread's state.
+struct TreeThread {
+    db: Arc<Database>,
+    dir: PathBuf,
+    tail: Tail,
+    apply: Apply,
+    commits: Arc<AtomicU64>,
+    log: mpsc::Sender<LogMsg>,
+    runtime: Option<tokio::runtime::Handle>,
+}
+
+impl TreeThread {
+    fn run(self, rx: mpsc::Receiver<TreeMsg>) {
+        let mut waiting: Option<(Arc<Gen>, u64)> = None;
+        loop {
+            let msg = if waiting.is_some() {
+                match rx.recv_timeout(RETRY) {
+                    Ok(m) => Some(m),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 }
             } else {
                 match rx.recv() {
-                    Ok(job) => job,
+                    Ok(m) => Some(m),
                     Err(_) => break,
                 }
             };
-            let mut jobs = vec![first];
-            while jobs.len() < MAX_BATCH {
-                let Ok(job) = rx.try_recv() else {
-                    break;
-                };
-                jobs.push(job);
+            let mut plain = Vec::new();
+            match msg {
+                Some(TreeMsg::Checkpoint { gen, through }) => waiting = Some((gen, through)),
+                Some(TreeMsg::Plain(job)) => plain.push(job),
+                None => {}
             }
-            let n = jobs.len();
-            let failed = self.run_batch(jobs, &mut done);
-            if let Some(e) = &failed {
-                tracing::error!(error = %e, jobs = n, "embedded store: batch not committed");
+            while !plain.is_empty() && plain.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(TreeMsg::Plain(job)) => plain.push(job),
+                    Ok(TreeMsg::Checkpoint { gen, through }) => waiting = Some((gen, through)),
+                    Err(_) => break,
+                }
             }
-            match &self.runtime {
-                Some(rt) => {
-                    let batch = std::mem::take(&mut done);
-                    rt.spawn(async move {
-                        for deliver in batch {
-                            deliver(failed.as_deref());
-                        }
-                    });
+            if let Some((gen, through)) = waiting.take() {
+                if !self.checkpoint(&gen, through) {
+                    waiting = Some((gen, through));
                 }
-                None => {
-                    for deliver in done.drain(..) {
-                        deliver(failed.as_deref());
-                    }
-                }
+            }
+            if !plain.is_empty() {
+                self.run_plain(plain);
             }
         }
-        self.checkpoint();
+        if let Some((gen, through)) = waiting {
+            // The last chance before closing; on failure the log replays it at the next start.
+            self.checkpoint(&gen, through);
+        }
     }
 
-    /// Runs one batch; returns why it did not become durable, if it did not.
-    fn run_batch(&mut self, jobs: Vec<Job>, done: &mut Vec<Deliver>) -> Option<String> {
-        if let Some(e) = &self.broken {
-            // Dropped unrun: each caller hears that the writer has stopped.
-            drop(jobs);
-            return Some(e.clone());
-        }
-        let tx = match self.open.take() {
-            Some(tx) => tx,
-            None => match self.db.begin_write() {
-                Ok(tx) => {
-                    self.opened = Instant::now();
-                    self.dirty = false;
-                    tx
-                }
-                // Nothing can run: dropping the jobs fails their callers (as a stopped writer).
-                Err(e) => return Some(e.to_string()),
-            },
-        };
-        let mut failed: Option<String> = None;
-        let mut plain = false;
-        let mut framed = Vec::new();
-        let mut entries = Vec::new();
-        for job in jobs {
-            // After a failure the remaining jobs still run (their results are replaced by the
-            // batch's error), which is simpler than reaching their callers otherwise.
-            let (state, deliver) = job(&tx);
-            match state {
-                Ok(Effect::None) => {}
-                Ok(Effect::Plain) => plain = true,
-                Ok(Effect::Logged { record, entry }) => {
-                    Wal::frame(&mut framed, &record);
-                    entries.push(entry);
-                }
-                Err(e) => {
-                    failed.get_or_insert(e);
-                }
-            }
-            done.push(deliver);
-        }
-        if failed.is_some() {
-            drop(tx);
-            self.restore();
-            return failed;
-        }
-        self.dirty |= plain || !entries.is_empty();
-        self.open = Some(tx);
-        let due = self.log.tail.bytes() + framed.len() >= self.log.policy.bytes
-            || self.opened.elapsed() >= self.log.policy.interval;
-        if plain || due {
-            // The commit makes this batch's appends durable and visible too: no log record needed.
-            return self.checkpoint();
-        }
-        if framed.is_empty() {
-            return None;
-        }
-        if let Err(e) = self.log.wal.append(&framed) {
-            self.open = None;
-            self.restore();
-            return Some(e.to_string());
-        }
-        self.log.tail.extend(entries);
-        None
-    }
-
-    /// Commits the open transaction durably and empties the tail and the log.
-    fn checkpoint(&mut self) -> Option<String> {
-        let mut tx = self.open.take()?;
-        if !self.dirty {
-            let _ = tx.abort();
-            return None;
-        }
-        tx.set_durability(Durability::Immediate);
-        if let Err(e) = tx.commit() {
-            self.restore();
-            return Some(e.to_string());
-        }
-        self.log.tail.clear();
-        if let Err(e) = self.log.wal.reset() {
-            // Harmless for correctness (replay skips what the B-trees hold) but the log grows.
-            tracing::error!(error = %e, "embedded store: could not empty the write-ahead log");
-        }
-        None
-    }
-
-    /// After the open transaction was lost (a failed job, log write or commit): writes the
-    /// logged appends again in a new transaction and commits it, so the B-trees hold exactly
-    /// what was acknowledged. On failure the writer stops taking writes.
-    fn restore(&mut self) {
-        self.open = None;
-        (self.log.lost)();
-        let result = (|| -> Result<()> {
-            let records = self.log.wal.records()?;
-            let mut tx = self.db.begin_write()?;
-            (self.log.replay)(&tx, &records)?;
-            tx.set_durability(Durability::Immediate);
+    /// Commits `gen` to the B-trees; whether it did.
+    fn checkpoint(&self, gen: &Gen, through: u64) -> bool {
+        let committed = (|| -> Result<()> {
+            let tx = self.db.begin_write()?;
+            (self.apply)(&tx, gen)?;
             tx.commit()?;
             Ok(())
         })();
-        match result {
-            Ok(()) => {
-                self.log.tail.clear();
-                if let Err(e) = self.log.wal.reset() {
-                    // What follows the acknowledged records may be a failed batch's: stop rather
-                    // than log after it.
-                    let why = format!("the writer stopped: the write-ahead log could not be emptied ({e})");
-                    tracing::error!("embedded store: {why}");
-                    self.broken = Some(why);
+        if let Err(e) = committed {
+            tracing::error!(error = %e, "embedded store: checkpoint not committed; trying again");
+            return false;
+        }
+        // Counted before the tail lets go of it: see [`Reader`].
+        self.commits.fetch_add(1, Ordering::SeqCst);
+        self.tail.release();
+        if let Err(e) = Segments::remove_through(&self.dir, through) {
+            // Harmless for correctness (replay skips what the B-trees hold) but the log grows.
+            tracing::error!(error = %e, "embedded store: could not remove committed log segments");
+        }
+        let _ = self.log.send(LogMsg::Done);
+        true
+    }
+
+    fn run_plain(&self, jobs: Vec<PlainJob>) {
+        let n = jobs.len();
+        let mut done = Vec::with_capacity(n);
+        let failed = match self.db.begin_write() {
+            Err(e) => Some(e.to_string()),
+            Ok(tx) => {
+                let mut failed = None;
+                let mut wrote = false;
+                for job in jobs {
+                    // After a failure the remaining jobs still run (their results are replaced
+                    // by the batch's error), which is simpler than reaching their callers
+                    // otherwise.
+                    let (state, deliver) = job(&tx);
+                    match state {
+                        Ok(w) => wrote |= w,
+                        Err(e) => {
+                            failed.get_or_insert(e);
+                        }
+                    }
+                    done.push(deliver);
+                }
+                match failed {
+                    Some(e) => Some(e),
+                    None if wrote => tx.commit().err().map(|e| e.to_string()),
+                    None => tx.abort().err().map(|e| e.to_string()),
                 }
             }
-            Err(e) => {
-                let why =
-                    format!("the writer stopped: logged appends could not be restored ({e}); restart to replay them");
-                tracing::error!("embedded store: {why}");
-                self.broken = Some(why);
-            }
+        };
+        if let Some(e) = &failed {
+            tracing::error!(error = %e, jobs = n, "embedded store: batch not committed");
         }
+        hand_back(&self.runtime, done, failed);
     }
 }

@@ -1,20 +1,26 @@
-//! The embedded store's tail: the messages appended and the ack and read cursors raised (all
-//! durable in the write-ahead log) since the last B-tree commit, which readers see through it until that commit makes them visible in the
-//! B-trees. Readers take what they need from the tail **before** opening their read transaction:
-//! the writer empties the tail only after a commit, so every message is in one or the other (or
-//! both, when the commit lands in between; then the B-tree's copy wins, since a recall may have
-//! changed it).
+//! The embedded store's tail: every message appended or recalled and every ack and read cursor
+//! raised (all durable in the write-ahead log) that the B-trees may not hold yet, which readers
+//! see through it.
+//!
+//! It holds up to two **generations**: the `active` one the log thread adds to, and a `frozen`
+//! one that the B-tree thread is applying to the B-trees (a checkpoint). A generation is dropped
+//! only after the commit that holds it, so readers take what they need from the tail **before**
+//! opening their read transaction: every message is then in one or the other (or both, when the
+//! commit lands in between; the tail's copy wins, since every change of a message goes through
+//! the tail first).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::{AckCursor, Message, ReadCursor};
 
 /// What one logged write adds to the tail.
 pub(crate) enum Entry {
-    /// A message appended, with the members whose conversation index got their first row for
-    /// its conversation with it, and its size in the log (which stands for the memory it holds).
-    Message { msg: Arc<Message>, indexed: Vec<String>, bytes: usize },
+    /// A message appended (`json` is its stored encoding), with the members whose conversation
+    /// index got their first row for its conversation with it, and its size in the log.
+    Message { msg: Arc<Message>, json: Arc<[u8]>, indexed: Vec<String>, bytes: usize },
+    /// A stored message replaced by its recalled form.
+    Recalled { msg: Arc<Message>, json: Arc<[u8]>, bytes: usize },
     /// Ack cursors raised.
     Acks(Vec<AckCursor>),
     /// Read marks raised.
@@ -24,24 +30,147 @@ pub(crate) enum Entry {
 /// Rough memory of one cursor in the tail.
 const CURSOR_BYTES: usize = 96;
 
-#[derive(Default)]
-struct Inner {
-    /// conv -> its messages since the last commit, in seq order.
-    convs: HashMap<String, Vec<Arc<Message>>>,
-    /// "conv\0from\0cmid" -> seq.
-    cmids: HashMap<String, u64>,
-    /// "conv\0mid" -> seq.
-    mids: HashMap<String, u64>,
-    /// user -> conversations first indexed for them since the last commit.
-    indexed: HashMap<String, Vec<String>>,
-    /// (user, device) -> conv -> acked seq.
-    acks: HashMap<(String, String), HashMap<String, u64>>,
-    /// user -> conv -> read seq.
-    reads: HashMap<String, HashMap<String, u64>>,
-    bytes: usize,
+/// A message held by a generation: decoded for readers, encoded for the checkpoint.
+#[derive(Clone)]
+pub(crate) struct Held {
+    pub msg: Arc<Message>,
+    pub json: Arc<[u8]>,
+    /// Appended in this generation (its index rows are written with it), not only changed.
+    pub appended: bool,
 }
 
-/// Shared by the writer thread (which fills and empties it) and readers.
+/// A conversation's messages in one generation.
+#[derive(Default)]
+pub(crate) struct ConvTail {
+    pub by_seq: BTreeMap<u64, Held>,
+    /// The highest seq appended in this generation (0: only changes of older messages).
+    pub last: u64,
+}
+
+/// One generation of the tail.
+#[derive(Default)]
+pub(crate) struct Gen {
+    pub convs: HashMap<String, ConvTail>,
+    /// "conv\0from\0cmid" -> seq, of the messages appended here.
+    cmids: HashMap<String, u64>,
+    /// "conv\0mid" -> seq, of the messages appended here.
+    mids: HashMap<String, u64>,
+    /// user -> conversations first indexed for them here.
+    pub indexed: HashMap<String, Vec<String>>,
+    /// (user, device) -> conv -> acked seq.
+    pub acks: HashMap<(String, String), HashMap<String, u64>>,
+    /// user -> conv -> read seq.
+    pub reads: HashMap<String, HashMap<String, u64>>,
+    pub bytes: usize,
+}
+
+impl Gen {
+    pub fn is_empty(&self) -> bool {
+        self.convs.is_empty() && self.acks.is_empty() && self.reads.is_empty()
+    }
+
+    fn add(&mut self, entry: Entry) {
+        match entry {
+            Entry::Message { msg, json, indexed, bytes } => {
+                // The decoded message (its body as a JSON tree), its encoding, its keys in the
+                // two maps, and one index row per newly indexed member.
+                self.bytes += bytes
+                    + json.len()
+                    + value_bytes(&msg.body)
+                    + 4 * msg.conv.len()
+                    + msg.from.len()
+                    + msg.cmid.len()
+                    + msg.mid.len()
+                    + 256
+                    + indexed.iter().map(|u| u.len() + msg.conv.len() + 64).sum::<usize>();
+                self.cmids.insert(cmid_key(&msg.conv, &msg.from, &msg.cmid), msg.seq);
+                self.mids.insert(mid_key(&msg.conv, &msg.mid), msg.seq);
+                for user in indexed {
+                    self.indexed.entry(user).or_default().push(msg.conv.clone());
+                }
+                let conv = self.convs.entry(msg.conv.clone()).or_default();
+                conv.last = conv.last.max(msg.seq);
+                conv.by_seq.insert(msg.seq, Held { msg, json, appended: true });
+            }
+            Entry::Recalled { msg, json, bytes } => {
+                self.bytes += bytes + json.len() + value_bytes(&msg.body) + msg.conv.len() + 256;
+                let conv = self.convs.entry(msg.conv.clone()).or_default();
+                let appended = conv.by_seq.get(&msg.seq).is_some_and(|h| h.appended);
+                conv.by_seq.insert(msg.seq, Held { msg, json, appended });
+            }
+            Entry::Acks(cursors) => {
+                self.bytes += cursors.len() * CURSOR_BYTES;
+                for c in cursors {
+                    raise(self.acks.entry((c.user, c.device)).or_default(), c.conv, c.seq);
+                }
+            }
+            Entry::Reads(cursors) => {
+                self.bytes += cursors.len() * CURSOR_BYTES;
+                for c in cursors {
+                    raise(self.reads.entry(c.user).or_default(), c.conv, c.seq);
+                }
+            }
+        }
+    }
+
+    fn at(&self, conv: &str, seq: u64) -> Option<Arc<Message>> {
+        self.convs.get(conv)?.by_seq.get(&seq).map(|h| h.msg.clone())
+    }
+
+    /// Takes in everything of `newer`, whose copies win.
+    fn absorb(&mut self, newer: Gen) {
+        for (conv, c) in newer.convs {
+            let mine = self.convs.entry(conv).or_default();
+            mine.last = mine.last.max(c.last);
+            for (seq, h) in c.by_seq {
+                let appended = h.appended || mine.by_seq.get(&seq).is_some_and(|o| o.appended);
+                mine.by_seq.insert(seq, Held { appended, ..h });
+            }
+        }
+        self.cmids.extend(newer.cmids);
+        self.mids.extend(newer.mids);
+        for (user, convs) in newer.indexed {
+            self.indexed.entry(user).or_default().extend(convs);
+        }
+        for (key, cursors) in newer.acks {
+            merge_cursors(self.acks.entry(key).or_default(), cursors);
+        }
+        for (user, cursors) in newer.reads {
+            merge_cursors(self.reads.entry(user).or_default(), cursors);
+        }
+        self.bytes += newer.bytes;
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    /// The log thread's batch in progress: seen by its later jobs, by readers only once logged.
+    staged: Gen,
+    /// Being applied to the B-trees by a checkpoint.
+    frozen: Option<Arc<Gen>>,
+    /// Being added to by the log thread.
+    active: Gen,
+}
+
+impl Inner {
+    /// The generations, newest first.
+    fn gens(&self) -> impl Iterator<Item = &Gen> {
+        std::iter::once(&self.active).chain(self.frozen.as_deref())
+    }
+
+    /// The generations, newest first, with the staged batch if `staged`.
+    fn gens_with(&self, staged: bool) -> impl Iterator<Item = &Gen> {
+        staged.then_some(&self.staged).into_iter().chain(self.gens())
+    }
+
+    /// The newest copy of `conv`#`seq` in the tail.
+    fn at(&self, conv: &str, seq: u64, staged: bool) -> Option<Arc<Message>> {
+        self.gens_with(staged).find_map(|g| g.at(conv, seq))
+    }
+}
+
+/// Shared by the log thread (which adds to it and freezes it), the B-tree thread (which
+/// releases a frozen generation once committed) and readers.
 #[derive(Default, Clone)]
 pub(crate) struct Tail(Arc<Mutex<Inner>>);
 
@@ -59,96 +188,135 @@ impl Tail {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Makes `entries` (durable in the log) visible to readers.
-    pub fn extend(&self, entries: Vec<Entry>) {
+    /// Adds an entry of the log thread's batch in progress (see [`Tail::publish`]).
+    pub fn stage(&self, entry: Entry) {
+        self.lock().staged.add(entry);
+    }
+
+    /// Makes the staged entries (now durable in the log) visible to readers.
+    pub fn publish(&self) {
         let mut t = self.lock();
-        for entry in entries {
-            match entry {
-                Entry::Message { msg, indexed, bytes } => {
-                    // The decoded message (its body as a JSON tree), its keys in the two maps,
-                    // and one index row per newly indexed member.
-                    t.bytes += bytes
-                        + value_bytes(&msg.body)
-                        + 4 * msg.conv.len()
-                        + msg.from.len()
-                        + msg.cmid.len()
-                        + msg.mid.len()
-                        + 256
-                        + indexed.iter().map(|u| u.len() + msg.conv.len() + 64).sum::<usize>();
-                    t.cmids.insert(cmid_key(&msg.conv, &msg.from, &msg.cmid), msg.seq);
-                    t.mids.insert(mid_key(&msg.conv, &msg.mid), msg.seq);
-                    for user in indexed {
-                        t.indexed.entry(user).or_default().push(msg.conv.clone());
-                    }
-                    t.convs.entry(msg.conv.clone()).or_default().push(msg);
-                }
-                Entry::Acks(cursors) => {
-                    t.bytes += cursors.len() * CURSOR_BYTES;
-                    for c in cursors {
-                        raise(t.acks.entry((c.user, c.device)).or_default(), c.conv, c.seq);
-                    }
-                }
-                Entry::Reads(cursors) => {
-                    t.bytes += cursors.len() * CURSOR_BYTES;
-                    for c in cursors {
-                        raise(t.reads.entry(c.user).or_default(), c.conv, c.seq);
-                    }
-                }
-            }
+        let staged = std::mem::take(&mut t.staged);
+        t.active.absorb(staged);
+    }
+
+    /// Forgets the staged entries (their log write failed).
+    pub fn discard(&self) {
+        self.lock().staged = Gen::default();
+    }
+
+    /// Bytes held by the active generation, and whether a frozen one is still being applied.
+    pub fn state(&self) -> (usize, bool) {
+        let t = self.lock();
+        (t.active.bytes, t.frozen.is_some())
+    }
+
+    /// Turns the active generation into the frozen one and returns it for the checkpoint
+    /// (`None` when it is empty). Only when no generation is frozen.
+    pub fn freeze(&self) -> Option<Arc<Gen>> {
+        let mut t = self.lock();
+        debug_assert!(t.frozen.is_none(), "one checkpoint at a time");
+        if t.active.is_empty() {
+            return None;
         }
+        let gen = Arc::new(std::mem::take(&mut t.active));
+        t.frozen = Some(gen.clone());
+        Some(gen)
     }
 
-    /// Forgets everything once a commit holds it.
-    pub fn clear(&self) {
-        *self.lock() = Inner::default();
-    }
-
-    /// Roughly the memory the tail holds, in bytes.
-    pub fn bytes(&self) -> usize {
-        self.lock().bytes
+    /// Forgets the frozen generation once a commit holds it.
+    pub fn release(&self) {
+        self.lock().frozen = None;
     }
 
     /// The ack cursors of `device` of `user` raised in the tail.
     pub fn acks(&self, user: &str, device: &str) -> HashMap<String, u64> {
-        self.lock().acks.get(&(user.to_owned(), device.to_owned())).cloned().unwrap_or_default()
+        let t = self.lock();
+        let key = (user.to_owned(), device.to_owned());
+        let mut out = HashMap::new();
+        for g in t.gens() {
+            merge_cursors(&mut out, g.acks.get(&key).cloned().unwrap_or_default());
+        }
+        out
     }
 
     /// The read marks of `user` raised in the tail.
     pub fn reads(&self, user: &str) -> HashMap<String, u64> {
-        self.lock().reads.get(user).cloned().unwrap_or_default()
-    }
-
-    /// The messages of `conv` in the tail whose seq is in `range`.
-    pub fn messages(&self, conv: &str, range: impl std::ops::RangeBounds<u64>) -> Vec<Arc<Message>> {
         let t = self.lock();
-        t.convs.get(conv).map_or_else(Vec::new, |ms| ms.iter().filter(|m| range.contains(&m.seq)).cloned().collect())
+        let mut out = HashMap::new();
+        for g in t.gens() {
+            merge_cursors(&mut out, g.reads.get(user).cloned().unwrap_or_default());
+        }
+        out
     }
 
-    /// The last seq of `conv` in the tail.
-    pub fn last_seq(&self, conv: &str) -> Option<u64> {
-        self.lock().convs.get(conv).and_then(|ms| ms.last()).map(|m| m.seq)
-    }
-
-    /// The message of `conv` that `from` sent with `cmid`, if it is in the tail.
-    pub fn by_cmid(&self, conv: &str, from: &str, cmid: &str) -> Option<Arc<Message>> {
+    /// The messages of `conv` in the tail whose seq is in `range` (the newest copy of each), in
+    /// seq order.
+    pub fn messages(&self, conv: &str, range: impl std::ops::RangeBounds<u64> + Clone) -> Vec<Arc<Message>> {
         let t = self.lock();
-        let seq = *t.cmids.get(&cmid_key(conv, from, cmid))?;
-        at(&t, conv, seq)
+        let mut by_seq = BTreeMap::new();
+        // oldest generation first, so newer copies replace older ones
+        for g in [t.frozen.as_deref(), Some(&t.active)].into_iter().flatten() {
+            if let Some(c) = g.convs.get(conv) {
+                for (seq, h) in c.by_seq.range(range.clone()) {
+                    by_seq.insert(*seq, h.msg.clone());
+                }
+            }
+        }
+        by_seq.into_values().collect()
     }
 
-    /// The message `mid` of `conv`, if it is in the tail.
+    // The lookups below see the log thread's staged batch when `staged` (the log thread's own
+    // calls); readers pass `false`.
+
+    /// The last seq appended to `conv` in the tail, with that message's ts.
+    pub fn last(&self, conv: &str, staged: bool) -> Option<(u64, u64)> {
+        let t = self.lock();
+        let seq = t.gens_with(staged).filter_map(|g| g.convs.get(conv)).map(|c| c.last).max().filter(|&s| s > 0)?;
+        Some((seq, t.at(conv, seq, staged).map_or(0, |m| m.ts)))
+    }
+
+    /// The newest copy in the tail of `conv`#`seq`.
+    pub fn at(&self, conv: &str, seq: u64, staged: bool) -> Option<Arc<Message>> {
+        self.lock().at(conv, seq, staged)
+    }
+
+    /// The message of `conv` that `from` sent with `cmid`, if it was appended in the tail.
+    pub fn by_cmid(&self, conv: &str, from: &str, cmid: &str, staged: bool) -> Option<Arc<Message>> {
+        let t = self.lock();
+        let key = cmid_key(conv, from, cmid);
+        let seq = t.gens_with(staged).find_map(|g| g.cmids.get(&key).copied())?;
+        t.at(conv, seq, staged)
+    }
+
+    /// The message `mid` of `conv`, if it was appended in the tail.
     pub fn by_mid(&self, conv: &str, mid: &str) -> Option<Arc<Message>> {
         let t = self.lock();
-        let seq = *t.mids.get(&mid_key(conv, mid))?;
-        at(&t, conv, seq)
+        let key = mid_key(conv, mid);
+        let seq = t.gens().find_map(|g| g.mids.get(&key).copied())?;
+        t.at(conv, seq, false)
     }
 
-    /// For `user`: the conversations first indexed for them in the tail, and the last seq in the
-    /// tail of every conversation that has one.
+    /// Whether `user` got their conversation-index row for `conv` in the tail (or the staged
+    /// batch).
+    pub fn indexed(&self, user: &str, conv: &str) -> bool {
+        self.lock().gens_with(true).any(|g| g.indexed.get(user).is_some_and(|cs| cs.iter().any(|c| c == conv)))
+    }
+
+    /// For `user`: the conversations first indexed for them in the tail, and the last seq
+    /// appended in the tail of every conversation that has one.
     pub fn user_view(&self, user: &str) -> (Vec<String>, HashMap<String, u64>) {
         let t = self.lock();
-        let new = t.indexed.get(user).cloned().unwrap_or_default();
-        let lasts = t.convs.iter().filter_map(|(c, ms)| Some((c.clone(), ms.last()?.seq))).collect();
+        let mut new = Vec::new();
+        let mut lasts = HashMap::new();
+        for g in t.gens() {
+            new.extend(g.indexed.get(user).into_iter().flatten().cloned());
+            for (conv, c) in &g.convs {
+                if c.last > 0 {
+                    raise(&mut lasts, conv.clone(), c.last);
+                }
+            }
+        }
         (new, lasts)
     }
 }
@@ -177,21 +345,16 @@ pub(crate) fn merge_cursors(stored: &mut HashMap<String, u64>, tail: HashMap<Str
     }
 }
 
-fn at(t: &Inner, conv: &str, seq: u64) -> Option<Arc<Message>> {
-    let ms = t.convs.get(conv)?;
-    let first = ms.first()?.seq;
-    ms.get(usize::try_from(seq.checked_sub(first)?).ok()?).cloned()
-}
-
-/// Merges messages read from the B-tree (`stored`) with the tail's: one per seq, the stored copy
-/// winning, in ascending seq order.
+/// Merges messages read from the B-tree (`stored`) with the tail's: one per seq, the tail's copy
+/// winning (every change of a message reaches the tail before the B-tree), in ascending seq
+/// order.
 pub(crate) fn merge(stored: Vec<Message>, tail: Vec<Arc<Message>>) -> Vec<Message> {
     if tail.is_empty() {
         return stored;
     }
-    let mut by_seq: std::collections::BTreeMap<u64, Message> = stored.into_iter().map(|m| (m.seq, m)).collect();
+    let mut by_seq: BTreeMap<u64, Message> = stored.into_iter().map(|m| (m.seq, m)).collect();
     for m in tail {
-        by_seq.entry(m.seq).or_insert_with(|| (*m).clone());
+        by_seq.insert(m.seq, (*m).clone());
     }
     by_seq.into_values().collect()
 }

@@ -1,7 +1,10 @@
 //! The embedded store's write-ahead log of message appends: what makes an append durable between
 //! two B-tree commits. A batch of appends costs one sequential `write` and one `fdatasync` here,
-//! instead of rewriting a copy-on-write leaf in each of the message tables per batch; the B-tree
-//! commit that later holds them all (a checkpoint) empties the log.
+//! instead of rewriting a copy-on-write leaf in each of the message tables per batch.
+//!
+//! The log is a run of numbered **segments** (`appends-<n>.wal`, [`Segments`]): the log thread
+//! writes the newest and starts the next one when it hands what it logged to a checkpoint; the
+//! B-tree commit that holds a segment's records removes the segment.
 //!
 //! A record is `len: u32 LE`, `hash: u64 LE` (xxh3 of the payload), then `len` payload bytes. A
 //! torn tail (a crash in the middle of a write) fails its length or hash check, and reading stops
@@ -10,7 +13,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -55,13 +58,6 @@ impl Wal {
         Ok((Self { file, len: intact }, records))
     }
 
-    /// The payloads of every record in the log, oldest first.
-    pub fn records(&mut self) -> Result<Vec<Vec<u8>>> {
-        let mut bytes = vec![0; self.len as usize];
-        self.file.read_exact_at(&mut bytes, 0).map_err(|e| io_error("reading", e))?;
-        Ok(parse(&bytes).0)
-    }
-
     /// Appends `payload` framed as a record to `out` (a batch written by [`Wal::append`]).
     pub fn frame(out: &mut Vec<u8>, payload: &[u8]) {
         out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
@@ -87,7 +83,8 @@ impl Wal {
         }
     }
 
-    /// Empties the log once a durable B-tree commit holds everything in it.
+    /// Empties the log.
+    #[cfg(test)]
     pub fn reset(&mut self) -> Result<()> {
         if self.len == 0 {
             return Ok(());
@@ -96,6 +93,90 @@ impl Wal {
         self.len = 0;
         // Not synced: if the truncation is lost in a crash, replaying records the B-tree already
         // holds changes nothing (replay skips what is there).
+        Ok(())
+    }
+}
+
+/// The log's segment files in `dir`, oldest first: the single `appends.wal` of older versions
+/// (number 0), then `appends-<n>.wal`.
+fn segment_files(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| io_error("listing the segments", e))? {
+        let path = entry.map_err(|e| io_error("listing the segments", e))?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+        let n = match name {
+            "appends.wal" => 0,
+            _ => match name.strip_prefix("appends-").and_then(|r| r.strip_suffix(".wal")).map(str::parse) {
+                Some(Ok(n)) => n,
+                _ => continue,
+            },
+        };
+        out.push((n, path));
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+fn segment_path(dir: &Path, n: u64) -> PathBuf {
+    dir.join(format!("appends-{n:020}.wal"))
+}
+
+/// Makes the creation or removal of files in `dir` durable.
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_error("syncing the directory", e))
+}
+
+/// The segmented log of one directory; owned by the log thread.
+pub(crate) struct Segments {
+    dir: PathBuf,
+    /// The number of the segment written now.
+    n: u64,
+    wal: Wal,
+}
+
+impl Segments {
+    /// Reads every segment in `dir`: the payloads of their intact records, oldest first, and the
+    /// highest segment number found (0 if none). A torn tail of a segment is cut off.
+    pub fn recover(dir: &Path) -> Result<(Vec<Vec<u8>>, u64)> {
+        let mut records = Vec::new();
+        let mut last = 0;
+        for (n, path) in segment_files(dir)? {
+            records.extend(Wal::open(&path)?.1);
+            last = n;
+        }
+        Ok((records, last))
+    }
+
+    /// Starts segment `n` in `dir` (empty).
+    pub fn start(dir: &Path, n: u64) -> Result<Self> {
+        let path = segment_path(dir, n);
+        let wal = Wal::open(&path)?.0;
+        wal.file.set_len(0).map_err(|e| io_error("emptying a new segment", e))?;
+        sync_dir(dir)?;
+        Ok(Self { dir: dir.to_owned(), n, wal: Wal { len: 0, ..wal } })
+    }
+
+    /// Appends framed records to the current segment and waits until they are on disk.
+    pub fn append(&mut self, framed: &[u8]) -> Result<()> {
+        self.wal.append(framed)
+    }
+
+    /// Starts the next segment; returns the number of the one before, whose records (and every
+    /// older segment's) a checkpoint may then commit and remove with [`Segments::remove_through`].
+    pub fn rotate(&mut self) -> Result<u64> {
+        let next = Self::start(&self.dir, self.n + 1)?;
+        Ok(std::mem::replace(self, next).n)
+    }
+
+    /// Removes the segments numbered up to `n` in `dir`, once a durable commit holds their
+    /// records. Not synced: a removal lost in a crash only means records replayed again, and
+    /// replaying changes nothing the B-trees hold already.
+    pub fn remove_through(dir: &Path, n: u64) -> Result<()> {
+        for (m, path) in segment_files(dir)? {
+            if m <= n {
+                std::fs::remove_file(&path).map_err(|e| io_error("removing a segment", e))?;
+            }
+        }
         Ok(())
     }
 }
