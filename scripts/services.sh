@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs (when missing) and runs the engines the cluster tests need, on
 # 127.0.0.1 only: Redis, PostgreSQL and tansu (a Kafka-protocol broker).
+# Also installs HAProxy, which the load-balancer test starts itself.
 # Redis and PostgreSQL also take TLS (Redis on a port of its own), with a
 # certificate signed by a throwaway CA made here (also usable as a client
 # certificate: the mutual-TLS test of the internal links uses it).
@@ -36,6 +37,7 @@ install_packages() {
     local missing=()
     command -v redis-server >/dev/null || missing+=(redis-server)
     command -v openssl >/dev/null || missing+=(openssl)
+    [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
     [ -n "$PG_BIN" ] || missing+=(postgresql)
     if [ ${#missing[@]} -gt 0 ]; then
         log "installing ${missing[*]}"
@@ -133,6 +135,7 @@ env_lines() {
     echo "export SB_TEST_REDIS_TLS_URL=rediss://127.0.0.1:$REDIS_TLS_PORT/"
     echo "export SB_TEST_POSTGRES_TLS_URL=postgres://postgres@127.0.0.1:$PG_PORT/postgres?sslmode=require"
     echo "export SB_TEST_CA_FILE=$STATE/tls/ca.pem"
+    echo "export SB_HAPROXY_BIN=/usr/sbin/haproxy"
 }
 
 case "${1:-}" in

@@ -15,6 +15,8 @@ mod ipcap;
 pub mod link;
 mod metrics;
 pub mod pool;
+/// PROXY protocol headers (public for the fuzz targets in `fuzz/`).
+pub mod proxyproto;
 mod push;
 mod shard;
 /// Raw TCP length-prefix framing (public for the fuzz targets in `fuzz/`).
@@ -29,6 +31,7 @@ use std::time::{Duration, Instant};
 use mio::{Poll, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
 use switchboard_proto::internal::gateway_server::GatewayServer;
+pub use switchboard_proto::trusted::TrustedProxies;
 
 pub use crate::link::{GrpcLink, LinkFuture, LogicLink};
 pub use crate::metrics::GatewayMetrics;
@@ -39,6 +42,33 @@ use crate::bridge::{Bridge, ShardLink, ShardMsg};
 use crate::metrics::CpuSampler;
 use crate::push::PushService;
 use crate::shard::{Env, Shard, WAKER};
+
+/// Whether the client listeners read a PROXY protocol header (v1 or v2) from connections of
+/// trusted proxies ([`GatewayConfig::trusted_proxies`]). Connections from other addresses are
+/// clients themselves in every mode, and one that starts with a PROXY header is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProxyMode {
+    /// No header is read: a connection that sends one is refused.
+    #[default]
+    Off,
+    /// A trusted proxy's connection may start with a header.
+    Optional,
+    /// A trusted proxy's connection must start with a header (refused without one).
+    Required,
+}
+
+impl std::str::FromStr for ProxyMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(Self::Off),
+            "optional" => Ok(Self::Optional),
+            "required" => Ok(Self::Required),
+            _ => Err(format!("{s:?}: expected off, optional or required")),
+        }
+    }
+}
 
 /// Gateway settings.
 #[derive(Debug, Clone)]
@@ -88,8 +118,13 @@ pub struct GatewayConfig {
     /// Connections per process.
     pub max_connections: usize,
     /// Connections per client address bucket (an IPv4 address, an IPv6 /64) over the whole
-    /// process; 0: no cap.
+    /// process; 0: no cap. Behind a trusted proxy that sends PROXY headers, the address the
+    /// header names is counted.
     pub max_connections_per_ip: usize,
+    /// PROXY protocol on the WebSocket and raw TCP listeners.
+    pub proxy_protocol: ProxyMode,
+    /// Addresses whose connections may carry a PROXY header.
+    pub trusted_proxies: TrustedProxies,
     /// Secret every internal call must carry, both ways (`None`: internal links are open; only
     /// for a gateway and logic on one trusted host).
     pub cluster_secret: Option<String>,
@@ -126,6 +161,8 @@ impl Default for GatewayConfig {
             max_pending_requests: 64,
             max_connections: 100_000,
             max_connections_per_ip: 1000,
+            proxy_protocol: ProxyMode::Off,
+            trusted_proxies: TrustedProxies::default(),
             max_link_message_bytes: 16 << 20,
             cluster_secret: None,
             cluster_tls: None,

@@ -226,7 +226,11 @@ impl Shard {
                 drop(stream);
                 continue;
             }
-            if !self.env.ip_caps.admit(peer.ip()) {
+            // A trusted proxy's connection is counted under the client's address once its
+            // PROXY header names it.
+            let proxied =
+                self.env.cfg.proxy_protocol != crate::ProxyMode::Off && self.env.cfg.trusted_proxies.trusts(peer.ip());
+            if !proxied && !self.env.ip_caps.admit(peer.ip()) {
                 tracing::debug!(peer = %peer, "connections per address reached; closing");
                 GatewayMetrics::inc(&self.env.metrics.errors);
                 drop(stream);
@@ -239,12 +243,14 @@ impl Shard {
             if let Err(e) = self.poll.registry().register(&mut stream, Token(key), Interest::READABLE) {
                 tracing::warn!(error = %e, "register failed");
                 GatewayMetrics::inc(&self.env.metrics.errors);
-                self.env.ip_caps.release(peer.ip());
+                if !proxied {
+                    self.env.ip_caps.release(peer.ip());
+                }
                 continue;
             }
             self.env.metrics.connections.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(shard = self.idx, conn = id, peer = %peer, "accepted");
-            let conn = Conn::accept(id, peer, stream, tcp, &mut self.env);
+            let conn = Conn::accept(id, peer, stream, tcp, proxied, &mut self.env);
             entry.insert(conn);
             self.finish(key);
         }
@@ -373,7 +379,9 @@ impl Shard {
             conn.notify_closed(&mut self.env);
             conn.cancel_timers(&mut self.env);
             self.env.metrics.connections.fetch_sub(1, Ordering::Relaxed);
-            self.env.ip_caps.release(conn.peer_ip());
+            if let Some(ip) = conn.counted_ip() {
+                self.env.ip_caps.release(ip);
+            }
             tracing::debug!(shard = self.idx, conn = conn.id, "connection closed");
         }
     }

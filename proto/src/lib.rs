@@ -4,6 +4,7 @@
 pub mod cluster_auth;
 pub mod cluster_tls;
 pub mod net;
+pub mod trusted;
 
 /// Client frames (`sb.bin.v1` and raw TCP).
 pub mod v1 {

@@ -2,18 +2,22 @@
 //! needs: a cap on open connections (one beyond it is closed at once), a header-read timeout
 //! (a client that does not finish its request head in time is closed: slowloris, and idle
 //! keep-alive connections, since the timer also runs while waiting for the next request), and a
-//! timeout on each whole request, body included (`408` after it).
+//! timeout on each whole request, body included (`408` after it). Behind a trusted proxy the
+//! client's address (what per-address limits count) comes from the forwarding headers.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::net::SocketAddr;
+
 use axum::extract::ConnectInfo;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use switchboard_proto::trusted::TrustedProxies;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Semaphore};
 
@@ -38,8 +42,30 @@ impl Default for HttpLimits {
     }
 }
 
+/// The address a request from `peer` comes from: `peer`, or behind a trusted proxy the client
+/// its `Forwarded` / `X-Forwarded-For` headers name (port 0 when it is not `peer`).
+fn client_addr(trusted: &TrustedProxies, peer: SocketAddr, headers: &HeaderMap) -> SocketAddr {
+    if !trusted.trusts(peer.ip()) {
+        return peer;
+    }
+    let values = |name: &str| headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>();
+    let ip = trusted.client(peer.ip(), &values("forwarded"), &values("x-forwarded-for"));
+    if ip == peer.ip() {
+        peer
+    } else {
+        SocketAddr::new(ip, 0)
+    }
+}
+
 /// Serves `router` on `listener` until `stopped` resolves, then lets open requests finish.
-pub async fn serve(listener: TcpListener, router: Router, limits: HttpLimits, stopped: oneshot::Receiver<()>) {
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: HttpLimits,
+    trusted: TrustedProxies,
+    stopped: oneshot::Receiver<()>,
+) {
+    let trusted = Arc::new(trusted);
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -63,9 +89,11 @@ pub async fn serve(listener: TcpListener, router: Router, limits: HttpLimits, st
             continue;
         };
         let router = router.clone();
+        let trusted = trusted.clone();
         let timeout = limits.request_timeout;
         let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-            req.extensions_mut().insert(ConnectInfo(peer));
+            let client = client_addr(&trusted, peer, req.headers());
+            req.extensions_mut().insert(ConnectInfo(client));
             let mut router = router.clone();
             async move {
                 let call = tower_service::Service::call(&mut router, req);

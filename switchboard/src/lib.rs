@@ -4,6 +4,7 @@
 //! `logic`, `gateway` and `persist` (the cluster roles over Redis, Kafka and
 //! PostgreSQL).
 
+mod gateway_health;
 mod heartbeat;
 pub mod http_serve;
 pub mod inproc;
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use switchboard_gateway::Gateway;
+use switchboard_gateway::{Gateway, TrustedProxies};
 use switchboard_logic::push::{GrpcPush, PushTransport};
 use switchboard_logic::{http::MetricsHook, GatewayInfo, Logic, LogicService, Stores};
 use switchboard_storage::cluster::ClusterMessages;
@@ -209,17 +210,19 @@ impl LogicRole {
             TcpListener::bind(s.http_addr()).await.with_context(|| format!("binding {}", s.http_addr()))?;
         let http_addr = http_listener.local_addr()?;
         let limits = s.http_limits();
+        let trusted = s.trusted_proxies()?;
         let (router, admin, admin_addr) = match s.admin_addr {
             None => (switchboard_logic::http::router(logic.clone(), extra), None, None),
             Some(addr) => {
                 let (client, operator) = switchboard_logic::http::split_routers(logic.clone(), extra);
                 let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
                 let admin_addr = listener.local_addr()?;
-                let admin = Task::spawn(|stopped| http_serve::serve(listener, operator, limits, stopped));
+                let trusted = trusted.clone();
+                let admin = Task::spawn(|stopped| http_serve::serve(listener, operator, limits, trusted, stopped));
                 (client, Some(admin), Some(admin_addr))
             }
         };
-        let http = Task::spawn(|stopped| http_serve::serve(http_listener, router, limits, stopped));
+        let http = Task::spawn(|stopped| http_serve::serve(http_listener, router, limits, trusted, stopped));
         let (heartbeat, sweeper) = match cluster {
             Some(ClusterParts { redis, messages }) => {
                 let rpc = s.advertise_logic.clone().unwrap_or_else(|| format!("{scheme}://{grpc_addr}"));
@@ -258,10 +261,13 @@ impl LogicRole {
     }
 }
 
-/// A running gateway, registered in the cluster registry when configured.
+/// A running gateway, registered in the cluster registry when configured, with its own
+/// health listener when `--health-addr` is set.
 pub struct GatewayRole {
     pub gateway: Gateway,
     heartbeat: Option<heartbeat::Heartbeat>,
+    health: Option<(SocketAddr, gateway_health::Health, Task)>,
+    grace: Duration,
 }
 
 impl GatewayRole {
@@ -281,16 +287,46 @@ impl GatewayRole {
             }
             None => None,
         };
+        let health = match s.health_addr {
+            Some(addr) => {
+                let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+                let addr = listener.local_addr()?;
+                let health = gateway_health::Health::default();
+                let router = health.router(gateway.metrics());
+                let limits = s.http_limits();
+                let task = Task::spawn(|stopped| {
+                    http_serve::serve(listener, router, limits, TrustedProxies::default(), stopped)
+                });
+                Some((addr, health, task))
+            }
+            None => None,
+        };
         tracing::info!(ws = %gateway.ws_addr(), push = %gateway.push_addr(), "gateway serving");
-        Ok(Self { gateway, heartbeat })
+        Ok(Self { gateway, heartbeat, health, grace: s.drain_grace() })
     }
 
-    /// Leaves the registry, then drains and closes every connection.
+    /// The health listener's address (`--health-addr`).
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health.as_ref().map(|(addr, _, _)| *addr)
+    }
+
+    /// Reports unready and leaves the registry, waits the drain grace (a load balancer stops
+    /// sending new connections meanwhile), then drains and closes every connection.
     pub async fn stop(self) {
+        if let Some((_, health, _)) = &self.health {
+            health.set_ready(false);
+        }
         if let Some(h) = self.heartbeat {
             h.stop().await;
         }
+        if !self.grace.is_zero() {
+            tracing::info!(grace_ms = self.grace.as_millis() as u64, "gateway unready; draining after the grace");
+            tokio::time::sleep(self.grace).await;
+        }
         self.gateway.shutdown().await;
+        if let Some((_, _, task)) = self.health {
+            task.stop().await;
+        }
     }
 }
 

@@ -92,7 +92,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             s.require_cluster_secrets("gateway")?;
             let gw = GatewayRole::start(&s).await?;
             let tcp = gw.gateway.tcp_addr().map(|a| format!("  tcp://{a}")).unwrap_or_default();
-            println!("switchboard gateway: ws://{}/ws  push {}{tcp}", gw.gateway.ws_addr(), gw.gateway.push_addr());
+            let health = gw.health_addr().map(|a| format!("  health http://{a}")).unwrap_or_default();
+            println!(
+                "switchboard gateway: ws://{}/ws  push {}{tcp}{health}",
+                gw.gateway.ws_addr(),
+                gw.gateway.push_addr()
+            );
             shutdown_signal().await;
             gw.stop().await;
         }

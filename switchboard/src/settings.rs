@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::Args;
 use serde::Deserialize;
 use switchboard_proto::cluster_tls::ClusterTls;
+use switchboard_proto::trusted::TrustedProxies;
 use switchboard_storage::embedded::CheckpointPolicy;
 use switchboard_storage::kafka::Brokers;
 use switchboard_storage::tls::BackendTls;
@@ -85,6 +86,24 @@ pub struct Settings {
     /// Milliseconds between writes of coalesced ack and read cursors; default 100.
     #[arg(long, env = "SB_CURSOR_FLUSH_MS")]
     pub cursor_flush_ms: Option<u64>,
+    /// Load balancers trusted to name the client's address: networks separated by commas
+    /// (`10.0.0.0/8,127.0.0.1`). Their PROXY headers are read on the gateway's listeners (see
+    /// `proxy_protocol`), and their `Forwarded` / `X-Forwarded-For` headers on the HTTP API
+    /// (the right-most address no trusted proxy added is the client). Default: none.
+    #[arg(long, env = "SB_TRUSTED_PROXIES")]
+    pub trusted_proxies: Option<String>,
+    /// PROXY protocol (v1 or v2) on the gateway's WebSocket and raw TCP listeners, from
+    /// `trusted_proxies` only: `off` (a header is refused), `optional` or `required`; default off.
+    #[arg(long, env = "SB_PROXY_PROTOCOL")]
+    pub proxy_protocol: Option<String>,
+    /// A gateway's own HTTP listener: `/healthz` (alive), `/readyz` (taking connections; 503
+    /// from the start of a drain) and `/metrics` (the gateway's). Default: none.
+    #[arg(long, env = "SB_HEALTH_ADDR")]
+    pub health_addr: Option<SocketAddr>,
+    /// On SIGTERM a gateway reports unready on `/readyz` this long before it drains its
+    /// connections, so a load balancer stops sending new ones first; default 0.
+    #[arg(long, env = "SB_DRAIN_GRACE_MS")]
+    pub drain_grace_ms: Option<u64>,
     /// Serve `/metrics` and `/v1/admin/*` on this (private) address only, instead of on the
     /// client-facing HTTP listener.
     #[arg(long, env = "SB_ADMIN_ADDR")]
@@ -258,7 +277,7 @@ impl Settings {
             embedded_checkpoint_bytes, http_max_connections, http_header_timeout_ms, http_request_timeout_ms,
             max_connections_per_ip, argon2_concurrency, login_rate, login_burst, session_prune_secs,
             admin_addr, max_connections_per_user, session_check_ms, backend_ca_file,
-            kafka_tls, ack_flush_ms,
+            kafka_tls, ack_flush_ms, trusted_proxies, proxy_protocol, health_addr, drain_grace_ms,
             cluster_tls_cert, cluster_tls_key, cluster_tls_ca);
         Ok(self)
     }
@@ -276,6 +295,17 @@ impl Settings {
             l.request_timeout = Duration::from_millis(ms.max(1));
         }
         l
+    }
+
+    /// The load balancers trusted to name client addresses (`--trusted-proxies`).
+    pub fn trusted_proxies(&self) -> anyhow::Result<TrustedProxies> {
+        TrustedProxies::parse(self.trusted_proxies.as_deref().unwrap_or_default())
+            .map_err(|e| anyhow::anyhow!("--trusted-proxies: {e}"))
+    }
+
+    /// How long a gateway reports unready before it drains (`--drain-grace-ms`).
+    pub fn drain_grace(&self) -> Duration {
+        Duration::from_millis(self.drain_grace_ms.unwrap_or(0))
     }
 
     /// When the embedded store commits its B-trees (defaults in [`CheckpointPolicy::default`]).
@@ -508,8 +538,12 @@ impl Settings {
             push_addr: self.push_addr(),
             advertise: self.advertise_push.clone(),
             logic_endpoints: self.logic_urls(),
+            trusted_proxies: self.trusted_proxies()?,
             ..Default::default()
         };
+        if let Some(mode) = &self.proxy_protocol {
+            c.proxy_protocol = mode.parse().map_err(|e| anyhow::anyhow!("--proxy-protocol: {e}"))?;
+        }
         if let Some(v) = self.shards {
             c.shards = v;
         }

@@ -13,14 +13,25 @@ use switchboard_proto::v1::Frame;
 use super::{Conn, Phase, Wire};
 use crate::connid::ConnId;
 use crate::metrics::GatewayMetrics;
+use crate::proxyproto::{self, Header};
 use crate::shard::Env;
 use crate::ws::{self, close_code, Opcode};
-use crate::{bincodec, frame, tcpframe};
+use crate::{bincodec, frame, tcpframe, ProxyMode};
 
 /// A fragmented WebSocket message being assembled.
 pub(super) struct Fragments {
     opcode: Opcode,
     data: Vec<u8>,
+}
+
+/// What the start of a trusted proxy's connection allows.
+enum ProxyStep {
+    /// The header is incomplete (bounded by `proxyproto::MAX_V1` / `MAX_V2`).
+    Wait,
+    /// Go on after this many bytes (the header's, or 0 without one).
+    Go(usize),
+    /// The connection was refused.
+    Refused,
 }
 
 /// What one pass over buffered bytes found.
@@ -108,13 +119,39 @@ impl Conn {
 
     fn parse(&mut self, buf: &mut [u8], env: &mut Env) -> Parsed {
         let mut at = 0;
+        if let Phase::Proxy { tcp } = self.phase {
+            match self.proxy_header(buf, env) {
+                ProxyStep::Wait => return Parsed::Used(0),
+                ProxyStep::Refused => return Parsed::Stop,
+                ProxyStep::Go(used) => at = used,
+            }
+            if !env.ip_caps.admit(self.peer.ip()) {
+                tracing::debug!(conn = self.id, peer = %self.peer, "connections per address reached; closing");
+                GatewayMetrics::inc(&env.metrics.errors);
+                self.die(env);
+                return Parsed::Stop;
+            }
+            self.counted = true;
+            if tcp {
+                self.opened(Wire::Tcp, env);
+            } else {
+                self.phase = Phase::Handshake;
+            }
+        }
         if self.phase == Phase::Handshake {
-            match ws::parse_upgrade(buf) {
-                Ok(None) => return Parsed::Used(0),
+            let rest = &buf[at..];
+            if rest.starts_with(b"PROXY ") || rest.starts_with(&proxyproto::V2_SIGNATURE) {
+                tracing::debug!(conn = self.id, peer = %self.peer, "PROXY header from an untrusted address; closing");
+                GatewayMetrics::inc(&env.metrics.errors);
+                self.die(env);
+                return Parsed::Stop;
+            }
+            match ws::parse_upgrade(rest) {
+                Ok(None) => return Parsed::Used(at),
                 Ok(Some((used, up))) => {
                     self.out.extend_from_slice(&up.response);
                     self.opened(if up.bin { Wire::Bin } else { Wire::Json }, env);
-                    at = used;
+                    at += used;
                 }
                 Err(refusal) => {
                     tracing::debug!(conn = self.id, peer = %self.peer, status = refusal.status, "upgrade refused");
@@ -140,6 +177,31 @@ impl Conn {
             }
         }
         Parsed::Used(at)
+    }
+
+    /// The PROXY header at the start of a trusted proxy's connection; takes the client's
+    /// address from it.
+    fn proxy_header(&mut self, buf: &[u8], env: &mut Env) -> ProxyStep {
+        let refuse = |conn: &mut Self, env: &mut Env, why: &str| {
+            tracing::debug!(conn = conn.id, peer = %conn.peer, error = %why, "PROXY header refused; closing");
+            GatewayMetrics::inc(&env.metrics.errors);
+            conn.die(env);
+            ProxyStep::Refused
+        };
+        match proxyproto::parse(buf) {
+            Ok(Header::Incomplete) => ProxyStep::Wait,
+            Ok(Header::Absent) if env.cfg.proxy_protocol == ProxyMode::Required => {
+                refuse(self, env, "a PROXY header is required from this proxy")
+            }
+            Ok(Header::Absent) => ProxyStep::Go(0),
+            Ok(Header::Present { len, source }) => {
+                if let Some(client) = source {
+                    self.peer = client;
+                }
+                ProxyStep::Go(len)
+            }
+            Err(why) => refuse(self, env, why),
+        }
     }
 
     /// One length-prefixed frame from the start of `buf`: bytes used (0 while

@@ -33,6 +33,11 @@ const RETRY_AFTER_MS: u64 = 1000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
+    /// A trusted proxy's connection: waiting for its PROXY header (then the upgrade request, or
+    /// the first frame of a raw TCP connection when `tcp`).
+    Proxy {
+        tcp: bool,
+    },
     /// Waiting for the WebSocket upgrade request.
     Handshake,
     Open,
@@ -114,7 +119,10 @@ struct CallPush {
 pub(crate) struct Conn {
     pub id: u64,
     stream: TcpStream,
+    /// The client's address: the socket's peer, or what a trusted proxy's header named.
     peer: SocketAddr,
+    /// `peer`'s address is counted in the per-address connection caps (released at the end).
+    counted: bool,
     last_activity: Instant,
     auth: Auth,
     /// Bytes of an incomplete inbound frame (empty, unallocated, otherwise).
@@ -148,18 +156,21 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    /// A freshly accepted (and registered) socket: a WebSocket waiting for its
-    /// upgrade request, or (`tcp`) a raw TCP connection, open at once.
-    /// The client's address, as accepted.
-    pub fn peer_ip(&self) -> std::net::IpAddr {
-        self.peer.ip()
+    /// The client's address counted in the per-address caps, if it is (to release it).
+    pub fn counted_ip(&self) -> Option<std::net::IpAddr> {
+        self.counted.then(|| self.peer.ip())
     }
 
-    pub fn accept(id: u64, peer: SocketAddr, stream: TcpStream, tcp: bool, env: &mut Env) -> Conn {
+    /// A freshly accepted (and registered) socket: a WebSocket waiting for its
+    /// upgrade request, or (`tcp`) a raw TCP connection, open at once; first waiting for its
+    /// PROXY header when `proxied` (its address is counted in the caps once the header names
+    /// the client; otherwise the caller counted it already).
+    pub fn accept(id: u64, peer: SocketAddr, stream: TcpStream, tcp: bool, proxied: bool, env: &mut Env) -> Conn {
         let mut conn = Conn {
             id,
             stream,
             peer,
+            counted: !proxied,
             last_activity: env.now,
             auth: Auth::None,
             rbuf: Vec::new(),
@@ -183,7 +194,9 @@ impl Conn {
             inflight: false,
         };
         conn.timer = Some(conn.arm(env, env.now + env.cfg.auth_timeout, TimerKind::Auth));
-        if tcp {
+        if proxied {
+            conn.phase = Phase::Proxy { tcp };
+        } else if tcp {
             conn.opened(Wire::Tcp, env);
         }
         conn

@@ -159,6 +159,22 @@ impl Client {
         Client { ws, rid: 0, pushes: VecDeque::new(), presence: VecDeque::new() }
     }
 
+    /// Connects from the local address `src` (one of 127.0.0.0/8); the error says why the
+    /// connection or its upgrade failed.
+    pub fn connect_from(ws_addr: SocketAddr, src: std::net::IpAddr) -> Result<Client, String> {
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).map_err(|e| e.to_string())?;
+        sock.bind(&SocketAddr::new(src, 0).into()).map_err(|e| e.to_string())?;
+        sock.connect(&ws_addr.into()).map_err(|e| e.to_string())?;
+        let stream: TcpStream = sock.into();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+        let mut req = format!("ws://{ws_addr}/ws").into_client_request().unwrap();
+        req.headers_mut().insert("Sec-WebSocket-Protocol", "sb.json.v1".parse().unwrap());
+        let (ws, _) =
+            tungstenite::client(req, tungstenite::stream::MaybeTlsStream::Plain(stream)).map_err(|e| e.to_string())?;
+        Ok(Client { ws, rid: 0, pushes: VecDeque::new(), presence: VecDeque::new() })
+    }
+
     /// Connects and authenticates with a fresh login of `user` on `device`.
     pub fn login(http_addr: SocketAddr, ws_addr: SocketAddr, user: &str, device: &str) -> Client {
         let token = login(http_addr, user, device)["access_token"].as_str().unwrap().to_string();

@@ -33,8 +33,14 @@ impl Proc {
     }
 
     pub fn spawn(role: &str, e: &TestEngines, prefix: &str, extra: &[&str]) -> Proc {
-        let mut child =
-            Self::command(role, e, prefix, extra).stdout(Stdio::piped()).spawn().expect("role process starts");
+        Self::start(Self::command(role, e, prefix, extra), role)
+    }
+
+    /// Runs `command` (a role of the binary) and reads its start-up line; its log goes to
+    /// stderr tagged `tag`.
+    pub fn start(mut command: Command, tag: &str) -> Proc {
+        let mut child = command.stdout(Stdio::piped()).spawn().expect("role process starts");
+        let role = tag;
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         out.read_line(&mut line).unwrap();
