@@ -75,12 +75,15 @@ for r in "${RATES[@]}"; do
         LOAD+=($!)
     done
     if [[ -n ${CPU_PROFILE:-} ]]; then
-        # CPU seconds of every process of the run over 4 s in the middle of the load
-        sleep 4
+        # CPU of every process over 5 s of the measured window (the load's set-up, registering
+        # users with argon2, comes first: use SECS=20 with it)
+        sleep "${CPU_DELAY:-14}"
         snap() { for p in "${PIDS[@]}" $(pgrep -f 'redis-server|postgres|tansu' | tr '\n' ' '); do
-            echo "$p $(tr -d '\0' </proc/$p/cmdline 2>/dev/null | cut -c1-40) $(awk '{print $14+$15}' /proc/$p/stat 2>/dev/null)"; done; }
-        snap >"$D/cpu1"; sleep 4; snap >"$D/cpu2"
-        join <(sort "$D/cpu1") <(sort "$D/cpu2") | awk '{ printf "cpu %-6s %-42s %5.1f%%\n", $1, $2, ($NF - $(NF-1)) / 4 }' | sort -k4 -nr | head -12
+            echo "$p $(awk '{print $14+$15}' /proc/$p/stat 2>/dev/null || echo 0) $(tr '\0' ' ' </proc/$p/cmdline 2>/dev/null | cut -c1-40 | tr ' ' '_')"
+        done | sort; }
+        snap >"$D/cpu1"; sleep 5; snap >"$D/cpu2"
+        join -o 1.1,1.3,1.2,2.2 "$D/cpu1" "$D/cpu2" |
+            awk '{ printf "cpu %-6s %-42s %5.1f%%\n", $1, $2, ($4 - $3) / 5 }' | sort -k4 -nr | head -12
     fi
     wait "${LOAD[@]}"
     jq -s --arg r "$r" '{offered: ($r|tonumber), delivered_per_sec: (map(.delivered_per_sec)|add),

@@ -1,5 +1,5 @@
 //! The broker's own produce rate, as the ceiling of the cluster message path: the same producer
-//! logic uses (idempotent, `acks=all`, 1 ms linger), records of `--bytes` keyed over `--keys`
+//! logic uses (idempotent, `acks=all`, `--linger-ms`, default `kafka::DEFAULT_LINGER`), records of `--bytes` keyed over `--keys`
 //! conversations, `--inflight` sends outstanding, for `--secs`. Prints one JSON line.
 //!
 //!     cargo run --release -p switchboard-storage --example produce_rate -- \
@@ -23,7 +23,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let keys: usize = arg("--keys", "100").parse()?;
     let topics = Topics::with_prefix(&format!("producerate{:08x}.", rand::random::<u32>()));
     ensure_topics(&brokers, &topics).await?;
-    let producer = std::sync::Arc::new(Producer::new(&brokers, Duration::from_secs(10))?);
+    let linger = match arg("--linger-ms", "") {
+        ms if ms.is_empty() => switchboard_storage::kafka::DEFAULT_LINGER,
+        ms => Duration::from_millis(ms.parse()?),
+    };
+    let producer = std::sync::Arc::new(Producer::with_linger(&brokers, Duration::from_secs(10), linger)?);
     let payload = vec![b'x'; bytes];
     let end = Instant::now() + Duration::from_secs(secs.clamp(1, 120));
     let mut tasks = tokio::task::JoinSet::new();

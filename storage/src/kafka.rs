@@ -114,14 +114,26 @@ pub struct Producer {
     timeout: Duration,
 }
 
+/// How long the producer waits for more records to share a produce request with one
+/// (`linger.ms`) unless told otherwise.
+pub const DEFAULT_LINGER: Duration = Duration::from_millis(1);
+
 impl Producer {
+    /// A producer with [`DEFAULT_LINGER`].
     pub fn new(brokers: impl Into<Brokers>, timeout: Duration) -> Result<Self> {
+        Self::with_linger(brokers, timeout, DEFAULT_LINGER)
+    }
+
+    /// A producer whose records wait up to `linger` for others to share their produce request:
+    /// fewer, larger requests for the broker, at up to `linger` more latency per send (a send
+    /// still returns only once the broker acknowledged its record).
+    pub fn with_linger(brokers: impl Into<Brokers>, timeout: Duration, linger: Duration) -> Result<Self> {
         let inner: FutureProducer = brokers
             .into()
             .config()
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "1")
+            .set("linger.ms", linger.as_millis().to_string())
             .set("message.timeout.ms", timeout.as_millis().to_string())
             .create()?;
         Ok(Self { inner, timeout })

@@ -80,7 +80,9 @@ async fn open_stores(s: &Settings) -> anyhow::Result<(Stores, Option<ClusterPart
     let redis = RedisStore::connect_tls(&redis_url, &s.key_prefix(), &tls).await.context("connecting to Redis")?;
     let topics = Topics::with_prefix(&s.topic_prefix());
     ensure_topics(&brokers, &topics).await.context("creating Kafka topics")?;
-    let producer = Producer::new(&brokers, Duration::from_secs(10)).context("creating the Kafka producer")?;
+    let linger = s.kafka_linger_ms.map_or(switchboard_storage::kafka::DEFAULT_LINGER, Duration::from_millis);
+    let producer =
+        Producer::with_linger(&brokers, Duration::from_secs(10), linger).context("creating the Kafka producer")?;
     let messages = Arc::new(
         ClusterMessages::new(redis.clone(), producer, topics, Arc::new(pg.clone()))
             .with_persisted_log(Arc::new(pg.clone())),

@@ -195,6 +195,10 @@ pub struct Settings {
     /// Talk TLS to the Kafka brokers (`security.protocol=ssl`); default false.
     #[arg(long, env = "SB_KAFKA_TLS")]
     pub kafka_tls: Option<bool>,
+    /// How long a send's Kafka record waits for others to share its produce request
+    /// (`linger.ms`; `send.ok` still waits for the broker's ack); default 1.
+    #[arg(long, env = "SB_KAFKA_LINGER_MS")]
+    pub kafka_linger_ms: Option<u64>,
     /// PEM bundle of a private certificate authority that TLS connections to Redis
     /// (`rediss://` URLs), PostgreSQL (`sslmode=require`) and Kafka (`--kafka-tls true`) are
     /// verified against, besides the usual roots.
@@ -277,7 +281,7 @@ impl Settings {
             embedded_checkpoint_bytes, http_max_connections, http_header_timeout_ms, http_request_timeout_ms,
             max_connections_per_ip, argon2_concurrency, login_rate, login_burst, session_prune_secs,
             admin_addr, max_connections_per_user, session_check_ms, backend_ca_file,
-            kafka_tls, ack_flush_ms, trusted_proxies, proxy_protocol, health_addr, drain_grace_ms,
+            kafka_tls, kafka_linger_ms, ack_flush_ms, trusted_proxies, proxy_protocol, health_addr, drain_grace_ms,
             cluster_tls_cert, cluster_tls_key, cluster_tls_ca);
         Ok(self)
     }
