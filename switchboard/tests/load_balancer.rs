@@ -105,13 +105,38 @@ fn from(ip: &str) -> IpAddr {
     ip.parse().unwrap()
 }
 
-/// A login through the proxy from `src` (HTTP, with the client's own source address).
-fn login_from(api: SocketAddr, src: &str, user: &str, password: &str) -> u16 {
+/// A TCP connection to `to` from the local address `src`.
+fn tcp_from(src: &str, to: SocketAddr) -> TcpStream {
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     sock.bind(&SocketAddr::new(from(src), 0).into()).unwrap();
-    sock.connect(&api.into()).unwrap();
-    let mut s: TcpStream = sock.into();
+    sock.connect(&to.into()).unwrap();
+    let s: TcpStream = sock.into();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+/// A backend of both gateways (`mode` http or tcp): the PROXY v2 header on every connection,
+/// each gateway checked on its own `/readyz` every 100 ms.
+fn gateways_backend(name: &str, mode: &str, servers: [(SocketAddr, SocketAddr); 2]) -> String {
+    let mut out = format!(
+        "backend {name}
+    mode {mode}
+    balance roundrobin
+    option httpchk
+    http-check send meth GET uri /readyz
+    http-check expect status 200
+    default-server inter 100 fall 2 rise 2 send-proxy-v2
+"
+    );
+    for (i, (addr, health)) in servers.iter().enumerate() {
+        out += &format!("    server g{} {addr} check port {}\n", i + 1, health.port());
+    }
+    out
+}
+
+/// A login through the proxy from `src` (HTTP, with the client's own source address).
+fn login_from(api: SocketAddr, src: &str, user: &str, password: &str) -> u16 {
+    let mut s = tcp_from(src, api);
     let body = json!({"username": user, "password": password, "device": "d"}).to_string();
     write!(
         s,
@@ -190,32 +215,14 @@ frontend ws
     mode http
     bind 127.0.0.1:{ws_front}
     default_backend gateways_ws
-backend gateways_ws
-    mode http
-    balance roundrobin
-    option httpchk
-    http-check send meth GET uri /readyz
-    http-check expect status 200
-    default-server inter 100 fall 2 rise 2 send-proxy-v2
-    server g1 {ws1} check port {p1}
-    server g2 {ws2} check port {p2}
 frontend tcp
     mode tcp
     bind 127.0.0.1:{tcp_front}
     default_backend gateways_tcp
-backend gateways_tcp
-    mode tcp
-    balance roundrobin
-    option httpchk
-    http-check send meth GET uri /readyz
-    http-check expect status 200
-    default-server inter 100 fall 2 rise 2 send-proxy-v2
-    server g1 {tcp1} check port {p1}
-    server g2 {tcp2} check port {p2}
-",
+{ws_backend}{tcp_backend}",
         sock = sock.display(),
-        p1 = health1.port(),
-        p2 = health2.port(),
+        ws_backend = gateways_backend("gateways_ws", "http", [(ws1, health1), (ws2, health2)]),
+        tcp_backend = gateways_backend("gateways_tcp", "tcp", [(tcp1, health1), (tcp2, health2)]),
     );
     let proxy = Haproxy::start(&bin, &dir, &cfg);
     for (b, s) in [("gateways_ws", "g1"), ("gateways_ws", "g2"), ("gateways_tcp", "g1"), ("gateways_tcp", "g2")] {
@@ -262,11 +269,7 @@ backend gateways_tcp
     // Straight to a gateway, past the proxy: a PROXY header from an address that is not a
     // trusted proxy is refused, and so is a trusted proxy's connection without one.
     let refused = |src: &str, first: &[u8]| {
-        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        sock.bind(&SocketAddr::new(from(src), 0).into()).unwrap();
-        sock.connect(&ws2.into()).unwrap();
-        let mut s: TcpStream = sock.into();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut s = tcp_from(src, ws2);
         s.write_all(first).unwrap();
         let mut buf = [0u8; 256];
         // closed without an answer (EOF, or a reset for the unread bytes)
@@ -280,11 +283,7 @@ backend gateways_tcp
     assert!(!refused("127.0.0.3", upgrade), "a client without one is served");
 
     // Raw TCP through the proxy too.
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.bind(&SocketAddr::new(from("127.0.0.7"), 0).into()).unwrap();
-    sock.connect(&SocketAddr::from(([127, 0, 0, 1], tcp_front)).into()).unwrap();
-    let mut tcp: TcpStream = sock.into();
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut tcp = tcp_from("127.0.0.7", SocketAddr::from(([127, 0, 0, 1], tcp_front)));
     let auth = Frame { op: "auth".into(), rid: Some(1), token: token("ben", "tcp"), ..Default::default() };
     tcp_send(&mut tcp, &auth);
     let ok = tcp_recv(&mut tcp).expect("auth answered through the proxy");
