@@ -106,13 +106,13 @@ impl Reader<'_> {
     /// Runs `f` on a read transaction holding every checkpoint committed before this call.
     pub fn with<T>(&self, f: impl FnOnce(&ReadTransaction) -> Result<T>) -> Result<T> {
         let now = self.commits.load(Ordering::SeqCst);
-        let mut slot = self.tx.borrow_mut();
-        let tx = match slot.take() {
+        // Taken out for the call (a lookup inside `f` opens its own, never a borrow panic).
+        let tx = match self.tx.take() {
             Some((at, tx)) if at == now => tx,
             _ => self.db.begin_read()?,
         };
         let out = f(&tx);
-        *slot = Some((now, tx));
+        self.tx.replace(Some((now, tx)));
         out
     }
 }
@@ -168,6 +168,7 @@ impl GroupCommit {
             in_flight: false,
             since: None,
             deferred: Vec::new(),
+            broken: false,
         };
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
@@ -292,6 +293,9 @@ struct LogThread {
     since: Option<Instant>,
     /// Jobs received while waiting for a checkpoint, run before any newer one.
     deferred: Vec<AppendJob>,
+    /// The B-tree thread is gone: nothing logged from now on could reach the B-trees, so
+    /// appends are refused (the log replays what it holds at the next start).
+    broken: bool,
 }
 
 impl LogThread {
@@ -380,6 +384,10 @@ impl LogThread {
     }
 
     fn run_batch(&mut self, jobs: Vec<AppendJob>) {
+        if self.broken {
+            // Dropped unrun: each caller hears that the writer has stopped.
+            return;
+        }
         let reader = Reader { db: &self.db, commits: &self.commits, tx: RefCell::new(None) };
         let mut done = Vec::with_capacity(jobs.len());
         let mut framed = Vec::new();
@@ -423,7 +431,7 @@ impl LogThread {
 
     /// Hands the active generation to the B-tree thread, with the log segment holding it.
     fn checkpoint(&mut self) {
-        if self.in_flight || self.since.is_none() {
+        if self.in_flight || self.broken || self.since.is_none() {
             return;
         }
         let through = match self.segments.rotate() {
@@ -437,7 +445,12 @@ impl LogThread {
         };
         self.since = None;
         if let Some(gen) = self.tail.freeze() {
-            self.in_flight = self.tree.send(TreeMsg::Checkpoint { gen, through }).is_ok();
+            if self.tree.send(TreeMsg::Checkpoint { gen, through }).is_ok() {
+                self.in_flight = true;
+            } else {
+                tracing::error!("embedded store: the B-tree writer has stopped; refusing appends");
+                self.broken = true;
+            }
         }
     }
 }
