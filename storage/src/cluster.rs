@@ -43,6 +43,8 @@ const RESOLVE_WAIT: Duration = Duration::from_secs(3);
 const ROUNDS: usize = 6;
 /// Overdue reservations one sweep looks at.
 const SWEEP_BATCH: usize = 500;
+/// Conversations remembered as needing the durable store's cmid lookup (about 100 bytes each).
+const MAX_UNSURE: usize = 100_000;
 
 /// The void record of `seq` in `conv`: `type` "void", empty body and
 /// sender, `cmid` "void:<seq>" (unique, so it never collides with a
@@ -73,6 +75,9 @@ pub enum CrashPoint {
 }
 
 pub struct ClusterMessages {
+    /// Conversations where Redis answered [`Alloc::Unsure`]: their sends look in the durable
+    /// store first, without asking again (a conversation never becomes complete again).
+    unsure: std::sync::Mutex<std::collections::HashSet<String>>,
     redis: RedisStore,
     producer: Producer,
     topics: Topics,
@@ -87,7 +92,7 @@ const SEED_WAIT: Duration = Duration::from_secs(30);
 
 impl ClusterMessages {
     pub fn new(redis: RedisStore, producer: Producer, topics: Topics, durable: Arc<dyn MessageStore>) -> Self {
-        Self { redis, producer, topics, durable, persisted: None }
+        Self { unsure: Default::default(), redis, producer, topics, durable, persisted: None }
     }
 
     /// Seeds lost counters only from a complete store: `log` is the durable store as the
@@ -174,9 +179,9 @@ impl ClusterMessages {
     }
 
     /// [`RedisStore::alloc`], seeding a missing counter first.
-    async fn alloc(&self, msg: &NewMessage, replace: Option<&str>) -> Result<Alloc> {
+    async fn alloc(&self, msg: &NewMessage, replace: Option<&str>, complete_only: bool) -> Result<Alloc> {
         for _ in 0..3 {
-            match self.redis.alloc(msg, now_ms(), replace).await? {
+            match self.redis.alloc(msg, now_ms(), replace, complete_only).await? {
                 Alloc::NoCounter => {
                     self.reseed(&msg.conv).await?;
                     // The store is complete now: a cmid Redis forgot with its counter is there.
@@ -188,6 +193,26 @@ impl ClusterMessages {
             }
         }
         Err(StorageError::Redis(format!("could not seed the seq counter of {}", msg.conv)))
+    }
+
+    /// The earlier message of `msg`'s cmid in the durable store, remembered in Redis again.
+    async fn durable_duplicate(&self, msg: &NewMessage) -> Result<Option<Appended>> {
+        let Some(m) = self.durable.find_cmid(&msg.conv, &msg.from, &msg.cmid).await? else { return Ok(None) };
+        self.redis.remember_cmid(&m).await?;
+        Ok(Some(Appended { msg: m, duplicate: true }))
+    }
+
+    fn is_unsure(&self, conv: &str) -> bool {
+        self.unsure.lock().unwrap_or_else(|p| p.into_inner()).contains(conv)
+    }
+
+    fn mark_unsure(&self, conv: &str) {
+        let mut set = self.unsure.lock().unwrap_or_else(|p| p.into_inner());
+        if set.len() >= MAX_UNSURE {
+            // Forgetting costs one more `Unsure` answer per conversation, nothing else.
+            set.clear();
+        }
+        set.insert(conv.to_owned());
     }
 
     /// Publishes a reserved message and completes its reservation; `None`
@@ -279,7 +304,7 @@ impl ClusterMessages {
     /// stops as a process killed there would. Returns the reserved message.
     #[doc(hidden)]
     pub async fn append_then_crash(&self, msg: NewMessage, members: &[String], at: CrashPoint) -> Result<Message> {
-        let Alloc::New(rec) = self.alloc(&msg, None).await? else {
+        let Alloc::New(rec) = self.alloc(&msg, None, false).await? else {
             return Err(StorageError::Corrupt(format!("cmid {} is known already", msg.cmid)));
         };
         let m = rec.message().ok_or_else(|| StorageError::Corrupt("a new reservation without content".into()))?;
@@ -293,16 +318,28 @@ impl ClusterMessages {
 #[async_trait]
 impl MessageStore for ClusterMessages {
     async fn append(&self, msg: NewMessage, members: &[String]) -> Result<Appended> {
-        // Redis may have forgotten a cmid (TTL, restart) that the durable
-        // store still has: look there before allocating a seq.
-        if let Some(m) = self.durable.find_cmid(&msg.conv, &msg.from, &msg.cmid).await? {
-            self.redis.remember_cmid(&m).await?;
-            return Ok(Appended { msg: m, duplicate: true });
+        // Redis may have forgotten a cmid (TTL, restart) that the durable store still has. It
+        // allocates without the store's word only in a conversation whose every cmid it holds;
+        // elsewhere it answers `Unsure` (remembered per conversation) and the store is asked first.
+        let mut store_checked = false;
+        if self.is_unsure(&msg.conv) {
+            if let Some(a) = self.durable_duplicate(&msg).await? {
+                return Ok(a);
+            }
+            store_checked = true;
         }
         // A voided record this append may replace by a fresh reservation.
         let mut replace: Option<String> = None;
         for _ in 0..ROUNDS {
-            let rec = match self.alloc(&msg, replace.as_deref()).await? {
+            let rec = match self.alloc(&msg, replace.as_deref(), !store_checked).await? {
+                Alloc::Unsure => {
+                    self.mark_unsure(&msg.conv);
+                    if let Some(a) = self.durable_duplicate(&msg).await? {
+                        return Ok(a);
+                    }
+                    store_checked = true;
+                    continue;
+                }
                 Alloc::New(rec) => {
                     let m = rec.message().ok_or_else(|| StorageError::Corrupt("reserved without content".into()))?;
                     match self.deliver(m, members).await? {

@@ -26,6 +26,10 @@ impl From<redis::RedisError> for StorageError {
 /// How long a `cmid` is remembered in Redis (the durable store keeps it
 /// for good; this only spares it the lookup).
 const CMID_TTL_SECS: u64 = 7 * 24 * 3600;
+/// How long after its counter started from zero a conversation's cmids are all still in Redis
+/// (every one was written after that, each kept [`CMID_TTL_SECS`]), less an hour for clock
+/// differences between logic instances.
+const CMIDS_COMPLETE_MS: u64 = (CMID_TTL_SECS - 3600) * 1000;
 /// Messages kept per conversation in the recent cache, and for how long.
 const RECENT_KEEP: isize = 1000;
 const RECENT_TTL_SECS: i64 = 24 * 3600;
@@ -33,14 +37,20 @@ const RECENT_TTL_SECS: i64 = 24 * 3600;
 /// Allocates the next seq of a conversation unless the cmid is known, and
 /// stores the message's content in the cmid record in the same step, so that
 /// no seq is ever reserved without what is needed to publish it.
-/// KEYS: cmid, seq counter, last ts, pending index.
-/// ARGV: now_ms, cmid ttl, content (JSON), a voided record to replace ('' for none).
-/// Returns {0, record} (new), {1, record} (known cmid) or {2, ''} (no
-/// counter: reseed it from the durable store first).
+/// KEYS: cmid, seq counter, last ts, pending index, the time the counter started from zero.
+/// ARGV: now_ms, cmid ttl, content (JSON), a voided record to replace ('' for none), and ''
+/// or the longest time since the counter started from zero for which an unknown cmid counts as
+/// new (beyond it, or without that time, the answer is {3, ''}: ask the durable store first).
+/// Returns {0, record} (new), {1, record} (known cmid), {2, ''} (no
+/// counter: reseed it from the durable store first) or {3, ''}.
 const ALLOC_SCRIPT: &str = r#"
 local v = redis.call('GET', KEYS[1])
 if v and v ~= ARGV[4] then return {1, v} end
 if redis.call('EXISTS', KEYS[2]) == 0 then return {2, ''} end
+if ARGV[5] ~= '' then
+  local born = tonumber(redis.call('GET', KEYS[5]) or '-1')
+  if born < 0 or tonumber(ARGV[1]) - born >= tonumber(ARGV[5]) then return {3, ''} end
+end
 local seq = redis.call('INCR', KEYS[2])
 local now = tonumber(ARGV[1])
 local last = tonumber(redis.call('GET', KEYS[3]) or '0')
@@ -238,6 +248,9 @@ pub enum Alloc {
     /// The conversation's counter is missing (new conversation or a Redis
     /// restart): seed it from the durable store and try again.
     NoCounter,
+    /// Redis may have forgotten this cmid (asked with `complete_only`): look in the durable
+    /// store first, then allocate without it.
+    Unsure,
 }
 
 /// The answer of [`RedisStore::complete`].
@@ -299,17 +312,30 @@ impl RedisStore {
     /// see [`Alloc`]. `replace` is a voided record (as read) that may be
     /// replaced by a fresh reservation: its void won, so the cmid's message
     /// needs a new seq.
-    pub async fn alloc(&self, msg: &NewMessage, now_ms: u64, replace: Option<&str>) -> Result<Alloc> {
+    ///
+    /// With `complete_only`, an unknown cmid gets a seq only in a conversation whose every cmid
+    /// Redis still has: its counter started from zero (see [`RedisStore::seed`]) less than the
+    /// cmid lifetime ago, so no cmid of it can have expired, and was not lost since (a lost
+    /// counter is reseeded from the store with the seq it had). Otherwise [`Alloc::Unsure`].
+    pub async fn alloc(
+        &self,
+        msg: &NewMessage,
+        now_ms: u64,
+        replace: Option<&str>,
+        complete_only: bool,
+    ) -> Result<Alloc> {
         let script = redis::Script::new(ALLOC_SCRIPT);
         let (code, val): (i64, String) = script
             .key(self.cmid_key(&msg.conv, &msg.from, &msg.cmid))
             .key(self.key(&["seq", &msg.conv]))
             .key(self.key(&["ts", &msg.conv]))
             .key(self.pending_index())
+            .key(self.key(&["born", &msg.conv]))
             .arg(now_ms)
             .arg(CMID_TTL_SECS)
             .arg(serde_json::to_string(&Content::of(msg))?)
             .arg(replace.unwrap_or(""))
+            .arg(if complete_only { CMIDS_COMPLETE_MS.to_string() } else { String::new() })
             .invoke_async(&mut self.conn.clone())
             .await?;
         let bad = || StorageError::Corrupt(format!("seq allocation answered {code} {val:?}"));
@@ -317,6 +343,7 @@ impl RedisStore {
             0 => CmidRecord::parse(&val).map(Alloc::New).ok_or_else(bad),
             1 => CmidRecord::parse(&val).map(Alloc::Known).ok_or_else(bad),
             2 => Ok(Alloc::NoCounter),
+            3 => Ok(Alloc::Unsure),
             _ => Err(bad()),
         }
     }
@@ -361,21 +388,20 @@ impl RedisStore {
 
     /// Seeds a missing counter (another seeder may win; that is fine, both
     /// read the same durable state).
+    ///
+    /// A counter seeded from zero (the conversation has no message anywhere) also records when:
+    /// from then on every cmid of the conversation is written here (see [`RedisStore::alloc`]).
+    /// Both in one transaction, so the time never outlives the counter it speaks for.
     pub async fn seed(&self, conv: &str, last_seq: u64, last_ts: u64) -> Result<()> {
         let mut c = self.conn.clone();
-        let _: () = redis::pipe()
-            .cmd("SET")
-            .arg(self.key(&["seq", conv]))
-            .arg(last_seq)
-            .arg("NX")
-            .ignore()
-            .cmd("SET")
-            .arg(self.key(&["ts", conv]))
-            .arg(last_ts)
-            .arg("NX")
-            .ignore()
-            .query_async(&mut c)
-            .await?;
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.cmd("SET").arg(self.key(&["seq", conv])).arg(last_seq).arg("NX").ignore();
+        pipe.cmd("SET").arg(self.key(&["ts", conv])).arg(last_ts).arg("NX").ignore();
+        if last_seq == 0 {
+            pipe.cmd("SET").arg(self.key(&["born", conv])).arg(crate::now_ms()).arg("NX").ignore();
+        }
+        let _: () = pipe.query_async(&mut c).await?;
         Ok(())
     }
 

@@ -180,6 +180,27 @@ async fn cluster_message_path_and_persist_worker() {
     let old = cluster.append(text(&conv, "m7"), &members).await.unwrap();
     assert!(old.duplicate);
     assert_eq!(old.msg.seq, 7);
+
+    // A conversation whose counter started from zero has every cmid in Redis, so its sends
+    // allocate without asking the durable store; once its first cmids could have expired (it
+    // started longer ago than a cmid lives), a cmid Redis forgot is found in the store again.
+    let conv2 = format!("d:{p}cat:{p}dan");
+    assert_eq!(cluster.append(text(&conv2, "f1"), &members).await.unwrap().msg.seq, 1);
+    let born_key = format!("{p}:born:{conv2}");
+    let born: Option<u64> = redis::cmd("GET").arg(&born_key).query_async(&mut c).await.unwrap();
+    assert!(born.is_some_and(|b| b > 0), "a counter from zero records when it started");
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let (task, _) = run_worker(stopped);
+    assert_eq!(wait_durable(&pg, &conv2, 1).await, vec![1]);
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+    let eight_days_ago = switchboard_storage::now_ms() - 8 * 24 * 3600 * 1000;
+    let _: () = redis::cmd("SET").arg(&born_key).arg(eight_days_ago).query_async(&mut c).await.unwrap();
+    let _: () = redis::cmd("DEL").arg(format!("{p}:cmid:{conv2}:3:ann:f1")).query_async(&mut c).await.unwrap();
+    let again = cluster.append(text(&conv2, "f1"), &members).await.unwrap();
+    assert!(again.duplicate && again.msg.seq == 1, "an expired cmid found in the store: {again:?}");
+    assert_eq!(cluster.append(text(&conv2, "f2"), &members).await.unwrap().msg.seq, 2);
+    assert!(cluster.append(text(&conv2, "f2"), &members).await.unwrap().duplicate);
 }
 
 /// A record of `conv` at `seq` as the message topic carries it.
