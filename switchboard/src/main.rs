@@ -56,9 +56,15 @@ struct TokenArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SB_LOG").unwrap_or_else(|_| "info".into()))
-        .init();
+    // Logs go to stderr: `SB_LOG` filters them (default `info`), `SB_LOG_FORMAT=json` writes one
+    // JSON object per line (for log shippers) instead of text.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SB_LOG").unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match std::env::var("SB_LOG_FORMAT").as_deref() {
+        Ok("json") => logs.json().with_current_span(true).init(),
+        Ok("text") | Err(_) => logs.init(),
+        Ok(other) => anyhow::bail!("SB_LOG_FORMAT={other:?}: expected text or json"),
+    }
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
     runtime.block_on(run(cli))

@@ -1,5 +1,6 @@
 //! The real `switchboard` binary: configured by a TOML file plus flags,
-//! serves the HTTP API and WebSocket, and exits cleanly on SIGTERM.
+//! serves the HTTP API and WebSocket, logs JSON lines to stderr when asked,
+//! and exits cleanly on SIGTERM.
 
 mod common;
 
@@ -21,12 +22,18 @@ fn all_in_one_binary_serves_and_drains() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
         .args(["--config", config.to_str().unwrap(), "all-in-one", "--ws-addr", "127.0.0.1:0", "--data-dir"])
         .arg(dir.join("data"))
-        .env("SB_LOG", "warn")
+        .env("SB_LOG", "info")
+        .env("SB_LOG_FORMAT", "json")
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("binary starts");
+    let logs = BufReader::new(child.stderr.take().unwrap());
+    let logs = std::thread::spawn(move || logs.lines().map_while(Result::ok).collect::<Vec<String>>());
+    // stdout holds the address line only: logs go to stderr
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.starts_with("switchboard all-in-one: "), "{line}");
     // "switchboard all-in-one: http://127.0.0.1:P  ws://127.0.0.1:Q/ws"
     let http_addr = line.split("http://").nth(1).and_then(|s| s.split_whitespace().next()).expect(&line);
     let ws_addr = line.split("ws://").nth(1).and_then(|s| s.split("/ws").next()).expect(&line);
@@ -44,6 +51,17 @@ fn all_in_one_binary_serves_and_drains() {
     let status = child.wait().unwrap();
     assert!(status.success(), "clean exit on SIGTERM: {status:?}");
     assert!(dir.join("data").join("switchboard.redb").exists());
+    let logs = logs.join().unwrap();
+    let entries: Vec<serde_json::Value> =
+        logs.iter().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("log line {l:?}: {e}"))).collect();
+    assert!(
+        entries.iter().any(|e| e["level"] == "INFO" && e["fields"]["message"] == "logic serving"),
+        "JSON log lines with their fields: {logs:?}"
+    );
+    // an unknown log format is refused at start
+    let bad =
+        Command::new(env!("CARGO_BIN_EXE_switchboard")).arg("--help").env("SB_LOG_FORMAT", "yaml").output().unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("SB_LOG_FORMAT"));
     std::fs::remove_dir_all(&dir).ok();
 }
 
