@@ -26,7 +26,7 @@ D=$(mktemp -d /tmp/sb-sweep.XXXXXX)
 SB_LOG=warn taskset -c 0 "$SB" all-in-one --data-dir "$D" --tcp-addr off --shards 1 \
     --user-rate 0 --ip-rate 0 --auth-rate 0 >"$D/server.log" 2>&1 &
 PID=$!
-wait_port 8090
+wait_port 8090; wait_port 8080   # the gateway binds first, the HTTP API (registrations) after
 printf '%-9s %-11s %-8s %-8s %-8s %-8s %-8s %-8s\n' offered delivered p50_ms p99_ms ok_p50 ok_p99 missing srv_cpu
 for r in "${RATES[@]}"; do
     per_conn=$(awk -v r="$r" -v c="$CONNS" 'BEGIN { printf "%.3f", r / c }')

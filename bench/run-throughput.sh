@@ -27,7 +27,7 @@ D=$(mktemp -d /tmp/sb-throughput.XXXXXX)
 SB_LOG=warn taskset -c 0 "$SB" all-in-one --data-dir "$D" --tcp-addr off --shards 1 \
     --user-rate 0 --ip-rate 0 --auth-rate 0 >"$D/server.log" 2>&1 &
 PID=$!
-wait_port 8090
+wait_port 8090; wait_port 8080   # the gateway binds first, the HTTP API (registrations) after
 for k in 16 1; do
     taskset -c 1 "$B" ping --url ws://127.0.0.1:8090/ws --tokens "$D/tokens.txt" --conns 100 --inflight $k \
         --secs 10 --server-pid $PID --label switchboard-shards1-core0 --report "$OUT/ping$k-switchboard$SUFFIX.json" >/dev/null
