@@ -1273,6 +1273,53 @@ mod tests {
         std::fs::remove_dir_all(&dir).ok();
     }
 
+    /// Closing the store while the log thread waits for a checkpoint (backpressure) stops it:
+    /// the stop must not be lost in that wait (it once was, and the close hung). Many rounds, so
+    /// the close lands in the wait in some of them; each close must end within seconds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_closed_during_backpressure_stops() {
+        let dir = std::env::temp_dir().join(format!("sb-close-bp-{}", crate::contract::prefix()));
+        let policy = CheckpointPolicy { interval: std::time::Duration::from_secs(3600), bytes: 1 };
+        for round in 0..25u64 {
+            let store = EmbeddedStore::open_with(&dir, policy).unwrap();
+            // Each task hands its clone to a plain thread as soon as its last append returns;
+            // the last one dropped there closes the store (a hung close then fails the test
+            // instead of blocking the runtime).
+            let (closer, clones) = std::sync::mpsc::channel::<EmbeddedStore>();
+            let closing = std::thread::spawn(move || clones.into_iter().for_each(drop));
+            let tasks: Vec<_> = (0..4)
+                .map(|t| {
+                    let (store, closer) = (store.clone(), closer.clone());
+                    tokio::spawn(async move {
+                        for i in 0..8 {
+                            let msg = NewMessage {
+                                conv: "g:close".into(),
+                                from: format!("u{t}"),
+                                cmid: format!("r{round}-{i}"),
+                                kind: "text".into(),
+                                body: serde_json::json!(i),
+                            };
+                            store.append(msg, &[]).await.unwrap();
+                        }
+                        closer.send(store).unwrap();
+                    })
+                })
+                .collect();
+            drop((store, closer));
+            for t in tasks {
+                t.await.unwrap();
+            }
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while !closing.is_finished() {
+                assert!(std::time::Instant::now() < deadline, "round {round}: the store never closed");
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            let store = EmbeddedStore::open_with(&dir, policy).unwrap();
+            assert_eq!(store.last_seq("g:close").await.unwrap(), 32 * (round + 1));
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
     /// The child of [`appends_acknowledged_before_a_sigkill_survive_it`]: appends in four
     /// conversations (some of them groups of many members) from many tasks, with a checkpoint
     /// every 48 KiB so the kill may land anywhere (in a log write, in a checkpoint, between

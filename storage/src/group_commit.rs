@@ -169,6 +169,7 @@ impl GroupCommit {
             since: None,
             deferred: Vec::new(),
             broken: false,
+            stopping: false,
         };
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
@@ -296,11 +297,16 @@ struct LogThread {
     /// The B-tree thread is gone: nothing logged from now on could reach the B-trees, so
     /// appends are refused (the log replays what it holds at the next start).
     broken: bool,
+    /// The store is closing: stop once the jobs received before it have run.
+    stopping: bool,
 }
 
 impl LogThread {
     fn run(mut self, rx: mpsc::Receiver<LogMsg>) {
         loop {
+            if self.stopping && self.deferred.is_empty() {
+                break;
+            }
             let first = if !self.deferred.is_empty() {
                 self.deferred.remove(0)
             } else {
@@ -332,7 +338,6 @@ impl LogThread {
                 }
             };
             let mut jobs = vec![first];
-            let mut stop = false;
             while jobs.len() < MAX_BATCH {
                 if !self.deferred.is_empty() {
                     jobs.push(self.deferred.remove(0));
@@ -342,16 +347,13 @@ impl LogThread {
                     Ok(LogMsg::Job(job)) => jobs.push(job),
                     Ok(LogMsg::Done) => self.in_flight = false,
                     Ok(LogMsg::Stop) => {
-                        stop = true;
+                        self.stopping = true;
                         break;
                     }
                     Err(_) => break,
                 }
             }
             self.run_batch(jobs);
-            if stop {
-                break;
-            }
             if self.in_flight && self.tail.state().0 >= 2 * self.policy.bytes {
                 // Backpressure: the B-tree thread is behind (or failing); hold new appends
                 // until it catches up rather than let the tail grow without bound.
@@ -369,15 +371,14 @@ impl LogThread {
         }
     }
 
-    /// Blocks until the B-tree thread commits the frozen generation, keeping the jobs that
-    /// arrive meanwhile for later.
+    /// Blocks until the B-tree thread commits the frozen generation, keeping the jobs (and a
+    /// stop) that arrive meanwhile for later.
     fn wait_done(&mut self, rx: &mpsc::Receiver<LogMsg>) {
         while self.in_flight {
             match rx.recv() {
                 Ok(LogMsg::Job(job)) => self.deferred.push(job),
                 Ok(LogMsg::Done) => self.in_flight = false,
-                // Stopping waits for the checkpoint anyway; a lost B-tree thread cannot answer.
-                Ok(LogMsg::Stop) => {}
+                Ok(LogMsg::Stop) => self.stopping = true,
                 Err(_) => return,
             }
         }
