@@ -280,6 +280,10 @@ impl Gateway {
         };
 
         // Push service listener first: its address is what logic dials.
+        // A TLS configuration tonic refuses stops the start (before any thread runs), not
+        // just the push server.
+        let builder = switchboard_proto::cluster_tls::server(config.cluster_tls.as_ref())
+            .map_err(|e| GatewayError::Config(format!("push server TLS configuration: {e}")))?;
         let push_listener = tokio::net::TcpListener::bind(config.push_addr)
             .await
             .map_err(|source| GatewayError::Bind { addr: config.push_addr, source })?;
@@ -364,17 +368,9 @@ impl Gateway {
             switchboard_proto::cluster_auth::checker(cfg.cluster_secret.clone()),
         );
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(push_listener);
-        let push_tls = cfg.cluster_tls.clone();
         let push_task = rt.spawn(async move {
             // Push batches carry up to ~1,000 frames: windows large enough that one
             // never waits for a flow-control update.
-            let builder = match switchboard_proto::cluster_tls::server(push_tls.as_ref()) {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::error!(error = %e, "push server TLS configuration refused");
-                    return;
-                }
-            };
             let res = builder
                 .tcp_nodelay(true)
                 .initial_stream_window_size(Some(4 << 20))

@@ -178,6 +178,9 @@ impl LogicRole {
         );
         let grpc_tls = s.cluster_tls()?;
         let scheme = switchboard_proto::cluster_tls::scheme(grpc_tls.as_ref());
+        // A TLS configuration tonic refuses stops the start, not just this server.
+        let builder = switchboard_proto::cluster_tls::server(grpc_tls.as_ref())
+            .map_err(|e| anyhow::anyhow!("logic gRPC TLS configuration: {e}"))?;
         let grpc = Task::spawn(|stopped| async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
             // Gateways multiplex every client's requests over a few HTTP/2 connections: a
@@ -185,13 +188,6 @@ impl LogicRole {
             // h2 sends GOAWAY (ENHANCE_YOUR_CALM, "too_many_data_frames") once small DATA frames
             // not yet read by the service exceed half the connection window, so the window is
             // sized for such a burst.
-            let builder = match switchboard_proto::cluster_tls::server(grpc_tls.as_ref()) {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::error!(error = %e, "logic gRPC TLS configuration refused");
-                    return;
-                }
-            };
             let served = builder
                 .tcp_nodelay(true)
                 .max_concurrent_streams(Some(LOGIC_MAX_STREAMS))

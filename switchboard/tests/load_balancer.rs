@@ -107,12 +107,7 @@ fn from(ip: &str) -> IpAddr {
 
 /// A TCP connection to `to` from the local address `src`.
 fn tcp_from(src: &str, to: SocketAddr) -> TcpStream {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.bind(&SocketAddr::new(from(src), 0).into()).unwrap();
-    sock.connect(&to.into()).unwrap();
-    let s: TcpStream = sock.into();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s
+    common::tcp_from(from(src), to).unwrap()
 }
 
 /// A backend of both gateways (`mode` http or tcp): the PROXY v2 header on every connection,

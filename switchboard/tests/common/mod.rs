@@ -139,6 +139,17 @@ pub fn try_login(addr: SocketAddr, user: &str, password: &str, device: &str) -> 
     http(addr, "POST", "/v1/auth/login", Some(body), None)
 }
 
+/// A TCP connection to `to` from the local address `src` (one of 127.0.0.0/8), with a 10 s read
+/// timeout.
+pub fn tcp_from(src: std::net::IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let sock = socket2::Socket::new(socket2::Domain::for_address(to), socket2::Type::STREAM, None)?;
+    sock.bind(&SocketAddr::new(src, 0).into())?;
+    sock.connect(&to.into())?;
+    let stream: TcpStream = sock.into();
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    Ok(stream)
+}
+
 pub struct Client {
     pub ws: WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>,
     rid: u64,
@@ -148,10 +159,15 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn connect(ws_addr: SocketAddr) -> Client {
+    /// The upgrade request of a JSON client.
+    fn request(ws_addr: SocketAddr) -> tungstenite::handshake::client::Request {
         let mut req = format!("ws://{ws_addr}/ws").into_client_request().unwrap();
         req.headers_mut().insert("Sec-WebSocket-Protocol", "sb.json.v1".parse().unwrap());
-        let (ws, resp) = tungstenite::connect(req).expect("websocket connects");
+        req
+    }
+
+    pub fn connect(ws_addr: SocketAddr) -> Client {
+        let (ws, resp) = tungstenite::connect(Self::request(ws_addr)).expect("websocket connects");
         assert_eq!(resp.headers().get("Sec-WebSocket-Protocol").map(|v| v.to_str().unwrap()), Some("sb.json.v1"));
         if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
             s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -162,16 +178,9 @@ impl Client {
     /// Connects from the local address `src` (one of 127.0.0.0/8); the error says why the
     /// connection or its upgrade failed.
     pub fn connect_from(ws_addr: SocketAddr, src: std::net::IpAddr) -> Result<Client, String> {
-        let sock =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).map_err(|e| e.to_string())?;
-        sock.bind(&SocketAddr::new(src, 0).into()).map_err(|e| e.to_string())?;
-        sock.connect(&ws_addr.into()).map_err(|e| e.to_string())?;
-        let stream: TcpStream = sock.into();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
-        let mut req = format!("ws://{ws_addr}/ws").into_client_request().unwrap();
-        req.headers_mut().insert("Sec-WebSocket-Protocol", "sb.json.v1".parse().unwrap());
-        let (ws, _) =
-            tungstenite::client(req, tungstenite::stream::MaybeTlsStream::Plain(stream)).map_err(|e| e.to_string())?;
+        let stream = tcp_from(src, ws_addr).map_err(|e| e.to_string())?;
+        let plain = tungstenite::stream::MaybeTlsStream::Plain(stream);
+        let (ws, _) = tungstenite::client(Self::request(ws_addr), plain).map_err(|e| e.to_string())?;
         Ok(Client { ws, rid: 0, pushes: VecDeque::new(), presence: VecDeque::new() })
     }
 
