@@ -77,24 +77,9 @@ impl Bridge {
     /// (`unavailable`; the client retries).
     pub fn authenticate(&self, shard: &ShardLink, conn_id: u64, rid: Option<u64>, token: String) {
         let shard = shard.clone();
-        let (link, gateway) = (self.link.clone(), self.advertise.clone());
-        let auth = self.link.authenticate(token);
+        let call = self.link.auth_connect(token, self.advertise.clone(), conn_id);
         self.rt.spawn(async move {
-            let mut result = auth.await;
-            if let Ok(r) = &result {
-                if r.ok {
-                    let ev = ConnEvent {
-                        gateway: gateway.to_string(),
-                        conn_id,
-                        user: r.user.clone(),
-                        session: r.session.clone(),
-                        device: r.device.clone(),
-                    };
-                    if let Err(e) = link.connected(ev).await {
-                        result = Err(format!("registering the connection: {e}"));
-                    }
-                }
-            }
+            let result = call.await;
             shard.send(ShardMsg::AuthDone { conn_id, rid, result });
         });
     }

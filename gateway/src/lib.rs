@@ -18,6 +18,7 @@ pub mod pool;
 /// PROXY protocol headers (public for the fuzz targets in `fuzz/`).
 pub mod proxyproto;
 mod push;
+mod session;
 mod shard;
 /// Raw TCP length-prefix framing (public for the fuzz targets in `fuzz/`).
 pub mod tcpframe;
@@ -264,9 +265,8 @@ impl Gateway {
                 let pool = LogicPool::new(&config.logic_endpoints, config.breaker_failures, config.breaker_cooldown)
                     .map_err(|(endpoint, message)| GatewayError::Endpoint { endpoint, message })?
                     .with_max_message_bytes(config.max_link_message_bytes)
-                    .with_tls(config.cluster_tls.clone())
+                    .and_then(|p| p.with_tls(config.cluster_tls.clone()))
                     .map_err(|message| GatewayError::Config(format!("cluster TLS: {message}")))?;
-                let pool = Arc::new(pool);
                 let secret = match config.cluster_secret.as_deref() {
                     Some(s) => Some(
                         switchboard_proto::cluster_auth::value(s)
@@ -274,7 +274,8 @@ impl Gateway {
                     ),
                     None => None,
                 };
-                let link: Arc<dyn LogicLink> = Arc::new(GrpcLink::new(pool.clone(), LOGIC_TIMEOUT, secret));
+                let pool = Arc::new(pool.with_secret(secret).map_err(GatewayError::Config)?);
+                let link: Arc<dyn LogicLink> = Arc::new(GrpcLink::new(pool.clone(), LOGIC_TIMEOUT));
                 (link, Some(pool))
             }
         };

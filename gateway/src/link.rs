@@ -1,5 +1,5 @@
-//! The gateway's link to logic, whatever carries it: gRPC to a pool of logic instances (a split
-//! deployment, [`GrpcLink`]) or direct calls into logic in the same process (`all-in-one`, where
+//! The gateway's link to logic, whatever carries it: long-lived gRPC streams to a pool of logic
+//! instances (a split deployment, [`GrpcLink`]) or direct calls into logic in the same process (`all-in-one`, where
 //! the binary implements [`LogicLink`] over the logic library: no loopback HTTP/2, one hop fewer).
 //! Shards never see which one they use.
 
@@ -8,12 +8,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchboard_proto::cluster_auth;
-use switchboard_proto::internal::logic_client::LogicClient;
-use switchboard_proto::internal::{AuthReply, AuthRequest, ClientReply, ClientRequest, ConnEvent};
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
+use switchboard_proto::internal::link_call::Call;
+use switchboard_proto::internal::link_result::Result as Outcome;
+use switchboard_proto::internal::{AuthConnect, AuthReply, AuthRequest, ClientReply, ClientRequest, ConnEvent};
+use tonic::{Code, Status};
 
 use crate::pool::LogicPool;
 
@@ -25,6 +23,10 @@ pub type LinkFuture<T> = Pin<Box<dyn Future<Output = Result<T, String>> + Send +
 pub trait LogicLink: Send + Sync + 'static {
     /// Verifies the access token of an `auth` op.
     fn authenticate(&self, token: String) -> LinkFuture<AuthReply>;
+    /// Verifies the token of an `auth` op and, when it is good, registers the connection
+    /// (`connected`) in the same call: by the time the client reads `auth.ok`, pushes find it.
+    /// A failed registration is an error (the client gets `unavailable` and retries).
+    fn auth_connect(&self, token: String, gateway: Arc<str>, conn_id: u64) -> LinkFuture<AuthReply>;
     /// A connection finished `auth` (route table, presence).
     fn connected(&self, ev: ConnEvent) -> LinkFuture<()>;
     /// An authenticated connection closed.
@@ -33,26 +35,26 @@ pub trait LogicLink: Send + Sync + 'static {
     fn handle(&self, req: ClientRequest) -> LinkFuture<ClientReply>;
 }
 
-/// [`LogicLink`] over gRPC through a [`LogicPool`] (P2C, circuit breakers, one retry on another
-/// instance), each call bounded by `timeout` and carrying the cluster secret.
+/// [`LogicLink`] over the long-lived gRPC links of a [`LogicPool`] (P2C, circuit breakers, one
+/// retry on another instance), each call bounded by `timeout`.
 pub struct GrpcLink {
     pool: Arc<LogicPool>,
     timeout: Duration,
-    secret: Option<Arc<MetadataValue<Ascii>>>,
 }
 
 impl GrpcLink {
-    pub fn new(pool: Arc<LogicPool>, timeout: Duration, secret: Option<MetadataValue<Ascii>>) -> Self {
-        Self { pool, timeout, secret: secret.map(Arc::new) }
+    pub fn new(pool: Arc<LogicPool>, timeout: Duration) -> Self {
+        Self { pool, timeout }
     }
 
-    fn parts(&self) -> (Arc<LogicPool>, Duration, Option<Arc<MetadataValue<Ascii>>>) {
-        (self.pool.clone(), self.timeout, self.secret.clone())
+    /// Makes `call` through the pool and takes the result `pick` expects from it.
+    fn call<T: Send + 'static>(&self, call: Call, pick: fn(Outcome) -> Option<T>) -> LinkFuture<T> {
+        let (pool, timeout) = (self.pool.clone(), self.timeout);
+        Box::pin(async move {
+            let outcome = pool.call(timeout, call).await.map_err(message)?;
+            pick(outcome).ok_or_else(|| "logic answered with another kind of result".to_string())
+        })
     }
-}
-
-fn request<T>(msg: T, secret: &Option<Arc<MetadataValue<Ascii>>>) -> Request<T> {
-    cluster_auth::attach(Request::new(msg), secret.as_deref())
 }
 
 fn message(s: Status) -> String {
@@ -63,36 +65,38 @@ fn message(s: Status) -> String {
     }
 }
 
-impl GrpcLink {
-    /// Runs one RPC through the pool with the cluster secret attached to every attempt.
-    fn call<Req, T, F, Fut>(&self, msg: Req, rpc: F) -> LinkFuture<T>
-    where
-        Req: Clone + Send + Sync + 'static,
-        T: Send + 'static,
-        F: Fn(LogicClient<Channel>, Request<Req>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<tonic::Response<T>, Status>> + Send + 'static,
-    {
-        let (pool, timeout, secret) = self.parts();
-        Box::pin(async move { pool.call(timeout, |c| rpc(c, request(msg.clone(), &secret))).await.map_err(message) })
+fn auth(o: Outcome) -> Option<AuthReply> {
+    match o {
+        Outcome::Auth(a) => Some(a),
+        _ => None,
     }
+}
+
+fn done(o: Outcome) -> Option<()> {
+    matches!(o, Outcome::Done(_)).then_some(())
 }
 
 impl LogicLink for GrpcLink {
     fn authenticate(&self, token: String) -> LinkFuture<AuthReply> {
-        self.call(AuthRequest { token }, |mut c, r| async move { c.authenticate(r).await })
+        self.call(Call::Authenticate(AuthRequest { token }), auth)
+    }
+
+    fn auth_connect(&self, token: String, gateway: Arc<str>, conn_id: u64) -> LinkFuture<AuthReply> {
+        self.call(Call::AuthConnect(AuthConnect { token, gateway: gateway.to_string(), conn_id }), auth)
     }
 
     fn connected(&self, ev: ConnEvent) -> LinkFuture<()> {
-        let call = self.call(ev, |mut c, r| async move { c.connected(r).await });
-        Box::pin(async move { call.await.map(|_| ()) })
+        self.call(Call::Connected(ev), done)
     }
 
     fn disconnected(&self, ev: ConnEvent) -> LinkFuture<()> {
-        let call = self.call(ev, |mut c, r| async move { c.disconnected(r).await });
-        Box::pin(async move { call.await.map(|_| ()) })
+        self.call(Call::Disconnected(ev), done)
     }
 
     fn handle(&self, req: ClientRequest) -> LinkFuture<ClientReply> {
-        self.call(req, |mut c, r| async move { c.handle(r).await })
+        self.call(Call::Handle(req), |o| match o {
+            Outcome::Reply(r) => Some(r),
+            _ => None,
+        })
     }
 }

@@ -1,5 +1,6 @@
-//! Pool of logic instances: power-of-two-choices over reported load plus in-flight RPCs, with a
+//! Pool of logic instances: power-of-two-choices over reported load plus in-flight calls, with a
 //! circuit breaker per instance and one retry on a different instance after a transport failure.
+//! Calls travel on each instance's long-lived link ([`LinkSession`]).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -7,10 +8,15 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use switchboard_proto::cluster_tls::{endpoint, ClusterTls};
+use switchboard_proto::internal::link_call::Call;
+use switchboard_proto::internal::link_result::Result as Outcome;
 use switchboard_proto::internal::logic_client::LogicClient;
 use tokio::runtime::Handle;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
-use tonic::{Code, Response, Status};
+use tonic::{Code, Status};
+
+use crate::session::LinkSession;
 
 /// Breaker state of one logic instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,7 +38,7 @@ struct Breaker {
 /// One logic instance of the pool.
 struct Member {
     url: String,
-    client: LogicClient<Channel>,
+    session: LinkSession,
     /// Last reported load (`f32` bits); 0.0 when unknown.
     load: AtomicU32,
     /// This gateway's RPCs to it right now.
@@ -83,11 +89,6 @@ pub(crate) struct Lease {
 }
 
 impl Lease {
-    /// A clone of the endpoint's client.
-    pub(crate) fn client(&self) -> LogicClient<Channel> {
-        self.member.client.clone()
-    }
-
     /// Records the outcome: `true` for a transport failure, `false` otherwise (including
     /// application errors, which prove the instance is alive).
     pub(crate) fn finish(mut self, transport_failure: bool) {
@@ -129,6 +130,8 @@ pub struct LogicPool {
     max_message: usize,
     /// Mutual TLS on the channels, when the cluster uses it.
     tls: Option<ClusterTls>,
+    /// The cluster secret every link carries.
+    secret: Option<Arc<MetadataValue<Ascii>>>,
 }
 
 impl std::fmt::Debug for LogicPool {
@@ -177,7 +180,7 @@ impl LogicPool {
                     continue;
                 }
                 let client = client_for(url, DEFAULT_MAX_MESSAGE, None).map_err(|e| (url.clone(), e))?;
-                members.push(Arc::new(Self::member(url.clone(), client, 0.0)));
+                members.push(Arc::new(Self::member(url.clone(), client, 0.0, None)));
             }
         }
         let seed = std::time::SystemTime::now()
@@ -191,37 +194,51 @@ impl LogicPool {
             rt,
             max_message: DEFAULT_MAX_MESSAGE,
             tls: None,
+            secret: None,
         })
     }
 
     /// Talks mutual TLS to every endpoint (`http://` URLs are dialled as `https://`).
     pub fn with_tls(mut self, tls: Option<ClusterTls>) -> Result<Self, String> {
         self.tls = tls;
-        let _guard = self.rt.enter();
-        let members = self.members.get_mut().unwrap_or_else(|e| e.into_inner());
-        for m in members.iter_mut() {
-            let client = client_for(&m.url, self.max_message, self.tls.as_ref())?;
-            *m = Arc::new(Self::member(m.url.clone(), client, f32::from_bits(m.load.load(Ordering::Relaxed))));
-        }
+        self.rebuild()?;
         Ok(self)
     }
 
     /// Sets the largest message on the channels to every endpoint, both directions.
-    pub fn with_max_message_bytes(mut self, max: usize) -> Self {
+    pub fn with_max_message_bytes(mut self, max: usize) -> Result<Self, String> {
         self.max_message = max;
-        let members = self.members.get_mut().unwrap_or_else(|e| e.into_inner());
-        for m in members.iter_mut() {
-            if let Some(m) = Arc::get_mut(m) {
-                m.client = m.client.clone().max_decoding_message_size(max).max_encoding_message_size(max);
-            }
-        }
-        self
+        self.rebuild()?;
+        Ok(self)
     }
 
-    fn member(url: String, client: LogicClient<Channel>, load: f32) -> Member {
+    /// Sends the cluster secret on every link.
+    pub fn with_secret(mut self, secret: Option<MetadataValue<Ascii>>) -> Result<Self, String> {
+        self.secret = secret.map(Arc::new);
+        self.rebuild()?;
+        Ok(self)
+    }
+
+    /// Re-creates every member's channel and link with the pool's current settings.
+    fn rebuild(&mut self) -> Result<(), String> {
+        let _guard = self.rt.enter();
+        let members = self.members.get_mut().unwrap_or_else(|e| e.into_inner());
+        for m in members.iter_mut() {
+            let client = client_for(&m.url, self.max_message, self.tls.as_ref())?;
+            *m = Arc::new(Self::member(m.url.clone(), client, m.load(), self.secret.clone()));
+        }
+        Ok(())
+    }
+
+    fn member(
+        url: String,
+        client: LogicClient<Channel>,
+        load: f32,
+        secret: Option<Arc<MetadataValue<Ascii>>>,
+    ) -> Member {
         Member {
             url,
-            client,
+            session: LinkSession::new(client, secret),
             load: AtomicU32::new(load.to_bits()),
             inflight: AtomicU64::new(0),
             calls: AtomicU64::new(0),
@@ -248,7 +265,7 @@ impl LogicPool {
                 continue;
             }
             match client_for(&url, self.max_message, self.tls.as_ref()) {
-                Ok(client) => next.push(Arc::new(Self::member(url, client, load))),
+                Ok(client) => next.push(Arc::new(Self::member(url, client, load, self.secret.clone()))),
                 Err(e) => tracing::warn!(%url, error = %e, "ignoring invalid logic endpoint"),
             }
         }
@@ -374,12 +391,20 @@ impl LogicPool {
         }
     }
 
-    /// Runs one logic RPC through the pool within `timeout` overall: on a transport failure
-    /// (or a timed-out attempt with time left) it is retried once on a different endpoint.
-    pub(crate) async fn call<T, F, Fut>(&self, timeout: Duration, mut rpc: F) -> Result<T, Status>
+    /// Makes one call on a logic instance's link within `timeout` overall: on a transport
+    /// failure (or a timed-out attempt with time left) it is retried once on a different endpoint.
+    pub(crate) async fn call(&self, timeout: Duration, call: Call) -> Result<Outcome, Status> {
+        self.attempt(timeout, |m| {
+            let (m, call) = (m.clone(), call.clone());
+            async move { m.session.call(call).await }
+        })
+        .await
+    }
+
+    async fn attempt<T, F, Fut>(&self, timeout: Duration, mut rpc: F) -> Result<T, Status>
     where
-        F: FnMut(LogicClient<Channel>) -> Fut,
-        Fut: Future<Output = Result<Response<T>, Status>>,
+        F: FnMut(&Arc<Member>) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
     {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut tried: Option<String> = None;
@@ -390,14 +415,14 @@ impl LogicPool {
                 break;
             };
             tried = Some(lease.member.url.clone());
-            let result = match tokio::time::timeout_at(deadline, rpc(lease.client())).await {
+            let result = match tokio::time::timeout_at(deadline, rpc(&lease.member)).await {
                 Ok(r) => r,
                 Err(_) => Err(Status::deadline_exceeded("logic timed out")),
             };
             match result {
                 Ok(r) => {
                     lease.finish(false);
-                    return Ok(r.into_inner());
+                    return Ok(r);
                 }
                 Err(s) if is_transport_failure(&s) => {
                     tracing::debug!(endpoint = %lease.member.url, status = %s, "logic transport failure");
@@ -574,9 +599,7 @@ mod tests {
         // Nothing listens on these ports: connection refused -> Unavailable.
         let u = urls(3);
         let pool = LogicPool::new(&u, 5, Duration::from_secs(60)).unwrap();
-        let r = pool
-            .call(Duration::from_secs(5), |mut c| async move { c.authenticate(AuthRequest::default()).await })
-            .await;
+        let r = pool.call(Duration::from_secs(5), Call::Authenticate(AuthRequest::default())).await;
         assert_eq!(r.unwrap_err().code(), Code::Unavailable);
         let stats = pool.stats();
         assert_eq!(stats.iter().map(|s| s.calls).sum::<u64>(), 2, "{stats:?}");
@@ -584,9 +607,7 @@ mod tests {
         assert!(stats.iter().all(|s| s.inflight == 0));
         // A single endpoint: no retry.
         let pool = LogicPool::new(&u[..1], 5, Duration::from_secs(60)).unwrap();
-        let r = pool
-            .call(Duration::from_secs(5), |mut c| async move { c.authenticate(AuthRequest::default()).await })
-            .await;
+        let r = pool.call(Duration::from_secs(5), Call::Authenticate(AuthRequest::default())).await;
         assert!(r.is_err());
         assert_eq!(pool.stats()[0].calls, 1);
     }

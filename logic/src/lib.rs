@@ -7,6 +7,7 @@ pub mod cursors;
 pub mod error;
 pub mod http;
 pub mod limits;
+pub mod link;
 pub mod metrics;
 mod ops;
 pub mod push;

@@ -3,12 +3,15 @@
 use std::sync::Arc;
 
 use switchboard_proto::internal::logic_server::{Logic as LogicRpc, LogicServer};
-use switchboard_proto::internal::{AuthReply, AuthRequest, ClientReply, ClientRequest, ConnEvent, Empty};
+use switchboard_proto::internal::{
+    AuthConnect, AuthReply, AuthRequest, ClientReply, ClientRequest, ConnEvent, Empty, LinkUp,
+};
 use switchboard_storage::ConnRef;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::now_secs;
 use crate::error::ApiError;
+use crate::link::{self, Closing, DownStream, LinkLimits};
 use crate::metrics::inc;
 use crate::ops::{self, Caller};
 use crate::Logic;
@@ -17,11 +20,20 @@ use crate::Logic;
 #[derive(Clone)]
 pub struct LogicService {
     logic: Arc<Logic>,
+    link: LinkLimits,
+    closing: Closing,
 }
 
 impl LogicService {
-    pub fn new(logic: Arc<Logic>) -> Self {
-        Self { logic }
+    /// The service; its links end when `closing` turns `true` (see [`crate::link`]).
+    pub fn new(logic: Arc<Logic>, closing: Closing) -> Self {
+        Self { logic, link: LinkLimits::default(), closing }
+    }
+
+    /// Bounds of each gateway's `Link` stream.
+    pub fn with_link_limits(mut self, link: LinkLimits) -> Self {
+        self.link = link;
+        self
     }
 
     pub fn into_server(self) -> LogicServer<Self> {
@@ -110,6 +122,48 @@ impl Logic {
     }
 }
 
+/// What the internal calls answer, as gRPC statuses: the unary RPCs and the calls of a link
+/// ([`crate::link`]) share them.
+impl Logic {
+    /// `auth` and, when the token is good, `Connected` for the connection: by the time the
+    /// client reads `auth.ok`, pushes already find it. A failed registration is `unavailable`
+    /// (the client retries).
+    pub async fn auth_connect(&self, a: &AuthConnect) -> Result<AuthReply, Status> {
+        let reply = self.auth_reply(&a.token).await;
+        if reply.ok {
+            let ev = ConnEvent {
+                gateway: a.gateway.clone(),
+                conn_id: a.conn_id,
+                user: reply.user.clone(),
+                session: reply.session.clone(),
+                device: reply.device.clone(),
+            };
+            self.conn_opened(&ev)
+                .await
+                .map_err(|e| Status::unavailable(format!("registering the connection: {}", e.message)))?;
+        }
+        Ok(reply)
+    }
+
+    pub(crate) async fn rpc_connected(&self, ev: &ConnEvent) -> Result<Empty, Status> {
+        self.conn_opened(ev).await.map_err(|e| Status::unavailable(e.message))?;
+        Ok(Empty {})
+    }
+
+    pub(crate) async fn rpc_disconnected(&self, ev: &ConnEvent) -> Result<Empty, Status> {
+        self.conn_closed(ev).await.map_err(|e| Status::unavailable(e.message))?;
+        Ok(Empty {})
+    }
+
+    pub(crate) async fn rpc_handle(&self, req: ClientRequest) -> Result<ClientReply, Status> {
+        match self.handle_request(req).await {
+            Ok(r) => Ok(r),
+            Err(e) if e.code == "bad_request" => Err(Status::invalid_argument(e.message)),
+            Err(e) => Err(Status::internal(e.message)),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl LogicRpc for LogicService {
     async fn authenticate(&self, req: Request<AuthRequest>) -> Result<Response<AuthReply>, Status> {
@@ -117,20 +171,20 @@ impl LogicRpc for LogicService {
     }
 
     async fn connected(&self, req: Request<ConnEvent>) -> Result<Response<Empty>, Status> {
-        self.logic.conn_opened(&req.into_inner()).await.map_err(|e| Status::unavailable(e.message))?;
-        Ok(Response::new(Empty {}))
+        self.logic.rpc_connected(&req.into_inner()).await.map(Response::new)
     }
 
     async fn disconnected(&self, req: Request<ConnEvent>) -> Result<Response<Empty>, Status> {
-        self.logic.conn_closed(&req.into_inner()).await.map_err(|e| Status::unavailable(e.message))?;
-        Ok(Response::new(Empty {}))
+        self.logic.rpc_disconnected(&req.into_inner()).await.map(Response::new)
     }
 
     async fn handle(&self, req: Request<ClientRequest>) -> Result<Response<ClientReply>, Status> {
-        match self.logic.handle_request(req.into_inner()).await {
-            Ok(r) => Ok(Response::new(r)),
-            Err(e) if e.code == "bad_request" => Err(Status::invalid_argument(e.message)),
-            Err(e) => Err(Status::internal(e.message)),
-        }
+        self.logic.rpc_handle(req.into_inner()).await.map(Response::new)
+    }
+
+    type LinkStream = DownStream;
+
+    async fn link(&self, req: Request<Streaming<LinkUp>>) -> Result<Response<DownStream>, Status> {
+        Ok(Response::new(link::serve(self.logic.clone(), req.into_inner(), self.link, self.closing.clone())))
     }
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use switchboard_gateway::{LinkFuture, LocalPush, LogicLink};
 use switchboard_logic::push::{GatewaySink, GrpcPush, PushFuture, PushTransport};
 use switchboard_logic::Logic;
-use switchboard_proto::internal::{AuthReply, ClientReply, ClientRequest, ConnEvent, Delivery};
+use switchboard_proto::internal::{AuthConnect, AuthReply, ClientReply, ClientRequest, ConnEvent, Delivery};
 
 /// [`LogicLink`] into a [`Logic`] of this process, bound once logic is up (calls before that
 /// fail as `unavailable`, which clients retry).
@@ -31,6 +31,14 @@ impl LogicLink for InProcessLink {
     fn authenticate(&self, token: String) -> LinkFuture<AuthReply> {
         let logic = self.logic();
         Box::pin(async move { Ok(logic?.auth_reply(&token).await) })
+    }
+
+    fn auth_connect(&self, token: String, gateway: Arc<str>, conn_id: u64) -> LinkFuture<AuthReply> {
+        let logic = self.logic();
+        Box::pin(async move {
+            let a = AuthConnect { token, gateway: gateway.to_string(), conn_id };
+            logic?.auth_connect(&a).await.map_err(|s| s.message().to_string())
+        })
     }
 
     fn connected(&self, ev: ConnEvent) -> LinkFuture<()> {

@@ -168,7 +168,9 @@ impl LogicRole {
         let grpc_listener =
             TcpListener::bind(s.logic_addr()).await.with_context(|| format!("binding {}", s.logic_addr()))?;
         let grpc_addr = grpc_listener.local_addr()?;
-        let service = LogicService::new(logic.clone())
+        // The gateways' links end (after their calls in flight) when the server stops.
+        let (closing, links_closing) = tokio::sync::watch::channel(false);
+        let service = LogicService::new(logic.clone(), links_closing)
             .into_server()
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
@@ -197,6 +199,7 @@ impl LogicRole {
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = stopped.await;
+                    let _ = closing.send(true);
                 })
                 .await;
             if let Err(e) = served {

@@ -12,8 +12,10 @@ use serde_json::json;
 use switchboard::{GatewayRole, LogicRole, Settings};
 use switchboard_proto::cluster_auth;
 use switchboard_proto::internal::gateway_client::GatewayClient;
+use switchboard_proto::internal::link_call::Call;
+use switchboard_proto::internal::link_result::Result as Outcome;
 use switchboard_proto::internal::logic_client::LogicClient;
-use switchboard_proto::internal::{AuthRequest, Delivery, PushRequest, Target};
+use switchboard_proto::internal::{AuthRequest, Delivery, LinkCall, LinkUp, PushRequest, Target};
 use tonic::Code;
 
 const SECRET: &str = "internal-link-secret-0123456789abcdef";
@@ -50,6 +52,20 @@ async fn internal_calls_need_the_cluster_secret() {
     let right = cluster_auth::value(SECRET).unwrap();
     let req = cluster_auth::attach(tonic::Request::new(AuthRequest { token: "x".into() }), Some(&right));
     assert!(!client.authenticate(req).await.unwrap().into_inner().ok, "answered (bad token), not refused");
+    // The same for the long-lived link the gateways use.
+    let call = || LinkUp {
+        calls: vec![LinkCall { id: 7, call: Some(Call::Authenticate(AuthRequest { token: "x".into() })) }],
+    };
+    let link = |up: LinkUp| tokio_stream::iter(vec![up]);
+    let bare = client.link(link(call())).await.unwrap_err();
+    assert_eq!(bare.code(), Code::Unauthenticated);
+    let req = cluster_auth::attach(tonic::Request::new(link(call())), Some(&wrong));
+    assert_eq!(client.link(req).await.unwrap_err().code(), Code::Unauthenticated);
+    let req = cluster_auth::attach(tonic::Request::new(link(call())), Some(&right));
+    let mut down = client.link(req).await.unwrap().into_inner();
+    let result = down.message().await.unwrap().unwrap().results.remove(0);
+    assert_eq!(result.id, 7);
+    assert!(matches!(result.result, Some(Outcome::Auth(a)) if !a.ok), "answered (bad token), not refused");
 
     // The gateway's push service refuses pushes without the secret: no frame injection.
     let mut push = GatewayClient::connect(gw.gateway.advertise().to_owned()).await.unwrap();

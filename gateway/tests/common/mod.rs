@@ -13,11 +13,14 @@ use serde_json::{json, Value};
 use switchboard_gateway::{Gateway, GatewayConfig};
 use switchboard_proto::internal::{
     gateway_client::GatewayClient,
+    link_call::Call,
+    link_result::Result as Outcome,
     logic_server::{Logic, LogicServer},
-    AuthReply, AuthRequest, ClientReply, ClientRequest, ConnEvent, Delivery, Empty, PushRequest,
+    AuthReply, AuthRequest, ClientReply, ClientRequest, ConnEvent, Delivery, Empty, LinkCall, LinkDown, LinkFailure,
+    LinkResult, LinkUp, PushRequest,
 };
 use switchboard_proto::v1::Frame;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 use tungstenite::client::IntoClientRequest;
 use tungstenite::{Message, WebSocket};
 
@@ -45,6 +48,8 @@ pub struct FakeLogic {
     /// When set, `Connected` first pushes this frame to the new connection through the
     /// gateway's Push RPC (as a real logic instance may, before it answers).
     pub push_on_connect: Arc<Mutex<Option<Value>>>,
+    /// Turns `true` when the server stops: its links end (as a real instance's do).
+    closing: Arc<tokio::sync::watch::Sender<bool>>,
     handler: Handler,
 }
 
@@ -62,6 +67,7 @@ impl FakeLogic {
             disconnected: Arc::default(),
             frames: Arc::default(),
             push_on_connect: Arc::default(),
+            closing: Arc::new(tokio::sync::watch::channel(false).0),
             handler: Arc::new(handler),
         }
     }
@@ -159,6 +165,70 @@ impl Logic for FakeLogic {
         let reply = (self.handler)(&v);
         Ok(Response::new(ClientReply { frame: reply.to_string().into_bytes().into(), close: false }))
     }
+
+    type LinkStream = tokio_stream::wrappers::ReceiverStream<Result<LinkDown, Status>>;
+
+    /// Every call of the link runs as its own task, its result sent back alone.
+    async fn link(&self, r: Request<Streaming<LinkUp>>) -> Result<Response<Self::LinkStream>, Status> {
+        let mut up = r.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let logic = self.clone();
+        let mut closing = self.closing.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let batch = tokio::select! {
+                    _ = closing.wait_for(|c| *c) => break,
+                    m = up.message() => match m {
+                        Ok(Some(batch)) => batch,
+                        _ => break,
+                    },
+                };
+                for call in batch.calls {
+                    let (logic, tx) = (logic.clone(), tx.clone());
+                    tokio::spawn(async move {
+                        let result = logic.link_call(call).await;
+                        let _ = tx.send(Ok(LinkDown { results: vec![result] })).await;
+                    });
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+}
+
+impl FakeLogic {
+    /// One call of a `Link` stream, answered by the unary method that serves it.
+    async fn link_call(&self, call: LinkCall) -> LinkResult {
+        let outcome = match call.call {
+            Some(Call::Authenticate(a)) => {
+                self.authenticate(Request::new(a)).await.map(|r| Outcome::Auth(r.into_inner()))
+            }
+            Some(Call::AuthConnect(a)) => {
+                let reply = self.authenticate(Request::new(AuthRequest { token: a.token })).await.unwrap().into_inner();
+                if reply.ok {
+                    let ev = ConnEvent {
+                        gateway: a.gateway,
+                        conn_id: a.conn_id,
+                        user: reply.user.clone(),
+                        session: reply.session.clone(),
+                        device: reply.device.clone(),
+                    };
+                    self.connected(Request::new(ev)).await.map(|_| Outcome::Auth(reply))
+                } else {
+                    Ok(Outcome::Auth(reply))
+                }
+            }
+            Some(Call::Connected(ev)) => self.connected(Request::new(ev)).await.map(|r| Outcome::Done(r.into_inner())),
+            Some(Call::Disconnected(ev)) => {
+                self.disconnected(Request::new(ev)).await.map(|r| Outcome::Done(r.into_inner()))
+            }
+            Some(Call::Handle(req)) => self.handle(Request::new(req)).await.map(|r| Outcome::Reply(r.into_inner())),
+            None => Err(Status::invalid_argument("empty call")),
+        };
+        let outcome = outcome
+            .unwrap_or_else(|s| Outcome::Failure(LinkFailure { code: s.code() as i32, message: s.message().into() }));
+        LinkResult { id: call.id, result: Some(outcome) }
+    }
 }
 
 /// A running fake Logic gRPC server.
@@ -178,6 +248,7 @@ pub async fn serve(logic: FakeLogic) -> FakeServer {
     let addr = listener.local_addr().unwrap();
     let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let svc = LogicServer::new(logic.clone());
+    let closing = logic.closing.clone();
     let task = tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
             .add_service(svc)
@@ -186,6 +257,7 @@ pub async fn serve(logic: FakeLogic) -> FakeServer {
                     // the sender was dropped, not used: keep serving
                     std::future::pending::<()>().await;
                 }
+                let _ = closing.send(true);
             })
             .await;
     });
