@@ -17,6 +17,7 @@ pub mod mongo;
 pub mod persist;
 pub mod postgres;
 pub mod redis;
+pub mod social_cache;
 mod tail;
 pub mod tls;
 mod traits;

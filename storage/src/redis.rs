@@ -271,6 +271,8 @@ pub enum Completion {
 pub struct RedisStore {
     conn: ConnectionManager,
     prefix: String,
+    /// For the dedicated connections pub/sub needs.
+    client: redis::Client,
 }
 
 impl RedisStore {
@@ -283,8 +285,29 @@ impl RedisStore {
     /// [`RedisStore::connect`], a `rediss://` URL verified against `tls`'s roots.
     pub async fn connect_tls(url: &str, prefix: &str, tls: &BackendTls) -> Result<Self> {
         let client = tls.redis_client(url)?;
-        let conn = ConnectionManager::new(client).await?;
-        Ok(Self { conn, prefix: prefix.to_owned() })
+        let conn = ConnectionManager::new(client.clone()).await?;
+        Ok(Self { conn, prefix: prefix.to_owned(), client })
+    }
+
+    /// Tells every subscriber of [`RedisStore::social_changes`] that the relation of `a` and `b`
+    /// changed.
+    pub async fn publish_social(&self, a: &str, b: &str) -> Result<()> {
+        let payload = serde_json::to_string(&[a, b]).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        let _: i64 =
+            redis::cmd("PUBLISH").arg(self.key(&["social"])).arg(payload).query_async(&mut self.conn.clone()).await?;
+        Ok(())
+    }
+
+    /// The pairs whose relation changed, as [`RedisStore::publish_social`] announces them, on a
+    /// connection of their own; the stream ends when that connection does.
+    pub async fn social_changes(&self) -> Result<impl tokio_stream::Stream<Item = (String, String)> + Send + Unpin> {
+        let mut sub = self.client.get_async_pubsub().await?;
+        sub.subscribe(self.key(&["social"])).await?;
+        Ok(tokio_stream::StreamExt::filter_map(sub.into_on_message(), |m| {
+            let payload: String = m.get_payload().ok()?;
+            let [a, b]: [String; 2] = serde_json::from_str(&payload).ok()?;
+            Some((a, b))
+        }))
     }
 
     fn key(&self, parts: &[&str]) -> String {

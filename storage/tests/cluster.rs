@@ -345,3 +345,58 @@ async fn persist_workers_own_partitions_exclusively_and_take_over() {
     all_stored(3).await;
     b.stop().await;
 }
+
+/// Two logic instances' friendship caches over one PostgreSQL and one Redis: the cache passes the
+/// social contract, and a change made through one instance reaches the other's cache (the
+/// relation it had cached is read anew), in every direction a relation can change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn friendship_caches_hear_changes_made_elsewhere() {
+    use switchboard_storage::social_cache::CachedSocial;
+    use switchboard_storage::{FriendState, SocialStore};
+    let Some(env) = env() else { return };
+    let prefix = format!("{}:", contract::prefix());
+    let pg: Arc<dyn SocialStore> = Arc::new(PgStore::connect(&env.pg, 2).await.unwrap());
+    let one = CachedSocial::new(pg.clone(), RedisStore::connect(&env.redis, &prefix).await.unwrap());
+    let two = CachedSocial::new(pg.clone(), RedisStore::connect(&env.redis, &prefix).await.unwrap());
+    for s in [&one, &two] {
+        let s = s.clone();
+        eventually("the change subscription is up", move || s.listening()).await;
+    }
+    contract::social_contract(one.as_ref()).await;
+
+    let p = contract::prefix();
+    let (a, b) = (format!("{p}ann"), format!("{p}bob"));
+    // Both instances cache "friends" (asked twice: the second answer comes from memory).
+    assert_eq!(one.request_friend(&a, &b, "").await.unwrap(), switchboard_storage::RequestOutcome::Pending);
+    assert!(two.accept_friend(&b, &a).await.unwrap());
+    for s in [&one, &two] {
+        for _ in 0..2 {
+            assert_eq!(s.friend_state(&a, &b).await.unwrap(), Some(FriendState::Friends));
+        }
+    }
+    // Changes through `two` reach `one`'s cache, and the other way round.
+    let changes: [(&Arc<CachedSocial>, &Arc<CachedSocial>, Option<FriendState>); 3] = [
+        (&two, &one, None),                                                 // delete
+        (&one, &two, Some(FriendState::Outgoing { note: "again".into() })), // request
+        (&two, &one, None),                                                 // block
+    ];
+    for (i, (writer, reader, expected)) in changes.into_iter().enumerate() {
+        match i {
+            0 => assert!(writer.delete_friend(&b, &a).await.unwrap()),
+            1 => {
+                writer.request_friend(&a, &b, "again").await.unwrap();
+            }
+            _ => assert!(writer.set_block(&b, &a, true).await.unwrap()),
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let seen = reader.friend_state(&a, &b).await.unwrap();
+            if seen == expected {
+                break;
+            }
+            assert!(Instant::now() < deadline, "change {i} never reached the other cache: still {seen:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(writer.friend_state(&a, &b).await.unwrap(), expected, "the writer's own cache, change {i}");
+    }
+}

@@ -25,6 +25,7 @@ use switchboard_storage::memory_routes::MemoryRoutes;
 use switchboard_storage::persist::{PersistConfig, PersistStats, PersistWorker};
 use switchboard_storage::postgres::PgStore;
 use switchboard_storage::redis::RedisStore;
+use switchboard_storage::social_cache::CachedSocial;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -89,7 +90,7 @@ async fn open_stores(s: &Settings) -> anyhow::Result<(Stores, Option<ClusterPart
     );
     let stores = Stores {
         accounts: Arc::new(pg.clone()),
-        social: Arc::new(pg.clone()),
+        social: CachedSocial::new(Arc::new(pg.clone()), redis.clone()),
         groups: Arc::new(pg),
         messages: messages.clone(),
         routes: Arc::new(redis.clone()),
