@@ -1,14 +1,17 @@
 //! Bridge between shard threads and the tokio runtime: calls over the [`LogicLink`] and shard
-//! mailboxes.
+//! mailboxes. Closed connections are told to logic in batches ([`Disconnects`]): a mass
+//! disconnect costs a queue of events, not a call in flight per connection.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crossbeam_channel::Sender;
 use mio::Waker;
 use switchboard_proto::internal::{AuthReply, ClientReply, ClientRequest, ConnEvent, Delivery};
 use tokio::runtime::Handle;
+use tokio::sync::{mpsc, Notify, Semaphore};
 
 use crate::link::LogicLink;
 
@@ -68,9 +71,85 @@ pub(crate) struct Bridge {
     pub rt: Handle,
     pub link: Arc<dyn LogicLink>,
     pub advertise: Arc<str>,
+    disconnects: Arc<Disconnects>,
+}
+
+/// Most closed connections told to logic in one call.
+const DISCONNECT_BATCH: usize = 512;
+/// Batches of closed connections in flight at once.
+const DISCONNECT_CALLS: usize = 4;
+
+/// Closed connections waiting to be told to logic: the queue into the task that tells it, and
+/// how many are queued or in flight.
+pub(crate) struct Disconnects {
+    queue: mpsc::UnboundedSender<ConnEvent>,
+    pending: Arc<Pending>,
+}
+
+#[derive(Default)]
+struct Pending {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+impl Pending {
+    fn done(&self, n: usize) {
+        if self.count.fetch_sub(n, Ordering::AcqRel) == n {
+            self.idle.notify_waiters();
+        }
+    }
+}
+
+/// Hands queued disconnects to logic, [`DISCONNECT_CALLS`] batches at a time, until the bridge
+/// is gone and the queue empty.
+async fn tell_disconnects(
+    link: Arc<dyn LogicLink>,
+    mut queue: mpsc::UnboundedReceiver<ConnEvent>,
+    pending: Arc<Pending>,
+) {
+    let slots = Arc::new(Semaphore::new(DISCONNECT_CALLS));
+    while let Some(first) = queue.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let mut batch = vec![first];
+        while batch.len() < DISCONNECT_BATCH {
+            let Ok(ev) = queue.try_recv() else { break };
+            batch.push(ev);
+        }
+        let (n, call, pending) = (batch.len(), link.disconnected_many(batch), pending.clone());
+        tokio::spawn(async move {
+            if let Err(e) = call.await {
+                tracing::warn!(error = %e, connections = n, "logic disconnected failed");
+            }
+            pending.done(n);
+            drop(slot);
+        });
+    }
 }
 
 impl Bridge {
+    /// The bridge, with its task that tells logic about closed connections.
+    pub fn new(rt: Handle, link: Arc<dyn LogicLink>, advertise: Arc<str>) -> Self {
+        let (queue, rx) = mpsc::unbounded_channel();
+        let pending = Arc::new(Pending::default());
+        rt.spawn(tell_disconnects(link.clone(), rx, pending.clone()));
+        Self { rt, link, advertise, disconnects: Arc::new(Disconnects { queue, pending }) }
+    }
+
+    /// Waits (at most `limit`) until every closed connection so far was told to logic.
+    pub async fn disconnects_told(&self, limit: Duration) {
+        let p = &self.disconnects.pending;
+        let _ = tokio::time::timeout(limit, async {
+            loop {
+                let idle = p.idle.notified();
+                if p.count.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        })
+        .await;
+    }
+
     /// Authenticates a token and, when it is good, registers the connection with logic (route,
     /// presence) before the result goes back to `shard` as [`ShardMsg::AuthDone`]: by the time
     /// the client reads `auth.ok`, pushes already find it. A failed registration fails the auth
@@ -120,9 +199,13 @@ impl Bridge {
         self.fire_and_forget("connected", self.link.connected(ev));
     }
 
-    /// Connection closed, fire and forget.
+    /// Connection closed: queued, told to logic in a batch soon.
     pub fn disconnected(&self, ev: ConnEvent) {
-        self.fire_and_forget("disconnected", self.link.disconnected(ev));
+        let d = &self.disconnects;
+        d.pending.count.fetch_add(1, Ordering::AcqRel);
+        if d.queue.send(ev).is_err() {
+            d.pending.done(1);
+        }
     }
 
     fn fire_and_forget<T: Send + 'static>(

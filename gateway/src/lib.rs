@@ -224,7 +224,11 @@ pub struct Gateway {
     threads: Vec<std::thread::JoinHandle<()>>,
     push_stop: Option<tokio::sync::oneshot::Sender<()>>,
     push_task: Option<tokio::task::JoinHandle<()>>,
+    bridge: Bridge,
 }
+
+/// How long a stopping gateway waits for logic to hear about the connections it closed.
+const DISCONNECTS_GRACE: Duration = Duration::from_secs(5);
 
 fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
@@ -314,7 +318,7 @@ impl Gateway {
             }
         }
 
-        let bridge = Bridge { rt: rt.clone(), link, advertise: Arc::from(advertise.as_str()) };
+        let bridge = Bridge::new(rt.clone(), link, Arc::from(advertise.as_str()));
 
         let cfg = Arc::new(config);
         let metrics = Arc::new(GatewayMetrics::default());
@@ -398,6 +402,7 @@ impl Gateway {
             threads,
             push_stop: Some(stop_tx),
             push_task: Some(push_task),
+            bridge,
         })
     }
 
@@ -462,6 +467,8 @@ impl Gateway {
         if joined.is_err() {
             tracing::warn!("joining shard threads failed");
         }
+        // Logic hears about every connection the drain closed before the gateway is gone.
+        self.bridge.disconnects_told(DISCONNECTS_GRACE).await;
         if let Some(stop) = self.push_stop.take() {
             let _ = stop.send(());
         }

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use switchboard_proto::internal::link_call::Call;
 use switchboard_proto::internal::link_result::Result as Outcome;
-use switchboard_proto::internal::{AuthConnect, AuthReply, AuthRequest, ClientReply, ClientRequest, ConnEvent};
+use switchboard_proto::internal::{
+    AuthConnect, AuthReply, AuthRequest, ClientReply, ClientRequest, ConnEvent, ConnEvents,
+};
 use tonic::{Code, Status};
 
 use crate::pool::LogicPool;
@@ -31,6 +33,8 @@ pub trait LogicLink: Send + Sync + 'static {
     fn connected(&self, ev: ConnEvent) -> LinkFuture<()>;
     /// An authenticated connection closed.
     fn disconnected(&self, ev: ConnEvent) -> LinkFuture<()>;
+    /// Authenticated connections closed, in this order.
+    fn disconnected_many(&self, evs: Vec<ConnEvent>) -> LinkFuture<()>;
     /// One client request (every op but `auth` and `ping`), its op and rid already read.
     fn handle(&self, req: ClientRequest) -> LinkFuture<ClientReply>;
 }
@@ -91,6 +95,10 @@ impl LogicLink for GrpcLink {
 
     fn disconnected(&self, ev: ConnEvent) -> LinkFuture<()> {
         self.call(Call::Disconnected(ev), done)
+    }
+
+    fn disconnected_many(&self, events: Vec<ConnEvent>) -> LinkFuture<()> {
+        self.call(Call::DisconnectedMany(ConnEvents { events }), done)
     }
 
     fn handle(&self, req: ClientRequest) -> LinkFuture<ClientReply> {

@@ -136,6 +136,9 @@ async fn run(logic: &Logic, call: LinkCall) -> LinkResult {
         },
         Some(Call::Connected(ev)) => logic.rpc_connected(&ev).await.map_or_else(failure, Outcome::Done),
         Some(Call::Disconnected(ev)) => logic.rpc_disconnected(&ev).await.map_or_else(failure, Outcome::Done),
+        Some(Call::DisconnectedMany(evs)) => {
+            logic.rpc_disconnected_many(&evs.events).await.map_or_else(failure, Outcome::Done)
+        }
         Some(Call::Handle(req)) => logic.rpc_handle(req).await.map_or_else(failure, Outcome::Reply),
     };
     LinkResult { id: call.id, result: Some(outcome) }

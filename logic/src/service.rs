@@ -155,6 +155,21 @@ impl Logic {
         Ok(Empty {})
     }
 
+    /// Connections that closed, one after the other; every one is tried, the first failure is
+    /// reported.
+    pub async fn rpc_disconnected_many(&self, evs: &[ConnEvent]) -> Result<Empty, Status> {
+        let mut first = None;
+        for ev in evs {
+            if let Err(e) = self.conn_closed(ev).await {
+                first.get_or_insert(e);
+            }
+        }
+        match first {
+            Some(e) => Err(Status::unavailable(e.message)),
+            None => Ok(Empty {}),
+        }
+    }
+
     pub(crate) async fn rpc_handle(&self, req: ClientRequest) -> Result<ClientReply, Status> {
         match self.handle_request(req).await {
             Ok(r) => Ok(r),

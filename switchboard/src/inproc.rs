@@ -51,6 +51,13 @@ impl LogicLink for InProcessLink {
         Box::pin(async move { logic?.conn_closed(&ev).await.map_err(|e| e.to_string()) })
     }
 
+    fn disconnected_many(&self, evs: Vec<ConnEvent>) -> LinkFuture<()> {
+        let logic = self.logic();
+        Box::pin(
+            async move { logic?.rpc_disconnected_many(&evs).await.map(|_| ()).map_err(|s| s.message().to_string()) },
+        )
+    }
+
     fn handle(&self, req: ClientRequest) -> LinkFuture<ClientReply> {
         let logic = self.logic();
         Box::pin(async move { logic?.handle_request(req).await.map_err(|e| e.to_string()) })

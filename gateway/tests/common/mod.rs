@@ -48,6 +48,8 @@ pub struct FakeLogic {
     /// When set, `Connected` first pushes this frame to the new connection through the
     /// gateway's Push RPC (as a real logic instance may, before it answers).
     pub push_on_connect: Arc<Mutex<Option<Value>>>,
+    /// How long each batch of closed connections takes to handle (a slow logic instance).
+    pub disconnect_delay: Arc<Mutex<Duration>>,
     /// Turns `true` when the server stops: its links end (as a real instance's do).
     closing: Arc<tokio::sync::watch::Sender<bool>>,
     handler: Handler,
@@ -67,6 +69,7 @@ impl FakeLogic {
             disconnected: Arc::default(),
             frames: Arc::default(),
             push_on_connect: Arc::default(),
+            disconnect_delay: Arc::default(),
             closing: Arc::new(tokio::sync::watch::channel(false).0),
             handler: Arc::new(handler),
         }
@@ -221,6 +224,17 @@ impl FakeLogic {
             Some(Call::Connected(ev)) => self.connected(Request::new(ev)).await.map(|r| Outcome::Done(r.into_inner())),
             Some(Call::Disconnected(ev)) => {
                 self.disconnected(Request::new(ev)).await.map(|r| Outcome::Done(r.into_inner()))
+            }
+            Some(Call::DisconnectedMany(evs)) => {
+                let delay = *self.disconnect_delay.lock().unwrap();
+                tokio::time::sleep(delay).await;
+                let mut done = Ok(Outcome::Done(Empty {}));
+                for ev in evs.events {
+                    if let Err(e) = self.disconnected(Request::new(ev)).await {
+                        done = Err(e);
+                    }
+                }
+                done
             }
             Some(Call::Handle(req)) => self.handle(Request::new(req)).await.map(|r| Outcome::Reply(r.into_inner())),
             None => Err(Status::invalid_argument("empty call")),
