@@ -14,6 +14,7 @@ use tokio::runtime::Handle;
 use tokio::sync::{mpsc, Notify, Semaphore};
 
 use crate::link::LogicLink;
+use crate::metrics::GatewayMetrics;
 
 /// Messages delivered to a shard thread.
 pub(crate) enum ShardMsg {
@@ -72,6 +73,7 @@ pub(crate) struct Bridge {
     pub link: Arc<dyn LogicLink>,
     pub advertise: Arc<str>,
     disconnects: Arc<Disconnects>,
+    metrics: Arc<GatewayMetrics>,
 }
 
 /// Most closed connections told to logic in one call.
@@ -128,11 +130,11 @@ async fn tell_disconnects(
 
 impl Bridge {
     /// The bridge, with its task that tells logic about closed connections.
-    pub fn new(rt: Handle, link: Arc<dyn LogicLink>, advertise: Arc<str>) -> Self {
+    pub fn new(rt: Handle, link: Arc<dyn LogicLink>, advertise: Arc<str>, metrics: Arc<GatewayMetrics>) -> Self {
         let (queue, rx) = mpsc::unbounded_channel();
         let pending = Arc::new(Pending::default());
         rt.spawn(tell_disconnects(link.clone(), rx, pending.clone()));
-        Self { rt, link, advertise, disconnects: Arc::new(Disconnects { queue, pending }) }
+        Self { rt, link, advertise, disconnects: Arc::new(Disconnects { queue, pending }), metrics }
     }
 
     /// Waits (at most `limit`) until every closed connection so far was told to logic.
@@ -167,7 +169,9 @@ impl Bridge {
     pub fn handle(&self, shard: &ShardLink, rid: Option<u64>, req: ClientRequest) {
         let shard = shard.clone();
         let conn_id = req.conn.as_ref().map(|c| c.conn_id).unwrap_or(0);
+        let (started, metrics) = (std::time::Instant::now(), self.metrics.clone());
         self.spawn(self.link.handle(req), move |result| {
+            metrics.latency.logic_calls.observe(started.elapsed().as_secs_f64());
             shard.send(ShardMsg::HandleDone { conn_id, rid, result });
         });
     }
@@ -177,14 +181,16 @@ impl Bridge {
     pub fn handle_after(&self, shard: &ShardLink, rid: Option<u64>, before: Vec<ClientRequest>, req: ClientRequest) {
         let shard = shard.clone();
         let conn_id = req.conn.as_ref().map(|c| c.conn_id).unwrap_or(0);
-        let link = self.link.clone();
+        let (link, metrics) = (self.link.clone(), self.metrics.clone());
         self.rt.spawn(async move {
             for b in before {
                 if let Err(e) = link.handle(b).await {
                     tracing::warn!(error = %e, "logic handle (held ack) failed");
                 }
             }
+            let started = std::time::Instant::now();
             let result = link.handle(req).await;
+            metrics.latency.logic_calls.observe(started.elapsed().as_secs_f64());
             shard.send(ShardMsg::HandleDone { conn_id, rid, result });
         });
     }

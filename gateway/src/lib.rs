@@ -318,10 +318,10 @@ impl Gateway {
             }
         }
 
-        let bridge = Bridge::new(rt.clone(), link, Arc::from(advertise.as_str()));
+        let metrics = Arc::new(GatewayMetrics::default());
+        let bridge = Bridge::new(rt.clone(), link, Arc::from(advertise.as_str()), metrics.clone());
 
         let cfg = Arc::new(config);
-        let metrics = Arc::new(GatewayMetrics::default());
         let ip_caps = Arc::new(ipcap::IpCaps::new(cfg.max_connections_per_ip));
         let mut links = Vec::with_capacity(shards);
         let mut threads = Vec::with_capacity(shards);

@@ -1,10 +1,15 @@
-//! Gateway counters (atomics) and their Prometheus text rendering.
+//! Gateway counters (atomics), the logic call latency histogram, and their Prometheus text
+//! rendering.
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Duration;
+
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use switchboard_proto::latency;
 
 /// Process-wide gateway metrics, updated lock-free by the shards.
 #[derive(Debug, Default)]
@@ -20,6 +25,28 @@ pub struct GatewayMetrics {
     pub(crate) acks_local: AtomicU64,
     /// `f32` bits of the last CPU load sample.
     pub(crate) cpu_load: AtomicU32,
+    pub(crate) latency: Latency,
+}
+
+/// Latency histograms of the gateway.
+#[derive(Debug)]
+pub(crate) struct Latency {
+    registry: Registry,
+    /// Client requests relayed to logic: until logic's reply reached the gateway.
+    pub(crate) logic_calls: Histogram,
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        let logic_calls = latency::histogram();
+        let mut registry = Registry::default();
+        registry.register(
+            "switchboard_gateway_logic_call_seconds",
+            "Client requests relayed to logic: until logic's reply reached the gateway",
+            logic_calls.clone(),
+        );
+        Self { registry, logic_calls }
+    }
 }
 
 impl GatewayMetrics {
@@ -100,6 +127,7 @@ impl GatewayMetrics {
         let _ = writeln!(out, "# HELP {name} Process CPU use over the last second divided by the number of cores.");
         let _ = writeln!(out, "# TYPE {name} gauge");
         let _ = writeln!(out, "{name} {}", self.cpu_load());
+        latency::render(&self.latency.registry, out);
     }
 
     pub(crate) fn inc(counter: &AtomicU64) {
@@ -184,7 +212,9 @@ mod tests {
         assert!(s.contains("switchboard_gateway_acks_local_total 0\n"));
         assert!(s.contains("# TYPE switchboard_gateway_cpu_load gauge"));
         assert!(s.contains("switchboard_gateway_cpu_load 0\n"));
-        assert_eq!(s.matches("# HELP").count(), 9);
+        assert_eq!(s.matches("# HELP").count(), 10);
+        assert!(s.contains("# TYPE switchboard_gateway_logic_call_seconds histogram"));
+        assert!(s.contains("switchboard_gateway_logic_call_seconds_count 0\n"));
         m.set_cpu_load(0.25);
         s.clear();
         m.render(&mut s);

@@ -1,7 +1,13 @@
-//! Counters of the logic role, rendered in Prometheus text format.
+//! Counters and latency histograms of the logic role, rendered in Prometheus text format.
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use switchboard_proto::latency;
 
 #[derive(Default)]
 pub struct LogicMetrics {
@@ -15,6 +21,57 @@ pub struct LogicMetrics {
     pub inflight: AtomicI64,
     /// The password-hashing slots' counters (set once the slots exist).
     pub hashing: std::sync::OnceLock<std::sync::Arc<crate::limits::SlotCounts>>,
+    pub latency: Latencies,
+}
+
+/// The op of a socket request, as a label: one of the ops logic serves, or `other`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabel {
+    pub op: &'static str,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Latency histograms of the logic role.
+pub struct Latencies {
+    registry: Registry,
+    requests: Histograms<OpLabel>,
+    /// Message appends until the store has the message durably.
+    pub append: Histogram,
+    /// Push batches until the gateway answered.
+    pub push_batch: Histogram,
+}
+
+impl Default for Latencies {
+    fn default() -> Self {
+        let requests = Histograms::<OpLabel>::new_with_constructor(latency::histogram);
+        let (append, push_batch) = (latency::histogram(), latency::histogram());
+        let mut registry = Registry::default();
+        registry.register(
+            "switchboard_logic_request_seconds",
+            "Socket requests handled by logic, by op: from arrival in logic to the reply",
+            requests.clone(),
+        );
+        registry.register(
+            "switchboard_logic_store_append_seconds",
+            "Message appends: until the store holds the message durably (cluster: the broker's ack)",
+            append.clone(),
+        );
+        registry.register(
+            "switchboard_logic_push_batch_seconds",
+            "Push batches to one gateway: until the gateway answered",
+            push_batch.clone(),
+        );
+        Self { registry, requests, append, push_batch }
+    }
+}
+
+impl Latencies {
+    /// Records a socket request of `op` that took `secs`.
+    pub fn request(&self, op: &str, secs: f64) {
+        let op = crate::ops::OPS.iter().copied().find(|o| *o == op).unwrap_or("other");
+        self.requests.get_or_create(&OpLabel { op }).observe(secs);
+    }
 }
 
 pub fn inc(c: &AtomicU64) {
@@ -57,5 +114,6 @@ impl LogicMetrics {
             "# HELP {name} Socket requests in flight.\n# TYPE {name} gauge\n{name} {}",
             self.inflight.load(Ordering::Relaxed)
         );
+        latency::render(&self.latency.registry, out);
     }
 }

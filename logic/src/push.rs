@@ -302,7 +302,9 @@ async fn sender(
             let (batch, _) = cut_batch(&mut pending, batch_bytes);
             // One retry covers a dropped connection; after that the recipients
             // catch up with `sync` (every pushed message is already durable).
+            let started = std::time::Instant::now();
             let mut reply = sink.push(batch.clone()).await;
+            metrics.latency.push_batch.observe(started.elapsed().as_secs_f64());
             if reply.is_err() {
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 reply = sink.push(batch).await;

@@ -3,6 +3,7 @@
 
 pub mod cluster_auth;
 pub mod cluster_tls;
+pub mod latency;
 pub mod net;
 pub mod trusted;
 

@@ -128,6 +128,27 @@ async fn direct_chat_survives_offline_and_restart() {
     })
     .await;
 
+    // `/metrics` shows the latency histograms of what just happened: seven sends, each stored
+    // and pushed, and every request relayed by the gateway.
+    blocking(move || {
+        let (st, m) = http(http_addr, "GET", "/metrics", None, None);
+        assert_eq!(st, 200);
+        let m = m.as_str().unwrap().to_string();
+        let count = |series: &str| -> u64 {
+            let line = m.lines().find(|l| l.starts_with(series)).unwrap_or_else(|| panic!("{series} missing:\n{m}"));
+            line.rsplit(' ').next().unwrap().parse().unwrap()
+        };
+        for h in ["switchboard_logic_request_seconds", "switchboard_gateway_logic_call_seconds"] {
+            assert!(m.contains(&format!("# TYPE {h} histogram")), "{h} missing:\n{m}");
+        }
+        assert!(count("switchboard_logic_request_seconds_count{op=\"send\"}") >= 7);
+        assert!(count("switchboard_logic_request_seconds_bucket{le=\"+Inf\",op=\"send\"}") >= 7);
+        assert!(count("switchboard_logic_store_append_seconds_count") >= 7);
+        assert!(count("switchboard_logic_push_batch_seconds_count") >= 1);
+        assert!(count("switchboard_gateway_logic_call_seconds_count") >= 7);
+    })
+    .await;
+
     // restart on the same data dir: everything is still there
     node.stop().await;
     let node = start(&dir).await;

@@ -203,7 +203,9 @@ async fn store_and_push(
             let (done, next) = tokio::sync::oneshot::channel::<()>();
             let prev = tail.replace(next);
             drop(tail);
+            let started = std::time::Instant::now();
             let appended = write.await;
+            logic.metrics.latency.append.observe(started.elapsed().as_secs_f64());
             if let Some(prev) = prev {
                 let _ = prev.await;
             }
@@ -215,7 +217,10 @@ async fn store_and_push(
             appended
         }
         None => {
-            let appended = store.append(new, index).await?;
+            let started = std::time::Instant::now();
+            let appended = store.append(new, index).await;
+            logic.metrics.latency.append.observe(started.elapsed().as_secs_f64());
+            let appended = appended?;
             if !appended.duplicate {
                 enqueue_msg(logic, targets, &appended.msg).await;
             }

@@ -60,7 +60,10 @@ pub async fn handle(logic: &Logic, caller: &Caller, op: &str, rid: Option<u64>, 
         crate::metrics::inc(&logic.metrics.errors);
         return (e.to_frame(rid), false);
     }
-    match dispatch(logic, caller, op, frame).await {
+    let started = std::time::Instant::now();
+    let result = dispatch(logic, caller, op, frame).await;
+    logic.metrics.latency.request(op, started.elapsed().as_secs_f64());
+    match result {
         Ok(fields) => {
             let mut reply = Map::new();
             reply.insert("op".into(), Value::String(format!("{op}.ok")));
@@ -76,6 +79,38 @@ pub async fn handle(logic: &Logic, caller: &Caller, op: &str, rid: Option<u64>, 
         }
     }
 }
+
+/// Every op [`dispatch`] serves (the `op` label of the request latency histogram).
+pub(crate) const OPS: [&str; 28] = [
+    "send",
+    "ack",
+    "sync",
+    "history",
+    "friend.request",
+    "friend.accept",
+    "friend.reject",
+    "friend.delete",
+    "friend.list",
+    "block",
+    "unblock",
+    "block.list",
+    "read",
+    "convs",
+    "recall",
+    "group.create",
+    "group.join",
+    "group.leave",
+    "group.members",
+    "group.list",
+    "group.add",
+    "group.set",
+    "call.offer",
+    "call.answer",
+    "call.ice",
+    "call.hangup",
+    "presence",
+    "typing",
+];
 
 async fn dispatch(logic: &Logic, caller: &Caller, op: &str, req: &[u8]) -> Result<Fields, ApiError> {
     match op {
