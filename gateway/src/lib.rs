@@ -319,6 +319,9 @@ impl Gateway {
         }
 
         let metrics = Arc::new(GatewayMetrics::default());
+        if let Some(pool) = &pool {
+            let _ = metrics.pool.set(pool.clone());
+        }
         let bridge = Bridge::new(rt.clone(), link, Arc::from(advertise.as_str()), metrics.clone());
 
         let cfg = Arc::new(config);

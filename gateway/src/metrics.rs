@@ -26,6 +26,8 @@ pub struct GatewayMetrics {
     /// `f32` bits of the last CPU load sample.
     pub(crate) cpu_load: AtomicU32,
     pub(crate) latency: Latency,
+    /// The logic pool of a split deployment, whose per-instance state is rendered too.
+    pub(crate) pool: std::sync::OnceLock<Arc<crate::pool::LogicPool>>,
 }
 
 /// Latency histograms of the gateway.
@@ -128,10 +130,46 @@ impl GatewayMetrics {
         let _ = writeln!(out, "# TYPE {name} gauge");
         let _ = writeln!(out, "{name} {}", self.cpu_load());
         latency::render(&self.latency.registry, out);
+        if let Some(pool) = self.pool.get() {
+            render_pool(&pool.stats(), out);
+        }
     }
 
     pub(crate) fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The state of each logic instance of the pool, labelled by endpoint URL.
+fn render_pool(stats: &[crate::pool::EndpointStats], out: &mut String) {
+    type Value = fn(&crate::pool::EndpointStats) -> f64;
+    let rows: [(&str, &str, &str, Value); 5] = [
+        ("switchboard_gateway_logic_calls_total", "counter", "Calls made to each logic instance.", |s| s.calls as f64),
+        ("switchboard_gateway_logic_inflight", "gauge", "Calls in flight to each logic instance.", |s| {
+            s.inflight as f64
+        }),
+        (
+            "switchboard_gateway_logic_breaker_open",
+            "gauge",
+            "1 while a logic instance's circuit breaker is open.",
+            |s| u8::from(s.breaker_open) as f64,
+        ),
+        (
+            "switchboard_gateway_logic_failures",
+            "gauge",
+            "Consecutive transport failures of each logic instance.",
+            |s| s.failures as f64,
+        ),
+        ("switchboard_gateway_logic_load", "gauge", "Load each logic instance last reported (0 to 1).", |s| {
+            s.load as f64
+        }),
+    ];
+    for (name, kind, help, value) in rows {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for s in stats {
+            let endpoint = s.url.replace('\\', "\\\\").replace('"', "\\\"");
+            let _ = writeln!(out, "{name}{{endpoint=\"{endpoint}\"}} {}", value(s));
+        }
     }
 }
 

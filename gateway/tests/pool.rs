@@ -82,6 +82,14 @@ async fn dead_logic_instance_costs_one_retry_then_is_skipped() {
     assert_eq!(after.calls, dead.calls, "dead endpoint was attempted again: {stats:?}");
     assert!(b.logic.calls() >= b_before + 41);
 
+    // `/metrics` shows A's breaker open and B's closed.
+    let mut text = String::new();
+    gw.metrics().render(&mut text);
+    for (url, open) in [(&a.url, 1), (&b.url, 0)] {
+        let line = format!("switchboard_gateway_logic_breaker_open{{endpoint=\"{url}\"}} {open}\n");
+        assert!(text.contains(&line), "{line} missing:\n{text}");
+    }
+
     // Registry update: A is gone, B's state is kept.
     let b_stats = stats.iter().find(|s| s.url == b.url).unwrap().clone();
     pool.update(vec![(b.url.clone(), 0.4)]);
@@ -94,6 +102,13 @@ async fn dead_logic_instance_costs_one_retry_then_is_skipped() {
     let mut text = String::new();
     gw.metrics().render(&mut text);
     assert!(text.contains("# TYPE switchboard_gateway_cpu_load gauge"));
+    // The pool's state per logic instance (only B is left after the update).
+    assert!(text.contains("# TYPE switchboard_gateway_logic_breaker_open gauge"), "{text}");
+    assert!(text.contains(&format!("switchboard_gateway_logic_breaker_open{{endpoint=\"{}\"}} 0\n", b.url)), "{text}");
+    assert!(text.contains(&format!("switchboard_gateway_logic_load{{endpoint=\"{}\"}} 0.4", b.url)), "{text}");
+    let calls = format!("switchboard_gateway_logic_calls_total{{endpoint=\"{}\"}} ", b.url);
+    let line = text.lines().find(|l| l.starts_with(&calls)).expect("calls of B");
+    assert!(line[calls.len()..].parse::<f64>().unwrap() >= stats[0].calls as f64, "{line}");
     let load = gw.metrics().cpu_load();
     assert!((0.0..=1.0).contains(&load), "{load}");
     gw.shutdown().await;
