@@ -50,6 +50,29 @@ pub struct PersistStats {
     pub retries: AtomicU64,
 }
 
+impl PersistStats {
+    /// Appends the counters in Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let rows: [(&str, &str, &str, &AtomicU64); 6] = [
+            ("switchboard_persist_records_total", "counter", "Records read from the message topic.", &self.records),
+            ("switchboard_persist_stored_total", "counter", "Messages written to the store.", &self.stored),
+            (
+                "switchboard_persist_dead_lettered_total",
+                "counter",
+                "Records that could not be stored, sent to the dead-letter topic.",
+                &self.dead_lettered,
+            ),
+            ("switchboard_persist_batches_total", "counter", "Batches written (one transaction each).", &self.batches),
+            ("switchboard_persist_partitions", "gauge", "Partitions this worker owns and reads.", &self.partitions),
+            ("switchboard_persist_retries_total", "counter", "Failed attempts that were retried.", &self.retries),
+        ];
+        for (name, kind, help, v) in rows {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}", v.load(Ordering::Relaxed));
+        }
+    }
+}
+
 /// How a persist worker batches, claims and gives up.
 #[derive(Debug, Clone)]
 pub struct PersistConfig {

@@ -4,7 +4,7 @@
 //! `logic`, `gateway` and `persist` (the cluster roles over Redis, Kafka and
 //! PostgreSQL).
 
-mod gateway_health;
+mod health;
 mod heartbeat;
 pub mod http_serve;
 pub mod inproc;
@@ -268,7 +268,7 @@ impl LogicRole {
 pub struct GatewayRole {
     pub gateway: Gateway,
     heartbeat: Option<heartbeat::Heartbeat>,
-    health: Option<(SocketAddr, gateway_health::Health, Task)>,
+    health: Option<(SocketAddr, health::Health, Task)>,
     grace: Duration,
 }
 
@@ -289,20 +289,8 @@ impl GatewayRole {
             }
             None => None,
         };
-        let health = match s.health_addr {
-            Some(addr) => {
-                let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
-                let addr = listener.local_addr()?;
-                let health = gateway_health::Health::default();
-                let router = health.router(gateway.metrics());
-                let limits = s.http_limits();
-                let task = Task::spawn(|stopped| {
-                    http_serve::serve(listener, router, limits, TrustedProxies::default(), stopped)
-                });
-                Some((addr, health, task))
-            }
-            None => None,
-        };
+        let metrics = gateway.metrics();
+        let health = serve_health(s, move |out| metrics.render(out)).await?;
         tracing::info!(ws = %gateway.ws_addr(), push = %gateway.push_addr(), "gateway serving");
         Ok(Self { gateway, heartbeat, health, grace: s.drain_grace() })
     }
@@ -332,12 +320,29 @@ impl GatewayRole {
     }
 }
 
+/// Starts the role's health listener when `--health-addr` asks for one.
+async fn serve_health(
+    s: &Settings,
+    render: impl Fn(&mut String) + Clone + Send + Sync + 'static,
+) -> anyhow::Result<Option<(SocketAddr, health::Health, Task)>> {
+    let Some(addr) = s.health_addr else { return Ok(None) };
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    let addr = listener.local_addr()?;
+    let health = health::Health::default();
+    let router = health.router(render);
+    let limits = s.http_limits();
+    let task = Task::spawn(|stopped| http_serve::serve(listener, router, limits, TrustedProxies::default(), stopped));
+    Ok(Some((addr, health, task)))
+}
+
 /// The persist worker role: Kafka -> PostgreSQL (see
 /// [`switchboard_storage::persist`]).
 pub struct PersistRole {
     pub stats: Arc<PersistStats>,
     stop: oneshot::Sender<()>,
     task: JoinHandle<switchboard_storage::Result<()>>,
+    /// `--health-addr`: `/healthz`, `/readyz` and `/metrics` (the worker's counters).
+    health: Option<(SocketAddr, health::Health, Task)>,
 }
 
 impl PersistRole {
@@ -362,8 +367,10 @@ impl PersistRole {
         let task = tokio::spawn(worker.run(async {
             let _ = stopped.await;
         }));
+        let shown = stats.clone();
+        let health = serve_health(s, move |out| shown.render(out)).await?;
         tracing::info!(%topic, "persist worker running");
-        Ok(Self { stats, stop, task })
+        Ok(Self { stats, stop, task, health })
     }
 
     /// Runs until `shutdown` resolves, then stops the worker; or until the
@@ -379,10 +386,19 @@ impl PersistRole {
         }
     }
 
+    /// The health listener's address (`--health-addr`).
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health.as_ref().map(|(addr, _, _)| *addr)
+    }
+
     /// Stops the worker between two writes; its error if it had failed.
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.stop.send(());
-        self.task.await.context("persist worker task")?.context("persist worker failed")
+        let done = self.task.await.context("persist worker task")?.context("persist worker failed");
+        if let Some((_, _, task)) = self.health {
+            task.stop().await;
+        }
+        done
     }
 }
 

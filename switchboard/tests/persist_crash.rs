@@ -172,6 +172,7 @@ fn persist_worker_recovers_from_repeated_sigkill_under_traffic() {
     let started = Instant::now();
     // names unique per run: the engines outlive one test run
     let prefix = format!("pk{:08x}", rand::random::<u32>());
+    let health = free_addr();
     let mut persist = Proc::spawn("persist", &e, &prefix, &[]);
     let mut traffic = Traffic::start(&e, &prefix);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -184,10 +185,22 @@ fn persist_worker_recovers_from_repeated_sigkill_under_traffic() {
         floor = count(&stored(&rt, &pg, &traffic.convs));
         // traffic goes on while no worker runs
         std::thread::sleep(Duration::from_millis(300));
-        persist = Proc::spawn("persist", &e, &prefix, &[]);
+        persist = Proc::spawn("persist", &e, &prefix, &["--health-addr", &health.to_string()]);
     }
     let (total, caught_up) = traffic.finish(&rt, &pg, Instant::now());
     assert!(persist.exited().is_none(), "persist worker still running");
+    // The last worker's `/metrics` counts what it stored (the backlog it resumed with at least).
+    let (st, m) = http(health, "GET", "/metrics", None, None);
+    assert_eq!(st, 200);
+    let m = m.as_str().unwrap().to_string();
+    let value = |name: &str| -> u64 {
+        let line = m.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{name}:\n{m}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(value("switchboard_persist_stored_total") > 0, "{m}");
+    assert!(value("switchboard_persist_batches_total") > 0, "{m}");
+    assert!(value("switchboard_persist_partitions") >= 1, "{m}");
+    assert_eq!(http(health, "GET", "/healthz", None, None).0, 200);
     persist.term();
     println!(
         "persist SIGKILL x3: {total} acknowledged, all stored {caught_up:?} after the last restart; test took {:?}",

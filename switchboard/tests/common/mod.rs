@@ -19,6 +19,11 @@ use switchboard::{AllInOne, Settings};
 use tungstenite::client::IntoClientRequest;
 use tungstenite::{Message, WebSocket};
 
+/// A loopback address with a port free right now (for a process told where to listen).
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port")
+}
+
 pub fn temp_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("sb-e2e-{name}-{:08x}", rand::random::<u32>()));
     std::fs::create_dir_all(&d).unwrap();

@@ -1,7 +1,7 @@
-//! A gateway's own HTTP listener (`--health-addr`): `/healthz` (the process is alive),
-//! `/readyz` (it takes new connections: 503 from the start of a drain, so a load balancer
-//! checking it stops sending clients before the drain closes the ones it has) and `/metrics`
-//! (the gateway's counters).
+//! A role's own HTTP listener (`--health-addr`, gateway and persist): `/healthz` (the process
+//! is alive), `/readyz` (a gateway takes new connections: 503 from the start of a drain, so a
+//! load balancer checking it stops sending clients before the drain closes the ones it has) and
+//! `/metrics` (the role's counters and histograms).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -10,7 +10,6 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use switchboard_gateway::GatewayMetrics;
 
 /// Whether the gateway is ready; shared by the listener and the role that drains.
 #[derive(Clone)]
@@ -27,8 +26,8 @@ impl Health {
         self.0.store(ready, Ordering::SeqCst);
     }
 
-    /// The listener's routes (requests need no `ConnectInfo`).
-    pub fn router(&self, metrics: Arc<GatewayMetrics>) -> Router {
+    /// The listener's routes (requests need no `ConnectInfo`); `render` writes `/metrics`.
+    pub fn router(&self, render: impl Fn(&mut String) + Clone + Send + Sync + 'static) -> Router {
         let ready = self.clone();
         Router::new()
             .route("/healthz", get(|| async { "ok\n" }))
@@ -46,7 +45,7 @@ impl Health {
                 "/metrics",
                 get(move || async move {
                     let mut out = String::new();
-                    metrics.render(&mut out);
+                    render(&mut out);
                     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
                 }),
             )
