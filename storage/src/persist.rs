@@ -35,6 +35,7 @@ use rdkafka::message::OwnedMessage;
 use rdkafka::{Message as _, Offset, TopicPartitionList};
 
 use crate::kafka::{assigning_consumer, Brokers, Producer, Topics};
+use crate::now_ms;
 use crate::{DurableLog, LockSession, PartitionLocks, PartitionOffset, Result, SequencedRecord, StorageError};
 
 /// Counters of a persist worker.
@@ -48,6 +49,12 @@ pub struct PersistStats {
     pub partitions: AtomicU64,
     /// Failed attempts that were retried (store, broker, locks).
     pub retries: AtomicU64,
+    /// Records of the owned partitions not stored yet, as of the last check (every claim round).
+    pub lag_records: AtomicU64,
+    /// Whether `lag_records` was measured yet (it is not shown before).
+    pub lag_known: std::sync::atomic::AtomicBool,
+    /// Age of the newest message of the last batch stored, when it was stored (milliseconds).
+    pub delay_ms: AtomicU64,
 }
 
 impl PersistStats {
@@ -70,6 +77,20 @@ impl PersistStats {
         for (name, kind, help, v) in rows {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}", v.load(Ordering::Relaxed));
         }
+        let name = "switchboard_persist_lag_records";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Records of the owned partitions not stored yet (checked every claim round).\n# TYPE {name} gauge"
+        );
+        if self.lag_known.load(Ordering::Relaxed) {
+            let _ = writeln!(out, "{name} {}", self.lag_records.load(Ordering::Relaxed));
+        }
+        let name = "switchboard_persist_delay_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Age of the newest message of the last batch stored, when it was stored.\n# TYPE {name} gauge\n{name} {}",
+            self.delay_ms.load(Ordering::Relaxed) as f64 / 1000.0
+        );
     }
 }
 
@@ -216,6 +237,8 @@ impl PersistWorker {
                     Err(e) => Instant::now() + claims.failed(e, &self.stats)?.min(self.config.claim_every),
                 };
                 self.stats.partitions.store(own.next.len() as u64, Ordering::Relaxed);
+                let next = own.next.iter().filter_map(|(&p, n)| n.map(|n| (p, n))).collect();
+                self.measure_lag(next).await;
             }
             let first = tokio::select! {
                 _ = stop.as_mut() => return Ok(()),
@@ -311,6 +334,9 @@ impl PersistWorker {
         }
         self.stats.stored.fetch_add(stored, Ordering::Relaxed);
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        if let Some(newest) = records.iter().map(|r| r.msg.ts).max() {
+            self.stats.delay_ms.store(now_ms().saturating_sub(newest), Ordering::Relaxed);
+        }
         Ok(true)
     }
 
@@ -403,6 +429,29 @@ impl PersistWorker {
             if let Err(e) = self.consumer.unassign() {
                 tracing::warn!(error = %e, "unassigning the message topic");
             }
+        }
+    }
+
+    /// Sets [`PersistStats::lag_records`] from the broker's high watermarks of the owned
+    /// partitions whose next offset is known (left as it was when the broker does not answer).
+    async fn measure_lag(&self, next: Vec<(i32, i64)>) {
+        let (consumer, topic) = (self.consumer.clone(), self.topics.messages.clone());
+        let lag = tokio::task::spawn_blocking(move || -> Result<u64> {
+            let mut lag = 0u64;
+            for (p, next) in next {
+                let (_, high) = consumer.fetch_watermarks(&topic, p, METADATA_TIMEOUT)?;
+                lag += high.saturating_sub(next).max(0) as u64;
+            }
+            Ok(lag)
+        })
+        .await;
+        match lag {
+            Ok(Ok(lag)) => {
+                self.stats.lag_records.store(lag, Ordering::Relaxed);
+                self.stats.lag_known.store(true, Ordering::Relaxed);
+            }
+            Ok(Err(e)) => tracing::debug!(error = %e, "reading the topic's watermarks"),
+            Err(e) => tracing::debug!(error = %e, "reading the topic's watermarks"),
         }
     }
 

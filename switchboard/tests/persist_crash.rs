@@ -200,6 +200,18 @@ fn persist_worker_recovers_from_repeated_sigkill_under_traffic() {
     assert!(value("switchboard_persist_stored_total") > 0, "{m}");
     assert!(value("switchboard_persist_batches_total") > 0, "{m}");
     assert!(value("switchboard_persist_partitions") >= 1, "{m}");
+    assert!(m.contains("# TYPE switchboard_persist_delay_seconds gauge"), "{m}");
+    // Everything acknowledged is stored: the lag the worker measures (every claim round) is 0.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, m) = http(health, "GET", "/metrics", None, None);
+        let m = m.as_str().unwrap().to_string();
+        if m.lines().any(|l| l == "switchboard_persist_lag_records 0") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the lag never reached 0:\n{m}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert_eq!(http(health, "GET", "/healthz", None, None).0, 200);
     persist.term();
     println!(
