@@ -5,6 +5,7 @@
 
 mod caches;
 pub mod cluster;
+pub mod cluster_caches;
 pub mod contract;
 pub mod contract_durable;
 pub mod embedded;
@@ -17,7 +18,6 @@ pub mod mongo;
 pub mod persist;
 pub mod postgres;
 pub mod redis;
-pub mod social_cache;
 mod tail;
 pub mod tls;
 mod traits;

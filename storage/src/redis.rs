@@ -289,24 +289,26 @@ impl RedisStore {
         Ok(Self { conn, prefix: prefix.to_owned(), client })
     }
 
-    /// Tells every subscriber of [`RedisStore::social_changes`] that the relation of `a` and `b`
+    /// Tells every subscriber of [`RedisStore::changes`] of `topic` that what `parts` names
     /// changed.
-    pub async fn publish_social(&self, a: &str, b: &str) -> Result<()> {
-        let payload = serde_json::to_string(&[a, b]).map_err(|e| StorageError::Corrupt(e.to_string()))?;
-        let _: i64 =
-            redis::cmd("PUBLISH").arg(self.key(&["social"])).arg(payload).query_async(&mut self.conn.clone()).await?;
+    pub async fn publish_change(&self, topic: &str, parts: &[&str]) -> Result<()> {
+        let payload = serde_json::to_string(parts).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(self.key(&["changed", topic]))
+            .arg(payload)
+            .query_async(&mut self.conn.clone())
+            .await?;
         Ok(())
     }
 
-    /// The pairs whose relation changed, as [`RedisStore::publish_social`] announces them, on a
-    /// connection of their own; the stream ends when that connection does.
-    pub async fn social_changes(&self) -> Result<impl tokio_stream::Stream<Item = (String, String)> + Send + Unpin> {
+    /// What changed in `topic`, as [`RedisStore::publish_change`] announces it, on a connection
+    /// of its own; the stream ends when that connection does.
+    pub async fn changes(&self, topic: &str) -> Result<impl tokio_stream::Stream<Item = Vec<String>> + Send + Unpin> {
         let mut sub = self.client.get_async_pubsub().await?;
-        sub.subscribe(self.key(&["social"])).await?;
+        sub.subscribe(self.key(&["changed", topic])).await?;
         Ok(tokio_stream::StreamExt::filter_map(sub.into_on_message(), |m| {
             let payload: String = m.get_payload().ok()?;
-            let [a, b]: [String; 2] = serde_json::from_str(&payload).ok()?;
-            Some((a, b))
+            serde_json::from_str(&payload).ok()
         }))
     }
 

@@ -351,7 +351,7 @@ async fn persist_workers_own_partitions_exclusively_and_take_over() {
 /// relation it had cached is read anew), in every direction a relation can change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn friendship_caches_hear_changes_made_elsewhere() {
-    use switchboard_storage::social_cache::CachedSocial;
+    use switchboard_storage::cluster_caches::CachedSocial;
     use switchboard_storage::{FriendState, SocialStore};
     let Some(env) = env() else { return };
     let prefix = format!("{}:", contract::prefix());
@@ -398,5 +398,64 @@ async fn friendship_caches_hear_changes_made_elsewhere() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(writer.friend_state(&a, &b).await.unwrap(), expected, "the writer's own cache, change {i}");
+    }
+}
+
+/// The same for group member lists: the cache passes the groups contract, and a membership
+/// change made through one instance reaches the other's cached list (and the roles it answers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_list_caches_hear_changes_made_elsewhere() {
+    use switchboard_storage::cluster_caches::CachedGroups;
+    use switchboard_storage::{Group, GroupStore, Role};
+    let Some(env) = env() else { return };
+    let prefix = format!("{}:", contract::prefix());
+    let pg: Arc<dyn GroupStore> = Arc::new(PgStore::connect(&env.pg, 2).await.unwrap());
+    let one = CachedGroups::new(pg.clone(), RedisStore::connect(&env.redis, &prefix).await.unwrap());
+    let two = CachedGroups::new(pg.clone(), RedisStore::connect(&env.redis, &prefix).await.unwrap());
+    for s in [&one, &two] {
+        let s = s.clone();
+        eventually("the change subscription is up", move || s.listening()).await;
+    }
+    contract::groups_contract(one.as_ref()).await;
+
+    let p = contract::prefix();
+    let (o, a, b) = (format!("{p}own"), format!("{p}amy"), format!("{p}ben"));
+    let g = Group { id: format!("{p}gc"), name: "Cache".into(), owner: o.clone(), created_ms: 1, invite_only: false };
+    // `one` caches the id before the group exists, then it is created through `two`.
+    assert!(one.members(&g.id).await.unwrap().is_empty());
+    assert!(two.create_group(&g, std::slice::from_ref(&a)).await.unwrap());
+    let expect = |members: &[(&String, Role)]| -> Vec<(String, Role)> {
+        members.iter().map(|(u, r)| ((*u).clone(), *r)).collect()
+    };
+    let steps: [Vec<(String, Role)>; 4] = [
+        expect(&[(&a, Role::Member), (&o, Role::Owner)]), // created elsewhere
+        expect(&[(&a, Role::Member), (&b, Role::Member), (&o, Role::Owner)]), // added
+        expect(&[(&a, Role::Admin), (&b, Role::Member), (&o, Role::Owner)]), // role set
+        expect(&[(&a, Role::Admin), (&o, Role::Owner)]),  // removed
+    ];
+    for (i, expected) in steps.into_iter().enumerate() {
+        match i {
+            0 => {}
+            1 => assert!(two.add_member(&g.id, &b, Role::Member).await.unwrap()),
+            2 => assert!(two.set_role(&g.id, &a, Role::Admin).await.unwrap()),
+            _ => assert!(two.remove_member(&g.id, &b).await.unwrap()),
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let seen = one.members(&g.id).await.unwrap();
+            if seen == expected {
+                break;
+            }
+            assert!(Instant::now() < deadline, "change {i} never reached the other cache: still {seen:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for (user, role) in &expected {
+            assert_eq!(one.role(&g.id, user).await.unwrap(), Some(*role), "change {i}: role of {user}");
+        }
+        let gone = if i == 3 { Some(&b) } else { None };
+        if let Some(gone) = gone {
+            assert_eq!(one.role(&g.id, gone).await.unwrap(), None, "a removed member has no role");
+        }
+        assert_eq!(two.members(&g.id).await.unwrap(), expected, "the writer's own cache, change {i}");
     }
 }

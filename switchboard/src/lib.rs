@@ -19,13 +19,13 @@ use switchboard_gateway::{Gateway, TrustedProxies};
 use switchboard_logic::push::{GrpcPush, PushTransport};
 use switchboard_logic::{http::MetricsHook, GatewayInfo, Logic, LogicService, Stores};
 use switchboard_storage::cluster::ClusterMessages;
+use switchboard_storage::cluster_caches::{CachedGroups, CachedSocial};
 use switchboard_storage::embedded::EmbeddedStore;
 use switchboard_storage::kafka::{ensure_topics, Producer, Topics};
 use switchboard_storage::memory_routes::MemoryRoutes;
 use switchboard_storage::persist::{PersistConfig, PersistStats, PersistWorker};
 use switchboard_storage::postgres::PgStore;
 use switchboard_storage::redis::RedisStore;
-use switchboard_storage::social_cache::CachedSocial;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -91,7 +91,7 @@ async fn open_stores(s: &Settings) -> anyhow::Result<(Stores, Option<ClusterPart
     let stores = Stores {
         accounts: Arc::new(pg.clone()),
         social: CachedSocial::new(Arc::new(pg.clone()), redis.clone()),
-        groups: Arc::new(pg),
+        groups: CachedGroups::new(Arc::new(pg), redis.clone()),
         messages: messages.clone(),
         routes: Arc::new(redis.clone()),
         registry: Some(Arc::new(redis.clone())),
