@@ -11,7 +11,9 @@
 # and, for more than ~28k connections per source address, the tuning script
 # (sudo bash tuning/sysctl.sh). Writes bench/reports/LABEL.json (the load tool's
 # report), LABEL-servers.log (per-5 s samples of every server process: open
-# sockets and RSS) and LABEL-summary.json (totals).
+# sockets and RSS; then, once the load tool exits and every connection closes at
+# once, one sample a second for CLOSE_SECS, default 10) and LABEL-summary.json
+# (totals, with the peak RSS of the mass close).
 set -euo pipefail
 
 CONNS=${1:?CONNS}
@@ -88,6 +90,11 @@ while kill -0 "$LOAD" 2>/dev/null; do
 done
 wait "$LOAD" || echo "load tool exited non-zero (see failed_workers in the report)" >&2
 LOAD=
+# Every connection closed at once: the gateways tell logic, logic drops the routes.
+for s in $(seq 1 "${CLOSE_SECS:-10}"); do
+    sleep 1
+    echo "close $(sample "$s")" >>"$OUT/$LABEL-servers.log"
+done
 for p in "${GWS[@]}" "$LOGIC"; do
     if ! kill -0 "$p" 2>/dev/null; then
         status=0
@@ -103,10 +110,10 @@ python3 - "$OUT/$LABEL-servers.log" "$OUT/$LABEL.json" "$base_rss" "$base_socks"
 import json, re, sys
 log, report, base_rss, base_socks, base_logic, gateways, workers = sys.argv[1:]
 base_rss, base_socks, base_logic = int(base_rss), int(base_socks), int(base_logic)
-rows = []
+rows, closing = [], []
 for line in open(log):
-    m = re.match(r"(\d+) gateways_sockets=(\d+) gateways_rss_kib=(\d+) logic_rss_kib=(\d+)", line)
-    rows.append(tuple(int(x) for x in m.groups()))
+    m = re.match(r"(close )?(\d+) gateways_sockets=(\d+) gateways_rss_kib=(\d+) logic_rss_kib=(\d+)", line)
+    (closing if m.group(1) else rows).append(tuple(int(x) for x in m.groups()[1:]))
 peak = max(r[1] for r in rows)
 held = [r for r in rows if r[1] >= peak - 5]
 t, socks, grss, lrss = held[-1]
@@ -122,6 +129,9 @@ print(json.dumps({
     "gateway_rss_per_connection_bytes": round((grss - base_rss) * 1024 / max(conns, 1)),
     "logic_rss_before_kib": base_logic, "logic_rss_settled_kib": lrss,
     "logic_rss_per_connection_bytes": round((lrss - base_logic) * 1024 / max(conns, 1)),
+    "after_close_gateway_sockets_left": closing[-1][1] - base_socks if closing else None,
+    "after_close_gateways_rss_peak_kib": max((r[2] for r in closing), default=None),
+    "after_close_logic_rss_peak_kib": max((r[3] for r in closing), default=None),
 }, indent=2))
 EOF
 cat "$OUT/$LABEL-summary.json"
