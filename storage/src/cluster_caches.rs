@@ -68,7 +68,7 @@ impl<K: Hash + Eq, V: Clone> Shared<K, V> {
     /// Caches `value` read from the store, unless changes are not heard or something was
     /// forgotten since `generation`.
     fn put(&self, key: K, value: V, weight: usize, generation: u64) {
-        if !self.live.load(Ordering::Acquire) {
+        if !self.listening() {
             return;
         }
         let mut e = self.lock();
@@ -100,6 +100,16 @@ impl<K: Hash + Eq, V: Clone> Shared<K, V> {
         e.generation += 1;
         e.map.clear();
         e.weight = 0;
+    }
+
+    /// Drops everything; caches from now on (`live`) or not.
+    fn reset(&self, live: bool) {
+        self.forget_all();
+        self.live.store(live, Ordering::Release);
+    }
+
+    fn listening(&self) -> bool {
+        self.live.load(Ordering::Acquire)
     }
 }
 
@@ -164,8 +174,7 @@ impl Listening for CachedSocial {
     }
 
     fn reset(&self, live: bool) {
-        self.cache.forget_all();
-        self.cache.live.store(live, Ordering::Release);
+        self.cache.reset(live);
     }
 }
 
@@ -180,7 +189,7 @@ impl CachedSocial {
 
     /// Whether changes are being heard, i.e. whether lookups are cached.
     pub fn listening(&self) -> bool {
-        self.cache.live.load(Ordering::Acquire)
+        self.cache.listening()
     }
 
     /// Forgets the relation of `a` and `b`, both ways.
@@ -267,8 +276,7 @@ impl Listening for CachedGroups {
     }
 
     fn reset(&self, live: bool) {
-        self.cache.forget_all();
-        self.cache.live.store(live, Ordering::Release);
+        self.cache.reset(live);
     }
 }
 
@@ -283,7 +291,7 @@ impl CachedGroups {
 
     /// Whether changes are being heard, i.e. whether member lists are cached.
     pub fn listening(&self) -> bool {
-        self.cache.live.load(Ordering::Acquire)
+        self.cache.listening()
     }
 
     /// The members of `id`, from the cache or the store.
