@@ -170,8 +170,12 @@ impl Bridge {
         let shard = shard.clone();
         let conn_id = req.conn.as_ref().map(|c| c.conn_id).unwrap_or(0);
         let (started, metrics) = (std::time::Instant::now(), self.metrics.clone());
+        let gateway = self.advertise.clone();
         self.spawn(self.link.handle(req), move |result| {
-            metrics.latency.logic_calls.observe(started.elapsed().as_secs_f64());
+            let elapsed = started.elapsed();
+            metrics.latency.logic_calls.observe(elapsed.as_secs_f64());
+            // Logic's `request` span carries the same gateway, conn and rid.
+            tracing::debug!(%gateway, conn = conn_id, rid, micros = elapsed.as_micros() as u64, ok = result.is_ok(), "relayed to logic");
             shard.send(ShardMsg::HandleDone { conn_id, rid, result });
         });
     }

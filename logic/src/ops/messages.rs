@@ -229,6 +229,9 @@ async fn store_and_push(
         }
     };
     let m = &appended.msg;
+    let span = tracing::Span::current();
+    span.record("conv", m.conv.as_str());
+    span.record("seq", m.seq);
     if !appended.duplicate {
         crate::metrics::inc(&logic.metrics.sends);
         // The sender's own read mark needs no order.

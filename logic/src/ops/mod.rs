@@ -60,9 +60,23 @@ pub async fn handle(logic: &Logic, caller: &Caller, op: &str, rid: Option<u64>, 
         crate::metrics::inc(&logic.metrics.errors);
         return (e.to_frame(rid), false);
     }
+    // One span per request: the gateway and connection it came through and its rid identify it
+    // in both processes' logs; a stored message adds its conv and seq.
+    let span = tracing::debug_span!(
+        "request",
+        op,
+        rid,
+        user = %caller.user,
+        gateway = %caller.gateway,
+        conn = caller.conn_id,
+        conv = tracing::field::Empty,
+        seq = tracing::field::Empty,
+    );
     let started = std::time::Instant::now();
-    let result = dispatch(logic, caller, op, frame).await;
-    logic.metrics.latency.request(op, started.elapsed().as_secs_f64());
+    let result = tracing::Instrument::instrument(dispatch(logic, caller, op, frame), span.clone()).await;
+    let elapsed = started.elapsed();
+    logic.metrics.latency.request(op, elapsed.as_secs_f64());
+    tracing::debug!(parent: &span, micros = elapsed.as_micros() as u64, error = result.as_ref().err().map(|e| e.code), "request done");
     match result {
         Ok(fields) => {
             let mut reply = Map::new();
