@@ -151,8 +151,19 @@ pub fn is_transport_failure(s: &Status) -> bool {
     }
 }
 
+/// HTTP/2 pings on each channel to logic: a peer that stops answering them (a host gone without a
+/// reset, a partition) breaks the link within interval + timeout instead of leaving it wedged.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn client_for(url: &str, max_message: usize, tls: Option<&ClusterTls>) -> Result<LogicClient<Channel>, String> {
-    let channel = endpoint(url, tls)?.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true).connect_lazy();
+    let channel = endpoint(url, tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .connect_lazy();
     Ok(LogicClient::new(channel).max_decoding_message_size(max_message).max_encoding_message_size(max_message))
 }
 

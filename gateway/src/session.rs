@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use prost::Message;
 use switchboard_proto::cluster_auth;
@@ -22,6 +23,8 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status, Streaming};
 
+/// Longest wait for logic to answer the opening of a link.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Calls queued for the writer of one link (callers wait beyond it).
 const QUEUE: usize = 4096;
 /// Most calls in one `LinkUp` batch.
@@ -134,9 +137,10 @@ async fn run(
 ) {
     let (up_tx, up_rx) = mpsc::channel::<LinkUp>(2);
     let req = cluster_auth::attach(Request::new(ReceiverStream::new(up_rx)), secret.as_deref());
-    let down = match client.link(req).await {
-        Ok(r) => r.into_inner(),
-        Err(s) => return break_link(&waiting, s.message()),
+    let down = match tokio::time::timeout(OPEN_TIMEOUT, client.link(req)).await {
+        Ok(Ok(r)) => r.into_inner(),
+        Ok(Err(s)) => return break_link(&waiting, s.message()),
+        Err(_) => return break_link(&waiting, "logic did not answer the link's opening"),
     };
     // The writer ends with the reader (the link broke or logic ended it): that closes the
     // request side, which a stopping logic instance waits for.

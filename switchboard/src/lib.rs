@@ -197,6 +197,10 @@ impl LogicRole {
                 .http2_max_pending_accept_reset_streams(Some(LOGIC_MAX_STREAMS as usize))
                 .initial_connection_window_size(Some(LOGIC_CONNECTION_WINDOW))
                 .initial_stream_window_size(Some(1 << 20))
+                // A gateway that stops answering pings (gone without a reset) has its links
+                // ended, and their calls' tasks with them.
+                .http2_keepalive_interval(Some(Duration::from_secs(10)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(10)))
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = stopped.await;
