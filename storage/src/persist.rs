@@ -227,6 +227,7 @@ impl PersistWorker {
             (Retry::new("claiming partitions", limit), Retry::new("reading", limit), Retry::new("storing", limit));
         let mut own = Ownership::default();
         let mut claim_at = Instant::now();
+        let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
         loop {
             if Instant::now() >= claim_at {
                 claim_at = match self.claim(&mut own).await {
@@ -237,8 +238,7 @@ impl PersistWorker {
                     Err(e) => Instant::now() + claims.failed(e, &self.stats)?.min(self.config.claim_every),
                 };
                 self.stats.partitions.store(own.next.len() as u64, Ordering::Relaxed);
-                let next = own.next.iter().filter_map(|(&p, n)| n.map(|n| (p, n))).collect();
-                self.measure_lag(next).await;
+                self.measure_lag(&own, &measuring);
             }
             let first = tokio::select! {
                 _ = stop.as_mut() => return Ok(()),
@@ -433,26 +433,29 @@ impl PersistWorker {
     }
 
     /// Sets [`PersistStats::lag_records`] from the broker's high watermarks of the owned
-    /// partitions whose next offset is known (left as it was when the broker does not answer).
-    async fn measure_lag(&self, next: Vec<(i32, i64)>) {
-        let (consumer, topic) = (self.consumer.clone(), self.topics.messages.clone());
-        let lag = tokio::task::spawn_blocking(move || -> Result<u64> {
-            let mut lag = 0u64;
-            for (p, next) in next {
-                let (_, high) = consumer.fetch_watermarks(&topic, p, METADATA_TIMEOUT)?;
-                lag += high.saturating_sub(next).max(0) as u64;
-            }
-            Ok(lag)
-        })
-        .await;
-        match lag {
-            Ok(Ok(lag)) => {
-                self.stats.lag_records.store(lag, Ordering::Relaxed);
-                self.stats.lag_known.store(true, Ordering::Relaxed);
-            }
-            Ok(Err(e)) => tracing::debug!(error = %e, "reading the topic's watermarks"),
-            Err(e) => tracing::debug!(error = %e, "reading the topic's watermarks"),
+    /// partitions whose next offset is known (left as it was when the broker does not answer),
+    /// on a thread of its own: the worker goes on storing meanwhile. One at a time (`busy`).
+    fn measure_lag(&self, own: &Ownership, busy: &Arc<std::sync::atomic::AtomicBool>) {
+        if busy.swap(true, Ordering::AcqRel) {
+            return;
         }
+        let next: Vec<(i32, i64)> = own.next.iter().filter_map(|(&p, n)| n.map(|n| (p, n))).collect();
+        let (consumer, topic) = (self.consumer.clone(), self.topics.messages.clone());
+        let (stats, busy) = (self.stats.clone(), busy.clone());
+        tokio::task::spawn_blocking(move || {
+            let lag = next.into_iter().try_fold(0u64, |lag, (p, next)| {
+                let (_, high) = consumer.fetch_watermarks(&topic, p, METADATA_TIMEOUT)?;
+                Ok::<u64, rdkafka::error::KafkaError>(lag + high.saturating_sub(next).max(0) as u64)
+            });
+            match lag {
+                Ok(lag) => {
+                    stats.lag_records.store(lag, Ordering::Relaxed);
+                    stats.lag_known.store(true, Ordering::Relaxed);
+                }
+                Err(e) => tracing::debug!(error = %e, "reading the topic's watermarks"),
+            }
+            busy.store(false, Ordering::Release);
+        });
     }
 
     /// The partitions of the message topic, from the broker.
