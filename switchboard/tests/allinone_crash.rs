@@ -7,40 +7,20 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{befriend, register, temp_dir, Client};
 use serde_json::{json, Value};
 
-/// An all-in-one process on `dir`, with its HTTP and WebSocket addresses.
+/// An all-in-one process on `dir` that checkpoints rarely, with its HTTP and WebSocket addresses.
 fn spawn(dir: &Path) -> (Child, SocketAddr, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .arg("all-in-one")
-        .arg("--data-dir")
-        .arg(dir)
-        .args(["--http-addr", "127.0.0.1:0", "--ws-addr", "127.0.0.1:0", "--tcp-addr", "off"])
-        .args(["--logic-addr", "127.0.0.1:0", "--push-addr", "127.0.0.1:0"])
-        .args(["--argon2-memory-kib", "1024", "--argon2-iterations", "1", "--user-rate", "0", "--ip-rate", "0"])
-        .args(["--embedded-checkpoint-ms", "60000", "--embedded-checkpoint-bytes", "200000"])
-        .env("SB_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("all-in-one starts");
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let addr = |marker: &str| -> SocketAddr {
-        let rest = line.split(marker).nth(1).unwrap_or_else(|| panic!("{marker} in {line}"));
-        rest.split(|c: char| c.is_whitespace() || c == '/').next().unwrap().parse().unwrap()
-    };
-    let (http, ws) = (addr("http://"), addr("ws://"));
-    std::thread::spawn(move || for _ in out.lines().map_while(Result::ok) {});
-    (child, http, ws)
+    let extra = ["--user-rate", "0", "--ip-rate", "0", "--embedded-checkpoint-ms", "60000"];
+    let extra = [&extra[..], &["--embedded-checkpoint-bytes", "200000"]].concat();
+    common::procs::all_in_one(dir, &extra, &[], Stdio::inherit())
 }
 
 /// Sends until the connection dies, recording (conv, cmid) -> seq of every `send.ok`.

@@ -5,9 +5,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{befriend, register, temp_dir, Client};
@@ -18,27 +15,8 @@ fn a_send_is_followed_through_json_logs() {
     let dir = temp_dir("request-logs");
     let log_path = dir.join("stderr.log");
     let log = std::fs::File::create(&log_path).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .arg("all-in-one")
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .args(["--http-addr", "127.0.0.1:0", "--ws-addr", "127.0.0.1:0", "--tcp-addr", "off"])
-        .args(["--logic-addr", "127.0.0.1:0", "--push-addr", "127.0.0.1:0"])
-        .args(["--argon2-memory-kib", "1024", "--argon2-iterations", "1"])
-        .env("SB_LOG", "warn,switchboard_logic=debug,switchboard_gateway::bridge=debug")
-        .env("SB_LOG_FORMAT", "json")
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .expect("all-in-one starts");
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let addr = |marker: &str| -> SocketAddr {
-        let rest = line.split(marker).nth(1).unwrap_or_else(|| panic!("{marker} in {line}"));
-        rest.split(|c: char| c.is_whitespace() || c == '/').next().unwrap().parse().unwrap()
-    };
-    let (http, ws) = (addr("http://"), addr("ws://"));
+    let env = [("SB_LOG", "warn,switchboard_logic=debug,switchboard_gateway::bridge=debug"), ("SB_LOG_FORMAT", "json")];
+    let (mut child, http, ws) = common::procs::all_in_one(&dir.join("data"), &[], &env, log.into());
 
     register(http, "lena");
     register(http, "marc");

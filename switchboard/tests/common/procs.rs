@@ -8,6 +8,43 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 
 use switchboard_storage::contract::TestEngines;
 
+/// An `all-in-one` process on `data_dir` on free loopback ports (no raw TCP), with cheap
+/// password hashing, `extra` arguments and `env` variables: the child, its HTTP and WebSocket
+/// addresses (from its start-up line; the rest of its stdout is drained).
+pub fn all_in_one(
+    data_dir: &std::path::Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+    stderr: Stdio,
+) -> (Child, SocketAddr, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .arg("all-in-one")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--http-addr", "127.0.0.1:0", "--ws-addr", "127.0.0.1:0", "--tcp-addr", "off"])
+        .args(["--logic-addr", "127.0.0.1:0", "--push-addr", "127.0.0.1:0"])
+        .args(["--argon2-memory-kib", "1024", "--argon2-iterations", "1"])
+        .args(extra)
+        .env("SB_LOG", "warn")
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("all-in-one starts");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let (http, ws) = (addr_in(&line, "http://"), addr_in(&line, "ws://"));
+    std::thread::spawn(move || for _ in out.lines().map_while(std::result::Result::ok) {});
+    (child, http, ws)
+}
+
+/// The address after `marker` in a role's start-up line.
+fn addr_in(line: &str, marker: &str) -> SocketAddr {
+    let rest = line.split(marker).nth(1).unwrap_or_else(|| panic!("{marker} in {line}"));
+    rest.split(|c: char| c.is_whitespace() || c == '/').next().unwrap().parse().unwrap()
+}
+
 /// One role process; its first stdout line names its addresses.
 pub struct Proc {
     child: Child,
@@ -58,8 +95,7 @@ impl Proc {
 
     /// The address after `marker` in the start-up line.
     pub fn addr(&self, marker: &str) -> SocketAddr {
-        let rest = self.line.split(marker).nth(1).unwrap_or_else(|| panic!("{marker} in {}", self.line));
-        rest.split(|c: char| c.is_whitespace() || c == '/').next().unwrap().parse().unwrap()
+        addr_in(&self.line, marker)
     }
 
     /// A stand-in while a role is restarted (owns no process).
