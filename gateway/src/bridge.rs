@@ -76,6 +76,30 @@ pub(crate) struct Bridge {
     metrics: Arc<GatewayMetrics>,
 }
 
+/// One client request relayed to logic, timed for the latency histogram and the debug log.
+struct Relay {
+    started: std::time::Instant,
+    metrics: Arc<GatewayMetrics>,
+    gateway: Arc<str>,
+    conn_id: u64,
+    rid: Option<u64>,
+}
+
+impl Relay {
+    fn start(bridge: &Bridge, conn_id: u64, rid: Option<u64>) -> Self {
+        let (metrics, gateway) = (bridge.metrics.clone(), bridge.advertise.clone());
+        Self { started: std::time::Instant::now(), metrics, gateway, conn_id, rid }
+    }
+
+    fn done(self, ok: bool) {
+        let elapsed = self.started.elapsed();
+        self.metrics.latency.logic_calls.observe(elapsed.as_secs_f64());
+        // Logic's `request` span carries the same gateway, conn and rid.
+        let (gateway, conn, rid) = (&self.gateway, self.conn_id, self.rid);
+        tracing::debug!(%gateway, conn, rid, micros = elapsed.as_micros() as u64, ok, "relayed to logic");
+    }
+}
+
 /// Most closed connections told to logic in one call.
 const DISCONNECT_BATCH: usize = 512;
 /// Batches of closed connections in flight at once.
@@ -169,13 +193,9 @@ impl Bridge {
     pub fn handle(&self, shard: &ShardLink, rid: Option<u64>, req: ClientRequest) {
         let shard = shard.clone();
         let conn_id = req.conn.as_ref().map(|c| c.conn_id).unwrap_or(0);
-        let (started, metrics) = (std::time::Instant::now(), self.metrics.clone());
-        let gateway = self.advertise.clone();
+        let relay = Relay::start(self, conn_id, rid);
         self.spawn(self.link.handle(req), move |result| {
-            let elapsed = started.elapsed();
-            metrics.latency.logic_calls.observe(elapsed.as_secs_f64());
-            // Logic's `request` span carries the same gateway, conn and rid.
-            tracing::debug!(%gateway, conn = conn_id, rid, micros = elapsed.as_micros() as u64, ok = result.is_ok(), "relayed to logic");
+            relay.done(result.is_ok());
             shard.send(ShardMsg::HandleDone { conn_id, rid, result });
         });
     }
@@ -185,16 +205,17 @@ impl Bridge {
     pub fn handle_after(&self, shard: &ShardLink, rid: Option<u64>, before: Vec<ClientRequest>, req: ClientRequest) {
         let shard = shard.clone();
         let conn_id = req.conn.as_ref().map(|c| c.conn_id).unwrap_or(0);
-        let (link, metrics) = (self.link.clone(), self.metrics.clone());
+        let link = self.link.clone();
+        let bridge = self.clone();
         self.rt.spawn(async move {
             for b in before {
                 if let Err(e) = link.handle(b).await {
                     tracing::warn!(error = %e, "logic handle (held ack) failed");
                 }
             }
-            let started = std::time::Instant::now();
+            let relay = Relay::start(&bridge, conn_id, rid);
             let result = link.handle(req).await;
-            metrics.latency.logic_calls.observe(started.elapsed().as_secs_f64());
+            relay.done(result.is_ok());
             shard.send(ShardMsg::HandleDone { conn_id, rid, result });
         });
     }

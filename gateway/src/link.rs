@@ -10,9 +10,7 @@ use std::time::Duration;
 
 use switchboard_proto::internal::link_call::Call;
 use switchboard_proto::internal::link_result::Result as Outcome;
-use switchboard_proto::internal::{
-    AuthConnect, AuthReply, AuthRequest, ClientReply, ClientRequest, ConnEvent, ConnEvents,
-};
+use switchboard_proto::internal::{AuthConnect, AuthReply, ClientReply, ClientRequest, ConnEvent, ConnEvents};
 use tonic::{Code, Status};
 
 use crate::pool::LogicPool;
@@ -23,16 +21,12 @@ pub type LinkFuture<T> = Pin<Box<dyn Future<Output = Result<T, String>> + Send +
 
 /// The calls a gateway makes to logic.
 pub trait LogicLink: Send + Sync + 'static {
-    /// Verifies the access token of an `auth` op.
-    fn authenticate(&self, token: String) -> LinkFuture<AuthReply>;
     /// Verifies the token of an `auth` op and, when it is good, registers the connection
     /// (`connected`) in the same call: by the time the client reads `auth.ok`, pushes find it.
     /// A failed registration is an error (the client gets `unavailable` and retries).
     fn auth_connect(&self, token: String, gateway: Arc<str>, conn_id: u64) -> LinkFuture<AuthReply>;
     /// A connection finished `auth` (route table, presence).
     fn connected(&self, ev: ConnEvent) -> LinkFuture<()>;
-    /// An authenticated connection closed.
-    fn disconnected(&self, ev: ConnEvent) -> LinkFuture<()>;
     /// Authenticated connections closed, in this order.
     fn disconnected_many(&self, evs: Vec<ConnEvent>) -> LinkFuture<()>;
     /// One client request (every op but `auth` and `ping`), its op and rid already read.
@@ -81,20 +75,12 @@ fn done(o: Outcome) -> Option<()> {
 }
 
 impl LogicLink for GrpcLink {
-    fn authenticate(&self, token: String) -> LinkFuture<AuthReply> {
-        self.call(Call::Authenticate(AuthRequest { token }), auth)
-    }
-
     fn auth_connect(&self, token: String, gateway: Arc<str>, conn_id: u64) -> LinkFuture<AuthReply> {
         self.call(Call::AuthConnect(AuthConnect { token, gateway: gateway.to_string(), conn_id }), auth)
     }
 
     fn connected(&self, ev: ConnEvent) -> LinkFuture<()> {
         self.call(Call::Connected(ev), done)
-    }
-
-    fn disconnected(&self, ev: ConnEvent) -> LinkFuture<()> {
-        self.call(Call::Disconnected(ev), done)
     }
 
     fn disconnected_many(&self, events: Vec<ConnEvent>) -> LinkFuture<()> {

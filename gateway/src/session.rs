@@ -11,12 +11,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prost::Message;
-use switchboard_proto::cluster_auth;
 use switchboard_proto::internal::link_call::Call;
 use switchboard_proto::internal::link_result::Result as Outcome;
 use switchboard_proto::internal::logic_client::LogicClient;
 use switchboard_proto::internal::{LinkCall, LinkDown, LinkUp};
+use switchboard_proto::{batch, cluster_auth};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -157,18 +156,8 @@ async fn run(
                 _ = &mut reader => return,
             },
         };
-        let mut bytes = first.encoded_len();
-        let mut calls = vec![first];
-        while calls.len() < BATCH {
-            let Ok(c) = rx.try_recv() else { break };
-            let len = c.encoded_len();
-            if bytes + len > BATCH_BYTES {
-                carry = Some(c);
-                break;
-            }
-            bytes += len;
-            calls.push(c);
-        }
+        let (calls, next) = batch::cut(first, || rx.try_recv().ok(), BATCH, BATCH_BYTES);
+        carry = next;
         if lock(&waiting).is_err() {
             return;
         }

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use prost::Message;
+use switchboard_proto::batch;
 use switchboard_proto::internal::link_call::Call;
 use switchboard_proto::internal::link_result::Result as Outcome;
 use switchboard_proto::internal::{LinkCall, LinkDown, LinkFailure, LinkResult, LinkUp};
@@ -101,18 +101,8 @@ pub fn serve(logic: Arc<Logic>, mut up: Streaming<LinkUp>, limits: LinkLimits, m
                     None => break,
                 },
             };
-            let mut bytes = first.encoded_len();
-            let mut results = vec![first];
-            while results.len() < limits.batch {
-                let Ok(r) = done_rx.try_recv() else { break };
-                let len = r.encoded_len();
-                if bytes + len > limits.batch_bytes {
-                    carry = Some(r);
-                    break;
-                }
-                bytes += len;
-                results.push(r);
-            }
+            let (results, next) = batch::cut(first, || done_rx.try_recv().ok(), limits.batch, limits.batch_bytes);
+            carry = next;
             if down_tx.send(Ok(LinkDown { results })).await.is_err() {
                 break;
             }

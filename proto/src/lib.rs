@@ -1,6 +1,7 @@
 //! Wire definitions shared by every Switchboard role: the client `Frame`
 //! (binary form of the protocol) and the internal gateway <-> logic services.
 
+pub mod batch;
 pub mod cluster_auth;
 pub mod cluster_tls;
 pub mod latency;

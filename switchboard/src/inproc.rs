@@ -28,11 +28,6 @@ impl InProcessLink {
 }
 
 impl LogicLink for InProcessLink {
-    fn authenticate(&self, token: String) -> LinkFuture<AuthReply> {
-        let logic = self.logic();
-        Box::pin(async move { Ok(logic?.auth_reply(&token).await) })
-    }
-
     fn auth_connect(&self, token: String, gateway: Arc<str>, conn_id: u64) -> LinkFuture<AuthReply> {
         let logic = self.logic();
         Box::pin(async move {
@@ -44,11 +39,6 @@ impl LogicLink for InProcessLink {
     fn connected(&self, ev: ConnEvent) -> LinkFuture<()> {
         let logic = self.logic();
         Box::pin(async move { logic?.conn_opened(&ev).await.map_err(|e| e.to_string()) })
-    }
-
-    fn disconnected(&self, ev: ConnEvent) -> LinkFuture<()> {
-        let logic = self.logic();
-        Box::pin(async move { logic?.conn_closed(&ev).await.map_err(|e| e.to_string()) })
     }
 
     fn disconnected_many(&self, evs: Vec<ConnEvent>) -> LinkFuture<()> {
