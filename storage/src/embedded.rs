@@ -1154,7 +1154,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn recalls_and_older_logs_are_read_back() {
         let dir = std::env::temp_dir().join(format!("sb-recall-{}", crate::contract::prefix()));
-        let policy = CheckpointPolicy { interval: std::time::Duration::from_millis(20), bytes: 1 << 20 };
+        let policy =
+            CheckpointPolicy { interval: std::time::Duration::from_millis(20), bytes: 1 << 20, ..Default::default() };
         let store = EmbeddedStore::open_with(&dir, policy).unwrap();
         let new = |cmid: &str| NewMessage {
             conv: "d:a:b".into(),
@@ -1232,13 +1233,35 @@ mod tests {
         std::fs::remove_dir_all(&dir).ok();
     }
 
+    /// The checkpoint thread runs at the niceness its policy adds (the process's is 0 here), so a
+    /// busy core runs the threads answering sends first.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn the_checkpoint_thread_runs_niced() {
+        let dir = std::env::temp_dir().join(format!("sb-nice-{}", crate::contract::prefix()));
+        let store = EmbeddedStore::open_with(&dir, CheckpointPolicy { nice: 7, ..Default::default() }).unwrap();
+        // Other tests' stores run in this process too: look for one B-tree thread at 7.
+        let niced = std::fs::read_dir("/proc/self/task").unwrap().filter_map(|t| {
+            let t = t.ok()?.path();
+            let comm = std::fs::read_to_string(t.join("comm")).ok()?;
+            let stat = std::fs::read_to_string(t.join("stat")).ok()?;
+            // Field 19 (nice), counted after the parenthesised command name.
+            let nice: i32 = stat.rsplit_once(')')?.1.split_whitespace().nth(16)?.parse().ok()?;
+            (comm.trim() == "sb-redb-writer").then_some(nice)
+        });
+        assert!(niced.into_iter().any(|n| n == 7), "no checkpoint thread at niceness 7");
+        drop(store);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
     /// A checkpoint budget of one byte: every batch hands its generation to the B-tree thread
     /// and the next one waits for that commit (backpressure). Appends from many tasks still all
     /// succeed, gapless, readable meanwhile and after reopening.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn appends_wait_for_a_full_tail_instead_of_failing() {
         let dir = std::env::temp_dir().join(format!("sb-backpressure-{}", crate::contract::prefix()));
-        let policy = CheckpointPolicy { interval: std::time::Duration::from_secs(3600), bytes: 1 };
+        let policy =
+            CheckpointPolicy { interval: std::time::Duration::from_secs(3600), bytes: 1, ..Default::default() };
         let store = EmbeddedStore::open_with(&dir, policy).unwrap();
         let tasks: Vec<_> = (0..8)
             .map(|t| {
@@ -1279,7 +1302,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_store_closed_during_backpressure_stops() {
         let dir = std::env::temp_dir().join(format!("sb-close-bp-{}", crate::contract::prefix()));
-        let policy = CheckpointPolicy { interval: std::time::Duration::from_secs(3600), bytes: 1 };
+        let policy =
+            CheckpointPolicy { interval: std::time::Duration::from_secs(3600), bytes: 1, ..Default::default() };
         for round in 0..25u64 {
             let store = EmbeddedStore::open_with(&dir, policy).unwrap();
             // Each task hands its clone to a plain thread as soon as its last append returns;
@@ -1325,7 +1349,8 @@ mod tests {
     /// every 48 KiB so the kill may land anywhere (in a log write, in a checkpoint, between
     /// them), and prints each acknowledged append.
     async fn crash_child(dir: &Path) {
-        let policy = CheckpointPolicy { interval: std::time::Duration::from_secs(60), bytes: 48 << 10 };
+        let policy =
+            CheckpointPolicy { interval: std::time::Duration::from_secs(60), bytes: 48 << 10, ..Default::default() };
         let store = EmbeddedStore::open_with(dir, policy).unwrap();
         let members: Vec<String> = (0..40).map(|i| format!("m{i}")).collect();
         let tasks: Vec<_> = (0..8)

@@ -55,11 +55,16 @@ pub struct CheckpointPolicy {
     /// Most bytes of appended records held in the tail's active generation before a checkpoint;
     /// appends wait while it holds twice this and the previous checkpoint has not committed.
     pub bytes: usize,
+    /// Scheduling niceness added to the B-tree thread (Linux; 0 keeps the process's): a
+    /// checkpoint is background work, and on a busy core it should yield to the threads that
+    /// answer sends (a checkpoint that falls behind makes appends wait at twice `bytes`, so it
+    /// is never starved for long).
+    pub nice: i32,
 }
 
 impl Default for CheckpointPolicy {
     fn default() -> Self {
-        Self { interval: Duration::from_millis(200), bytes: 32 << 20 }
+        Self { interval: Duration::from_millis(200), bytes: 32 << 20, nice: 10 }
     }
 }
 
@@ -147,6 +152,7 @@ impl GroupCommit {
         let (tree_tx, tree_rx) = mpsc::channel::<TreeMsg>();
         let runtime = tokio::runtime::Handle::try_current().ok();
         let commits = Arc::new(AtomicU64::new(0));
+        let nice = log.policy.nice;
         let tree = TreeThread {
             db: db.clone(),
             dir: log.dir.clone(),
@@ -177,7 +183,17 @@ impl GroupCommit {
                 .spawn(f)
                 .map_err(|e| StorageError::Embedded(format!("starting the {name} thread: {e}")))
         };
-        let tree_thread = spawn("sb-redb-writer", Box::new(move || tree.run(tree_rx)))?;
+        // The B-tree thread lowers its priority before the store is handed out.
+        let (niced, is_niced) = mpsc::sync_channel::<()>(1);
+        let tree_thread = spawn(
+            "sb-redb-writer",
+            Box::new(move || {
+                lower_priority(nice);
+                let _ = niced.send(());
+                tree.run(tree_rx)
+            }),
+        )?;
+        let _ = is_niced.recv();
         let log_thread = spawn("sb-store-log", Box::new(move || writer.run(log_rx)))?;
         Ok(Self { commits, log: log_tx, tree: Some(tree_tx), threads: vec![log_thread, tree_thread] })
     }
@@ -465,6 +481,26 @@ struct TreeThread {
     commits: Arc<AtomicU64>,
     log: mpsc::Sender<LogMsg>,
     runtime: Option<tokio::runtime::Handle>,
+}
+
+/// Adds `nice` to the calling thread's niceness (Linux schedules threads one by one; raising
+/// one's own niceness needs no privilege). Elsewhere, or if the call fails, nothing changes.
+fn lower_priority(nice: i32) {
+    if nice <= 0 {
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: plain syscalls on the calling thread with integer arguments.
+        let (tid, errno_ok) = unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            let now = libc::getpriority(libc::PRIO_PROCESS, tid);
+            (tid, libc::setpriority(libc::PRIO_PROCESS, tid, (now + nice).min(19)) == 0)
+        };
+        if !errno_ok {
+            tracing::debug!(tid, nice, "could not lower the B-tree thread's priority");
+        }
+    }
 }
 
 impl TreeThread {
