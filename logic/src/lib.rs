@@ -184,7 +184,7 @@ impl Logic {
     /// its /64).
     pub fn limit_request(&self, user: &str, ip: &str) -> Result<(), ApiError> {
         self.user_limits.check(user).map_err(ApiError::rate_limited)?;
-        if !ip.is_empty() {
+        if !ip.is_empty() && self.ip_limits.enabled() {
             self.ip_limits.check(&ip_bucket_key(ip)).map_err(ApiError::rate_limited)?;
         }
         Ok(())

@@ -103,6 +103,11 @@ impl Limiter {
         Self { rate, shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(), soft_cap }
     }
 
+    /// Whether any request is limited at all (a rate of 0 disables the limiter).
+    pub fn enabled(&self) -> bool {
+        self.rate.per_sec > 0.0
+    }
+
     /// Takes one token for `key`; `Err(ms)` says how long until one is there.
     pub fn check(&self, key: &str) -> Result<(), u64> {
         self.check_at(key, Instant::now())
@@ -118,7 +123,11 @@ impl Limiter {
             let (rate, burst) = (self.rate.per_sec, self.rate.burst);
             shard.retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst);
         }
-        let b = shard.entry(key.to_owned()).or_insert(Bucket { tokens: self.rate.burst, at: now });
+        // A known key costs no allocation.
+        if !shard.contains_key(key) {
+            shard.insert(key.to_owned(), Bucket { tokens: self.rate.burst, at: now });
+        }
+        let Some(b) = shard.get_mut(key) else { return Ok(()) };
         let refill = now.saturating_duration_since(b.at).as_secs_f64() * self.rate.per_sec;
         b.tokens = (b.tokens + refill).min(self.rate.burst);
         b.at = now;

@@ -2,6 +2,9 @@
 //! - [`GroupCache`]: member lists of groups, so the membership check of every `ack`, `read` and
 //!   group `send` is a lookup in memory instead of a read transaction. The store's own writes are
 //!   the only writers, and each invalidates its group after it commits.
+//! - [`FriendCache`]: the relation of a pair of users, so the friendship check of every direct
+//!   `send` is a lookup in memory. Like member lists, only the store's own writes change it, and
+//!   each forgets the pair (both ways) after it commits.
 //! - [`ConvCache`]: per conversation, what the writer thread needs to append the next message (last
 //!   seq and ts, and which member list is indexed already), so an append skips three B-tree reads
 //!   and, in a group, one conversation-index lookup per member.
@@ -10,12 +13,14 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::Role;
+use crate::{FriendState, Role};
 
 /// Most groups whose member lists are cached.
 const MAX_GROUPS: usize = 50_000;
 /// Most members over all cached lists (about 100 bytes each).
 const MAX_MEMBERS: usize = 1_000_000;
+/// Most relations cached (about 100 bytes each).
+const MAX_RELATIONS: usize = 200_000;
 /// Most conversations the writer remembers.
 const MAX_CONVS: usize = 200_000;
 
@@ -71,6 +76,62 @@ impl GroupCache {
         g.generation += 1;
         if let Some(old) = g.lists.remove(id) {
             g.members -= old.len();
+        }
+    }
+}
+
+#[derive(Default)]
+struct Relations {
+    /// Bumped by every invalidation: a relation read before it must not be cached after it.
+    generation: u64,
+    /// user -> other -> the user's side of the relation (`None`: none); looked up by `&str`.
+    map: HashMap<String, HashMap<String, Option<FriendState>>>,
+    entries: usize,
+}
+
+#[derive(Default)]
+pub(crate) struct FriendCache(Mutex<Relations>);
+
+impl FriendCache {
+    /// The cached relation of `user` to `other`, or the generation to hand
+    /// [`FriendCache::insert`] after reading it from the database.
+    pub fn get(&self, user: &str, other: &str) -> Result<Option<FriendState>, u64> {
+        let r = lock(&self.0);
+        match r.map.get(user).and_then(|m| m.get(other)) {
+            Some(state) => Ok(state.clone()),
+            None => Err(r.generation),
+        }
+    }
+
+    /// Caches a relation read after [`FriendCache::get`] returned `generation`, unless a write
+    /// changed any pair since.
+    pub fn insert(&self, generation: u64, user: &str, other: &str, state: Option<FriendState>) {
+        let mut r = lock(&self.0);
+        if r.generation != generation {
+            return;
+        }
+        if r.entries >= MAX_RELATIONS {
+            r.map.clear();
+            r.entries = 0;
+        }
+        if r.map.entry(user.to_owned()).or_default().insert(other.to_owned(), state).is_none() {
+            r.entries += 1;
+        }
+    }
+
+    /// Forgets the pair both ways, after a write to it committed.
+    pub fn invalidate(&self, a: &str, b: &str) {
+        let mut r = lock(&self.0);
+        r.generation += 1;
+        for (x, y) in [(a, b), (b, a)] {
+            let Some(m) = r.map.get_mut(x) else { continue };
+            let removed = m.remove(y).is_some();
+            if m.is_empty() {
+                r.map.remove(x);
+            }
+            if removed {
+                r.entries -= 1;
+            }
         }
     }
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use redb::{Database, ReadTransaction, ReadableTable, ReadableTableMetadata, Table, TableDefinition, WriteTransaction};
 
-use crate::caches::{members_hash, ConvCache, ConvState, GroupCache, Members};
+use crate::caches::{members_hash, ConvCache, ConvState, FriendCache, GroupCache, Members};
 pub use crate::group_commit::CheckpointPolicy;
 use crate::group_commit::{End, GroupCommit, Log, Logged, Reader};
 use crate::tail::{merge, merge_cursors, Entry, Gen, Tail};
@@ -64,6 +64,7 @@ pub struct EmbeddedStore {
     tail: Tail,
     convs: ConvCache,
     groups: Arc<GroupCache>,
+    friends: Arc<FriendCache>,
 }
 
 impl EmbeddedStore {
@@ -129,7 +130,7 @@ impl EmbeddedStore {
             lost: Box::new(move || lost.clear()),
         };
         let writer = Arc::new(GroupCommit::start(db.clone(), log)?);
-        Ok(Self { db, writer, tail, convs, groups: Arc::default() })
+        Ok(Self { db, writer, tail, convs, groups: Arc::default(), friends: Arc::default() })
     }
 
     /// Runs `f` in a read transaction, on the calling task. Reads are short
@@ -364,7 +365,7 @@ impl EmbeddedStore {
     /// the pending request of `from`; `false` if there is none.
     async fn answer_request(&self, user: &str, from: &str, accept: bool) -> Result<bool> {
         let (a, b) = (user.to_owned(), from.to_owned());
-        self.write(move |tx| {
+        self.pair_write(user, from, move |tx| {
             let mut t = tx.open_table(FRIENDS)?;
             let current: Option<FriendState> = get_json(t.get((a.as_str(), b.as_str()))?)?;
             if !matches!(current, Some(FriendState::Incoming { .. })) {
@@ -384,13 +385,20 @@ impl EmbeddedStore {
 #[async_trait]
 impl SocialStore for EmbeddedStore {
     async fn friend_state(&self, user: &str, other: &str) -> Result<Option<FriendState>> {
+        let generation = match self.friends.get(user, other) {
+            Ok(state) => return Ok(state),
+            Err(generation) => generation,
+        };
         let (a, b) = (user.to_owned(), other.to_owned());
-        self.read(move |tx| get_json(tx.open_table(FRIENDS)?.get((a.as_str(), b.as_str()))?)).await
+        let state: Option<FriendState> =
+            self.read(move |tx| get_json(tx.open_table(FRIENDS)?.get((a.as_str(), b.as_str()))?)).await?;
+        self.friends.insert(generation, user, other, state.clone());
+        Ok(state)
     }
 
     async fn request_friend(&self, from: &str, to: &str, note: &str) -> Result<RequestOutcome> {
         let (a, b, note) = (from.to_owned(), to.to_owned(), note.to_owned());
-        self.write(move |tx| {
+        self.pair_write(from, to, move |tx| {
             let blocks = tx.open_table(BLOCKS)?;
             if blocks.get((a.as_str(), b.as_str()))?.is_some() || blocks.get((b.as_str(), a.as_str()))?.is_some() {
                 return Ok(Abort(RequestOutcome::Blocked));
@@ -423,7 +431,7 @@ impl SocialStore for EmbeddedStore {
 
     async fn delete_friend(&self, user: &str, other: &str) -> Result<bool> {
         let (a, b) = (user.to_owned(), other.to_owned());
-        self.write(move |tx| Ok(Commit(remove_pair(&mut tx.open_table(FRIENDS)?, &a, &b)?))).await
+        self.pair_write(user, other, move |tx| Ok(Commit(remove_pair(&mut tx.open_table(FRIENDS)?, &a, &b)?))).await
     }
 
     async fn relations(&self, user: &str) -> Result<Vec<(String, FriendState)>> {
@@ -436,7 +444,7 @@ impl SocialStore for EmbeddedStore {
 
     async fn set_block(&self, user: &str, other: &str, block: bool) -> Result<bool> {
         let (a, b) = (user.to_owned(), other.to_owned());
-        self.write(move |tx| {
+        self.pair_write(user, other, move |tx| {
             let mut blocks = tx.open_table(BLOCKS)?;
             if !block {
                 return Ok(match blocks.remove((a.as_str(), b.as_str()))? {
@@ -994,6 +1002,22 @@ impl EmbeddedStore {
         tokio::spawn(async move {
             let done = writer.write(f).await;
             groups.invalidate(&id);
+            done
+        })
+        .await?
+    }
+
+    /// A write to the relation of `a` and `b`, run to its end even if the caller goes away, then
+    /// the pair's cached relation forgotten (both ways), like [`EmbeddedStore::group_write`].
+    async fn pair_write<T, F>(&self, a: &str, b: &str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&WriteTransaction) -> Result<End<T>> + Send + 'static,
+    {
+        let (writer, friends, a, b) = (self.writer.clone(), self.friends.clone(), a.to_owned(), b.to_owned());
+        tokio::spawn(async move {
+            let done = writer.write(f).await;
+            friends.invalidate(&a, &b);
             done
         })
         .await?

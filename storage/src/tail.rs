@@ -14,6 +14,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::{AckCursor, Message, ReadCursor};
 
+/// The hash maps of a generation, which the log thread fills per message: foldhash (seeded per
+/// process) instead of SipHash.
+type Map<K, V> = HashMap<K, V, foldhash::quality::RandomState>;
+
 /// What one logged write adds to the tail.
 pub(crate) enum Entry {
     /// A message appended (`json` is its stored encoding), with the members whose conversation
@@ -50,11 +54,11 @@ pub(crate) struct ConvTail {
 /// One generation of the tail.
 #[derive(Default)]
 pub(crate) struct Gen {
-    pub convs: HashMap<String, ConvTail>,
+    pub convs: Map<String, ConvTail>,
     /// "conv\0from\0cmid" -> seq, of the messages appended here.
-    cmids: HashMap<String, u64>,
+    cmids: Map<String, u64>,
     /// "conv\0mid" -> seq, of the messages appended here.
-    mids: HashMap<String, u64>,
+    mids: Map<String, u64>,
     /// user -> conversations first indexed for them here.
     pub indexed: HashMap<String, Vec<String>>,
     /// (user, device) -> conv -> acked seq.

@@ -5,6 +5,7 @@
 //! as soon as they empty, so an idle connection owns no buffer at all.
 
 use std::io::{self, Read, Write};
+use std::sync::Arc;
 
 use mio::{Interest, Registry, Token};
 use prost::Message as _;
@@ -351,6 +352,7 @@ impl Conn {
             if !self.admit(env) {
                 return Ok(false);
             }
+            reserve_out(&mut self.out, json.len());
             ws::put_frame(&mut self.out, Opcode::Text, json);
             return Ok(true);
         }
@@ -358,6 +360,7 @@ impl Conn {
         if !self.admit(env) {
             return Ok(false);
         }
+        reserve_out(&mut self.out, payload.len());
         if self.wire == Wire::Tcp {
             tcpframe::put_prefix(&mut self.out, payload.len());
         } else {
@@ -512,14 +515,32 @@ impl Conn {
     }
 }
 
-/// One frame's protobuf encoding (`sb.bin.v1` and raw TCP), made at most once however many
-/// connections receive the frame.
+/// Room to take in an empty output buffer, so that the few frames one wake-up queues for a
+/// connection do not regrow it frame by frame (the buffer is freed once written out).
+const OUT_CHUNK: usize = 4096;
+
+/// Reserves room for a frame of `len` bytes, a whole [`OUT_CHUNK`] when `out` has none.
+fn reserve_out(out: &mut Vec<u8>, len: usize) {
+    if out.capacity() == 0 {
+        out.reserve(OUT_CHUNK.max(len + 14));
+    }
+}
+
+/// What one push shares among every connection that receives it: its protobuf encoding
+/// (`sb.bin.v1` and raw TCP) and its conversation id as the unacked entries hold it, each made
+/// at most once however many connections receive the frame.
 #[derive(Default)]
 pub(crate) struct Encoded {
     binary: Option<Result<Vec<u8>, String>>,
+    conv: Option<Arc<str>>,
 }
 
 impl Encoded {
+    /// `conv` (the push's conversation), allocated once per push.
+    pub(super) fn conv(&mut self, conv: &str) -> Arc<str> {
+        self.conv.get_or_insert_with(|| Arc::from(conv)).clone()
+    }
+
     fn binary(&mut self, json: &[u8]) -> Result<&[u8], String> {
         let r = self.binary.get_or_insert_with(|| {
             let v: serde_json::Value = serde_json::from_slice(json).map_err(|e| format!("not JSON: {e}"))?;

@@ -12,6 +12,7 @@ mod io;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -68,7 +69,8 @@ enum Auth {
 }
 
 struct Unacked {
-    conv: String,
+    /// Shared with every other receiver of the push on this shard.
+    conv: Arc<str>,
     seq: u64,
     /// The push as logic sent it (canonical JSON, shared with every other receiver).
     frame: Bytes,
@@ -303,8 +305,8 @@ impl Conn {
     /// request is in flight (replies stay in request order), answers `ack.ok` here and queues
     /// the ack for logic (see `crate::acks`); `true` then.
     fn ack_here(&mut self, rid: Option<u64>, conv: &str, seq: u64, env: &mut Env) -> bool {
-        let held = self.unacked.iter().any(|u| u.conv == conv && u.seq >= seq);
-        self.unacked.retain(|u| !(u.conv == conv && u.seq <= seq));
+        let held = self.unacked.iter().any(|u| &*u.conv == conv && u.seq >= seq);
+        self.unacked.retain(|u| !(&*u.conv == conv && u.seq <= seq));
         if !held || env.cfg.ack_flush.is_zero() || self.inflight || !self.pending.is_empty() {
             return false;
         }
@@ -558,7 +560,8 @@ impl Conn {
             if self.unacked.len() >= env.cfg.max_unacked.max(1) {
                 self.unacked.remove(0);
             }
-            self.unacked.push(Unacked { conv: d.conv.clone(), seq: d.seq, frame: d.frame.clone(), attempts: 0 });
+            let conv = encoded.conv(&d.conv);
+            self.unacked.push(Unacked { conv, seq: d.seq, frame: d.frame.clone(), attempts: 0 });
             if self.repush_timer.is_none() {
                 self.repush_timer = Some(self.arm(env, env.now + env.cfg.repush_interval, TimerKind::Repush));
             }
