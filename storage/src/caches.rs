@@ -174,3 +174,28 @@ pub(crate) fn members_hash(members: &[String]) -> u64 {
     members.hash(&mut h);
     h.finish() | 1
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A relation read before a write to any pair is not cached after it (the write could have
+    /// changed it between the read and the insert); one read after it is, until the next write
+    /// to that pair, which forgets it both ways.
+    #[test]
+    fn relations_read_before_a_write_are_not_cached() {
+        let cache = FriendCache::default();
+        let before = cache.get("ann", "bob").unwrap_err();
+        cache.invalidate("ann", "bob");
+        cache.insert(before, "ann", "bob", None);
+        let after = cache.get("ann", "bob").unwrap_err();
+        assert_ne!(before, after);
+        cache.insert(after, "ann", "bob", Some(FriendState::Friends));
+        cache.insert(after, "bob", "ann", Some(FriendState::Friends));
+        assert_eq!(cache.get("ann", "bob"), Ok(Some(FriendState::Friends)));
+        cache.invalidate("bob", "ann");
+        assert!(cache.get("ann", "bob").is_err());
+        assert!(cache.get("bob", "ann").is_err());
+        assert_eq!(lock(&cache.0).entries, 0);
+    }
+}
