@@ -27,6 +27,9 @@ pub struct DeliveryArgs {
     /// batch that brought new messages). Pending acks are sent by a sweep once due.
     #[arg(long, default_value_t = 0)]
     pub ack_interval_ms: u64,
+    /// Send acks with `"quiet": true` (the server answers only a refused ack, not `ack.ok`).
+    #[arg(long)]
+    pub quiet_acks: bool,
     /// Text body length in bytes (at least 1).
     #[arg(long, default_value_t = 16)]
     pub body_bytes: usize,
@@ -126,6 +129,8 @@ pub struct Deliveries {
     pub acks_sent: u64,
     /// Least time between two acks of one connection (zero: one per read batch).
     pub ack_interval: Duration,
+    /// Acks ask for no `ack.ok` (`--quiet-acks`).
+    pub quiet_acks: bool,
     pub errors: u64,
     pub error_kinds: Kinds,
 }
@@ -144,6 +149,7 @@ impl Deliveries {
             foreign: 0,
             acks_sent: 0,
             ack_interval: Duration::ZERO,
+            quiet_acks: false,
             errors: 0,
             error_kinds: Kinds::new(),
         }
@@ -207,14 +213,15 @@ impl Deliveries {
     /// Sends the cumulative `ack` of `conv` at the end of a read batch, if one is due.
     pub fn ack(&mut self, cx: &mut Ctx, inbox: &mut Inbox, conv: &str) {
         if let Some(seq) = self.due_ack(inbox, cx.now) {
-            cx.send_text(&ack_frame(conv, seq));
+            cx.send_text(&ack_frame(conv, seq, self.quiet_acks));
         }
     }
 }
 
-/// The text of an `ack` (without `rid`: its `ack.ok` is not needed).
-pub fn ack_frame(conv: &str, seq: u64) -> Vec<u8> {
-    format!(r#"{{"op":"ack","conv":"{conv}","seq":{seq}}}"#).into_bytes()
+/// The text of an `ack` (without `rid`: its `ack.ok` is not needed; `quiet`: not even sent).
+pub fn ack_frame(conv: &str, seq: u64, quiet: bool) -> Vec<u8> {
+    let quiet = if quiet { r#","quiet":true"# } else { "" };
+    format!(r#"{{"op":"ack","conv":"{conv}","seq":{seq}{quiet}}}"#).into_bytes()
 }
 
 /// CPU figures of a run.

@@ -144,6 +144,7 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
         dropped: 0,
     };
     h.d.ack_interval = Duration::from_millis(args.delivery.ack_interval_ms);
+    h.d.quiet_acks = args.delivery.quiet_acks;
     let mut last_sweep = Instant::now();
     let pad = "x".repeat(args.delivery.body_bytes.max(1));
     let mut n = 0u64;
@@ -273,7 +274,7 @@ impl FanH {
         for (id, inbox) in self.inboxes.iter_mut().enumerate() {
             if id != self.sender {
                 if let Some(seq) = self.d.due_ack(inbox, now) {
-                    client.send_text(id, &ack_frame(&self.conv, seq));
+                    client.send_text(id, &ack_frame(&self.conv, seq, self.d.quiet_acks));
                 }
             }
         }

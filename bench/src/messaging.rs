@@ -178,6 +178,7 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
         dropped: 0,
     };
     h.d.ack_interval = Duration::from_millis(args.delivery.ack_interval_ms);
+    h.d.quiet_acks = args.delivery.quiet_acks;
     let mut last_sweep = Instant::now();
     let pad = "x".repeat(args.delivery.body_bytes.max(1));
     let period = Duration::from_secs_f64(1.0 / args.rate);
@@ -327,7 +328,7 @@ impl MsgH {
         let now = Instant::now();
         for (i, side) in self.conns.iter_mut().enumerate() {
             if let Some(seq) = self.d.due_ack(&mut side.inbox, now) {
-                client.send_text(self.first + i, &ack_frame(&side.conv, seq));
+                client.send_text(self.first + i, &ack_frame(&side.conv, seq, self.d.quiet_acks));
             }
         }
     }

@@ -177,6 +177,7 @@ pub fn frame_to_json(f: &Frame) -> Value {
     put_str(&mut m, "reason", &f.reason);
     put_opt(&mut m, "read_seq", f.read_seq);
     put_opt(&mut m, "invite_only", f.invite_only);
+    put_opt(&mut m, "quiet", f.quiet);
     Value::Object(m)
 }
 
@@ -332,6 +333,7 @@ pub fn json_to_frame(v: &Value) -> Result<Frame, CodecError> {
         reason: o.str("reason")?,
         read_seq: o.u64_opt("read_seq")?,
         invite_only: o.bool_opt("invite_only")?,
+        quiet: o.bool_opt("quiet")?,
         ..Default::default()
     };
     f.limit = match o.u64_opt("limit")? {
@@ -454,6 +456,7 @@ mod tests {
             json!({"op": "group.members.ok", "rid": 11, "members": [{"user": "alice", "role": "owner"}, {"user": "bob", "role": "member"}]}),
             json!({"op": "group.list.ok", "rid": 12, "groups": [{"group": "G1", "name": "team", "role": "owner", "invite_only": false}]}),
             json!({"op": "group.set", "rid": 13, "group": "G1", "invite_only": true}),
+            json!({"op": "ack", "rid": 14, "conv": "g:G1", "seq": 3, "quiet": true}),
             json!({"op": "error", "rid": 13, "code": "bad_request", "message": "missing field `cmid`"}),
             json!({"op": "error", "rid": 14, "code": "rate_limited", "message": "slow down", "retry_after_ms": 1000}),
             json!({"op": "error", "code": "auth_timeout", "message": "no auth"}),

@@ -38,6 +38,9 @@ pub struct Head<'a> {
     #[serde(borrow, default)]
     pub conv: Option<Cow<'a, str>>,
     pub seq: Option<u64>,
+    /// `ack`: answer only a refusal, not success.
+    #[serde(default)]
+    pub quiet: Option<bool>,
     /// `call.*`
     #[serde(borrow, default)]
     pub call_id: Option<Cow<'a, str>>,
@@ -70,6 +73,7 @@ pub fn head(bytes: &[u8]) -> Result<Head<'_>, BadFrame> {
         token: owned("token"),
         conv: owned("conv"),
         seq: r.u64_field("seq"),
+        quiet: r.obj.get("quiet").and_then(Value::as_bool),
         call_id: owned("call_id"),
         to: owned("to"),
         op: Cow::Owned(r.op),

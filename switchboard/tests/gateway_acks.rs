@@ -55,3 +55,53 @@ async fn acks_of_delivered_pushes_are_answered_by_the_gateway_and_reach_logic() 
     )
     .await;
 }
+
+/// A `quiet` ack is not answered when it succeeds, whether the gateway vouches for it or logic
+/// takes it, and still is when refused; its cursor counts like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_acks_are_answered_only_when_refused() {
+    with_node(
+        "gateway-quiet-acks",
+        |s| s.ack_flush_ms = Some(50),
+        |http_addr, ws| {
+            let (mut a, mut b) = friends(http_addr, ws, "gqa", "gqb");
+            let conv = "d:gqa:gqb";
+            let first = a.ok("send", json!({"to": "gqb", "cmid": "q1", "type": "text", "body": "one"}))["seq"].as_u64();
+            assert_eq!(b.push("msg")["msg"]["seq"].as_u64(), first);
+            let local = || metric(http_addr, "switchboard_gateway_acks_local_total");
+            let before = local();
+            // Replies on a connection keep request order: an `ack.ok` would come before `ping.ok`.
+            let quiet_ack = json!({"op": "ack", "rid": 500, "conv": conv, "seq": first, "quiet": true}).to_string();
+            b.send_text(&quiet_ack);
+            b.send_text(r#"{"op":"ping","rid":501}"#);
+            let next = b.read().unwrap();
+            assert_eq!((next["op"].as_str(), next["rid"].as_u64()), (Some("ping.ok"), Some(501)), "{next}");
+            assert_eq!(local(), before + 1, "answered (silently) by the gateway");
+
+            // Nothing held any more: logic takes it, and its `ack.ok` is dropped too.
+            b.send_text(&quiet_ack);
+            b.send_text(r#"{"op":"ping","rid":502}"#);
+            let next = b.read().unwrap();
+            assert_eq!((next["op"].as_str(), next["rid"].as_u64()), (Some("ping.ok"), Some(502)), "{next}");
+            assert_eq!(local(), before + 1, "relayed");
+
+            // A refusal is answered.
+            b.send_text(r#"{"op":"ack","rid":503,"conv":"d:gqa:gqz","seq":1,"quiet":true}"#);
+            let refused = b.read().unwrap();
+            assert_eq!(
+                (refused["code"].as_str(), refused["rid"].as_u64()),
+                (Some("forbidden"), Some(503)),
+                "{refused}"
+            );
+
+            // The quiet ack moved the cursor: sync resumes after it.
+            let second =
+                a.ok("send", json!({"to": "gqb", "cmid": "q2", "type": "text", "body": "two"}))["seq"].as_u64();
+            assert_eq!(b.push("msg")["msg"]["seq"].as_u64(), second);
+            let msgs = b.ok("sync", json!({}))["msgs"].clone();
+            assert_eq!(msgs.as_array().map(|m| m.len()), Some(1), "{msgs}");
+            assert_eq!(msgs[0]["seq"].as_u64(), second);
+        },
+    )
+    .await;
+}

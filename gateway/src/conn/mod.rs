@@ -62,6 +62,19 @@ struct Identity {
     device: String,
 }
 
+impl Identity {
+    /// The event naming connection `conn_id` of `gateway` with this identity.
+    fn event(&self, gateway: &str, conn_id: u64) -> ConnEvent {
+        ConnEvent {
+            gateway: gateway.to_owned(),
+            conn_id,
+            user: self.user.clone(),
+            session: self.session.clone(),
+            device: self.device.clone(),
+        }
+    }
+}
+
 enum Auth {
     None,
     Pending,
@@ -83,6 +96,8 @@ struct Queued {
     bytes: Bytes,
     /// Set for `call.offer` / `call.answer` / `call.hangup` requests naming a `call_id`.
     call: Option<Box<CallRef>>,
+    /// A `quiet` ack: its success is not answered.
+    quiet: bool,
 }
 
 /// The call a forwarded call request is about.
@@ -155,6 +170,8 @@ pub(crate) struct Conn {
     shut: bool,
     notified_closed: bool,
     inflight: bool,
+    /// The request in flight is a `quiet` ack (its `ack.ok` is dropped; a refusal is not).
+    inflight_quiet: bool,
 }
 
 impl Conn {
@@ -194,6 +211,7 @@ impl Conn {
             shut: false,
             notified_closed: false,
             inflight: false,
+            inflight_quiet: false,
         };
         conn.timer = Some(conn.arm(env, env.now + env.cfg.auth_timeout, TimerKind::Auth));
         if proxied {
@@ -275,15 +293,17 @@ impl Conn {
                     self.queue_json(frame::error(req.rid, "bad_request", "already authenticated"), env);
                     return;
                 }
+                let quiet = req.op == "ack" && req.quiet == Some(true);
                 if req.op == "ack" {
                     if let (Some(conv), Some(seq)) = (req.conv.as_deref(), req.seq) {
-                        if self.ack_here(req.rid, conv, seq, env) {
+                        if self.ack_here(req.rid, conv, seq, quiet, env) {
                             return;
                         }
                     }
                 }
                 let call = CallRef::of(&req);
-                let q = Queued { op: req.op.into_owned(), rid: req.rid, bytes: Bytes::copy_from_slice(bytes), call };
+                let q =
+                    Queued { op: req.op.into_owned(), rid: req.rid, bytes: Bytes::copy_from_slice(bytes), call, quiet };
                 if self.inflight || !self.pending.is_empty() {
                     if self.pending.len() >= env.cfg.max_pending_requests {
                         self.queue_json(
@@ -303,18 +323,22 @@ impl Conn {
     /// Drops the unacked pushes an `ack` of `conv` up to `seq` covers. When one of them had
     /// `seq` at least (the connection received the conversation, so it is a member) and no
     /// request is in flight (replies stay in request order), answers `ack.ok` here and queues
-    /// the ack for logic (see `crate::acks`); `true` then.
-    fn ack_here(&mut self, rid: Option<u64>, conv: &str, seq: u64, env: &mut Env) -> bool {
+    /// the ack for logic (see `crate::acks`); `true` then. A `quiet` ack is not answered.
+    fn ack_here(&mut self, rid: Option<u64>, conv: &str, seq: u64, quiet: bool, env: &mut Env) -> bool {
         let held = self.unacked.iter().any(|u| &*u.conv == conv && u.seq >= seq);
         self.unacked.retain(|u| !(&*u.conv == conv && u.seq <= seq));
         if !held || env.cfg.ack_flush.is_zero() || self.inflight || !self.pending.is_empty() {
             return false;
         }
-        let Some(ev) = self.conn_event(env) else { return false };
-        let ip = self.peer.ip().to_string();
-        env.acks.add(self.id, move || (ev, ip), conv, seq, env.now + env.cfg.ack_flush);
+        let Auth::Done(id) = &self.auth else { return false };
+        // The connection is named (strings copied) only for its first ack of a batch.
+        let (conn_id, peer, due) = (self.id, self.peer, env.now + env.cfg.ack_flush);
+        let gateway = &env.bridge.advertise;
+        env.acks.add(conn_id, || (id.event(gateway, conn_id), peer.ip().to_string()), conv, seq, due);
         GatewayMetrics::inc(&env.metrics.acks_local);
-        self.queue_json(frame::ack_ok(rid), env);
+        if !quiet {
+            self.queue_json(frame::ack_ok(rid), env);
+        }
         true
     }
 
@@ -331,13 +355,7 @@ impl Conn {
 
     fn conn_event(&self, env: &Env) -> Option<ConnEvent> {
         match &self.auth {
-            Auth::Done(id) => Some(ConnEvent {
-                gateway: env.bridge.advertise.to_string(),
-                conn_id: self.id,
-                user: id.user.clone(),
-                session: id.session.clone(),
-                device: id.device.clone(),
-            }),
+            Auth::Done(id) => Some(id.event(&env.bridge.advertise, self.id)),
             _ => None,
         }
     }
@@ -355,6 +373,7 @@ impl Conn {
             self.track_call(call, env);
         }
         self.inflight = true;
+        self.inflight_quiet = q.quiet;
         let req =
             ClientRequest { conn: Some(ev), frame: q.bytes, ip: self.peer.ip().to_string(), op: q.op, rid: q.rid };
         let held = env.acks.take_conn(self.id);
@@ -501,12 +520,15 @@ impl Conn {
             return;
         }
         self.inflight = false;
+        let quiet = std::mem::take(&mut self.inflight_quiet);
         if self.calls.is_some() {
             self.offer_replied(&result, env);
         }
         match result {
             Ok(reply) => {
-                if !reply.frame.is_empty() {
+                // A quiet ack's success is not answered; its refusal is.
+                let silenced = quiet && frame::head(&reply.frame).is_ok_and(|h| h.op == "ack.ok");
+                if !reply.frame.is_empty() && !silenced {
                     match self.queue_encoded(&reply.frame, &mut Encoded::default(), env) {
                         Ok(_) => {}
                         Err(e) => {
