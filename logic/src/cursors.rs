@@ -84,7 +84,12 @@ impl Cursors {
     pub async fn read(&self, user: &str, conv: &str, seq: u64) -> Result<u64, ApiError> {
         self.backpressure().await?;
         let mut p = self.lock();
-        let (now, new) = raise(p.reads.entry(user.to_owned()).or_default(), conv, seq);
+        // A user with a pending mark already costs no allocation.
+        if !p.reads.contains_key(user) {
+            p.reads.insert(user.to_owned(), HashMap::new());
+        }
+        let Some(marks) = p.reads.get_mut(user) else { return Ok(seq) };
+        let (now, new) = raise(marks, conv, seq);
         p.entries += new as usize;
         Ok(now)
     }

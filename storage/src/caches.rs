@@ -80,12 +80,15 @@ impl GroupCache {
     }
 }
 
+type FastMap<K, V> = HashMap<K, V, foldhash::quality::RandomState>;
+
 #[derive(Default)]
 struct Relations {
     /// Bumped by every invalidation: a relation read before it must not be cached after it.
     generation: u64,
-    /// user -> other -> the user's side of the relation (`None`: none); looked up by `&str`.
-    map: HashMap<String, HashMap<String, Option<FriendState>>>,
+    /// user -> other -> the user's side of the relation (`None`: none); looked up by `&str`,
+    /// hashed with foldhash (read on every direct send).
+    map: FastMap<String, FastMap<String, Option<FriendState>>>,
     entries: usize,
 }
 
