@@ -1,5 +1,5 @@
-//! Gateway counters (atomics), the logic call latency histogram, and their Prometheus text
-//! rendering.
+//! Gateway counters (atomics), the logic call latency histogram, each shard's connections and
+//! event-loop time, and their Prometheus text rendering.
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
@@ -7,6 +7,9 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use switchboard_proto::latency;
@@ -30,25 +33,54 @@ pub struct GatewayMetrics {
     pub(crate) pool: std::sync::OnceLock<Arc<crate::pool::LogicPool>>,
 }
 
-/// Latency histograms of the gateway.
+/// A shard, as a label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShardLabel {
+    shard: String,
+}
+
+/// Latency histograms of the gateway, and the per-shard families.
 #[derive(Debug)]
 pub(crate) struct Latency {
     registry: Registry,
     /// Client requests relayed to logic: until logic's reply reached the gateway.
     pub(crate) logic_calls: Histogram,
+    shard_loop: Family<ShardLabel, Histogram, fn() -> Histogram>,
+    shard_connections: Family<ShardLabel, Gauge>,
 }
 
 impl Default for Latency {
     fn default() -> Self {
         let logic_calls = latency::histogram();
+        let shard_loop = Family::<ShardLabel, Histogram, fn() -> Histogram>::new_with_constructor(latency::histogram);
+        let shard_connections = Family::<ShardLabel, Gauge>::default();
         let mut registry = Registry::default();
         registry.register(
             "switchboard_gateway_logic_call_seconds",
             "Client requests relayed to logic: until logic's reply reached the gateway",
             logic_calls.clone(),
         );
-        Self { registry, logic_calls }
+        registry.register(
+            "switchboard_gateway_loop_seconds",
+            "Event-loop lag: how long each wake-up of a shard spent on what was ready (socket events, \
+             mailbox, timers), which is how long a new event may wait behind it",
+            shard_loop.clone(),
+        );
+        registry.register(
+            "switchboard_gateway_shard_connections",
+            "Open connections per shard",
+            shard_connections.clone(),
+        );
+        Self { registry, logic_calls, shard_loop, shard_connections }
     }
+}
+
+/// The meters one shard updates (handles into the process-wide families).
+pub(crate) struct ShardMeters {
+    /// Time of each wake-up.
+    pub loop_time: Histogram,
+    /// Open connections of the shard.
+    pub connections: Gauge,
 }
 
 impl GatewayMetrics {
@@ -132,6 +164,15 @@ impl GatewayMetrics {
         latency::render(&self.latency.registry, out);
         if let Some(pool) = self.pool.get() {
             render_pool(&pool.stats(), out);
+        }
+    }
+
+    /// The meters of shard `idx`.
+    pub(crate) fn shard_meters(&self, idx: usize) -> ShardMeters {
+        let label = ShardLabel { shard: idx.to_string() };
+        ShardMeters {
+            loop_time: self.latency.shard_loop.get_or_create(&label).clone(),
+            connections: self.latency.shard_connections.get_or_create(&label).clone(),
         }
     }
 
@@ -253,6 +294,14 @@ mod tests {
         assert_eq!(s.matches("# HELP").count(), 10);
         assert!(s.contains("# TYPE switchboard_gateway_logic_call_seconds histogram"));
         assert!(s.contains("switchboard_gateway_logic_call_seconds_count 0\n"));
+        let shard = m.shard_meters(1);
+        shard.loop_time.observe(0.000_05);
+        shard.connections.inc();
+        s.clear();
+        m.render(&mut s);
+        assert!(s.contains("# TYPE switchboard_gateway_loop_seconds histogram"), "{s}");
+        assert!(s.contains("switchboard_gateway_loop_seconds_count{shard=\"1\"} 1\n"), "{s}");
+        assert!(s.contains("switchboard_gateway_shard_connections{shard=\"1\"} 1\n"), "{s}");
         m.set_cpu_load(0.25);
         s.clear();
         m.render(&mut s);

@@ -16,7 +16,7 @@ use crate::bridge::{Bridge, ShardLink, ShardMsg};
 use crate::conn::{Conn, Encoded};
 use crate::connid::{ConnId, GenCounter, MAX_KEYS};
 use crate::ipcap::IpCaps;
-use crate::metrics::GatewayMetrics;
+use crate::metrics::{GatewayMetrics, ShardMeters};
 use crate::wheel::Wheel;
 use crate::GatewayConfig;
 use switchboard_proto::internal::Delivery;
@@ -86,6 +86,7 @@ pub(crate) struct Shard {
     /// yet (logic routes a connection before answering), delivered right after `auth.ok`;
     /// bounded by [`HELD_MAX`] per connection.
     held: std::collections::HashMap<u64, Vec<Delivery>>,
+    meters: ShardMeters,
 }
 
 /// Most pushes held for one connection while its `auth` is answered (more are dropped: the
@@ -105,6 +106,7 @@ impl Shard {
         if let Some(l) = &mut tcp_listener {
             poll.registry().register(l, TCP_LISTENER, Interest::READABLE)?;
         }
+        let meters = env.metrics.shard_meters(idx);
         Ok(Shard {
             idx,
             poll,
@@ -117,6 +119,7 @@ impl Shard {
             reannounce: Vec::new(),
             dirty: Vec::new(),
             held: std::collections::HashMap::new(),
+            meters,
         })
     }
 
@@ -174,6 +177,7 @@ impl Shard {
                     self.finish(key);
                 }
             }
+            self.meters.loop_time.observe(self.env.now.elapsed().as_secs_f64());
             if let Some(deadline) = drain_deadline {
                 if self.conns.is_empty() || self.env.now >= deadline {
                     break;
@@ -249,6 +253,7 @@ impl Shard {
                 continue;
             }
             self.env.metrics.connections.fetch_add(1, Ordering::Relaxed);
+            self.meters.connections.inc();
             tracing::debug!(shard = self.idx, conn = id, peer = %peer, "accepted");
             let conn = Conn::accept(id, peer, stream, tcp, proxied, &mut self.env);
             entry.insert(conn);
@@ -379,6 +384,7 @@ impl Shard {
             conn.notify_closed(&mut self.env);
             conn.cancel_timers(&mut self.env);
             self.env.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+            self.meters.connections.dec();
             if let Some(ip) = conn.counted_ip() {
                 self.env.ip_caps.release(ip);
             }

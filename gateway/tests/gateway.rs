@@ -184,6 +184,17 @@ async fn gateway_end_to_end() {
     gw.metrics().render(&mut text);
     assert!(text.contains("switchboard_gateway_frames_in_total"));
 
+    // Per shard: open connections (this one at least) and the event loop's time per wake-up.
+    let held = blocking(move || ws_connect_auth(addr)).await;
+    let mut text = String::new();
+    gw.metrics().render(&mut text);
+    let total = |prefix: &str| -> f64 {
+        text.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    };
+    assert!(total("switchboard_gateway_shard_connections{shard=") >= 1.0, "{text}");
+    assert!(total("switchboard_gateway_loop_seconds_count{shard=") > 0.0, "{text}");
+    drop(held);
+
     // Graceful drain: an open connection gets `drain` and is closed.
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
     let drained = tokio::task::spawn_blocking(move || {
