@@ -5,6 +5,7 @@
 #
 #   cargo build --release -p switchboard -p switchboard-bench
 #   bash bench/run-messaging-sweep.sh [SUFFIX] [RATES...]    # RATES: total msgs/s offered
+#   LOAD_EXTRA=--quiet-acks bash bench/run-messaging-sweep.sh -quiet 10000   # extra load-tool flags
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -32,7 +33,7 @@ for r in "${RATES[@]}"; do
     per_conn=$(awk -v r="$r" -v c="$CONNS" 'BEGIN { printf "%.3f", r / c }')
     f="$OUT/messaging-sweep-$r$SUFFIX.json"
     taskset -c 1 "$B" messaging --url ws://127.0.0.1:8090/ws --http-url http://127.0.0.1:8080 \
-        --tokens "$D/tokens.txt" --conns "$CONNS" --rate "$per_conn" --secs "$SECS" --server-pid $PID \
+        --tokens "$D/tokens.txt" --conns "$CONNS" --rate "$per_conn" --secs "$SECS" --server-pid $PID ${LOAD_EXTRA:-} \
         --label "switchboard-all-in-one-core0-offered-$r" --report "$f" >/dev/null 2>"$D/load.log"
     jq -r --arg r "$r" '[$r, (.delivered_per_sec|floor), .delivery_latency.p50_ms, .delivery_latency.p99_ms,
         .send_ok_latency.p50_ms, .send_ok_latency.p99_ms, .missing_deliveries, .server_cpu_util] | @tsv' "$f" |

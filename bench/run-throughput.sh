@@ -6,6 +6,7 @@
 #
 #   cargo build --release -p switchboard -p switchboard-bench
 #   bash bench/run-throughput.sh [SUFFIX]     # reports named e.g. ping16-switchboard$SUFFIX.json
+#   LOAD_EXTRA=--quiet-acks bash bench/run-throughput.sh -quiet   # extra flags for fanout and messaging
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -33,13 +34,13 @@ for k in 16 1; do
         --secs 10 --server-pid $PID --label switchboard-shards1-core0 --report "$OUT/ping$k-switchboard$SUFFIX.json" >/dev/null
 done
 taskset -c 1 "$B" fanout --url ws://127.0.0.1:8090/ws --tokens "$D/fanout-tokens.txt" --members 1000 --rate 0 \
-    --inflight 16 --secs 10 --server-pid $PID --label switchboard-shards1-core0 \
+    --inflight 16 --secs 10 --server-pid $PID ${LOAD_EXTRA:-} --label switchboard-shards1-core0 \
     --report "$OUT/fanout-switchboard$SUFFIX.json" >/dev/null
 taskset -c 1 "$B" fanout --url ws://127.0.0.1:8090/ws --tokens "$D/fanout-tokens.txt" --members 1000 --rate 0 \
-    --inflight 16 --secs 10 --ack-interval-ms 1000 --server-pid $PID --label switchboard-shards1-core0-ack1s \
+    --inflight 16 --secs 10 --ack-interval-ms 1000 --server-pid $PID ${LOAD_EXTRA:-} --label switchboard-shards1-core0-ack1s \
     --report "$OUT/fanout-ack1s-switchboard$SUFFIX.json" >/dev/null
 taskset -c 1 "$B" messaging --url ws://127.0.0.1:8090/ws --http-url http://127.0.0.1:8080 \
-    --tokens "$D/messaging-tokens.txt" --conns 200 --rate 10 --secs 10 --server-pid $PID \
+    --tokens "$D/messaging-tokens.txt" --conns 200 --rate 10 --secs 10 --server-pid $PID ${LOAD_EXTRA:-} \
     --label switchboard-shards1-core0 --report "$OUT/messaging-switchboard$SUFFIX.json" >/dev/null
 kill $PID
 wait $PID || true
