@@ -114,6 +114,7 @@ impl LogicMetrics {
             "# HELP {name} Socket requests in flight.\n# TYPE {name} gauge\n{name} {}",
             self.inflight.load(Ordering::Relaxed)
         );
+        switchboard_storage::DRIVER_ERRORS.render(out);
         latency::render(&self.latency.registry, out);
     }
 }

@@ -1,4 +1,7 @@
-//! The storage layer's error type.
+//! The storage layer's error type, and how many errors each backend's driver returned.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A storage failure. Logic maps every variant to the protocol's `internal`
 /// or `unavailable` error; none of them is the client's fault.
@@ -29,11 +32,70 @@ pub enum StorageError {
     GaveUp { what: &'static str, secs: u64, last: Box<StorageError> },
 }
 
+/// A storage backend, as counted by [`DriverErrors`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Embedded,
+    Redis,
+    Kafka,
+    Postgres,
+    Mongo,
+}
+
+impl Backend {
+    const ALL: [Backend; 5] = [Backend::Embedded, Backend::Redis, Backend::Kafka, Backend::Postgres, Backend::Mongo];
+
+    fn label(self) -> &'static str {
+        match self {
+            Backend::Embedded => "embedded",
+            Backend::Redis => "redis",
+            Backend::Kafka => "kafka",
+            Backend::Postgres => "postgres",
+            Backend::Mongo => "mongodb",
+        }
+    }
+}
+
+/// Errors the drivers of this process returned, per backend (connection failures, timeouts,
+/// server errors: whatever a driver call failed with), for `/metrics`.
+#[derive(Debug, Default)]
+pub struct DriverErrors([AtomicU64; 5]);
+
+/// The process's driver error counts (every [`StorageError`] made from a driver's error counts
+/// itself here).
+pub static DRIVER_ERRORS: DriverErrors = DriverErrors([const { AtomicU64::new(0) }; 5]);
+
+impl DriverErrors {
+    pub fn count(&self, backend: Backend) {
+        self.0[backend as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, backend: Backend) -> u64 {
+        self.0[backend as usize].load(Ordering::Relaxed)
+    }
+
+    /// Appends `switchboard_storage_errors_total{backend}` in the Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        let name = "switchboard_storage_errors_total";
+        let _ = writeln!(out, "# HELP {name} Errors returned by each storage backend's driver in this process.");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for b in Backend::ALL {
+            let _ = writeln!(out, "{name}{{backend=\"{}\"}} {}", b.label(), self.get(b));
+        }
+    }
+}
+
+/// Counts a driver error of `backend` and passes its text on.
+pub(crate) fn driver_error(backend: Backend, e: &dyn std::fmt::Display) -> String {
+    DRIVER_ERRORS.count(backend);
+    e.to_string()
+}
+
 macro_rules! embedded_from {
     ($($t:ty),*) => {$(
         impl From<$t> for StorageError {
             fn from(e: $t) -> Self {
-                StorageError::Embedded(e.to_string())
+                StorageError::Embedded(driver_error(Backend::Embedded, &e))
             }
         }
     )*};
@@ -56,5 +118,25 @@ impl From<serde_json::Error> for StorageError {
 impl From<tokio::task::JoinError> for StorageError {
     fn from(e: tokio::task::JoinError) -> Self {
         StorageError::Task(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A driver's error counts for its backend as it becomes a [`StorageError`], and shows on
+    /// `/metrics` with the backend as a label.
+    #[test]
+    fn driver_errors_are_counted_per_backend() {
+        let before = DRIVER_ERRORS.get(Backend::Embedded);
+        let e: StorageError = redb::StorageError::Corrupted("torn page".into()).into();
+        assert!(e.to_string().contains("torn page"), "{e}");
+        assert!(DRIVER_ERRORS.get(Backend::Embedded) > before);
+        let mut text = String::new();
+        DRIVER_ERRORS.render(&mut text);
+        assert!(text.contains("# TYPE switchboard_storage_errors_total counter"), "{text}");
+        assert!(text.contains("switchboard_storage_errors_total{backend=\"redis\"} "), "{text}");
+        assert!(text.contains("switchboard_storage_errors_total{backend=\"postgres\"} "), "{text}");
     }
 }

@@ -18,7 +18,7 @@ use crate::{Result, StorageError};
 
 impl From<KafkaError> for StorageError {
     fn from(e: KafkaError) -> Self {
-        StorageError::Kafka(e.to_string())
+        StorageError::Kafka(crate::error::driver_error(crate::error::Backend::Kafka, &e))
     }
 }
 

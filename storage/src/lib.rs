@@ -23,7 +23,7 @@ pub mod tls;
 mod traits;
 mod wal;
 
-pub use error::StorageError;
+pub use error::{Backend, DriverErrors, StorageError, DRIVER_ERRORS};
 pub use model::*;
 pub use traits::*;
 

@@ -118,7 +118,7 @@ const COLLECTIONS: [&str; 13] = [
 
 impl From<mongodb::error::Error> for StorageError {
     fn from(e: mongodb::error::Error) -> Self {
-        StorageError::Mongo(e.to_string())
+        StorageError::Mongo(crate::error::driver_error(crate::error::Backend::Mongo, &e))
     }
 }
 

@@ -140,6 +140,7 @@ const MESSAGE_COLS: &str = "conv, seq, mid, from_user, cmid, type, body, ts";
 
 impl From<tokio_postgres::Error> for StorageError {
     fn from(e: tokio_postgres::Error) -> Self {
+        crate::error::DRIVER_ERRORS.count(crate::error::Backend::Postgres);
         // The server's own message: the error's Display says only "db error".
         match e.as_db_error() {
             Some(db) => StorageError::Postgres(format!("{} ({})", db.message(), db.code().code())),
@@ -150,6 +151,7 @@ impl From<tokio_postgres::Error> for StorageError {
 
 impl From<PoolError> for StorageError {
     fn from(e: PoolError) -> Self {
+        crate::error::DRIVER_ERRORS.count(crate::error::Backend::Postgres);
         StorageError::Postgres(with_sources(&e))
     }
 }

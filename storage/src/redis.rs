@@ -19,7 +19,7 @@ use crate::{ConnRef, Member, Message, NewMessage, Registry, Result, RouteTable, 
 
 impl From<redis::RedisError> for StorageError {
     fn from(e: redis::RedisError) -> Self {
-        StorageError::Redis(e.to_string())
+        StorageError::Redis(crate::error::driver_error(crate::error::Backend::Redis, &e))
     }
 }
 

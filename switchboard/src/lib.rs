@@ -372,7 +372,11 @@ impl PersistRole {
             let _ = stopped.await;
         }));
         let shown = stats.clone();
-        let health = serve_health(s, move |out| shown.render(out)).await?;
+        let health = serve_health(s, move |out| {
+            shown.render(out);
+            switchboard_storage::DRIVER_ERRORS.render(out);
+        })
+        .await?;
         tracing::info!(%topic, "persist worker running");
         Ok(Self { stats, stop, task, health })
     }

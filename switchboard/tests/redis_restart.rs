@@ -1,8 +1,8 @@
 //! A Redis restart (SIGKILL, no persistence) loses every route while client sockets stay open:
 //! the gateway notices the new Redis run id and announces its connections again, so pushes reach
-//! clients that never reconnected. Gateway, logic and persist run as processes on the broker and
-//! PostgreSQL of scripts/services.sh and on a Redis server of this test's own (the shared one is
-//! never restarted).
+//! clients that never reconnected; while Redis is down, logic counts its driver's errors. Gateway,
+//! logic and persist run as processes on the broker and PostgreSQL of scripts/services.sh and on
+//! a Redis server of this test's own (the shared one is never restarted).
 
 mod common;
 
@@ -64,8 +64,14 @@ fn pushes_reach_open_sockets_after_a_redis_restart() {
     a.ok("send", json!({"to": bob, "cmid": "before", "type": "text", "body": "before"}));
     assert_eq!(b.push("msg")["msg"]["body"], "before");
 
-    // Redis dies and comes back empty: every route is gone, both sockets stay open.
+    // Redis dies: a send fails as `unavailable` (its seq comes from Redis), and logic counts the
+    // driver's error on `/metrics`.
     drop(redis);
+    let r = a.call("send", json!({"to": bob, "cmid": "down", "type": "text", "body": "down"}));
+    assert_eq!(r["code"], "unavailable", "{r}");
+    assert!(metric(http_addr, "switchboard_storage_errors_total{backend=\"redis\"}") > 0);
+
+    // It comes back empty: every route is gone, both sockets stay open.
     let _redis = redis_server(port, &dir);
 
     // Within a few heartbeats the gateway has announced both connections again; until then a
