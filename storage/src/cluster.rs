@@ -192,7 +192,7 @@ impl ClusterMessages {
                 known_or_new => return Ok(known_or_new),
             }
         }
-        Err(StorageError::Redis(format!("could not seed the seq counter of {}", msg.conv)))
+        Err(StorageError::redis(format!("could not seed the seq counter of {}", msg.conv)))
     }
 
     /// The earlier message of `msg`'s cmid in the durable store, remembered in Redis again.

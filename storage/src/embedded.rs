@@ -78,7 +78,7 @@ impl EmbeddedStore {
     /// `dir/appends-<n>.wal`, replaying into the database whatever the log holds that it does
     /// not (what was acknowledged since the last checkpoint before a crash).
     pub fn open_with(dir: &Path, policy: CheckpointPolicy) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|e| StorageError::Embedded(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|e| StorageError::embedded(format!("{}: {e}", dir.display())))?;
         let db = Database::create(dir.join("switchboard.redb"))?;
         let tx = db.begin_write()?;
         {

@@ -3,22 +3,28 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// The error a driver returned, kept whole as a [`StorageError`]'s source (its codes and labels
+/// stay readable through `source()` and downcasting).
+pub type Source = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// A storage failure. Logic maps every variant to the protocol's `internal`
-/// or `unavailable` error; none of them is the client's fault.
+/// or `unavailable` error; none of them is the client's fault. A backend's variant holds what
+/// failed (with the driver's message, so one line in a log says it all) and, when a driver
+/// failed, the driver's error itself as the source.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error("embedded database: {0}")]
-    Embedded(String),
+    Embedded(String, #[source] Option<Source>),
     #[error("redis: {0}")]
-    Redis(String),
+    Redis(String, #[source] Option<Source>),
     #[error("kafka: {0}")]
-    Kafka(String),
+    Kafka(String, #[source] Option<Source>),
     #[error("postgres: {0}")]
-    Postgres(String),
+    Postgres(String, #[source] Option<Source>),
     #[error("tls: {0}")]
-    Tls(String),
+    Tls(String, #[source] Option<Source>),
     #[error("mongodb: {0}")]
-    Mongo(String),
+    Mongo(String, #[source] Option<Source>),
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
     /// A state that settles by itself (another instance's work in flight,
@@ -30,6 +36,28 @@ pub enum StorageError {
     /// A retried operation kept failing for longer than allowed.
     #[error("{what} kept failing for {secs} s; last error: {last}")]
     GaveUp { what: &'static str, secs: u64, last: Box<StorageError> },
+}
+
+/// A backend's failure that no driver error stands behind (what went wrong, in words).
+impl StorageError {
+    pub fn embedded(what: impl Into<String>) -> Self {
+        Self::Embedded(what.into(), None)
+    }
+    pub fn redis(what: impl Into<String>) -> Self {
+        Self::Redis(what.into(), None)
+    }
+    pub fn kafka(what: impl Into<String>) -> Self {
+        Self::Kafka(what.into(), None)
+    }
+    pub fn postgres(what: impl Into<String>) -> Self {
+        Self::Postgres(what.into(), None)
+    }
+    pub fn tls(what: impl Into<String>) -> Self {
+        Self::Tls(what.into(), None)
+    }
+    pub fn mongo(what: impl Into<String>) -> Self {
+        Self::Mongo(what.into(), None)
+    }
 }
 
 /// A storage backend, as counted by [`DriverErrors`].
@@ -95,7 +123,7 @@ macro_rules! embedded_from {
     ($($t:ty),*) => {$(
         impl From<$t> for StorageError {
             fn from(e: $t) -> Self {
-                StorageError::Embedded(driver_error(Backend::Embedded, &e))
+                StorageError::Embedded(driver_error(Backend::Embedded, &e), Some(Box::new(e)))
             }
         }
     )*};
@@ -125,13 +153,16 @@ impl From<tokio::task::JoinError> for StorageError {
 mod tests {
     use super::*;
 
-    /// A driver's error counts for its backend as it becomes a [`StorageError`], and shows on
-    /// `/metrics` with the backend as a label.
+    /// A driver's error becomes a [`StorageError`] that keeps it as its source and counts for
+    /// its backend, which shows on `/metrics` with the backend as a label.
     #[test]
     fn driver_errors_are_counted_per_backend() {
         let before = DRIVER_ERRORS.get(Backend::Embedded);
         let e: StorageError = redb::StorageError::Corrupted("torn page".into()).into();
         assert!(e.to_string().contains("torn page"), "{e}");
+        // The driver's error itself is the source.
+        let source = std::error::Error::source(&e).expect("a source");
+        assert!(source.downcast_ref::<redb::StorageError>().is_some(), "{source:?}");
         assert!(DRIVER_ERRORS.get(Backend::Embedded) > before);
         let mut text = String::new();
         DRIVER_ERRORS.render(&mut text);

@@ -181,7 +181,7 @@ impl GroupCommit {
             std::thread::Builder::new()
                 .name(name.into())
                 .spawn(f)
-                .map_err(|e| StorageError::Embedded(format!("starting the {name} thread: {e}")))
+                .map_err(|e| StorageError::embedded(format!("starting the {name} thread: {e}")))
         };
         // The B-tree thread lowers its priority before the store is handed out.
         let (niced, is_niced) = mpsc::sync_channel::<()>(1);
@@ -252,14 +252,14 @@ impl GroupCommit {
 }
 
 fn stopped() -> StorageError {
-    StorageError::Embedded("the writer thread has stopped".into())
+    StorageError::embedded("the writer thread has stopped")
 }
 
 /// The delivery of `result` through `reply`, turned into an error if its batch failed.
 fn deliver<T: Send + 'static>(reply: tokio::sync::oneshot::Sender<Result<T>>, result: Result<T>) -> Deliver {
     Box::new(move |failed: Option<&str>| {
         let result = match (failed, result) {
-            (Some(e), Ok(_)) => Err(StorageError::Embedded(format!("write not committed: {e}"))),
+            (Some(e), Ok(_)) => Err(StorageError::embedded(format!("write not committed: {e}"))),
             (_, r) => r,
         };
         let _ = reply.send(result);

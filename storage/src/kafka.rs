@@ -18,7 +18,7 @@ use crate::{Result, StorageError};
 
 impl From<KafkaError> for StorageError {
     fn from(e: KafkaError) -> Self {
-        StorageError::Kafka(crate::error::driver_error(crate::error::Backend::Kafka, &e))
+        StorageError::Kafka(crate::error::driver_error(crate::error::Backend::Kafka, &e), Some(Box::new(e)))
     }
 }
 
@@ -100,7 +100,7 @@ pub async fn ensure_topics(brokers: impl Into<Brokers>, topics: &Topics) -> Resu
     for r in admin.create_topics(&new, &opts).await? {
         match r {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((t, code)) => return Err(StorageError::Kafka(format!("creating topic {t}: {code}"))),
+            Err((t, code)) => return Err(StorageError::kafka(format!("creating topic {t}: {code}"))),
         }
     }
     Ok(())

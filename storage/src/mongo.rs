@@ -118,7 +118,7 @@ const COLLECTIONS: [&str; 13] = [
 
 impl From<mongodb::error::Error> for StorageError {
     fn from(e: mongodb::error::Error) -> Self {
-        StorageError::Mongo(crate::error::driver_error(crate::error::Backend::Mongo, &e))
+        StorageError::Mongo(crate::error::driver_error(crate::error::Backend::Mongo, &e), Some(Box::new(e)))
     }
 }
 
@@ -964,7 +964,7 @@ impl MessageStore for MongoStore {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(StorageError::Mongo(format!("append to {}: seq still taken after {APPEND_ATTEMPTS} attempts", msg.conv)))
+        Err(StorageError::mongo(format!("append to {}: seq still taken after {APPEND_ATTEMPTS} attempts", msg.conv)))
     }
 
     async fn find_cmid(&self, conv: &str, from: &str, cmid: &str) -> Result<Option<Message>> {

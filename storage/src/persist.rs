@@ -464,15 +464,15 @@ impl PersistWorker {
         let found = tokio::task::spawn_blocking(move || -> Result<Vec<i32>> {
             let meta = consumer.fetch_metadata(Some(&topic), METADATA_TIMEOUT)?;
             let t = meta.topics().iter().find(|t| t.name() == topic);
-            let t = t.ok_or_else(|| StorageError::Kafka(format!("no metadata for topic {topic}")))?;
+            let t = t.ok_or_else(|| StorageError::kafka(format!("no metadata for topic {topic}")))?;
             if let Some(e) = t.error() {
-                return Err(StorageError::Kafka(format!("metadata of topic {topic}: {e:?}")));
+                return Err(StorageError::kafka(format!("metadata of topic {topic}: {e:?}")));
             }
             Ok(t.partitions().iter().map(|p| p.id()).collect())
         })
         .await??;
         if found.is_empty() {
-            return Err(StorageError::Kafka(format!("topic {} has no partitions", self.topics.messages)));
+            return Err(StorageError::kafka(format!("topic {} has no partitions", self.topics.messages)));
         }
         Ok(found)
     }

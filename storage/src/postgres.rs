@@ -142,17 +142,18 @@ impl From<tokio_postgres::Error> for StorageError {
     fn from(e: tokio_postgres::Error) -> Self {
         crate::error::DRIVER_ERRORS.count(crate::error::Backend::Postgres);
         // The server's own message: the error's Display says only "db error".
-        match e.as_db_error() {
-            Some(db) => StorageError::Postgres(format!("{} ({})", db.message(), db.code().code())),
-            None => StorageError::Postgres(with_sources(&e)),
-        }
+        let what = match e.as_db_error() {
+            Some(db) => format!("{} ({})", db.message(), db.code().code()),
+            None => with_sources(&e),
+        };
+        StorageError::Postgres(what, Some(Box::new(e)))
     }
 }
 
 impl From<PoolError> for StorageError {
     fn from(e: PoolError) -> Self {
         crate::error::DRIVER_ERRORS.count(crate::error::Backend::Postgres);
-        StorageError::Postgres(with_sources(&e))
+        StorageError::Postgres(with_sources(&e), Some(Box::new(e)))
     }
 }
 
@@ -286,7 +287,7 @@ impl PgStore {
     /// [`PgStore::connect`], a TLS connection trusting `tls`'s roots.
     pub async fn connect_tls(url: &str, pool_size: usize, tls: &BackendTls) -> Result<PgStore> {
         let mut config: tokio_postgres::Config =
-            url.parse().map_err(|e| StorageError::Postgres(format!("bad url: {e}")))?;
+            url.parse().map_err(|e| StorageError::postgres(format!("bad url: {e}")))?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
         }
@@ -300,7 +301,7 @@ impl PgStore {
         let pool = Pool::builder(manager)
             .max_size(pool_size.max(1))
             .build()
-            .map_err(|e| StorageError::Postgres(format!("pool: {e}")))?;
+            .map_err(|e| StorageError::postgres(format!("pool: {e}")))?;
         let store = PgStore { pool, config, tls };
         store.create_schema().await?;
         Ok(store)

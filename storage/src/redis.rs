@@ -19,7 +19,7 @@ use crate::{ConnRef, Member, Message, NewMessage, Registry, Result, RouteTable, 
 
 impl From<redis::RedisError> for StorageError {
     fn from(e: redis::RedisError) -> Self {
-        StorageError::Redis(crate::error::driver_error(crate::error::Backend::Redis, &e))
+        StorageError::Redis(crate::error::driver_error(crate::error::Backend::Redis, &e), Some(Box::new(e)))
     }
 }
 
@@ -574,7 +574,7 @@ impl RedisStore {
         info.lines()
             .find_map(|l| l.strip_prefix("run_id:"))
             .map(|id| id.trim().to_owned())
-            .ok_or_else(|| StorageError::Redis("INFO server has no run_id".into()))
+            .ok_or_else(|| StorageError::redis("INFO server has no run_id"))
     }
 
     /// The conversation's counter, if present.

@@ -38,10 +38,10 @@ impl BackendTls {
     /// Trusts the certificates of the PEM file at `path` too. Fails when the
     /// file cannot be read or holds no certificate.
     pub fn with_ca_file(path: &Path) -> Result<Self> {
-        let pem = std::fs::read(path).map_err(|e| StorageError::Tls(format!("reading {}: {e}", path.display())))?;
-        let certs = parse_certs(&pem).map_err(|e| StorageError::Tls(format!("{}: {e}", path.display())))?;
+        let pem = std::fs::read(path).map_err(|e| StorageError::tls(format!("reading {}: {e}", path.display())))?;
+        let certs = parse_certs(&pem).map_err(|e| StorageError::tls(format!("{}: {e}", path.display())))?;
         if certs.is_empty() {
-            return Err(StorageError::Tls(format!("{}: no PEM certificate in it", path.display())));
+            return Err(StorageError::tls(format!("{}: no PEM certificate in it", path.display())));
         }
         Ok(Self { ca: Some((path.to_owned(), Arc::new(pem))) })
     }
@@ -67,14 +67,14 @@ impl BackendTls {
     fn rustls_config(&self) -> Result<Arc<rustls::ClientConfig>> {
         let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
         if let Some((path, pem)) = &self.ca {
-            for cert in parse_certs(pem).map_err(|e| StorageError::Tls(format!("{}: {e}", path.display())))? {
-                roots.add(cert).map_err(|e| StorageError::Tls(format!("{}: {e}", path.display())))?;
+            for cert in parse_certs(pem).map_err(|e| StorageError::tls(format!("{}: {e}", path.display())))? {
+                roots.add(cert).map_err(|e| StorageError::tls(format!("{}: {e}", path.display())))?;
             }
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| StorageError::Tls(e.to_string()))?
+            .map_err(|e| StorageError::tls(e.to_string()))?
             .with_root_certificates(roots)
             .with_no_client_auth();
         Ok(Arc::new(config))

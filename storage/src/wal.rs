@@ -29,7 +29,7 @@ pub(crate) struct Wal {
 }
 
 fn io_error(what: &str, e: std::io::Error) -> StorageError {
-    StorageError::Embedded(format!("write-ahead log: {what}: {e}"))
+    StorageError::embedded(format!("write-ahead log: {what}: {e}"))
 }
 
 impl Wal {
