@@ -58,6 +58,11 @@ impl Cursors {
         Arc::new(Self { store, pending: Mutex::new(Pending::default()), flushing: tokio::sync::Mutex::new(()) })
     }
 
+    /// Cursors raised and not yet flushed to the store.
+    pub fn pending(&self) -> usize {
+        self.lock().entries
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -317,7 +317,7 @@ async fn gateways(State(h): State<Http>) -> Result<Response, ApiError> {
 
 async fn metrics(State(h): State<Http>) -> Response {
     let mut out = String::new();
-    h.logic.metrics.render(&mut out);
+    h.logic.render_metrics(&mut out);
     for hook in &h.extra_metrics {
         hook(&mut out);
     }

@@ -180,6 +180,20 @@ impl Logic {
         })
     }
 
+    /// This instance's `/metrics` text: the counters and histograms, then the queues' depths
+    /// (cursors waiting for their flush, push bytes waiting per gateway).
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        self.metrics.render(out);
+        let name = "switchboard_logic_cursors_pending";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Ack and read cursors raised and not yet flushed to the store.\n# TYPE {name} gauge\n{name} {}",
+            self.cursors.pending()
+        );
+        self.pusher.render_queues(out);
+    }
+
     /// Charges one socket request to the user's and the IP's buckets (an IPv6 client's bucket is
     /// its /64).
     pub fn limit_request(&self, user: &str, ip: &str) -> Result<(), ApiError> {

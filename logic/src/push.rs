@@ -139,6 +139,21 @@ fn delivery_bytes(d: &Delivery) -> usize {
 }
 
 impl Pusher {
+    /// Appends `switchboard_logic_push_queue_bytes{gateway}`: bytes of pushes queued for each
+    /// gateway and not yet handed over (bounded by `push_queue_bytes`).
+    pub fn render_queues(&self, out: &mut String) {
+        use std::fmt::Write;
+        let name = "switchboard_logic_push_queue_bytes";
+        let _ = writeln!(out, "# HELP {name} Bytes of pushes queued for each gateway, not yet handed over.");
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        let queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        for (gateway, q) in queues.iter() {
+            let held = self.limits.queue_bytes.max(1).saturating_sub(q.room.available_permits());
+            let gateway = gateway.replace('\\', "\\\\").replace('"', "\\\"");
+            let _ = writeln!(out, "{name}{{gateway=\"{gateway}\"}} {held}");
+        }
+    }
+
     pub fn new(
         routes: Arc<dyn RouteTable>,
         transport: Arc<dyn PushTransport>,

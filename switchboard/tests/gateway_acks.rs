@@ -51,6 +51,12 @@ async fn acks_of_delivered_pushes_are_answered_by_the_gateway_and_reach_logic() 
             // And a new message after it is synced normally.
             a.ok("send", json!({"to": "gkb", "cmid": "c9", "type": "text", "body": "later"}));
             assert_eq!(b.push("msg")["msg"]["body"], "later");
+
+            // Queue depths on /metrics: cursors waiting for their flush, push bytes per gateway.
+            metric(http_addr, "switchboard_logic_cursors_pending");
+            let (_, text) = common::http(http_addr, "GET", "/metrics", None, None);
+            let text = text.as_str().unwrap_or_default().to_owned();
+            assert!(text.lines().any(|l| l.starts_with("switchboard_logic_push_queue_bytes{gateway=")), "{text}");
         },
     )
     .await;
