@@ -29,9 +29,22 @@ enum Role {
     Gateway(Settings),
     /// The persist worker: Kafka message topic -> PostgreSQL.
     Persist(Settings),
+    /// Checks the configuration that these flags, the SB_* variables and --config give (a file
+    /// with an unknown key is refused, naming it); with --print, prints it as TOML: every option
+    /// set, secrets masked, then those left to their defaults (as comments).
+    Config(ConfigArgs),
     /// Prints access tokens signed with the deployment's key (from
     /// --data-dir or --jwt-secret), one per line, for load tests and operators.
     Token(TokenArgs),
+}
+
+#[derive(clap::Args)]
+struct ConfigArgs {
+    #[command(flatten)]
+    settings: Settings,
+    /// Print the configuration (secrets masked).
+    #[arg(long)]
+    print: bool,
 }
 
 #[derive(clap::Args)]
@@ -124,6 +137,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     use std::io::Write;
                     writeln!(out, "{}", switchboard_logic::auth::mint(&key, u, d, t.ttl))?;
                 }
+            }
+        }
+        Role::Config(c) => {
+            let s = c.settings.with_file(config)?;
+            if c.print {
+                print!("{}", s.describe()?);
             }
         }
         Role::Persist(s) => {

@@ -18,7 +18,7 @@ use switchboard_storage::tls::BackendTls;
 use crate::http_serve::HttpLimits;
 
 /// Every option is optional here; `get` accessors apply the defaults.
-#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[derive(Debug, Clone, Default, Args, Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     /// Directory of the embedded database and the token signing key.
@@ -263,6 +263,16 @@ pub struct Settings {
     pub ring_timeout_ms: Option<u64>,
 }
 
+/// `scheme://user:password@host…` with the password replaced by `***`; anything else as is.
+fn mask_password(s: &str) -> String {
+    let Some((scheme, rest)) = s.split_once("://") else { return s.to_owned() };
+    let Some((userinfo, host)) = rest.split_once('@') else { return s.to_owned() };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => s.to_owned(),
+    }
+}
+
 macro_rules! overlay {
     ($dst:ident, $src:ident; $($f:ident),*) => { $( if $dst.$f.is_none() { $dst.$f = $src.$f; } )* };
 }
@@ -288,6 +298,30 @@ impl Settings {
             kafka_tls, kafka_linger_ms, ack_flush_ms, trusted_proxies, proxy_protocol, health_addr, drain_grace_ms,
             cluster_tls_cert, cluster_tls_key, cluster_tls_ca);
         Ok(self)
+    }
+
+    /// The settings as a TOML file would give them: every option set (by flag, `SB_*` variable
+    /// or the file) with its value, secrets and URL passwords masked, then the options left to
+    /// their defaults, as comments.
+    pub fn describe(&self) -> anyhow::Result<String> {
+        let serde_json::Value::Object(fields) = serde_json::to_value(self)? else {
+            anyhow::bail!("settings are not a table");
+        };
+        let (mut set, mut unset) = (String::new(), String::from("\n# Left to their defaults:\n"));
+        for (key, value) in fields {
+            if value.is_null() {
+                unset.push_str(&format!("# {key}\n"));
+                continue;
+            }
+            let value = match (key.as_str(), value) {
+                ("jwt_secret" | "cluster_secret" | "admin_token", _) => serde_json::Value::from("***"),
+                (_, serde_json::Value::String(s)) => serde_json::Value::from(mask_password(&s)),
+                (_, v) => v,
+            };
+            // A JSON string, number, boolean or array of those is the same value in TOML.
+            set.push_str(&format!("{key} = {value}\n"));
+        }
+        Ok(set + &unset)
     }
 
     /// Limits of the HTTP API listener (defaults in [`HttpLimits::default`]).
