@@ -2,25 +2,29 @@
 //! - [`GroupCache`]: member lists of groups, so the membership check of every `ack`, `read` and
 //!   group `send` is a lookup in memory instead of a read transaction. The store's own writes are
 //!   the only writers, and each invalidates its group after it commits.
-//! - [`FriendCache`]: the relation of a pair of users, so the friendship check of every direct
-//!   `send` is a lookup in memory. Like member lists, only the store's own writes change it, and
-//!   each forgets the pair (both ways) after it commits.
+//! - [`Shared`]: a generation-guarded cache of any key, used for the embedded store's
+//!   friendships (the check of every direct `send`; the store's own social writes forget their
+//!   pair both ways after they commit) and by the cluster's caches (`crate::cluster_caches`).
 //! - [`ConvCache`]: per conversation, what the writer thread needs to append the next message (last
 //!   seq and ts, and which member list is indexed already), so an append skips three B-tree reads
 //!   and, in a group, one conversation-index lookup per member.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-use crate::{FriendState, Role};
+use crate::Role;
 
 /// Most groups whose member lists are cached.
 const MAX_GROUPS: usize = 50_000;
 /// Most members over all cached lists (about 100 bytes each).
 const MAX_MEMBERS: usize = 1_000_000;
 /// Most relations cached (about 100 bytes each).
-const MAX_RELATIONS: usize = 200_000;
+pub(crate) const MAX_RELATIONS: usize = 200_000;
+/// Longest a [`Shared`] entry is trusted.
+pub const TTL: Duration = Duration::from_secs(30);
 /// Most conversations the writer remembers.
 const MAX_CONVS: usize = 200_000;
 
@@ -31,6 +35,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// A group's members, sorted by user.
 pub(crate) type Members = Arc<Vec<(String, Role)>>;
+
+/// The role of `user` in a member list sorted by user.
+pub(crate) fn role_in(members: &[(String, Role)], user: &str) -> Option<Role> {
+    members.binary_search_by(|(u, _)| u.as_str().cmp(user)).ok().map(|i| members[i].1)
+}
 
 #[derive(Default)]
 struct Groups {
@@ -80,62 +89,99 @@ impl GroupCache {
     }
 }
 
-type FastMap<K, V> = HashMap<K, V, foldhash::quality::RandomState>;
-
-#[derive(Default)]
-struct Relations {
-    /// Bumped by every invalidation: a relation read before it must not be cached after it.
+struct Entries<K, V> {
+    /// Bumped by every invalidation: a value read before it must not be cached after it.
     generation: u64,
-    /// user -> other -> the user's side of the relation (`None`: none); looked up by `&str`,
-    /// hashed with foldhash (read on every direct send).
-    map: FastMap<String, FastMap<String, Option<FriendState>>>,
-    entries: usize,
+    map: HashMap<K, (V, Instant, usize)>,
+    weight: usize,
 }
 
-#[derive(Default)]
-pub(crate) struct FriendCache(Mutex<Relations>);
+/// A cache kept coherent by its writers: its entries (each trusted at most [`TTL`]), whether
+/// changes are heard (nothing is cached while not), and its bounds (entries and a weight, the
+/// whole cache dropped when either is reached). A value read before any `forget` is not cached
+/// after it (the generation guard).
+pub(crate) struct Shared<K, V> {
+    entries: Mutex<Entries<K, V>>,
+    live: AtomicBool,
+    max_entries: usize,
+    max_weight: usize,
+}
 
-impl FriendCache {
-    /// The cached relation of `user` to `other`, or the generation to hand
-    /// [`FriendCache::insert`] after reading it from the database.
-    pub fn get(&self, user: &str, other: &str) -> Result<Option<FriendState>, u64> {
-        let r = lock(&self.0);
-        match r.map.get(user).and_then(|m| m.get(other)) {
-            Some(state) => Ok(state.clone()),
-            None => Err(r.generation),
+impl<K: Hash + Eq, V: Clone> Shared<K, V> {
+    pub(crate) fn new(max_entries: usize, max_weight: usize) -> Self {
+        let entries = Entries { generation: 0, map: HashMap::new(), weight: 0 };
+        Self { entries: Mutex::new(entries), live: AtomicBool::new(false), max_entries, max_weight }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Entries<K, V>> {
+        // Every change is a single insert, remove or clear: consistent after a panic too.
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The cached value, or the generation to hand [`Shared::put`] after reading the store.
+    pub(crate) fn get(&self, key: &K) -> std::result::Result<V, u64> {
+        let e = self.lock();
+        match e.map.get(key) {
+            Some((v, at, _)) if at.elapsed() < TTL => Ok(v.clone()),
+            _ => Err(e.generation),
         }
     }
 
-    /// Caches a relation read after [`FriendCache::get`] returned `generation`, unless a write
-    /// changed any pair since.
-    pub fn insert(&self, generation: u64, user: &str, other: &str, state: Option<FriendState>) {
-        let mut r = lock(&self.0);
-        if r.generation != generation {
+    /// Caches `value` read from the store, unless changes are not heard or something was
+    /// forgotten since `generation`.
+    pub(crate) fn put(&self, key: K, value: V, weight: usize, generation: u64) {
+        if !self.listening() {
             return;
         }
-        if r.entries >= MAX_RELATIONS {
-            r.map.clear();
-            r.entries = 0;
+        let mut e = self.lock();
+        if e.generation != generation {
+            return;
         }
-        if r.map.entry(user.to_owned()).or_default().insert(other.to_owned(), state).is_none() {
-            r.entries += 1;
+        if e.map.len() >= self.max_entries || e.weight + weight > self.max_weight {
+            e.map.clear();
+            e.weight = 0;
+        }
+        e.weight += weight;
+        if let Some((_, _, old)) = e.map.insert(key, (value, Instant::now(), weight)) {
+            e.weight -= old;
         }
     }
 
-    /// Forgets the pair both ways, after a write to it committed.
-    pub fn invalidate(&self, a: &str, b: &str) {
-        let mut r = lock(&self.0);
-        r.generation += 1;
-        for (x, y) in [(a, b), (b, a)] {
-            let Some(m) = r.map.get_mut(x) else { continue };
-            let removed = m.remove(y).is_some();
-            if m.is_empty() {
-                r.map.remove(x);
-            }
-            if removed {
-                r.entries -= 1;
+    pub(crate) fn forget(&self, keys: impl IntoIterator<Item = K>) {
+        let mut e = self.lock();
+        e.generation += 1;
+        for k in keys {
+            if let Some((_, _, w)) = e.map.remove(&k) {
+                e.weight -= w;
             }
         }
+    }
+
+    pub(crate) fn forget_all(&self) {
+        let mut e = self.lock();
+        e.generation += 1;
+        e.map.clear();
+        e.weight = 0;
+    }
+
+    /// Drops everything; caches from now on (`live`) or not.
+    pub(crate) fn reset(&self, live: bool) {
+        self.forget_all();
+        self.live.store(live, Ordering::Release);
+    }
+
+    pub(crate) fn listening(&self) -> bool {
+        self.live.load(Ordering::Acquire)
+    }
+}
+
+impl<K: Hash + Eq, V: Clone> Shared<K, V> {
+    /// A cache whose only writers are in this process and forget what they change themselves:
+    /// it caches from the start.
+    pub(crate) fn live(max_entries: usize, max_weight: usize) -> Self {
+        let me = Self::new(max_entries, max_weight);
+        me.reset(true);
+        me
     }
 }
 
@@ -181,24 +227,29 @@ pub(crate) fn members_hash(members: &[String]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::FriendState;
+
+    fn pair(a: &str, b: &str) -> (String, String) {
+        (a.to_owned(), b.to_owned())
+    }
 
     /// A relation read before a write to any pair is not cached after it (the write could have
     /// changed it between the read and the insert); one read after it is, until the next write
     /// to that pair, which forgets it both ways.
     #[test]
     fn relations_read_before_a_write_are_not_cached() {
-        let cache = FriendCache::default();
-        let before = cache.get("ann", "bob").unwrap_err();
-        cache.invalidate("ann", "bob");
-        cache.insert(before, "ann", "bob", None);
-        let after = cache.get("ann", "bob").unwrap_err();
+        let cache: Shared<(String, String), Option<FriendState>> = Shared::live(10, 10);
+        let before = cache.get(&pair("ann", "bob")).unwrap_err();
+        cache.forget([pair("ann", "bob"), pair("bob", "ann")]);
+        cache.put(pair("ann", "bob"), None, 1, before);
+        let after = cache.get(&pair("ann", "bob")).unwrap_err();
         assert_ne!(before, after);
-        cache.insert(after, "ann", "bob", Some(FriendState::Friends));
-        cache.insert(after, "bob", "ann", Some(FriendState::Friends));
-        assert_eq!(cache.get("ann", "bob"), Ok(Some(FriendState::Friends)));
-        cache.invalidate("bob", "ann");
-        assert!(cache.get("ann", "bob").is_err());
-        assert!(cache.get("bob", "ann").is_err());
-        assert_eq!(lock(&cache.0).entries, 0);
+        cache.put(pair("ann", "bob"), Some(FriendState::Friends), 1, after);
+        cache.put(pair("bob", "ann"), Some(FriendState::Friends), 1, after);
+        assert_eq!(cache.get(&pair("ann", "bob")), Ok(Some(FriendState::Friends)));
+        cache.forget([pair("bob", "ann"), pair("ann", "bob")]);
+        assert!(cache.get(&pair("ann", "bob")).is_err());
+        assert!(cache.get(&pair("bob", "ann")).is_err());
+        assert_eq!(cache.lock().weight, 0);
     }
 }

@@ -8,11 +8,8 @@
 //! [`TTL`], which bounds staleness should an announcement ever fail to go out. Each cache is
 //! bounded (entries and, for member lists, members) and dropped whole when full.
 
-use std::collections::HashMap;
-use std::hash::Hash;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio_stream::StreamExt;
@@ -20,8 +17,8 @@ use tokio_stream::StreamExt;
 use crate::redis::RedisStore;
 use crate::{FriendState, Group, GroupStore, RequestOutcome, Result, Role, SocialStore};
 
-/// Longest an entry is trusted.
-pub const TTL: Duration = Duration::from_secs(30);
+use crate::caches::Shared;
+pub use crate::caches::TTL;
 /// Pause before subscribing again after a subscription broke.
 const RESUBSCRIBE: Duration = Duration::from_secs(1);
 /// Most relations cached (about 150 bytes each).
@@ -29,89 +26,6 @@ const MAX_RELATIONS: usize = 100_000;
 /// Most member lists cached, and most members over all of them (about 100 bytes each).
 const MAX_GROUPS: usize = 50_000;
 const MAX_MEMBERS: usize = 1_000_000;
-
-struct Entries<K, V> {
-    /// Bumped by every invalidation: a value read before it must not be cached after it.
-    generation: u64,
-    map: HashMap<K, (V, Instant, usize)>,
-    weight: usize,
-}
-
-/// One cache: its entries, whether changes are heard, and its bounds.
-struct Shared<K, V> {
-    entries: Mutex<Entries<K, V>>,
-    live: AtomicBool,
-    max_entries: usize,
-    max_weight: usize,
-}
-
-impl<K: Hash + Eq, V: Clone> Shared<K, V> {
-    fn new(max_entries: usize, max_weight: usize) -> Self {
-        let entries = Entries { generation: 0, map: HashMap::new(), weight: 0 };
-        Self { entries: Mutex::new(entries), live: AtomicBool::new(false), max_entries, max_weight }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Entries<K, V>> {
-        // Every change is a single insert, remove or clear: consistent after a panic too.
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The cached value, or the generation to hand [`Shared::put`] after reading the store.
-    fn get(&self, key: &K) -> std::result::Result<V, u64> {
-        let e = self.lock();
-        match e.map.get(key) {
-            Some((v, at, _)) if at.elapsed() < TTL => Ok(v.clone()),
-            _ => Err(e.generation),
-        }
-    }
-
-    /// Caches `value` read from the store, unless changes are not heard or something was
-    /// forgotten since `generation`.
-    fn put(&self, key: K, value: V, weight: usize, generation: u64) {
-        if !self.listening() {
-            return;
-        }
-        let mut e = self.lock();
-        if e.generation != generation {
-            return;
-        }
-        if e.map.len() >= self.max_entries || e.weight + weight > self.max_weight {
-            e.map.clear();
-            e.weight = 0;
-        }
-        e.weight += weight;
-        if let Some((_, _, old)) = e.map.insert(key, (value, Instant::now(), weight)) {
-            e.weight -= old;
-        }
-    }
-
-    fn forget(&self, keys: impl IntoIterator<Item = K>) {
-        let mut e = self.lock();
-        e.generation += 1;
-        for k in keys {
-            if let Some((_, _, w)) = e.map.remove(&k) {
-                e.weight -= w;
-            }
-        }
-    }
-
-    fn forget_all(&self) {
-        let mut e = self.lock();
-        e.generation += 1;
-        e.map.clear();
-        e.weight = 0;
-    }
-
-    /// Drops everything; caches from now on (`live`) or not.
-    fn reset(&self, live: bool) {
-        self.forget_all();
-        self.live.store(live, Ordering::Release);
-    }
-
-    fn listening(&self) -> bool {
-        self.live.load(Ordering::Acquire)
-    }
-}
 
 /// A cache that hears about changes on one pub/sub topic.
 trait Listening: Send + Sync + 'static {
@@ -344,8 +258,7 @@ impl GroupStore for CachedGroups {
     }
 
     async fn role(&self, id: &str, user: &str) -> Result<Option<Role>> {
-        let members = self.list(id).await?;
-        Ok(members.binary_search_by(|(u, _)| u.as_str().cmp(user)).ok().map(|i| members[i].1))
+        Ok(crate::caches::role_in(&self.list(id).await?, user))
     }
 
     async fn members(&self, id: &str) -> Result<Vec<(String, Role)>> {

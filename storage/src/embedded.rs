@@ -15,7 +15,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use redb::{Database, ReadTransaction, ReadableTable, ReadableTableMetadata, Table, TableDefinition, WriteTransaction};
 
-use crate::caches::{members_hash, ConvCache, ConvState, FriendCache, GroupCache, Members};
+use crate::caches::{members_hash, role_in, ConvCache, ConvState, GroupCache, Members, Shared, MAX_RELATIONS};
 pub use crate::group_commit::CheckpointPolicy;
 use crate::group_commit::{End, GroupCommit, Log, Logged, Reader};
 use crate::tail::{merge, merge_cursors, Entry, Gen, Tail};
@@ -64,7 +64,8 @@ pub struct EmbeddedStore {
     tail: Tail,
     convs: ConvCache,
     groups: Arc<GroupCache>,
-    friends: Arc<FriendCache>,
+    /// (user, other) -> the user's side of their relation.
+    friends: Arc<Shared<(String, String), Option<FriendState>>>,
 }
 
 impl EmbeddedStore {
@@ -130,7 +131,14 @@ impl EmbeddedStore {
             lost: Box::new(move || lost.clear()),
         };
         let writer = Arc::new(GroupCommit::start(db.clone(), log)?);
-        Ok(Self { db, writer, tail, convs, groups: Arc::default(), friends: Arc::default() })
+        Ok(Self {
+            db,
+            writer,
+            tail,
+            convs,
+            groups: Arc::default(),
+            friends: Arc::new(Shared::live(MAX_RELATIONS, MAX_RELATIONS)),
+        })
     }
 
     /// Runs `f` in a read transaction, on the calling task. Reads are short
@@ -385,14 +393,15 @@ impl EmbeddedStore {
 #[async_trait]
 impl SocialStore for EmbeddedStore {
     async fn friend_state(&self, user: &str, other: &str) -> Result<Option<FriendState>> {
-        let generation = match self.friends.get(user, other) {
+        let key = (user.to_owned(), other.to_owned());
+        let generation = match self.friends.get(&key) {
             Ok(state) => return Ok(state),
             Err(generation) => generation,
         };
-        let (a, b) = (user.to_owned(), other.to_owned());
+        let (a, b) = key.clone();
         let state: Option<FriendState> =
             self.read(move |tx| get_json(tx.open_table(FRIENDS)?.get((a.as_str(), b.as_str()))?)).await?;
-        self.friends.insert(generation, user, other, state.clone());
+        self.friends.put(key, state.clone(), 1, generation);
         Ok(state)
     }
 
@@ -1017,7 +1026,7 @@ impl EmbeddedStore {
         let (writer, friends, a, b) = (self.writer.clone(), self.friends.clone(), a.to_owned(), b.to_owned());
         tokio::spawn(async move {
             let done = writer.write(f).await;
-            friends.invalidate(&a, &b);
+            friends.forget([(a.clone(), b.clone()), (b, a)]);
             done
         })
         .await?
@@ -1108,8 +1117,7 @@ impl GroupStore for EmbeddedStore {
     }
 
     async fn role(&self, id: &str, user: &str) -> Result<Option<Role>> {
-        let list = self.member_list(id).await?;
-        Ok(list.binary_search_by(|(u, _)| u.as_str().cmp(user)).ok().map(|i| list[i].1))
+        Ok(role_in(&self.member_list(id).await?, user))
     }
 
     async fn members(&self, id: &str) -> Result<Vec<(String, Role)>> {
