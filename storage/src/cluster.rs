@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use crate::kafka::{Producer, Topics};
+use crate::record_batch::RecordBatcher;
 use crate::redis::{Alloc, CmidRecord, CmidState, Completion, RedisStore};
 use crate::{now_ms, Appended, DurableLog, Message, MessageStore, NewMessage, Result, SequencedRecord, StorageError};
 
@@ -80,6 +81,8 @@ pub struct ClusterMessages {
     unsure: std::sync::Mutex<std::collections::HashSet<String>>,
     redis: RedisStore,
     producer: Producer,
+    /// Publishes the message topic's records, many sends per record.
+    records: RecordBatcher,
     topics: Topics,
     durable: Arc<dyn MessageStore>,
     /// Where the persist worker records how far it stored the topic; with it, a counter is only
@@ -91,8 +94,10 @@ pub struct ClusterMessages {
 const SEED_WAIT: Duration = Duration::from_secs(30);
 
 impl ClusterMessages {
+    /// Starts the record batcher: call on a Tokio runtime.
     pub fn new(redis: RedisStore, producer: Producer, topics: Topics, durable: Arc<dyn MessageStore>) -> Self {
-        Self { unsure: Default::default(), redis, producer, topics, durable, persisted: None }
+        let records = RecordBatcher::start(producer.clone(), topics.messages.clone());
+        Self { unsure: Default::default(), redis, producer, records, topics, durable, persisted: None }
     }
 
     /// Seeds lost counters only from a complete store: `log` is the durable store as the
@@ -141,7 +146,7 @@ impl ClusterMessages {
 
     async fn publish(&self, msg: &Message, members: &[String]) -> Result<()> {
         let record = SequencedRecord { msg: msg.clone(), members: members.to_vec(), recall: false };
-        self.producer.send(&self.topics.messages, &msg.conv, &serde_json::to_vec(&record)?).await
+        self.records.send(&msg.conv, serde_json::to_vec(&record)?).await
     }
 
     async fn publish_void(&self, conv: &str, seq: u64, ts: u64) -> Result<()> {
@@ -485,7 +490,7 @@ impl MessageStore for ClusterMessages {
         // Keyed by conv like the original, so the persist worker applies it
         // after the original; it stores the recalled form either way.
         let record = SequencedRecord { msg: recalled.clone(), members: Vec::new(), recall: true };
-        self.producer.send(&self.topics.messages, conv, &serde_json::to_vec(&record)?).await?;
+        self.records.send(conv, serde_json::to_vec(&record)?).await?;
         self.redis.replace_cached(&recalled).await?;
         Ok(Some(recalled))
     }

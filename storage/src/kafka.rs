@@ -112,6 +112,9 @@ pub async fn ensure_topics(brokers: impl Into<Brokers>, topics: &Topics) -> Resu
 pub struct Producer {
     inner: FutureProducer,
     timeout: Duration,
+    /// How long a [`crate::record_batch::RecordBatcher`] on this producer gathers sends into
+    /// one record (zero: what is already waiting).
+    batch_linger: Duration,
 }
 
 /// How long the producer waits for more records to share a produce request with one
@@ -136,7 +139,42 @@ impl Producer {
             .set("linger.ms", linger.as_millis().to_string())
             .set("message.timeout.ms", timeout.as_millis().to_string())
             .create()?;
-        Ok(Self { inner, timeout })
+        Ok(Self { inner, timeout, batch_linger: Duration::ZERO })
+    }
+
+    /// A producer for a [`crate::record_batch::RecordBatcher`]: the batcher gathers sends for
+    /// up to `linger` into one record, and librdkafka sends that record without lingering again.
+    pub fn batching(brokers: impl Into<Brokers>, timeout: Duration, linger: Duration) -> Result<Self> {
+        let mut p = Self::with_linger(brokers, timeout, Duration::ZERO)?;
+        p.batch_linger = linger;
+        Ok(p)
+    }
+
+    pub(crate) fn inner(&self) -> &FutureProducer {
+        &self.inner
+    }
+
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    pub(crate) fn batch_linger(&self) -> Duration {
+        self.batch_linger
+    }
+
+    /// How many partitions `topic` has, by the broker's metadata.
+    pub async fn partition_count(&self, topic: &str) -> Result<i32> {
+        use rdkafka::producer::Producer as _;
+        let (inner, topic, timeout) = (self.inner.clone(), topic.to_owned(), self.timeout);
+        tokio::task::spawn_blocking(move || {
+            let meta = inner.client().fetch_metadata(Some(&topic), timeout)?;
+            match meta.topics().iter().find(|t| t.name() == topic).map(|t| t.partitions().len()) {
+                Some(n) if n > 0 => Ok(n as i32),
+                _ => Err(StorageError::Busy(format!("no partitions of {topic} in the broker's metadata"))),
+            }
+        })
+        .await
+        .map_err(|e| StorageError::Task(e.to_string()))?
     }
 
     /// The high watermark (the offset the next record will get) of every partition of `topic`.

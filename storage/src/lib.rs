@@ -17,6 +17,7 @@ pub mod model;
 pub mod mongo;
 pub mod persist;
 pub mod postgres;
+pub mod record_batch;
 pub mod redis;
 mod tail;
 pub mod tls;

@@ -36,6 +36,7 @@ use rdkafka::{Message as _, Offset, TopicPartitionList};
 
 use crate::kafka::{assigning_consumer, Brokers, Producer, Topics};
 use crate::now_ms;
+use crate::record_batch::split;
 use crate::{DurableLog, LockSession, PartitionLocks, PartitionOffset, Result, SequencedRecord, StorageError};
 
 /// Counters of a persist worker.
@@ -297,12 +298,24 @@ impl PersistWorker {
             }
             next.insert(p, m.offset() + 1);
             self.stats.records.fetch_add(1, Ordering::Relaxed);
-            match m.payload().map(serde_json::from_slice::<SequencedRecord>) {
-                Some(Ok(r)) => records.push(r),
-                _ => {
-                    if !self.dead_letter(m, writes, stop).await? {
-                        return Ok(false);
+            let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
+            let mut lines = 0;
+            for line in split(m.payload().unwrap_or_default()) {
+                lines += 1;
+                match serde_json::from_slice::<SequencedRecord>(line) {
+                    Ok(r) => records.push(r),
+                    Err(e) => {
+                        tracing::warn!(partition = p, offset = m.offset(), error = %e, "poison record to dead-letter");
+                        if !self.dead_letter(&key, line, writes, stop).await? {
+                            return Ok(false);
+                        }
                     }
+                }
+            }
+            if lines == 0 {
+                tracing::warn!(partition = p, offset = m.offset(), "empty record to dead-letter");
+                if !self.dead_letter(&key, &[], writes, stop).await? {
+                    return Ok(false);
                 }
             }
         }
@@ -340,18 +353,17 @@ impl PersistWorker {
         Ok(true)
     }
 
-    /// Sends an undecodable record to the dead-letter topic, retried until
-    /// the broker takes it; `false` when `stop` resolved.
+    /// Sends an undecodable message (one line of a record) to the dead-letter topic, retried
+    /// until the broker takes it; `false` when `stop` resolved.
     async fn dead_letter<S: Future<Output = ()>>(
         &self,
-        m: &OwnedMessage,
+        key: &str,
+        payload: &[u8],
         writes: &mut Retry,
         stop: &mut Pin<&mut S>,
     ) -> Result<bool> {
-        tracing::warn!(partition = m.partition(), offset = m.offset(), "poison record to dead-letter");
-        let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
         loop {
-            match self.dead_letter.send(&self.topics.dead_letter, &key, m.payload().unwrap_or_default()).await {
+            match self.dead_letter.send(&self.topics.dead_letter, key, payload).await {
                 Ok(()) => break,
                 Err(e) => {
                     let d = writes.failed(e, &self.stats)?;

@@ -8,6 +8,8 @@
 //! gateways and logic instances with their reported load.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
@@ -273,7 +275,16 @@ pub struct RedisStore {
     prefix: String,
     /// For the dedicated connections pub/sub needs.
     client: redis::Client,
+    /// The live gateways as last read, and when ([`LIVE_FOR`]).
+    live: Arc<std::sync::Mutex<Option<LiveGateways>>>,
 }
+
+/// A set of live gateways and when it was read.
+type LiveGateways = (Instant, Arc<HashSet<String>>);
+
+/// How long a route lookup trusts the set of live gateways it read: a gateway that left may
+/// still get pushes (which fail) this long; a gateway missing from the set is always read again.
+const LIVE_FOR: Duration = Duration::from_secs(1);
 
 impl RedisStore {
     /// Connects; every key gets `prefix` (lets deployments or test runs share a server).
@@ -286,7 +297,7 @@ impl RedisStore {
     pub async fn connect_tls(url: &str, prefix: &str, tls: &BackendTls) -> Result<Self> {
         let client = tls.redis_client(url)?;
         let conn = ConnectionManager::new(client.clone()).await?;
-        Ok(Self { conn, prefix: prefix.to_owned(), client })
+        Ok(Self { conn, prefix: prefix.to_owned(), client, live: Default::default() })
     }
 
     /// Tells every subscriber of [`RedisStore::changes`] of `topic` that what `parts` names
@@ -626,9 +637,27 @@ impl RedisStore {
     fn route_field(conn: &ConnRef) -> String {
         format!("{}|{}", conn.gateway, conn.conn_id)
     }
+}
 
-    async fn live_gateways(&self) -> Result<HashSet<String>> {
-        Ok(self.members("gateway").await?.into_iter().map(|m| m.rpc).collect())
+/// The gateway a route field ([`RedisStore::route_field`]) names.
+fn route_gateway(field: &str) -> &str {
+    field.rsplit_once('|').map_or(field, |(g, _)| g)
+}
+
+impl RedisStore {
+    /// The gateways in the registry now: the set read less than [`LIVE_FOR`] ago when it holds
+    /// every gateway of `routes`, read again otherwise (a route is only ever dropped for a
+    /// gateway that a fresh read does not find).
+    async fn live_gateways<'a>(&self, mut routes: impl Iterator<Item = &'a str>) -> Result<Arc<HashSet<String>>> {
+        let cached = self.live.lock().expect("live gateways lock").clone();
+        if let Some((at, live)) = cached {
+            if at.elapsed() < LIVE_FOR && routes.all(|g| live.contains(g)) {
+                return Ok(live);
+            }
+        }
+        let live: Arc<HashSet<String>> = Arc::new(self.members("gateway").await?.into_iter().map(|m| m.rpc).collect());
+        *self.live.lock().expect("live gateways lock") = Some((Instant::now(), live.clone()));
+        Ok(live)
     }
 }
 
@@ -647,6 +676,7 @@ impl Registry for RedisStore {
 
     /// Removes a registry entry (graceful shutdown).
     async fn deregister(&self, kind: &str, id: &str) -> Result<()> {
+        *self.live.lock().expect("live gateways lock") = None;
         let mut p = redis::pipe();
         p.cmd("DEL").arg(self.key(&[kind, id])).ignore();
         p.cmd("SREM").arg(self.key(&[kind])).arg(id).ignore();
@@ -706,7 +736,7 @@ impl RouteTable for RedisStore {
         if all.is_empty() {
             return Ok(Vec::new());
         }
-        let live = self.live_gateways().await?;
+        let live = self.live_gateways(all.keys().map(String::as_str).map(route_gateway)).await?;
         let mut out = Vec::new();
         for (field, json) in all {
             match serde_json::from_str::<ConnRef>(&json) {
@@ -732,7 +762,8 @@ impl RouteTable for RedisStore {
         if all.iter().all(HashMap::is_empty) {
             return Ok(vec![Vec::new(); users.len()]);
         }
-        let live = self.live_gateways().await?;
+        let live =
+            self.live_gateways(all.iter().flat_map(HashMap::keys).map(String::as_str).map(route_gateway)).await?;
         let mut out = Vec::with_capacity(users.len());
         for (user, routes) in users.iter().zip(all) {
             let mut conns = Vec::with_capacity(routes.len());

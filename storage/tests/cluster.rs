@@ -459,3 +459,91 @@ async fn member_list_caches_hear_changes_made_elsewhere() {
         assert_eq!(two.members(&g.id).await.unwrap(), expected, "the writer's own cache, change {i}");
     }
 }
+
+/// Every record of `topic`, as (partition, payload), read from the beginning up to the high
+/// watermarks `producer` sees now.
+async fn read_topic(env: &TestEngines, producer: &Producer, topic: &str) -> Vec<(i32, Vec<u8>)> {
+    use rdkafka::consumer::Consumer as _;
+    use rdkafka::Message as _;
+    let marks = producer.high_watermarks(topic).await.unwrap();
+    let consumer =
+        switchboard_storage::kafka::assigning_consumer(&env.brokers.as_str().into(), &format!("{topic}-reader"))
+            .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for (p, _) in &marks {
+        tpl.add_partition_offset(topic, *p, rdkafka::Offset::Beginning).unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let total: i64 = marks.iter().map(|(_, hw)| hw).sum();
+    let mut out = Vec::new();
+    while (out.len() as i64) < total {
+        let m = tokio::time::timeout(Duration::from_secs(10), consumer.recv()).await.expect("records").unwrap();
+        out.push((m.partition(), m.payload().unwrap_or_default().to_vec()));
+    }
+    out
+}
+
+/// Concurrent sends share records of the message topic, each message in the partition that
+/// librdkafka's own partitioner gives its conversation (so batched and single records of one
+/// conversation keep their order); the persist worker stores every message of a batch record
+/// and sends only its bad line to the dead-letter topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_share_records_in_their_conversations_partitions() {
+    use switchboard_storage::record_batch::{partition_of, split};
+    let Some(env) = env() else { return };
+    let p = contract::prefix();
+    let redis = RedisStore::connect(&env.redis, &format!("{p}:")).await.unwrap();
+    let pg = PgStore::connect(&env.pg, 4).await.unwrap();
+    let topics = Topics::with_prefix(&format!("{p}."));
+    ensure_topics(&env.brokers, &topics).await.unwrap();
+    let producer = Producer::batching(&env.brokers, Duration::from_secs(10), Duration::from_millis(20)).unwrap();
+    let cluster = Arc::new(ClusterMessages::new(redis, producer.clone(), topics.clone(), Arc::new(pg.clone())));
+    let convs: Vec<String> = (0..40).map(|i| format!("d:{p}ann:{p}c{i}")).collect();
+    let mut sends = tokio::task::JoinSet::new();
+    for conv in &convs {
+        let (cluster, conv) = (cluster.clone(), conv.clone());
+        sends.spawn(async move { cluster.append(text(&conv, "b1"), &["ann".to_string()]).await.unwrap() });
+    }
+    while let Some(sent) = sends.join_next().await {
+        assert_eq!(sent.unwrap().msg.seq, 1);
+    }
+    // single records placed by librdkafka's partitioner, by key
+    let keyed: Vec<String> = (0..12).map(|i| format!("d:{p}key:{p}k{i}")).collect();
+    for conv in &keyed {
+        producer.send(&topics.messages, conv, &record_bytes(conv, 1)).await.unwrap();
+    }
+    // a batch record with a bad line between two good ones
+    let (x, y) = (format!("d:{p}ann:{p}x"), format!("d:{p}ann:{p}y"));
+    let mut mixed = record_bytes(&x, 1);
+    mixed.extend_from_slice(b"\n{not a record\n");
+    mixed.extend_from_slice(&record_bytes(&y, 1));
+    producer.send(&topics.messages, &x, &mixed).await.unwrap();
+
+    let records = read_topic(&env, &producer, &topics.messages).await;
+    let mut batched_records = 0;
+    let mut batched_messages = 0;
+    for (partition, payload) in &records {
+        let lines: Vec<SequencedRecord> = split(payload).filter_map(|l| serde_json::from_slice(l).ok()).collect();
+        if lines.iter().any(|r| convs.contains(&r.msg.conv)) {
+            batched_records += 1;
+            for r in &lines {
+                assert_eq!(*partition, partition_of(&r.msg.conv, 3), "{} in its conversation's partition", r.msg.conv);
+                batched_messages += 1;
+            }
+        }
+        if let [r] = &lines[..] {
+            if keyed.contains(&r.msg.conv) {
+                assert_eq!(*partition, partition_of(&r.msg.conv, 3), "librdkafka placed {} there", r.msg.conv);
+            }
+        }
+    }
+    assert_eq!(batched_messages, 40);
+    assert!(batched_records < 40, "40 concurrent sends took {batched_records} records");
+
+    let worker = Worker::start(&env.brokers, &topics, &pg);
+    for conv in convs.iter().chain(&keyed).chain([&x, &y]) {
+        assert_eq!(wait_durable(&pg, conv, 1).await, vec![1], "{conv}");
+    }
+    eventually("the bad line is dead-lettered", || worker.stats.dead_lettered.load(Ordering::Relaxed) == 1).await;
+    worker.stop().await;
+}

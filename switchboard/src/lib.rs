@@ -83,7 +83,7 @@ async fn open_stores(s: &Settings) -> anyhow::Result<(Stores, Option<ClusterPart
     ensure_topics(&brokers, &topics).await.context("creating Kafka topics")?;
     let linger = s.kafka_linger_ms.map_or(switchboard_storage::kafka::DEFAULT_LINGER, Duration::from_millis);
     let producer =
-        Producer::with_linger(&brokers, Duration::from_secs(10), linger).context("creating the Kafka producer")?;
+        Producer::batching(&brokers, Duration::from_secs(10), linger).context("creating the Kafka producer")?;
     let messages = Arc::new(
         ClusterMessages::new(redis.clone(), producer, topics, Arc::new(pg.clone()))
             .with_persisted_log(Arc::new(pg.clone())),

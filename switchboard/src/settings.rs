@@ -199,8 +199,8 @@ pub struct Settings {
     /// Talk TLS to the Kafka brokers (`security.protocol=ssl`); default false.
     #[arg(long, env = "SB_KAFKA_TLS")]
     pub kafka_tls: Option<bool>,
-    /// How long a send's Kafka record waits for others to share its produce request
-    /// (`linger.ms`; `send.ok` still waits for the broker's ack); default 1.
+    /// How long a send waits for other sends to share its Kafka record (one record per
+    /// partition holds them all; `send.ok` still waits for the broker's ack); default 1.
     #[arg(long, env = "SB_KAFKA_LINGER_MS")]
     pub kafka_linger_ms: Option<u64>,
     /// PEM bundle of a private certificate authority that TLS connections to Redis
