@@ -76,6 +76,13 @@ fn message_to_json(msg: &Message) -> Value {
         m.insert("body".into(), b);
     }
     m.insert("ts".into(), msg.ts.into());
+    put_opt(&mut m, "edited_ts", msg.edited_ts);
+    if !msg.reactions.is_empty() {
+        let counts: Map<String, Value> = msg.reactions.iter().map(|(e, n)| (e.clone(), (*n).into())).collect();
+        m.insert("reactions".into(), Value::Object(counts));
+    }
+    list(&mut m, "reacted", &msg.reacted, |e| Value::String(e.clone()));
+    put_opt(&mut m, "pinned", msg.pinned);
     Value::Object(m)
 }
 
@@ -178,6 +185,11 @@ pub fn frame_to_json(f: &Frame) -> Value {
     put_opt(&mut m, "read_seq", f.read_seq);
     put_opt(&mut m, "invite_only", f.invite_only);
     put_opt(&mut m, "quiet", f.quiet);
+    put_str(&mut m, "text", &f.text);
+    put_str(&mut m, "emoji", &f.emoji);
+    put_opt(&mut m, "fold", f.fold);
+    put_opt(&mut m, "next_before", f.next_before);
+    put_opt(&mut m, "folded_through", f.folded_through);
     Value::Object(m)
 }
 
@@ -266,6 +278,17 @@ fn message_from(o: Obj<'_>) -> Result<Message, CodecError> {
         r#type: o.str("type")?,
         body: o.body(),
         ts: o.u64("ts")?,
+        edited_ts: o.u64_opt("edited_ts")?,
+        reactions: match o.get("reactions") {
+            None => Default::default(),
+            Some(Value::Object(r)) => r
+                .iter()
+                .map(|(e, n)| n.as_u64().map(|n| (e.clone(), n)).ok_or(bad("reactions", "an object of counts")))
+                .collect::<Result<_, _>>()?,
+            Some(_) => return Err(CodecError::NotObject("reactions")),
+        },
+        reacted: o.strings("reacted")?,
+        pinned: o.bool_opt("pinned")?,
     })
 }
 
@@ -334,6 +357,11 @@ pub fn json_to_frame(v: &Value) -> Result<Frame, CodecError> {
         read_seq: o.u64_opt("read_seq")?,
         invite_only: o.bool_opt("invite_only")?,
         quiet: o.bool_opt("quiet")?,
+        text: o.str("text")?,
+        emoji: o.str("emoji")?,
+        fold: o.bool_opt("fold")?,
+        next_before: o.u64_opt("next_before")?,
+        folded_through: o.u64_opt("folded_through")?,
         ..Default::default()
     };
     f.limit = match o.u64_opt("limit")? {
@@ -431,6 +459,10 @@ mod tests {
             json!({"op": "call.answer", "rid": 24, "to": "alice", "call_id": "k1", "sdp": "v=0..."}),
             json!({"op": "call.ice", "rid": 25, "to": "bob", "call_id": "k1", "candidate": "candidate:1"}),
             json!({"op": "call.hangup", "rid": 26, "to": "bob", "call_id": "k1"}),
+            json!({"op": "edit", "rid": 27, "conv": "d:alice:bob", "mid": "m1", "cmid": "e1", "text": "fixed"}),
+            json!({"op": "react", "rid": 28, "conv": "g:G1", "mid": "m1", "cmid": "r1", "emoji": "👍"}),
+            json!({"op": "unpin", "rid": 29, "conv": "g:G1", "mid": "m1", "cmid": "p1"}),
+            json!({"op": "history", "rid": 30, "conv": "d:alice:bob", "fold": true}),
         ] {
             roundtrip(v);
         }
@@ -445,6 +477,9 @@ mod tests {
             json!({"op": "ack.ok", "rid": 4}),
             json!({"op": "sync.ok", "rid": 5, "msgs": [message(1, json!("hi")), message(2, json!({"url": "u"}))], "more": false}),
             json!({"op": "history.ok", "rid": 6, "msgs": [message(2, json!("b")), message(1, json!("a"))]}),
+            json!({"op": "history.ok", "rid": 6, "next_before": 1, "folded_through": 7, "msgs": [
+                {"conv": "d:alice:bob", "mid": "m1", "seq": 1, "from": "alice", "cmid": "c1", "type": "text",
+                 "body": "edited", "ts": 5, "edited_ts": 9, "reactions": {"👍": 2, "🎉": 1}, "reacted": ["👍"], "pinned": true}]}),
             json!({"op": "convs.ok", "rid": 7, "convs": [
                 {"conv": "d:alice:bob", "last": message(3, json!("x")), "unread": 2, "read_seq": 1},
                 {"conv": "g:G1", "unread": 0, "read_seq": 0}]}),

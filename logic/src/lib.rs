@@ -65,6 +65,10 @@ pub struct LogicConfig {
     pub max_group_members: usize,
     /// How long after sending a message its sender may recall it.
     pub recall_window: Duration,
+    /// How long after sending a text message its sender may edit it.
+    pub edit_window: Duration,
+    /// Most messages the folded view of `history` reads after a page to apply their events.
+    pub fold_scan: usize,
     /// Bearer token of the admin endpoints; `None` disables them.
     pub admin_token: Option<String>,
     /// How often sessions whose refresh token expired are deleted.
@@ -96,6 +100,8 @@ impl LogicConfig {
             hash_concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()),
             max_group_members: 2000,
             recall_window: Duration::from_secs(120),
+            edit_window: Duration::from_secs(24 * 3600),
+            fold_scan: 5000,
             admin_token: None,
             session_prune: Duration::from_secs(3600),
             max_connections_per_user: 32,

@@ -65,6 +65,10 @@ redis.call('ZADD', KEYS[4], now, KEYS[1])
 return {0, val}
 "#;
 
+/// The scripts of every send, hashed once.
+static ALLOC: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| redis::Script::new(ALLOC_SCRIPT));
+static COMPLETE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| redis::Script::new(COMPLETE_SCRIPT));
+
 /// Gives a pending record written without content (by a version before
 /// content was reserved with the seq) its content, unless another attempt
 /// did first. KEYS: cmid, pending index. ARGV: the content-less record,
@@ -360,7 +364,7 @@ impl RedisStore {
         replace: Option<&str>,
         complete_only: bool,
     ) -> Result<Alloc> {
-        let script = redis::Script::new(ALLOC_SCRIPT);
+        let script = &*ALLOC;
         let (code, val): (i64, String) = script
             .key(self.cmid_key(&msg.conv, &msg.from, &msg.cmid))
             .key(self.key(&["seq", &msg.conv]))
@@ -453,7 +457,7 @@ impl RedisStore {
     /// (indexing the conversation for `members`) in one step, unless its seq
     /// was claimed for a void first; see [`Completion`].
     pub async fn complete(&self, msg: &Message, members: &[String]) -> Result<Completion> {
-        let script = redis::Script::new(COMPLETE_SCRIPT);
+        let script = &*COMPLETE;
         let mut call = script.key(self.cmid_key(&msg.conv, &msg.from, &msg.cmid));
         call.key(self.key(&["recent", &msg.conv])).key(self.pending_index());
         for m in members {

@@ -255,6 +255,13 @@ pub struct Settings {
     /// Milliseconds after sending during which a message may be recalled; default 120000.
     #[arg(long, env = "SB_RECALL_WINDOW_MS")]
     pub recall_window_ms: Option<u64>,
+    /// Milliseconds after sending during which a text message may be edited; default 86400000.
+    #[arg(long, env = "SB_EDIT_WINDOW_MS")]
+    pub edit_window_ms: Option<u64>,
+    /// Most messages `history` with `fold` reads after a page to apply their edits, reactions
+    /// and pins; default 5000.
+    #[arg(long, env = "SB_FOLD_SCAN")]
+    pub fold_scan: Option<usize>,
     /// Most members of one group; default 2000.
     #[arg(long, env = "SB_MAX_GROUP_MEMBERS")]
     pub max_group_members: Option<usize>,
@@ -290,7 +297,7 @@ impl Settings {
             redis_url, postgres_url, kafka_brokers, key_prefix, topic_prefix, node_id, advertise_logic, persist_batch,
             persist_give_up_secs,
             user_rate, user_burst, ip_rate, ip_burst, auth_rate, auth_burst, admin_token, max_group_members,
-            ring_timeout_ms, recall_window_ms, max_outbound_bytes, max_link_message_bytes, push_batch_bytes,
+            ring_timeout_ms, recall_window_ms, edit_window_ms, fold_scan, max_outbound_bytes, max_link_message_bytes, push_batch_bytes,
             reply_max_bytes, cursor_flush_ms, cluster_secret, void_after_ms, embedded_checkpoint_ms,
             embedded_checkpoint_bytes, embedded_checkpoint_nice, http_max_connections, http_header_timeout_ms, http_request_timeout_ms,
             max_connections_per_ip, argon2_concurrency, login_rate, login_burst, session_prune_secs,
@@ -550,6 +557,12 @@ impl Settings {
         }
         if let Some(ms) = self.recall_window_ms {
             c.recall_window = Duration::from_millis(ms);
+        }
+        if let Some(ms) = self.edit_window_ms {
+            c.edit_window = Duration::from_millis(ms);
+        }
+        if let Some(n) = self.fold_scan {
+            c.fold_scan = n.max(1);
         }
         if let Some(v) = self.max_link_message_bytes {
             c.push.max_message_bytes = v;

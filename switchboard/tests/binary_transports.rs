@@ -101,6 +101,39 @@ async fn tcp_and_binary_websocket_clients_chat() {
         lena.send(&Frame { conv: "d:lena:marc".into(), seq: Some(2), ..req("ack", 4) });
         assert_eq!(lena.next().op, "ack.ok");
 
+        // an edit and a reaction over TCP, and the folded history as protobuf
+        let (conv, m1) = ("d:lena:marc".to_string(), ok.mid.clone());
+        let text = "over tcp, edited".to_string();
+        lena.send(&Frame { conv: conv.clone(), mid: m1.clone(), cmid: "e1".into(), text, ..req("edit", 40) });
+        assert_eq!(lena.next().op, "edit.ok");
+        let edit = marc.push("msg")["msg"].clone();
+        assert_eq!(
+            (edit["type"].as_str(), edit["body"].clone()),
+            (Some("edit"), json!({"mid": m1, "text": "over tcp, edited"}))
+        );
+        marc.ok("ack", json!({"conv": conv, "seq": edit["seq"]}));
+        lena.send(&Frame {
+            conv: conv.clone(),
+            mid: m1.clone(),
+            cmid: "r1".into(),
+            emoji: "👍".into(),
+            ..req("react", 41)
+        });
+        assert_eq!(lena.next().op, "react.ok");
+        let reaction = marc.push("msg")["msg"].clone();
+        marc.ok("ack", json!({"conv": conv, "seq": reaction["seq"]}));
+        lena.send(&Frame { conv: conv.clone(), fold: Some(true), ..req("history", 42) });
+        let h = lena.next();
+        assert_eq!((h.op.as_str(), h.next_before, h.folded_through), ("history.ok", Some(1), Some(4)));
+        assert_eq!(h.msgs.len(), 2, "two messages, the events folded in");
+        let folded = h.msgs.iter().find(|m| m.mid == m1).expect("the first message");
+        assert_eq!(
+            folded.body.as_ref().and_then(|b| b.kind.clone()),
+            Some(body::Kind::Text("over tcp, edited".into()))
+        );
+        assert!(folded.edited_ts.is_some_and(|t| t >= folded.ts));
+        assert_eq!((folded.reactions.get("👍"), folded.reacted.clone()), (Some(&1), vec!["👍".to_string()]));
+
         // errors keep their codes over TCP
         lena.send(&Frame { to: "nora".into(), cmid: "x".into(), r#type: "text".into(), ..req("send", 5) });
         let e = lena.next();

@@ -120,6 +120,32 @@ fn cluster_survives_gateway_logic_and_persist_faults() {
     let convs = bob.ok("convs", json!({}));
     assert_eq!(convs["convs"].as_array().unwrap().len(), 2);
 
+    // an edit, a reaction and a pin in the group, each the next seq, pushed across gateways and
+    // folded by history
+    let gm2 = bob.ok("send", json!({"group": group, "cmid": "g2", "type": "text", "body": "draft"}));
+    let take = |c: &mut Client, kind: &str| {
+        let m = c.push("msg")["msg"].clone();
+        assert_eq!(m["type"], kind, "{m}");
+        c.ok("ack", json!({"conv": m["conv"], "seq": m["seq"]}));
+    };
+    take(&mut alice, "text");
+    bob.ok("edit", json!({"conv": gconv, "mid": gm2["mid"], "cmid": "ge1", "text": "final"}));
+    take(&mut alice, "edit");
+    alice.ok("react", json!({"conv": gconv, "mid": gm2["mid"], "cmid": "gr1", "emoji": "👍"}));
+    take(&mut bob, "reaction");
+    bob.err("pin", json!({"conv": gconv, "mid": gm2["mid"], "cmid": "gp0"}), "forbidden");
+    let pin = alice.ok("pin", json!({"conv": gconv, "mid": gm2["mid"], "cmid": "gp1"}));
+    assert_eq!(pin["seq"], 5);
+    take(&mut bob, "pin");
+    let h = bob.ok("history", json!({"conv": gconv, "fold": true}));
+    let folded: Vec<Value> = h["msgs"].as_array().unwrap().clone();
+    assert_eq!(folded.len(), 2, "two messages, three events folded in: {h}");
+    assert_eq!(
+        (folded[0]["body"].clone(), folded[0]["reactions"].clone(), folded[0]["pinned"].clone()),
+        (json!("final"), json!({"👍": 1}), json!(true))
+    );
+    assert_eq!(folded[1]["type"], "recalled");
+
     // kill -9 alice's gateway; bob keeps sending while she is away
     gw1.kill9();
     for i in 0..10 {
@@ -186,13 +212,24 @@ fn cluster_survives_gateway_logic_and_persist_faults() {
     assert_eq!(seqs, (1..=last).collect::<Vec<_>>(), "stored = acknowledged, each once");
     let cmids: BTreeSet<&str> = stored.iter().map(|m| m.cmid.as_str()).collect();
     assert_eq!(cmids.len() as u64, last, "no cmid stored twice");
-    let recalled = rt.block_on(async {
+    let group_stored = rt.block_on(async {
         use switchboard_storage::MessageStore;
         let pg = switchboard_storage::postgres::PgStore::connect(&e.pg, 2).await.unwrap();
-        pg.range(&gconv, 0, 10).await.unwrap()
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let msgs = pg.range(&gconv, 0, 10).await.unwrap();
+            if msgs.len() >= 5 || Instant::now() > deadline {
+                return msgs;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     });
-    assert_eq!(recalled.len(), 1);
-    assert_eq!(recalled[0].kind, "recalled", "the recall reached the durable store");
+    let kinds: Vec<&str> = group_stored.iter().map(|m| m.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["recalled", "text", "edit", "reaction", "pin"],
+        "the recall and the events reached the durable store"
+    );
     println!("cluster counts: acknowledged={} stored={} received={}", acked.len(), stored.len(), bob_got.len());
     persist.term();
     drop(gw2);

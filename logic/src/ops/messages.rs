@@ -182,7 +182,7 @@ pub async fn send(logic: &Logic, caller: &Caller, req: Send) -> Result<Fields, A
 /// them but the sending connection), in seq order per conversation.
 /// `index` are the users to index the conversation for (direct chats);
 /// `members` the push targets.
-async fn store_and_push(
+pub(super) async fn store_and_push(
     logic: &Logic,
     caller: &Caller,
     new: NewMessage,
@@ -315,6 +315,9 @@ pub struct History {
     conv: String,
     before_seq: Option<u64>,
     limit: Option<usize>,
+    /// The folded view: messages with the events applied, no events ([`super::events::fold`]).
+    #[serde(default)]
+    fold: bool,
 }
 
 pub async fn history(logic: &Logic, caller: &Caller, req: History) -> Result<Fields, ApiError> {
@@ -323,7 +326,13 @@ pub async fn history(logic: &Logic, caller: &Caller, req: History) -> Result<Fie
     let mut msgs = logic.stores.messages.history(&req.conv, req.before_seq, limit).await?;
     // Newest first: the cut keeps the newest that fit; the client pages on with `before_seq`.
     cut_to_bytes(&mut msgs, logic.config.reply_max_bytes);
-    Ok(fields(json!({"msgs": msgs})))
+    if !req.fold {
+        return Ok(fields(json!({"msgs": msgs})));
+    }
+    // The page's oldest seq, to page on from (the folded page leaves the events out).
+    let next_before = msgs.iter().map(|m| m.seq).min();
+    let (msgs, folded_through) = super::events::fold(logic, &caller.user, &req.conv, msgs).await?;
+    Ok(fields(json!({"msgs": msgs, "next_before": next_before, "folded_through": folded_through})))
 }
 
 /// Every conversation of `user` with its last seq: direct chats from the

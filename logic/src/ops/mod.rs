@@ -2,6 +2,7 @@
 //! and its request fields, returning the reply fields or an [`ApiError`].
 
 mod calls;
+mod events;
 mod friends;
 mod groups;
 mod messages;
@@ -95,7 +96,7 @@ pub async fn handle(logic: &Logic, caller: &Caller, op: &str, rid: Option<u64>, 
 }
 
 /// Every op [`dispatch`] serves (the `op` label of the request latency histogram).
-pub(crate) const OPS: [&str; 28] = [
+pub(crate) const OPS: [&str; 33] = [
     "send",
     "ack",
     "sync",
@@ -111,6 +112,11 @@ pub(crate) const OPS: [&str; 28] = [
     "read",
     "convs",
     "recall",
+    "edit",
+    "react",
+    "unreact",
+    "pin",
+    "unpin",
     "group.create",
     "group.join",
     "group.leave",
@@ -143,6 +149,11 @@ async fn dispatch(logic: &Logic, caller: &Caller, op: &str, req: &[u8]) -> Resul
         "read" => messages::read(logic, caller, parse(req)?).await,
         "convs" => messages::convs(logic, caller).await,
         "recall" => messages::recall(logic, caller, parse(req)?).await,
+        "edit" => events::edit(logic, caller, parse(req)?).await,
+        "react" => events::react(logic, caller, parse(req)?, true).await,
+        "unreact" => events::react(logic, caller, parse(req)?, false).await,
+        "pin" => events::pin(logic, caller, parse(req)?, true).await,
+        "unpin" => events::pin(logic, caller, parse(req)?, false).await,
         "group.create" => groups::create(logic, caller, parse(req)?).await,
         "group.join" => groups::join(logic, caller, parse(req)?).await,
         "group.leave" => groups::leave(logic, caller, parse(req)?).await,
