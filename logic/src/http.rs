@@ -22,8 +22,8 @@ use crate::{GatewayInfo, Logic};
 pub type MetricsHook = Arc<dyn Fn(&mut String) + Send + Sync>;
 
 #[derive(Clone)]
-struct Http {
-    logic: Arc<Logic>,
+pub(crate) struct Http {
+    pub(crate) logic: Arc<Logic>,
     extra_metrics: Vec<MetricsHook>,
 }
 
@@ -49,6 +49,9 @@ fn client_routes() -> Router<Http> {
         .route("/v1/auth/refresh", post(refresh))
         .route("/v1/auth/logout", post(logout))
         .route("/v1/gateways", get(gateways))
+        // The upload handler bounds the body itself (`max_file_bytes`), with the protocol's codes.
+        .route("/v1/files", post(crate::files::upload).layer(axum::extract::DefaultBodyLimit::disable()))
+        .route("/v1/files/{id}", get(crate::files::download))
         .route("/healthz", get(healthz))
         .merge(crate::web::routes())
 }

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod balance;
 pub mod cursors;
 pub mod error;
+pub mod files;
 pub mod http;
 pub mod limits;
 pub mod link;
@@ -69,6 +70,10 @@ pub struct LogicConfig {
     pub edit_window: Duration,
     /// Most messages the folded view of `history` reads after a page to apply their events.
     pub fold_scan: usize,
+    /// Largest file `/v1/files` takes, in bytes.
+    pub max_file_bytes: u64,
+    /// Bytes of files uploads and downloads may hold in memory at once, all together; more wait.
+    pub file_buffer_bytes: u64,
     /// Bearer token of the admin endpoints; `None` disables them.
     pub admin_token: Option<String>,
     /// How often sessions whose refresh token expired are deleted.
@@ -102,6 +107,8 @@ impl LogicConfig {
             recall_window: Duration::from_secs(120),
             edit_window: Duration::from_secs(24 * 3600),
             fold_scan: 5000,
+            max_file_bytes: 10 << 20,
+            file_buffer_bytes: 64 << 20,
             admin_token: None,
             session_prune: Duration::from_secs(3600),
             max_connections_per_user: 32,
@@ -117,6 +124,8 @@ pub struct Stores {
     pub social: Arc<dyn SocialStore>,
     pub messages: Arc<dyn MessageStore>,
     pub groups: Arc<dyn GroupStore>,
+    /// Uploaded files (`/v1/files`).
+    pub files: Arc<dyn switchboard_storage::files::FileStore>,
     pub routes: Arc<dyn RouteTable>,
     /// The cluster registry; `None` in a single-process deployment, where
     /// the configured gateways are advertised as they are.
@@ -126,6 +135,11 @@ pub struct Stores {
 /// What a conversation lock guards besides the order of appends: the completion signal of the
 /// last send whose push is not enqueued yet (each send enqueues after the one before it).
 pub(crate) type ConvTail = Option<tokio::sync::oneshot::Receiver<()>>;
+
+/// Kibibytes, rounded up.
+fn kib(bytes: u64) -> u64 {
+    bytes.div_ceil(1024)
+}
 
 /// Longest wait for a password-hashing slot before the request is refused as `rate_limited`.
 const HASH_WAIT: Duration = Duration::from_secs(5);
@@ -152,6 +166,8 @@ pub struct Logic {
     /// Checks of pushed-to sessions, taken by [`Logic::run_sessions`].
     session_checks: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<sessions::Check>>>,
     conv_locks: Vec<tokio::sync::Mutex<ConvTail>>,
+    /// Room for file bytes in memory, in KiB (see [`Logic::file_buffer`]).
+    file_buffer: tokio::sync::Semaphore,
 }
 
 impl Logic {
@@ -178,12 +194,27 @@ impl Logic {
             },
             sessions,
             session_checks: std::sync::Mutex::new(Some(checks)),
-            config,
             stores,
             pusher,
             metrics,
             conv_locks: (0..CONV_LOCKS).map(|_| tokio::sync::Mutex::new(None)).collect(),
+            file_buffer: tokio::sync::Semaphore::new(kib(config.file_buffer_bytes).max(1) as usize),
+            config,
         })
+    }
+
+    /// Holds room for `bytes` of a file in memory (uploads and downloads share
+    /// `file_buffer_bytes`); `too_large` for more than all of it, `rate_limited` when no room
+    /// comes within the hashing wait.
+    pub(crate) async fn file_buffer(&self, bytes: u64) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
+        let need = kib(bytes).max(1);
+        if need > kib(self.config.file_buffer_bytes).max(1) {
+            return Err(ApiError::new("too_large", "the file is larger than the server's file buffer"));
+        }
+        match tokio::time::timeout(HASH_WAIT, self.file_buffer.acquire_many(need as u32)).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(ApiError::rate_limited(1000)),
+        }
     }
 
     /// This instance's `/metrics` text: the counters and histograms, then the queues' depths

@@ -396,6 +396,42 @@ async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> 
     out.into_iter().map(|o| o.expect("every future completed")).collect()
 }
 
+/// Uploaded files: stored whole (over several chunks where a backend cuts them), read back,
+/// ids never reused, conversations recorded once each; an unknown or malformed id is nobody's.
+pub async fn files_contract(s: &dyn crate::files::FileStore) {
+    use crate::files::FileMeta;
+    let p = prefix();
+    let id = format!("{p}f1");
+    assert_eq!(s.file_meta(&id).await.unwrap(), None);
+    assert_eq!(s.file_bytes(&id).await.unwrap(), None);
+    assert!(s.file_convs(&id).await.unwrap().is_empty());
+    let bytes = bytes::Bytes::from((0..600_000u32).map(|i| (i * 7 % 251) as u8).collect::<Vec<u8>>());
+    let meta = FileMeta {
+        id: id.clone(),
+        owner: format!("{p}ann"),
+        name: "photo ü.png".into(),
+        mime: "image/png".into(),
+        size: bytes.len() as u64,
+        ts: 1_718_000_000_000,
+    };
+    s.put_file(&meta, bytes.clone()).await.unwrap();
+    assert_eq!(s.file_meta(&id).await.unwrap(), Some(meta.clone()));
+    assert_eq!(s.file_bytes(&id).await.unwrap(), Some(bytes.clone()));
+    assert!(s.put_file(&meta, bytes::Bytes::from_static(b"other")).await.is_err(), "an id is never reused");
+    assert_eq!(s.file_bytes(&id).await.unwrap(), Some(bytes));
+    s.share_file(&id, "d:a:b").await.unwrap();
+    s.share_file(&id, "g:G1").await.unwrap();
+    s.share_file(&id, "d:a:b").await.unwrap();
+    let mut convs = s.file_convs(&id).await.unwrap();
+    convs.sort();
+    assert_eq!(convs, vec!["d:a:b".to_string(), "g:G1".to_string()]);
+    let small = FileMeta { id: format!("{p}f2"), size: 1, ..meta };
+    s.put_file(&small, bytes::Bytes::from_static(b"x")).await.unwrap();
+    assert_eq!(s.file_bytes(&small.id).await.unwrap().as_deref(), Some(&b"x"[..]));
+    assert!(s.file_convs(&small.id).await.unwrap().is_empty());
+    assert_eq!(s.file_meta("../../etc/passwd").await.unwrap(), None);
+}
+
 /// Route table contract.
 pub async fn routes_contract(r: Arc<dyn RouteTable>) {
     let p = prefix();

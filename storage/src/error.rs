@@ -25,6 +25,8 @@ pub enum StorageError {
     Tls(String, #[source] Option<Source>),
     #[error("mongodb: {0}")]
     Mongo(String, #[source] Option<Source>),
+    #[error("file store: {0}")]
+    Files(String, #[source] Option<Source>),
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
     /// A state that settles by itself (another instance's work in flight,

@@ -10,6 +10,7 @@ pub mod contract;
 pub mod contract_durable;
 pub mod embedded;
 mod error;
+pub mod files;
 mod group_commit;
 pub mod kafka;
 pub mod memory_routes;

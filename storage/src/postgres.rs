@@ -24,6 +24,7 @@ use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod};
 use tokio_postgres::{NoTls, Row};
 
+use crate::files::{FileMeta, FileStore};
 use crate::tls::{BackendTls, PgTls};
 
 use crate::{
@@ -128,6 +129,25 @@ CREATE TABLE IF NOT EXISTS blocks (
     PRIMARY KEY (username, other)
 );
 ALTER TABLE groups ADD COLUMN IF NOT EXISTS invite_only BOOLEAN NOT NULL DEFAULT FALSE;
+CREATE TABLE IF NOT EXISTS files (
+    id TEXT COLLATE "C" PRIMARY KEY,
+    owner TEXT COLLATE "C" NOT NULL,
+    name TEXT NOT NULL,
+    mime TEXT NOT NULL,
+    size BIGINT NOT NULL,
+    ts BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS file_chunks (
+    id TEXT COLLATE "C" NOT NULL,
+    n INT NOT NULL,
+    data BYTEA NOT NULL,
+    PRIMARY KEY (id, n)
+);
+CREATE TABLE IF NOT EXISTS file_convs (
+    id TEXT COLLATE "C" NOT NULL,
+    conv TEXT COLLATE "C" NOT NULL,
+    PRIMARY KEY (id, conv)
+);
 CREATE TABLE IF NOT EXISTS persist_offsets (
     topic TEXT COLLATE "C" NOT NULL,
     part INT NOT NULL,
@@ -1128,6 +1148,64 @@ impl GroupStore for PgStore {
         let c = self.client().await?;
         let st = c.prepare_cached("UPDATE groups SET invite_only = $2 WHERE id = $1").await?;
         Ok(c.execute(&st, &[&id, &invite_only]).await? == 1)
+    }
+}
+
+/// Bytes per row of `file_chunks`.
+const FILE_CHUNK: usize = 256 * 1024;
+
+#[async_trait]
+impl FileStore for PgStore {
+    async fn put_file(&self, meta: &FileMeta, bytes: bytes::Bytes) -> Result<()> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        let st = tx
+            .prepare_cached("INSERT INTO files (id, owner, name, mime, size, ts) VALUES ($1, $2, $3, $4, $5, $6)")
+            .await?;
+        tx.execute(&st, &[&meta.id, &meta.owner, &meta.name, &meta.mime, &int(meta.size), &int(meta.ts)]).await?;
+        let st = tx.prepare_cached("INSERT INTO file_chunks (id, n, data) VALUES ($1, $2, $3)").await?;
+        for (n, chunk) in bytes.chunks(FILE_CHUNK).enumerate() {
+            tx.execute(&st, &[&meta.id, &(n as i32), &chunk]).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn file_meta(&self, id: &str) -> Result<Option<FileMeta>> {
+        let c = self.client().await?;
+        let st = c.prepare_cached("SELECT owner, name, mime, size, ts FROM files WHERE id = $1").await?;
+        Ok(c.query_opt(&st, &[&id]).await?.map(|r| FileMeta {
+            id: id.to_owned(),
+            owner: r.get(0),
+            name: r.get(1),
+            mime: r.get(2),
+            size: uint(r.get(3)),
+            ts: uint(r.get(4)),
+        }))
+    }
+
+    async fn file_bytes(&self, id: &str) -> Result<Option<bytes::Bytes>> {
+        let Some(meta) = self.file_meta(id).await? else { return Ok(None) };
+        let c = self.client().await?;
+        let st = c.prepare_cached("SELECT data FROM file_chunks WHERE id = $1 ORDER BY n").await?;
+        let mut out = Vec::with_capacity(meta.size as usize);
+        for row in c.query(&st, &[&id]).await? {
+            out.extend_from_slice(row.get::<_, &[u8]>(0));
+        }
+        Ok(Some(out.into()))
+    }
+
+    async fn share_file(&self, id: &str, conv: &str) -> Result<()> {
+        let c = self.client().await?;
+        let st = c.prepare_cached("INSERT INTO file_convs (id, conv) VALUES ($1, $2) ON CONFLICT DO NOTHING").await?;
+        c.execute(&st, &[&id, &conv]).await?;
+        Ok(())
+    }
+
+    async fn file_convs(&self, id: &str) -> Result<Vec<String>> {
+        let c = self.client().await?;
+        let st = c.prepare_cached("SELECT conv FROM file_convs WHERE id = $1 ORDER BY conv").await?;
+        Ok(c.query(&st, &[&id]).await?.iter().map(|r| r.get(0)).collect())
     }
 }
 

@@ -40,6 +40,7 @@ async fn postgres_meets_the_contract() {
     let Some(url) = url("contract") else { return };
     let store = PgStore::connect(&url, 8).await.unwrap();
     run_all(&store, &store, &store, &store).await;
+    contract::files_contract(&store).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,7 +100,7 @@ async fn racing_startups_both_create_the_schema() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(tables, 13, "every table is created in the scratch schema");
+    assert_eq!(tables, 16, "every table is created in the scratch schema");
     contract::fresh_stores_share_data(&a, &b, &c).await;
     drop((a, b, c));
     admin.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.unwrap();

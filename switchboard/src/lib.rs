@@ -71,6 +71,10 @@ async fn open_stores(s: &Settings) -> anyhow::Result<(Stores, Option<ClusterPart
             social: Arc::new(store.clone()),
             messages: Arc::new(store.clone()),
             groups: Arc::new(store),
+            files: Arc::new(
+                switchboard_storage::files::DirFiles::open(&s.data_dir().join("files"))
+                    .context("opening the file store")?,
+            ),
             routes: Arc::new(MemoryRoutes::default()),
             registry: None,
         };
@@ -91,6 +95,7 @@ async fn open_stores(s: &Settings) -> anyhow::Result<(Stores, Option<ClusterPart
     let stores = Stores {
         accounts: Arc::new(pg.clone()),
         social: CachedSocial::new(Arc::new(pg.clone()), redis.clone()),
+        files: Arc::new(pg.clone()),
         groups: CachedGroups::new(Arc::new(pg), redis.clone()),
         messages: messages.clone(),
         routes: Arc::new(redis.clone()),

@@ -262,6 +262,13 @@ pub struct Settings {
     /// and pins; default 5000.
     #[arg(long, env = "SB_FOLD_SCAN")]
     pub fold_scan: Option<usize>,
+    /// Largest file `POST /v1/files` takes, in bytes; default 10485760 (10 MiB).
+    #[arg(long, env = "SB_MAX_FILE_BYTES")]
+    pub max_file_bytes: Option<u64>,
+    /// Bytes of files all uploads and downloads together may hold in memory; more wait; default
+    /// 67108864 (64 MiB).
+    #[arg(long, env = "SB_FILE_BUFFER_BYTES")]
+    pub file_buffer_bytes: Option<u64>,
     /// Most members of one group; default 2000.
     #[arg(long, env = "SB_MAX_GROUP_MEMBERS")]
     pub max_group_members: Option<usize>,
@@ -297,7 +304,7 @@ impl Settings {
             redis_url, postgres_url, kafka_brokers, key_prefix, topic_prefix, node_id, advertise_logic, persist_batch,
             persist_give_up_secs,
             user_rate, user_burst, ip_rate, ip_burst, auth_rate, auth_burst, admin_token, max_group_members,
-            ring_timeout_ms, recall_window_ms, edit_window_ms, fold_scan, max_outbound_bytes, max_link_message_bytes, push_batch_bytes,
+            ring_timeout_ms, recall_window_ms, edit_window_ms, fold_scan, max_file_bytes, file_buffer_bytes, max_outbound_bytes, max_link_message_bytes, push_batch_bytes,
             reply_max_bytes, cursor_flush_ms, cluster_secret, void_after_ms, embedded_checkpoint_ms,
             embedded_checkpoint_bytes, embedded_checkpoint_nice, http_max_connections, http_header_timeout_ms, http_request_timeout_ms,
             max_connections_per_ip, argon2_concurrency, login_rate, login_burst, session_prune_secs,
@@ -563,6 +570,12 @@ impl Settings {
         }
         if let Some(n) = self.fold_scan {
             c.fold_scan = n.max(1);
+        }
+        if let Some(n) = self.max_file_bytes {
+            c.max_file_bytes = n;
+        }
+        if let Some(n) = self.file_buffer_bytes {
+            c.file_buffer_bytes = n;
         }
         if let Some(v) = self.max_link_message_bytes {
             c.push.max_message_bytes = v;

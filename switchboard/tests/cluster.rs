@@ -146,6 +146,32 @@ fn cluster_survives_gateway_logic_and_persist_faults() {
     );
     assert_eq!(folded[1]["type"], "recalled");
 
+    // a file uploaded through one logic instance (stored in PostgreSQL), sent to the group,
+    // downloaded by a member through the other; an outsider is refused
+    let token = |http, user: &str| login(http, user, "files")["access_token"].as_str().unwrap().to_string();
+    let (ta, tb) = (token(http1, a), token(http2, b));
+    let png: Vec<u8> = b"\x89PNG\r\n\x1a\n".iter().copied().chain((0..700_000u32).map(|i| (i % 251) as u8)).collect();
+    let auth = format!("Bearer {ta}");
+    let (status, _, up) = http_raw(
+        http1,
+        "POST",
+        "/v1/files?name=map.png",
+        &[("Authorization", &auth), ("Content-Type", "image/png")],
+        &png,
+    );
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&up));
+    let up: Value = serde_json::from_slice(&up).unwrap();
+    let url = up["url"].as_str().unwrap().to_string();
+    let media = json!({"url": url, "name": "map.png", "size": png.len(), "mime": "image/png"});
+    alice.ok("send", json!({"group": group, "cmid": "gf1", "type": "image", "body": media}));
+    take(&mut bob, "image");
+    let (status, headers, got) = http_raw(http2, "GET", &url, &[("Authorization", &format!("Bearer {tb}"))], b"");
+    assert_eq!((status, headers["content-type"].as_str(), got == png), (200, "image/png", true));
+    let outsider = format!("{prefix}-eve");
+    register(http2, &outsider);
+    let te = token(http2, &outsider);
+    assert_eq!(http_raw(http2, "GET", &url, &[("Authorization", &format!("Bearer {te}"))], b"").0, 403);
+
     // kill -9 alice's gateway; bob keeps sending while she is away
     gw1.kill9();
     for i in 0..10 {
@@ -218,7 +244,7 @@ fn cluster_survives_gateway_logic_and_persist_faults() {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let msgs = pg.range(&gconv, 0, 10).await.unwrap();
-            if msgs.len() >= 5 || Instant::now() > deadline {
+            if msgs.len() >= 6 || Instant::now() > deadline {
                 return msgs;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -227,8 +253,8 @@ fn cluster_survives_gateway_logic_and_persist_faults() {
     let kinds: Vec<&str> = group_stored.iter().map(|m| m.kind.as_str()).collect();
     assert_eq!(
         kinds,
-        ["recalled", "text", "edit", "reaction", "pin"],
-        "the recall and the events reached the durable store"
+        ["recalled", "text", "edit", "reaction", "pin", "image"],
+        "the recall, the events and the file message reached the durable store"
     );
     println!("cluster counts: acknowledged={} stored={} received={}", acked.len(), stored.len(), bob_got.len());
     persist.term();

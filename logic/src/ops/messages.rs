@@ -159,6 +159,7 @@ pub async fn send(logic: &Logic, caller: &Caller, req: Send) -> Result<Fields, A
             require_role(logic, &group, &caller.user).await?;
             let members: Vec<String> = logic.stores.groups.members(&group).await?.into_iter().map(|(u, _)| u).collect();
             let conv = format!("g:{group}");
+            crate::files::attach(logic, &caller.user, &conv, &req.kind, &req.body).await?;
             let new = NewMessage { conv, from: caller.user.clone(), cmid: req.cmid, kind: req.kind, body: req.body };
             // One stored copy; members read it by seq (no per-member index).
             return store_and_push(logic, caller, new, &[], &members).await;
@@ -173,6 +174,7 @@ pub async fn send(logic: &Logic, caller: &Caller, req: Send) -> Result<Fields, A
         return Err(ApiError::new("not_friends", format!("`{to}` is not your friend")));
     }
     let conv = direct_conv(&caller.user, &to);
+    crate::files::attach(logic, &caller.user, &conv, &req.kind, &req.body).await?;
     let members = [caller.user.clone(), to.clone()];
     let new = NewMessage { conv, from: caller.user.clone(), cmid: req.cmid, kind: req.kind, body: req.body };
     store_and_push(logic, caller, new, &members, &members).await

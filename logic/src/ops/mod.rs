@@ -6,6 +6,7 @@ mod events;
 mod friends;
 mod groups;
 mod messages;
+pub(crate) use messages::require_member;
 pub mod presence;
 
 use serde::de::DeserializeOwned;
