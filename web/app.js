@@ -223,7 +223,51 @@ const act = {
     await sb.recall(m.conv, m.mid);
     put({ ...m, type: 'recalled', body: '' });
   }),
+  /** Reacts (or takes the reaction back); the event is shown at once from the reply. */
+  react: attempt(async (m, emoji, on) => {
+    const cmid = newCmid();
+    const r = await sb.react(m.conv, m.mid, cmid, emoji, on);
+    put({ conv: m.conv, mid: r.mid, seq: r.seq, ts: r.ts, cmid, from: state.me, type: 'reaction', body: { mid: m.mid, emoji, on } });
+  }),
+  /** Puts a message's text in the composer; the next submit saves it as an edit. */
+  edit: (m, text) => {
+    state.editing = { conv: m.conv, mid: m.mid };
+    $('text').value = text;
+    $('text').focus();
+    store.changed();
+  },
+  /** An uploaded file's object URL, or null while it is being fetched (the page redraws then). */
+  fileUrl: (path) => {
+    const known = fileUrls.get(path);
+    if (known !== undefined) return known;
+    fileUrls.set(path, null);
+    sb.fileUrl(path).then(
+      (u) => (fileUrls.set(path, u), store.changed()),
+      () => fileUrls.delete(path),
+    );
+    return null;
+  },
 };
+
+/** Object URLs of uploaded files shown on this page, by path. */
+const fileUrls = new Map();
+
+function newCmid() {
+  return `c${Date.now().toString(36)}${Math.random().toString(36).slice(2, 8)}`;
+}
+
+async function saveEdit(text) {
+  const { conv, mid } = state.editing;
+  state.editing = null;
+  store.changed();
+  const cmid = newCmid();
+  try {
+    const r = await sb.edit(conv, mid, cmid, text);
+    put({ conv, mid: r.mid, seq: r.seq, ts: r.ts, cmid, from: state.me, type: 'edit', body: { mid, text } });
+  } catch (e) {
+    notice(`not edited: ${e.code}: ${e.message}`);
+  }
+}
 
 function target(conv) {
   return conv.startsWith('g:') ? { group: conv.slice(2) } : { to: peerOf(state, conv) };
@@ -232,7 +276,7 @@ function target(conv) {
 async function sendMessage(type, body) {
   const conv = state.open;
   if (!conv) return;
-  const cmid = `c${Date.now().toString(36)}${Math.random().toString(36).slice(2, 8)}`;
+  const cmid = newCmid();
   const local = { conv, cmid, from: state.me, type, body, ts: sb.now() };
   put(local);
   try {
@@ -318,8 +362,25 @@ function bind() {
     if (!text.trim()) return;
     $('text').value = '';
     lastTyping = 0;
-    sendMessage('text', text);
+    if (state.editing && state.editing.conv === state.open) saveEdit(text);
+    else sendMessage('text', text);
   });
+  $('text').addEventListener('keydown', (e) => {
+    if (e.key === 'Escape' && state.editing) {
+      state.editing = null;
+      $('text').value = '';
+      store.changed();
+    }
+  });
+  $('file-btn').addEventListener('click', () => $('attach-file').click());
+  $('attach-file').addEventListener('change', attempt(async () => {
+    const file = $('attach-file').files[0];
+    $('attach-file').value = '';
+    if (!file || !state.open) return;
+    const up = await sb.upload(file);
+    const media = { url: up.url, name: up.name, size: up.size, mime: up.mime };
+    await sendMessage(up.mime.startsWith('image/') ? 'image' : 'file', media);
+  }));
   $('attach-btn').addEventListener('click', () => {
     $('attach').hidden = false;
     $('attach-url').focus();

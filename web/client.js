@@ -407,6 +407,36 @@ export class Client {
   typing(conv) {
     return this.request('typing', { conv });
   }
+  /** Events in the conversation's sequence (docs/protocol.md §7.3): each reply names its seq. */
+  edit(conv, mid, cmid, text) {
+    return this.request('edit', { conv, mid, cmid, text });
+  }
+  react(conv, mid, cmid, emoji, on = true) {
+    return this.request(on ? 'react' : 'unreact', { conv, mid, cmid, emoji });
+  }
+  pin(conv, mid, cmid, on = true) {
+    return this.request(on ? 'pin' : 'unpin', { conv, mid, cmid });
+  }
+
+  /** Uploads a file (a File or Blob) to `POST /v1/files`; resolves to {file, url, name, mime, size}.
+   *  The server reads the type from the bytes, so none is declared. */
+  async upload(file, name) {
+    if (this.session && this.session.expires_at < Date.now() + 5000) await this.refresh().catch(() => {});
+    const path = `/v1/files?name=${encodeURIComponent(name || file.name || 'file')}`;
+    const headers = { Authorization: `Bearer ${this.session?.access_token}`, 'Content-Type': 'application/octet-stream' };
+    const res = await fetch(this.baseUrl + path, { method: 'POST', headers, body: file });
+    const data = await res.json().catch(() => ({}));
+    if (!res.ok) throw new SbError(data.code || `http_${res.status}`, data.message, data);
+    return data;
+  }
+
+  /** An uploaded file's bytes (fetched with the access token), as an object URL. */
+  async fileUrl(url) {
+    if (this.session && this.session.expires_at < Date.now() + 5000) await this.refresh().catch(() => {});
+    const res = await fetch(this.baseUrl + url, { headers: { Authorization: `Bearer ${this.session?.access_token}` } });
+    if (!res.ok) throw new SbError(`http_${res.status}`, 'file not available');
+    return URL.createObjectURL(await res.blob());
+  }
   presence(users) {
     return this.request('presence', { users }).then((r) => r.online || {});
   }

@@ -18,6 +18,7 @@ export function createStore() {
     open: null, // the conversation on screen
     members: null, // {group, list} when the members panel is open
     call: null, // {id, peer, dir, state, video, reason}
+    editing: null, // {conv, mid} of the message the composer is editing
   };
 
   /** Notifies subscribers once per task (a microtask later), however many changes were made. */

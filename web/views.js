@@ -4,6 +4,9 @@
 
 const $ = (id) => document.getElementById(id);
 const RECALL_WINDOW_MS = 120000; // the server's default (--recall-window-ms)
+const EDIT_WINDOW_MS = 24 * 3600 * 1000; // the server's default (--edit-window-ms)
+/** Message types that change another message instead of being one (docs/protocol.md §7.3). */
+const EVENTS = new Set(['edit', 'reaction', 'pin', 'void']);
 
 /** Builds an element: h('li', {class: 'x', onclick}, 'text', child, ...). Strings become text. */
 export function h(tag, attrs = {}, ...children) {
@@ -57,6 +60,12 @@ export function preview(m) {
       return m.body;
     case 'recalled':
       return 'message recalled';
+    case 'edit':
+      return `edited: ${m.body?.text || ''}`;
+    case 'reaction':
+      return m.body?.on ? `reacted ${m.body?.emoji || ''}` : 'removed a reaction';
+    case 'pin':
+      return m.body?.on ? 'pinned a message' : 'unpinned a message';
     case 'image':
       return `[image] ${m.body?.name || ''}`;
     case 'file':
@@ -183,6 +192,7 @@ function renderChat(state, store, act) {
   }
 
   renderMessages(state, store, act);
+  $('send-btn').textContent = state.editing?.conv === open ? 'Save' : 'Send';
 
   const t = state.typing.get(open);
   $('typing').textContent = t && t.until > Date.now() ? `${t.user} is typing…` : '';
@@ -199,14 +209,16 @@ function renderMessages(state, store, act) {
   const rows = [];
   rows.push(h('div', { class: 'older' }, older.done ? 'Beginning of the conversation' : older.loading ? 'Loading…' : ''));
   let lastDay = null;
-  for (const m of store.messagesOf(open)) {
-    if (m.type === 'void') continue;
+  const list = store.messagesOf(open);
+  const folded = fold(list);
+  for (const m of list) {
+    if (EVENTS.has(m.type)) continue;
     const d = day(m.ts);
     if (d !== lastDay) {
       rows.push(h('div', { class: 'day' }, d));
       lastDay = d;
     }
-    rows.push(messageRow(state, c, m, act));
+    rows.push(messageRow(state, c, m, act, folded.get(m.mid)));
   }
   box.replaceChildren(...rows);
   box.dataset.conv = open;
@@ -214,36 +226,96 @@ function renderMessages(state, store, act) {
   else box.scrollTop = box.scrollHeight - box.clientHeight - fromBottom;
 }
 
-function messageRow(state, c, m, act) {
+/** What the events among `list` (seq order) say of each message, by mid: its current text and
+ *  edit time, who holds which reaction, whether it is pinned. */
+function fold(list) {
+  const out = new Map();
+  const of = (mid) => {
+    if (!out.has(mid)) out.set(mid, { text: null, editedTs: 0, reactions: new Map(), pinned: false });
+    return out.get(mid);
+  };
+  const senders = new Map(list.filter((m) => m.mid && !EVENTS.has(m.type)).map((m) => [m.mid, m.from]));
+  for (const e of list) {
+    const target = e.body?.mid;
+    if (!target || !EVENTS.has(e.type)) continue;
+    const f = of(target);
+    if (e.type === 'edit' && senders.get(target) === e.from && typeof e.body.text === 'string') {
+      f.text = e.body.text;
+      f.editedTs = e.ts;
+    } else if (e.type === 'reaction' && typeof e.body.emoji === 'string') {
+      const users = f.reactions.get(e.body.emoji) || new Set();
+      if (e.body.on) users.add(e.from);
+      else users.delete(e.from);
+      f.reactions.set(e.body.emoji, users);
+    } else if (e.type === 'pin') {
+      f.pinned = !!e.body.on;
+    }
+  }
+  return out;
+}
+
+function messageRow(state, c, m, act, f) {
   const mine = m.from === state.me;
-  const body = messageBody(m);
+  const live = m.seq && m.type !== 'recalled';
+  const body = messageBody(f?.text != null && m.type === 'text' ? { ...m, body: f.text } : m, act);
   let status = null;
   if (mine && m.type !== 'recalled') {
     const s = m.failed ? 'failed' : !m.seq ? 'sending' : c && c.peerRead >= m.seq ? 'read' : 'sent';
     status = h('span', { class: `status ${s}`, dataset: { status: s } }, s === 'read' ? 'read ✓✓' : s === 'sent' ? 'sent ✓' : s);
   }
-  const canRecall = mine && m.seq && m.type !== 'recalled' && act.now() - m.ts <= RECALL_WINDOW_MS;
+  const canRecall = mine && live && act.now() - m.ts <= RECALL_WINDOW_MS;
+  const canEdit = mine && live && m.type === 'text' && act.now() - m.ts <= EDIT_WINDOW_MS;
+  const reactions = live
+    ? [...(f?.reactions || new Map()).entries()]
+        .filter(([, users]) => users.size > 0)
+        .map(([emoji, users]) =>
+          h(
+            'button',
+            { class: users.has(state.me) ? 'reaction mine' : 'reaction', dataset: { emoji }, onclick: () => act.react(m, emoji, !users.has(state.me)) },
+            `${emoji} ${users.size}`,
+          ),
+        )
+    : [];
+  const liked = f?.reactions.get('👍')?.has(state.me);
   return h(
     'div',
     { class: `msg ${mine ? 'mine' : 'theirs'} type-${m.type}`, dataset: { seq: m.seq || '', cmid: m.cmid || '', mid: m.mid || '' } },
     !mine && state.open.startsWith('g:') ? h('span', { class: 'from' }, m.from) : null,
     body,
+    reactions.length ? h('span', { class: 'reactions' }, ...reactions) : null,
     h(
       'span',
       { class: 'meta' },
+      f?.pinned && live ? h('span', { class: 'pinned', title: 'pinned' }, '📌') : null,
+      f?.text != null && live ? h('span', { class: 'edited', title: new Date(f.editedTs).toLocaleString() }, 'edited') : null,
       h('span', { class: 'time' }, time(m.ts)),
       status,
+      live && !liked ? h('button', { class: 'react link', title: 'react 👍', onclick: () => act.react(m, '👍', true) }, '👍') : null,
+      canEdit ? h('button', { class: 'edit link', onclick: () => act.edit(m, f?.text ?? m.body) }, 'edit') : null,
       canRecall ? h('button', { class: 'recall link', onclick: () => act.recall(m) }, 'recall') : null,
     ),
   );
 }
 
-function messageBody(m) {
+/** The same-origin path of a file uploaded to this server (`/v1/files/<id>`), else null. */
+function uploadedPath(u) {
+  try {
+    const url = new URL(u, location.href);
+    return url.origin === location.origin && url.pathname.startsWith('/v1/files/') ? url.pathname : null;
+  } catch {
+    return null;
+  }
+}
+
+function messageBody(m, act) {
   if (m.type === 'text') return h('span', { class: 'text' }, m.body);
   if (m.type === 'recalled') return h('span', { class: 'text recalled' }, 'This message was recalled');
   if (['image', 'file', 'audio', 'video'].includes(m.type) && m.body && typeof m.body === 'object') {
-    const url = safeUrl(m.body.url);
     const name = m.body.name || m.body.url;
+    const uploaded = uploadedPath(m.body.url);
+    // An uploaded file needs the access token: fetched once, shown from an object URL.
+    const url = uploaded ? act.fileUrl(uploaded) : safeUrl(m.body.url);
+    if (uploaded && !url) return h('span', { class: 'media loading' }, `[${m.type}] ${name}`);
     if (!url) return h('span', { class: 'text' }, `[${m.type}] ${name}`);
     const link = h('a', { href: url, target: '_blank', rel: 'noopener noreferrer', class: 'file' }, name);
     if (m.type === 'image') return h('span', { class: 'media' }, h('img', { src: url, alt: name, class: 'image', loading: 'lazy' }), link);

@@ -118,6 +118,28 @@ const texts = (u) => u.page.$$eval('#messages .msg .text', (els) => els.map((e) 
 const waitText = (u, text) =>
   u.page.waitForFunction((t) => [...document.querySelectorAll('#messages .msg .text')].some((e) => e.textContent === t), text);
 
+/** A PNG drawn in the page (a sunset), as bytes. */
+async function picture(page) {
+  const data = await page.evaluate(() => {
+    const c = document.createElement('canvas');
+    [c.width, c.height] = [480, 320];
+    const g = c.getContext('2d');
+    const sky = g.createLinearGradient(0, 0, 0, 320);
+    sky.addColorStop(0, '#2f6fed');
+    sky.addColorStop(1, '#f7b267');
+    g.fillStyle = sky;
+    g.fillRect(0, 0, 480, 320);
+    g.fillStyle = '#ffe8a3';
+    g.beginPath();
+    g.arc(360, 200, 50, 0, Math.PI * 2);
+    g.fill();
+    g.fillStyle = '#1d2330';
+    g.fillRect(0, 250, 480, 70);
+    return c.toDataURL('image/png');
+  });
+  return Buffer.from(data.split(',')[1], 'base64');
+}
+
 const shot = (u, name) => u.page.screenshot({ path: join(ART, `${name}.png`) });
 
 const direct = (a, b) => (a.name < b.name ? `d:${a.name}:${b.name}` : `d:${b.name}:${a.name}`);
@@ -224,28 +246,7 @@ test('a message with HTML renders as text (no element created, nothing run)', as
 test('media messages by URL: an image shows inline, a file as a link', async () => {
   const { alice, bob } = users;
   // A media host on another port, serving a picture cut from a screenshot and a "file".
-  const png = Buffer.from(
-    (
-      await alice.page.evaluate(() => {
-        const c = document.createElement('canvas');
-        [c.width, c.height] = [480, 320];
-        const g = c.getContext('2d');
-        const sky = g.createLinearGradient(0, 0, 0, 320);
-        sky.addColorStop(0, '#2f6fed');
-        sky.addColorStop(1, '#f7b267');
-        g.fillStyle = sky;
-        g.fillRect(0, 0, 480, 320);
-        g.fillStyle = '#ffe8a3';
-        g.beginPath();
-        g.arc(360, 200, 50, 0, Math.PI * 2);
-        g.fill();
-        g.fillStyle = '#1d2330';
-        g.fillRect(0, 250, 480, 70);
-        return c.toDataURL('image/png');
-      })
-    ).split(',')[1],
-    'base64',
-  );
+  const png = await picture(alice.page);
   const host = createHttpServer((req, res) => {
     res.writeHead(200, { 'Content-Type': req.url.endsWith('.png') ? 'image/png' : 'application/pdf' });
     res.end(req.url.endsWith('.png') ? png : '%PDF-1.4 not really');
@@ -274,6 +275,47 @@ test('media messages by URL: an image shows inline, a file as a link', async () 
   } finally {
     host.close();
   }
+});
+
+test('uploads, reactions and edits: a picture and a file through /v1/files; a reaction and an edit on both screens', async () => {
+  const { alice, bob } = users;
+  const png = await picture(alice.page);
+  await alice.page.setInputFiles('#attach-file', { name: 'upload sunset.png', mimeType: 'image/png', buffer: png });
+  await bob.page.waitForFunction(() =>
+    [...document.querySelectorAll('#messages .msg img.image')].some((i) => i.src.startsWith('blob:') && i.complete && i.naturalWidth > 0),
+  );
+  await alice.page.setInputFiles('#attach-file', { name: 'minutes.txt', mimeType: 'text/plain', buffer: Buffer.from('the minutes') });
+  const link = await bob.page.waitForSelector('#messages a.file:has-text("minutes.txt")');
+  assert.match(await link.getAttribute('href'), /^blob:/, 'fetched with the access token');
+  // The file as the server serves it to bob, and refuses it without a token.
+  const [url, token] = await bob.page.evaluate(() => {
+    const { sb, store } = globalThis.switchboard;
+    const m = store.messagesOf(store.state.open).find((x) => x.body?.name === 'minutes.txt');
+    return [m.body.url, sb.session.access_token];
+  });
+  const served = await fetch(server.url + url, { headers: { Authorization: `Bearer ${token}` } });
+  assert.equal(served.headers.get('content-type'), 'text/plain; charset=utf-8');
+  assert.equal(await served.text(), 'the minutes');
+  assert.equal((await fetch(server.url + url)).status, 401);
+
+  await sendText(alice, 'see you at 5');
+  await waitText(bob, 'see you at 5');
+  await bob.page.click('.msg.theirs:has-text("see you at 5") .react');
+  for (const u of [alice, bob]) await u.page.waitForSelector('.msg:has-text("see you at 5") .reaction[data-emoji="👍"]:has-text("👍 1")');
+  await alice.page.click('.msg.mine:has-text("see you at 5") .edit');
+  await alice.page.waitForFunction(() => document.getElementById('send-btn').textContent === 'Save');
+  await alice.page.fill('#text', 'see you at 6');
+  await alice.page.press('#text', 'Enter');
+  for (const u of [alice, bob]) {
+    await waitText(u, 'see you at 6');
+    await u.page.waitForSelector('.msg:has-text("see you at 6") .edited');
+    await u.page.waitForSelector('.msg:has-text("see you at 6") .reaction:has-text("👍 1")');
+  }
+  assert.equal((await texts(bob)).filter((t) => t.startsWith('see you at')).length, 1, 'the edit changes the message, it adds none');
+  // Taking the reaction back.
+  await bob.page.click('.msg:has-text("see you at 6") .reaction.mine');
+  await alice.page.waitForSelector('.msg:has-text("see you at 6"):not(:has(.reaction))');
+  await shot(bob, '03b-uploads-reactions');
 });
 
 test('a friend request can be rejected', async (browser) => {
