@@ -10,6 +10,7 @@ pub mod http;
 pub mod limits;
 pub mod link;
 pub mod metrics;
+pub mod notify;
 mod ops;
 pub mod push;
 pub mod service;
@@ -74,6 +75,8 @@ pub struct LogicConfig {
     pub max_file_bytes: u64,
     /// Bytes of files uploads and downloads may hold in memory at once, all together; more wait.
     pub file_buffer_bytes: u64,
+    /// The offline-notification webhook; `None` sends none.
+    pub notify: Option<notify::NotifyConfig>,
     /// Bearer token of the admin endpoints; `None` disables them.
     pub admin_token: Option<String>,
     /// How often sessions whose refresh token expired are deleted.
@@ -109,6 +112,7 @@ impl LogicConfig {
             fold_scan: 5000,
             max_file_bytes: 10 << 20,
             file_buffer_bytes: 64 << 20,
+            notify: None,
             admin_token: None,
             session_prune: Duration::from_secs(3600),
             max_connections_per_user: 32,
@@ -155,6 +159,8 @@ pub struct Logic {
     pub pusher: push::Pusher,
     pub cursors: Arc<cursors::Cursors>,
     pub metrics: Arc<metrics::LogicMetrics>,
+    /// Offline notifications (see [`notify`]).
+    pub notifier: notify::Notifier,
     user_limits: limits::Limiter,
     ip_limits: limits::Limiter,
     auth_limits: limits::Limiter,
@@ -199,6 +205,7 @@ impl Logic {
             metrics,
             conv_locks: (0..CONV_LOCKS).map(|_| tokio::sync::Mutex::new(None)).collect(),
             file_buffer: tokio::sync::Semaphore::new(kib(config.file_buffer_bytes).max(1) as usize),
+            notifier: notify::Notifier::new(config.notify.clone()),
             config,
         })
     }
@@ -229,6 +236,7 @@ impl Logic {
             self.cursors.pending()
         );
         self.pusher.render_queues(out);
+        self.notifier.render(out);
     }
 
     /// Charges one socket request to the user's and the IP's buckets (an IPv6 client's bucket is

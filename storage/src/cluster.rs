@@ -448,6 +448,10 @@ impl MessageStore for ClusterMessages {
         self.durable.acks(user, device).await
     }
 
+    async fn user_acked(&self, user: &str, conv: &str) -> Result<u64> {
+        self.durable.user_acked(user, conv).await
+    }
+
     async fn set_read(&self, user: &str, conv: &str, seq: u64) -> Result<u64> {
         self.durable.set_read(user, conv, seq).await
     }

@@ -280,6 +280,9 @@ pub async fn messages_contract(s: &dyn MessageStore) {
     let acks = s.acks(&b, "phone").await.unwrap();
     assert_eq!(acks.get(&conv), Some(&4), "acks never move back and are per device");
     assert_eq!(acks.len(), 1);
+    assert_eq!(s.user_acked(&b, &conv).await.unwrap(), 9, "the highest ack of any device");
+    assert_eq!(s.user_acked(&b, &other).await.unwrap(), 0);
+    assert_eq!(s.user_acked(&a, &conv).await.unwrap(), 0);
 
     // read positions: per user (not per device), never back
     assert!(s.reads(&b).await.unwrap().is_empty());

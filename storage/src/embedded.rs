@@ -902,6 +902,29 @@ impl MessageStore for EmbeddedStore {
         Ok(stored)
     }
 
+    async fn user_acked(&self, user: &str, conv: &str) -> Result<u64> {
+        let tail = self.tail.user_acked(user, conv);
+        let (u, c) = (user.to_owned(), conv.to_owned());
+        let stored = self
+            .read(move |tx| {
+                let t = tx.open_table(ACKS)?;
+                let mut max = 0;
+                for row in t.range((u.as_str(), "", "")..)? {
+                    let (k, v) = row?;
+                    let (owner, _, conv) = k.value();
+                    if owner != u {
+                        break;
+                    }
+                    if conv == c {
+                        max = max.max(v.value());
+                    }
+                }
+                Ok(max)
+            })
+            .await?;
+        Ok(stored.max(tail))
+    }
+
     async fn set_read(&self, user: &str, conv: &str, seq: u64) -> Result<u64> {
         let c = ReadCursor { user: user.to_owned(), conv: conv.to_owned(), seq };
         self.set_reads(&[c]).await?;

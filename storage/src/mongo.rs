@@ -1029,6 +1029,11 @@ impl MessageStore for MongoStore {
         collect(cursor).await?.iter().map(|d| Ok((text(d, "conv")?, number(d, "seq")?))).collect()
     }
 
+    async fn user_acked(&self, user: &str, conv: &str) -> Result<u64> {
+        let cursor = self.acks.find(doc! { "user": user, "conv": conv }).await?;
+        collect(cursor).await?.iter().map(|d| number(d, "seq")).try_fold(0, |max, s| s.map(|s| max.max(s)))
+    }
+
     async fn set_read(&self, user: &str, conv: &str, seq: u64) -> Result<u64> {
         let filter = doc! { "_id": key(&[user, conv]) };
         if seq == 0 {

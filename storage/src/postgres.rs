@@ -772,6 +772,12 @@ impl MessageStore for PgStore {
         c.query(&st, &[&user, &device]).await?.iter().map(text_and_uint).collect()
     }
 
+    async fn user_acked(&self, user: &str, conv: &str) -> Result<u64> {
+        let c = self.client().await?;
+        let st = c.prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM acks WHERE username = $1 AND conv = $2").await?;
+        Ok(uint(c.query_one(&st, &[&user, &conv]).await?.get(0)))
+    }
+
     async fn set_read(&self, user: &str, conv: &str, seq: u64) -> Result<u64> {
         let c = self.client().await?;
         if seq == 0 {

@@ -244,6 +244,17 @@ impl Tail {
         out
     }
 
+    /// The highest seq of `conv` any device of `user` acked in the tail (0 when none).
+    pub fn user_acked(&self, user: &str, conv: &str) -> u64 {
+        let t = self.lock();
+        t.gens()
+            .flat_map(|g| g.acks.iter())
+            .filter(|((u, _), _)| u == user)
+            .filter_map(|(_, convs)| convs.get(conv).copied())
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The read marks of `user` raised in the tail.
     pub fn reads(&self, user: &str) -> HashMap<String, u64> {
         let t = self.lock();

@@ -91,6 +91,8 @@ pub trait MessageStore: Send + Sync {
     async fn set_ack(&self, user: &str, device: &str, conv: &str, seq: u64) -> Result<()>;
     /// The acked seq per conversation of one device.
     async fn acks(&self, user: &str, device: &str) -> Result<HashMap<String, u64>>;
+    /// The highest seq of `conv` any device of `user` acked (0 when none did).
+    async fn user_acked(&self, user: &str, conv: &str) -> Result<u64>;
     /// Records that `user` read `conv` up to `seq` (never moves back);
     /// returns the read seq now stored.
     async fn set_read(&self, user: &str, conv: &str, seq: u64) -> Result<u64>;

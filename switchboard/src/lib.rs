@@ -129,6 +129,8 @@ pub struct LogicRole {
     http: Task,
     admin: Option<Task>,
     cursors: Task,
+    /// Sends offline notifications as they come due.
+    notifier: Task,
     pruner: Task,
     heartbeat: Option<heartbeat::Heartbeat>,
     /// Voids seqs whose send no instance completed (cluster only).
@@ -161,6 +163,13 @@ impl LogicRole {
                     let _ = stopped.await;
                 })
                 .await
+        });
+        let notifying = logic.clone();
+        let notifier = Task::spawn(|stopped| async move {
+            switchboard_logic::notify::run(notifying, async {
+                let _ = stopped.await;
+            })
+            .await
         });
         let flusher = logic.cursors.clone();
         let cursors = Task::spawn(|stopped| async move {
@@ -251,7 +260,20 @@ impl LogicRole {
             None => (None, None),
         };
         tracing::info!(%grpc_addr, %http_addr, cluster = heartbeat.is_some(), "logic serving");
-        Ok(Self { grpc_addr, http_addr, admin_addr, logic, grpc, http, admin, cursors, pruner, heartbeat, sweeper })
+        Ok(Self {
+            grpc_addr,
+            http_addr,
+            admin_addr,
+            logic,
+            grpc,
+            http,
+            admin,
+            cursors,
+            pruner,
+            notifier,
+            heartbeat,
+            sweeper,
+        })
     }
 
     /// Stops serving, then writes the cursors still in memory.
@@ -268,6 +290,7 @@ impl LogicRole {
         }
         self.grpc.stop().await;
         self.pruner.stop().await;
+        self.notifier.stop().await;
         self.cursors.stop().await;
     }
 }

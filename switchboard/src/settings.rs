@@ -262,6 +262,27 @@ pub struct Settings {
     /// and pins; default 5000.
     #[arg(long, env = "SB_FOLD_SCAN")]
     pub fold_scan: Option<usize>,
+    /// Offline notifications go to this webhook (`http://host:port/path`); unset sends none.
+    #[arg(long, env = "SB_NOTIFY_URL")]
+    pub notify_url: Option<String>,
+    /// Key of the notifications' HMAC-SHA256 signature (`X-Switchboard-Signature`); required
+    /// with `notify_url`.
+    #[arg(long, env = "SB_NOTIFY_SECRET", hide_env_values = true)]
+    pub notify_secret: Option<String>,
+    /// Milliseconds new messages may stay unacked and unread before their conversation is
+    /// notified; default 30000.
+    #[arg(long, env = "SB_NOTIFY_DELAY_MS")]
+    pub notify_delay_ms: Option<u64>,
+    /// Attempts per notification, the first included; default 5.
+    #[arg(long, env = "SB_NOTIFY_ATTEMPTS")]
+    pub notify_attempts: Option<u32>,
+    /// Milliseconds before the first retry of a notification (doubling, at most 60 s); default 1000.
+    #[arg(long, env = "SB_NOTIFY_BACKOFF_MS")]
+    pub notify_backoff_ms: Option<u64>,
+    /// Bytes of pending notifications kept in memory; more are dropped (and counted); default
+    /// 16777216 (16 MiB).
+    #[arg(long, env = "SB_NOTIFY_MAX_PENDING_BYTES")]
+    pub notify_max_pending_bytes: Option<usize>,
     /// Largest file `POST /v1/files` takes, in bytes; default 10485760 (10 MiB).
     #[arg(long, env = "SB_MAX_FILE_BYTES")]
     pub max_file_bytes: Option<u64>,
@@ -304,7 +325,7 @@ impl Settings {
             redis_url, postgres_url, kafka_brokers, key_prefix, topic_prefix, node_id, advertise_logic, persist_batch,
             persist_give_up_secs,
             user_rate, user_burst, ip_rate, ip_burst, auth_rate, auth_burst, admin_token, max_group_members,
-            ring_timeout_ms, recall_window_ms, edit_window_ms, fold_scan, max_file_bytes, file_buffer_bytes, max_outbound_bytes, max_link_message_bytes, push_batch_bytes,
+            ring_timeout_ms, recall_window_ms, edit_window_ms, fold_scan, max_file_bytes, file_buffer_bytes, notify_url, notify_secret, notify_delay_ms, notify_attempts, notify_backoff_ms, notify_max_pending_bytes, max_outbound_bytes, max_link_message_bytes, push_batch_bytes,
             reply_max_bytes, cursor_flush_ms, cluster_secret, void_after_ms, embedded_checkpoint_ms,
             embedded_checkpoint_bytes, embedded_checkpoint_nice, http_max_connections, http_header_timeout_ms, http_request_timeout_ms,
             max_connections_per_ip, argon2_concurrency, login_rate, login_burst, session_prune_secs,
@@ -328,7 +349,9 @@ impl Settings {
                 continue;
             }
             let value = match (key.as_str(), value) {
-                ("jwt_secret" | "cluster_secret" | "admin_token", _) => serde_json::Value::from("***"),
+                ("jwt_secret" | "cluster_secret" | "admin_token" | "notify_secret", _) => {
+                    serde_json::Value::from("***")
+                }
                 (_, serde_json::Value::String(s)) => serde_json::Value::from(mask_password(&s)),
                 (_, v) => v,
             };
@@ -576,6 +599,24 @@ impl Settings {
         }
         if let Some(n) = self.file_buffer_bytes {
             c.file_buffer_bytes = n;
+        }
+        if let Some(url) = self.notify_url.as_deref().filter(|u| !u.is_empty()) {
+            anyhow::ensure!(
+                switchboard_logic::notify::valid_url(url),
+                "notify_url must be http://host[:port]/path (put a relay in front of an https endpoint)"
+            );
+            let secret = self.notify_secret.as_deref().filter(|s| !s.is_empty());
+            let secret =
+                secret.context("notify_secret is required with notify_url (the webhook checks the signature)")?;
+            c.notify = Some(switchboard_logic::notify::NotifyConfig {
+                url: url.to_owned(),
+                secret: secret.as_bytes().to_vec(),
+                delay: Duration::from_millis(self.notify_delay_ms.unwrap_or(30_000)),
+                attempts: self.notify_attempts.unwrap_or(5).max(1),
+                backoff: Duration::from_millis(self.notify_backoff_ms.unwrap_or(1000)),
+                max_pending_bytes: self.notify_max_pending_bytes.unwrap_or(16 << 20),
+                dead_letter: Some(self.data_dir().join("notify-dead-letter.jsonl")),
+            });
         }
         if let Some(v) = self.max_link_message_bytes {
             c.push.max_message_bytes = v;

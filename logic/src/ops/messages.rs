@@ -236,6 +236,9 @@ pub(super) async fn store_and_push(
     span.record("seq", m.seq);
     if !appended.duplicate {
         crate::metrics::inc(&logic.metrics.sends);
+        if !super::events::is_event(&m.kind) {
+            logic.notifier.message(m, members);
+        }
         // The sender's own read mark needs no order.
         logic.cursors.read(&caller.user, &m.conv, m.seq).await?;
     }
@@ -257,6 +260,7 @@ pub struct Ack {
 pub async fn ack(logic: &Logic, caller: &Caller, req: Ack) -> Result<Fields, ApiError> {
     require_member(logic, &req.conv, &caller.user).await?;
     logic.cursors.ack(&caller.user, &caller.device, &req.conv, req.seq).await?;
+    logic.notifier.seen(&caller.user, &req.conv, req.seq);
     Ok(Fields::new())
 }
 
@@ -360,6 +364,7 @@ pub async fn read(logic: &Logic, caller: &Caller, req: Read) -> Result<Fields, A
     let members = conv_members(logic, &req.conv, &caller.user).await?;
     let last = logic.stores.messages.last_seq(&req.conv).await?;
     let seq = logic.cursors.read(&caller.user, &req.conv, req.seq.min(last)).await?;
+    logic.notifier.seen(&caller.user, &req.conv, seq);
     // The read mark is the caller's own; the receipt goes to a direct conversation's other side
     // only while they are friends.
     if stranger_in(logic, &req.conv, &caller.user).await?.is_some() {
