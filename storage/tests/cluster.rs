@@ -72,14 +72,20 @@ async fn wait_durable(pg: &PgStore, conv: &str, n: usize) -> Vec<u64> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cluster_message_path_and_persist_worker() {
-    let Some(env) = env() else { return };
+/// A fresh name prefix, Redis and PostgreSQL, and the topics under that prefix (created).
+async fn engines_for_a_run(env: &TestEngines) -> (String, RedisStore, PgStore, Topics) {
     let p = contract::prefix();
     let redis = RedisStore::connect(&env.redis, &format!("{p}:")).await.unwrap();
     let pg = PgStore::connect(&env.pg, 4).await.unwrap();
     let topics = Topics::with_prefix(&format!("{p}."));
     ensure_topics(&env.brokers, &topics).await.unwrap();
+    (p, redis, pg, topics)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_message_path_and_persist_worker() {
+    let Some(env) = env() else { return };
+    let (p, redis, pg, topics) = engines_for_a_run(&env).await;
     ensure_topics(&env.brokers, &topics).await.expect("creating existing topics is fine");
     let producer = Producer::new(&env.brokers, Duration::from_secs(10)).unwrap();
     let cluster = ClusterMessages::new(redis.clone(), producer.clone(), topics.clone(), Arc::new(pg.clone()));
@@ -491,11 +497,7 @@ async fn read_topic(env: &TestEngines, producer: &Producer, topic: &str) -> Vec<
 async fn sends_share_records_in_their_conversations_partitions() {
     use switchboard_storage::record_batch::{partition_of, split};
     let Some(env) = env() else { return };
-    let p = contract::prefix();
-    let redis = RedisStore::connect(&env.redis, &format!("{p}:")).await.unwrap();
-    let pg = PgStore::connect(&env.pg, 4).await.unwrap();
-    let topics = Topics::with_prefix(&format!("{p}."));
-    ensure_topics(&env.brokers, &topics).await.unwrap();
+    let (p, redis, pg, topics) = engines_for_a_run(&env).await;
     let producer = Producer::batching(&env.brokers, Duration::from_secs(10), Duration::from_millis(20)).unwrap();
     let cluster = Arc::new(ClusterMessages::new(redis, producer.clone(), topics.clone(), Arc::new(pg.clone())));
     let convs: Vec<String> = (0..40).map(|i| format!("d:{p}ann:{p}c{i}")).collect();
