@@ -195,18 +195,20 @@ pub(crate) struct DownloadQuery {
 /// `GET /v1/files/{id}`.
 pub(crate) async fn download(
     State(h): State<Http>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     Path(id): Path<String>,
     Query(q): Query<DownloadQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let logic = &h.logic;
     let claims = caller(logic, &headers, q.token.as_deref()).await?;
+    logic.limit_request(&claims.sub, &peer.ip().to_string())?;
     let not_found = || ApiError::new("not_found", format!("no file `{id}`"));
     let meta = logic.stores.files.file_meta(&id).await?.ok_or_else(not_found)?;
     if !may_read(logic, &claims.sub, &meta).await? {
         return Err(ApiError::forbidden("only the uploader and members of a conversation it was sent in"));
     }
-    let _held = logic.file_buffer(meta.size).await?;
+    let room = logic.file_buffer(meta.size).await?;
     let bytes = logic.stores.files.file_bytes(&id).await?.ok_or_else(not_found)?;
     let inline = ["image/", "audio/", "video/"].iter().any(|p| meta.mime.starts_with(p));
     let ascii: String =
@@ -223,7 +225,37 @@ pub(crate) async fn download(
         (header::CONTENT_SECURITY_POLICY, DOWNLOAD_CSP.to_owned()),
         (header::CACHE_CONTROL, "private, max-age=3600".to_owned()),
     ];
-    Ok((headers, bytes).into_response())
+    Ok((headers, Body::new(Held { rest: bytes, _room: room })).into_response())
+}
+
+/// Bytes handed to the client per frame.
+const CHUNK: usize = 64 * 1024;
+
+/// A download's body: it keeps the file's room in `file_buffer_bytes` until the server has
+/// taken its last chunk, so slow readers cannot hold file bytes beyond that budget.
+struct Held {
+    rest: bytes::Bytes,
+    _room: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl http_body::Body for Held {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        if self.rest.is_empty() {
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.rest.len().min(CHUNK);
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(self.rest.split_to(n)))))
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.rest.len() as u64)
+    }
 }
 
 /// RFC 5987 percent-encoding of a file name.

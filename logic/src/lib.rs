@@ -173,7 +173,7 @@ pub struct Logic {
     session_checks: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<sessions::Check>>>,
     conv_locks: Vec<tokio::sync::Mutex<ConvTail>>,
     /// Room for file bytes in memory, in KiB (see [`Logic::file_buffer`]).
-    file_buffer: tokio::sync::Semaphore,
+    file_buffer: Arc<tokio::sync::Semaphore>,
 }
 
 impl Logic {
@@ -204,7 +204,9 @@ impl Logic {
             pusher,
             metrics,
             conv_locks: (0..CONV_LOCKS).map(|_| tokio::sync::Mutex::new(None)).collect(),
-            file_buffer: tokio::sync::Semaphore::new(kib(config.file_buffer_bytes).max(1) as usize),
+            file_buffer: Arc::new(tokio::sync::Semaphore::new(
+                kib(config.file_buffer_bytes).clamp(1, u32::MAX as u64) as usize
+            )),
             notifier: notify::Notifier::new(config.notify.clone()),
             config,
         })
@@ -213,12 +215,12 @@ impl Logic {
     /// Holds room for `bytes` of a file in memory (uploads and downloads share
     /// `file_buffer_bytes`); `too_large` for more than all of it, `rate_limited` when no room
     /// comes within the hashing wait.
-    pub(crate) async fn file_buffer(&self, bytes: u64) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
+    pub(crate) async fn file_buffer(&self, bytes: u64) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
         let need = kib(bytes).max(1);
-        if need > kib(self.config.file_buffer_bytes).max(1) {
+        if need > kib(self.config.file_buffer_bytes).clamp(1, u32::MAX as u64) {
             return Err(ApiError::new("too_large", "the file is larger than the server's file buffer"));
         }
-        match tokio::time::timeout(HASH_WAIT, self.file_buffer.acquire_many(need as u32)).await {
+        match tokio::time::timeout(HASH_WAIT, self.file_buffer.clone().acquire_many_owned(need as u32)).await {
             Ok(Ok(permit)) => Ok(permit),
             _ => Err(ApiError::rate_limited(1000)),
         }

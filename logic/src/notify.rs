@@ -87,7 +87,8 @@ pub struct Notifier {
     config: Option<NotifyConfig>,
     pending: Mutex<Pending>,
     stats: Stats,
-    sending: tokio::sync::Semaphore,
+    /// Notifications being settled or sent; an entry stays pending (and counted) until one is free.
+    sending: Arc<tokio::sync::Semaphore>,
 }
 
 /// The webhook's address, split.
@@ -116,7 +117,11 @@ pub fn valid_url(url: &str) -> bool {
 fn preview(m: &Message) -> Value {
     let text = match (&m.body, m.kind.as_str()) {
         (Value::String(s), "text") => s.chars().take(PREVIEW_CHARS).collect(),
-        (b, kind) => format!("[{kind}] {}", b.get("name").and_then(Value::as_str).unwrap_or_default()),
+        (b, kind) => {
+            let name: String =
+                b.get("name").and_then(Value::as_str).unwrap_or_default().chars().take(PREVIEW_CHARS).collect();
+            format!("[{kind}] {name}")
+        }
     };
     json!({"mid": m.mid, "seq": m.seq, "from": m.from, "type": m.kind, "text": text, "ts": m.ts})
 }
@@ -138,7 +143,7 @@ impl Notifier {
             config,
             pending: Mutex::default(),
             stats: Stats::default(),
-            sending: tokio::sync::Semaphore::new(SENDING),
+            sending: Arc::new(tokio::sync::Semaphore::new(SENDING)),
         }
     }
 
@@ -150,16 +155,19 @@ impl Notifier {
     pub fn message(&self, m: &Message, members: &[String]) {
         let Some(config) = &self.config else { return };
         let last = preview(m);
+        let last_bytes = last.to_string().len();
         let mut p = self.lock();
         for user in members.iter().filter(|u| **u != m.from) {
             let key = (user.clone(), m.conv.clone());
+            let bytes = 2 * (user.len() + m.conv.len()) + last_bytes + 160;
             if let Some(e) = p.entries.get_mut(&key) {
                 e.last_seq = e.last_seq.max(m.seq);
                 e.count += 1;
                 e.last = last.clone();
+                let before = std::mem::replace(&mut e.bytes, bytes);
+                p.bytes = p.bytes - before + bytes;
                 continue;
             }
-            let bytes = 2 * (user.len() + m.conv.len()) + last.to_string().len() + 160;
             if p.bytes + bytes > config.max_pending_bytes {
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -188,12 +196,26 @@ impl Notifier {
         }
     }
 
-    /// Entries due now, taken out.
-    fn take_due(&self) -> Vec<((String, String), Entry)> {
+    /// A message was recalled: a pending notification that would show it shows the recall.
+    pub fn recalled(&self, conv: &str, mid: &str) {
+        if self.config.is_none() {
+            return;
+        }
+        let mut p = self.lock();
+        for ((_, c), e) in p.entries.iter_mut() {
+            if c == conv && e.last["mid"] == mid {
+                e.last["type"] = "recalled".into();
+                e.last["text"] = "".into();
+            }
+        }
+    }
+
+    /// Entries due now, taken out, at most `max`.
+    fn take_due(&self, max: usize) -> Vec<((String, String), Entry)> {
         let now = Instant::now();
         let mut p = self.lock();
         let mut out = Vec::new();
-        while p.queue.front().is_some_and(|(due, _)| *due <= now) {
+        while out.len() < max && p.queue.front().is_some_and(|(due, _)| *due <= now) {
             let (due, key) = p.queue.pop_front().expect("a front entry");
             if p.entries.get(&key).is_some_and(|e| e.due == due) {
                 let e = p.entries.remove(&key).expect("an entry just seen");
@@ -257,9 +279,15 @@ pub async fn run(logic: Arc<Logic>, stop: impl std::future::Future<Output = ()>)
             _ = &mut stop => return,
             _ = tokio::time::sleep(TICK) => {}
         }
-        for ((user, conv), e) in logic.notifier.take_due() {
+        // Only as many as can be sent now leave the (bounded) pending entries.
+        let free = logic.notifier.sending.available_permits();
+        for ((user, conv), e) in logic.notifier.take_due(free) {
+            let Ok(slot) = logic.notifier.sending.clone().try_acquire_owned() else { break };
             let logic = logic.clone();
-            tokio::spawn(async move { settle(&logic, user, conv, e).await });
+            tokio::spawn(async move {
+                settle(&logic, user, conv, e).await;
+                drop(slot);
+            });
         }
     }
 }
@@ -287,7 +315,6 @@ async fn settle(logic: &Logic, user: String, conv: String, e: Entry) {
     let unseen = e.count.min(e.last_seq - seen);
     let body =
         json!({"user": user, "conv": conv, "count": unseen, "last": e.last, "ts": switchboard_storage::now_ms()});
-    let Ok(_slot) = n.sending.acquire().await else { return };
     deliver(logic, body.to_string()).await;
 }
 
@@ -309,7 +336,7 @@ async fn deliver(logic: &Logic, body: String) {
         }
         if attempt < config.attempts {
             tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(60));
+            pause = pause.saturating_mul(2).min(Duration::from_secs(60));
         }
     }
     n.stats.dead.fetch_add(1, Ordering::Relaxed);
@@ -412,7 +439,7 @@ mod tests {
         n.message(&msg(2, "d:ann:bob"), &members);
         n.message(&msg(1, "d:ann:cat"), &["ann".to_string(), "cat".to_string()]);
         n.seen("cat", "d:ann:cat", 1);
-        let due = n.take_due();
+        let due = n.take_due(usize::MAX);
         assert_eq!(due.len(), 1, "the sender is never told, a seen conversation is dropped");
         let ((user, conv), e) = &due[0];
         assert_eq!((user.as_str(), conv.as_str(), e.count, e.last_seq), ("bob", "d:ann:bob", 2, 2));

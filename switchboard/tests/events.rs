@@ -118,6 +118,7 @@ async fn edits_reactions_and_pins_ride_the_sequence() {
             alice.err("edit", json!({"conv": conv, "mid": m1, "cmid": "e4", "text": ""}), "bad_request");
             alice.err("edit", json!({"conv": conv, "mid": "nosuchmid", "cmid": "e5", "text": "x"}), "bad_request");
             alice.err("edit", json!({"conv": conv, "mid": e["mid"], "cmid": "e6", "text": "x"}), "bad_request");
+            alice.err("recall", json!({"conv": conv, "mid": e["mid"]}), "bad_request");
 
             // reactions: each user holds an emoji once; events cannot be reacted to
             bob.ok("react", json!({"conv": conv, "mid": m1, "cmid": "r1", "emoji": "👍"}));
@@ -201,6 +202,7 @@ async fn edits_reactions_and_pins_ride_the_sequence() {
                 .clone();
             take_msg(&mut alice);
             carol.err("pin", json!({"conv": gconv, "mid": gm, "cmid": "gp1"}), "forbidden");
+            carol.err("pin", json!({"conv": gconv, "mid": gm, "cmid": ""}), "bad_request");
             alice.ok("pin", json!({"conv": gconv, "mid": gm, "cmid": "gp2"}));
             take_msg(&mut carol);
             carol.ok("react", json!({"conv": gconv, "mid": gm, "cmid": "gr1", "emoji": "👍"}));
@@ -217,13 +219,28 @@ async fn edits_reactions_and_pins_ride_the_sequence() {
 async fn edits_end_with_their_window() {
     with_node(
         "edit-window",
-        |s| s.edit_window_ms = Some(1_000),
+        |s| {
+            s.edit_window_ms = Some(1_000);
+            s.reply_max_bytes = Some(3_000);
+        },
         |http, ws| {
             let (mut alice, mut bob) = friends(http, ws, "ann", "ben");
             let sent = alice.ok("send", json!({"to": "ben", "cmid": "w1", "type": "text", "body": "soon fixed"}));
             take_msg(&mut bob);
             alice.ok("edit", json!({"conv": sent["conv"], "mid": sent["mid"], "cmid": "we1", "text": "fixed"}));
             take_msg(&mut bob);
+            // edits that grow messages: the folded page is cut to the reply budget again
+            let long = "x".repeat(1_000);
+            for cmid in ["w2", "w3", "w4"] {
+                let m = alice.ok("send", json!({"to": "ben", "cmid": cmid, "type": "text", "body": "short"}));
+                take_msg(&mut bob);
+                alice.ok("edit", json!({"conv": m["conv"], "mid": m["mid"], "cmid": format!("e{cmid}"), "text": long}));
+                take_msg(&mut bob);
+            }
+            let folded = alice.ok("history", json!({"conv": sent["conv"], "fold": true}));
+            let msgs = folded["msgs"].as_array().unwrap();
+            assert!(!msgs.is_empty() && msgs.len() < 3, "{} folded messages in 3,000 bytes", msgs.len());
+            assert!(msgs.iter().all(|m| m["body"] == long.as_str()), "the newest, edited");
             std::thread::sleep(Duration::from_millis(1_200));
             alice.err(
                 "edit",

@@ -104,7 +104,8 @@ async fn unseen_messages_are_notified_once_per_conversation() {
         let dan = friend("dan");
         let erin = friend("erin");
         let finn = friend("finn");
-        for c in [bob, dan, erin, finn] {
+        let gus = friend("gus");
+        for c in [bob, dan, erin, finn, gus] {
             c.close();
         }
         // bob is away: two messages, one notification
@@ -118,6 +119,9 @@ async fn unseen_messages_are_notified_once_per_conversation() {
         // dan's first delivery fails (500) and is retried; finn's fails every time
         alice.ok("send", json!({"to": "dan", "cmid": "d1", "type": "text", "body": "for dan"}));
         alice.ok("send", json!({"to": "finn", "cmid": "f1", "type": "text", "body": "for finn"}));
+        // a recalled message is not shown by the notification
+        let oops = alice.ok("send", json!({"to": "gus", "cmid": "g1", "type": "text", "body": "wrong chat"}));
+        alice.ok("recall", json!({"conv": oops["conv"], "mid": oops["mid"]}));
         // erin's comes last
         alice.ok("send", json!({"to": "erin", "cmid": "e1", "type": "text", "body": "for erin"}));
 
@@ -125,7 +129,11 @@ async fn unseen_messages_are_notified_once_per_conversation() {
         let deadline = Instant::now() + Duration::from_secs(30);
         let done = |got: &[Hit]| {
             let ok = |u: &str| got.iter().any(|h| h.body["user"] == u && h.status == 200);
-            ok("bob") && ok("dan") && ok("erin") && got.iter().filter(|h| h.body["user"] == "finn").count() == 3
+            ok("bob")
+                && ok("dan")
+                && ok("erin")
+                && ok("gus")
+                && got.iter().filter(|h| h.body["user"] == "finn").count() == 3
         };
         while !done(&got) {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -144,6 +152,8 @@ async fn unseen_messages_are_notified_once_per_conversation() {
         );
         assert!(of("carol").is_empty(), "carol's device acked in time");
         assert!(of("alice").is_empty(), "a sender is never told of her own messages");
+        let gus = &of("gus")[0].body["last"];
+        assert_eq!((gus["type"].as_str(), gus["text"].as_str()), (Some("recalled"), Some("")), "{gus}");
         let dan: Vec<u16> = of("dan").iter().map(|h| h.status).collect();
         assert_eq!(dan, vec![500, 200], "retried after the 500");
         assert_eq!(of("dan")[0].raw, of("dan")[1].raw, "the retry is the same notification");
@@ -158,7 +168,7 @@ async fn unseen_messages_are_notified_once_per_conversation() {
             std::fs::read_to_string(&dead_letters).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert_eq!(lines.len(), 1);
         assert_eq!((lines[0]["user"].as_str(), lines[0]["last"]["text"].as_str()), (Some("finn"), Some("for finn")));
-        assert_eq!(metric(http, "switchboard_notify_sent_total"), 3, "bob, dan, erin");
+        assert_eq!(metric(http, "switchboard_notify_sent_total"), 4, "bob, dan, erin, gus");
         assert_eq!(metric(http, "switchboard_notify_failed_total"), 4, "dan once, finn three times");
         assert!(metric(http, "switchboard_notify_seen_total") >= 1, "carol's was dropped");
         assert_eq!(metric(http, "switchboard_notify_pending"), 0);

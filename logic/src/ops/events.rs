@@ -58,6 +58,13 @@ pub struct Pin {
 
 /// What an event needs before it is appended: the conversation's members (its push targets)
 /// and the message it names, which must be content that was not recalled.
+fn check_cmid(cmid: &str) -> Result<(), ApiError> {
+    if cmid.is_empty() || cmid.chars().count() > 64 {
+        return Err(ApiError::bad_request("cmid must be 1-64 chars"));
+    }
+    Ok(())
+}
+
 async fn target(
     logic: &Logic,
     caller: &Caller,
@@ -65,9 +72,7 @@ async fn target(
     mid: &str,
     cmid: &str,
 ) -> Result<(Vec<String>, Message), ApiError> {
-    if cmid.is_empty() || cmid.chars().count() > 64 {
-        return Err(ApiError::bad_request("cmid must be 1-64 chars"));
-    }
+    check_cmid(cmid)?;
     let members = conv_members(logic, conv, &caller.user).await?;
     if let Some(other) = stranger_in(logic, conv, &caller.user).await? {
         return Err(ApiError::new("not_friends", format!("`{other}` is not your friend")));
@@ -135,6 +140,7 @@ pub async fn react(logic: &Logic, caller: &Caller, req: React, on: bool) -> Resu
 
 /// `pin` (`on`) and `unpin`: any member of a direct conversation, a group's owner or admins.
 pub async fn pin(logic: &Logic, caller: &Caller, req: Pin, on: bool) -> Result<Fields, ApiError> {
+    check_cmid(&req.cmid)?;
     if let Some(group) = req.conv.strip_prefix("g:") {
         if require_role(logic, group, &caller.user).await? == Role::Member {
             return Err(ApiError::forbidden("only the group's owner and admins may pin"));

@@ -337,7 +337,15 @@ pub async fn history(logic: &Logic, caller: &Caller, req: History) -> Result<Fie
     }
     // The page's oldest seq, to page on from (the folded page leaves the events out).
     let next_before = msgs.iter().map(|m| m.seq).min();
-    let (msgs, folded_through) = super::events::fold(logic, &caller.user, &req.conv, msgs).await?;
+    let (mut msgs, folded_through) = super::events::fold(logic, &caller.user, &req.conv, msgs).await?;
+    // Edits change sizes: the folded page is cut again (the newest that fit, at least one).
+    let mut total = 0;
+    if let Some(keep) = msgs.iter().position(|m| {
+        total += json_len(m) + 1;
+        total > logic.config.reply_max_bytes
+    }) {
+        msgs.truncate(keep.max(1));
+    }
     Ok(fields(json!({"msgs": msgs, "next_before": next_before, "folded_through": folded_through})))
 }
 
@@ -403,6 +411,9 @@ pub async fn recall(logic: &Logic, caller: &Caller, req: Recall) -> Result<Field
     let Some(m) = store.find_mid(&req.conv, &req.mid).await? else {
         return Err(ApiError::bad_request(format!("no message `{}` in `{}`", req.mid, req.conv)));
     };
+    if super::events::is_event(&m.kind) {
+        return Err(ApiError::bad_request(format!("`{}` is an event, not a message", req.mid)));
+    }
     if m.from != caller.user {
         return Err(ApiError::forbidden("only the sender may recall a message"));
     }
@@ -413,6 +424,7 @@ pub async fn recall(logic: &Logic, caller: &Caller, req: Recall) -> Result<Field
         }
         let _order = logic.conv_lock(&req.conv).lock().await;
         store.recall(&req.conv, m.seq).await?;
+        logic.notifier.recalled(&req.conv, &req.mid);
     }
     let push = json!({"op": "recall", "conv": req.conv, "mid": req.mid, "by": caller.user});
     to_members(logic, &members, &push, None, (&caller.gateway, caller.conn_id)).await;
