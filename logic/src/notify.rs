@@ -64,12 +64,19 @@ struct Entry {
     bytes: usize,
 }
 
+/// Bytes a queue item of this key is counted for.
+fn queued_bytes(key: &(String, String)) -> usize {
+    key.0.len() + key.1.len() + 64
+}
+
 #[derive(Default)]
 struct Pending {
     entries: HashMap<(String, String), Entry>,
     /// Entries in the order they come due (all share one delay); a key whose entry is gone
     /// or was renewed is skipped.
     queue: VecDeque<(Instant, (String, String))>,
+    /// Bytes of the entries and of the queue's items (an item stays until it comes due, even
+    /// when its entry was dropped before).
     bytes: usize,
 }
 
@@ -173,7 +180,7 @@ impl Notifier {
                 continue;
             }
             let due = Instant::now() + config.delay;
-            p.bytes += bytes;
+            p.bytes += bytes + queued_bytes(&key);
             p.queue.push_back((due, key.clone()));
             p.entries.insert(key, Entry { last_seq: m.seq, count: 1, seen: 0, last: last.clone(), due, bytes });
         }
@@ -217,6 +224,7 @@ impl Notifier {
         let mut out = Vec::new();
         while out.len() < max && p.queue.front().is_some_and(|(due, _)| *due <= now) {
             let (due, key) = p.queue.pop_front().expect("a front entry");
+            p.bytes -= queued_bytes(&key);
             if p.entries.get(&key).is_some_and(|e| e.due == due) {
                 let e = p.entries.remove(&key).expect("an entry just seen");
                 p.bytes -= e.bytes;
@@ -439,10 +447,42 @@ mod tests {
         n.message(&msg(2, "d:ann:bob"), &members);
         n.message(&msg(1, "d:ann:cat"), &["ann".to_string(), "cat".to_string()]);
         n.seen("cat", "d:ann:cat", 1);
+        assert!(n.lock().bytes > 0);
         let due = n.take_due(usize::MAX);
         assert_eq!(due.len(), 1, "the sender is never told, a seen conversation is dropped");
         let ((user, conv), e) = &due[0];
         assert_eq!((user.as_str(), conv.as_str(), e.count, e.last_seq), ("bob", "d:ann:bob", 2, 2));
-        assert_eq!(n.lock().bytes, 0);
+        assert_eq!(n.lock().bytes, 0, "entries and queue items are all accounted for");
+    }
+
+    #[test]
+    fn the_byte_bound_covers_entries_seen_before_they_came_due() {
+        let config = NotifyConfig {
+            url: "http://127.0.0.1:9/".into(),
+            secret: b"k".to_vec(),
+            delay: Duration::from_secs(3600),
+            attempts: 1,
+            backoff: Duration::ZERO,
+            max_pending_bytes: 4096,
+            dead_letter: None,
+        };
+        let n = Notifier::new(Some(config));
+        for i in 0..1000u64 {
+            let user = format!("u{i}");
+            let m = Message {
+                conv: format!("d:ann:{user}"),
+                mid: format!("m{i}"),
+                seq: 1,
+                from: "ann".into(),
+                cmid: format!("c{i}"),
+                kind: "text".into(),
+                body: json!("hi"),
+                ts: i,
+            };
+            n.message(&m, &["ann".to_string(), user.clone()]);
+            n.seen(&user, &m.conv, 1);
+        }
+        assert!(n.lock().bytes <= 4096);
+        assert!(n.stats.dropped.load(Ordering::Relaxed) > 900, "the queue's items count until they come due");
     }
 }
