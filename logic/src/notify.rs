@@ -87,6 +87,8 @@ struct Stats {
     dead: AtomicU64,
     seen: AtomicU64,
     dropped: AtomicU64,
+    /// Left to another logic instance that notified the same conversation in the window.
+    shared: AtomicU64,
 }
 
 /// The notifier of one logic instance (inactive without a webhook).
@@ -237,7 +239,7 @@ impl Notifier {
     /// Appends the counters in Prometheus text format.
     pub fn render(&self, out: &mut String) {
         use std::fmt::Write;
-        let rows: [(&str, &str, u64); 6] = [
+        let rows: [(&str, &str, u64); 7] = [
             (
                 "switchboard_notify_sent_total",
                 "Notifications the webhook accepted.",
@@ -262,6 +264,11 @@ impl Notifier {
                 "switchboard_notify_dropped_total",
                 "Notifications not kept: the pending bytes were full.",
                 self.stats.dropped.load(Ordering::Relaxed),
+            ),
+            (
+                "switchboard_notify_shared_total",
+                "Notifications left to another logic instance that sent one for the conversation in the window.",
+                self.stats.shared.load(Ordering::Relaxed),
             ),
             (
                 "switchboard_notify_pending",
@@ -319,6 +326,18 @@ async fn settle(logic: &Logic, user: String, conv: String, e: Entry) {
     if seen >= e.last_seq {
         n.stats.seen.fetch_add(1, Ordering::Relaxed);
         return;
+    }
+    // In a cluster every logic instance may hold an entry for this conversation: the first to
+    // claim it notifies, once per delay.
+    if let (Some(registry), Some(config)) = (&logic.stores.registry, &n.config) {
+        match registry.claim(&format!("notify:{user}:{conv}"), config.delay).await {
+            Ok(true) => {}
+            Ok(false) => {
+                n.stats.shared.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Err(err) => tracing::warn!(error = %err, "claiming a notification; notifying anyway"),
+        }
     }
     let unseen = e.count.min(e.last_seq - seen);
     let body =

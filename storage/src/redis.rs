@@ -709,6 +709,18 @@ impl Registry for RedisStore {
         }
         Ok(out)
     }
+
+    async fn claim(&self, name: &str, ttl: Duration) -> Result<bool> {
+        let set: Option<String> = redis::cmd("SET")
+            .arg(self.key(&["claim", name]))
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(set.is_some())
+    }
 }
 
 /// Routes: a hash per user (field "gateway|conn_id" -> ConnRef) and a

@@ -213,4 +213,7 @@ pub trait Registry: Send + Sync {
     async fn deregister(&self, kind: &str, id: &str) -> Result<()>;
     /// The live entries of one kind.
     async fn members(&self, kind: &str) -> Result<Vec<Member>>;
+    /// Claims `name` for `ttl` across the cluster: `true` for the first claim, `false` while an
+    /// earlier one holds (what one instance does for all, such as a notification).
+    async fn claim(&self, name: &str, ttl: std::time::Duration) -> Result<bool>;
 }

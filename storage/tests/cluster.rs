@@ -45,6 +45,13 @@ async fn redis_routes_and_registry() {
     assert!(!ids.contains(&"gw3".to_string()), "{ids:?}");
     assert!(store.get("zed").await.unwrap().is_empty(), "routes of a dead gateway are ignored");
     assert!(store.register("gateway", &member("gw3"), 30).await.unwrap(), "a lapsed entry registers anew");
+    // a claim holds for its time, across every instance of the store
+    let other = RedisStore::connect(&env.redis, &prefix).await.unwrap();
+    assert!(store.claim("notify:zed:d:a:b", Duration::from_millis(300)).await.unwrap());
+    assert!(!other.claim("notify:zed:d:a:b", Duration::from_millis(300)).await.unwrap(), "held");
+    assert!(other.claim("notify:zed:d:a:c", Duration::from_millis(300)).await.unwrap(), "another name");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(other.claim("notify:zed:d:a:b", Duration::from_millis(300)).await.unwrap(), "lapsed");
     store.deregister("gateway", "gw3").await.unwrap();
     store.deregister("gateway", "gw1").await.unwrap();
     let ids: Vec<String> = store.members("gateway").await.unwrap().into_iter().map(|m| m.id).collect();
