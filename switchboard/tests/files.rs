@@ -112,6 +112,10 @@ async fn files_reach_the_members_of_their_conversations_only() {
             );
             assert!(headers["content-disposition"].starts_with("attachment"));
             assert!(headers["content-security-policy"].contains("sandbox"));
+            // downloads count against the user's request bucket (100 at once by default)
+            let statuses: Vec<u16> = (0..150).map(|_| download(http, &tc, &url).0).collect();
+            assert!(statuses.iter().take(50).all(|s| *s == 200), "{statuses:?}");
+            assert!(statuses.contains(&429), "a burst of downloads is rate-limited: {statuses:?}");
         },
     )
     .await;
