@@ -298,7 +298,8 @@ impl PersistWorker {
             }
             next.insert(p, m.offset() + 1);
             self.stats.records.fetch_add(1, Ordering::Relaxed);
-            let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
+            // Only a record that goes to the dead-letter topic needs its key as text.
+            let key = || m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
             let mut lines = 0;
             for line in split(m.payload().unwrap_or_default()) {
                 lines += 1;
@@ -306,7 +307,7 @@ impl PersistWorker {
                     Ok(r) => records.push(r),
                     Err(e) => {
                         tracing::warn!(partition = p, offset = m.offset(), error = %e, "poison record to dead-letter");
-                        if !self.dead_letter(&key, line, writes, stop).await? {
+                        if !self.dead_letter(&key(), line, writes, stop).await? {
                             return Ok(false);
                         }
                     }
@@ -314,7 +315,7 @@ impl PersistWorker {
             }
             if lines == 0 {
                 tracing::warn!(partition = p, offset = m.offset(), "empty record to dead-letter");
-                if !self.dead_letter(&key, &[], writes, stop).await? {
+                if !self.dead_letter(&key(), &[], writes, stop).await? {
                     return Ok(false);
                 }
             }

@@ -154,6 +154,8 @@ pub async fn pin(logic: &Logic, caller: &Caller, req: Pin, on: bool) -> Result<F
 /// What the events say of one message.
 #[derive(Default)]
 struct Folded {
+    /// The message's sender: only their edits count.
+    from: String,
     text: Option<(String, u64)>,
     reactions: BTreeMap<String, BTreeSet<String>>,
     pinned: bool,
@@ -166,9 +168,11 @@ struct Folded {
 /// seq it read (events after it are not applied).
 pub async fn fold(logic: &Logic, user: &str, conv: &str, page: Vec<Message>) -> Result<(Vec<Value>, u64), ApiError> {
     let Some(oldest) = page.iter().map(|m| m.seq).min() else { return Ok((Vec::new(), 0)) };
-    let mut state: HashMap<String, Folded> =
-        page.iter().filter(|m| !is_event(&m.kind)).map(|m| (m.mid.clone(), Folded::default())).collect();
-    let senders: HashMap<String, String> = page.iter().map(|m| (m.mid.clone(), m.from.clone())).collect();
+    let mut state: HashMap<String, Folded> = page
+        .iter()
+        .filter(|m| !is_event(&m.kind))
+        .map(|m| (m.mid.clone(), Folded { from: m.from.clone(), ..Folded::default() }))
+        .collect();
     let (mut after, mut read) = (oldest.saturating_sub(1), 0usize);
     let chunk = 500.min(logic.config.fold_scan.max(1));
     while read < logic.config.fold_scan {
@@ -183,9 +187,7 @@ pub async fn fold(logic: &Logic, user: &str, conv: &str, page: Vec<Message>) -> 
             let on = e.body.get("on").and_then(Value::as_bool).unwrap_or(false);
             match e.kind.as_str() {
                 EDIT => {
-                    let by_sender =
-                        e.body.get("mid").and_then(Value::as_str).and_then(|mid| senders.get(mid)) == Some(&e.from);
-                    if let (true, Some(text)) = (by_sender, e.body.get("text").and_then(Value::as_str)) {
+                    if let (true, Some(text)) = (f.from == e.from, e.body.get("text").and_then(Value::as_str)) {
                         f.text = Some((text.to_owned(), e.ts));
                     }
                 }

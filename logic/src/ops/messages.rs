@@ -102,7 +102,7 @@ fn json_len<T: Serialize>(v: &T) -> usize {
 
 /// Keeps the longest prefix of `msgs` within `max_bytes` (at least one message). Returns
 /// whether anything was cut.
-fn cut_to_bytes(msgs: &mut Vec<Message>, max_bytes: usize) -> bool {
+fn cut_to_bytes<T: Serialize>(msgs: &mut Vec<T>, max_bytes: usize) -> bool {
     let mut total = 0;
     for (i, m) in msgs.iter().enumerate() {
         total += json_len(m) + 1;
@@ -339,13 +339,7 @@ pub async fn history(logic: &Logic, caller: &Caller, req: History) -> Result<Fie
     let next_before = msgs.iter().map(|m| m.seq).min();
     let (mut msgs, folded_through) = super::events::fold(logic, &caller.user, &req.conv, msgs).await?;
     // Edits change sizes: the folded page is cut again (the newest that fit, at least one).
-    let mut total = 0;
-    if let Some(keep) = msgs.iter().position(|m| {
-        total += json_len(m) + 1;
-        total > logic.config.reply_max_bytes
-    }) {
-        msgs.truncate(keep.max(1));
-    }
+    cut_to_bytes(&mut msgs, logic.config.reply_max_bytes);
     Ok(fields(json!({"msgs": msgs, "next_before": next_before, "folded_through": folded_through})))
 }
 
