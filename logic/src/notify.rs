@@ -460,6 +460,8 @@ mod tests {
             kind: "text".into(),
             body: json!("hi"),
             ts: seq,
+            reply_to: None,
+            mentions: Vec::new(),
         };
         let members = ["ann".to_string(), "bob".to_string()];
         n.message(&msg(1, "d:ann:bob"), &members);
@@ -497,6 +499,8 @@ mod tests {
                 kind: "text".into(),
                 body: json!("hi"),
                 ts: i,
+                reply_to: None,
+                mentions: Vec::new(),
             };
             n.message(&m, &["ann".to_string(), user.clone()]);
             n.seen(&user, &m.conv, 1);

@@ -61,6 +61,8 @@ pub fn void_message(conv: &str, seq: u64, ts: u64) -> Message {
         kind: VOID.to_owned(),
         body: serde_json::Value::String(String::new()),
         ts,
+        reply_to: None,
+        mentions: Vec::new(),
     }
 }
 
@@ -482,6 +484,17 @@ impl MessageStore for ClusterMessages {
             }
         }
         Ok(found)
+    }
+
+    /// As the durable store has them: a mention counts once persisted.
+    async fn mentions(&self, user: &str) -> Result<HashMap<String, u64>> {
+        self.durable.mentions(user).await
+    }
+
+    /// As the durable store has them: a message is found once persisted (an edit or a recall
+    /// applies then).
+    async fn search(&self, q: &crate::search::SearchQuery) -> Result<Vec<crate::search::Found>> {
+        self.durable.search(q).await
     }
 
     async fn recall(&self, conv: &str, seq: u64) -> Result<Option<Message>> {

@@ -26,6 +26,8 @@ pub fn text(conv: &str, from: &str, cmid: &str, body: &str) -> NewMessage {
         cmid: cmid.into(),
         kind: "text".into(),
         body: serde_json::Value::String(body.into()),
+        reply_to: None,
+        mentions: Vec::new(),
     }
 }
 
@@ -41,6 +43,109 @@ pub async fn run_all(
     groups_contract(groups).await;
     messages_contract(messages).await;
     concurrent_appends(messages).await;
+    let (p, conv) = search_contract(messages).await;
+    search_final_state(messages, &p, &conv).await;
+}
+
+/// An event or message with `body` of type `kind`.
+fn of_kind(conv: &str, from: &str, cmid: &str, kind: &str, body: serde_json::Value) -> NewMessage {
+    NewMessage { kind: kind.into(), body, ..text(conv, from, cmid, "") }
+}
+
+/// A search of `q` in `convs`, as (seq, text) newest first.
+async fn found(s: &dyn MessageStore, convs: &[&str], q: &str, from: Option<&str>) -> Vec<(u64, String)> {
+    let query = crate::search::SearchQuery {
+        convs: convs.iter().map(|c| c.to_string()).collect(),
+        terms: crate::search::query_terms(q),
+        from: from.map(str::to_owned),
+        before_ts: None,
+        limit: 10,
+    };
+    s.search(&query).await.unwrap().into_iter().map(|f| (f.msg.seq, f.text)).collect()
+}
+
+/// Replies keep their quote, mentions raise the mentioned users' marks, and search finds
+/// messages by their current text (words and CJK characters, every term needed, in the given
+/// conversations only, by sender), an edit's text once edited and nothing once recalled.
+/// Returns the prefix and conversation for [`search_final_state`].
+pub async fn search_contract(s: &dyn MessageStore) -> (String, String) {
+    let p = prefix();
+    let (a, b) = (format!("{p}a"), format!("{p}b"));
+    let conv = format!("g:{p}g");
+    let other = format!("g:{p}h");
+    let m1 = s.append(text(&conv, &a, "c1", "Meeting at NOON tomorrow"), &[]).await.unwrap().msg;
+    let quote = crate::Quote {
+        mid: m1.mid.clone(),
+        seq: m1.seq,
+        from: a.clone(),
+        kind: "text".into(),
+        preview: "Meeting".into(),
+    };
+    let reply = NewMessage {
+        reply_to: Some(Box::new(quote.clone())),
+        mentions: vec![a.clone()],
+        ..text(&conv, &b, "c2", "我们明天见 at noon")
+    };
+    let m2 = s.append(reply, &[]).await.unwrap().msg;
+    assert_eq!(m2.reply_to.as_deref(), Some(&quote));
+    let file =
+        serde_json::json!({"url": "/v1/files/x", "name": "noon-report.pdf", "size": 3, "mime": "application/pdf"});
+    let m3 = s.append(of_kind(&conv, &b, "c3", "file", file), &[]).await.unwrap().msg;
+    s.append(text(&other, &a, "c1", "noon elsewhere"), &[]).await.unwrap();
+    let custom = of_kind(&conv, &a, "c4", "custom", serde_json::json!({"text": "noon"}));
+    s.append(custom, &[]).await.unwrap();
+    // read back: the reply and its mentions, by every read
+    let back = s.find_mid(&conv, &m2.mid).await.unwrap().unwrap();
+    assert_eq!((back.reply_to.as_deref(), back.mentions.clone()), (Some(&quote), vec![a.clone()]));
+    assert_eq!(s.range(&conv, m1.seq, 1).await.unwrap()[0], m2);
+    assert_eq!(s.mentions(&a).await.unwrap().get(&conv), Some(&m2.seq));
+    assert!(!s.mentions(&b).await.unwrap().contains_key(&conv));
+
+    assert_eq!(
+        found(s, &[&conv], "noon", None).await,
+        vec![
+            (m3.seq, "noon-report.pdf".into()),
+            (m2.seq, "我们明天见 at noon".into()),
+            (m1.seq, "Meeting at NOON tomorrow".into())
+        ]
+    );
+    assert_eq!(found(s, &[&conv], "明天", None).await.len(), 1);
+    assert_eq!(found(s, &[&conv], "明", None).await.len(), 1);
+    assert!(found(s, &[&conv], "明后", None).await.is_empty(), "every pair of a CJK run is needed");
+    assert_eq!(found(s, &[&conv], "noon tomorrow", None).await, vec![(m1.seq, "Meeting at NOON tomorrow".into())]);
+    assert_eq!(found(s, &[&conv], "noon", Some(&a)).await.len(), 1, "by sender");
+    assert_eq!(found(s, &[&conv, &other], "noon", None).await.len(), 4, "both conversations");
+    assert!(found(s, &[&other], "tomorrow", None).await.is_empty(), "only the conversations asked");
+    let before = crate::search::SearchQuery {
+        convs: vec![conv.clone()],
+        terms: crate::search::query_terms("noon"),
+        from: None,
+        before_ts: Some(m2.ts),
+        limit: 10,
+    };
+    assert!(s.search(&before).await.unwrap().iter().all(|f| f.msg.ts < m2.ts));
+
+    // an edit replaces the text searched; a later edit wins; a recall removes the message
+    let edit =
+        |cmid: &str, text: &str| of_kind(&conv, &a, cmid, "edit", serde_json::json!({"mid": m1.mid, "text": text}));
+    s.append(edit("e1", "lunch at one"), &[]).await.unwrap();
+    s.append(edit("e2", "lunch at two instead"), &[]).await.unwrap();
+    s.recall(&conv, m3.seq).await.unwrap();
+    (p, conv)
+}
+
+/// What [`search_contract`] leaves (checked again after a restart).
+pub async fn search_final_state(s: &dyn MessageStore, p: &str, conv: &str) {
+    let a = format!("{p}a");
+    assert_eq!(found(s, &[conv], "noon", None).await.len(), 1, "only the reply still says noon");
+    let lunch = found(s, &[conv], "lunch", None).await;
+    assert_eq!(lunch.len(), 1);
+    assert_eq!(lunch[0].1, "lunch at two instead");
+    assert!(found(s, &[conv], "one", None).await.is_empty(), "the earlier edit's text is gone");
+    assert_eq!(found(s, &[conv], "明天", None).await.len(), 1);
+    assert!(s.mentions(&a).await.unwrap().contains_key(conv));
+    let m1 = s.range(conv, 0, 1).await.unwrap().remove(0);
+    assert_eq!(m1.body, serde_json::json!("Meeting at NOON tomorrow"), "the message itself is unchanged");
 }
 
 pub async fn accounts_contract(s: &dyn AccountStore) {
@@ -491,6 +596,40 @@ mod tests {
         drop(store);
         // reopening finds everything (durability across restart)
         let store = EmbeddedStore::open(&dir).unwrap();
+        let _ = store.last_seq("d:x:y").await.unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// The search index and mention marks from the tail, from the B-trees after checkpoints, and
+    /// after a restart (the log replayed, or the checkpointed tables read).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn embedded_search_survives_checkpoints_and_restarts() {
+        let dir = std::env::temp_dir().join(format!("sb-search-{}", prefix()));
+        let fast = crate::embedded::CheckpointPolicy {
+            interval: std::time::Duration::from_millis(5),
+            bytes: 1 << 20,
+            ..Default::default()
+        };
+        let store = EmbeddedStore::open_with(&dir, fast).unwrap();
+        let (p, conv) = search_contract(&store).await;
+        search_final_state(&store, &p, &conv).await;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        search_final_state(&store, &p, &conv).await;
+        drop(store);
+        let store = EmbeddedStore::open(&dir).unwrap();
+        search_final_state(&store, &p, &conv).await;
+        // the same with nothing checkpointed before the restart (all from the log)
+        let slow = crate::embedded::CheckpointPolicy {
+            interval: std::time::Duration::from_secs(3600),
+            bytes: 1 << 30,
+            ..Default::default()
+        };
+        drop(store);
+        let store = EmbeddedStore::open_with(&dir, slow).unwrap();
+        let (p, conv) = search_contract(&store).await;
+        drop(store);
+        let store = EmbeddedStore::open(&dir).unwrap();
+        search_final_state(&store, &p, &conv).await;
         let _ = store.last_seq("d:x:y").await.unwrap();
         assert!(store.user_groups("nobody").await.unwrap().is_empty());
         std::fs::remove_dir_all(&dir).ok();

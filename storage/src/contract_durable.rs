@@ -18,6 +18,8 @@ fn record(conv: &str, seq: u64, from: &str, cmid: &str, members: &[String]) -> S
             kind: "text".into(),
             body: serde_json::json!(format!("m{seq}")),
             ts: 1_000 + seq,
+            reply_to: None,
+            mentions: Vec::new(),
         },
         members: members.to_vec(),
         recall: false,
@@ -300,4 +302,49 @@ pub async fn partition_offsets_contract(log: &dyn DurableLog, messages: &dyn Mes
     assert_eq!(sorted(log.partition_offsets(&topic).await.unwrap()), vec![(0, 7), (1, 6)]);
     assert_eq!(sorted(log.partition_offsets(&other).await.unwrap()), vec![(0, 1)]);
     assert_eq!(messages.range(&conv, 0, 10).await.unwrap().len(), 2, "redelivered records stored once");
+}
+
+/// Records stored by the persist worker index like appends: mentions raise marks, an edit
+/// changes its target's searched text (the later edit wins whatever order batches come in), a
+/// recall removes it from search.
+pub async fn records_index_search(log: &dyn DurableLog, messages: &dyn MessageStore) {
+    let p = prefix();
+    let (a, b) = (format!("{p}a"), format!("{p}b"));
+    let conv = format!("d:{a}:{b}");
+    let members = [a.clone(), b.clone()];
+    let mut first = record(&conv, 1, &a, "c1", &members);
+    first.msg.body = serde_json::json!("quarterly numbers 季度报告");
+    let mut second = record(&conv, 2, &b, "c2", &members);
+    second.msg.body = serde_json::json!("numbers look fine");
+    second.msg.mentions = vec![a.clone()];
+    let edit = |seq: u64, text: &str| {
+        let mut r = record(&conv, seq, &a, &format!("e{seq}"), &members);
+        r.msg.kind = "edit".into();
+        r.msg.body = serde_json::json!({"mid": first.msg.mid, "text": text});
+        r
+    };
+    let (e3, e4) = (edit(3, "yearly figures"), edit(4, "yearly numbers final"));
+    log.upsert_records(&[first.clone(), second.clone(), e3.clone()]).await.unwrap();
+    log.upsert_records(std::slice::from_ref(&e4)).await.unwrap();
+    // a redelivered older batch changes nothing
+    log.upsert_records(std::slice::from_ref(&e3)).await.unwrap();
+    let q = |text: &str| crate::search::SearchQuery {
+        convs: vec![conv.clone()],
+        terms: crate::search::query_terms(text),
+        from: None,
+        before_ts: None,
+        limit: 10,
+    };
+    let hits = |found: Vec<crate::search::Found>| found.into_iter().map(|f| (f.msg.seq, f.text)).collect::<Vec<_>>();
+    assert_eq!(
+        hits(messages.search(&q("numbers")).await.unwrap()),
+        vec![(2, "numbers look fine".into()), (1, "yearly numbers final".into())]
+    );
+    assert!(messages.search(&q("季度")).await.unwrap().is_empty(), "the edited text replaced it");
+    assert!(messages.search(&q("figures")).await.unwrap().is_empty(), "the later edit won");
+    assert_eq!(messages.mentions(&a).await.unwrap().get(&conv), Some(&2));
+    log.upsert_records(&[recall_of(&second)]).await.unwrap();
+    assert_eq!(hits(messages.search(&q("numbers")).await.unwrap()), vec![(1, "yearly numbers final".into())]);
+    let stored = messages.find_mid(&conv, &second.msg.mid).await.unwrap().unwrap();
+    assert!(stored.mentions.is_empty() && stored.reply_to.is_none(), "a recall keeps no references");
 }

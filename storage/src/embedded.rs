@@ -16,6 +16,7 @@ use async_trait::async_trait;
 use redb::{Database, ReadTransaction, ReadableTable, ReadableTableMetadata, Table, TableDefinition, WriteTransaction};
 
 use crate::caches::{members_hash, role_in, ConvCache, ConvState, GroupCache, Members, Shared, MAX_RELATIONS};
+use crate::embedded_search::IndexTables;
 pub use crate::group_commit::CheckpointPolicy;
 use crate::group_commit::{End, GroupCommit, Log, Logged, Reader};
 use crate::tail::{merge, merge_cursors, Entry, Gen, Tail};
@@ -34,7 +35,7 @@ const REFRESH: TableDefinition<&str, &str> = TableDefinition::new("refresh");
 /// (user, other) -> FriendState as JSON.
 const FRIENDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("friends");
 /// (conv, seq) -> Message as JSON.
-const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
+pub(crate) const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
 /// conv -> last seq.
 const CONV_SEQ: TableDefinition<&str, u64> = TableDefinition::new("conv_seq");
 /// (conv, from, cmid) -> seq.
@@ -46,7 +47,7 @@ const ACKS: TableDefinition<(&str, &str, &str), u64> = TableDefinition::new("ack
 /// (user, conv) -> read seq.
 const READS: TableDefinition<(&str, &str), u64> = TableDefinition::new("reads");
 /// (conv, mid) -> seq.
-const MIDS: TableDefinition<(&str, &str), u64> = TableDefinition::new("mids");
+pub(crate) const MIDS: TableDefinition<(&str, &str), u64> = TableDefinition::new("mids");
 /// group id -> Group as JSON.
 const GROUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("groups");
 /// (group, user) -> role.
@@ -107,6 +108,9 @@ impl EmbeddedStore {
                     mids.insert((m.conv.as_str(), m.mid.as_str()), m.seq)?;
                 }
             }
+            drop(mids);
+            // So do the mention marks and the search index.
+            crate::embedded_search::create(&tx, &messages)?;
         }
         tx.commit()?;
         let (records, last) = Segments::recover(dir)?;
@@ -502,6 +506,11 @@ impl<'t> MessageTables<'t> {
         })
     }
 
+    /// The seq of message `mid` of `conv`.
+    fn seq_of_mid(&self, conv: &str, mid: &str) -> Result<Option<u64>> {
+        Ok(self.mids.get((conv, mid))?.map(|v| v.value()))
+    }
+
     /// Writes a stored message (`json` is its encoding) and its index rows, with the first
     /// conversation-index rows of `indexed` members.
     fn put(&mut self, m: &Message, json: &[u8], indexed: &[String]) -> Result<()> {
@@ -552,6 +561,7 @@ fn decode_append(record: &[u8]) -> Result<(Message, &[u8], Vec<String>)> {
 /// in log order, and applies the logged recalls and cursors (both idempotent).
 fn replay(tx: &WriteTransaction, records: &[Vec<u8>]) -> Result<()> {
     let mut tables = MessageTables::open(tx)?;
+    let mut index = IndexTables::open(tx)?;
     for record in records {
         match record.split_first() {
             Some((&APPEND, rest)) => {
@@ -567,10 +577,12 @@ fn replay(tx: &WriteTransaction, records: &[Vec<u8>]) -> Result<()> {
                     )));
                 }
                 tables.put(&m, json, &indexed)?;
+                index.message(&m, true, |mid| tables.seq_of_mid(&m.conv, mid))?;
             }
             Some((&RECALLED, json)) => {
                 let m: Message = serde_json::from_slice(json)?;
                 tables.messages.insert((m.conv.as_str(), m.seq), json)?;
+                index.message(&m, false, |mid| tables.seq_of_mid(&m.conv, mid))?;
             }
             Some((&ACKS_RAISED, rest)) => {
                 raise_acks(tx, &serde_json::from_slice::<Vec<AckCursor>>(rest)?)?;
@@ -612,6 +624,14 @@ fn apply(tx: &WriteTransaction, gen: &Gen) -> Result<()> {
     for (conv, mid, seq) in mids {
         tables.mids.insert((conv, mid), seq)?;
     }
+    // The derived indexes, each conversation's messages in seq order (an edit after its target).
+    let mut index = IndexTables::open(tx)?;
+    for (conv, c) in &convs {
+        for held in c.by_seq.values() {
+            index.message(&held.msg, held.appended, |mid| tables.seq_of_mid(conv, mid))?;
+        }
+    }
+    drop(index);
     let mut indexed: Vec<(&str, &str)> =
         gen.indexed.iter().flat_map(|(u, cs)| cs.iter().map(move |c| (u.as_str(), c.as_str()))).collect();
     indexed.sort_unstable();
@@ -990,6 +1010,26 @@ impl MessageStore for EmbeddedStore {
             })
             .await
     }
+
+    async fn mentions(&self, user: &str) -> Result<HashMap<String, u64>> {
+        let tail = self.tail.mentions_of(user);
+        let u = user.to_owned();
+        let mut stored = self.read(move |tx| crate::embedded_search::mentions(tx, &u)).await?;
+        for (conv, seq) in tail {
+            let v = stored.entry(conv).or_insert(0);
+            *v = (*v).max(seq);
+        }
+        Ok(stored)
+    }
+
+    async fn search(&self, q: &crate::search::SearchQuery) -> Result<Vec<crate::search::Found>> {
+        // The tail before the read transaction (see the tail's own rules).
+        let tail: Vec<Arc<Message>> = q.convs.iter().flat_map(|c| self.tail.messages(c, ..)).collect();
+        let query = q.clone();
+        let stored = self.read(move |tx| crate::embedded_search::candidates(tx, &query)).await?;
+        crate::embedded_search::merge_tail(q, stored, tail, |conv, mid| async move { self.find_mid(&conv, &mid).await })
+            .await
+    }
 }
 
 fn parse_role(s: &str) -> Result<Role> {
@@ -1189,6 +1229,8 @@ mod tests {
             cmid: "c1".into(),
             kind: "text".into(),
             body: serde_json::json!("hi"),
+            reply_to: None,
+            mentions: Vec::new(),
         };
         let stored = store.append(msg, &["a".to_string()]).await.unwrap().msg;
         // a database written before the mid index existed
@@ -1218,6 +1260,8 @@ mod tests {
             cmid: cmid.into(),
             kind: "text".into(),
             body: serde_json::json!(cmid),
+            reply_to: None,
+            mentions: Vec::new(),
         };
         let first = store.append(new("c1"), &["a".to_string(), "b".to_string()]).await.unwrap().msg;
         let check = |store: EmbeddedStore, mid: String| async move {
@@ -1263,6 +1307,8 @@ mod tests {
             cmid: format!("c{i}"),
             kind: "text".into(),
             body: serde_json::json!(i),
+            reply_to: None,
+            mentions: Vec::new(),
         };
         let tasks: Vec<_> = (0..400)
             .map(|i| {
@@ -1329,6 +1375,8 @@ mod tests {
                             cmid: format!("c{i}"),
                             kind: "text".into(),
                             body: serde_json::json!(i),
+                            reply_to: None,
+                            mentions: Vec::new(),
                         };
                         let a = store.append(msg, &[format!("u{t}")]).await.unwrap();
                         assert!(store.range(&a.msg.conv, a.msg.seq - 1, 1).await.unwrap()[0].seq == a.msg.seq);
@@ -1377,6 +1425,8 @@ mod tests {
                                 cmid: format!("r{round}-{i}"),
                                 kind: "text".into(),
                                 body: serde_json::json!(i),
+                                reply_to: None,
+                                mentions: Vec::new(),
                             };
                             store.append(msg, &[]).await.unwrap();
                         }
@@ -1420,6 +1470,8 @@ mod tests {
                             cmid: format!("t{t}-{i}"),
                             kind: "text".into(),
                             body: serde_json::json!("x".repeat(200 + i % 300)),
+                            reply_to: None,
+                            mentions: Vec::new(),
                         };
                         let a = store.append(msg, &members[..2 + (i % 38)]).await.unwrap();
                         println!("acked {} {} {} {}", conv, a.msg.seq, a.msg.from, a.msg.cmid);
@@ -1536,6 +1588,8 @@ mod tests {
                     cmid: format!("after-{round}"),
                     kind: "text".into(),
                     body: serde_json::json!("after"),
+                    reply_to: None,
+                    mentions: Vec::new(),
                 };
                 let last = store.last_seq("g:c0").await.unwrap();
                 assert_eq!(store.append(next, &[]).await.unwrap().msg.seq, last + 1);

@@ -9,6 +9,7 @@ pub mod cluster_caches;
 pub mod contract;
 pub mod contract_durable;
 pub mod embedded;
+mod embedded_search;
 mod error;
 pub mod files;
 mod group_commit;
@@ -20,6 +21,7 @@ pub mod persist;
 pub mod postgres;
 pub mod record_batch;
 pub mod redis;
+pub mod search;
 mod tail;
 pub mod tls;
 mod traits;
@@ -40,5 +42,12 @@ pub fn now_ms() -> u64 {
 /// The recalled form of a stored message: same conv, seq, mid, sender,
 /// cmid and ts; kind "recalled" and an empty string body.
 pub(crate) fn recalled_form(m: Message) -> Message {
-    Message { kind: "recalled".into(), body: serde_json::Value::String(String::new()), ..m }
+    // A recalled message quotes nothing and mentions nobody any more.
+    Message {
+        kind: "recalled".into(),
+        body: serde_json::Value::String(String::new()),
+        reply_to: None,
+        mentions: Vec::new(),
+        ..m
+    }
 }

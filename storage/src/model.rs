@@ -91,6 +91,55 @@ pub struct Message {
     pub kind: String,
     pub body: serde_json::Value,
     pub ts: u64,
+    /// The message this one replies to, quoted as it was when the reply was sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<Box<Quote>>,
+    /// The users this message mentions (members of its conversation).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mentions: Vec<String>,
+}
+
+/// A quoted message: what a reply carries of the message it answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quote {
+    pub mid: String,
+    pub seq: u64,
+    pub from: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The start of a text message's body (empty for other types).
+    pub preview: String,
+}
+
+/// What a message refers to besides its body, as the SQL and document backends store it (one
+/// JSON column, absent when the message refers to nothing).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Refs {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<Box<Quote>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mentions: Vec<String>,
+}
+
+impl Message {
+    /// The message's references as one JSON text, or `None` when it has none.
+    pub fn refs_json(&self) -> crate::Result<Option<String>> {
+        if self.reply_to.is_none() && self.mentions.is_empty() {
+            return Ok(None);
+        }
+        let refs = Refs { reply_to: self.reply_to.clone(), mentions: self.mentions.clone() };
+        Ok(Some(serde_json::to_string(&refs)?))
+    }
+
+    /// Sets the references stored as [`Message::refs_json`].
+    pub fn set_refs_json(&mut self, refs: Option<&str>) -> crate::Result<()> {
+        if let Some(text) = refs {
+            let refs: Refs = serde_json::from_str(text)?;
+            self.reply_to = refs.reply_to;
+            self.mentions = refs.mentions;
+        }
+        Ok(())
+    }
 }
 
 /// A message to append; the store assigns `mid`, `seq` and `ts`.
@@ -101,6 +150,8 @@ pub struct NewMessage {
     pub cmid: String,
     pub kind: String,
     pub body: serde_json::Value,
+    pub reply_to: Option<Box<Quote>>,
+    pub mentions: Vec<String>,
 }
 
 impl NewMessage {
@@ -115,6 +166,8 @@ impl NewMessage {
             cmid: self.cmid,
             kind: self.kind,
             body: self.body,
+            reply_to: self.reply_to,
+            mentions: self.mentions,
         }
     }
 }

@@ -25,6 +25,10 @@
 //! - `groups`: `_id` group id; name, owner, created_ms.
 //! - `group_members`: `_id` `group\0user`; group, user, role. Indexes
 //!   `{group: 1, user: 1}` and `{user: 1, group: 1}`.
+//! - `mentions`: `_id` `user\0conv`; user, conv, seq (the highest seq mentioning the user).
+//!   Index `{user: 1}`.
+//! - messages also carry `refs` (JSON text: reply quote and mentions, when any) and the search
+//!   fields `stext`, `stext_seq` and `terms` (see [`crate::search`]); index `{terms: 1}`.
 //! - `persist_offsets`: `_id` `topic\0partition`; topic, part, next_offset
 //!   (how far the persist worker got in each partition of the message topic).
 //!
@@ -100,7 +104,8 @@ const GROUPS: &str = "groups";
 const GROUP_MEMBERS: &str = "group_members";
 const PERSIST_OFFSETS: &str = "persist_offsets";
 const BLOCKS: &str = "blocks";
-const COLLECTIONS: [&str; 13] = [
+const MENTIONS: &str = "mentions";
+const COLLECTIONS: [&str; 14] = [
     USERS,
     SESSIONS,
     REFRESH_TOKENS,
@@ -114,6 +119,7 @@ const COLLECTIONS: [&str; 13] = [
     GROUP_MEMBERS,
     PERSIST_OFFSETS,
     BLOCKS,
+    MENTIONS,
 ];
 
 impl From<mongodb::error::Error> for StorageError {
@@ -261,7 +267,7 @@ fn flag(d: &Document, field: &str) -> Result<bool> {
 }
 
 fn message_doc(m: &Message) -> Result<Document> {
-    Ok(doc! {
+    let mut d = doc! {
         "conv": &m.conv,
         "seq": int(m.seq),
         "mid": &m.mid,
@@ -270,12 +276,26 @@ fn message_doc(m: &Message) -> Result<Document> {
         "type": &m.kind,
         "body": serde_json::to_string(&m.body)?,
         "ts": int(m.ts),
-    })
+    };
+    if let Some(refs) = m.refs_json()? {
+        d.insert("refs", refs);
+    }
+    if let crate::search::IndexChange::Add(text) = crate::search::change_of(m) {
+        d.insert("terms", crate::search::doc_terms(&text));
+        d.insert("stext", text);
+        d.insert("stext_seq", int(m.seq));
+    }
+    Ok(d)
 }
 
 /// The fields a recall sets: type "recalled" and an empty string body.
 fn recalled_fields() -> Result<Document> {
     Ok(doc! { "type": "recalled", "body": serde_json::to_string(&serde_json::Value::String(String::new()))? })
+}
+
+/// The fields a recall removes: references and search fields.
+fn recalled_unset() -> Document {
+    doc! { "refs": "", "stext": "", "terms": "" }
 }
 
 fn role_from_doc(d: &Document) -> Result<Role> {
@@ -305,7 +325,7 @@ fn member_entry(group: &str, user: &str, role: Role) -> (String, Document) {
 }
 
 fn message_from_doc(d: &Document) -> Result<Message> {
-    Ok(Message {
+    let mut m = Message {
         conv: text(d, "conv")?,
         seq: number(d, "seq")?,
         mid: text(d, "mid")?,
@@ -314,7 +334,11 @@ fn message_from_doc(d: &Document) -> Result<Message> {
         kind: text(d, "type")?,
         body: serde_json::from_str(&text(d, "body")?)?,
         ts: number(d, "ts")?,
-    })
+        reply_to: None,
+        mentions: Vec::new(),
+    };
+    m.set_refs_json(d.get_str("refs").ok())?;
+    Ok(m)
 }
 
 fn session_doc(s: &Session) -> Document {
@@ -504,6 +528,7 @@ pub struct MongoStore {
     messages: Collection<Document>,
     conv_seq: Collection<Document>,
     user_convs: Collection<Document>,
+    mentions: Collection<Document>,
     acks: Collection<Document>,
     reads: Collection<Document>,
     groups: Collection<Document>,
@@ -548,6 +573,7 @@ impl MongoStore {
             messages: coll(MESSAGES),
             conv_seq: coll(CONV_SEQ),
             user_convs: coll(USER_CONVS),
+            mentions: coll(MENTIONS),
             acks: coll(ACKS),
             reads: coll(READS),
             groups: coll(GROUPS),
@@ -603,8 +629,10 @@ impl MongoStore {
                     index(doc! { "conv": 1, "seq": 1 }, true),
                     index(doc! { "conv": 1, "from": 1, "cmid": 1 }, true),
                     index(doc! { "conv": 1, "mid": 1 }, false),
+                    index(doc! { "terms": 1 }, false),
                 ],
             ),
+            (&self.mentions, vec![index(doc! { "user": 1 }, false)]),
             (&self.user_convs, vec![index(doc! { "user": 1, "conv": 1 }, false)]),
             (&self.acks, vec![index(doc! { "user": 1, "device": 1 }, false)]),
             (&self.reads, vec![index(doc! { "user": 1 }, false)]),
@@ -951,7 +979,12 @@ impl MessageStore for MongoStore {
         let members: Vec<&str> = members.into_iter().collect();
         for _ in 0..APPEND_ATTEMPTS {
             match transact!(self, |ctx| self.append_in(ctx, &msg, &members)).await {
-                Ok(appended) => return Ok(appended),
+                Ok(appended) => {
+                    if !appended.duplicate {
+                        self.index_stored(&[&appended.msg]).await?;
+                    }
+                    return Ok(appended);
+                }
                 Err(Fail::Mongo(e)) if is_duplicate_key(&e) => {
                     // Either a racing append with this cmid won (return its
                     // message, as if it had been found first), or the seq
@@ -1074,9 +1107,31 @@ impl MessageStore for MongoStore {
 
     async fn recall(&self, conv: &str, seq: u64) -> Result<Option<Message>> {
         let filter = doc! { "conv": conv, "seq": int(seq) };
-        let update = doc! { "$set": recalled_fields()? };
+        let update = doc! { "$set": recalled_fields()?, "$unset": recalled_unset() };
         let found = self.messages.find_one_and_update(filter, update).return_document(ReturnDocument::After).await?;
         found.as_ref().map(message_from_doc).transpose()
+    }
+
+    async fn mentions(&self, user: &str) -> Result<HashMap<String, u64>> {
+        let found = collect(self.mentions.find(doc! { "user": user }).await?).await?;
+        found.iter().map(|d| Ok((text(d, "conv")?, number(d, "seq")?))).collect()
+    }
+
+    async fn search(&self, q: &crate::search::SearchQuery) -> Result<Vec<crate::search::Found>> {
+        let mut filter = doc! {
+            "conv": { "$in": &q.convs },
+            "terms": { "$all": &q.terms },
+            "ts": { "$lt": int(q.before_ts.unwrap_or(u64::MAX)) },
+        };
+        if let Some(from) = &q.from {
+            filter.insert("from", from);
+        }
+        let cursor = self.messages.find(filter).sort(doc! { "ts": -1, "seq": -1 }).limit(int(q.limit as u64)).await?;
+        collect(cursor)
+            .await?
+            .iter()
+            .map(|d| Ok(crate::search::Found { msg: message_from_doc(d)?, text: text(d, "stext")? }))
+            .collect()
     }
 }
 
@@ -1085,8 +1140,44 @@ impl MongoStore {
     /// `m`; whether there was one.
     async fn recall_stored(&self, m: &Message) -> Result<bool> {
         let filter = doc! { "conv": &m.conv, "seq": int(m.seq) };
-        let update = doc! { "$set": { "type": &m.kind, "body": serde_json::to_string(&m.body)? } };
+        let update = doc! {
+            "$set": { "type": &m.kind, "body": serde_json::to_string(&m.body)? },
+            "$unset": recalled_unset(),
+        };
         Ok(self.messages.update_one(filter, update).await?.matched_count == 1)
+    }
+
+    /// The derived indexes of newly stored messages, as in PostgreSQL (idempotent): mention
+    /// marks raised, edited targets given the edit's text unless a later edit did.
+    async fn index_stored(&self, msgs: &[&Message]) -> Result<()> {
+        for m in msgs {
+            for u in &m.mentions {
+                let filter = doc! { "_id": key(&[u.as_str(), m.conv.as_str()]) };
+                let update = doc! { "$set": { "user": u, "conv": &m.conv }, "$max": { "seq": int(m.seq) } };
+                match self.mentions.update_one(filter.clone(), update.clone()).upsert(true).await {
+                    Ok(_) => {}
+                    Err(e) if is_duplicate_key(&e) => {
+                        self.mentions.update_one(filter, update).upsert(true).await?;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if let crate::search::IndexChange::Edit { mid, text } = crate::search::change_of(m) {
+                // Only an edit that is stored (a void may have taken its seq).
+                let stored = self.messages.find_one(doc! { "conv": &m.conv, "seq": int(m.seq) }).await?;
+                if stored.as_ref().and_then(|d| d.get_str("type").ok()) != Some("edit") {
+                    continue;
+                }
+                let filter = doc! {
+                    "conv": &m.conv, "mid": &mid, "stext": { "$exists": true }, "stext_seq": { "$lt": int(m.seq) },
+                };
+                let set = doc! {
+                    "stext": &text, "stext_seq": int(m.seq), "terms": crate::search::doc_terms(&text),
+                };
+                self.messages.update_one(filter, doc! { "$set": set }).await?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1187,6 +1278,8 @@ impl MongoStore {
         }
         let entries = members.into_iter().map(|(u, c)| (key(&[u, c]), doc! { "user": u, "conv": c })).collect();
         Ctx { session: None }.insert_missing(&self.user_convs, entries).await?;
+        let plain: Vec<&Message> = records.iter().filter(|r| !r.recall).map(|r| &r.msg).collect();
+        self.index_stored(&plain).await?;
         Ok(inserted)
     }
 }
@@ -1370,6 +1463,8 @@ mod tests {
             kind: "text".into(),
             body: serde_json::json!({"n": u64::MAX, "nul": "a\u{0}b", "f": 1.5}),
             ts: 5,
+            reply_to: None,
+            mentions: Vec::new(),
         };
         let d = message_doc(&m).unwrap();
         assert_eq!(d.get_i64("seq").unwrap(), 3);

@@ -137,6 +137,22 @@ CREATE TABLE IF NOT EXISTS files (
     size BIGINT NOT NULL,
     ts BIGINT NOT NULL
 );
+-- Only when missing: an ALTER TABLE takes the table's exclusive lock, which would deadlock with
+-- the appends of running instances (they hold a read lock on messages before they insert).
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                   WHERE table_schema = current_schema() AND table_name = 'messages' AND column_name = 'terms') THEN
+        ALTER TABLE messages ADD COLUMN IF NOT EXISTS refs TEXT, ADD COLUMN IF NOT EXISTS stext TEXT,
+            ADD COLUMN IF NOT EXISTS stext_seq BIGINT NOT NULL DEFAULT 0, ADD COLUMN IF NOT EXISTS terms BIGINT[];
+    END IF;
+END $$;
+CREATE INDEX IF NOT EXISTS messages_terms ON messages USING GIN (terms);
+CREATE TABLE IF NOT EXISTS mentions (
+    username TEXT COLLATE "C" NOT NULL,
+    conv TEXT COLLATE "C" NOT NULL,
+    seq BIGINT NOT NULL,
+    PRIMARY KEY (username, conv)
+);
 CREATE TABLE IF NOT EXISTS file_chunks (
     id TEXT COLLATE "C" NOT NULL,
     n INT NOT NULL,
@@ -156,7 +172,10 @@ CREATE TABLE IF NOT EXISTS persist_offsets (
 );
 "#;
 
-const MESSAGE_COLS: &str = "conv, seq, mid, from_user, cmid, type, body, ts";
+const MESSAGE_COLS: &str = "conv, seq, mid, from_user, cmid, type, body, ts, refs";
+/// The columns an insert writes: the message's, then its search text (with the seq that set
+/// it) and terms (see [`crate::search`]).
+const INSERT_COLS: &str = "conv, seq, mid, from_user, cmid, type, body, ts, refs, stext, stext_seq, terms";
 
 impl From<tokio_postgres::Error> for StorageError {
     fn from(e: tokio_postgres::Error) -> Self {
@@ -205,7 +224,7 @@ fn uint(v: i64) -> u64 {
 
 fn message_from_row(r: &Row) -> Result<Message> {
     let body: String = r.try_get("body")?;
-    Ok(Message {
+    let mut m = Message {
         conv: r.try_get("conv")?,
         seq: uint(r.try_get("seq")?),
         mid: r.try_get("mid")?,
@@ -214,7 +233,28 @@ fn message_from_row(r: &Row) -> Result<Message> {
         kind: r.try_get("type")?,
         body: serde_json::from_str(&body)?,
         ts: uint(r.try_get("ts")?),
-    })
+        reply_to: None,
+        mentions: Vec::new(),
+    };
+    m.set_refs_json(r.try_get::<_, Option<&str>>("refs")?)?;
+    Ok(m)
+}
+
+/// Integers as a PostgreSQL array literal (`unnest` cannot pass an array per row).
+fn array_literal(items: &[i64]) -> String {
+    let items: Vec<String> = items.iter().map(i64::to_string).collect();
+    format!("{{{}}}", items.join(","))
+}
+
+/// A message's search columns as inserted: its text, the seq that set it, its terms.
+fn search_cols(m: &Message) -> (Option<String>, i64, Option<Vec<i64>>) {
+    match crate::search::change_of(m) {
+        crate::search::IndexChange::Add(text) => {
+            let terms = crate::search::doc_terms(&text);
+            (Some(text), int(m.seq), Some(terms))
+        }
+        _ => (None, 0, None),
+    }
 }
 
 fn role_from_row(r: &Row) -> Result<Role> {
@@ -666,8 +706,12 @@ impl MessageStore for PgStore {
         let ts = now_ms().max(last_ts);
         let stored = msg.stored_as(uint(last) + 1, ts);
         let body = serde_json::to_string(&stored.body)?;
+        let refs = stored.refs_json()?;
+        let (stext, stext_seq, terms) = search_cols(&stored);
         let st = tx
-            .prepare_cached(&format!("INSERT INTO messages ({MESSAGE_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"))
+            .prepare_cached(&format!(
+                "INSERT INTO messages ({INSERT_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+            ))
             .await?;
         tx.execute(
             &st,
@@ -680,9 +724,14 @@ impl MessageStore for PgStore {
                 &stored.kind,
                 &body,
                 &int(stored.ts),
+                &refs,
+                &stext,
+                &stext_seq,
+                &terms,
             ],
         )
         .await?;
+        Self::index_in(&tx, std::slice::from_ref(&stored)).await?;
         let st = tx.prepare_cached("UPDATE conv_seq SET last_seq = $2 WHERE conv = $1").await?;
         tx.execute(&st, &[&stored.conv, &int(stored.seq)]).await?;
         if !members.is_empty() {
@@ -854,11 +903,32 @@ impl MessageStore for PgStore {
         let c = self.client().await?;
         let st = c
             .prepare_cached(&format!(
-                "UPDATE messages SET type = 'recalled', body = '\"\"' WHERE conv = $1 AND seq = $2 \
+                "UPDATE messages SET type = 'recalled', body = '\"\"', refs = NULL, stext = NULL, terms = NULL \
+                 WHERE conv = $1 AND seq = $2 \
                  RETURNING {MESSAGE_COLS}"
             ))
             .await?;
         c.query_opt(&st, &[&conv, &int(seq)]).await?.as_ref().map(message_from_row).transpose()
+    }
+
+    async fn mentions(&self, user: &str) -> Result<HashMap<String, u64>> {
+        let c = self.client().await?;
+        let st = c.prepare_cached("SELECT conv, seq FROM mentions WHERE username = $1").await?;
+        c.query(&st, &[&user]).await?.iter().map(text_and_uint).collect()
+    }
+
+    async fn search(&self, q: &crate::search::SearchQuery) -> Result<Vec<crate::search::Found>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(&format!(
+                "SELECT {MESSAGE_COLS}, stext FROM messages \
+                 WHERE conv = ANY($1) AND terms @> $2 AND ($3::text IS NULL OR from_user = $3) AND ts < $4 \
+                 ORDER BY ts DESC, seq DESC LIMIT $5"
+            ))
+            .await?;
+        let before = int(q.before_ts.unwrap_or(u64::MAX));
+        let rows = c.query(&st, &[&q.convs, &q.terms, &q.from, &before, &int(q.limit as u64)]).await?;
+        rows.iter().map(|r| Ok(crate::search::Found { msg: message_from_row(r)?, text: r.try_get("stext")? })).collect()
     }
 }
 
@@ -873,6 +943,11 @@ struct Columns<'a> {
     kinds: Vec<&'a str>,
     bodies: Vec<String>,
     tss: Vec<i64>,
+    refs: Vec<Option<String>>,
+    stexts: Vec<Option<String>>,
+    stext_seqs: Vec<i64>,
+    /// Each row's terms as an array literal (`unnest` flattens arrays of arrays).
+    terms: Vec<Option<String>>,
 }
 
 impl<'a> Columns<'a> {
@@ -885,6 +960,11 @@ impl<'a> Columns<'a> {
         self.kinds.push(m.kind.as_str());
         self.bodies.push(serde_json::to_string(&m.body)?);
         self.tss.push(int(m.ts));
+        self.refs.push(m.refs_json()?);
+        let (stext, stext_seq, terms) = search_cols(m);
+        self.stexts.push(stext);
+        self.stext_seqs.push(stext_seq);
+        self.terms.push(terms.as_deref().map(array_literal));
         Ok(())
     }
 
@@ -898,16 +978,19 @@ impl<'a> Columns<'a> {
         // (conv, from, cmid) is already taken, is skipped, not an error.
         let st = tx
             .prepare_cached(&format!(
-                r#"INSERT INTO messages ({MESSAGE_COLS})
-                   SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[],
-                                        $7::text[], $8::int8[]) AS r({MESSAGE_COLS})
+                r#"INSERT INTO messages ({INSERT_COLS})
+                   SELECT conv, seq, mid, from_user, cmid, type, body, ts, refs, stext, stext_seq, terms::int8[]
+                   FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[],
+                               $7::text[], $8::int8[], $9::text[], $10::text[], $11::int8[], $12::text[])
+                        AS r({INSERT_COLS})
                    ORDER BY conv COLLATE "C", seq
                    ON CONFLICT DO NOTHING"#
             ))
             .await?;
         let (c, sq, md, fr, cm, k, b, ts) =
             (&self.convs, &self.seqs, &self.mids, &self.froms, &self.cmids, &self.kinds, &self.bodies, &self.tss);
-        Ok(tx.execute(&st, &[c, sq, md, fr, cm, k, b, ts]).await?)
+        let (rf, sx, ss, tm) = (&self.refs, &self.stexts, &self.stext_seqs, &self.terms);
+        Ok(tx.execute(&st, &[c, sq, md, fr, cm, k, b, ts, rf, sx, ss, tm]).await?)
     }
 }
 
@@ -1039,7 +1122,7 @@ impl PgStore {
             // original, arriving later, is skipped.
             let st = tx
                 .prepare_cached(
-                    r#"UPDATE messages m SET type = r.type, body = r.body
+                    r#"UPDATE messages m SET type = r.type, body = r.body, refs = NULL, stext = NULL, terms = NULL
                        FROM (SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[])
                              AS u(conv, seq, type, body) ORDER BY conv COLLATE "C", seq) r
                        WHERE m.conv = r.conv AND m.seq = r.seq"#,
@@ -1059,7 +1142,70 @@ impl PgStore {
                 .await?;
             tx.execute(&st, &[&member_users, &member_convs]).await?;
         }
+        let plain: Vec<&Message> = records.iter().filter(|r| !r.recall).map(|r| &r.msg).collect();
+        Self::index_in(tx, plain).await?;
         Ok(inserted)
+    }
+
+    /// The derived indexes of newly stored messages (idempotent): each mention raises the
+    /// mentioned user's mark, each edit gives its target the edited text and terms, unless a
+    /// later edit did (an edit counts only if stored: a void may have taken its seq).
+    async fn index_in<'m>(
+        tx: &deadpool_postgres::Transaction<'_>,
+        msgs: impl IntoIterator<Item = &'m Message>,
+    ) -> Result<()> {
+        let mut marks: std::collections::BTreeMap<(&str, &str), i64> = std::collections::BTreeMap::new();
+        let mut edits: std::collections::BTreeMap<(&str, String), (i64, String)> = std::collections::BTreeMap::new();
+        for m in msgs {
+            for u in &m.mentions {
+                let v = marks.entry((u.as_str(), m.conv.as_str())).or_insert(0);
+                *v = (*v).max(int(m.seq));
+            }
+            if let crate::search::IndexChange::Edit { mid, text } = crate::search::change_of(m) {
+                let e = edits.entry((m.conv.as_str(), mid)).or_insert((0, String::new()));
+                if int(m.seq) > e.0 {
+                    *e = (int(m.seq), text);
+                }
+            }
+        }
+        if !marks.is_empty() {
+            let (mut users, mut convs, mut seqs) = (Vec::new(), Vec::new(), Vec::new());
+            for ((u, c), seq) in &marks {
+                users.push(*u);
+                convs.push(*c);
+                seqs.push(*seq);
+            }
+            let st = tx
+                .prepare_cached(
+                    r#"INSERT INTO mentions (username, conv, seq)
+                       SELECT * FROM unnest($1::text[], $2::text[], $3::int8[]) ORDER BY 1, 2
+                       ON CONFLICT (username, conv) DO UPDATE SET seq = GREATEST(mentions.seq, EXCLUDED.seq)"#,
+                )
+                .await?;
+            tx.execute(&st, &[&users, &convs, &seqs]).await?;
+        }
+        if !edits.is_empty() {
+            let (mut convs, mut mids, mut seqs, mut texts, mut terms) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for ((conv, mid), (seq, text)) in &edits {
+                convs.push(*conv);
+                mids.push(mid.as_str());
+                seqs.push(*seq);
+                texts.push(text.as_str());
+                terms.push(array_literal(&crate::search::doc_terms(text)));
+            }
+            let st = tx
+                .prepare_cached(
+                    r#"UPDATE messages m SET stext = e.text, stext_seq = e.seq, terms = e.terms::int8[]
+                       FROM (SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[], $5::text[])
+                             AS u(conv, mid, seq, text, terms) ORDER BY conv COLLATE "C", mid) e
+                       WHERE m.conv = e.conv AND m.mid = e.mid AND m.stext IS NOT NULL AND m.stext_seq < e.seq
+                         AND EXISTS (SELECT 1 FROM messages x WHERE x.conv = e.conv AND x.seq = e.seq AND x.type = 'edit')"#,
+                )
+                .await?;
+            tx.execute(&st, &[&convs, &mids, &seqs, &texts, &terms]).await?;
+        }
+        Ok(())
     }
 }
 

@@ -166,6 +166,10 @@ struct Content {
     body: serde_json::Value,
     /// The mid after its 11 hex digits of `ts` (see [`crate::new_mid`]).
     mid_tail: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reply_to: Option<Box<crate::Quote>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    mentions: Vec<String>,
 }
 
 impl Content {
@@ -177,6 +181,8 @@ impl Content {
             kind: msg.kind.clone(),
             body: msg.body.clone(),
             mid_tail: format!("{:016x}", rand::random::<u64>()),
+            reply_to: msg.reply_to.clone(),
+            mentions: msg.mentions.clone(),
         }
     }
 }
@@ -224,6 +230,8 @@ impl CmidRecord {
             cmid: c.cmid,
             kind: c.kind,
             body: c.body,
+            reply_to: c.reply_to,
+            mentions: c.mentions,
         })
     }
 
@@ -411,6 +419,8 @@ impl RedisStore {
             kind: msg.kind.clone(),
             body: msg.body.clone(),
             mid_tail,
+            reply_to: msg.reply_to.clone(),
+            mentions: msg.mentions.clone(),
         };
         let adopted = format!("{}p:{}", rec.head(), serde_json::to_string(&content)?);
         let script = redis::Script::new(ADOPT_SCRIPT);
@@ -829,6 +839,8 @@ mod tests {
             cmid: "c:1".into(),
             kind: "text".into(),
             body: serde_json::json!("x:y"),
+            reply_to: None,
+            mentions: Vec::new(),
         };
         let content = Content::of(&new);
         let raw = format!("7:255:v:{}", serde_json::to_string(&content).unwrap());

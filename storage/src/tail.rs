@@ -281,6 +281,25 @@ impl Tail {
         by_seq.into_values().collect()
     }
 
+    /// The highest seq of each conversation at which a message appended in the tail mentions
+    /// `user`.
+    pub fn mentions_of(&self, user: &str) -> HashMap<String, u64> {
+        let t = self.lock();
+        let mut out = HashMap::new();
+        for g in t.gens() {
+            for (conv, c) in &g.convs {
+                for (seq, h) in c.by_seq.iter().rev() {
+                    if h.appended && h.msg.mentions.iter().any(|u| u == user) {
+                        let v = out.entry(conv.clone()).or_insert(0);
+                        *v = (*v).max(*seq);
+                        break;
+                    }
+                }
+            }
+        }
+        out
+    }
+
     // The lookups below see the log thread's staged batch when `staged` (the log thread's own
     // calls); readers pass `false`.
 

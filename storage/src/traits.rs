@@ -119,6 +119,12 @@ pub trait MessageStore: Send + Sync {
     /// from, cmid, ts; `kind` "recalled"; empty string body). Returns the
     /// recalled message, or `None` when there is no message with that seq.
     async fn recall(&self, conv: &str, seq: u64) -> Result<Option<Message>>;
+    /// The highest seq of each conversation at which a message mentions `user` (written with
+    /// the message: a recall does not take it back).
+    async fn mentions(&self, user: &str) -> Result<HashMap<String, u64>>;
+    /// The newest messages of the query's conversations whose current text (an edit's, once
+    /// edited; none once recalled) holds every term, newest first, at most `q.limit`.
+    async fn search(&self, q: &crate::search::SearchQuery) -> Result<Vec<crate::search::Found>>;
 }
 
 /// Groups and their members.

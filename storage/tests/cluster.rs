@@ -65,6 +65,8 @@ fn text(conv: &str, cmid: &str) -> NewMessage {
         cmid: cmid.into(),
         kind: "text".into(),
         body: serde_json::json!(format!("body of {cmid}")),
+        reply_to: None,
+        mentions: Vec::new(),
     }
 }
 
@@ -227,6 +229,8 @@ fn record_bytes(conv: &str, seq: u64) -> Vec<u8> {
         kind: "text".into(),
         body: serde_json::json!(seq),
         ts: 1_000 + seq,
+        reply_to: None,
+        mentions: Vec::new(),
     };
     serde_json::to_vec(&SequencedRecord { msg, members: vec!["ann".into()], recall: false }).unwrap()
 }

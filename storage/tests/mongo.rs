@@ -46,6 +46,7 @@ async fn mongodb_meets_the_durable_log_contract() {
     let Some(url) = url("durable log") else { return };
     let store = MongoStore::connect(&url, &scratch_db()).await.unwrap();
     durable_log_contract(&store, &store).await;
+    contract_durable::records_index_search(&store, &store).await;
     contract_durable::partition_offsets_contract(&store, &store).await;
     store.drop_database().await.unwrap();
 }

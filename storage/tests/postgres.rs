@@ -48,6 +48,7 @@ async fn postgres_meets_the_durable_log_contract() {
     let Some(url) = url("durable log") else { return };
     let store = PgStore::connect(&url, 4).await.unwrap();
     durable_log_contract(&store, &store).await;
+    contract_durable::records_index_search(&store, &store).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,7 +101,7 @@ async fn racing_startups_both_create_the_schema() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(tables, 16, "every table is created in the scratch schema");
+    assert_eq!(tables, 17, "every table is created in the scratch schema");
     contract::fresh_stores_share_data(&a, &b, &c).await;
     drop((a, b, c));
     admin.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.unwrap();

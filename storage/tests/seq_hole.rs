@@ -59,6 +59,8 @@ impl Rig {
             cmid: cmid.into(),
             kind: "text".into(),
             body: serde_json::json!(format!("body of {cmid}")),
+            reply_to: None,
+            mentions: Vec::new(),
         }
     }
 

@@ -294,6 +294,8 @@ fn persist_exits_non_zero_when_its_store_keeps_failing() {
         kind: "text".into(),
         body: json!("x"),
         ts: 1,
+        reply_to: None,
+        mentions: Vec::new(),
     };
     let record = serde_json::to_vec(&SequencedRecord { msg, members: Vec::new(), recall: false }).unwrap();
     let producer = rt.block_on(async { Producer::new(&e.brokers, Duration::from_secs(10)) }).unwrap();

@@ -99,7 +99,15 @@ async fn append(
     body: Value,
     members: &[String],
 ) -> Result<Fields, ApiError> {
-    let new = NewMessage { conv: conv.to_owned(), from: caller.user.clone(), cmid, kind: kind.to_owned(), body };
+    let new = NewMessage {
+        conv: conv.to_owned(),
+        from: caller.user.clone(),
+        cmid,
+        kind: kind.to_owned(),
+        body,
+        reply_to: None,
+        mentions: Vec::new(),
+    };
     // Direct conversations are indexed for both users, as `send` does; groups by membership.
     let index: &[String] = if conv.starts_with("d:") { members } else { &[] };
     store_and_push(logic, caller, new, index, members).await

@@ -160,7 +160,15 @@ pub async fn send(logic: &Logic, caller: &Caller, req: Send) -> Result<Fields, A
             let members: Vec<String> = logic.stores.groups.members(&group).await?.into_iter().map(|(u, _)| u).collect();
             let conv = format!("g:{group}");
             crate::files::attach(logic, &caller.user, &conv, &req.kind, &req.body).await?;
-            let new = NewMessage { conv, from: caller.user.clone(), cmid: req.cmid, kind: req.kind, body: req.body };
+            let new = NewMessage {
+                conv,
+                from: caller.user.clone(),
+                cmid: req.cmid,
+                kind: req.kind,
+                body: req.body,
+                reply_to: None,
+                mentions: Vec::new(),
+            };
             // One stored copy; members read it by seq (no per-member index).
             return store_and_push(logic, caller, new, &[], &members).await;
         }
@@ -176,7 +184,15 @@ pub async fn send(logic: &Logic, caller: &Caller, req: Send) -> Result<Fields, A
     let conv = direct_conv(&caller.user, &to);
     crate::files::attach(logic, &caller.user, &conv, &req.kind, &req.body).await?;
     let members = [caller.user.clone(), to.clone()];
-    let new = NewMessage { conv, from: caller.user.clone(), cmid: req.cmid, kind: req.kind, body: req.body };
+    let new = NewMessage {
+        conv,
+        from: caller.user.clone(),
+        cmid: req.cmid,
+        kind: req.kind,
+        body: req.body,
+        reply_to: None,
+        mentions: Vec::new(),
+    };
     store_and_push(logic, caller, new, &members, &members).await
 }
 

@@ -1,0 +1,243 @@
+//! The embedded store's derived indexes of messages: mention marks and the search index (a
+//! term table over each message's current text). Written by checkpoints and by the log's
+//! replay, from the messages as they are stored; read together with the tail (see
+//! [`crate::embedded`]), whose newer copies win.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use redb::{ReadTransaction, ReadableTable, Table, TableDefinition, TableHandle, WriteTransaction};
+
+use crate::search::{change_of, doc_terms, Found, IndexChange, SearchQuery};
+use crate::{Message, Result};
+
+/// (user, conv) -> the highest seq of a message of conv that mentions the user.
+pub(crate) const MENTIONS: TableDefinition<(&str, &str), u64> = TableDefinition::new("mentions");
+/// (conv, seq) -> (the seq of what set the text: the message or its latest edit, the text).
+pub(crate) const SEARCH_DOCS: TableDefinition<(&str, u64), (u64, &str)> = TableDefinition::new("search_docs");
+/// (term, conv, seq): the current text of conv#seq holds the term.
+pub(crate) const TERMS: TableDefinition<(i64, &str, u64), ()> = TableDefinition::new("search_terms");
+
+/// The index tables, opened once per write transaction.
+pub(crate) struct IndexTables<'t> {
+    mentions: Table<'t, (&'static str, &'static str), u64>,
+    docs: Table<'t, (&'static str, u64), (u64, &'static str)>,
+    terms: Table<'t, (i64, &'static str, u64), ()>,
+}
+
+impl<'t> IndexTables<'t> {
+    pub fn open(tx: &'t WriteTransaction) -> Result<Self> {
+        Ok(Self { mentions: tx.open_table(MENTIONS)?, docs: tx.open_table(SEARCH_DOCS)?, terms: tx.open_table(TERMS)? })
+    }
+
+    /// Indexes `m` as now stored: `appended` when this is the message's append (its mentions
+    /// are marked), otherwise a change of a stored message (a recall). `seq_of_mid` finds the
+    /// target of an edit. Idempotent: a replay may apply a message twice.
+    pub fn message(
+        &mut self,
+        m: &Message,
+        appended: bool,
+        seq_of_mid: impl Fn(&str) -> Result<Option<u64>>,
+    ) -> Result<()> {
+        let conv = m.conv.as_str();
+        if appended {
+            for user in &m.mentions {
+                let current = self.mentions.get((user.as_str(), conv))?.map_or(0, |v| v.value());
+                if m.seq > current {
+                    self.mentions.insert((user.as_str(), conv), m.seq)?;
+                }
+            }
+        }
+        match change_of(m) {
+            IndexChange::Add(text) => self.set_doc(conv, m.seq, m.seq, &text),
+            IndexChange::Edit { mid, text } => {
+                let Some(target) = seq_of_mid(&mid)? else { return Ok(()) };
+                // Only a text that is indexed (not recalled) and set by something older.
+                let by = self.docs.get((conv, target))?.map(|v| v.value().0);
+                match by {
+                    Some(by) if by < m.seq => self.set_doc(conv, target, m.seq, &text),
+                    _ => Ok(()),
+                }
+            }
+            IndexChange::None => self.drop_doc(conv, m.seq),
+        }
+    }
+
+    fn drop_doc(&mut self, conv: &str, seq: u64) -> Result<()> {
+        let old = self.docs.remove((conv, seq))?.map(|v| v.value().1.to_owned());
+        if let Some(old) = old {
+            for t in doc_terms(&old) {
+                self.terms.remove((t, conv, seq))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn set_doc(&mut self, conv: &str, seq: u64, by: u64, text: &str) -> Result<()> {
+        self.drop_doc(conv, seq)?;
+        for t in doc_terms(text) {
+            self.terms.insert((t, conv, seq), ())?;
+        }
+        self.docs.insert((conv, seq), (by, text))?;
+        Ok(())
+    }
+}
+
+/// Creates the tables (a new file, or one written before they existed) and fills them from the
+/// stored messages when they are new.
+pub(crate) fn create(
+    tx: &WriteTransaction,
+    messages: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
+) -> Result<()> {
+    let existed = tx.list_tables()?.any(|t| t.name() == SEARCH_DOCS.name());
+    let mut tables = IndexTables::open(tx)?;
+    if existed {
+        return Ok(());
+    }
+    let mids = tx.open_table(crate::embedded::MIDS)?;
+    for row in messages.iter()? {
+        let m: Message = serde_json::from_slice(row?.1.value())?;
+        tables.message(&m, true, |mid| Ok(mids.get((m.conv.as_str(), mid))?.map(|v| v.value())))?;
+    }
+    Ok(())
+}
+
+/// The mention marks of `user` in the B-trees.
+pub(crate) fn mentions(tx: &ReadTransaction, user: &str) -> Result<HashMap<String, u64>> {
+    let t = tx.open_table(MENTIONS)?;
+    let mut out = HashMap::new();
+    for row in t.range((user, "")..)? {
+        let (k, v) = row?;
+        let (owner, conv) = k.value();
+        if owner != user {
+            break;
+        }
+        out.insert(conv.to_owned(), v.value());
+    }
+    Ok(out)
+}
+
+/// A candidate of the B-trees, with the seq of what set its text.
+pub(crate) struct Indexed {
+    pub found: Found,
+    pub by: u64,
+}
+
+/// The newest matches of `q` in each of its conversations as the B-trees hold them (at most
+/// `q.limit` per conversation), found from the postings of the query's first term, each
+/// checked for the others.
+pub(crate) fn candidates(tx: &ReadTransaction, q: &SearchQuery) -> Result<Vec<Indexed>> {
+    let (terms, docs, messages) =
+        (tx.open_table(TERMS)?, tx.open_table(SEARCH_DOCS)?, tx.open_table(crate::embedded::MESSAGES)?);
+    let Some((&first, rest)) = q.terms.split_first() else { return Ok(Vec::new()) };
+    let mut out = Vec::new();
+    for conv in &q.convs {
+        let conv = conv.as_str();
+        let mut taken = 0;
+        for row in terms.range((first, conv, 0)..=(first, conv, u64::MAX))?.rev() {
+            let seq = row?.0.value().2;
+            let mut all = true;
+            for &t in rest {
+                if terms.get((t, conv, seq))?.is_none() {
+                    all = false;
+                    break;
+                }
+            }
+            if !all {
+                continue;
+            }
+            let Some(doc) = docs.get((conv, seq))? else { continue };
+            let (by, text) = doc.value();
+            let Some(row) = messages.get((conv, seq))? else { continue };
+            let msg: Message = serde_json::from_slice(row.value())?;
+            if !passes(q, &msg) {
+                continue;
+            }
+            out.push(Indexed { found: Found { msg, text: text.to_owned() }, by });
+            taken += 1;
+            if taken == q.limit {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Whether `m` passes the query's sender and time filters.
+pub(crate) fn passes(q: &SearchQuery, m: &Message) -> bool {
+    q.from.as_deref().is_none_or(|f| f == m.from) && q.before_ts.is_none_or(|b| m.ts < b)
+}
+
+/// Whether `text` holds every term of `q`.
+pub(crate) fn matches(q: &SearchQuery, text: &str) -> bool {
+    let doc: HashSet<i64> = doc_terms(text).into_iter().collect();
+    q.terms.iter().all(|t| doc.contains(t))
+}
+
+/// The B-trees' candidates with the tail's newer copies applied: `tail` holds each
+/// conversation's messages in the tail (newest copies, seq order); `lookup` finds a message by
+/// mid (tail first, then B-trees) for an edit whose target the B-trees did not offer.
+pub(crate) async fn merge_tail<F, Fut>(
+    q: &SearchQuery,
+    stored: Vec<Indexed>,
+    tail: Vec<Arc<Message>>,
+    lookup: F,
+) -> Result<Vec<Found>>
+where
+    F: Fn(String, String) -> Fut,
+    Fut: std::future::Future<Output = Result<Option<Message>>>,
+{
+    let mut found: BTreeMap<(String, u64), Indexed> =
+        stored.into_iter().map(|i| ((i.found.msg.conv.clone(), i.found.msg.seq), i)).collect();
+    // (conv, mid) -> (edit seq, text), the latest edit of each target in the tail
+    let mut edits: BTreeMap<(String, String), (u64, String)> = BTreeMap::new();
+    for m in tail {
+        let key = (m.conv.clone(), m.seq);
+        match change_of(&m) {
+            IndexChange::Add(text) => {
+                found.remove(&key);
+                if matches(q, &text) && passes(q, &m) {
+                    let by = m.seq;
+                    found.insert(key, Indexed { found: Found { msg: (*m).clone(), text }, by });
+                }
+            }
+            IndexChange::Edit { mid, text } => {
+                let e = edits.entry((m.conv.clone(), mid)).or_insert((0, String::new()));
+                if m.seq > e.0 {
+                    *e = (m.seq, text);
+                }
+            }
+            IndexChange::None => {
+                found.remove(&key);
+            }
+        }
+    }
+    for ((conv, mid), (seq, text)) in edits {
+        let hit = found.iter().find(|(k, i)| k.0 == conv && i.found.msg.mid == mid).map(|(k, i)| (k.clone(), i.by));
+        match hit {
+            Some((key, by)) if by < seq => {
+                if matches(q, &text) {
+                    let i = found.get_mut(&key).expect("just found");
+                    (i.found.text, i.by) = (text, seq);
+                } else {
+                    found.remove(&key);
+                }
+            }
+            Some(_) => {}
+            None => {
+                let Some(target) = lookup(conv, mid).await? else { continue };
+                if crate::search::searchable(&target.kind, &target.body).is_some()
+                    && matches(q, &text)
+                    && passes(q, &target)
+                {
+                    let key = (target.conv.clone(), target.seq);
+                    found.insert(key, Indexed { found: Found { msg: target, text }, by: seq });
+                }
+            }
+        }
+    }
+    let mut out: Vec<Found> = found.into_values().map(|i| i.found).collect();
+    out.sort_by(|a, b| b.msg.ts.cmp(&a.msg.ts).then(b.msg.seq.cmp(&a.msg.seq)));
+    out.truncate(q.limit);
+    Ok(out)
+}
