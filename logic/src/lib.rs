@@ -71,6 +71,10 @@ pub struct LogicConfig {
     pub edit_window: Duration,
     /// Most messages the folded view of `history` reads after a page to apply their events.
     pub fold_scan: usize,
+    /// Most matches `search` ranks for one request (the newest of them).
+    pub search_scan: usize,
+    /// Most users one message may mention.
+    pub max_mentions: usize,
     /// Largest file `/v1/files` takes, in bytes.
     pub max_file_bytes: u64,
     /// Bytes of files uploads and downloads may hold in memory at once, all together; more wait.
@@ -110,6 +114,8 @@ impl LogicConfig {
             recall_window: Duration::from_secs(120),
             edit_window: Duration::from_secs(24 * 3600),
             fold_scan: 5000,
+            search_scan: 200,
+            max_mentions: 50,
             max_file_bytes: 10 << 20,
             file_buffer_bytes: 64 << 20,
             notify: None,

@@ -123,6 +123,11 @@ pub struct Send {
     kind: String,
     #[serde(default)]
     body: Value,
+    /// The mid of the message of the same conversation this one answers.
+    reply_to: Option<String>,
+    /// Members this message mentions.
+    #[serde(default)]
+    mentions: Vec<String>,
 }
 
 fn validate_body(kind: &str, body: &Value) -> Result<(), ApiError> {
@@ -160,14 +165,16 @@ pub async fn send(logic: &Logic, caller: &Caller, req: Send) -> Result<Fields, A
             let members: Vec<String> = logic.stores.groups.members(&group).await?.into_iter().map(|(u, _)| u).collect();
             let conv = format!("g:{group}");
             crate::files::attach(logic, &caller.user, &conv, &req.kind, &req.body).await?;
+            let (reply_to, mentions) =
+                super::refs::check(logic, caller, &conv, &members, req.reply_to, req.mentions).await?;
             let new = NewMessage {
                 conv,
                 from: caller.user.clone(),
                 cmid: req.cmid,
                 kind: req.kind,
                 body: req.body,
-                reply_to: None,
-                mentions: Vec::new(),
+                reply_to,
+                mentions,
             };
             // One stored copy; members read it by seq (no per-member index).
             return store_and_push(logic, caller, new, &[], &members).await;
@@ -184,14 +191,15 @@ pub async fn send(logic: &Logic, caller: &Caller, req: Send) -> Result<Fields, A
     let conv = direct_conv(&caller.user, &to);
     crate::files::attach(logic, &caller.user, &conv, &req.kind, &req.body).await?;
     let members = [caller.user.clone(), to.clone()];
+    let (reply_to, mentions) = super::refs::check(logic, caller, &conv, &members, req.reply_to, req.mentions).await?;
     let new = NewMessage {
         conv,
         from: caller.user.clone(),
         cmid: req.cmid,
         kind: req.kind,
         body: req.body,
-        reply_to: None,
-        mentions: Vec::new(),
+        reply_to,
+        mentions,
     };
     store_and_push(logic, caller, new, &members, &members).await
 }
@@ -361,7 +369,7 @@ pub async fn history(logic: &Logic, caller: &Caller, req: History) -> Result<Fie
 
 /// Every conversation of `user` with its last seq: direct chats from the
 /// message index, groups from membership.
-async fn user_convs(logic: &Logic, user: &str) -> Result<Vec<(String, u64)>, ApiError> {
+pub(super) async fn user_convs(logic: &Logic, user: &str) -> Result<Vec<(String, u64)>, ApiError> {
     let mut convs = logic.stores.messages.user_convs(user).await?;
     for (g, _) in logic.stores.groups.user_groups(user).await? {
         let conv = format!("g:{}", g.id);
@@ -394,16 +402,23 @@ pub async fn read(logic: &Logic, caller: &Caller, req: Read) -> Result<Fields, A
     Ok(Fields::new())
 }
 
-/// Conversations with their last message, unread count and read seq,
-/// newest activity first. Conversations without messages are left out.
+/// Conversations with their last message, unread count and read seq, and whether an unread
+/// message mentions the caller (`mentioned`, with the last such seq), newest activity first.
+/// Conversations without messages are left out.
 pub async fn convs(logic: &Logic, caller: &Caller) -> Result<Fields, ApiError> {
     let reads = logic.cursors.reads(&caller.user).await?;
+    let mentions = logic.stores.messages.mentions(&caller.user).await?;
     let mut out: Vec<(u64, Value)> = Vec::new();
     for (conv, last_seq) in user_convs(logic, &caller.user).await? {
         let Some(last) = logic.stores.messages.history(&conv, None, 1).await?.pop() else { continue };
         let read_seq = reads.get(&conv).copied().unwrap_or(0).min(last_seq.max(last.seq));
         let unread = last_seq.max(last.seq).saturating_sub(read_seq);
-        out.push((last.ts, json!({"conv": conv, "last": last, "unread": unread, "read_seq": read_seq})));
+        let mut entry = json!({"conv": conv, "last": last, "unread": unread, "read_seq": read_seq});
+        if let Some(&seq) = mentions.get(&conv).filter(|&&seq| seq > read_seq) {
+            entry["mentioned"] = json!(true);
+            entry["mention_seq"] = json!(seq);
+        }
+        out.push((last.ts, entry));
     }
     out.sort_by_key(|(ts, _)| std::cmp::Reverse(*ts));
     Ok(fields(json!({"convs": out.into_iter().map(|(_, v)| v).collect::<Vec<_>>()})))

@@ -6,6 +6,7 @@ mod events;
 mod friends;
 mod groups;
 mod messages;
+mod refs;
 pub(crate) use messages::require_member;
 pub mod presence;
 
@@ -97,7 +98,7 @@ pub async fn handle(logic: &Logic, caller: &Caller, op: &str, rid: Option<u64>, 
 }
 
 /// Every op [`dispatch`] serves (the `op` label of the request latency histogram).
-pub(crate) const OPS: [&str; 33] = [
+pub(crate) const OPS: [&str; 34] = [
     "send",
     "ack",
     "sync",
@@ -131,6 +132,7 @@ pub(crate) const OPS: [&str; 33] = [
     "call.hangup",
     "presence",
     "typing",
+    "search",
 ];
 
 async fn dispatch(logic: &Logic, caller: &Caller, op: &str, req: &[u8]) -> Result<Fields, ApiError> {
@@ -165,6 +167,7 @@ async fn dispatch(logic: &Logic, caller: &Caller, op: &str, req: &[u8]) -> Resul
         "call.offer" | "call.answer" | "call.ice" | "call.hangup" => calls::relay(logic, caller, op, parse(req)?).await,
         "presence" => presence::presence(logic, caller, parse(req)?).await,
         "typing" => presence::typing(logic, caller, parse(req)?).await,
+        "search" => refs::search(logic, caller, parse(req)?).await,
         "auth" => Err(ApiError::bad_request("already authenticated")),
         other => Err(ApiError::new("unknown_op", format!("unknown op `{other}`"))),
     }
