@@ -146,6 +146,34 @@ fn cluster_survives_gateway_logic_and_persist_faults() {
     );
     assert_eq!(folded[1]["type"], "recalled");
 
+    // a reply with a mention crosses gateways with its quote; once the persist worker stored it,
+    // the mention flags alice's `convs` entry and search (PostgreSQL) finds words of both
+    // languages, the edited message by its new text only
+    let reply = json!({"group": group, "cmid": "g3", "type": "text", "body": "see 明天的计划",
+                       "reply_to": gm2["mid"], "mentions": [a]});
+    let sent = bob.ok("send", reply);
+    let m = alice.push("msg")["msg"].clone();
+    assert_eq!((m["reply_to"]["mid"].clone(), m["mentions"].clone()), (gm2["mid"].clone(), json!([a])));
+    alice.ok("ack", json!({"conv": m["conv"], "seq": m["seq"]}));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let convs = alice.ok("convs", json!({}));
+        let entry = convs["convs"].as_array().unwrap().iter().find(|e| e["conv"] == gconv.as_str()).cloned();
+        let zh = alice.ok("search", json!({"q": "明天"}));
+        let fin = bob.ok("search", json!({"q": "final", "conv": gconv}));
+        let draft = bob.ok("search", json!({"q": "draft"}));
+        let done = entry.is_some_and(|e| e["mentioned"] == true && e["mention_seq"] == sent["seq"])
+            && zh["results"].as_array().unwrap().len() == 1
+            && zh["results"][0]["mid"] == sent["mid"]
+            && fin["results"][0]["text"] == "final"
+            && draft["results"].as_array().unwrap().is_empty();
+        if done {
+            break;
+        }
+        assert!(Instant::now() < deadline, "mention and search not seen: {zh} {fin} {draft}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
     // a file uploaded through one logic instance (stored in PostgreSQL), sent to the group,
     // downloaded by a member through the other; an outsider is refused
     let token = |http, user: &str| login(http, user, "files")["access_token"].as_str().unwrap().to_string();
@@ -253,8 +281,8 @@ fn cluster_survives_gateway_logic_and_persist_faults() {
     let kinds: Vec<&str> = group_stored.iter().map(|m| m.kind.as_str()).collect();
     assert_eq!(
         kinds,
-        ["recalled", "text", "edit", "reaction", "pin", "image"],
-        "the recall, the events and the file message reached the durable store"
+        ["recalled", "text", "edit", "reaction", "pin", "text", "image"],
+        "the recall, the events, the reply and the file message reached the durable store"
     );
     println!("cluster counts: acknowledged={} stored={} received={}", acked.len(), stored.len(), bob_got.len());
     persist.term();
