@@ -272,7 +272,7 @@ fn cluster_survives_gateway_logic_and_persist_faults() {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let msgs = pg.range(&gconv, 0, 10).await.unwrap();
-            if msgs.len() >= 6 || Instant::now() > deadline {
+            if msgs.len() >= 7 || Instant::now() > deadline {
                 return msgs;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
