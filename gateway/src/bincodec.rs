@@ -24,7 +24,9 @@
 use std::collections::HashMap;
 
 use serde_json::{Map, Value};
-use switchboard_proto::v1::{body::Kind, Body, ConvSummary, Frame, Friend, GroupInfo, Member, Message, Pending};
+use switchboard_proto::v1::{
+    body::Kind, Body, ConvSummary, Frame, Friend, GroupInfo, Member, Message, Pending, Quote, SearchResult,
+};
 
 /// Why a JSON frame cannot be expressed as a protobuf `Frame`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -83,6 +85,13 @@ fn message_to_json(msg: &Message) -> Value {
     }
     list(&mut m, "reacted", &msg.reacted, |e| Value::String(e.clone()));
     put_opt(&mut m, "pinned", msg.pinned);
+    if let Some(q) = &msg.reply_to {
+        m.insert(
+            "reply_to".into(),
+            serde_json::json!({"mid": q.mid, "seq": q.seq, "from": q.from, "type": q.r#type, "preview": q.preview}),
+        );
+    }
+    list(&mut m, "mentions", &msg.mentions, |u| Value::String(u.clone()));
     Value::Object(m)
 }
 
@@ -168,6 +177,8 @@ pub fn frame_to_json(f: &Frame) -> Value {
         }
         c.insert("unread".into(), x.unread.into());
         c.insert("read_seq".into(), x.read_seq.into());
+        put_opt(&mut c, "mentioned", x.mentioned);
+        put_opt(&mut c, "mention_seq", x.mention_seq);
         Value::Object(c)
     });
     list(&mut m, "users", &f.users, |x| Value::String(x.clone()));
@@ -190,6 +201,17 @@ pub fn frame_to_json(f: &Frame) -> Value {
     put_opt(&mut m, "fold", f.fold);
     put_opt(&mut m, "next_before", f.next_before);
     put_opt(&mut m, "folded_through", f.folded_through);
+    put_str(&mut m, "reply_to", &f.reply_to);
+    list(&mut m, "mentions", &f.mentions, |u| Value::String(u.clone()));
+    put_str(&mut m, "q", &f.q);
+    put_opt(&mut m, "before", f.before);
+    put_opt(&mut m, "offset", f.offset);
+    list(&mut m, "results", &f.results, |r| {
+        let spans: Vec<Value> = r.highlights.chunks(2).map(|p| Value::from(p.to_vec())).collect();
+        serde_json::json!({"conv": r.conv, "mid": r.mid, "seq": r.seq, "from": r.from, "ts": r.ts, "type": r.r#type,
+                           "text": r.text, "highlights": spans, "score": r.score})
+    });
+    put_opt(&mut m, "next_offset", f.next_offset);
     Value::Object(m)
 }
 
@@ -289,6 +311,40 @@ fn message_from(o: Obj<'_>) -> Result<Message, CodecError> {
         },
         reacted: o.strings("reacted")?,
         pinned: o.bool_opt("pinned")?,
+        reply_to: match o.get("reply_to") {
+            None => None,
+            Some(Value::Object(q)) => {
+                let q = Obj(q);
+                Some(Quote {
+                    mid: q.str("mid")?,
+                    seq: q.u64("seq")?,
+                    from: q.str("from")?,
+                    r#type: q.str("type")?,
+                    preview: q.str("preview")?,
+                })
+            }
+            Some(_) => return Err(CodecError::NotObject("reply_to")),
+        },
+        mentions: o.strings("mentions")?,
+    })
+}
+
+fn search_result_from(o: Obj<'_>) -> Result<SearchResult, CodecError> {
+    let mut highlights = Vec::new();
+    for span in o.array("highlights")? {
+        let pair = span.as_array().filter(|p| p.len() == 2).and_then(|p| Some([p[0].as_u64()?, p[1].as_u64()?]));
+        highlights.extend(pair.ok_or(bad("highlights", "an array of [start, end] pairs"))?);
+    }
+    Ok(SearchResult {
+        conv: o.str("conv")?,
+        mid: o.str("mid")?,
+        seq: o.u64("seq")?,
+        from: o.str("from")?,
+        ts: o.u64("ts")?,
+        r#type: o.str("type")?,
+        text: o.str("text")?,
+        highlights,
+        score: o.u64("score")?,
     })
 }
 
@@ -346,6 +402,8 @@ pub fn json_to_frame(v: &Value) -> Result<Frame, CodecError> {
                 last: x.message("last")?,
                 unread: x.u64("unread")?,
                 read_seq: x.u64("read_seq")?,
+                mentioned: x.bool_opt("mentioned")?,
+                mention_seq: x.u64_opt("mention_seq")?,
             })
         })?,
         users: o.strings("users")?,
@@ -362,8 +420,16 @@ pub fn json_to_frame(v: &Value) -> Result<Frame, CodecError> {
         fold: o.bool_opt("fold")?,
         next_before: o.u64_opt("next_before")?,
         folded_through: o.u64_opt("folded_through")?,
+        q: o.str("q")?,
+        before: o.u64_opt("before")?,
+        offset: o.u64_opt("offset")?,
+        results: o.objects("results", search_result_from)?,
+        next_offset: o.u64_opt("next_offset")?,
         ..Default::default()
     };
+    // `reply_to` is a mid in a request and a quote only inside messages
+    f.reply_to = o.str("reply_to")?;
+    f.mentions = o.strings("mentions")?;
     f.limit = match o.u64_opt("limit")? {
         None => None,
         Some(n) => Some(u32::try_from(n).map_err(|_| bad("limit", "an integer below 2^32"))?),
@@ -480,8 +546,17 @@ mod tests {
             json!({"op": "history.ok", "rid": 6, "next_before": 1, "folded_through": 7, "msgs": [
                 {"conv": "d:alice:bob", "mid": "m1", "seq": 1, "from": "alice", "cmid": "c1", "type": "text",
                  "body": "edited", "ts": 5, "edited_ts": 9, "reactions": {"👍": 2, "🎉": 1}, "reacted": ["👍"], "pinned": true}]}),
+            json!({"op": "send", "rid": 11, "group": "G1", "cmid": "c9", "type": "text", "body": "yes",
+                   "reply_to": "m1", "mentions": ["bob", "carol"]}),
+            json!({"op": "msg", "msg": {"conv": "g:G1", "mid": "m2", "seq": 2, "from": "bob", "cmid": "c9", "type": "text",
+                   "body": "yes", "ts": 5, "reply_to": {"mid": "m1", "seq": 1, "from": "alice", "type": "text", "preview": "lunch?"},
+                   "mentions": ["carol"]}}),
+            json!({"op": "search", "rid": 12, "q": "noon 明天", "conv": "g:G1", "from": "bob", "before": 9, "limit": 5, "offset": 10}),
+            json!({"op": "search.ok", "rid": 12, "next_offset": 15, "results": [
+                {"conv": "g:G1", "mid": "m1", "seq": 1, "from": "alice", "ts": 5, "type": "text", "text": "noon 明天",
+                 "highlights": [[0, 4], [5, 7]], "score": 12}]}),
             json!({"op": "convs.ok", "rid": 7, "convs": [
-                {"conv": "d:alice:bob", "last": message(3, json!("x")), "unread": 2, "read_seq": 1},
+                {"conv": "d:alice:bob", "last": message(3, json!("x")), "unread": 2, "read_seq": 1, "mentioned": true, "mention_seq": 3},
                 {"conv": "g:G1", "unread": 0, "read_seq": 0}]}),
             json!({"op": "presence.ok", "rid": 8, "online": {"bob": true, "carol": false}}),
             json!({"op": "friend.list.ok", "rid": 9,

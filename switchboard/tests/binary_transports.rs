@@ -134,6 +134,37 @@ async fn tcp_and_binary_websocket_clients_chat() {
         assert!(folded.edited_ts.is_some_and(|t| t >= folded.ts));
         assert_eq!((folded.reactions.get("👍"), folded.reacted.clone()), (Some(&1), vec!["👍".to_string()]));
 
+        // a reply with a mention over TCP: the JSON side sees the quote; marc's reply to it
+        // arrives over TCP with its quote; search answers with results and highlights
+        let body = Some(Body { kind: Some(body::Kind::Text("re: tcp".into())) });
+        let reply = Frame {
+            to: "marc".into(),
+            cmid: "t2".into(),
+            r#type: "text".into(),
+            body,
+            reply_to: m1.clone(),
+            mentions: vec!["marc".into()],
+            ..req("send", 43)
+        };
+        lena.send(&reply);
+        assert_eq!(lena.next().op, "send.ok");
+        let r = marc.push("msg")["msg"].clone();
+        assert_eq!((r["reply_to"]["mid"].as_str(), r["mentions"].clone()), (Some(m1.as_str()), json!(["marc"])));
+        marc.ok("ack", json!({"conv": conv, "seq": r["seq"]}));
+        marc.ok("send", json!({"to": "lena", "cmid": "j2", "type": "text", "body": "ok", "reply_to": r["mid"]}));
+        let push = lena.next().msg.expect("msg");
+        let quote = push.reply_to.expect("a quote");
+        assert_eq!(
+            (quote.from.as_str(), quote.preview.as_str(), quote.seq),
+            ("lena", "re: tcp", r["seq"].as_u64().unwrap())
+        );
+        lena.send(&Frame { q: "TCP".into(), ..req("search", 44) });
+        let found = lena.next();
+        assert_eq!(found.op, "search.ok");
+        assert!(found.results.len() >= 2, "{found:?}");
+        let hit = found.results.iter().find(|h| h.text == "re: tcp").expect("the reply");
+        assert_eq!(hit.highlights, vec![4, 7]);
+
         // errors keep their codes over TCP
         lena.send(&Frame { to: "nora".into(), cmid: "x".into(), r#type: "text".into(), ..req("send", 5) });
         let e = lena.next();
