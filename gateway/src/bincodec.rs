@@ -179,6 +179,8 @@ pub fn frame_to_json(f: &Frame) -> Value {
         c.insert("read_seq".into(), x.read_seq.into());
         put_opt(&mut c, "mentioned", x.mentioned);
         put_opt(&mut c, "mention_seq", x.mention_seq);
+        put_opt(&mut c, "muted", x.muted);
+        put_opt(&mut c, "muted_until", x.muted_until);
         Value::Object(c)
     });
     list(&mut m, "users", &f.users, |x| Value::String(x.clone()));
@@ -212,6 +214,9 @@ pub fn frame_to_json(f: &Frame) -> Value {
                            "text": r.text, "highlights": spans, "score": r.score})
     });
     put_opt(&mut m, "next_offset", f.next_offset);
+    put_str(&mut m, "platform", &f.platform);
+    put_opt(&mut m, "removed", f.removed);
+    put_opt(&mut m, "until", f.until);
     Value::Object(m)
 }
 
@@ -404,6 +409,8 @@ pub fn json_to_frame(v: &Value) -> Result<Frame, CodecError> {
                 read_seq: x.u64("read_seq")?,
                 mentioned: x.bool_opt("mentioned")?,
                 mention_seq: x.u64_opt("mention_seq")?,
+                muted: x.bool_opt("muted")?,
+                muted_until: x.u64_opt("muted_until")?,
             })
         })?,
         users: o.strings("users")?,
@@ -425,6 +432,9 @@ pub fn json_to_frame(v: &Value) -> Result<Frame, CodecError> {
         offset: o.u64_opt("offset")?,
         results: o.objects("results", search_result_from)?,
         next_offset: o.u64_opt("next_offset")?,
+        platform: o.str("platform")?,
+        removed: o.bool_opt("removed")?,
+        until: o.u64_opt("until")?,
         ..Default::default()
     };
     // `reply_to` is a mid in a request and a quote only inside messages
@@ -551,12 +561,16 @@ mod tests {
             json!({"op": "msg", "msg": {"conv": "g:G1", "mid": "m2", "seq": 2, "from": "bob", "cmid": "c9", "type": "text",
                    "body": "yes", "ts": 5, "reply_to": {"mid": "m1", "seq": 1, "from": "alice", "type": "text", "preview": "lunch?"},
                    "mentions": ["carol"]}}),
+            json!({"op": "push.register", "rid": 13, "platform": "fcm", "token": "tok"}),
+            json!({"op": "push.unregister.ok", "rid": 14, "removed": true}),
+            json!({"op": "mute", "rid": 15, "conv": "g:G1", "until": 1_900_000_000_000u64}),
             json!({"op": "search", "rid": 12, "q": "noon 明天", "conv": "g:G1", "from": "bob", "before": 9, "limit": 5, "offset": 10}),
             json!({"op": "search.ok", "rid": 12, "next_offset": 15, "results": [
                 {"conv": "g:G1", "mid": "m1", "seq": 1, "from": "alice", "ts": 5, "type": "text", "text": "noon 明天",
                  "highlights": [[0, 4], [5, 7]], "score": 12}]}),
             json!({"op": "convs.ok", "rid": 7, "convs": [
-                {"conv": "d:alice:bob", "last": message(3, json!("x")), "unread": 2, "read_seq": 1, "mentioned": true, "mention_seq": 3},
+                {"conv": "d:alice:bob", "last": message(3, json!("x")), "unread": 2, "read_seq": 1, "mentioned": true, "mention_seq": 3,
+                 "muted": true, "muted_until": 99},
                 {"conv": "g:G1", "unread": 0, "read_seq": 0}]}),
             json!({"op": "presence.ok", "rid": 8, "online": {"bob": true, "carol": false}}),
             json!({"op": "friend.list.ok", "rid": 9,

@@ -89,6 +89,8 @@ struct Stats {
     dropped: AtomicU64,
     /// Left to another logic instance that notified the same conversation in the window.
     shared: AtomicU64,
+    /// Not sent: the user muted the conversation.
+    muted: AtomicU64,
 }
 
 /// The notifier of one logic instance (inactive without a webhook).
@@ -239,7 +241,7 @@ impl Notifier {
     /// Appends the counters in Prometheus text format.
     pub fn render(&self, out: &mut String) {
         use std::fmt::Write;
-        let rows: [(&str, &str, u64); 7] = [
+        let rows: [(&str, &str, u64); 8] = [
             (
                 "switchboard_notify_sent_total",
                 "Notifications the webhook accepted.",
@@ -269,6 +271,11 @@ impl Notifier {
                 "switchboard_notify_shared_total",
                 "Notifications left to another logic instance that sent one for the conversation in the window.",
                 self.stats.shared.load(Ordering::Relaxed),
+            ),
+            (
+                "switchboard_notify_muted_total",
+                "Notifications not sent: the user muted the conversation.",
+                self.stats.muted.load(Ordering::Relaxed),
             ),
             (
                 "switchboard_notify_pending",
@@ -327,6 +334,14 @@ async fn settle(logic: &Logic, user: String, conv: String, e: Entry) {
         n.stats.seen.fetch_add(1, Ordering::Relaxed);
         return;
     }
+    match logic.stores.accounts.mutes(&user).await {
+        Ok(mutes) if mutes.get(&conv).is_some_and(|&until| crate::ops::muted(until)) => {
+            n.stats.muted.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        Ok(_) => {}
+        Err(err) => tracing::warn!(error = %err, "reading mutes; notifying anyway"),
+    }
     // In a cluster every logic instance may hold an entry for this conversation: the first to
     // claim it notifies, once per delay.
     if let (Some(registry), Some(config)) = (&logic.stores.registry, &n.config) {
@@ -340,8 +355,18 @@ async fn settle(logic: &Logic, user: String, conv: String, e: Entry) {
         }
     }
     let unseen = e.count.min(e.last_seq - seen);
-    let body =
-        json!({"user": user, "conv": conv, "count": unseen, "last": e.last, "ts": switchboard_storage::now_ms()});
+    // The devices to reach, for the webhook to pass on to their push services.
+    let devices: Vec<Value> = match logic.stores.accounts.push_tokens(&user).await {
+        Ok(tokens) => {
+            tokens.into_iter().map(|t| json!({"device": t.device, "platform": t.platform, "token": t.token})).collect()
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "reading push tokens; notifying without them");
+            Vec::new()
+        }
+    };
+    let body = json!({"user": user, "conv": conv, "count": unseen, "last": e.last, "devices": devices,
+                      "ts": switchboard_storage::now_ms()});
     deliver(logic, body.to_string()).await;
 }
 

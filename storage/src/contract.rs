@@ -39,6 +39,7 @@ pub async fn run_all(
     groups: &dyn GroupStore,
 ) {
     accounts_contract(accounts).await;
+    devices_contract(accounts).await;
     social_contract(social).await;
     groups_contract(groups).await;
     messages_contract(messages).await;
@@ -146,6 +147,47 @@ pub async fn search_final_state(s: &dyn MessageStore, p: &str, conv: &str) {
     assert!(s.mentions(&a).await.unwrap().contains_key(conv));
     let m1 = s.range(conv, 0, 1).await.unwrap().remove(0);
     assert_eq!(m1.body, serde_json::json!("Meeting at NOON tomorrow"), "the message itself is unchanged");
+}
+
+/// Push tokens: one per device, replaced by the device's next, moved when another device
+/// registers it; mutes per conversation with their time, removed by unmute.
+pub async fn devices_contract(s: &dyn AccountStore) {
+    let p = prefix();
+    let (a, b) = (format!("{p}a"), format!("{p}b"));
+    let token = |user: &str, device: &str, token: &str| crate::PushToken {
+        user: user.into(),
+        device: device.into(),
+        platform: "fcm".into(),
+        token: format!("{p}{token}"),
+        updated_ms: 7,
+    };
+    assert!(s.push_tokens(&a).await.unwrap().is_empty());
+    s.put_push_token(&token(&a, "phone", "t1")).await.unwrap();
+    s.put_push_token(&token(&a, "tablet", "t2")).await.unwrap();
+    s.put_push_token(&token(&a, "phone", "t3")).await.unwrap();
+    assert_eq!(s.push_tokens(&a).await.unwrap(), vec![token(&a, "phone", "t3"), token(&a, "tablet", "t2")]);
+    // t1 is free again: another user's device may take it; t2 moves to b's device
+    s.put_push_token(&token(&b, "laptop", "t1")).await.unwrap();
+    s.put_push_token(&token(&b, "web", "t2")).await.unwrap();
+    assert_eq!(s.push_tokens(&a).await.unwrap(), vec![token(&a, "phone", "t3")]);
+    assert_eq!(s.push_tokens(&b).await.unwrap(), vec![token(&b, "laptop", "t1"), token(&b, "web", "t2")]);
+    assert!(s.remove_push_token(&a, "phone").await.unwrap());
+    assert!(!s.remove_push_token(&a, "phone").await.unwrap());
+    assert!(s.push_tokens(&a).await.unwrap().is_empty());
+    s.put_push_token(&token(&a, "phone", "t3")).await.unwrap();
+    assert_eq!(s.push_tokens(&a).await.unwrap().len(), 1, "a removed token can come back");
+
+    let conv = format!("g:{p}g");
+    assert!(s.mutes(&a).await.unwrap().is_empty());
+    s.set_mute(&a, &conv, Some(u64::MAX / 4)).await.unwrap();
+    s.set_mute(&a, "d:x:y", Some(5)).await.unwrap();
+    s.set_mute(&a, &conv, Some(1000)).await.unwrap();
+    let mutes = s.mutes(&a).await.unwrap();
+    assert_eq!((mutes.get(&conv), mutes.get("d:x:y"), mutes.len()), (Some(&1000), Some(&5), 2));
+    s.set_mute(&a, &conv, None).await.unwrap();
+    s.set_mute(&a, &conv, None).await.unwrap();
+    assert_eq!(s.mutes(&a).await.unwrap().len(), 1);
+    assert!(s.mutes(&b).await.unwrap().is_empty());
 }
 
 pub async fn accounts_contract(s: &dyn AccountStore) {

@@ -54,6 +54,12 @@ const GROUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("groups");
 const GROUP_MEMBERS: TableDefinition<(&str, &str), &str> = TableDefinition::new("group_members");
 /// (user, group) -> role (the reverse index of `GROUP_MEMBERS`).
 const USER_GROUPS: TableDefinition<(&str, &str), &str> = TableDefinition::new("user_groups");
+/// (user, device) -> PushToken as JSON.
+const PUSH_TOKENS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("push_tokens");
+/// push token -> (user, device) holding it.
+const TOKEN_OWNERS: TableDefinition<&str, (&str, &str)> = TableDefinition::new("token_owners");
+/// (user, conv) -> muted until (ms).
+const MUTES: TableDefinition<(&str, &str), u64> = TableDefinition::new("mutes");
 /// (user, other): `user` blocks `other`.
 const BLOCKS: TableDefinition<(&str, &str), ()> = TableDefinition::new("blocks");
 
@@ -98,6 +104,9 @@ impl EmbeddedStore {
             tx.open_table(GROUP_MEMBERS)?;
             tx.open_table(USER_GROUPS)?;
             tx.open_table(BLOCKS)?;
+            tx.open_table(PUSH_TOKENS)?;
+            tx.open_table(TOKEN_OWNERS)?;
+            tx.open_table(MUTES)?;
             // The mid index arrived after the messages table: fill it for
             // messages stored before it existed.
             let mut mids = tx.open_table(MIDS)?;
@@ -354,6 +363,71 @@ impl AccountStore for EmbeddedStore {
                 put_json(&mut users, name.as_str(), &user)?;
             }
             Ok(Commit(true))
+        })
+        .await
+    }
+
+    async fn put_push_token(&self, token: &crate::PushToken) -> Result<()> {
+        let t = token.clone();
+        self.write(move |tx| {
+            let (mut tokens, mut owners) = (tx.open_table(PUSH_TOKENS)?, tx.open_table(TOKEN_OWNERS)?);
+            let owner = owners.get(t.token.as_str())?.map(|v| {
+                let (u, d) = v.value();
+                (u.to_owned(), d.to_owned())
+            });
+            if let Some((u, d)) = owner {
+                tokens.remove((u.as_str(), d.as_str()))?;
+            }
+            let earlier: Option<crate::PushToken> = get_json(tokens.get((t.user.as_str(), t.device.as_str()))?)?;
+            if let Some(earlier) = earlier {
+                owners.remove(earlier.token.as_str())?;
+            }
+            put_json(&mut tokens, (t.user.as_str(), t.device.as_str()), &t)?;
+            owners.insert(t.token.as_str(), (t.user.as_str(), t.device.as_str()))?;
+            Ok(Commit(()))
+        })
+        .await
+    }
+
+    async fn remove_push_token(&self, user: &str, device: &str) -> Result<bool> {
+        let (user, device) = (user.to_owned(), device.to_owned());
+        self.write(move |tx| {
+            let mut tokens = tx.open_table(PUSH_TOKENS)?;
+            let earlier: Option<crate::PushToken> = get_json(tokens.remove((user.as_str(), device.as_str()))?)?;
+            let Some(earlier) = earlier else { return Ok(Abort(false)) };
+            tx.open_table(TOKEN_OWNERS)?.remove(earlier.token.as_str())?;
+            Ok(Commit(true))
+        })
+        .await
+    }
+
+    async fn push_tokens(&self, user: &str) -> Result<Vec<crate::PushToken>> {
+        let user = user.to_owned();
+        self.read(move |tx| {
+            rows_under(&tx.open_table(PUSH_TOKENS)?, &user, |_, v: &[u8]| Ok(serde_json::from_slice(v)?))
+        })
+        .await
+    }
+
+    async fn set_mute(&self, user: &str, conv: &str, until_ms: Option<u64>) -> Result<()> {
+        let (user, conv) = (user.to_owned(), conv.to_owned());
+        self.write(move |tx| {
+            let mut t = tx.open_table(MUTES)?;
+            match until_ms {
+                Some(until) => t.insert((user.as_str(), conv.as_str()), until)?,
+                None => t.remove((user.as_str(), conv.as_str()))?,
+            };
+            Ok(Commit(()))
+        })
+        .await
+    }
+
+    async fn mutes(&self, user: &str) -> Result<HashMap<String, u64>> {
+        let user = user.to_owned();
+        self.read(move |tx| {
+            Ok(rows_under(&tx.open_table(MUTES)?, &user, |conv, until| Ok((conv.to_owned(), until)))?
+                .into_iter()
+                .collect())
         })
         .await
     }

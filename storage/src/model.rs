@@ -30,6 +30,17 @@ pub struct Session {
     pub refresh_expires_ms: u64,
 }
 
+/// A device's token at a push service (APNs, FCM, Web Push, …), for offline notifications.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushToken {
+    pub user: String,
+    pub device: String,
+    /// `apns`, `fcm`, `webpush` or `other`.
+    pub platform: String,
+    pub token: String,
+    pub updated_ms: u64,
+}
+
 /// The relation of one user to another, as seen from the first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]

@@ -29,6 +29,9 @@
 //!   Index `{user: 1}`.
 //! - messages also carry `refs` (JSON text: reply quote and mentions, when any) and the search
 //!   fields `stext`, `stext_seq` and `terms` (see [`crate::search`]); index `{terms: 1}`.
+//! - `push_tokens`: `_id` `user\0device`; user, device, platform, token, updated_ms. Unique
+//!   index `{token: 1}`, index `{user: 1}`.
+//! - `mutes`: `_id` `user\0conv`; user, conv, until_ms. Index `{user: 1}`.
 //! - `persist_offsets`: `_id` `topic\0partition`; topic, part, next_offset
 //!   (how far the persist worker got in each partition of the message topic).
 //!
@@ -105,7 +108,9 @@ const GROUP_MEMBERS: &str = "group_members";
 const PERSIST_OFFSETS: &str = "persist_offsets";
 const BLOCKS: &str = "blocks";
 const MENTIONS: &str = "mentions";
-const COLLECTIONS: [&str; 14] = [
+const PUSH_TOKENS: &str = "push_tokens";
+const MUTES: &str = "mutes";
+const COLLECTIONS: [&str; 16] = [
     USERS,
     SESSIONS,
     REFRESH_TOKENS,
@@ -120,6 +125,8 @@ const COLLECTIONS: [&str; 14] = [
     PERSIST_OFFSETS,
     BLOCKS,
     MENTIONS,
+    PUSH_TOKENS,
+    MUTES,
 ];
 
 impl From<mongodb::error::Error> for StorageError {
@@ -536,6 +543,8 @@ pub struct MongoStore {
     persist_offsets: Collection<Document>,
     /// `_id` key(user, other): `user` blocks `other`.
     blocks: Collection<Document>,
+    push_tokens: Collection<Document>,
+    mutes: Collection<Document>,
     transactions: bool,
 }
 
@@ -580,6 +589,8 @@ impl MongoStore {
             group_members: coll(GROUP_MEMBERS),
             persist_offsets: coll(PERSIST_OFFSETS),
             blocks: coll(BLOCKS),
+            push_tokens: coll(PUSH_TOKENS),
+            mutes: coll(MUTES),
             client,
             db,
             transactions,
@@ -633,6 +644,8 @@ impl MongoStore {
                 ],
             ),
             (&self.mentions, vec![index(doc! { "user": 1 }, false)]),
+            (&self.push_tokens, vec![index(doc! { "token": 1 }, true), index(doc! { "user": 1 }, false)]),
+            (&self.mutes, vec![index(doc! { "user": 1 }, false)]),
             (&self.user_convs, vec![index(doc! { "user": 1, "conv": 1 }, false)]),
             (&self.acks, vec![index(doc! { "user": 1, "device": 1 }, false)]),
             (&self.reads, vec![index(doc! { "user": 1 }, false)]),
@@ -926,6 +939,57 @@ impl AccountStore for MongoStore {
     async fn set_banned(&self, username: &str, banned: bool) -> Result<bool> {
         let r = self.users.update_one(doc! { "_id": username }, doc! { "$set": { "banned": banned } }).await?;
         Ok(r.matched_count == 1)
+    }
+
+    async fn put_push_token(&self, t: &crate::PushToken) -> Result<()> {
+        let id = key(&[t.user.as_str(), t.device.as_str()]);
+        self.push_tokens.delete_many(doc! { "token": &t.token, "_id": { "$ne": &id } }).await?;
+        let d = doc! {
+            "user": &t.user, "device": &t.device, "platform": &t.platform, "token": &t.token,
+            "updated_ms": int(t.updated_ms),
+        };
+        self.push_tokens.replace_one(doc! { "_id": &id }, d).upsert(true).await?;
+        Ok(())
+    }
+
+    async fn remove_push_token(&self, user: &str, device: &str) -> Result<bool> {
+        Ok(self.push_tokens.delete_one(doc! { "_id": key(&[user, device]) }).await?.deleted_count == 1)
+    }
+
+    async fn push_tokens(&self, user: &str) -> Result<Vec<crate::PushToken>> {
+        let cursor = self.push_tokens.find(doc! { "user": user }).sort(doc! { "device": 1 }).await?;
+        collect(cursor)
+            .await?
+            .iter()
+            .map(|d| {
+                Ok(crate::PushToken {
+                    user: text(d, "user")?,
+                    device: text(d, "device")?,
+                    platform: text(d, "platform")?,
+                    token: text(d, "token")?,
+                    updated_ms: number(d, "updated_ms")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn set_mute(&self, user: &str, conv: &str, until_ms: Option<u64>) -> Result<()> {
+        let id = key(&[user, conv]);
+        match until_ms {
+            Some(until) => {
+                let d = doc! { "user": user, "conv": conv, "until_ms": int(until) };
+                self.mutes.replace_one(doc! { "_id": &id }, d).upsert(true).await?;
+            }
+            None => {
+                self.mutes.delete_one(doc! { "_id": &id }).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn mutes(&self, user: &str) -> Result<HashMap<String, u64>> {
+        let found = collect(self.mutes.find(doc! { "user": user }).await?).await?;
+        found.iter().map(|d| Ok((text(d, "conv")?, number(d, "until_ms")?))).collect()
     }
 }
 

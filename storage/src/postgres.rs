@@ -153,6 +153,20 @@ CREATE TABLE IF NOT EXISTS mentions (
     seq BIGINT NOT NULL,
     PRIMARY KEY (username, conv)
 );
+CREATE TABLE IF NOT EXISTS push_tokens (
+    username TEXT COLLATE "C" NOT NULL,
+    device TEXT COLLATE "C" NOT NULL,
+    platform TEXT NOT NULL,
+    token TEXT COLLATE "C" NOT NULL UNIQUE,
+    updated_ms BIGINT NOT NULL,
+    PRIMARY KEY (username, device)
+);
+CREATE TABLE IF NOT EXISTS mutes (
+    username TEXT COLLATE "C" NOT NULL,
+    conv TEXT COLLATE "C" NOT NULL,
+    until_ms BIGINT NOT NULL,
+    PRIMARY KEY (username, conv)
+);
 CREATE TABLE IF NOT EXISTS file_chunks (
     id TEXT COLLATE "C" NOT NULL,
     n INT NOT NULL,
@@ -569,6 +583,78 @@ impl AccountStore for PgStore {
         let c = self.client().await?;
         let st = c.prepare_cached("UPDATE users SET banned = $2 WHERE username = $1").await?;
         Ok(c.execute(&st, &[&username, &banned]).await? == 1)
+    }
+
+    async fn put_push_token(&self, t: &crate::PushToken) -> Result<()> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        let st =
+            tx.prepare_cached("DELETE FROM push_tokens WHERE token = $1 AND (username, device) <> ($2, $3)").await?;
+        tx.execute(&st, &[&t.token, &t.user, &t.device]).await?;
+        let st = tx
+            .prepare_cached(
+                "INSERT INTO push_tokens (username, device, platform, token, updated_ms) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (username, device) DO UPDATE \
+                 SET platform = EXCLUDED.platform, token = EXCLUDED.token, updated_ms = EXCLUDED.updated_ms",
+            )
+            .await?;
+        tx.execute(&st, &[&t.user, &t.device, &t.platform, &t.token, &int(t.updated_ms)]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn remove_push_token(&self, user: &str, device: &str) -> Result<bool> {
+        let c = self.client().await?;
+        let st = c.prepare_cached("DELETE FROM push_tokens WHERE username = $1 AND device = $2").await?;
+        Ok(c.execute(&st, &[&user, &device]).await? == 1)
+    }
+
+    async fn push_tokens(&self, user: &str) -> Result<Vec<crate::PushToken>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(
+                "SELECT device, platform, token, updated_ms FROM push_tokens WHERE username = $1 ORDER BY device",
+            )
+            .await?;
+        c.query(&st, &[&user])
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(crate::PushToken {
+                    user: user.to_owned(),
+                    device: r.try_get(0)?,
+                    platform: r.try_get(1)?,
+                    token: r.try_get(2)?,
+                    updated_ms: uint(r.try_get(3)?),
+                })
+            })
+            .collect()
+    }
+
+    async fn set_mute(&self, user: &str, conv: &str, until_ms: Option<u64>) -> Result<()> {
+        let c = self.client().await?;
+        match until_ms {
+            Some(until) => {
+                let st = c
+                    .prepare_cached(
+                        "INSERT INTO mutes (username, conv, until_ms) VALUES ($1, $2, $3) \
+                         ON CONFLICT (username, conv) DO UPDATE SET until_ms = EXCLUDED.until_ms",
+                    )
+                    .await?;
+                c.execute(&st, &[&user, &conv, &int(until)]).await?;
+            }
+            None => {
+                let st = c.prepare_cached("DELETE FROM mutes WHERE username = $1 AND conv = $2").await?;
+                c.execute(&st, &[&user, &conv]).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn mutes(&self, user: &str) -> Result<HashMap<String, u64>> {
+        let c = self.client().await?;
+        let st = c.prepare_cached("SELECT conv, until_ms FROM mutes WHERE username = $1").await?;
+        c.query(&st, &[&user]).await?.iter().map(text_and_uint).collect()
     }
 }
 

@@ -31,6 +31,18 @@ pub trait AccountStore: Send + Sync {
     async fn prune_sessions(&self, before_ms: u64) -> Result<usize>;
     /// Sets or clears the ban flag; `false` when there is no such user.
     async fn set_banned(&self, username: &str, banned: bool) -> Result<bool>;
+    /// Registers the push token of a device, replacing the device's earlier one; a token
+    /// registered before by another device (of any user) moves to this one.
+    async fn put_push_token(&self, token: &crate::PushToken) -> Result<()>;
+    /// Removes the push token of `user`'s `device`; whether there was one.
+    async fn remove_push_token(&self, user: &str, device: &str) -> Result<bool>;
+    /// Every push token of `user`, ordered by device.
+    async fn push_tokens(&self, user: &str) -> Result<Vec<crate::PushToken>>;
+    /// Mutes `conv` for `user` until `until_ms` (`u64::MAX`: until unmuted), or unmutes it
+    /// (`None`).
+    async fn set_mute(&self, user: &str, conv: &str, until_ms: Option<u64>) -> Result<()>;
+    /// `user`'s mutes, conversation -> until (ms), lapsed ones included.
+    async fn mutes(&self, user: &str) -> Result<HashMap<String, u64>>;
 }
 
 /// The social graph.

@@ -101,7 +101,7 @@ async fn racing_startups_both_create_the_schema() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(tables, 17, "every table is created in the scratch schema");
+    assert_eq!(tables, 19, "every table is created in the scratch schema");
     contract::fresh_stores_share_data(&a, &b, &c).await;
     drop((a, b, c));
     admin.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.unwrap();

@@ -173,6 +173,18 @@ fn cluster_survives_gateway_logic_and_persist_faults() {
         assert!(Instant::now() < deadline, "mention and search not seen: {zh} {fin} {draft}");
         std::thread::sleep(Duration::from_millis(200));
     }
+    // a push token and a mute kept in PostgreSQL, seen through the other logic instance
+    alice.ok("push.register", json!({"platform": "webpush", "token": format!("{prefix}-wp")}));
+    let until = switchboard_storage::now_ms() + 3_600_000;
+    alice.ok("mute", json!({"conv": gconv, "until": until}));
+    let mut alice2 = Client::login(http2, ws2, a, "a2");
+    let convs = alice2.ok("convs", json!({}));
+    let entry = convs["convs"].as_array().unwrap().iter().find(|e| e["conv"] == gconv.as_str()).unwrap().clone();
+    assert_eq!((entry["muted"].clone(), entry["muted_until"].clone()), (json!(true), json!(until)));
+    alice2.ok("unmute", json!({"conv": gconv}));
+    let convs = alice.ok("convs", json!({}));
+    assert!(convs["convs"].as_array().unwrap().iter().all(|e| e.get("muted").is_none()));
+    alice2.close();
 
     // a file uploaded through one logic instance (stored in PostgreSQL), sent to the group,
     // downloaded by a member through the other; an outsider is refused

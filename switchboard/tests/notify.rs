@@ -99,15 +99,40 @@ async fn unseen_messages_are_notified_once_per_conversation() {
             befriend(&mut alice, &mut c, name, "alice");
             c
         };
-        let bob = friend("bob");
+        let mut bob = friend("bob");
         let mut carol = friend("carol");
         let dan = friend("dan");
         let erin = friend("erin");
         let finn = friend("finn");
         let gus = friend("gus");
-        for c in [bob, dan, erin, finn, gus] {
+        let mut hana = friend("hana");
+        // bob's phone gets notifications through FCM; his second device signs out, and its
+        // token with it
+        bob.ok("push.register", json!({"platform": "fcm", "token": "fcm-bob-1"}));
+        bob.err("push.register", json!({"platform": "pager", "token": "x"}), "bad_request");
+        bob.err("push.register", json!({"platform": "fcm", "token": ""}), "bad_request");
+        bob.err("push.register", json!({"platform": "apns", "token": "x".repeat(5000)}), "bad_request");
+        let b2 = login(http, "bob", "b2")["access_token"].as_str().unwrap().to_string();
+        let mut tablet = Client::connect(ws);
+        assert_eq!(tablet.call("auth", json!({"token": b2}))["op"], "auth.ok");
+        tablet.ok("push.register", json!({"platform": "apns", "token": "apns-bob-2"}));
+        tablet.close();
+        let (status, _) = common::http(http, "POST", "/v1/auth/logout", None, Some(&b2));
+        assert_eq!(status, 204);
+        // hana muted alice: no notification for her, the conversation shows it
+        let conv = "d:alice:hana";
+        hana.err("mute", json!({"conv": conv, "until": 1}), "bad_request");
+        hana.err("mute", json!({"conv": "d:alice:bob"}), "forbidden");
+        hana.ok("mute", json!({"conv": conv}));
+        alice.ok("send", json!({"to": "hana", "cmid": "h0", "type": "text", "body": "before"}));
+        let m = hana.push("msg")["msg"].clone();
+        hana.ok("ack", json!({"conv": m["conv"], "seq": m["seq"]}));
+        let entry = hana.ok("convs", json!({}))["convs"][0].clone();
+        assert_eq!((entry["muted"].clone(), entry.get("muted_until")), (json!(true), None));
+        for c in [bob, dan, erin, finn, gus, hana] {
             c.close();
         }
+        alice.ok("send", json!({"to": "hana", "cmid": "h1", "type": "text", "body": "muted away"}));
         // bob is away: two messages, one notification
         for (cmid, text) in [("b1", "are you there?"), ("b2", "call me back")] {
             alice.ok("send", json!({"to": "bob", "cmid": cmid, "type": "text", "body": text}));
@@ -150,6 +175,12 @@ async fn unseen_messages_are_notified_once_per_conversation() {
             (bob[0].body["last"]["text"].as_str(), bob[0].body["last"]["from"].as_str()),
             (Some("call me back"), Some("alice"))
         );
+        assert_eq!(
+            bob[0].body["devices"],
+            json!([{"device": "bob1", "platform": "fcm", "token": "fcm-bob-1"}]),
+            "the signed-out device's token went with it"
+        );
+        assert_eq!(of("dan")[0].body["devices"], json!([]), "dan registered no token");
         assert!(of("carol").is_empty(), "carol's device acked in time");
         assert!(of("alice").is_empty(), "a sender is never told of her own messages");
         let gus = &of("gus")[0].body["last"];
@@ -171,6 +202,8 @@ async fn unseen_messages_are_notified_once_per_conversation() {
         assert_eq!(metric(http, "switchboard_notify_sent_total"), 4, "bob, dan, erin, gus");
         assert_eq!(metric(http, "switchboard_notify_failed_total"), 4, "dan once, finn three times");
         assert!(metric(http, "switchboard_notify_seen_total") >= 1, "carol's was dropped");
+        assert_eq!(metric(http, "switchboard_notify_muted_total"), 1, "hana's was not sent");
+        assert!(of("hana").is_empty());
         assert_eq!(metric(http, "switchboard_notify_pending"), 0);
     })
     .await;

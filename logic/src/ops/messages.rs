@@ -403,11 +403,13 @@ pub async fn read(logic: &Logic, caller: &Caller, req: Read) -> Result<Fields, A
 }
 
 /// Conversations with their last message, unread count and read seq, and whether an unread
-/// message mentions the caller (`mentioned`, with the last such seq), newest activity first.
+/// message mentions the caller (`mentioned`, with the last such seq), whether the caller muted it
+/// (`muted`, with `muted_until` unless for good), newest activity first.
 /// Conversations without messages are left out.
 pub async fn convs(logic: &Logic, caller: &Caller) -> Result<Fields, ApiError> {
     let reads = logic.cursors.reads(&caller.user).await?;
     let mentions = logic.stores.messages.mentions(&caller.user).await?;
+    let mutes = logic.stores.accounts.mutes(&caller.user).await?;
     let mut out: Vec<(u64, Value)> = Vec::new();
     for (conv, last_seq) in user_convs(logic, &caller.user).await? {
         let Some(last) = logic.stores.messages.history(&conv, None, 1).await?.pop() else { continue };
@@ -417,6 +419,12 @@ pub async fn convs(logic: &Logic, caller: &Caller) -> Result<Fields, ApiError> {
         if let Some(&seq) = mentions.get(&conv).filter(|&&seq| seq > read_seq) {
             entry["mentioned"] = json!(true);
             entry["mention_seq"] = json!(seq);
+        }
+        if let Some(&until) = mutes.get(&conv).filter(|&&until| super::muted(until)) {
+            entry["muted"] = json!(true);
+            if until != u64::MAX {
+                entry["muted_until"] = json!(until);
+            }
         }
         out.push((last.ts, entry));
     }

@@ -2,6 +2,8 @@
 //! and its request fields, returning the reply fields or an [`ApiError`].
 
 mod calls;
+mod devices;
+pub(crate) use devices::muted;
 mod events;
 mod friends;
 mod groups;
@@ -98,7 +100,7 @@ pub async fn handle(logic: &Logic, caller: &Caller, op: &str, rid: Option<u64>, 
 }
 
 /// Every op [`dispatch`] serves (the `op` label of the request latency histogram).
-pub(crate) const OPS: [&str; 34] = [
+pub(crate) const OPS: [&str; 38] = [
     "send",
     "ack",
     "sync",
@@ -133,6 +135,10 @@ pub(crate) const OPS: [&str; 34] = [
     "presence",
     "typing",
     "search",
+    "push.register",
+    "push.unregister",
+    "mute",
+    "unmute",
 ];
 
 async fn dispatch(logic: &Logic, caller: &Caller, op: &str, req: &[u8]) -> Result<Fields, ApiError> {
@@ -168,6 +174,10 @@ async fn dispatch(logic: &Logic, caller: &Caller, op: &str, req: &[u8]) -> Resul
         "presence" => presence::presence(logic, caller, parse(req)?).await,
         "typing" => presence::typing(logic, caller, parse(req)?).await,
         "search" => refs::search(logic, caller, parse(req)?).await,
+        "push.register" => devices::register(logic, caller, parse(req)?).await,
+        "push.unregister" => devices::unregister(logic, caller).await,
+        "mute" => devices::mute(logic, caller, parse(req)?).await,
+        "unmute" => devices::unmute(logic, caller, parse(req)?).await,
         "auth" => Err(ApiError::bad_request("already authenticated")),
         other => Err(ApiError::new("unknown_op", format!("unknown op `{other}`"))),
     }
