@@ -245,9 +245,10 @@ async fn logout(State(h): State<Http>, headers: HeaderMap) -> Result<Response, A
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or_else(|| ApiError::new("unauthorized", "missing Bearer token"))?;
     let claims = h.logic.authenticate(token).await?;
-    h.logic.stores.accounts.revoke_session(&claims.sid).await?;
-    // A device that signed out gets no more notifications.
+    // A device that signed out gets no more notifications (first: a retry of a failed sign-out
+    // finds its session revoked).
     h.logic.stores.accounts.remove_push_token(&claims.sub, &claims.dev).await?;
+    h.logic.stores.accounts.revoke_session(&claims.sid).await?;
     // The session's open sockets end with it.
     kick(&h.logic, &claims.sub, Some(&claims.sid), "signed out").await?;
     Ok(StatusCode::NO_CONTENT.into_response())

@@ -70,11 +70,28 @@ async fn found(s: &dyn MessageStore, convs: &[&str], q: &str, from: Option<&str>
 /// conversations only, by sender), an edit's text once edited and nothing once recalled.
 /// Returns the prefix and conversation for [`search_final_state`].
 pub async fn search_contract(s: &dyn MessageStore) -> (String, String) {
+    let setup = search_contract_appends(s).await;
+    search_contract_changes(s, &setup).await;
+    (setup.p, setup.conv)
+}
+
+/// What [`search_contract_appends`] stored, for [`search_contract_changes`].
+pub struct SearchSetup {
+    pub p: String,
+    pub conv: String,
+    m1: Message,
+    m3: Message,
+}
+
+/// The appends and reads of [`search_contract`].
+pub async fn search_contract_appends(s: &dyn MessageStore) -> SearchSetup {
     let p = prefix();
     let (a, b) = (format!("{p}a"), format!("{p}b"));
     let conv = format!("g:{p}g");
     let other = format!("g:{p}h");
     let m1 = s.append(text(&conv, &a, "c1", "Meeting at NOON tomorrow"), &[]).await.unwrap().msg;
+    // a later millisecond for what follows (the `before` filter below)
+    tokio::time::sleep(std::time::Duration::from_millis(3)).await;
     let quote = crate::Quote {
         mid: m1.mid.clone(),
         seq: m1.seq,
@@ -124,15 +141,22 @@ pub async fn search_contract(s: &dyn MessageStore) -> (String, String) {
         before_ts: Some(m2.ts),
         limit: 10,
     };
-    assert!(s.search(&before).await.unwrap().iter().all(|f| f.msg.ts < m2.ts));
+    let older: Vec<u64> = s.search(&before).await.unwrap().iter().map(|f| f.msg.seq).collect();
+    assert_eq!(older, vec![m1.seq], "only what was sent before");
 
-    // an edit replaces the text searched; a later edit wins; a recall removes the message
-    let edit =
-        |cmid: &str, text: &str| of_kind(&conv, &a, cmid, "edit", serde_json::json!({"mid": m1.mid, "text": text}));
+    SearchSetup { p, conv, m1, m3 }
+}
+
+/// The changes of [`search_contract`]: an edit replaces the text searched; a later edit wins;
+/// a recall removes the message.
+pub async fn search_contract_changes(s: &dyn MessageStore, setup: &SearchSetup) {
+    let (conv, a) = (&setup.conv, format!("{}a", setup.p));
+    let edit = |cmid: &str, text: &str| {
+        of_kind(conv, &a, cmid, "edit", serde_json::json!({"mid": setup.m1.mid, "text": text}))
+    };
     s.append(edit("e1", "lunch at one"), &[]).await.unwrap();
     s.append(edit("e2", "lunch at two instead"), &[]).await.unwrap();
-    s.recall(&conv, m3.seq).await.unwrap();
-    (p, conv)
+    s.recall(conv, setup.m3.seq).await.unwrap();
 }
 
 /// What [`search_contract`] leaves (checked again after a restart).
@@ -179,9 +203,10 @@ pub async fn devices_contract(s: &dyn AccountStore) {
 
     let conv = format!("g:{p}g");
     assert!(s.mutes(&a).await.unwrap().is_empty());
-    s.set_mute(&a, &conv, Some(u64::MAX / 4)).await.unwrap();
-    s.set_mute(&a, "d:x:y", Some(5)).await.unwrap();
     s.set_mute(&a, &conv, Some(1000)).await.unwrap();
+    s.set_mute(&a, "d:x:y", Some(u64::MAX)).await.unwrap();
+    assert_eq!(s.mutes(&a).await.unwrap().get("d:x:y"), Some(&u64::MAX), "for good reads back as such");
+    s.set_mute(&a, "d:x:y", Some(5)).await.unwrap();
     let mutes = s.mutes(&a).await.unwrap();
     assert_eq!((mutes.get(&conv), mutes.get("d:x:y"), mutes.len()), (Some(&1000), Some(&5), 2));
     s.set_mute(&a, &conv, None).await.unwrap();
@@ -642,38 +667,69 @@ mod tests {
         std::fs::remove_dir_all(&dir).ok();
     }
 
-    /// The search index and mention marks from the tail, from the B-trees after checkpoints, and
-    /// after a restart (the log replayed, or the checkpointed tables read).
+    /// A policy that checkpoints every few milliseconds, and one that never does in a test.
+    fn policies() -> (crate::embedded::CheckpointPolicy, crate::embedded::CheckpointPolicy) {
+        let every = |interval, bytes| crate::embedded::CheckpointPolicy { interval, bytes, ..Default::default() };
+        (every(std::time::Duration::from_millis(5), 1 << 20), every(std::time::Duration::from_secs(3600), 1 << 30))
+    }
+
+    /// The search index and mention marks from the B-trees after checkpoints, with edits and a
+    /// recall in the tail over checkpointed targets, and after a restart.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn embedded_search_survives_checkpoints_and_restarts() {
+    async fn embedded_search_merges_the_tail_over_checkpoints() {
         let dir = std::env::temp_dir().join(format!("sb-search-{}", prefix()));
-        let fast = crate::embedded::CheckpointPolicy {
-            interval: std::time::Duration::from_millis(5),
-            bytes: 1 << 20,
-            ..Default::default()
-        };
+        let (fast, slow) = policies();
         let store = EmbeddedStore::open_with(&dir, fast).unwrap();
-        let (p, conv) = search_contract(&store).await;
-        search_final_state(&store, &p, &conv).await;
+        let setup = search_contract_appends(&store).await;
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        search_final_state(&store, &p, &conv).await;
         drop(store);
-        let store = EmbeddedStore::open(&dir).unwrap();
-        search_final_state(&store, &p, &conv).await;
-        // the same with nothing checkpointed before the restart (all from the log)
-        let slow = crate::embedded::CheckpointPolicy {
-            interval: std::time::Duration::from_secs(3600),
-            bytes: 1 << 30,
-            ..Default::default()
-        };
-        drop(store);
+        // the targets are in the B-trees; the changes stay in the tail
         let store = EmbeddedStore::open_with(&dir, slow).unwrap();
-        let (p, conv) = search_contract(&store).await;
+        search_contract_changes(&store, &setup).await;
+        search_final_state(&store, &setup.p, &setup.conv).await;
         drop(store);
-        let store = EmbeddedStore::open(&dir).unwrap();
-        search_final_state(&store, &p, &conv).await;
-        let _ = store.last_seq("d:x:y").await.unwrap();
-        assert!(store.user_groups("nobody").await.unwrap().is_empty());
+        let store = EmbeddedStore::open_with(&dir, fast).unwrap();
+        search_final_state(&store, &setup.p, &setup.conv).await;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        search_final_state(&store, &setup.p, &setup.conv).await;
+        drop(store);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// After a SIGKILL with nothing checkpointed, the log's replay rebuilds the search index and
+    /// the mention marks.
+    #[test]
+    fn embedded_search_is_replayed_after_a_sigkill() {
+        const NAME: &str = "contract::tests::embedded_search_is_replayed_after_a_sigkill";
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        if let Some(dir) = std::env::var_os("SB_SEARCH_CHILD_DIR") {
+            rt.block_on(async {
+                let store = EmbeddedStore::open_with(std::path::Path::new(&dir), policies().1).unwrap();
+                let (p, conv) = search_contract(&store).await;
+                println!("ready {p} {conv}");
+                std::future::pending::<()>().await;
+            });
+            return;
+        }
+        use std::io::BufRead;
+        let dir = std::env::temp_dir().join(format!("sb-search-kill-{}", prefix()));
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+            .env("SB_SEARCH_CHILD_DIR", &dir)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        // (the test harness may print its own words before ours on the line)
+        let ready = out.lines().map(|l| l.unwrap()).find_map(|l| l.split_once("ready ").map(|(_, r)| r.to_owned()));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let ready = ready.expect("the child stored its messages");
+        let (p, conv) = ready.split_once(' ').unwrap();
+        rt.block_on(async {
+            let store = EmbeddedStore::open(&dir).unwrap();
+            search_final_state(&store, p, conv).await;
+        });
         std::fs::remove_dir_all(&dir).ok();
     }
 

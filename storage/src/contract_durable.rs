@@ -343,8 +343,20 @@ pub async fn records_index_search(log: &dyn DurableLog, messages: &dyn MessageSt
     assert!(messages.search(&q("季度")).await.unwrap().is_empty(), "the edited text replaced it");
     assert!(messages.search(&q("figures")).await.unwrap().is_empty(), "the later edit won");
     assert_eq!(messages.mentions(&a).await.unwrap().get(&conv), Some(&2));
+    // a mention whose seq a void took first marks nobody
+    let void = SequencedRecord {
+        msg: crate::cluster::void_message(&conv, 5, 1_005),
+        members: members.to_vec(),
+        recall: false,
+    };
+    let mut late = record(&conv, 5, &a, "late", &members);
+    late.msg.mentions = vec![b.clone()];
+    log.upsert_records(&[void]).await.unwrap();
+    log.upsert_records(std::slice::from_ref(&late)).await.unwrap();
+    assert!(!messages.mentions(&b).await.unwrap().contains_key(&conv), "the void holds seq 5");
     log.upsert_records(&[recall_of(&second)]).await.unwrap();
     assert_eq!(hits(messages.search(&q("numbers")).await.unwrap()), vec![(1, "yearly numbers final".into())]);
     let stored = messages.find_mid(&conv, &second.msg.mid).await.unwrap().unwrap();
     assert!(stored.mentions.is_empty() && stored.reply_to.is_none(), "a recall keeps no references");
+    assert_eq!(messages.mentions(&a).await.unwrap().get(&conv), Some(&2), "a recall does not take a mark back");
 }

@@ -651,12 +651,12 @@ fn replay(tx: &WriteTransaction, records: &[Vec<u8>]) -> Result<()> {
                     )));
                 }
                 tables.put(&m, json, &indexed)?;
-                index.message(&m, true, |mid| tables.seq_of_mid(&m.conv, mid))?;
+                index.message(&m, true, &m.mentions, |mid| tables.seq_of_mid(&m.conv, mid))?;
             }
             Some((&RECALLED, json)) => {
                 let m: Message = serde_json::from_slice(json)?;
                 tables.messages.insert((m.conv.as_str(), m.seq), json)?;
-                index.message(&m, false, |mid| tables.seq_of_mid(&m.conv, mid))?;
+                index.message(&m, false, &[], |mid| tables.seq_of_mid(&m.conv, mid))?;
             }
             Some((&ACKS_RAISED, rest)) => {
                 raise_acks(tx, &serde_json::from_slice::<Vec<AckCursor>>(rest)?)?;
@@ -702,7 +702,7 @@ fn apply(tx: &WriteTransaction, gen: &Gen) -> Result<()> {
     let mut index = IndexTables::open(tx)?;
     for (conv, c) in &convs {
         for held in c.by_seq.values() {
-            index.message(&held.msg, held.appended, |mid| tables.seq_of_mid(conv, mid))?;
+            index.message(&held.msg, held.appended, &held.mentions, |mid| tables.seq_of_mid(conv, mid))?;
         }
     }
     drop(index);
@@ -1099,7 +1099,8 @@ impl MessageStore for EmbeddedStore {
     async fn search(&self, q: &crate::search::SearchQuery) -> Result<Vec<crate::search::Found>> {
         // The tail before the read transaction (see the tail's own rules).
         let tail: Vec<Arc<Message>> = q.convs.iter().flat_map(|c| self.tail.messages(c, ..)).collect();
-        let query = q.clone();
+        // Enough per conversation that the tail's newer copies cannot leave the page short.
+        let query = crate::search::SearchQuery { limit: q.limit + tail.len(), ..q.clone() };
         let stored = self.read(move |tx| crate::embedded_search::candidates(tx, &query)).await?;
         crate::embedded_search::merge_tail(q, stored, tail, |conv, mid| async move { self.find_mid(&conv, &mid).await })
             .await

@@ -30,18 +30,20 @@ impl<'t> IndexTables<'t> {
         Ok(Self { mentions: tx.open_table(MENTIONS)?, docs: tx.open_table(SEARCH_DOCS)?, terms: tx.open_table(TERMS)? })
     }
 
-    /// Indexes `m` as now stored: `appended` when this is the message's append (its mentions
-    /// are marked), otherwise a change of a stored message (a recall). `seq_of_mid` finds the
-    /// target of an edit. Idempotent: a replay may apply a message twice.
+    /// Indexes `m` as now stored: `appended` when this is the message's append (the users it
+    /// mentioned then, `mentions`, are marked), otherwise a change of a stored message (a
+    /// recall). `seq_of_mid` finds the target of an edit. Idempotent: a replay may apply a
+    /// message twice.
     pub fn message(
         &mut self,
         m: &Message,
         appended: bool,
+        mentions: &[String],
         seq_of_mid: impl Fn(&str) -> Result<Option<u64>>,
     ) -> Result<()> {
         let conv = m.conv.as_str();
         if appended {
-            for user in &m.mentions {
+            for user in mentions {
                 let current = self.mentions.get((user.as_str(), conv))?.map_or(0, |v| v.value());
                 if m.seq > current {
                     self.mentions.insert((user.as_str(), conv), m.seq)?;
@@ -97,7 +99,7 @@ pub(crate) fn create(
     let mids = tx.open_table(crate::embedded::MIDS)?;
     for row in messages.iter()? {
         let m: Message = serde_json::from_slice(row?.1.value())?;
-        tables.message(&m, true, |mid| Ok(mids.get((m.conv.as_str(), mid))?.map(|v| v.value())))?;
+        tables.message(&m, true, &m.mentions, |mid| Ok(mids.get((m.conv.as_str(), mid))?.map(|v| v.value())))?;
     }
     Ok(())
 }
@@ -117,6 +119,9 @@ pub(crate) fn mentions(tx: &ReadTransaction, user: &str) -> Result<HashMap<Strin
     Ok(out)
 }
 
+/// Most postings of the query's first term read per conversation (the newest).
+const MAX_POSTINGS: usize = 50_000;
+
 /// A candidate of the B-trees, with the seq of what set its text.
 pub(crate) struct Indexed {
     pub found: Found,
@@ -134,7 +139,7 @@ pub(crate) fn candidates(tx: &ReadTransaction, q: &SearchQuery) -> Result<Vec<In
     for conv in &q.convs {
         let conv = conv.as_str();
         let mut taken = 0;
-        for row in terms.range((first, conv, 0)..=(first, conv, u64::MAX))?.rev() {
+        for row in terms.range((first, conv, 0)..=(first, conv, u64::MAX))?.rev().take(MAX_POSTINGS) {
             let seq = row?.0.value().2;
             let mut all = true;
             for &t in rest {
@@ -225,11 +230,11 @@ where
             }
             Some(_) => {}
             None => {
+                if !matches(q, &text) {
+                    continue;
+                }
                 let Some(target) = lookup(conv, mid).await? else { continue };
-                if crate::search::searchable(&target.kind, &target.body).is_some()
-                    && matches(q, &text)
-                    && passes(q, &target)
-                {
+                if crate::search::searchable(&target.kind, &target.body).is_some() && passes(q, &target) {
                     let key = (target.conv.clone(), target.seq);
                     found.insert(key, Indexed { found: Found { msg: target, text }, by: seq });
                 }

@@ -989,7 +989,9 @@ impl AccountStore for MongoStore {
 
     async fn mutes(&self, user: &str) -> Result<HashMap<String, u64>> {
         let found = collect(self.mutes.find(doc! { "user": user }).await?).await?;
-        found.iter().map(|d| Ok((text(d, "conv")?, number(d, "until_ms")?))).collect()
+        // `u64::MAX` (for good) is stored as the largest Int64
+        let forever = |until: u64| if until >= i64::MAX as u64 { u64::MAX } else { until };
+        found.iter().map(|d| Ok((text(d, "conv")?, forever(number(d, "until_ms")?)))).collect()
     }
 }
 
@@ -1044,9 +1046,8 @@ impl MessageStore for MongoStore {
         for _ in 0..APPEND_ATTEMPTS {
             match transact!(self, |ctx| self.append_in(ctx, &msg, &members)).await {
                 Ok(appended) => {
-                    if !appended.duplicate {
-                        self.index_stored(&[&appended.msg]).await?;
-                    }
+                    // also for a duplicate (idempotent): the first attempt may have failed here
+                    self.index_stored(&[&appended.msg]).await?;
                     return Ok(appended);
                 }
                 Err(Fail::Mongo(e)) if is_duplicate_key(&e) => {
@@ -1215,6 +1216,13 @@ impl MongoStore {
     /// marks raised, edited targets given the edit's text unless a later edit did.
     async fn index_stored(&self, msgs: &[&Message]) -> Result<()> {
         for m in msgs {
+            // only a message that is stored (a void or an earlier record may hold its seq)
+            if !m.mentions.is_empty() {
+                let stored = self.messages.find_one(doc! { "conv": &m.conv, "seq": int(m.seq) }).await?;
+                if stored.as_ref().and_then(|d| d.get_str("mid").ok()) != Some(m.mid.as_str()) {
+                    continue;
+                }
+            }
             for u in &m.mentions {
                 let filter = doc! { "_id": key(&[u.as_str(), m.conv.as_str()]) };
                 let update = doc! { "$set": { "user": u, "conv": &m.conv }, "$max": { "seq": int(m.seq) } };

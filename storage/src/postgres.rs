@@ -654,7 +654,9 @@ impl AccountStore for PgStore {
     async fn mutes(&self, user: &str) -> Result<HashMap<String, u64>> {
         let c = self.client().await?;
         let st = c.prepare_cached("SELECT conv, until_ms FROM mutes WHERE username = $1").await?;
-        c.query(&st, &[&user]).await?.iter().map(text_and_uint).collect()
+        // `u64::MAX` (for good) is stored as the largest BIGINT
+        let forever = |(conv, until): (String, u64)| (conv, if until >= i64::MAX as u64 { u64::MAX } else { until });
+        c.query(&st, &[&user]).await?.iter().map(|r| text_and_uint(r).map(forever)).collect()
     }
 }
 
@@ -1240,12 +1242,15 @@ impl PgStore {
         tx: &deadpool_postgres::Transaction<'_>,
         msgs: impl IntoIterator<Item = &'m Message>,
     ) -> Result<()> {
-        let mut marks: std::collections::BTreeMap<(&str, &str), i64> = std::collections::BTreeMap::new();
+        // (user, conv) -> (seq, mid) of the latest mention
+        let mut marks: std::collections::BTreeMap<(&str, &str), (i64, &str)> = std::collections::BTreeMap::new();
         let mut edits: std::collections::BTreeMap<(&str, String), (i64, String)> = std::collections::BTreeMap::new();
         for m in msgs {
             for u in &m.mentions {
-                let v = marks.entry((u.as_str(), m.conv.as_str())).or_insert(0);
-                *v = (*v).max(int(m.seq));
+                let v = marks.entry((u.as_str(), m.conv.as_str())).or_insert((0, ""));
+                if int(m.seq) > v.0 {
+                    *v = (int(m.seq), m.mid.as_str());
+                }
             }
             if let crate::search::IndexChange::Edit { mid, text } = crate::search::change_of(m) {
                 let e = edits.entry((m.conv.as_str(), mid)).or_insert((0, String::new()));
@@ -1255,20 +1260,25 @@ impl PgStore {
             }
         }
         if !marks.is_empty() {
-            let (mut users, mut convs, mut seqs) = (Vec::new(), Vec::new(), Vec::new());
-            for ((u, c), seq) in &marks {
+            let (mut users, mut convs, mut seqs, mut mids) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for ((u, c), (seq, mid)) in &marks {
                 users.push(*u);
                 convs.push(*c);
                 seqs.push(*seq);
+                mids.push(*mid);
             }
             let st = tx
                 .prepare_cached(
                     r#"INSERT INTO mentions (username, conv, seq)
-                       SELECT * FROM unnest($1::text[], $2::text[], $3::int8[]) ORDER BY 1, 2
+                       SELECT u.username, u.conv, u.seq
+                       FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[]) AS u(username, conv, seq, mid)
+                       -- only a message that is stored (a void or an earlier record may hold its seq)
+                       JOIN messages m ON m.conv = u.conv AND m.seq = u.seq AND m.mid = u.mid
+                       ORDER BY 1, 2
                        ON CONFLICT (username, conv) DO UPDATE SET seq = GREATEST(mentions.seq, EXCLUDED.seq)"#,
                 )
                 .await?;
-            tx.execute(&st, &[&users, &convs, &seqs]).await?;
+            tx.execute(&st, &[&users, &convs, &seqs, &mids]).await?;
         }
         if !edits.is_empty() {
             let (mut convs, mut mids, mut seqs, mut texts, mut terms) =

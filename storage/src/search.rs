@@ -17,7 +17,7 @@ const MAX_WORD_CHARS: usize = 64;
 
 /// Whether `c` belongs to a script written without spaces between words (Han, kana, Hangul),
 /// indexed by overlapping pairs of characters.
-fn is_cjk(c: char) -> bool {
+pub fn is_cjk(c: char) -> bool {
     matches!(c as u32,
         0x3040..=0x30FF | 0x3400..=0x4DBF | 0x4E00..=0x9FFF | 0xF900..=0xFAFF
         | 0xAC00..=0xD7AF | 0x20000..=0x2FFFF)
@@ -30,7 +30,7 @@ pub fn lower(c: char) -> char {
 }
 
 /// A piece of text as the tokenizer splits it: a word, or a run of CJK characters.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Piece {
     Word(String),
     Cjk(Vec<char>),
@@ -71,6 +71,32 @@ pub fn pieces(text: &str) -> Vec<Piece> {
     }
     flush(&mut out, &mut word, &mut word_chars, &mut cjk);
     out
+}
+
+/// Whether `text` holds every piece of a query, compared as text (not as hashes): each word as
+/// a whole word, each CJK run's pairs of neighbouring characters (its one character, for a run
+/// of one) inside a CJK run of the text.
+pub fn holds(text: &str, query: &[Piece]) -> bool {
+    let doc = pieces(text);
+    let words: std::collections::HashSet<&str> = doc
+        .iter()
+        .filter_map(|p| match p {
+            Piece::Word(w) => Some(w.as_str()),
+            Piece::Cjk(_) => None,
+        })
+        .collect();
+    let runs: Vec<&Vec<char>> = doc
+        .iter()
+        .filter_map(|p| match p {
+            Piece::Cjk(cs) => Some(cs),
+            Piece::Word(_) => None,
+        })
+        .collect();
+    query.iter().all(|p| match p {
+        Piece::Word(w) => words.contains(w.as_str()),
+        Piece::Cjk(cs) if cs.len() == 1 => runs.iter().any(|r| r.contains(&cs[0])),
+        Piece::Cjk(cs) => cs.windows(2).all(|pair| runs.iter().any(|r| r.windows(2).any(|w| w == pair))),
+    })
 }
 
 /// FNV-1a of a term's text, as the stores keep it.
@@ -219,6 +245,9 @@ mod tests {
             assert!(!query_terms(q).iter().all(|x| doc.contains(x)), "{q}");
         }
         assert!(query_terms("  ,.! ").is_empty());
+        for (q, found) in [("明天 noon", true), ("明见", false), ("noo", false), ("見", false), ("见", true)] {
+            assert_eq!(holds("我们明天见 at noon", &pieces(q)), found, "{q}");
+        }
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub(crate) struct Held {
     pub json: Arc<[u8]>,
     /// Appended in this generation (its index rows are written with it), not only changed.
     pub appended: bool,
+    /// The users the message mentioned when appended (kept when a recall replaces it here).
+    pub mentions: Vec<String>,
 }
 
 /// A conversation's messages in one generation.
@@ -94,13 +96,15 @@ impl Gen {
                 }
                 let conv = self.convs.entry(msg.conv.clone()).or_default();
                 conv.last = conv.last.max(msg.seq);
-                conv.by_seq.insert(msg.seq, Held { msg, json, appended: true });
+                let mentions = msg.mentions.clone();
+                conv.by_seq.insert(msg.seq, Held { msg, json, appended: true, mentions });
             }
             Entry::Recalled { msg, json, bytes } => {
                 self.bytes += bytes + json.len() + value_bytes(&msg.body) + msg.conv.len() + 256;
                 let conv = self.convs.entry(msg.conv.clone()).or_default();
-                let appended = conv.by_seq.get(&msg.seq).is_some_and(|h| h.appended);
-                conv.by_seq.insert(msg.seq, Held { msg, json, appended });
+                let earlier = conv.by_seq.get(&msg.seq).filter(|h| h.appended);
+                let (appended, mentions) = (earlier.is_some(), earlier.map(|h| h.mentions.clone()).unwrap_or_default());
+                conv.by_seq.insert(msg.seq, Held { msg, json, appended, mentions });
             }
             Entry::Acks(cursors) => {
                 self.bytes += cursors.len() * CURSOR_BYTES;
@@ -127,8 +131,13 @@ impl Gen {
             let mine = self.convs.entry(conv).or_default();
             mine.last = mine.last.max(c.last);
             for (seq, h) in c.by_seq {
-                let appended = h.appended || mine.by_seq.get(&seq).is_some_and(|o| o.appended);
-                mine.by_seq.insert(seq, Held { appended, ..h });
+                let earlier = mine.by_seq.get(&seq).filter(|o| o.appended);
+                let appended = h.appended || earlier.is_some();
+                let mentions = match earlier {
+                    Some(o) if !h.appended => o.mentions.clone(),
+                    _ => h.mentions,
+                };
+                mine.by_seq.insert(seq, Held { appended, mentions, ..h });
             }
         }
         self.cmids.extend(newer.cmids);
@@ -289,7 +298,7 @@ impl Tail {
         for g in t.gens() {
             for (conv, c) in &g.convs {
                 for (seq, h) in c.by_seq.iter().rev() {
-                    if h.appended && h.msg.mentions.iter().any(|u| u == user) {
+                    if h.appended && h.mentions.iter().any(|u| u == user) {
                         let v = out.entry(conv.clone()).or_insert(0);
                         *v = (*v).max(*seq);
                         break;

@@ -102,6 +102,18 @@ async fn replies_mentions_and_search() {
             let _ = bob.push("recall");
             let _ = carol.push("recall");
             bob.err("send", send(json!({"reply_to": r["mid"]})), "recalled");
+            // a retry of a reply stored before its target was recalled still gets its send.ok
+            let t = alice.ok("send", json!({"group": group, "cmid": "m4", "type": "text", "body": "short-lived"}));
+            take_msg(&mut bob);
+            take_msg(&mut carol);
+            let first = bob.ok("send", send(json!({"cmid": "rt", "reply_to": t["mid"]})));
+            take_msg(&mut alice);
+            take_msg(&mut carol);
+            alice.ok("recall", json!({"conv": gconv, "mid": t["mid"]}));
+            let _ = bob.push("recall");
+            let _ = carol.push("recall");
+            let again = bob.ok("send", send(json!({"cmid": "rt", "reply_to": t["mid"]})));
+            assert_eq!((again["seq"].clone(), again["mid"].clone()), (first["seq"].clone(), first["mid"].clone()));
             alice.err("send", send(json!({"mentions": ["bob", "carol"]})), "bad_request");
             let own = carol.ok("send", send(json!({"cmid": "own", "mentions": ["bob", "carol"]})));
             take_msg(&mut alice);
@@ -135,6 +147,11 @@ async fn replies_mentions_and_search() {
             assert!(texts(&carol.ok("search", json!({"q": "明天"}))).is_empty());
             let dinner = texts(&carol.ok("search", json!({"q": "dinner"})));
             assert_eq!(dinner, vec![(gconv.clone(), "Dinner at eight instead".to_string())]);
+            // a reply after the edit quotes the current text
+            carol
+                .ok("send", json!({"group": group, "cmid": "q2", "type": "text", "body": "ok", "reply_to": m1["mid"]}));
+            assert_eq!(take_msg(&mut alice)["reply_to"]["preview"], "Dinner at eight instead");
+            take_msg(&mut bob);
             // paging
             let p1 = alice.ok("search", json!({"q": "noon", "limit": 1}));
             assert_eq!(texts(&p1).len(), 1);
@@ -146,6 +163,8 @@ async fn replies_mentions_and_search() {
             alice.err("search", json!({"q": "a b c d e f g h i j k l m n o p q"}), "bad_request");
             carol.err("search", json!({"q": "noon", "conv": "d:alice:bob"}), "forbidden");
             alice.err("search", json!({}), "bad_request");
+            alice.err("search", json!({"q": "noon", "offset": 200}), "bad_request");
+            alice.err("search", json!({"q": "noon", "offset": u64::MAX}), "bad_request");
         },
     )
     .await;

@@ -102,7 +102,7 @@ fn json_len<T: Serialize>(v: &T) -> usize {
 
 /// Keeps the longest prefix of `msgs` within `max_bytes` (at least one message). Returns
 /// whether anything was cut.
-fn cut_to_bytes<T: Serialize>(msgs: &mut Vec<T>, max_bytes: usize) -> bool {
+pub(super) fn cut_to_bytes<T: Serialize>(msgs: &mut Vec<T>, max_bytes: usize) -> bool {
     let mut total = 0;
     for (i, m) in msgs.iter().enumerate() {
         total += json_len(m) + 1;
@@ -166,7 +166,10 @@ pub async fn send(logic: &Logic, caller: &Caller, req: Send) -> Result<Fields, A
             let conv = format!("g:{group}");
             crate::files::attach(logic, &caller.user, &conv, &req.kind, &req.body).await?;
             let (reply_to, mentions) =
-                super::refs::check(logic, caller, &conv, &members, req.reply_to, req.mentions).await?;
+                match super::refs::check(logic, caller, &conv, &members, req.reply_to, req.mentions).await {
+                    Ok(refs) => refs,
+                    Err(e) => return stored_retry(logic, &conv, &caller.user, &req.cmid).await?.ok_or(e),
+                };
             let new = NewMessage {
                 conv,
                 from: caller.user.clone(),
@@ -191,7 +194,11 @@ pub async fn send(logic: &Logic, caller: &Caller, req: Send) -> Result<Fields, A
     let conv = direct_conv(&caller.user, &to);
     crate::files::attach(logic, &caller.user, &conv, &req.kind, &req.body).await?;
     let members = [caller.user.clone(), to.clone()];
-    let (reply_to, mentions) = super::refs::check(logic, caller, &conv, &members, req.reply_to, req.mentions).await?;
+    let (reply_to, mentions) =
+        match super::refs::check(logic, caller, &conv, &members, req.reply_to, req.mentions).await {
+            Ok(refs) => refs,
+            Err(e) => return stored_retry(logic, &conv, &caller.user, &req.cmid).await?.ok_or(e),
+        };
     let new = NewMessage {
         conv,
         from: caller.user.clone(),
@@ -202,6 +209,14 @@ pub async fn send(logic: &Logic, caller: &Caller, req: Send) -> Result<Fields, A
         mentions,
     };
     store_and_push(logic, caller, new, &members, &members).await
+}
+
+/// The `send.ok` of a message already stored under this cmid: a retry gets it even when its
+/// references no longer pass their checks (the quoted message recalled, a mentioned member
+/// gone since the first attempt).
+async fn stored_retry(logic: &Logic, conv: &str, from: &str, cmid: &str) -> Result<Option<Fields>, ApiError> {
+    let m = logic.stores.messages.find_cmid(conv, from, cmid).await?;
+    Ok(m.map(|m| fields(json!({"conv": m.conv, "mid": m.mid, "seq": m.seq, "ts": m.ts}))))
 }
 
 /// Appends a message and pushes it to the conversation's members (all of

@@ -45,7 +45,12 @@ pub async fn check(
                 return Err(ApiError::new("recalled", format!("message `{mid}` was recalled")));
             }
             let preview = match &m.body {
-                Value::String(text) if m.kind == "text" => text.chars().take(QUOTE_CHARS).collect(),
+                Value::String(_) if m.kind == "text" => {
+                    // its current text: an edit made before the reply counts
+                    let (folded, _) = super::events::fold(logic, &caller.user, conv, vec![m.clone()]).await?;
+                    let text = folded.first().and_then(|f| f["body"].as_str()).or(m.body.as_str()).unwrap_or_default();
+                    text.chars().take(QUOTE_CHARS).collect()
+                }
                 _ => search::searchable(&m.kind, &m.body).unwrap_or_default(),
             };
             Some(Box::new(Quote { mid: m.mid, seq: m.seq, from: m.from, kind: m.kind, preview }))
@@ -80,12 +85,16 @@ pub struct Search {
     offset: usize,
 }
 
-/// One ranked result.
+/// One ranked candidate.
 struct Hit {
     score: u64,
-    value: Value,
-    ts: u64,
+    found: search::Found,
 }
+
+/// Chars of a result's text that ranking and highlights look at (the rest is returned as is).
+const RANK_CHARS: usize = 4096;
+/// Most highlights per result.
+const MAX_HIGHLIGHTS: usize = 32;
 
 pub async fn search(logic: &Logic, caller: &Caller, req: Search) -> Result<Fields, ApiError> {
     if req.q.chars().count() > MAX_QUERY_CHARS {
@@ -98,6 +107,10 @@ pub async fn search(logic: &Logic, caller: &Caller, req: Search) -> Result<Field
     if terms.len() > MAX_QUERY_TERMS {
         return Err(ApiError::bad_request(format!("a query is at most {MAX_QUERY_TERMS} words")));
     }
+    let scan = logic.config.search_scan;
+    if req.offset >= scan {
+        return Err(ApiError::bad_request(format!("offset is below {scan}")));
+    }
     let convs = match req.conv {
         Some(conv) => {
             require_member(logic, &conv, &caller.user).await?;
@@ -106,61 +119,83 @@ pub async fn search(logic: &Logic, caller: &Caller, req: Search) -> Result<Field
         None => super::messages::user_convs(logic, &caller.user).await?.into_iter().map(|(c, _)| c).collect(),
     };
     let limit = req.limit.unwrap_or(20).clamp(1, MAX_RESULTS);
-    let query = SearchQuery { convs, terms, from: req.from, before_ts: req.before, limit: logic.config.search_scan };
-    let pieces = search::pieces(&req.q);
+    let query = SearchQuery { convs, terms, from: req.from, before_ts: req.before, limit: scan };
+    let mut pieces = search::pieces(&req.q);
+    let mut seen = std::collections::HashSet::new();
+    pieces.retain(|p| seen.insert(p.clone()));
+    let phrase: String = req.q.trim().chars().map(search::lower).collect();
     let mut hits: Vec<Hit> = Vec::new();
     for found in logic.stores.messages.search(&query).await? {
-        // The store matched hashes of terms: a collision is dropped here.
-        if !contains_all(&found.text, &query.terms) {
+        // The store matched hashes of terms; the text itself decides.
+        if !search::holds(&found.text, &pieces) {
             continue;
         }
-        let (score, highlights) = rank(&found.text, &req.q, &pieces);
-        let m = &found.msg;
-        let value = json!({
-            "conv": m.conv, "mid": m.mid, "seq": m.seq, "from": m.from, "ts": m.ts, "type": m.kind,
-            "text": found.text, "highlights": highlights, "score": score,
-        });
-        hits.push(Hit { score, value, ts: m.ts });
+        let (score, _) = rank(&found.text, &phrase, &pieces, 0);
+        hits.push(Hit { score, found });
     }
-    hits.sort_by(|a, b| b.score.cmp(&a.score).then(b.ts.cmp(&a.ts)));
+    hits.sort_by(|a, b| b.score.cmp(&a.score).then(b.found.msg.ts.cmp(&a.found.msg.ts)));
     let total = hits.len();
-    let page: Vec<Value> = hits.into_iter().skip(req.offset).take(limit).map(|h| h.value).collect();
+    let mut page: Vec<Value> = hits
+        .into_iter()
+        .skip(req.offset)
+        .take(limit)
+        .map(|h| {
+            let (score, highlights) = rank(&h.found.text, &phrase, &pieces, MAX_HIGHLIGHTS);
+            let m = &h.found.msg;
+            json!({
+                "conv": m.conv, "mid": m.mid, "seq": m.seq, "from": m.from, "ts": m.ts, "type": m.kind,
+                "text": h.found.text, "highlights": highlights, "score": score,
+            })
+        })
+        .collect();
+    // One reply's bytes are bounded like `history`'s (at least one result goes).
+    super::messages::cut_to_bytes(&mut page, logic.config.reply_max_bytes);
+    let next = req.offset + page.len();
     let mut out = json!({"results": page});
-    if req.offset + limit < total {
-        out["next_offset"] = json!(req.offset + limit);
+    if next < total {
+        out["next_offset"] = json!(next);
     }
     Ok(fields(out))
 }
 
-fn contains_all(text: &str, terms: &[i64]) -> bool {
-    let doc: std::collections::HashSet<i64> = search::doc_terms(text).into_iter().collect();
-    terms.iter().all(|t| doc.contains(t))
-}
-
-/// A result's score and highlights: every place (in chars, `[start, end)`) where a word or CJK
-/// run of the query occurs in the text; the score counts them, and more when the whole query
-/// occurs as written.
-fn rank(text: &str, q: &str, pieces: &[Piece]) -> (u64, Vec<[usize; 2]>) {
-    let low: Vec<char> = text.chars().map(search::lower).collect();
+/// A result's score, and up to `max_highlights` places (in chars, `[start, end)`) where a word
+/// (whole) or a CJK run of the query occurs in the first [`RANK_CHARS`] of the text. The score
+/// counts the places, and 10 more when the whole query (lowercased: `phrase`) occurs as
+/// written.
+fn rank(text: &str, phrase: &str, pieces: &[Piece], max_highlights: usize) -> (u64, Vec<[usize; 2]>) {
+    let low: Vec<char> = text.chars().take(RANK_CHARS).map(search::lower).collect();
+    let wordish = |c: char| c.is_alphanumeric() && !search::is_cjk(c);
     let mut spans: Vec<[usize; 2]> = Vec::new();
+    let mut score = 0u64;
     for p in pieces {
-        let needle: Vec<char> = match p {
-            Piece::Word(w) => w.chars().collect(),
-            Piece::Cjk(cs) => cs.clone(),
+        let (needle, whole): (Vec<char>, bool) = match p {
+            Piece::Word(w) => (w.chars().collect(), true),
+            Piece::Cjk(cs) => (cs.clone(), false),
         };
         if needle.is_empty() || needle.len() > low.len() {
             continue;
         }
-        for start in 0..=low.len() - needle.len() {
-            if low[start..start + needle.len()] == needle[..] {
-                spans.push([start, start + needle.len()]);
+        let mut start = 0;
+        while start + needle.len() <= low.len() {
+            let end = start + needle.len();
+            let at_bounds =
+                !whole || (start == 0 || !wordish(low[start - 1])) && (end == low.len() || !wordish(low[end]));
+            if low[start..end] == needle[..] && at_bounds {
+                score += 1;
+                if spans.len() < max_highlights {
+                    spans.push([start, end]);
+                }
+                start = end;
+            } else {
+                start += 1;
             }
         }
     }
-    let mut score = spans.len() as u64;
-    let phrase: Vec<char> = q.trim().chars().map(search::lower).collect();
-    if pieces.len() > 1 && !phrase.is_empty() && low.windows(phrase.len()).any(|w| w == &phrase[..]) {
-        score += 10;
+    if pieces.len() > 1 && !phrase.is_empty() {
+        let head: String = low.iter().collect();
+        if head.contains(phrase) {
+            score += 10;
+        }
     }
     spans.sort_unstable();
     // overlapping places merge into one
@@ -180,13 +215,15 @@ mod tests {
 
     #[test]
     fn ranks_and_highlights_by_chars() {
-        let q = "Noon 明天";
-        let (score, spans) = rank("我们明天 at NOON, noon!", q, &search::pieces(q));
-        assert_eq!(spans, vec![[2, 4], [8, 12], [14, 18]]);
+        let (q, p) = ("noon 明天", search::pieces("Noon 明天"));
+        let (score, spans) = rank("我们明天 at NOON, noon! afternoon noons", q, &p, 32);
+        assert_eq!(spans, vec![[2, 4], [8, 12], [14, 18]], "whole words only");
         assert_eq!(score, 3);
-        let q = "at noon";
-        let (phrase, _) = rank("meet at noon", q, &search::pieces(q));
-        let (apart, _) = rank("noon, meet at one", q, &search::pieces(q));
+        let (_, few) = rank("我们明天 at NOON, noon!", q, &p, 1);
+        assert_eq!(few.len(), 1);
+        let (q, p) = ("at noon", search::pieces("at noon"));
+        let (phrase, _) = rank("meet at noon", q, &p, 0);
+        let (apart, _) = rank("noon, meet at one", q, &p, 0);
         assert!(phrase > apart);
     }
 }
