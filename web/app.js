@@ -55,6 +55,7 @@ function markRead() {
   const c = state.convs.get(conv);
   if (c?.last && c.last.seq > c.readSeq) {
     c.readSeq = c.last.seq;
+    c.mentioned = false;
     sb.read(conv, c.last.seq).catch(() => {});
     store.changed();
   }
@@ -72,6 +73,8 @@ function reset() {
   state.open = null;
   state.members = null;
   state.call = null;
+  state.replying = null;
+  state.search = null;
 }
 
 // ---- loading -----------------------------------------------------------------------------------
@@ -97,6 +100,8 @@ async function loadConvs() {
   for (const c of await sb.convs()) {
     const s = store.conv(c.conv);
     s.readSeq = Math.max(s.readSeq, c.read_seq || 0);
+    s.mentioned = !!c.mentioned;
+    s.muted = !!c.muted;
     if (c.last) {
       sb.markSeen(c.last);
       put(c.last);
@@ -163,6 +168,7 @@ sb.on('ready', attempt(async () => {
 }));
 sb.on('msg', (m) => {
   put(m);
+  if ((m.mentions || []).includes(state.me) && m.conv !== state.open) store.conv(m.conv).mentioned = true;
   const t = state.typing.get(m.conv);
   if (t && t.user === m.from) state.typing.delete(m.conv);
   if (m.conv === state.open) markRead();
@@ -229,6 +235,22 @@ const act = {
     const r = await sb.react(m.conv, m.mid, cmid, emoji, on);
     put({ conv: m.conv, mid: r.mid, seq: r.seq, ts: r.ts, cmid, from: state.me, type: 'reaction', body: { mid: m.mid, emoji, on } });
   }),
+  /** The next message sent in this conversation answers `m` (quoting its current `text`). */
+  reply: (m, text) => {
+    const body = text ?? (m.type === 'text' ? m.body : m.body?.name || `[${m.type}]`);
+    state.replying = { conv: m.conv, mid: m.mid, from: m.from, preview: String(body).slice(0, 100) };
+    $('text').focus();
+    store.changed();
+  },
+  /** Mutes the open conversation's offline notifications, or unmutes them. */
+  toggleMute: attempt(async () => {
+    const conv = state.open;
+    const c = store.conv(conv);
+    if (c.muted) await sb.unmute(conv);
+    else await sb.mute(conv);
+    c.muted = !c.muted;
+    store.changed();
+  }),
   /** Puts a message's text in the composer; the next submit saves it as an edit. */
   edit: (m, text) => {
     state.editing = { conv: m.conv, mid: m.mid };
@@ -273,14 +295,28 @@ function target(conv) {
   return conv.startsWith('g:') ? { group: conv.slice(2) } : { to: peerOf(state, conv) };
 }
 
+/** The users a group message names as `@user` (the server checks that they are members). */
+function mentionsIn(conv, text) {
+  if (!conv.startsWith('g:') || typeof text !== 'string') return [];
+  const users = [...text.matchAll(/(?:^|\s)@([a-z0-9_.-]{3,32})/g)].map((m) => m[1]);
+  return [...new Set(users)].filter((u) => u !== state.me);
+}
+
 async function sendMessage(type, body) {
   const conv = state.open;
   if (!conv) return;
   const cmid = newCmid();
-  const local = { conv, cmid, from: state.me, type, body, ts: sb.now() };
+  const replying = state.replying?.conv === conv ? state.replying : null;
+  state.replying = null;
+  const refs = {};
+  if (replying) refs.reply_to = replying.mid;
+  const mentions = mentionsIn(conv, body);
+  if (mentions.length) refs.mentions = mentions;
+  const quote = replying ? { mid: replying.mid, from: replying.from, preview: replying.preview, type: 'text' } : undefined;
+  const local = { conv, cmid, from: state.me, type, body, ts: sb.now(), reply_to: quote, mentions };
   put(local);
   try {
-    const sent = await sb.send({ ...target(conv), cmid, type, body });
+    const sent = await sb.send({ ...target(conv), cmid, type, body, ...refs });
     put({ ...local, mid: sent.mid, seq: sent.seq, ts: sent.ts });
   } catch (e) {
     put({ ...local, failed: true });
@@ -365,7 +401,21 @@ function bind() {
     if (state.editing && state.editing.conv === state.open) saveEdit(text);
     else sendMessage('text', text);
   });
+  $('reply-cancel').addEventListener('click', () => ((state.replying = null), store.changed()));
+  $('mute-btn').addEventListener('click', () => act.toggleMute());
+  $('search-form').addEventListener('submit', attempt(async (e) => {
+    e.preventDefault();
+    const q = $('search-q').value.trim();
+    if (!q) return;
+    const r = await sb.search(q);
+    state.search = { q, results: r.results || [], next: r.next_offset };
+    store.changed();
+  }));
   $('text').addEventListener('keydown', (e) => {
+    if (e.key === 'Escape' && state.replying) {
+      state.replying = null;
+      store.changed();
+    }
     if (e.key === 'Escape' && state.editing) {
       state.editing = null;
       $('text').value = '';

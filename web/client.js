@@ -417,6 +417,25 @@ export class Client {
   pin(conv, mid, cmid, on = true) {
     return this.request(on ? 'pin' : 'unpin', { conv, mid, cmid });
   }
+  /** Messages of the caller's conversations holding every word of `q` (docs/protocol.md §7.3):
+   *  `{results: [{conv, mid, seq, from, ts, type, text, highlights, score}], next_offset?}`. */
+  search(q, { conv, from, before, limit, offset } = {}) {
+    return this.request('search', { q, conv, from, before, limit, offset });
+  }
+  /** Stops offline notifications of a conversation (until `until`, ms; for good without it). */
+  mute(conv, until) {
+    return this.request('mute', { conv, until });
+  }
+  unmute(conv) {
+    return this.request('unmute', { conv });
+  }
+  /** Registers this device's push-service token for offline notifications. */
+  pushRegister(platform, token) {
+    return this.request('push.register', { platform, token });
+  }
+  pushUnregister() {
+    return this.request('push.unregister');
+  }
 
   /** Uploads a file (a File or Blob) to `POST /v1/files`; resolves to {file, url, name, mime, size}.
    *  The server reads the type from the bytes, so none is declared. */

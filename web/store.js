@@ -19,6 +19,8 @@ export function createStore() {
     members: null, // {group, list} when the members panel is open
     call: null, // {id, peer, dir, state, video, reason}
     editing: null, // {conv, mid} of the message the composer is editing
+    replying: null, // {conv, mid, from, preview} of the message the next send answers
+    search: null, // {q, results, next} of the last search
   };
 
   /** Notifies subscribers once per task (a microtask later), however many changes were made. */
@@ -32,7 +34,9 @@ export function createStore() {
   }
 
   function conv(id) {
-    if (!state.convs.has(id)) state.convs.set(id, { conv: id, last: null, readSeq: 0, peerRead: 0, ts: 0 });
+    if (!state.convs.has(id)) {
+      state.convs.set(id, { conv: id, last: null, readSeq: 0, peerRead: 0, ts: 0, mentioned: false, muted: false });
+    }
     return state.convs.get(id);
   }
 

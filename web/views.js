@@ -111,10 +111,44 @@ export function render(state, store, act) {
   conn.className = `conn ${state.conn.state}`;
   conn.dataset.state = state.conn.state;
 
+  renderSearch(state, act);
   renderConvs(state, store, act);
   renderFriends(state, act);
   renderChat(state, store, act);
   renderCall(state, act);
+}
+
+/** The last search's results: each names its conversation and shows its text with the query's
+ *  words marked (the server's highlights, counted in code points). */
+function renderSearch(state, act) {
+  const s = state.search;
+  const items = !s
+    ? []
+    : s.results.length === 0
+      ? [h('li', { class: 'search-none' }, `Nothing found for “${s.q}”`)]
+      : s.results.map((r) =>
+          h(
+            'li',
+            { class: 'search-hit', dataset: { conv: r.conv, mid: r.mid }, onclick: () => act.open(r.conv) },
+            h('span', { class: 'conv-name' }, `${convName(state, r.conv)} · ${r.from}`),
+            h('span', { class: 'hit-text' }, ...highlighted(r.text, r.highlights || [])),
+          ),
+        );
+  $('search-results').replaceChildren(...items);
+}
+
+/** `text` as nodes, the `[start, end)` code-point ranges in <mark>. */
+function highlighted(text, spans) {
+  const chars = Array.from(text);
+  const out = [];
+  let at = 0;
+  for (const [start, end] of spans) {
+    if (start < at || end > chars.length) continue;
+    out.push(chars.slice(at, start).join(''), h('mark', {}, chars.slice(start, end).join('')));
+    at = end;
+  }
+  out.push(chars.slice(at).join(''));
+  return out;
 }
 
 function renderConvs(state, store, act) {
@@ -124,6 +158,8 @@ function renderConvs(state, store, act) {
       'li',
       { class: c.conv === state.open ? 'conv active' : 'conv', dataset: { conv: c.conv }, onclick: () => act.open(c.conv) },
       h('span', { class: 'conv-name' }, convName(state, c.conv)),
+      c.muted ? h('span', { class: 'muted', title: 'muted' }, '🔕') : null,
+      c.mentioned && unread > 0 && c.conv !== state.open ? h('span', { class: 'badge mention', title: 'you were mentioned' }, '@') : null,
       unread > 0 && c.conv !== state.open ? h('span', { class: 'badge' }, String(unread)) : null,
       h('span', { class: 'conv-last' }, preview(c.last)),
     );
@@ -180,6 +216,10 @@ function renderChat(state, store, act) {
   $('call-audio').hidden = isGroup;
   $('call-video').hidden = isGroup;
   $('members-btn').hidden = !isGroup;
+  $('mute-btn').textContent = state.convs.get(open)?.muted ? 'Unmute' : 'Mute';
+  const replying = state.replying?.conv === open ? state.replying : null;
+  $('replying').hidden = !replying;
+  $('replying-text').textContent = replying ? `Replying to ${replying.from}: ${replying.preview}` : '';
   $('leave-btn').hidden = !isGroup;
 
   const members = $('members');
@@ -277,10 +317,18 @@ function messageRow(state, c, m, act, f) {
         )
     : [];
   const liked = f?.reactions.get('👍')?.has(state.me);
+  const mentionsMe = live && (m.mentions || []).includes(state.me);
+  const quote = live && m.reply_to
+    ? h('div', { class: 'quote', dataset: { mid: m.reply_to.mid } }, h('strong', {}, m.reply_to.from), ' ', m.reply_to.preview || `[${m.reply_to.type}]`)
+    : null;
   return h(
     'div',
-    { class: `msg ${mine ? 'mine' : 'theirs'} type-${m.type}`, dataset: { seq: m.seq || '', cmid: m.cmid || '', mid: m.mid || '' } },
+    {
+      class: `msg ${mine ? 'mine' : 'theirs'} type-${m.type}${mentionsMe ? ' mentions-me' : ''}`,
+      dataset: { seq: m.seq || '', cmid: m.cmid || '', mid: m.mid || '' },
+    },
     !mine && state.open.startsWith('g:') ? h('span', { class: 'from' }, m.from) : null,
+    quote,
     body,
     reactions.length ? h('span', { class: 'reactions' }, ...reactions) : null,
     h(
@@ -291,6 +339,7 @@ function messageRow(state, c, m, act, f) {
       h('span', { class: 'time' }, time(m.ts)),
       status,
       live && !liked ? h('button', { class: 'react link', title: 'react 👍', onclick: () => act.react(m, '👍', true) }, '👍') : null,
+      live ? h('button', { class: 'reply link', onclick: () => act.reply(m, f?.text ?? null) }, 'reply') : null,
       canEdit ? h('button', { class: 'edit link', onclick: () => act.edit(m, f?.text ?? m.body) }, 'edit') : null,
       canRecall ? h('button', { class: 'recall link', onclick: () => act.recall(m) }, 'recall') : null,
     ),

@@ -395,6 +395,44 @@ test('a group of three across contexts; members; history scroll-back loads older
   await waitText(carol, 'bulk 45');
 });
 
+test('replies quote their target, a mention flags the conversation, search finds and opens it, a mute shows and survives a reload', async () => {
+  const { alice, bob, carol } = users;
+  const group = await alice.page.evaluate(() => globalThis.switchboard.store.state.open);
+  // carol looks at another chat, so the mention is news to her
+  await carol.page.click('.friend[data-user="alice"]');
+  await alice.page.click('.msg.theirs:has-text("bob here") .reply');
+  await alice.page.waitForSelector('#replying:not([hidden]):has-text("Replying to bob: bob here")');
+  await sendText(alice, '@carol look at this');
+  await bob.page.waitForSelector('.msg:has-text("@carol look at this") .quote:has-text("bob here")');
+  await alice.page.waitForSelector('#replying', { state: 'hidden' });
+  await carol.page.waitForSelector(`.conv[data-conv="${group}"] .badge.mention`);
+  await carol.page.click(`.conv[data-conv="${group}"]`);
+  await carol.page.waitForSelector('.msg.mentions-me:has-text("@carol look at this") .quote:has-text("bob here")');
+  await carol.page.waitForSelector(`.conv[data-conv="${group}"]:not(:has(.badge.mention))`);
+  // search from bob's page: the hit names the group, marks the word, and opens the chat
+  await bob.page.click(`.friend[data-user="alice"]`);
+  await bob.page.fill('#search-q', 'LOOK');
+  await bob.page.press('#search-q', 'Enter');
+  const hit = await bob.page.waitForSelector(`.search-hit[data-conv="${group}"]`);
+  assert.equal(await hit.$eval('mark', (m) => m.textContent), 'look');
+  await hit.click();
+  await bob.page.waitForSelector(`.conv.active[data-conv="${group}"]`);
+  await bob.page.fill('#search-q', 'nothing-like-this');
+  await bob.page.press('#search-q', 'Enter');
+  await bob.page.waitForSelector('.search-none');
+  // bob mutes the group; it stays muted across a reload (the server keeps it)
+  await bob.page.click('#mute-btn');
+  await bob.page.waitForSelector('#mute-btn:has-text("Unmute")');
+  await bob.page.waitForSelector(`.conv[data-conv="${group}"] .muted`);
+  await bob.page.reload();
+  await online(bob.page);
+  await bob.page.waitForSelector(`.conv[data-conv="${group}"] .muted`);
+  await bob.page.click(`.conv[data-conv="${group}"]`);
+  await bob.page.click('#mute-btn:has-text("Unmute")');
+  await bob.page.waitForSelector(`.conv[data-conv="${group}"]:not(:has(.muted))`);
+  await shot(carol, '05b-replies-search');
+});
+
 test('a video call between two contexts with fake media reaches "connected"; an unanswered one rings out', async () => {
   const { alice, bob, carol } = users;
   await bob.page.click(`.conv[data-conv="${direct(alice, bob)}"]`);
