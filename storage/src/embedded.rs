@@ -656,7 +656,6 @@ fn replay(tx: &WriteTransaction, records: &[Vec<u8>]) -> Result<()> {
             Some((&RECALLED, json)) => {
                 let m: Message = serde_json::from_slice(json)?;
                 tables.messages.insert((m.conv.as_str(), m.seq), json)?;
-                index.message(&m, false, &[], |mid| tables.seq_of_mid(&m.conv, mid))?;
             }
             Some((&ACKS_RAISED, rest)) => {
                 raise_acks(tx, &serde_json::from_slice::<Vec<AckCursor>>(rest)?)?;
@@ -667,7 +666,7 @@ fn replay(tx: &WriteTransaction, records: &[Vec<u8>]) -> Result<()> {
             _ => return Err(StorageError::Corrupt("write-ahead log record of unknown kind".into())),
         }
     }
-    Ok(())
+    index.finish()
 }
 
 /// A checkpoint: writes a frozen tail generation into the B-trees, each table's rows in key
@@ -705,7 +704,7 @@ fn apply(tx: &WriteTransaction, gen: &Gen) -> Result<()> {
             index.message(&held.msg, held.appended, &held.mentions, |mid| tables.seq_of_mid(conv, mid))?;
         }
     }
-    drop(index);
+    index.finish()?;
     let mut indexed: Vec<(&str, &str)> =
         gen.indexed.iter().flat_map(|(u, cs)| cs.iter().map(move |c| (u.as_str(), c.as_str()))).collect();
     indexed.sort_unstable();

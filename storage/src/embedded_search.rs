@@ -13,27 +13,36 @@ use crate::{Message, Result};
 
 /// (user, conv) -> the highest seq of a message of conv that mentions the user.
 pub(crate) const MENTIONS: TableDefinition<(&str, &str), u64> = TableDefinition::new("mentions");
-/// (conv, seq) -> (the seq of what set the text: the message or its latest edit, the text).
-pub(crate) const SEARCH_DOCS: TableDefinition<(&str, u64), (u64, &str)> = TableDefinition::new("search_docs");
-/// (term, conv, seq): the current text of conv#seq holds the term.
+/// (conv, seq) -> (the seq of the latest edit, its text): the current text of an edited message.
+pub(crate) const EDITS: TableDefinition<(&str, u64), (u64, &str)> = TableDefinition::new("search_edits");
+/// (term, conv, seq): a text conv#seq had (its own or an edit's) holds the term. Postings are
+/// only added: a reader checks each candidate's current text (a recall or a later edit leaves
+/// postings that no longer hold), which keeps a checkpoint to one insert per new term.
 pub(crate) const TERMS: TableDefinition<(i64, &str, u64), ()> = TableDefinition::new("search_terms");
 
-/// The index tables, opened once per write transaction.
+/// The index tables, opened once per write transaction. Postings are gathered and written in
+/// key order by [`IndexTables::finish`] (neighbouring inserts touch the same pages).
 pub(crate) struct IndexTables<'t> {
     mentions: Table<'t, (&'static str, &'static str), u64>,
-    docs: Table<'t, (&'static str, u64), (u64, &'static str)>,
+    edits: Table<'t, (&'static str, u64), (u64, &'static str)>,
     terms: Table<'t, (i64, &'static str, u64), ()>,
+    postings: Vec<(i64, String, u64)>,
 }
 
 impl<'t> IndexTables<'t> {
     pub fn open(tx: &'t WriteTransaction) -> Result<Self> {
-        Ok(Self { mentions: tx.open_table(MENTIONS)?, docs: tx.open_table(SEARCH_DOCS)?, terms: tx.open_table(TERMS)? })
+        Ok(Self {
+            mentions: tx.open_table(MENTIONS)?,
+            edits: tx.open_table(EDITS)?,
+            terms: tx.open_table(TERMS)?,
+            postings: Vec::new(),
+        })
     }
 
     /// Indexes `m` as now stored: `appended` when this is the message's append (the users it
-    /// mentioned then, `mentions`, are marked), otherwise a change of a stored message (a
-    /// recall). `seq_of_mid` finds the target of an edit. Idempotent: a replay may apply a
-    /// message twice.
+    /// mentioned then, `mentions`, are marked, and its text is indexed), otherwise a change of
+    /// a stored message (a recall: nothing to write). `seq_of_mid` finds the target of an edit.
+    /// Idempotent: a replay may apply a message twice.
     pub fn message(
         &mut self,
         m: &Message,
@@ -41,46 +50,43 @@ impl<'t> IndexTables<'t> {
         mentions: &[String],
         seq_of_mid: impl Fn(&str) -> Result<Option<u64>>,
     ) -> Result<()> {
+        if !appended {
+            return Ok(());
+        }
         let conv = m.conv.as_str();
-        if appended {
-            for user in mentions {
-                let current = self.mentions.get((user.as_str(), conv))?.map_or(0, |v| v.value());
-                if m.seq > current {
-                    self.mentions.insert((user.as_str(), conv), m.seq)?;
-                }
+        for user in mentions {
+            let current = self.mentions.get((user.as_str(), conv))?.map_or(0, |v| v.value());
+            if m.seq > current {
+                self.mentions.insert((user.as_str(), conv), m.seq)?;
             }
         }
         match change_of(m) {
-            IndexChange::Add(text) => self.set_doc(conv, m.seq, m.seq, &text),
+            IndexChange::Add(text) => self.post(conv, m.seq, &text),
             IndexChange::Edit { mid, text } => {
                 let Some(target) = seq_of_mid(&mid)? else { return Ok(()) };
-                // Only a text that is indexed (not recalled) and set by something older.
-                let by = self.docs.get((conv, target))?.map(|v| v.value().0);
-                match by {
-                    Some(by) if by < m.seq => self.set_doc(conv, target, m.seq, &text),
-                    _ => Ok(()),
+                // A later edit may have been applied already (a replay).
+                let by = self.edits.get((conv, target))?.map_or(0, |v| v.value().0);
+                if by < m.seq {
+                    self.edits.insert((conv, target), (m.seq, text.as_str()))?;
+                    self.post(conv, target, &text);
                 }
             }
-            IndexChange::None => self.drop_doc(conv, m.seq),
-        }
-    }
-
-    fn drop_doc(&mut self, conv: &str, seq: u64) -> Result<()> {
-        let old = self.docs.remove((conv, seq))?.map(|v| v.value().1.to_owned());
-        if let Some(old) = old {
-            for t in doc_terms(&old) {
-                self.terms.remove((t, conv, seq))?;
-            }
+            IndexChange::None => {}
         }
         Ok(())
     }
 
-    fn set_doc(&mut self, conv: &str, seq: u64, by: u64, text: &str) -> Result<()> {
-        self.drop_doc(conv, seq)?;
-        for t in doc_terms(text) {
-            self.terms.insert((t, conv, seq), ())?;
+    fn post(&mut self, conv: &str, seq: u64, text: &str) {
+        self.postings.extend(doc_terms(text).into_iter().map(|t| (t, conv.to_owned(), seq)));
+    }
+
+    /// Writes the gathered postings, in key order.
+    pub fn finish(mut self) -> Result<()> {
+        self.postings.sort_unstable();
+        self.postings.dedup();
+        for (t, conv, seq) in &self.postings {
+            self.terms.insert((*t, conv.as_str(), *seq), ())?;
         }
-        self.docs.insert((conv, seq), (by, text))?;
         Ok(())
     }
 }
@@ -91,7 +97,7 @@ pub(crate) fn create(
     tx: &WriteTransaction,
     messages: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
 ) -> Result<()> {
-    let existed = tx.list_tables()?.any(|t| t.name() == SEARCH_DOCS.name());
+    let existed = tx.list_tables()?.any(|t| t.name() == EDITS.name());
     let mut tables = IndexTables::open(tx)?;
     if existed {
         return Ok(());
@@ -101,7 +107,7 @@ pub(crate) fn create(
         let m: Message = serde_json::from_slice(row?.1.value())?;
         tables.message(&m, true, &m.mentions, |mid| Ok(mids.get((m.conv.as_str(), mid))?.map(|v| v.value())))?;
     }
-    Ok(())
+    tables.finish()
 }
 
 /// The mention marks of `user` in the B-trees.
@@ -132,8 +138,8 @@ pub(crate) struct Indexed {
 /// `q.limit` per conversation), found from the postings of the query's first term, each
 /// checked for the others.
 pub(crate) fn candidates(tx: &ReadTransaction, q: &SearchQuery) -> Result<Vec<Indexed>> {
-    let (terms, docs, messages) =
-        (tx.open_table(TERMS)?, tx.open_table(SEARCH_DOCS)?, tx.open_table(crate::embedded::MESSAGES)?);
+    let (terms, edits, messages) =
+        (tx.open_table(TERMS)?, tx.open_table(EDITS)?, tx.open_table(crate::embedded::MESSAGES)?);
     let Some((&first, rest)) = q.terms.split_first() else { return Ok(Vec::new()) };
     let mut out = Vec::new();
     for conv in &q.convs {
@@ -151,14 +157,18 @@ pub(crate) fn candidates(tx: &ReadTransaction, q: &SearchQuery) -> Result<Vec<In
             if !all {
                 continue;
             }
-            let Some(doc) = docs.get((conv, seq))? else { continue };
-            let (by, text) = doc.value();
             let Some(row) = messages.get((conv, seq))? else { continue };
             let msg: Message = serde_json::from_slice(row.value())?;
-            if !passes(q, &msg) {
+            // The current text: the latest edit's, or the message's own (none once recalled).
+            let Some(own) = crate::search::searchable(&msg.kind, &msg.body) else { continue };
+            let (text, by) = match edits.get((conv, seq))? {
+                Some(e) => (e.value().1.to_owned(), e.value().0),
+                None => (own, msg.seq),
+            };
+            if !matches(q, &text) || !passes(q, &msg) {
                 continue;
             }
-            out.push(Indexed { found: Found { msg, text: text.to_owned() }, by });
+            out.push(Indexed { found: Found { msg, text }, by });
             taken += 1;
             if taken == q.limit {
                 break;
