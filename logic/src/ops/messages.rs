@@ -153,47 +153,33 @@ fn validate_body(kind: &str, body: &Value) -> Result<(), ApiError> {
     }
 }
 
-pub async fn send(logic: &Logic, caller: &Caller, req: Send) -> Result<Fields, ApiError> {
+pub async fn send(logic: &Logic, caller: &Caller, mut req: Send) -> Result<Fields, ApiError> {
     if req.cmid.is_empty() || req.cmid.chars().count() > 64 {
         return Err(ApiError::bad_request("cmid must be 1-64 chars"));
     }
     validate_body(&req.kind, &req.body)?;
-    let to = match (req.to, req.group) {
-        (Some(to), None) => to,
+    let (conv, members, index) = match (req.to.take(), req.group.take()) {
+        (Some(to), None) => {
+            if to == caller.user {
+                return Err(ApiError::new("not_friends", "cannot message yourself"));
+            }
+            if logic.stores.social.friend_state(&caller.user, &to).await? != Some(FriendState::Friends) {
+                require_user(logic, &to).await?;
+                return Err(ApiError::new("not_friends", format!("`{to}` is not your friend")));
+            }
+            let members = vec![caller.user.clone(), to.clone()];
+            // Direct chats are indexed for both users.
+            (direct_conv(&caller.user, &to), members.clone(), members)
+        }
         (None, Some(group)) => {
             require_role(logic, &group, &caller.user).await?;
             let members: Vec<String> = logic.stores.groups.members(&group).await?.into_iter().map(|(u, _)| u).collect();
-            let conv = format!("g:{group}");
-            crate::files::attach(logic, &caller.user, &conv, &req.kind, &req.body).await?;
-            let (reply_to, mentions) =
-                match super::refs::check(logic, caller, &conv, &members, req.reply_to, req.mentions).await {
-                    Ok(refs) => refs,
-                    Err(e) => return stored_retry(logic, &conv, &caller.user, &req.cmid).await?.ok_or(e),
-                };
-            let new = NewMessage {
-                conv,
-                from: caller.user.clone(),
-                cmid: req.cmid,
-                kind: req.kind,
-                body: req.body,
-                reply_to,
-                mentions,
-            };
             // One stored copy; members read it by seq (no per-member index).
-            return store_and_push(logic, caller, new, &[], &members).await;
+            (format!("g:{group}"), members, Vec::new())
         }
         _ => return Err(ApiError::bad_request("give exactly one of `to` and `group`")),
     };
-    if to == caller.user {
-        return Err(ApiError::new("not_friends", "cannot message yourself"));
-    }
-    if logic.stores.social.friend_state(&caller.user, &to).await? != Some(FriendState::Friends) {
-        require_user(logic, &to).await?;
-        return Err(ApiError::new("not_friends", format!("`{to}` is not your friend")));
-    }
-    let conv = direct_conv(&caller.user, &to);
     crate::files::attach(logic, &caller.user, &conv, &req.kind, &req.body).await?;
-    let members = [caller.user.clone(), to.clone()];
     let (reply_to, mentions) =
         match super::refs::check(logic, caller, &conv, &members, req.reply_to, req.mentions).await {
             Ok(refs) => refs,
@@ -208,7 +194,7 @@ pub async fn send(logic: &Logic, caller: &Caller, req: Send) -> Result<Fields, A
         reply_to,
         mentions,
     };
-    store_and_push(logic, caller, new, &members, &members).await
+    store_and_push(logic, caller, new, &index, &members).await
 }
 
 /// The `send.ok` of a message already stored under this cmid: a retry gets it even when its
