@@ -133,6 +133,18 @@ pub async fn search_contract_appends(s: &dyn MessageStore) -> SearchSetup {
     assert_eq!(found(s, &[&conv], "noon tomorrow", None).await, vec![(m1.seq, "Meeting at NOON tomorrow".into())]);
     assert_eq!(found(s, &[&conv], "noon", Some(&a)).await.len(), 1, "by sender");
     assert_eq!(found(s, &[&conv, &other], "noon", None).await.len(), 4, "both conversations");
+    // the newest two over both conversations
+    let q = |limit| crate::search::SearchQuery {
+        convs: vec![conv.clone(), other.clone()],
+        terms: crate::search::query_terms("noon"),
+        from: None,
+        before_ts: None,
+        limit,
+    };
+    let all = s.search(&q(10)).await.unwrap();
+    let two = s.search(&q(2)).await.unwrap();
+    assert!(all.windows(2).all(|w| w[0].msg.ts >= w[1].msg.ts), "newest first");
+    assert_eq!(two, all[..2].to_vec());
     assert!(found(s, &[&other], "tomorrow", None).await.is_empty(), "only the conversations asked");
     let before = crate::search::SearchQuery {
         convs: vec![conv.clone()],

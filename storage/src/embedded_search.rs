@@ -134,14 +134,17 @@ pub(crate) struct Indexed {
     pub by: u64,
 }
 
-/// The newest matches of `q` in each of its conversations as the B-trees hold them (at most
-/// `q.limit` per conversation), found from the postings of the query's first term, each
-/// checked for the others.
+/// The newest `q.limit` matches of `q` in its conversations as the B-trees hold them, found
+/// from the postings of the query's first term (newest first in each conversation, each checked
+/// for the others); a conversation is read only while its matches are newer than the
+/// `q.limit`-th newest found so far.
 pub(crate) fn candidates(tx: &ReadTransaction, q: &SearchQuery) -> Result<Vec<Indexed>> {
     let (terms, edits, messages) =
         (tx.open_table(TERMS)?, tx.open_table(EDITS)?, tx.open_table(crate::embedded::MESSAGES)?);
     let Some((&first, rest)) = q.terms.split_first() else { return Ok(Vec::new()) };
-    let mut out = Vec::new();
+    let mut out: Vec<Indexed> = Vec::new();
+    // the ts of the limit-th newest match so far, once there are that many
+    let mut floor: Option<u64> = None;
     for conv in &q.convs {
         let conv = conv.as_str();
         let mut taken = 0;
@@ -159,6 +162,9 @@ pub(crate) fn candidates(tx: &ReadTransaction, q: &SearchQuery) -> Result<Vec<In
             }
             let Some(row) = messages.get((conv, seq))? else { continue };
             let msg: Message = serde_json::from_slice(row.value())?;
+            if floor.is_some_and(|f| msg.ts < f) {
+                break; // the rest of this conversation is older still
+            }
             // The current text: the latest edit's, or the message's own (none once recalled).
             let Some(own) = crate::search::searchable(&msg.kind, &msg.body) else { continue };
             let (text, by) = match edits.get((conv, seq))? {
@@ -173,6 +179,11 @@ pub(crate) fn candidates(tx: &ReadTransaction, q: &SearchQuery) -> Result<Vec<In
             if taken == q.limit {
                 break;
             }
+        }
+        if out.len() >= q.limit {
+            out.sort_by_key(|i| std::cmp::Reverse(i.found.msg.ts));
+            out.truncate(q.limit);
+            floor = out.last().map(|i| i.found.msg.ts);
         }
     }
     Ok(out)
@@ -227,8 +238,10 @@ where
             }
         }
     }
+    let by_mid: HashMap<(String, String), (String, u64)> =
+        found.iter().map(|(k, i)| ((k.0.clone(), i.found.msg.mid.clone()), k.clone())).collect();
     for ((conv, mid), (seq, text)) in edits {
-        let hit = found.iter().find(|(k, i)| k.0 == conv && i.found.msg.mid == mid).map(|(k, i)| (k.clone(), i.by));
+        let hit = by_mid.get(&(conv.clone(), mid.clone())).and_then(|k| found.get(k).map(|i| (k.clone(), i.by)));
         match hit {
             Some((key, by)) if by < seq => {
                 if matches(q, &text) {
