@@ -212,7 +212,7 @@ fn update_json<'k, K: redb::Key + 'static, T: serde::Serialize + serde::de::Dese
 
 /// The rows of a table keyed by (first, second) whose first part is
 /// `first`, in key order, each mapped by `f` from (second, value).
-fn rows_under<V: redb::Value + 'static, R>(
+pub(crate) fn rows_under<V: redb::Value + 'static, R>(
     table: &impl ReadableTable<(&'static str, &'static str), V>,
     first: &str,
     mut f: impl FnMut(&str, V::SelfType<'_>) -> Result<R>,

@@ -112,17 +112,8 @@ pub(crate) fn create(
 
 /// The mention marks of `user` in the B-trees.
 pub(crate) fn mentions(tx: &ReadTransaction, user: &str) -> Result<HashMap<String, u64>> {
-    let t = tx.open_table(MENTIONS)?;
-    let mut out = HashMap::new();
-    for row in t.range((user, "")..)? {
-        let (k, v) = row?;
-        let (owner, conv) = k.value();
-        if owner != user {
-            break;
-        }
-        out.insert(conv.to_owned(), v.value());
-    }
-    Ok(out)
+    let marks = crate::embedded::rows_under(&tx.open_table(MENTIONS)?, user, |conv, seq| Ok((conv.to_owned(), seq)))?;
+    Ok(marks.into_iter().collect())
 }
 
 /// Most postings of the query's first term read per conversation (the newest).
