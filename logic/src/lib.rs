@@ -75,6 +75,8 @@ pub struct LogicConfig {
     pub search_scan: usize,
     /// Most users one message may mention.
     pub max_mentions: usize,
+    /// Most push tokens one user keeps (a new device's replaces the oldest beyond it).
+    pub max_push_tokens: usize,
     /// Largest file `/v1/files` takes, in bytes.
     pub max_file_bytes: u64,
     /// Bytes of files uploads and downloads may hold in memory at once, all together; more wait.
@@ -116,6 +118,7 @@ impl LogicConfig {
             fold_scan: 5000,
             search_scan: 200,
             max_mentions: 50,
+            max_push_tokens: 20,
             max_file_bytes: 10 << 20,
             file_buffer_bytes: 64 << 20,
             notify: None,

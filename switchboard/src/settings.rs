@@ -268,6 +268,10 @@ pub struct Settings {
     /// Most users one message may mention; default 50.
     #[arg(long, env = "SB_MAX_MENTIONS")]
     pub max_mentions: Option<usize>,
+    /// Most push tokens one user keeps (one per device; a new device's token replaces the
+    /// oldest beyond it); default 20.
+    #[arg(long, env = "SB_MAX_PUSH_TOKENS")]
+    pub max_push_tokens: Option<usize>,
     /// Offline notifications go to this webhook (`http://host:port/path`); unset sends none.
     #[arg(long, env = "SB_NOTIFY_URL")]
     pub notify_url: Option<String>,
@@ -331,7 +335,7 @@ impl Settings {
             redis_url, postgres_url, kafka_brokers, key_prefix, topic_prefix, node_id, advertise_logic, persist_batch,
             persist_give_up_secs,
             user_rate, user_burst, ip_rate, ip_burst, auth_rate, auth_burst, admin_token, max_group_members,
-            ring_timeout_ms, recall_window_ms, edit_window_ms, fold_scan, search_scan, max_mentions, max_file_bytes, file_buffer_bytes, notify_url, notify_secret, notify_delay_ms, notify_attempts, notify_backoff_ms, notify_max_pending_bytes, max_outbound_bytes, max_link_message_bytes, push_batch_bytes,
+            ring_timeout_ms, recall_window_ms, edit_window_ms, fold_scan, search_scan, max_mentions, max_push_tokens, max_file_bytes, file_buffer_bytes, notify_url, notify_secret, notify_delay_ms, notify_attempts, notify_backoff_ms, notify_max_pending_bytes, max_outbound_bytes, max_link_message_bytes, push_batch_bytes,
             reply_max_bytes, cursor_flush_ms, cluster_secret, void_after_ms, embedded_checkpoint_ms,
             embedded_checkpoint_bytes, embedded_checkpoint_nice, http_max_connections, http_header_timeout_ms, http_request_timeout_ms,
             max_connections_per_ip, argon2_concurrency, login_rate, login_burst, session_prune_secs,
@@ -605,6 +609,9 @@ impl Settings {
         }
         if let Some(n) = self.max_mentions {
             c.max_mentions = n;
+        }
+        if let Some(n) = self.max_push_tokens {
+            c.max_push_tokens = n.max(1);
         }
         if let Some(n) = self.max_file_bytes {
             c.max_file_bytes = n;

@@ -87,6 +87,7 @@ async fn unseen_messages_are_notified_once_per_conversation() {
     s.notify_delay_ms = Some(700);
     s.notify_backoff_ms = Some(100);
     s.notify_attempts = Some(3);
+    s.max_push_tokens = Some(2);
     let node = switchboard::AllInOne::start(&s).await.unwrap();
     let (http, ws) = (node.http_addr(), node.ws_addr());
     let dead_letters = dir.join("notify-dead-letter.jsonl");
@@ -119,6 +120,13 @@ async fn unseen_messages_are_notified_once_per_conversation() {
         tablet.close();
         let (status, _) = common::http(http, "POST", "/v1/auth/logout", None, Some(&b2));
         assert_eq!(status, 204);
+        // erin keeps two tokens: a third device's replaces the least recently registered
+        for (device, token) in [("e2", "fcm-erin-2"), ("e3", "fcm-erin-3"), ("e4", "fcm-erin-4")] {
+            let mut c = Client::login(http, ws, "erin", device);
+            c.ok("push.register", json!({"platform": "fcm", "token": token}));
+            c.close();
+            std::thread::sleep(Duration::from_millis(5));
+        }
         // hana muted alice: no notification for her, the conversation shows it
         let conv = "d:alice:hana";
         hana.err("mute", json!({"conv": conv, "until": 1}), "bad_request");
@@ -181,6 +189,9 @@ async fn unseen_messages_are_notified_once_per_conversation() {
             "the signed-out device's token went with it"
         );
         assert_eq!(of("dan")[0].body["devices"], json!([]), "dan registered no token");
+        let erin: Vec<&str> =
+            of("erin")[0].body["devices"].as_array().unwrap().iter().map(|d| d["token"].as_str().unwrap()).collect();
+        assert_eq!(erin, ["fcm-erin-3", "fcm-erin-4"], "the oldest token made room");
         assert!(of("carol").is_empty(), "carol's device acked in time");
         assert!(of("alice").is_empty(), "a sender is never told of her own messages");
         let gus = &of("gus")[0].body["last"];

@@ -37,7 +37,17 @@ pub async fn register(logic: &Logic, caller: &Caller, req: Register) -> Result<F
         token: req.token,
         updated_ms: now_ms(),
     };
-    logic.stores.accounts.put_push_token(&token).await?;
+    // A user keeps at most `max_push_tokens` (each up to MAX_TOKEN_BYTES): a new device's token
+    // replaces the least recently registered ones beyond that.
+    let accounts = &logic.stores.accounts;
+    let mut held = accounts.push_tokens(&caller.user).await?;
+    held.retain(|t| t.device != caller.device);
+    held.sort_by_key(|t| t.updated_ms);
+    let over = (held.len() + 1).saturating_sub(logic.config.max_push_tokens);
+    for old in held.iter().take(over) {
+        accounts.remove_push_token(&old.user, &old.device).await?;
+    }
+    accounts.put_push_token(&token).await?;
     Ok(Fields::new())
 }
 
