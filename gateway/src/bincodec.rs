@@ -25,7 +25,7 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value};
 use switchboard_proto::v1::{
-    body::Kind, Body, ConvSummary, Frame, Friend, GroupInfo, Member, Message, Pending, Quote, SearchResult,
+    body::Kind, Body, ConvSummary, Frame, Friend, GroupInfo, Member, Message, Pending, Quote, SearchResult, Span,
 };
 
 /// Why a JSON frame cannot be expressed as a protobuf `Frame`.
@@ -86,10 +86,13 @@ fn message_to_json(msg: &Message) -> Value {
     list(&mut m, "reacted", &msg.reacted, |e| Value::String(e.clone()));
     put_opt(&mut m, "pinned", msg.pinned);
     if let Some(q) = &msg.reply_to {
-        m.insert(
-            "reply_to".into(),
-            serde_json::json!({"mid": q.mid, "seq": q.seq, "from": q.from, "type": q.r#type, "preview": q.preview}),
-        );
+        let mut quote = Map::new();
+        put_str(&mut quote, "mid", &q.mid);
+        quote.insert("seq".into(), q.seq.into());
+        put_str(&mut quote, "from", &q.from);
+        put_str(&mut quote, "type", &q.r#type);
+        put_str(&mut quote, "preview", &q.preview);
+        m.insert("reply_to".into(), Value::Object(quote));
     }
     list(&mut m, "mentions", &msg.mentions, |u| Value::String(u.clone()));
     Value::Object(m)
@@ -209,9 +212,17 @@ pub fn frame_to_json(f: &Frame) -> Value {
     put_opt(&mut m, "before", f.before);
     put_opt(&mut m, "offset", f.offset);
     list(&mut m, "results", &f.results, |r| {
-        let spans: Vec<Value> = r.highlights.chunks(2).map(|p| Value::from(p.to_vec())).collect();
-        serde_json::json!({"conv": r.conv, "mid": r.mid, "seq": r.seq, "from": r.from, "ts": r.ts, "type": r.r#type,
-                           "text": r.text, "highlights": spans, "score": r.score})
+        let mut hit = Map::new();
+        put_str(&mut hit, "conv", &r.conv);
+        put_str(&mut hit, "mid", &r.mid);
+        hit.insert("seq".into(), r.seq.into());
+        put_str(&mut hit, "from", &r.from);
+        hit.insert("ts".into(), r.ts.into());
+        put_str(&mut hit, "type", &r.r#type);
+        put_str(&mut hit, "text", &r.text);
+        list(&mut hit, "highlights", &r.highlights, |s| Value::from(vec![s.start, s.end]));
+        hit.insert("score".into(), r.score.into());
+        Value::Object(hit)
     });
     put_opt(&mut m, "next_offset", f.next_offset);
     put_str(&mut m, "platform", &f.platform);
@@ -337,8 +348,9 @@ fn message_from(o: Obj<'_>) -> Result<Message, CodecError> {
 fn search_result_from(o: Obj<'_>) -> Result<SearchResult, CodecError> {
     let mut highlights = Vec::new();
     for span in o.array("highlights")? {
-        let pair = span.as_array().filter(|p| p.len() == 2).and_then(|p| Some([p[0].as_u64()?, p[1].as_u64()?]));
-        highlights.extend(pair.ok_or(bad("highlights", "an array of [start, end] pairs"))?);
+        let pair = span.as_array().filter(|p| p.len() == 2).and_then(|p| Some((p[0].as_u64()?, p[1].as_u64()?)));
+        let (start, end) = pair.ok_or(bad("highlights", "an array of [start, end] pairs"))?;
+        highlights.push(Span { start, end });
     }
     Ok(SearchResult {
         conv: o.str("conv")?,

@@ -163,7 +163,7 @@ async fn tcp_and_binary_websocket_clients_chat() {
         assert_eq!(found.op, "search.ok");
         assert!(found.results.len() >= 2, "{found:?}");
         let hit = found.results.iter().find(|h| h.text == "re: tcp").expect("the reply");
-        assert_eq!(hit.highlights, vec![4, 7]);
+        assert_eq!(hit.highlights, vec![switchboard_proto::v1::Span { start: 4, end: 7 }]);
 
         // errors keep their codes over TCP
         lena.send(&Frame { to: "nora".into(), cmid: "x".into(), r#type: "text".into(), ..req("send", 5) });
