@@ -12,6 +12,8 @@ eval "$(scripts/services.sh env)"
 
 echo "== fmt"; cargo fmt --all -- --check
 echo "== clippy"; cargo clippy --workspace --all-targets -- -D warnings
+# The binary still builds without the optional MongoDB driver (cargo feature `mongodb`).
+echo "== no-default-features"; cargo clippy -p switchboard --no-default-features -- -D warnings
 echo "== test"; cargo test --workspace 2>&1 | tee "${TMPDIR:-/tmp}/switchboard-test.log"
 echo "== browser"; scripts/browser-test.sh
 # A short run of every fuzz target on its seeds (cargo-fuzz and nightly installed when missing).

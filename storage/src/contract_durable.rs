@@ -360,3 +360,23 @@ pub async fn records_index_search(log: &dyn DurableLog, messages: &dyn MessageSt
     assert!(stored.mentions.is_empty() && stored.reply_to.is_none(), "a recall keeps no references");
     assert_eq!(messages.mentions(&a).await.unwrap().get(&conv), Some(&2), "a recall does not take a mark back");
 }
+
+/// [`crate::PartitionLocks`]: a partition's lock is held by one session at a time (its holder
+/// takes it again), per topic; a dropped session's locks are free again within `released`.
+pub async fn partition_locks_contract(locks: &dyn crate::PartitionLocks, released: std::time::Duration) {
+    let topic = format!("{}.messages", prefix());
+    let (mut a, mut b) = (locks.lock_session().await.unwrap(), locks.lock_session().await.unwrap());
+    assert!(a.try_lock(&topic, 0).await.unwrap());
+    assert!(a.try_lock(&topic, 0).await.unwrap(), "its holder takes it again");
+    assert!(!b.try_lock(&topic, 0).await.unwrap(), "held by the other session");
+    assert!(b.try_lock(&topic, 1).await.unwrap());
+    assert!(!a.try_lock(&topic, 1).await.unwrap());
+    assert!(b.try_lock(&format!("{topic}2"), 0).await.unwrap(), "locks are per topic");
+    drop(a);
+    let deadline = std::time::Instant::now() + released;
+    while !b.try_lock(&topic, 0).await.unwrap() {
+        assert!(std::time::Instant::now() < deadline, "the lock of a closed session was not released");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(!b.is_closed());
+}

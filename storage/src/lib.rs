@@ -16,6 +16,7 @@ mod group_commit;
 pub mod kafka;
 pub mod memory_routes;
 pub mod model;
+#[cfg(feature = "mongodb")]
 pub mod mongo;
 pub mod persist;
 pub mod postgres;

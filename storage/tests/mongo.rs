@@ -51,6 +51,16 @@ async fn mongodb_meets_the_durable_log_contract() {
     store.drop_database().await.unwrap();
 }
 
+/// Files and partition leases, as on PostgreSQL (a dropped session gives its leases back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongodb_keeps_files_and_partition_leases() {
+    let Some(url) = url("files and leases") else { return };
+    let store = MongoStore::connect(&url, &scratch_db()).await.unwrap();
+    contract::files_contract(&store).await;
+    contract_durable::partition_locks_contract(&store, std::time::Duration::from_secs(5)).await;
+    store.drop_database().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_survives_reconnect() {
     let Some(url) = url("restart") else { return };
@@ -75,12 +85,19 @@ async fn racing_startups_all_create_the_schema() {
         names,
         [
             "acks",
+            "blocks",
             "conv_seq",
+            "file_chunks",
+            "files",
             "friends",
             "group_members",
             "groups",
+            "mentions",
             "messages",
+            "mutes",
+            "persist_locks",
             "persist_offsets",
+            "push_tokens",
             "reads",
             "refresh_tokens",
             "sessions",
@@ -90,7 +107,7 @@ async fn racing_startups_all_create_the_schema() {
         "every collection is created"
     );
     let indexes = a.database().collection::<mongodb::bson::Document>("messages").list_index_names().await.unwrap();
-    assert_eq!(indexes.len(), 4, "_id, (conv, seq), (conv, from, cmid) and (conv, mid): {indexes:?}");
+    assert_eq!(indexes.len(), 5, "_id, (conv, seq), (conv, from, cmid), (conv, mid) and terms: {indexes:?}");
     contract::fresh_stores_share_data(&a, &b, &c).await;
     a.drop_database().await.unwrap();
 }

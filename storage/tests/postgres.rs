@@ -8,7 +8,6 @@ use std::sync::Arc;
 use switchboard_storage::contract::{self, prefix, run_all};
 use switchboard_storage::contract_durable::{self, durable_log_contract};
 use switchboard_storage::postgres::PgStore;
-use switchboard_storage::PartitionLocks;
 
 fn url(test: &str) -> Option<String> {
     match std::env::var("SB_TEST_POSTGRES_URL") {
@@ -64,21 +63,7 @@ async fn postgres_keeps_partition_offsets() {
 async fn partition_locks_are_exclusive_and_die_with_their_session() {
     let Some(url) = url("partition locks") else { return };
     let store = PgStore::connect(&url, 2).await.unwrap();
-    let topic = format!("{}.messages", prefix());
-    let (mut a, mut b) = (store.lock_session().await.unwrap(), store.lock_session().await.unwrap());
-    assert!(a.try_lock(&topic, 0).await.unwrap());
-    assert!(a.try_lock(&topic, 0).await.unwrap(), "its holder takes it again");
-    assert!(!b.try_lock(&topic, 0).await.unwrap(), "held by the other session");
-    assert!(b.try_lock(&topic, 1).await.unwrap());
-    assert!(!a.try_lock(&topic, 1).await.unwrap());
-    assert!(b.try_lock(&format!("{topic}2"), 0).await.unwrap(), "locks are per topic");
-    drop(a);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !b.try_lock(&topic, 0).await.unwrap() {
-        assert!(std::time::Instant::now() < deadline, "the lock of a closed session was not released");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert!(!b.is_closed());
+    contract_durable::partition_locks_contract(&store, std::time::Duration::from_secs(5)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,6 +9,8 @@ mod heartbeat;
 pub mod http_serve;
 pub mod inproc;
 pub mod settings;
+mod storage_settings;
+mod stores;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,14 +19,9 @@ use std::time::Duration;
 use anyhow::Context;
 use switchboard_gateway::{Gateway, TrustedProxies};
 use switchboard_logic::push::{GrpcPush, PushTransport};
-use switchboard_logic::{http::MetricsHook, GatewayInfo, Logic, LogicService, Stores};
-use switchboard_storage::cluster::ClusterMessages;
-use switchboard_storage::cluster_caches::{CachedGroups, CachedSocial};
-use switchboard_storage::embedded::EmbeddedStore;
-use switchboard_storage::kafka::{ensure_topics, Producer, Topics};
-use switchboard_storage::memory_routes::MemoryRoutes;
+use switchboard_logic::{http::MetricsHook, GatewayInfo, Logic, LogicService};
+use switchboard_storage::kafka::{ensure_topics, Topics};
 use switchboard_storage::persist::{PersistConfig, PersistStats, PersistWorker};
-use switchboard_storage::postgres::PgStore;
 use switchboard_storage::redis::RedisStore;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -52,56 +49,6 @@ impl Task {
         let _ = self.stop.send(());
         let _ = self.task.await;
     }
-}
-
-/// The cluster's handles a logic instance keeps besides its stores.
-struct ClusterParts {
-    redis: RedisStore,
-    messages: Arc<ClusterMessages>,
-}
-
-/// The stores a logic instance runs on: embedded in the data dir, or the
-/// cluster engines when configured.
-async fn open_stores(s: &Settings) -> anyhow::Result<(Stores, Option<ClusterParts>)> {
-    let Some((redis_url, pg_url, brokers)) = s.cluster()? else {
-        let store =
-            EmbeddedStore::open_with(&s.data_dir(), s.checkpoint_policy()).context("opening the embedded store")?;
-        let stores = Stores {
-            accounts: Arc::new(store.clone()),
-            social: Arc::new(store.clone()),
-            messages: Arc::new(store.clone()),
-            groups: Arc::new(store),
-            files: Arc::new(
-                switchboard_storage::files::DirFiles::open(&s.data_dir().join("files"))
-                    .context("opening the file store")?,
-            ),
-            routes: Arc::new(MemoryRoutes::default()),
-            registry: None,
-        };
-        return Ok((stores, None));
-    };
-    let tls = s.backend_tls()?;
-    let pg = PgStore::connect_tls(&pg_url, 8, &tls).await.context("connecting to PostgreSQL")?;
-    let redis = RedisStore::connect_tls(&redis_url, &s.key_prefix(), &tls).await.context("connecting to Redis")?;
-    let topics = Topics::with_prefix(&s.topic_prefix());
-    ensure_topics(&brokers, &topics).await.context("creating Kafka topics")?;
-    let linger = s.kafka_linger_ms.map_or(switchboard_storage::kafka::DEFAULT_LINGER, Duration::from_millis);
-    let producer =
-        Producer::batching(&brokers, Duration::from_secs(10), linger).context("creating the Kafka producer")?;
-    let messages = Arc::new(
-        ClusterMessages::new(redis.clone(), producer, topics, Arc::new(pg.clone()))
-            .with_persisted_log(Arc::new(pg.clone())),
-    );
-    let stores = Stores {
-        accounts: Arc::new(pg.clone()),
-        social: CachedSocial::new(Arc::new(pg.clone()), redis.clone()),
-        files: Arc::new(pg.clone()),
-        groups: CachedGroups::new(Arc::new(pg), redis.clone()),
-        messages: messages.clone(),
-        routes: Arc::new(redis.clone()),
-        registry: Some(Arc::new(redis.clone())),
-    };
-    Ok((stores, Some(ClusterParts { redis, messages })))
 }
 
 /// Pushes to gateways over gRPC with the configured message limit and cluster secret.
@@ -152,7 +99,7 @@ impl LogicRole {
         extra: Vec<MetricsHook>,
         transport: Arc<dyn PushTransport>,
     ) -> anyhow::Result<Self> {
-        let (stores, cluster) = open_stores(s).await?;
+        let (stores, cluster) = stores::open(s).await?;
         let config = s.logic_config(public)?;
         let (flush_every, max_message) = (config.cursor_flush, config.push.max_message_bytes);
         let logic = Logic::new(config, stores, transport);
@@ -244,7 +191,7 @@ impl LogicRole {
         };
         let http = Task::spawn(|stopped| http_serve::serve(http_listener, router, limits, trusted, stopped));
         let (heartbeat, sweeper) = match cluster {
-            Some(ClusterParts { redis, messages }) => {
+            Some(stores::ClusterParts { redis, messages }) => {
                 let rpc = s.advertise_logic.clone().unwrap_or_else(|| format!("{scheme}://{grpc_addr}"));
                 let heartbeat = heartbeat::Heartbeat::logic(redis, s.node_id(), rpc, logic.metrics.clone());
                 let void_after = s.void_after();
@@ -309,9 +256,9 @@ impl GatewayRole {
     /// (and, in a cluster, to those the registry lists).
     pub async fn start(s: &Settings) -> anyhow::Result<Self> {
         let gateway = Gateway::start(s.gateway_config()?).await.context("starting the gateway")?;
-        let heartbeat = match &s.redis_url {
+        let heartbeat = match &s.storage.redis_url {
             Some(url) => {
-                let redis = RedisStore::connect_tls(url, &s.key_prefix(), &s.backend_tls()?)
+                let redis = RedisStore::connect_tls(url, &s.storage.key_prefix(), &s.storage.backend_tls()?)
                     .await
                     .context("connecting to Redis")?;
                 let ws = s.public_ws.clone().and_then(|v| v.into_iter().next());
@@ -367,7 +314,7 @@ async fn serve_health(
     Ok(Some((addr, health, task)))
 }
 
-/// The persist worker role: Kafka -> PostgreSQL (see
+/// The persist worker role: Kafka -> the durable store, PostgreSQL or MongoDB (see
 /// [`switchboard_storage::persist`]).
 pub struct PersistRole {
     pub stats: Arc<PersistStats>,
@@ -379,12 +326,9 @@ pub struct PersistRole {
 
 impl PersistRole {
     pub async fn start(s: &Settings) -> anyhow::Result<Self> {
-        let Some((_, pg_url, brokers)) = s.cluster()? else {
-            anyhow::bail!("persist needs --redis-url, --postgres-url and --kafka-brokers");
-        };
-        let pg =
-            Arc::new(PgStore::connect_tls(&pg_url, 4, &s.backend_tls()?).await.context("connecting to PostgreSQL")?);
-        let topics = Topics::with_prefix(&s.topic_prefix());
+        let (_, brokers, durable) = stores::cluster_of(&s.storage, "persist")?;
+        let store = stores::DurableStore::connect(&durable, &s.storage, 4).await?;
+        let topics = Topics::with_prefix(&s.storage.topic_prefix());
         ensure_topics(&brokers, &topics).await.context("creating Kafka topics")?;
         let topic = topics.messages.clone();
         let mut config = PersistConfig::default();
@@ -392,8 +336,8 @@ impl PersistRole {
         if let Some(secs) = s.persist_give_up_secs {
             config.give_up_after = Duration::from_secs(secs);
         }
-        let worker =
-            PersistWorker::new(&brokers, topics, pg.clone(), pg, config).context("creating the persist worker")?;
+        let worker = PersistWorker::new(&brokers, topics, store.log, store.locks, config)
+            .context("creating the persist worker")?;
         let stats = worker.stats.clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(worker.run(async {

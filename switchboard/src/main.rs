@@ -27,7 +27,7 @@ enum Role {
     Logic(Settings),
     /// The gateway role alone (client sockets), relaying to --logic-url.
     Gateway(Settings),
-    /// The persist worker: Kafka message topic -> PostgreSQL.
+    /// The persist worker: Kafka message topic -> the durable store (PostgreSQL or MongoDB).
     Persist(Settings),
     /// Checks the configuration that these flags, the SB_* variables and --config give (a file
     /// with an unknown key is refused, naming it); with --print, prints it as TOML: every option
@@ -141,6 +141,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Role::Config(c) => {
             let s = c.settings.with_file(config)?;
+            s.storage.choice().context("[storage]")?;
             if c.print {
                 print!("{}", s.describe()?);
             }

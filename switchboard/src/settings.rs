@@ -11,16 +11,17 @@ use clap::Args;
 use serde::Deserialize;
 use switchboard_proto::cluster_tls::ClusterTls;
 use switchboard_proto::trusted::TrustedProxies;
-use switchboard_storage::embedded::CheckpointPolicy;
-use switchboard_storage::kafka::Brokers;
-use switchboard_storage::tls::BackendTls;
 
 use crate::http_serve::HttpLimits;
+pub use crate::storage_settings::StorageSettings;
 
 /// Every option is optional here; `get` accessors apply the defaults.
 #[derive(Debug, Clone, Default, Args, Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
+    /// The store and its engines (`[storage]` in a file).
+    #[command(flatten)]
+    pub storage: StorageSettings,
     /// Directory of the embedded database and the token signing key.
     #[arg(long, env = "SB_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -122,18 +123,6 @@ pub struct Settings {
     /// Milliseconds to receive, handle and answer one HTTP request (408 after it); default 30000.
     #[arg(long, env = "SB_HTTP_REQUEST_TIMEOUT_MS")]
     pub http_request_timeout_ms: Option<u64>,
-    /// Embedded store: longest milliseconds appends stay only in its write-ahead log before a
-    /// B-tree checkpoint; default 200.
-    #[arg(long, env = "SB_EMBEDDED_CHECKPOINT_MS")]
-    pub embedded_checkpoint_ms: Option<u64>,
-    /// Embedded store: most bytes of appends held in its write-ahead log (and in memory) before a
-    /// checkpoint; default 32 MiB.
-    #[arg(long, env = "SB_EMBEDDED_CHECKPOINT_BYTES")]
-    pub embedded_checkpoint_bytes: Option<usize>,
-    /// Embedded store: niceness added to its checkpoint thread, so that on a busy core the
-    /// threads answering sends run first (0 to 19); default 10.
-    #[arg(long, env = "SB_EMBEDDED_CHECKPOINT_NICE")]
-    pub embedded_checkpoint_nice: Option<i32>,
     /// Milliseconds a new connection has to `auth`.
     #[arg(long, env = "SB_AUTH_TIMEOUT_MS")]
     pub auth_timeout_ms: Option<u64>,
@@ -176,15 +165,6 @@ pub struct Settings {
     /// argon2id iterations.
     #[arg(long, env = "SB_ARGON2_ITERATIONS")]
     pub argon2_iterations: Option<u32>,
-    /// Redis URL; setting it (with --postgres-url and --kafka-brokers) selects the cluster backends.
-    #[arg(long, env = "SB_REDIS_URL")]
-    pub redis_url: Option<String>,
-    /// PostgreSQL URL of the shared durable store (cluster).
-    #[arg(long, env = "SB_POSTGRES_URL")]
-    pub postgres_url: Option<String>,
-    /// Kafka bootstrap servers, host:port[,host:port] (cluster).
-    #[arg(long, env = "SB_KAFKA_BROKERS")]
-    pub kafka_brokers: Option<String>,
     /// This node's certificate (PEM) for mutual TLS on the internal gRPC links; with
     /// --cluster-tls-key and --cluster-tls-ca (all three or none).
     #[arg(long, env = "SB_CLUSTER_TLS_CERT")]
@@ -196,24 +176,6 @@ pub struct Settings {
     /// clients verify servers against it.
     #[arg(long, env = "SB_CLUSTER_TLS_CA")]
     pub cluster_tls_ca: Option<PathBuf>,
-    /// Talk TLS to the Kafka brokers (`security.protocol=ssl`); default false.
-    #[arg(long, env = "SB_KAFKA_TLS")]
-    pub kafka_tls: Option<bool>,
-    /// How long a send waits for other sends to share its Kafka record (one record per
-    /// partition holds them all; `send.ok` still waits for the broker's ack); default 1.
-    #[arg(long, env = "SB_KAFKA_LINGER_MS")]
-    pub kafka_linger_ms: Option<u64>,
-    /// PEM bundle of a private certificate authority that TLS connections to Redis
-    /// (`rediss://` URLs), PostgreSQL (`sslmode=require`) and Kafka (`--kafka-tls true`) are
-    /// verified against, besides the usual roots.
-    #[arg(long, env = "SB_BACKEND_CA_FILE")]
-    pub backend_ca_file: Option<PathBuf>,
-    /// Prefix of every Redis key (default "sb:").
-    #[arg(long, env = "SB_KEY_PREFIX")]
-    pub key_prefix: Option<String>,
-    /// Prefix of the Kafka topics and consumer group (default "sb.").
-    #[arg(long, env = "SB_TOPIC_PREFIX")]
-    pub topic_prefix: Option<String>,
     /// This process's id in the registry (default: random).
     #[arg(long, env = "SB_NODE_ID")]
     pub node_id: Option<String>,
@@ -308,6 +270,22 @@ pub struct Settings {
     pub ring_timeout_ms: Option<u64>,
 }
 
+/// One `key = value` line of [`Settings::describe`] into `set` (secrets and URL passwords
+/// masked), or the option's name into `unset` when it is left to its default.
+fn describe_one(set: &mut String, unset: &mut String, name: &str, key: &str, value: serde_json::Value) {
+    if value.is_null() {
+        unset.push_str(&format!("# {name}\n"));
+        return;
+    }
+    let value = match (key, value) {
+        ("jwt_secret" | "cluster_secret" | "admin_token" | "notify_secret", _) => serde_json::Value::from("***"),
+        (_, serde_json::Value::String(s)) => serde_json::Value::from(mask_password(&s)),
+        (_, v) => v,
+    };
+    // A JSON string, number, boolean or array of those is the same value in TOML.
+    set.push_str(&format!("{key} = {value}\n"));
+}
+
 /// `scheme://user:password@host…` with the password replaced by `***`; anything else as is.
 fn mask_password(s: &str) -> String {
     let Some((scheme, rest)) = s.split_once("://") else { return s.to_owned() };
@@ -318,31 +296,31 @@ fn mask_password(s: &str) -> String {
     }
 }
 
-macro_rules! overlay {
-    ($dst:ident, $src:ident; $($f:ident),*) => { $( if $dst.$f.is_none() { $dst.$f = $src.$f; } )* };
+/// Fills what `dst` leaves unset (`null`) from `src`, table by table.
+fn fill_unset(dst: &mut serde_json::Value, src: serde_json::Value) {
+    let (serde_json::Value::Object(dst), serde_json::Value::Object(src)) = (dst, src) else { return };
+    for (key, value) in src {
+        match dst.get_mut(&key) {
+            Some(slot @ serde_json::Value::Null) => *slot = value,
+            Some(table @ serde_json::Value::Object(_)) => fill_unset(table, value),
+            Some(_) => {}
+            None => {
+                dst.insert(key, value);
+            }
+        }
+    }
 }
 
 impl Settings {
     /// Fills every option not given on the command line or in the
     /// environment from the TOML file at `path`.
-    pub fn with_file(mut self, path: Option<&Path>) -> anyhow::Result<Self> {
+    pub fn with_file(self, path: Option<&Path>) -> anyhow::Result<Self> {
         let Some(path) = path else { return Ok(self) };
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let file: Settings = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        overlay!(self, file; data_dir, http_addr, ws_addr, tcp_addr, logic_addr, push_addr, logic_url, advertise_push,
-            public_ws, jwt_secret, shards, max_frame_bytes, max_connections, max_outbound_frames, auth_timeout_ms,
-            idle_timeout_ms, repush_ms, access_ttl_secs, refresh_ttl_secs, argon2_memory_kib, argon2_iterations,
-            redis_url, postgres_url, kafka_brokers, key_prefix, topic_prefix, node_id, advertise_logic, persist_batch,
-            persist_give_up_secs,
-            user_rate, user_burst, ip_rate, ip_burst, auth_rate, auth_burst, admin_token, max_group_members,
-            ring_timeout_ms, recall_window_ms, edit_window_ms, fold_scan, search_scan, max_mentions, max_push_tokens, max_file_bytes, file_buffer_bytes, notify_url, notify_secret, notify_delay_ms, notify_attempts, notify_backoff_ms, notify_max_pending_bytes, max_outbound_bytes, max_link_message_bytes, push_batch_bytes,
-            reply_max_bytes, cursor_flush_ms, cluster_secret, void_after_ms, embedded_checkpoint_ms,
-            embedded_checkpoint_bytes, embedded_checkpoint_nice, http_max_connections, http_header_timeout_ms, http_request_timeout_ms,
-            max_connections_per_ip, argon2_concurrency, login_rate, login_burst, session_prune_secs,
-            admin_addr, max_connections_per_user, session_check_ms, backend_ca_file,
-            kafka_tls, kafka_linger_ms, ack_flush_ms, trusted_proxies, proxy_protocol, health_addr, drain_grace_ms,
-            cluster_tls_cert, cluster_tls_key, cluster_tls_ca);
-        Ok(self)
+        let mut merged = serde_json::to_value(&self)?;
+        fill_unset(&mut merged, serde_json::to_value(file)?);
+        Ok(serde_json::from_value(merged)?)
     }
 
     /// The settings as a TOML file would give them: every option set (by flag, `SB_*` variable
@@ -353,22 +331,19 @@ impl Settings {
             anyhow::bail!("settings are not a table");
         };
         let (mut set, mut unset) = (String::new(), String::from("\n# Left to their defaults:\n"));
+        let mut tables = String::new();
         for (key, value) in fields {
-            if value.is_null() {
-                unset.push_str(&format!("# {key}\n"));
+            if let serde_json::Value::Object(table) = value {
+                // A section (`[storage]`), after the top-level keys as TOML wants.
+                tables.push_str(&format!("\n[{key}]\n"));
+                for (k, v) in table {
+                    describe_one(&mut tables, &mut unset, &format!("{key}.{k}"), &k, v);
+                }
                 continue;
             }
-            let value = match (key.as_str(), value) {
-                ("jwt_secret" | "cluster_secret" | "admin_token" | "notify_secret", _) => {
-                    serde_json::Value::from("***")
-                }
-                (_, serde_json::Value::String(s)) => serde_json::Value::from(mask_password(&s)),
-                (_, v) => v,
-            };
-            // A JSON string, number, boolean or array of those is the same value in TOML.
-            set.push_str(&format!("{key} = {value}\n"));
+            describe_one(&mut set, &mut unset, &key, &key, value);
         }
-        Ok(set + &unset)
+        Ok(set + &tables + &unset)
     }
 
     /// Limits of the HTTP API listener (defaults in [`HttpLimits::default`]).
@@ -395,21 +370,6 @@ impl Settings {
     /// How long a gateway reports unready before it drains (`--drain-grace-ms`).
     pub fn drain_grace(&self) -> Duration {
         Duration::from_millis(self.drain_grace_ms.unwrap_or(0))
-    }
-
-    /// When the embedded store commits its B-trees (defaults in [`CheckpointPolicy::default`]).
-    pub fn checkpoint_policy(&self) -> CheckpointPolicy {
-        let mut p = CheckpointPolicy::default();
-        if let Some(ms) = self.embedded_checkpoint_ms {
-            p.interval = Duration::from_millis(ms.max(1));
-        }
-        if let Some(b) = self.embedded_checkpoint_bytes {
-            p.bytes = b.max(1);
-        }
-        if let Some(n) = self.embedded_checkpoint_nice {
-            p.nice = n.clamp(0, 19);
-        }
-        p
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -443,12 +403,6 @@ impl Settings {
             None => vec![format!("http://{}", self.logic_addr())],
         }
     }
-    pub fn key_prefix(&self) -> String {
-        self.key_prefix.clone().unwrap_or_else(|| "sb:".into())
-    }
-    pub fn topic_prefix(&self) -> String {
-        self.topic_prefix.clone().unwrap_or_else(|| "sb.".into())
-    }
     /// How long a reserved seq may stay pending before it is voided (at least 100 ms).
     pub fn void_after(&self) -> Duration {
         Duration::from_millis(self.void_after_ms.unwrap_or(30_000).max(100))
@@ -465,30 +419,6 @@ impl Settings {
             _ => anyhow::bail!("mutual TLS needs all of --cluster-tls-cert, --cluster-tls-key and --cluster-tls-ca"),
         }
     }
-
-    /// The roots TLS connections to the cluster's engines trust.
-    pub fn backend_tls(&self) -> anyhow::Result<BackendTls> {
-        match &self.backend_ca_file {
-            Some(path) => Ok(BackendTls::with_ca_file(path)?),
-            None => Ok(BackendTls::system()),
-        }
-    }
-
-    /// The cluster engines, when configured: (redis, postgres, kafka).
-    pub fn cluster(&self) -> anyhow::Result<Option<(String, String, Brokers)>> {
-        match (&self.redis_url, &self.postgres_url, &self.kafka_brokers) {
-            (None, None, None) => Ok(None),
-            (Some(r), Some(p), Some(k)) => {
-                let brokers = match self.kafka_tls {
-                    Some(true) => Brokers::tls(k, self.backend_ca_file.clone()),
-                    _ => Brokers::plain(k),
-                };
-                Ok(Some((r.clone(), p.clone(), brokers)))
-            }
-            _ => anyhow::bail!("cluster mode needs all of --redis-url, --postgres-url and --kafka-brokers"),
-        }
-    }
-
     /// The token secret: configured, or read from (created once in) the data dir.
     pub fn jwt_secret(&self) -> anyhow::Result<Vec<u8>> {
         if let Some(s) = &self.jwt_secret {
@@ -530,7 +460,7 @@ impl Settings {
     /// token keys could not verify each other's tokens, and internal links would be open.
     /// `logic` and `gateway` are cluster roles when Redis is configured.
     pub fn require_cluster_secrets(&self, role: &str) -> anyhow::Result<()> {
-        if self.redis_url.is_none() {
+        if self.storage.redis_url.is_none() {
             if self.cluster_secret.is_none() {
                 tracing::warn!(
                     role,
@@ -765,6 +695,15 @@ mod tests {
         }
         let persist = Settings::default().with_file(Some(&dir.join("persist.toml"))).unwrap();
         assert_eq!(persist.persist_give_up_secs, Some(60));
+        assert!(matches!(
+            persist.storage.choice().unwrap(),
+            crate::storage_settings::StoreChoice::Cluster {
+                durable: crate::storage_settings::Durable::Postgres { .. },
+                ..
+            }
+        ));
+        let all = Settings::default().with_file(Some(&dir.join("all-in-one.toml"))).unwrap();
+        assert!(matches!(all.storage.choice().unwrap(), crate::storage_settings::StoreChoice::Embedded));
     }
 
     #[test]
@@ -783,7 +722,8 @@ mod tests {
     #[test]
     fn cluster_roles_need_sane_secrets() {
         let long = "x".repeat(MIN_SECRET_BYTES);
-        let cluster = Settings { redis_url: Some("redis://127.0.0.1:1".into()), ..Default::default() };
+        let storage = StorageSettings { redis_url: Some("redis://127.0.0.1:1".into()), ..Default::default() };
+        let cluster = Settings { storage, ..Default::default() };
         assert!(cluster.require_cluster_secrets("gateway").is_err(), "no cluster secret");
         let s = Settings { cluster_secret: Some(long.clone()), ..cluster.clone() };
         assert!(s.require_cluster_secrets("gateway").is_ok());

@@ -50,16 +50,31 @@ fn drain_msgs(c: &mut Client, conv: &str, into: &mut BTreeSet<u64>, wait: Durati
 #[test]
 fn cluster_survives_gateway_logic_and_persist_faults() {
     let Some(e) = engines() else { return };
+    survives_faults(&e, &TestStore::Postgres);
+}
+
+/// The same run with MongoDB as the durable store (`[storage] backend = "mongodb"`), where
+/// `SB_TEST_MONGODB_URL` names a server (none installs on the CI machine).
+#[test]
+fn cluster_on_mongodb_survives_gateway_logic_and_persist_faults() {
+    let Some(e) = engines() else { return };
+    let Some(store) = TestStore::mongo_from_env("cluster process test on MongoDB") else { return };
+    survives_faults(&e, &store);
+}
+
+/// Roles started with `store` as the durable store in their configuration file.
+fn survives_faults(e: &TestEngines, store: &TestStore) {
     let prefix = format!("ct{:08x}", rand::random::<u32>());
-    let logic1 = Proc::spawn("logic", &e, &prefix, &[]);
-    let logic2 = Proc::spawn("logic", &e, &prefix, &[]);
+    let spawn = |role: &str, extra: &[&str]| Proc::start(Proc::command_on(role, e, store, &prefix, extra), role);
+    let logic1 = spawn("logic", &[]);
+    let logic2 = spawn("logic", &[]);
     let (l1_grpc, l2_grpc) = (logic1.addr("grpc "), logic2.addr("grpc "));
     let (http1, http2) = (logic1.addr("http://"), logic2.addr("http://"));
     let logic_urls = format!("http://{l1_grpc},http://{l2_grpc}");
-    let gw1 = Proc::spawn("gateway", &e, &prefix, &["--logic-url", &logic_urls]);
-    let gw2 = Proc::spawn("gateway", &e, &prefix, &["--logic-url", &logic_urls]);
+    let gw1 = spawn("gateway", &["--logic-url", &logic_urls]);
+    let gw2 = spawn("gateway", &["--logic-url", &logic_urls]);
     let (ws1, ws2) = (gw1.addr("ws://"), gw2.addr("ws://"));
-    let mut persist = Proc::spawn("persist", &e, &prefix, &[]);
+    let mut persist = spawn("persist", &[]);
 
     // both gateways appear in the registry, ranked by P2C
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -253,7 +268,7 @@ fn cluster_survives_gateway_logic_and_persist_faults() {
         let r = send_retrying(&mut bob, a, &format!("p{i}"), Duration::from_secs(30));
         acked.insert(r["seq"].as_u64().unwrap());
     }
-    persist = Proc::spawn("persist", &e, &prefix, &[]);
+    persist = spawn("persist", &[]);
 
     let last = *acked.iter().next_back().unwrap();
     assert_eq!(acked, (1..=last).collect(), "seqs are gap-free and never reused");
@@ -263,8 +278,7 @@ fn cluster_survives_gateway_logic_and_persist_faults() {
     // the durable store ends with every message exactly once
     let rt = tokio::runtime::Runtime::new().unwrap();
     let stored = rt.block_on(async {
-        use switchboard_storage::MessageStore;
-        let pg = switchboard_storage::postgres::PgStore::connect(&e.pg, 2).await.unwrap();
+        let pg = store.messages(e, &prefix).await;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let msgs = pg.range(conv, 0, 10_000).await.unwrap();
@@ -279,8 +293,7 @@ fn cluster_survives_gateway_logic_and_persist_faults() {
     let cmids: BTreeSet<&str> = stored.iter().map(|m| m.cmid.as_str()).collect();
     assert_eq!(cmids.len() as u64, last, "no cmid stored twice");
     let group_stored = rt.block_on(async {
-        use switchboard_storage::MessageStore;
-        let pg = switchboard_storage::postgres::PgStore::connect(&e.pg, 2).await.unwrap();
+        let pg = store.messages(e, &prefix).await;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let msgs = pg.range(&gconv, 0, 10).await.unwrap();

@@ -20,11 +20,14 @@ fn switchboard() -> Command {
 fn config_print_merges_every_source_and_masks_secrets() {
     let dir = common::temp_dir("config-print");
     let file = dir.join("switchboard.toml");
-    std::fs::write(&file, "ack_flush_ms = 20\nshards = 9\n").unwrap();
+    std::fs::write(&file, "ack_flush_ms = 20\nshards = 9\n[storage]\nbackend = \"postgres\"\nkey_prefix = \"k:\"\n")
+        .unwrap();
     let out = switchboard()
         .args(["--config", file.to_str().unwrap(), "config", "--print", "--shards", "3"])
         .args(["--cluster-secret", "a-cluster-secret-of-more-than-32-bytes"])
         .args(["--redis-url", "redis://:hunter2@127.0.0.1:6379", "--public-ws", "ws://a.example/ws"])
+        .args(["--postgres-url", "postgres://sb:pw@127.0.0.1/sb", "--kafka-brokers", "127.0.0.1:9092"])
+        .env("SB_KEY_PREFIX", "env:")
         .env("SB_MAX_FRAME_BYTES", "1000")
         .output()
         .unwrap();
@@ -37,7 +40,11 @@ fn config_print_merges_every_source_and_masks_secrets() {
         "cluster_secret = \"***\"\n", // masked
         "redis_url = \"redis://:***@127.0.0.1:6379\"\n",
         "public_ws = [\"ws://a.example/ws\"]\n",
-        "# data_dir\n", // left to its default
+        "# data_dir\n",                        // left to its default
+        "[storage]\nbackend = \"postgres\"\n", // a section of its own, from the file
+        "key_prefix = \"env:\"\n",             // the environment wins inside a section too
+        "postgres_url = \"postgres://sb:***@127.0.0.1/sb\"\n",
+        "# storage.mongodb_url\n",
     ] {
         assert!(text.contains(line), "no {line:?} in:\n{text}");
     }
@@ -52,5 +59,42 @@ fn config_print_merges_every_source_and_masks_secrets() {
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("unknown field `bogus_key`"), "{err}");
+    std::fs::write(&file, "[storage]\nbogus_store_key = 1\n").unwrap();
+    let bad = switchboard().args(["--config", file.to_str().unwrap(), "config"]).output().unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("unknown field `bogus_store_key`"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The store is chosen by `[storage] backend` (or by which URLs are set); a backend without the
+/// engines it needs is refused by name before anything starts.
+#[test]
+fn the_storage_section_names_a_complete_backend() {
+    let dir = common::temp_dir("config-backend");
+    let file = dir.join("switchboard.toml");
+    let check = |toml: &str, extra: &[&str]| {
+        std::fs::write(&file, toml).unwrap();
+        let out = switchboard().args(["--config", file.to_str().unwrap(), "config"]).args(extra).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let engines = "redis_url = \"redis://127.0.0.1:1\"\nkafka_brokers = \"127.0.0.1:2\"\n";
+    assert!(check("", &[]).0, "embedded by default");
+    let (ok, err) = check(&format!("[storage]\nbackend = \"mongodb\"\n{engines}"), &[]);
+    assert!(!ok && err.contains("needs mongodb_url (--mongodb-url)"), "{err}");
+    assert!(check(&format!("[storage]\nbackend = \"mongodb\"\n{engines}"), &["--mongodb-url", "mongodb://h/db"]).0);
+    let (ok, err) =
+        check(&format!("[storage]\n{engines}postgres_url = \"postgres://h/db\"\nmongodb_url = \"mongodb://h\"\n"), &[]);
+    assert!(!ok && err.contains("name the store with `backend`"), "{err}");
+    let (ok, err) = check("[storage]\nbackend = \"embedded\"\n", &["--redis-url", "redis://127.0.0.1:1"]);
+    assert!(!ok && err.contains("takes no cluster engines"), "{err}");
+    // A role refuses it the same way, before connecting to anything.
+    let out = switchboard()
+        .args(["--config", file.to_str().unwrap(), "persist"])
+        .env("SB_BACKEND", "postgres")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("needs postgres_url"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -6,7 +6,7 @@
 pub mod procs;
 
 #[allow(unused_imports)]
-pub use procs::Proc;
+pub use procs::{Proc, TestStore};
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};

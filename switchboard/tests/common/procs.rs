@@ -45,6 +45,37 @@ fn addr_in(line: &str, marker: &str) -> SocketAddr {
     rest.split(|c: char| c.is_whitespace() || c == '/').next().unwrap().parse().unwrap()
 }
 
+/// The cluster's durable store in a test.
+pub enum TestStore {
+    Postgres,
+    /// MongoDB at this URL (`SB_TEST_MONGODB_URL`).
+    Mongo(String),
+}
+
+impl TestStore {
+    /// MongoDB when `SB_TEST_MONGODB_URL` is set; otherwise prints a SKIPPED line naming `what`.
+    pub fn mongo_from_env(what: &str) -> Option<Self> {
+        match std::env::var("SB_TEST_MONGODB_URL") {
+            Ok(u) if !u.is_empty() => Some(Self::Mongo(u)),
+            _ => {
+                println!("SKIPPED: {what} (SB_TEST_MONGODB_URL unset: no MongoDB server installs here)");
+                None
+            }
+        }
+    }
+
+    /// The durable store's messages, as the persist worker left them.
+    pub async fn messages(&self, e: &TestEngines, prefix: &str) -> Box<dyn switchboard_storage::MessageStore> {
+        match self {
+            Self::Postgres => Box::new(switchboard_storage::postgres::PgStore::connect(&e.pg, 2).await.unwrap()),
+            #[cfg(feature = "mongodb")]
+            Self::Mongo(url) => Box::new(switchboard_storage::mongo::MongoStore::connect(url, prefix).await.unwrap()),
+            #[cfg(not(feature = "mongodb"))]
+            Self::Mongo(_) => panic!("built without the mongodb feature"),
+        }
+    }
+}
+
 /// One role process; its first stdout line names its addresses.
 pub struct Proc {
     child: Child,
@@ -52,13 +83,33 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// The command line of `role` on the engines `e` (keys and topics under `prefix`), with the
-    /// test's addresses, cheap password hashing and the cluster secrets.
+    /// The command line of `role` on the engines `e` with PostgreSQL as the durable store; see
+    /// [`Proc::command_on`].
     pub fn command(role: &str, e: &TestEngines, prefix: &str, extra: &[&str]) -> Command {
+        Self::command_on(role, e, &TestStore::Postgres, prefix, extra)
+    }
+
+    /// The command line of `role` on the engines `e` and the durable store `store` (keys and
+    /// topics under `prefix`), chosen as an operator would: a configuration file whose
+    /// `[storage]` section names them. Then the test's addresses, cheap password hashing and
+    /// the cluster secrets.
+    pub fn command_on(role: &str, e: &TestEngines, store: &TestStore, prefix: &str, extra: &[&str]) -> Command {
+        let durable = match store {
+            TestStore::Postgres => format!("backend = \"postgres\"\npostgres_url = {:?}\n", e.pg),
+            TestStore::Mongo(url) => {
+                format!("backend = \"mongodb\"\nmongodb_url = {url:?}\nmongodb_database = {prefix:?}\n")
+            }
+        };
+        let config = std::env::temp_dir().join(format!("sb-{prefix}-{role}-{:08x}.toml", rand::random::<u32>()));
+        let toml = format!(
+            "[storage]\n{durable}redis_url = {:?}\nkafka_brokers = {:?}\nkey_prefix = \"{prefix}:\"\ntopic_prefix = \"{prefix}.\"\n",
+            e.redis, e.brokers
+        );
+        std::fs::write(&config, toml).unwrap();
         let mut c = Command::new(env!("CARGO_BIN_EXE_switchboard"));
-        c.arg(role)
-            .args(["--redis-url", &e.redis, "--postgres-url", &e.pg, "--kafka-brokers", &e.brokers])
-            .args(["--key-prefix", &format!("{prefix}:"), "--topic-prefix", &format!("{prefix}.")])
+        c.arg("--config")
+            .arg(&config)
+            .arg(role)
             .args(["--http-addr", "127.0.0.1:0", "--ws-addr", "127.0.0.1:0", "--tcp-addr", "127.0.0.1:0"])
             .args(["--logic-addr", "127.0.0.1:0", "--push-addr", "127.0.0.1:0"])
             .args(["--argon2-memory-kib", "1024", "--argon2-iterations", "1", "--repush-ms", "1000"])

@@ -34,6 +34,9 @@
 //! - `mutes`: `_id` `user\0conv`; user, conv, until_ms. Index `{user: 1}`.
 //! - `persist_offsets`: `_id` `topic\0partition`; topic, part, next_offset
 //!   (how far the persist worker got in each partition of the message topic).
+//! - `persist_locks`: `_id` `topic\0partition`; topic, part, owner, expires: the persist
+//!   workers' leases on partitions ([`locks`]).
+//! - `files` and `file_chunks`: uploaded files ([`files`]). Index `{file: 1, n: 1}` on chunks.
 //!
 //! Bodies are stored as JSON text (as in PostgreSQL) so they round-trip
 //! exactly. Unsigned numbers are stored as Int64; values above `i64::MAX`
@@ -64,6 +67,9 @@
 //! a redelivered batch repairs whatever a crash left half done. Its
 //! partition offsets are written after the records, so a crash between the
 //! two only redelivers records that are already stored.
+
+mod files;
+pub mod locks;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -110,7 +116,10 @@ const BLOCKS: &str = "blocks";
 const MENTIONS: &str = "mentions";
 const PUSH_TOKENS: &str = "push_tokens";
 const MUTES: &str = "mutes";
-const COLLECTIONS: [&str; 16] = [
+const PERSIST_LOCKS: &str = "persist_locks";
+const FILES: &str = "files";
+const FILE_CHUNKS: &str = "file_chunks";
+const COLLECTIONS: [&str; 19] = [
     USERS,
     SESSIONS,
     REFRESH_TOKENS,
@@ -127,6 +136,9 @@ const COLLECTIONS: [&str; 16] = [
     MENTIONS,
     PUSH_TOKENS,
     MUTES,
+    PERSIST_LOCKS,
+    FILES,
+    FILE_CHUNKS,
 ];
 
 impl From<mongodb::error::Error> for StorageError {
@@ -545,6 +557,9 @@ pub struct MongoStore {
     blocks: Collection<Document>,
     push_tokens: Collection<Document>,
     mutes: Collection<Document>,
+    persist_locks: Collection<Document>,
+    files: Collection<Document>,
+    file_chunks: Collection<Document>,
     transactions: bool,
 }
 
@@ -591,6 +606,9 @@ impl MongoStore {
             blocks: coll(BLOCKS),
             push_tokens: coll(PUSH_TOKENS),
             mutes: coll(MUTES),
+            persist_locks: coll(PERSIST_LOCKS),
+            files: coll(FILES),
+            file_chunks: coll(FILE_CHUNKS),
             client,
             db,
             transactions,
@@ -646,6 +664,7 @@ impl MongoStore {
             (&self.mentions, vec![index(doc! { "user": 1 }, false)]),
             (&self.push_tokens, vec![index(doc! { "token": 1 }, true), index(doc! { "user": 1 }, false)]),
             (&self.mutes, vec![index(doc! { "user": 1 }, false)]),
+            (&self.file_chunks, vec![index(doc! { "file": 1, "n": 1 }, false)]),
             (&self.user_convs, vec![index(doc! { "user": 1, "conv": 1 }, false)]),
             (&self.acks, vec![index(doc! { "user": 1, "device": 1 }, false)]),
             (&self.reads, vec![index(doc! { "user": 1 }, false)]),
