@@ -390,6 +390,8 @@ pub struct AllInOne {
 
 impl AllInOne {
     pub async fn start(s: &Settings) -> anyhow::Result<Self> {
+        // The store is checked before anything listens.
+        s.storage.choice().context("[storage]")?;
         // The gateway first, its link bound to logic once logic is up, so logic can push
         // straight into its shards and /metrics and /v1/gateways can describe it.
         let link = Arc::new(inproc::InProcessLink::default());

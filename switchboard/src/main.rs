@@ -141,7 +141,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Role::Config(c) => {
             let s = c.settings.with_file(config)?;
-            s.storage.choice().context("[storage]")?;
+            s.storage.check().context("[storage]")?;
             if c.print {
                 print!("{}", s.describe()?);
             }

@@ -296,19 +296,25 @@ fn mask_password(s: &str) -> String {
     }
 }
 
-/// Fills what `dst` leaves unset (`null`) from `src`, table by table.
-fn fill_unset(dst: &mut serde_json::Value, src: serde_json::Value) {
-    let (serde_json::Value::Object(dst), serde_json::Value::Object(src)) = (dst, src) else { return };
+/// Fills what `dst` leaves out (an unset option) from `src`, table by table.
+fn fill_unset(dst: &mut toml::Table, src: toml::Table) {
     for (key, value) in src {
-        match dst.get_mut(&key) {
-            Some(slot @ serde_json::Value::Null) => *slot = value,
-            Some(table @ serde_json::Value::Object(_)) => fill_unset(table, value),
-            Some(_) => {}
-            None => {
+        match (dst.get_mut(&key), value) {
+            (Some(toml::Value::Table(table)), toml::Value::Table(from)) => fill_unset(table, from),
+            (Some(_), _) => {}
+            (None, value) => {
                 dst.insert(key, value);
             }
         }
     }
+}
+
+/// Keys of a file written before the store's options moved under `[storage]`, as they were
+/// then (top-level), for a hint in the error.
+fn misplaced_storage_keys(text: &str) -> Vec<String> {
+    let Ok(table) = text.parse::<toml::Table>() else { return Vec::new() };
+    let storage = serde_json::to_value(StorageSettings::default()).unwrap_or_default();
+    table.keys().filter(|k| storage.get(k.as_str()).is_some()).cloned().collect()
 }
 
 impl Settings {
@@ -317,10 +323,26 @@ impl Settings {
     pub fn with_file(self, path: Option<&Path>) -> anyhow::Result<Self> {
         let Some(path) = path else { return Ok(self) };
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let file: Settings = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        let mut merged = serde_json::to_value(&self)?;
-        fill_unset(&mut merged, serde_json::to_value(file)?);
-        Ok(serde_json::from_value(merged)?)
+        let file: toml::Table = match toml::from_str::<Settings>(&text) {
+            // Parsed once more as a table: options left out are absent from it, not defaults.
+            Ok(_) => text.parse().with_context(|| format!("parsing {}", path.display()))?,
+            Err(e) => {
+                let moved = misplaced_storage_keys(&text);
+                let e = anyhow::Error::new(e).context(format!("parsing {}", path.display()));
+                if moved.is_empty() {
+                    return Err(e);
+                }
+                return Err(
+                    e.context(format!("{} belong(s) under [storage] now (see tuning/config/)", moved.join(", ")))
+                );
+            }
+        };
+        // The options set by flags and variables, as a table (unset ones are left out).
+        let toml::Value::Table(mut merged) = toml::Value::try_from(&self).context("the options given as flags")? else {
+            anyhow::bail!("settings are not a table");
+        };
+        fill_unset(&mut merged, file);
+        toml::Value::Table(merged).try_into().with_context(|| format!("merging {} under the flags", path.display()))
     }
 
     /// The settings as a TOML file would give them: every option set (by flag, `SB_*` variable
@@ -683,6 +705,20 @@ mod tests {
         assert_eq!(s.logic_addr().port(), 9100, "default");
         std::fs::write(&path, "no_such_option = 1\n").unwrap();
         assert!(Settings::default().with_file(Some(&path)).is_err(), "unknown keys are refused");
+        // A file of the flat layout: the store's keys are named with where they go now.
+        std::fs::write(&path, "shards = 1\nredis_url = \"redis://r\"\n").unwrap();
+        let err = format!("{:#}", Settings::default().with_file(Some(&path)).unwrap_err());
+        assert!(err.contains("redis_url belong(s) under [storage]"), "{err}");
+        // Flags and the file meet inside a section too, and non-finite numbers survive.
+        std::fs::write(&path, "user_rate = 1.0\n[storage]\nkey_prefix = \"f:\"\ntopic_prefix = \"f.\"\n").unwrap();
+        let cli = Settings {
+            user_rate: Some(f64::INFINITY),
+            storage: StorageSettings { key_prefix: Some("cli:".into()), ..Default::default() },
+            ..Default::default()
+        };
+        let s = cli.with_file(Some(&path)).unwrap();
+        assert_eq!(s.user_rate, Some(f64::INFINITY));
+        assert_eq!((s.storage.key_prefix(), s.storage.topic_prefix()), ("cli:".into(), "f.".into()));
         std::fs::remove_dir_all(&dir).ok();
     }
 
@@ -691,7 +727,8 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tuning/config");
         for role in ["all-in-one", "gateway", "logic", "persist"] {
             let path = dir.join(format!("{role}.toml"));
-            Settings::default().with_file(Some(&path)).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            let s = Settings::default().with_file(Some(&path)).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            s.storage.check().unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
         }
         let persist = Settings::default().with_file(Some(&dir.join("persist.toml"))).unwrap();
         assert_eq!(persist.persist_give_up_secs, Some(60));

@@ -50,7 +50,8 @@ pub struct StorageSettings {
     pub kafka_linger_ms: Option<u64>,
     /// PEM bundle of a private certificate authority that TLS connections to Redis
     /// (`rediss://` URLs), PostgreSQL (`sslmode=require`) and Kafka (`--kafka-tls true`) are
-    /// verified against, besides the usual roots.
+    /// verified against, besides the usual roots. MongoDB takes TLS and its CA from its URL
+    /// (`tls=true&tlsCAFile=...`).
     #[arg(long, env = "SB_BACKEND_CA_FILE")]
     pub backend_ca_file: Option<PathBuf>,
     /// Prefix of every Redis key (default "sb:").
@@ -117,8 +118,9 @@ impl StorageSettings {
                 let set: Vec<&str> = cluster_urls.iter().filter(|(_, set)| *set).map(|(n, _)| *n).collect();
                 anyhow::ensure!(
                     set.is_empty(),
-                    "backend \"embedded\" takes no cluster engines, but {} set",
-                    set.join(", ")
+                    "backend \"embedded\" takes no cluster engines, but {} {} set",
+                    set.join(", "),
+                    if set.len() == 1 { "is" } else { "are" }
                 );
                 return Ok(StoreChoice::Embedded);
             }
@@ -144,6 +146,20 @@ impl StorageSettings {
             _ => Brokers::plain(&brokers),
         };
         Ok(StoreChoice::Cluster { redis, brokers, durable })
+    }
+
+    /// What `switchboard config` checks, whatever role will read the file: [`Self::choice`], but
+    /// a gateway's Redis alone (for the registry, no store named) passes too.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let redis_only = self.backend.is_none()
+            && self.redis_url.is_some()
+            && self.postgres_url.is_none()
+            && self.mongodb_url.is_none()
+            && self.kafka_brokers.is_none();
+        if !redis_only {
+            self.choice()?;
+        }
+        Ok(())
     }
 
     /// When the embedded store commits its B-trees (defaults in [`CheckpointPolicy::default`]).

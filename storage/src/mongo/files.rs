@@ -11,7 +11,7 @@ use mongodb::bson::{doc, Binary, Bson, Document};
 
 use super::{collect, int, key, number, text, MongoStore};
 use crate::files::{FileMeta, FileStore};
-use crate::Result;
+use crate::{Result, StorageError};
 
 /// Bytes per chunk document.
 const CHUNK: usize = 256 * 1024;
@@ -66,11 +66,18 @@ impl FileStore for MongoStore {
                 other => return Err(super::corrupt(format_args!("file chunk of {id}: {other:?}"))),
             }
         }
+        // Only the upload's own chunks count (the record is written last, so they are all there).
+        if out.len() as u64 != meta.size {
+            return Err(super::corrupt(format_args!("file {id} holds {} bytes, not {}", out.len(), meta.size)));
+        }
         Ok(Some(out.into()))
     }
 
     async fn share_file(&self, id: &str, conv: &str) -> Result<()> {
-        self.files.update_one(doc! { "_id": id }, doc! { "$addToSet": { "convs": conv } }).await?;
+        let r = self.files.update_one(doc! { "_id": id }, doc! { "$addToSet": { "convs": conv } }).await?;
+        if r.matched_count == 0 {
+            return Err(StorageError::Files(format!("no file {id} to share"), None));
+        }
         Ok(())
     }
 

@@ -20,7 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use mongodb::bson::{doc, Document};
+use mongodb::bson::{doc, DateTime, Document};
+use mongodb::options::ReturnDocument;
 use mongodb::Collection;
 
 use super::{is_duplicate_key, key, MongoStore};
@@ -50,11 +51,9 @@ pub struct MongoLockSession {
     renewer: tokio::task::JoinHandle<()>,
 }
 
-/// An update that sets the owner and an expiry [`LEASE`] after the server's now.
-fn stamp(owner: &str, extra: Document) -> Vec<Document> {
-    let mut set = doc! { "owner": owner, "expires": { "$add": ["$$NOW", LEASE.as_millis() as i64] } };
-    set.extend(extra);
-    vec![doc! { "$set": set }]
+/// An update that moves a lease's expiry to [`LEASE`] after the server's now.
+fn renewal() -> Vec<Document> {
+    vec![doc! { "$set": { "expires": { "$add": ["$$NOW", LEASE.as_millis() as i64] } } }]
 }
 
 #[async_trait]
@@ -83,9 +82,11 @@ async fn renew(coll: Collection<Document>, owner: String, held: Arc<Held>) {
             continue;
         }
         let filter = doc! { "_id": { "$in": &ids }, "owner": &owner };
-        match coll.update_many(filter, stamp(&owner, Document::new())).await {
+        // Counted from before the request: the server stamps the expiry while it runs.
+        let asked = Instant::now();
+        match coll.update_many(filter, renewal()).await {
             Ok(r) if r.matched_count == ids.len() as u64 => {
-                *held.renewed.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                *held.renewed.lock().unwrap_or_else(|p| p.into_inner()) = asked;
             }
             Ok(r) => {
                 tracing::warn!(held = ids.len(), renewed = r.matched_count, "persist lease taken by another worker");
@@ -101,24 +102,39 @@ async fn renew(coll: Collection<Document>, owner: String, held: Arc<Held>) {
 impl LockSession for MongoLockSession {
     async fn try_lock(&mut self, topic: &str, partition: i32) -> Result<bool> {
         let id = key(&[topic, &partition.to_string()]);
-        // Free (no document, matched by the upsert), this session's, or run out.
-        let filter = doc! {
-            "_id": &id,
-            "$or": [ { "owner": &self.owner }, { "$expr": { "$lt": ["$expires", "$$NOW"] } } ],
+        // The filter names the `_id` alone (MongoDB allows no `$expr` in an upsert's filter); the
+        // pipeline takes the lease when it is this session's or ran out (a new document has
+        // neither owner nor expiry), and leaves it as it is otherwise. The document after the
+        // update tells who holds it.
+        let free = doc! { "$or": [
+            { "$eq": ["$owner", &self.owner] },
+            { "$lt": [{ "$ifNull": ["$expires", DateTime::from_millis(0)] }, "$$NOW"] },
+        ] };
+        let update = vec![doc! { "$set": {
+            "owner": { "$cond": [&free, &self.owner, "$owner"] },
+            "expires": { "$cond": [&free, { "$add": ["$$NOW", LEASE.as_millis() as i64] }, "$expires"] },
+            "topic": topic,
+            "part": partition,
+        } }];
+        let held = match self
+            .coll
+            .find_one_and_update(doc! { "_id": &id }, update)
+            .upsert(true)
+            .return_document(ReturnDocument::After)
+            .await
+        {
+            Ok(after) => after.is_some_and(|d| d.get_str("owner").is_ok_and(|o| o == self.owner)),
+            // Another session inserted the same lock first.
+            Err(e) if is_duplicate_key(&e) => false,
+            Err(e) => return Err(e.into()),
         };
-        let update = stamp(&self.owner, doc! { "topic": topic, "part": partition });
-        match self.coll.update_one(filter, update).upsert(true).await {
-            Ok(_) => {
-                let mut ids = self.held.ids.lock().unwrap_or_else(|p| p.into_inner());
-                if !ids.contains(&id) {
-                    ids.push(id);
-                }
-                Ok(true)
+        if held {
+            let mut ids = self.held.ids.lock().unwrap_or_else(|p| p.into_inner());
+            if !ids.contains(&id) {
+                ids.push(id);
             }
-            // Held by another owner: the upsert's insert met the existing `_id`.
-            Err(e) if is_duplicate_key(&e) => Ok(false),
-            Err(e) => Err(e.into()),
         }
+        Ok(held)
     }
 
     fn is_closed(&self) -> bool {
