@@ -189,7 +189,9 @@ impl Logic {
     /// A logic instance over `stores`, pushing through `transport` (gRPC to gateways, or a
     /// gateway in the same process). Run [`cursors::Cursors::run_flusher`] on `cursors`.
     pub fn new(config: LogicConfig, stores: Stores, transport: Arc<dyn push::PushTransport>) -> Arc<Self> {
-        let metrics = Arc::new(metrics::LogicMetrics::default());
+        // A cluster instance (one with a registry) produces to the broker: its /metrics shows how
+        // long acknowledgements take.
+        let metrics = Arc::new(metrics::LogicMetrics { cluster: stores.registry.is_some(), ..Default::default() });
         let (watch, checks) = sessions::SessionWatch::new(config.session_check);
         let sessions = Arc::new(watch);
         let pusher =

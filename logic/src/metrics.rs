@@ -22,6 +22,9 @@ pub struct LogicMetrics {
     /// The password-hashing slots' counters (set once the slots exist).
     pub hashing: std::sync::OnceLock<std::sync::Arc<crate::limits::SlotCounts>>,
     pub latency: Latencies,
+    /// Whether this instance runs on the cluster's engines (then the broker's acknowledgement
+    /// times are shown too).
+    pub cluster: bool,
 }
 
 /// The op of a socket request, as a label: one of the ops logic serves, or `other`.
@@ -116,5 +119,8 @@ impl LogicMetrics {
         );
         switchboard_storage::DRIVER_ERRORS.render(out);
         latency::render(&self.latency.registry, out);
+        if self.cluster {
+            switchboard_storage::metrics::render(switchboard_storage::metrics::Shown::Producer, out);
+        }
     }
 }

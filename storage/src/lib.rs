@@ -15,6 +15,7 @@ pub mod files;
 mod group_commit;
 pub mod kafka;
 pub mod memory_routes;
+pub mod metrics;
 pub mod model;
 #[cfg(feature = "mongodb")]
 pub mod mongo;

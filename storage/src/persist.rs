@@ -331,6 +331,7 @@ impl PersistWorker {
                 next_offset,
             })
             .collect();
+        let started = Instant::now();
         let stored = loop {
             match self.log.upsert_records_at(&records, &offsets).await {
                 Ok(n) => break n,
@@ -343,6 +344,8 @@ impl PersistWorker {
             }
         };
         writes.succeeded();
+        crate::metrics::PERSIST_WRITE.observe(started.elapsed().as_secs_f64());
+        crate::metrics::PERSIST_BATCH.observe(records.len() as f64);
         for (p, n) in next {
             own.next.insert(p, Some(n));
         }

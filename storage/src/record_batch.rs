@@ -160,7 +160,8 @@ async fn run(producer: Producer, topic: String, mut rx: mpsc::Receiver<Item>) {
 /// Hands one record to librdkafka (in order: records of one partition keep the order they are
 /// handed over in) and answers its senders once the broker acknowledged it, without waiting.
 async fn produce(producer: &Producer, topic: &str, partition: i32, r: Record) {
-    let give_up = Instant::now() + producer.timeout();
+    let handed = Instant::now();
+    let give_up = handed + producer.timeout();
     let delivery = loop {
         let record: FutureRecord<'_, (), [u8]> = FutureRecord::to(topic).partition(partition).payload(&r.payload);
         match producer.inner().send_result(record) {
@@ -184,7 +185,10 @@ async fn produce(producer: &Producer, topic: &str, partition: i32, r: Record) {
             // librdkafka reports every record within its `message.timeout.ms`.
             tokio::spawn(async move {
                 let result = match delivery.await {
-                    Ok(Ok(_)) => Ok(()),
+                    Ok(Ok(_)) => {
+                        crate::metrics::KAFKA_PRODUCE.observe(handed.elapsed().as_secs_f64());
+                        Ok(())
+                    }
                     Ok(Err((e, _))) => Err(e.to_string()),
                     Err(_) => Err("the producer was dropped".to_owned()),
                 };

@@ -347,6 +347,7 @@ impl PersistRole {
         let health = serve_health(s, move |out| {
             shown.render(out);
             switchboard_storage::DRIVER_ERRORS.render(out);
+            switchboard_storage::metrics::render(switchboard_storage::metrics::Shown::Persist, out);
         })
         .await?;
         tracing::info!(%topic, "persist worker running");

@@ -310,6 +310,8 @@ fn survives_faults(e: &TestEngines, store: &TestStore) {
         "the recall, the events, the reply and the file message reached the durable store"
     );
     println!("cluster counts: acknowledged={} stored={} received={}", acked.len(), stored.len(), bob_got.len());
+    // The surviving logic instance timed the broker's acknowledgements of what it produced.
+    assert!(metric(http2, "switchboard_kafka_produce_seconds_count") > 0, "no produce acknowledgement timed");
     persist.term();
     drop(gw2);
     drop(logic2);

@@ -79,6 +79,10 @@ async fn monitoring_examples_name_only_exported_metrics() {
     .await;
     let mut exported = exported;
     PersistStats::default().render(&mut exported);
+    // What a cluster logic instance and the persist worker add (their engines are not running
+    // here; switchboard/tests/cluster.rs and persist_crash.rs read these from the processes).
+    switchboard_storage::metrics::render(switchboard_storage::metrics::Shown::Producer, &mut exported);
+    switchboard_storage::metrics::render(switchboard_storage::metrics::Shown::Persist, &mut exported);
 
     let missing: Vec<&String> = wanted.iter().filter(|n| !declared(&exported, n)).collect();
     assert!(missing.is_empty(), "named by tuning/monitoring but not exported: {missing:?}\n{exported}");

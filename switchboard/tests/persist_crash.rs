@@ -201,6 +201,9 @@ fn persist_worker_recovers_from_repeated_sigkill_under_traffic() {
     assert!(value("switchboard_persist_batches_total") > 0, "{m}");
     assert!(value("switchboard_persist_partitions") >= 1, "{m}");
     assert!(m.contains("# TYPE switchboard_persist_delay_seconds gauge"), "{m}");
+    // The batches' histograms: as many batches written as counted, each of at least one record.
+    assert_eq!(value("switchboard_persist_batch_records_count"), value("switchboard_persist_batches_total"), "{m}");
+    assert_eq!(value("switchboard_persist_write_seconds_count"), value("switchboard_persist_batches_total"), "{m}");
     // Everything acknowledged is stored: the lag the worker measures (every claim round) is 0.
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {

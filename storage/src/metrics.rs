@@ -1,0 +1,74 @@
+//! Histograms of the storage layer's own work, process-wide (like
+//! [`crate::DRIVER_ERRORS`]): how long the broker takes to acknowledge a produced record, and
+//! the persist worker's batches (records per batch, time to write one). Rendered on the
+//! `/metrics` of the roles that do that work (logic, persist) by [`render`].
+
+use std::sync::LazyLock;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Seconds: 100 µs, 200 µs, … ~13 s (the roles' latency buckets).
+fn seconds() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_1, 2.0, 18))
+}
+
+/// Time from handing a record to the producer until the broker acknowledged it (what every
+/// cluster `send.ok` waits for).
+pub static KAFKA_PRODUCE: LazyLock<Histogram> = LazyLock::new(seconds);
+/// Time to write one persist batch to the durable store (with its offsets), retries included.
+pub static PERSIST_WRITE: LazyLock<Histogram> = LazyLock::new(seconds);
+/// Records per persist batch: 1, 2, 4, … 4096.
+pub static PERSIST_BATCH: LazyLock<Histogram> = LazyLock::new(|| Histogram::new(exponential_buckets(1.0, 2.0, 13)));
+
+/// Which of the histograms a role shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shown {
+    /// A logic instance: the broker's acknowledgements.
+    Producer,
+    /// The persist worker: its batches.
+    Persist,
+}
+
+/// Appends the histograms of `shown` in Prometheus text format (OpenMetrics text without its
+/// closing `# EOF`, as the roles' own histograms).
+pub fn render(shown: Shown, out: &mut String) {
+    let mut registry = Registry::default();
+    match shown {
+        Shown::Producer => registry.register(
+            "switchboard_kafka_produce_seconds",
+            "Time until the broker acknowledged a produced record",
+            KAFKA_PRODUCE.clone(),
+        ),
+        Shown::Persist => {
+            registry.register(
+                "switchboard_persist_write_seconds",
+                "Time to write one batch to the durable store, retries included",
+                PERSIST_WRITE.clone(),
+            );
+            registry.register("switchboard_persist_batch_records", "Records per batch written", PERSIST_BATCH.clone());
+        }
+    }
+    let mut text = String::new();
+    if encode(&mut text, &registry).is_ok() {
+        out.push_str(text.strip_suffix("# EOF\n").unwrap_or(&text));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_render_with_their_counts() {
+        PERSIST_BATCH.observe(3.0);
+        PERSIST_WRITE.observe(0.002);
+        let mut out = String::new();
+        render(Shown::Persist, &mut out);
+        assert!(out.contains("# TYPE switchboard_persist_batch_records histogram"), "{out}");
+        assert!(out.contains("switchboard_persist_batch_records_bucket{le=\"4.0\"}"), "{out}");
+        assert!(out.contains("switchboard_persist_write_seconds_count"), "{out}");
+        assert!(!out.contains("kafka") && !out.contains("# EOF"), "{out}");
+    }
+}
