@@ -8,6 +8,7 @@ mod health;
 mod heartbeat;
 pub mod http_serve;
 pub mod inproc;
+pub mod roles;
 pub mod settings;
 mod storage_settings;
 mod stores;

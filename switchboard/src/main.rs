@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use switchboard::roles::Role;
 use switchboard::{AllInOne, GatewayRole, LogicRole, PersistRole, Settings};
 
 #[global_allocator]
@@ -16,11 +17,11 @@ struct Cli {
     #[arg(long, env = "SB_CONFIG", global = true)]
     config: Option<PathBuf>,
     #[command(subcommand)]
-    role: Role,
+    role: RoleCmd,
 }
 
 #[derive(Subcommand)]
-enum Role {
+enum RoleCmd {
     /// Gateway and logic in one process on embedded storage in --data-dir.
     AllInOne(Settings),
     /// The logic role alone (gRPC for gateways + the HTTP API).
@@ -45,6 +46,10 @@ struct ConfigArgs {
     /// Print the configuration (secrets masked).
     #[arg(long)]
     print: bool,
+    /// Check (and print) the configuration as this role reads it: another role's option, as a
+    /// flag or a key of the file, is refused.
+    #[arg(long, value_enum)]
+    role: Option<Role>,
 }
 
 #[derive(clap::Args)]
@@ -78,7 +83,18 @@ fn main() -> anyhow::Result<()> {
         Ok("text") | Err(_) => logs.init(),
         Ok(other) => anyhow::bail!("SB_LOG_FORMAT={other:?}: expected text or json"),
     }
-    let cli = Cli::parse();
+    // Each role's --help lists its own options; another role's flag is refused.
+    let matches = switchboard::roles::restrict_help(Cli::command()).get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let Some((name, sub)) = matches.subcommand() {
+        let role = match name {
+            "config" => sub.get_one::<Role>("role").copied(),
+            other => Role::of_subcommand(other),
+        };
+        if let Some(role) = role {
+            switchboard::roles::check_flags(role, sub)?;
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
     runtime.block_on(run(cli))
 }
@@ -86,16 +102,16 @@ fn main() -> anyhow::Result<()> {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = cli.config.as_deref();
     match cli.role {
-        Role::AllInOne(s) => {
-            let s = s.with_file(config)?;
+        RoleCmd::AllInOne(s) => {
+            let s = s.with_role_file(Role::AllInOne, config)?;
             let node = AllInOne::start(&s).await?;
             let tcp = node.gateway.tcp_addr().map(|a| format!("  tcp://{a}")).unwrap_or_default();
             println!("switchboard all-in-one: http://{}  ws://{}/ws{tcp}", node.http_addr(), node.ws_addr());
             shutdown_signal().await;
             node.stop().await;
         }
-        Role::Logic(s) => {
-            let s = s.with_file(config)?;
+        RoleCmd::Logic(s) => {
+            let s = s.with_role_file(Role::Logic, config)?;
             s.require_cluster_secrets("logic")?;
             let public = vec![switchboard_logic::GatewayInfo {
                 ws: format!("ws://{}/ws", s.ws_addr()),
@@ -106,8 +122,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             shutdown_signal().await;
             node.stop().await;
         }
-        Role::Gateway(s) => {
-            let s = s.with_file(config)?;
+        RoleCmd::Gateway(s) => {
+            let s = s.with_role_file(Role::Gateway, config)?;
             s.require_cluster_secrets("gateway")?;
             let gw = GatewayRole::start(&s).await?;
             let tcp = gw.gateway.tcp_addr().map(|a| format!("  tcp://{a}")).unwrap_or_default();
@@ -120,7 +136,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             shutdown_signal().await;
             gw.stop().await;
         }
-        Role::Token(t) => {
+        RoleCmd::Token(t) => {
             let s = t.settings.with_file(config)?;
             let key = switchboard_logic::auth::TokenKey::new(s.jwt_secret()?);
             let devices: Vec<String> = match t.count {
@@ -139,15 +155,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Role::Config(c) => {
-            let s = c.settings.with_file(config)?;
+        RoleCmd::Config(c) => {
+            let s = match c.role {
+                Some(role) => c.settings.with_role_file(role, config)?,
+                None => c.settings.with_file(config)?,
+            };
             s.storage.check().context("[storage]")?;
             if c.print {
-                print!("{}", s.describe()?);
+                print!("{}", s.describe(c.role)?);
             }
         }
-        Role::Persist(s) => {
-            let s = s.with_file(config)?;
+        RoleCmd::Persist(s) => {
+            let s = s.with_role_file(Role::Persist, config)?;
             let worker = PersistRole::start(&s).await?;
             println!("switchboard persist: running");
             worker.run_until(shutdown_signal()).await?;

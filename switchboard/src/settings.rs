@@ -13,6 +13,7 @@ use switchboard_proto::cluster_tls::ClusterTls;
 use switchboard_proto::trusted::TrustedProxies;
 
 use crate::http_serve::HttpLimits;
+use crate::roles::Role;
 pub use crate::storage_settings::StorageSettings;
 
 /// Every option is optional here; `get` accessors apply the defaults.
@@ -318,6 +319,18 @@ fn misplaced_storage_keys(text: &str) -> Vec<String> {
 }
 
 impl Settings {
+    /// [`Settings::with_file`] for `role`: a key of the file that the role does not read is
+    /// refused with its name ([`crate::roles`]).
+    pub fn with_role_file(self, role: Role, path: Option<&Path>) -> anyhow::Result<Self> {
+        if let Some(path) = path {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            if let Ok(table) = text.parse::<toml::Table>() {
+                crate::roles::check_file_keys(role, &table).with_context(|| format!("in {}", path.display()))?;
+            }
+        }
+        self.with_file(path)
+    }
+
     /// Fills every option not given on the command line or in the
     /// environment from the TOML file at `path`.
     pub fn with_file(self, path: Option<&Path>) -> anyhow::Result<Self> {
@@ -348,7 +361,8 @@ impl Settings {
     /// The settings as a TOML file would give them: every option set (by flag, `SB_*` variable
     /// or the file) with its value, secrets and URL passwords masked, then the options left to
     /// their defaults, as comments.
-    pub fn describe(&self) -> anyhow::Result<String> {
+    pub fn describe(&self, role: Option<Role>) -> anyhow::Result<String> {
+        let shown = |key: &str| role.is_none_or(|r| r.reads(key));
         let serde_json::Value::Object(fields) = serde_json::to_value(self)? else {
             anyhow::bail!("settings are not a table");
         };
@@ -358,12 +372,14 @@ impl Settings {
             if let serde_json::Value::Object(table) = value {
                 // A section (`[storage]`), after the top-level keys as TOML wants.
                 tables.push_str(&format!("\n[{key}]\n"));
-                for (k, v) in table {
+                for (k, v) in table.into_iter().filter(|(k, _)| shown(k)) {
                     describe_one(&mut tables, &mut unset, &format!("{key}.{k}"), &k, v);
                 }
                 continue;
             }
-            describe_one(&mut set, &mut unset, &key, &key, value);
+            if shown(&key) {
+                describe_one(&mut set, &mut unset, &key, &key, value);
+            }
         }
         Ok(set + &tables + &unset)
     }
@@ -725,9 +741,12 @@ mod tests {
     #[test]
     fn example_configs_parse() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tuning/config");
-        for role in ["all-in-one", "gateway", "logic", "persist"] {
-            let path = dir.join(format!("{role}.toml"));
-            let s = Settings::default().with_file(Some(&path)).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        for role in [Role::AllInOne, Role::Gateway, Role::Logic, Role::Persist] {
+            let path = dir.join(format!("{}.toml", role.name()));
+            // Each file holds only its role's options.
+            let s = Settings::default()
+                .with_role_file(role, Some(&path))
+                .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
             s.storage.check().unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
         }
         let persist = Settings::default().with_file(Some(&dir.join("persist.toml"))).unwrap();
@@ -740,6 +759,8 @@ mod tests {
             }
         ));
         let all = Settings::default().with_file(Some(&dir.join("all-in-one.toml"))).unwrap();
+        let err = Settings::default().with_role_file(Role::Gateway, Some(&dir.join("logic.toml"))).unwrap_err();
+        assert!(format!("{err:#}").contains("is not an option of the gateway role"), "{err:#}");
         assert!(matches!(all.storage.choice().unwrap(), crate::storage_settings::StoreChoice::Embedded));
     }
 

@@ -98,3 +98,50 @@ fn the_storage_section_names_a_complete_backend() {
     assert!(!out.status.success() && err.contains("needs postgres_url"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Each role has its own options: its `--help` lists them and no other's, another role's flag
+/// or file key is refused with its name, and `config --role` prints the role's view.
+#[test]
+fn each_role_reads_only_its_own_options() {
+    let help = |role: &str| {
+        let out = switchboard().args([role, "--help"]).output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let gateway = help("gateway");
+    assert!(gateway.contains("--ws-addr") && gateway.contains("--redis-url"), "{gateway}");
+    assert!(!gateway.contains("--jwt-secret") && !gateway.contains("--postgres-url"), "{gateway}");
+    let logic = help("logic");
+    assert!(logic.contains("--jwt-secret") && logic.contains("--mongodb-url"), "{logic}");
+    assert!(!logic.contains("--shards") && !logic.contains("--persist-batch"), "{logic}");
+    let persist = help("persist");
+    assert!(persist.contains("--persist-batch") && !persist.contains("--ws-addr"), "{persist}");
+    let all = help("all-in-one");
+    assert!(all.contains("--shards") && all.contains("--jwt-secret") && !all.contains("--redis-url"), "{all}");
+
+    // Another role's flag stops the start by name, before anything is bound.
+    let out = switchboard().args(["gateway", "--jwt-secret", "x"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--jwt-secret is not an option of the gateway role"), "{err}");
+
+    let dir = common::temp_dir("config-roles");
+    let file = dir.join("gateway.toml");
+    std::fs::write(&file, "shards = 2\n[storage]\nredis_url = \"redis://127.0.0.1:1\"\n").unwrap();
+    let out = switchboard()
+        .args(["--config", file.to_str().unwrap(), "config", "--role", "gateway", "--print"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("shards = 2\n") && text.contains("redis_url = ") && text.contains("# ws_addr\n"), "{text}");
+    assert!(!text.contains("jwt_secret") && !text.contains("postgres_url"), "{text}");
+    // The same file read as logic's names the key logic does not read.
+    let out = switchboard().args(["--config", file.to_str().unwrap(), "config", "--role", "logic"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("`shards` is not an option of the logic role"), "{err}");
+    // A role started with it refuses it the same way.
+    let out = switchboard().args(["--config", file.to_str().unwrap(), "persist"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("`shards` is not an option of the persist role"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

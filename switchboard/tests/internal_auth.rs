@@ -101,11 +101,18 @@ async fn internal_calls_need_the_cluster_secret() {
 
 #[test]
 fn cluster_roles_refuse_to_start_without_secrets() {
-    for role in ["logic", "gateway"] {
+    let logic = [
+        "--redis-url",
+        "redis://127.0.0.1:1",
+        "--postgres-url",
+        "postgres://127.0.0.1:1/x",
+        "--kafka-brokers",
+        "127.0.0.1:1",
+    ];
+    for (role, engines) in [("logic", &logic[..]), ("gateway", &logic[..2])] {
         let out = Command::new(env!("CARGO_BIN_EXE_switchboard"))
             .arg(role)
-            .args(["--redis-url", "redis://127.0.0.1:1", "--postgres-url", "postgres://127.0.0.1:1/x"])
-            .args(["--kafka-brokers", "127.0.0.1:1"])
+            .args(engines)
             .env("SB_LOG", "warn")
             .output()
             .expect("binary runs");

@@ -94,26 +94,35 @@ impl Proc {
     /// `[storage]` section names them. Then the test's addresses, cheap password hashing and
     /// the cluster secrets.
     pub fn command_on(role: &str, e: &TestEngines, store: &TestStore, prefix: &str, extra: &[&str]) -> Command {
+        // Each role's file holds only what it reads (another role's key is refused).
         let durable = match store {
             TestStore::Postgres => format!("backend = \"postgres\"\npostgres_url = {:?}\n", e.pg),
             TestStore::Mongo(url) => {
                 format!("backend = \"mongodb\"\nmongodb_url = {url:?}\nmongodb_database = {prefix:?}\n")
             }
         };
+        let engines = match role {
+            "gateway" => String::new(),
+            _ => format!("{durable}kafka_brokers = {:?}\ntopic_prefix = \"{prefix}.\"\n", e.brokers),
+        };
         let config = std::env::temp_dir().join(format!("sb-{prefix}-{role}-{:08x}.toml", rand::random::<u32>()));
-        let toml = format!(
-            "[storage]\n{durable}redis_url = {:?}\nkafka_brokers = {:?}\nkey_prefix = \"{prefix}:\"\ntopic_prefix = \"{prefix}.\"\n",
-            e.redis, e.brokers
-        );
+        let toml = format!("[storage]\n{engines}redis_url = {:?}\nkey_prefix = \"{prefix}:\"\n", e.redis);
         std::fs::write(&config, toml).unwrap();
         let mut c = Command::new(env!("CARGO_BIN_EXE_switchboard"));
-        c.arg("--config")
-            .arg(&config)
-            .arg(role)
-            .args(["--http-addr", "127.0.0.1:0", "--ws-addr", "127.0.0.1:0", "--tcp-addr", "127.0.0.1:0"])
-            .args(["--logic-addr", "127.0.0.1:0", "--push-addr", "127.0.0.1:0"])
-            .args(["--argon2-memory-kib", "1024", "--argon2-iterations", "1", "--repush-ms", "1000"])
-            .args(extra)
+        c.arg("--config").arg(&config).arg(role);
+        match role {
+            "gateway" => c
+                .args(["--ws-addr", "127.0.0.1:0", "--tcp-addr", "127.0.0.1:0", "--push-addr", "127.0.0.1:0"])
+                .args(["--repush-ms", "1000"]),
+            "logic" => c.args(["--http-addr", "127.0.0.1:0", "--logic-addr", "127.0.0.1:0"]).args([
+                "--argon2-memory-kib",
+                "1024",
+                "--argon2-iterations",
+                "1",
+            ]),
+            _ => &mut c,
+        };
+        c.args(extra)
             .env("SB_JWT_SECRET", "cluster-test-jwt-secret-0123456789abcdef")
             .env("SB_CLUSTER_SECRET", "cluster-test-link-secret-0123456789abcdef")
             .env("SB_LOG", "warn");
