@@ -58,6 +58,16 @@ pub enum ProxyMode {
     Required,
 }
 
+impl std::fmt::Display for ProxyMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Off => "off",
+            Self::Optional => "optional",
+            Self::Required => "required",
+        })
+    }
+}
+
 impl std::str::FromStr for ProxyMode {
     type Err = String;
 

@@ -45,6 +45,17 @@ pub struct NotifyConfig {
     pub dead_letter: Option<PathBuf>,
 }
 
+impl NotifyConfig {
+    /// Default of [`NotifyConfig::delay`].
+    pub const DEFAULT_DELAY: Duration = Duration::from_secs(30);
+    /// Default of [`NotifyConfig::attempts`].
+    pub const DEFAULT_ATTEMPTS: u32 = 5;
+    /// Default of [`NotifyConfig::backoff`].
+    pub const DEFAULT_BACKOFF: Duration = Duration::from_secs(1);
+    /// Default of [`NotifyConfig::max_pending_bytes`].
+    pub const DEFAULT_MAX_PENDING_BYTES: usize = 16 << 20;
+}
+
 /// Answers the webhook waits for at most, per attempt.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Notifications being sent at once; more wait.

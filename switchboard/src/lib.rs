@@ -4,6 +4,7 @@
 //! `logic`, `gateway` and `persist` (the cluster roles over Redis, Kafka and
 //! PostgreSQL).
 
+mod defaults;
 mod health;
 mod heartbeat;
 pub mod http_serve;

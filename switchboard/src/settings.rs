@@ -12,9 +12,13 @@ use serde::Deserialize;
 use switchboard_proto::cluster_tls::ClusterTls;
 use switchboard_proto::trusted::TrustedProxies;
 
+use crate::defaults;
 use crate::http_serve::HttpLimits;
 use crate::roles::Role;
 pub use crate::storage_settings::StorageSettings;
+use serde_json::Value;
+use switchboard_gateway::GatewayConfig;
+use switchboard_logic::notify::NotifyConfig;
 
 /// Every option is optional here; `get` accessors apply the defaults.
 #[derive(Debug, Clone, Default, Args, Deserialize, serde::Serialize)]
@@ -272,15 +276,19 @@ pub struct Settings {
 }
 
 /// One `key = value` line of [`Settings::describe`] into `set` (secrets and URL passwords
-/// masked), or the option's name into `unset` when it is left to its default.
-fn describe_one(set: &mut String, unset: &mut String, name: &str, key: &str, value: serde_json::Value) {
+/// masked), or, for an option left unset, a comment into `unset` with the default it takes
+/// (`default`, null when it has none: off or generated).
+fn describe_one(set: &mut String, unset: &mut String, name: &str, key: &str, value: Value, default: &Value) {
     if value.is_null() {
-        unset.push_str(&format!("# {name}\n"));
+        match default {
+            Value::Null => unset.push_str(&format!("# {name}\n")),
+            d => unset.push_str(&format!("# {name} = {d}\n")),
+        }
         return;
     }
     let value = match (key, value) {
-        ("jwt_secret" | "cluster_secret" | "admin_token" | "notify_secret", _) => serde_json::Value::from("***"),
-        (_, serde_json::Value::String(s)) => serde_json::Value::from(mask_password(&s)),
+        ("jwt_secret" | "cluster_secret" | "admin_token" | "notify_secret", _) => Value::from("***"),
+        (_, Value::String(s)) => Value::from(mask_password(&s)),
         (_, v) => v,
     };
     // A JSON string, number, boolean or array of those is the same value in TOML.
@@ -360,25 +368,29 @@ impl Settings {
 
     /// The settings as a TOML file would give them: every option set (by flag, `SB_*` variable
     /// or the file) with its value, secrets and URL passwords masked, then the options left to
-    /// their defaults, as comments.
+    /// their defaults as comments with the value each takes ([`defaults::defaults`]); with
+    /// `role`, only the options that role reads.
     pub fn describe(&self, role: Option<Role>) -> anyhow::Result<String> {
         let shown = |key: &str| role.is_none_or(|r| r.reads(key));
-        let serde_json::Value::Object(fields) = serde_json::to_value(self)? else {
+        let Value::Object(fields) = serde_json::to_value(self)? else {
             anyhow::bail!("settings are not a table");
         };
-        let (mut set, mut unset) = (String::new(), String::from("\n# Left to their defaults:\n"));
+        let defaults = serde_json::to_value(defaults::defaults())?;
+        let (mut set, mut unset) =
+            (String::new(), String::from("\n# Left to their defaults (the value each takes):\n"));
         let mut tables = String::new();
         for (key, value) in fields {
-            if let serde_json::Value::Object(table) = value {
+            if let Value::Object(table) = value {
                 // A section (`[storage]`), after the top-level keys as TOML wants.
                 tables.push_str(&format!("\n[{key}]\n"));
                 for (k, v) in table.into_iter().filter(|(k, _)| shown(k)) {
-                    describe_one(&mut tables, &mut unset, &format!("{key}.{k}"), &k, v);
+                    let default = &defaults[&key][&k];
+                    describe_one(&mut tables, &mut unset, &format!("{key}.{k}"), &k, v, default);
                 }
                 continue;
             }
             if shown(&key) {
-                describe_one(&mut set, &mut unset, &key, &key, value);
+                describe_one(&mut set, &mut unset, &key, &key, value, &defaults[&key]);
             }
         }
         Ok(set + &tables + &unset)
@@ -407,31 +419,31 @@ impl Settings {
 
     /// How long a gateway reports unready before it drains (`--drain-grace-ms`).
     pub fn drain_grace(&self) -> Duration {
-        Duration::from_millis(self.drain_grace_ms.unwrap_or(0))
+        Duration::from_millis(self.drain_grace_ms.unwrap_or(defaults::DRAIN_GRACE_MS))
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.data_dir.clone().unwrap_or_else(|| PathBuf::from("./data"))
+        self.data_dir.clone().unwrap_or_else(|| PathBuf::from(defaults::DATA_DIR))
     }
     pub fn http_addr(&self) -> SocketAddr {
-        self.http_addr.unwrap_or(([127, 0, 0, 1], 8080).into())
+        self.http_addr.unwrap_or(defaults::HTTP_ADDR)
     }
     pub fn ws_addr(&self) -> SocketAddr {
-        self.ws_addr.unwrap_or(([127, 0, 0, 1], 8090).into())
+        self.ws_addr.unwrap_or_else(|| GatewayConfig::default().ws_addr)
     }
     /// The raw TCP listen address; `None` when set to "off".
     pub fn tcp_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
         match self.tcp_addr.as_deref() {
-            None => Ok(Some(([127, 0, 0, 1], 8091).into())),
+            None => Ok(GatewayConfig::default().tcp_addr),
             Some("off") => Ok(None),
             Some(a) => Ok(Some(a.parse().with_context(|| format!("--tcp-addr {a}"))?)),
         }
     }
     pub fn logic_addr(&self) -> SocketAddr {
-        self.logic_addr.unwrap_or(([127, 0, 0, 1], 9100).into())
+        self.logic_addr.unwrap_or(defaults::LOGIC_ADDR)
     }
     pub fn push_addr(&self) -> SocketAddr {
-        self.push_addr.unwrap_or(([127, 0, 0, 1], 9101).into())
+        self.push_addr.unwrap_or_else(|| GatewayConfig::default().push_addr)
     }
     /// Logic URLs a gateway starts with (comma-separated in --logic-url);
     /// in a cluster the registry keeps the list current.
@@ -443,7 +455,7 @@ impl Settings {
     }
     /// How long a reserved seq may stay pending before it is voided (at least 100 ms).
     pub fn void_after(&self) -> Duration {
-        Duration::from_millis(self.void_after_ms.unwrap_or(30_000).max(100))
+        Duration::from_millis(self.void_after_ms.unwrap_or(defaults::VOID_AFTER_MS).max(100))
     }
     pub fn node_id(&self) -> String {
         self.node_id.clone().unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()))
@@ -595,13 +607,13 @@ impl Settings {
             let secret = self.notify_secret.as_deref().filter(|s| !s.is_empty());
             let secret =
                 secret.context("notify_secret is required with notify_url (the webhook checks the signature)")?;
-            c.notify = Some(switchboard_logic::notify::NotifyConfig {
+            c.notify = Some(NotifyConfig {
                 url: url.to_owned(),
                 secret: secret.as_bytes().to_vec(),
-                delay: Duration::from_millis(self.notify_delay_ms.unwrap_or(30_000)),
-                attempts: self.notify_attempts.unwrap_or(5).max(1),
-                backoff: Duration::from_millis(self.notify_backoff_ms.unwrap_or(1000)),
-                max_pending_bytes: self.notify_max_pending_bytes.unwrap_or(16 << 20),
+                delay: self.notify_delay_ms.map_or(NotifyConfig::DEFAULT_DELAY, Duration::from_millis),
+                attempts: self.notify_attempts.unwrap_or(NotifyConfig::DEFAULT_ATTEMPTS).max(1),
+                backoff: self.notify_backoff_ms.map_or(NotifyConfig::DEFAULT_BACKOFF, Duration::from_millis),
+                max_pending_bytes: self.notify_max_pending_bytes.unwrap_or(NotifyConfig::DEFAULT_MAX_PENDING_BYTES),
                 dead_letter: Some(self.data_dir().join("notify-dead-letter.jsonl")),
             });
         }

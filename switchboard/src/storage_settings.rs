@@ -100,7 +100,7 @@ impl StorageSettings {
         ];
         let backend = match self.backend.as_deref() {
             Some(b) => b,
-            None if cluster_urls.iter().all(|(_, set)| !set) => "embedded",
+            None if cluster_urls.iter().all(|(_, set)| !set) => crate::defaults::BACKEND,
             None => match (&self.postgres_url, &self.mongodb_url) {
                 (Some(_), None) => "postgres",
                 (None, Some(_)) => "mongodb",
@@ -178,11 +178,11 @@ impl StorageSettings {
     }
 
     pub fn key_prefix(&self) -> String {
-        self.key_prefix.clone().unwrap_or_else(|| "sb:".into())
+        self.key_prefix.clone().unwrap_or_else(|| crate::defaults::KEY_PREFIX.into())
     }
 
     pub fn topic_prefix(&self) -> String {
-        self.topic_prefix.clone().unwrap_or_else(|| "sb.".into())
+        self.topic_prefix.clone().unwrap_or_else(|| crate::defaults::TOPIC_PREFIX.into())
     }
 
     /// The roots TLS connections to the cluster's engines trust.

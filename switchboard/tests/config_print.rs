@@ -40,15 +40,21 @@ fn config_print_merges_every_source_and_masks_secrets() {
         "cluster_secret = \"***\"\n", // masked
         "redis_url = \"redis://:***@127.0.0.1:6379\"\n",
         "public_ws = [\"ws://a.example/ws\"]\n",
-        "# data_dir\n",                        // left to its default
+        "# data_dir = \"./data\"\n",           // left to its default, which is shown
         "[storage]\nbackend = \"postgres\"\n", // a section of its own, from the file
         "key_prefix = \"env:\"\n",             // the environment wins inside a section too
         "postgres_url = \"postgres://sb:***@127.0.0.1/sb\"\n",
-        "# storage.mongodb_url\n",
+        "# storage.mongodb_url\n", // no default
+        "# storage.embedded_checkpoint_ms = 200\n",
+        "# reply_max_bytes = 1048576\n",
     ] {
         assert!(text.contains(line), "no {line:?} in:\n{text}");
     }
     assert!(!text.contains("hunter2") && !text.contains("a-cluster-secret"), "{text}");
+    assert!(
+        !text.contains("# max_frame_bytes") && !text.contains("# shards"),
+        "a set option is not listed as default: {text}"
+    );
     // What it prints is a configuration file the binary reads back.
     std::fs::write(&file, text.replace("\"***\"", "\"another-cluster-secret-of-32-bytes-at-least\"")).unwrap();
     let again = switchboard().args(["--config", file.to_str().unwrap(), "config"]).output().unwrap();
@@ -133,7 +139,12 @@ fn each_role_reads_only_its_own_options() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.contains("shards = 2\n") && text.contains("redis_url = ") && text.contains("# ws_addr\n"), "{text}");
+    assert!(
+        text.contains("shards = 2\n")
+            && text.contains("redis_url = ")
+            && text.contains("# ws_addr = \"127.0.0.1:8090\"\n"),
+        "{text}"
+    );
     assert!(!text.contains("jwt_secret") && !text.contains("postgres_url"), "{text}");
     // The same file read as logic's names the key logic does not read.
     let out = switchboard().args(["--config", file.to_str().unwrap(), "config", "--role", "logic"]).output().unwrap();
