@@ -13,6 +13,7 @@ pub mod roles;
 pub mod settings;
 mod storage_settings;
 mod stores;
+pub mod telemetry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

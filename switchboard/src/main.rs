@@ -74,14 +74,10 @@ struct TokenArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    // Logs go to stderr: `SB_LOG` filters them (default `info`), `SB_LOG_FORMAT=json` writes one
-    // JSON object per line (for log shippers) instead of text.
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SB_LOG").unwrap_or_else(|_| "info".into());
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match std::env::var("SB_LOG_FORMAT").as_deref() {
-        Ok("json") => logs.json().with_current_span(true).init(),
-        Ok("text") | Err(_) => logs.init(),
-        Ok(other) => anyhow::bail!("SB_LOG_FORMAT={other:?}: expected text or json"),
+    // Logs and traces: see switchboard::telemetry (set up once the runtime runs). A bad log
+    // format is refused before anything else.
+    if let Ok(f) = std::env::var("SB_LOG_FORMAT") {
+        anyhow::ensure!(matches!(f.as_str(), "text" | "json"), "SB_LOG_FORMAT={f:?}: expected text or json");
     }
     // Each role's --help lists its own options; another role's flag is refused.
     let matches = switchboard::roles::restrict_help(Cli::command()).get_matches();
@@ -95,8 +91,13 @@ fn main() -> anyhow::Result<()> {
             switchboard::roles::check_flags(role, sub)?;
         }
     }
+    let name = matches.subcommand_name().unwrap_or("switchboard").to_owned();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
-    runtime.block_on(run(cli))
+    runtime.block_on(async {
+        // Flushes exported spans when the role has stopped.
+        let _telemetry = switchboard::telemetry::init(&name)?;
+        run(cli).await
+    })
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
