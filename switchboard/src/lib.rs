@@ -394,8 +394,13 @@ pub struct AllInOne {
 
 impl AllInOne {
     pub async fn start(s: &Settings) -> anyhow::Result<Self> {
-        // The store is checked before anything listens.
-        s.storage.choice().context("[storage]")?;
+        // The store is checked before anything listens: one process runs on the embedded store.
+        let choice = s.storage.choice().context("[storage]")?;
+        anyhow::ensure!(
+            matches!(choice, storage_settings::StoreChoice::Embedded),
+            "all-in-one runs on the embedded store, not {:?} (start the cluster roles for that)",
+            choice.name()
+        );
         // The gateway first, its link bound to logic once logic is up, so logic can push
         // straight into its shards and /metrics and /v1/gateways can describe it.
         let link = Arc::new(inproc::InProcessLink::default());

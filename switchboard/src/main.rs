@@ -95,7 +95,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
     runtime.block_on(async {
         // Flushes exported spans when the role has stopped.
-        let _telemetry = switchboard::telemetry::init(&name)?;
+        let _telemetry = switchboard::telemetry::init(&name, Role::of_subcommand(&name).is_some())?;
         run(cli).await
     })
 }

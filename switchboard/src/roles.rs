@@ -2,7 +2,8 @@
 //! them is declared here, once: `switchboard <role> --help` lists only that role's options, an
 //! option of another role given to it as a flag or a key of its configuration file is refused
 //! by name, and `switchboard config --role R --print` prints R's view. `SB_*` variables are
-//! not refused (one environment file often serves several roles): a role ignores the others'.
+//! not refused (one environment file often serves several roles): a role drops the others'
+//! ([`Settings::only_for`]).
 
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Command};
@@ -41,24 +42,21 @@ impl Role {
     pub fn reads(self, key: &str) -> bool {
         let roles = roles_of(key);
         match self {
-            AllInOne => roles.iter().any(|r| matches!(r, Gateway | Logic)) && !CLUSTER_ONLY.contains(&key),
+            AllInOne => roles.iter().any(|r| matches!(r, Gateway | Logic)) && !NOT_ALL_IN_ONE.contains(&key),
             r => roles.contains(&r),
         }
     }
 }
 
-/// Options of the cluster that all-in-one (embedded, one process) has no use for.
-const CLUSTER_ONLY: &[&str] = &[
+/// Options of the gateway or logic that all-in-one (embedded, one process, no registry, no
+/// health listener of its own) has no use for.
+const NOT_ALL_IN_ONE: &[&str] = &[
     "logic_url",
-    "advertise_push",
     "advertise_logic",
     "node_id",
-    "cluster_secret",
-    "cluster_tls_cert",
-    "cluster_tls_key",
-    "cluster_tls_ca",
-    "max_link_message_bytes",
     "void_after_ms",
+    "health_addr",
+    "drain_grace_ms",
     "redis_url",
     "postgres_url",
     "mongodb_url",
@@ -85,7 +83,8 @@ fn roles_of(key: &str) -> &'static [Role] {
         "backend" | "postgres_url" | "mongodb_url" | "mongodb_database" | "kafka_brokers" | "kafka_tls"
         | "topic_prefix" => LP,
         "kafka_linger_ms" | "embedded_checkpoint_ms" | "embedded_checkpoint_bytes" | "embedded_checkpoint_nice" => L,
-        "redis_url" | "key_prefix" | "backend_ca_file" => GLP,
+        "redis_url" | "backend_ca_file" => GLP,
+        "key_prefix" => GL,
         // every HTTP listener (the API, a gateway's or the persist worker's health listener)
         "http_max_connections" | "http_header_timeout_ms" | "http_request_timeout_ms" => GLP,
         "health_addr" => GP,
@@ -98,9 +97,12 @@ fn roles_of(key: &str) -> &'static [Role] {
         | "max_link_message_bytes"
         | "trusted_proxies"
         | "public_ws"
-        | "tcp_addr" => GL,
-        "ws_addr"
-        | "push_addr"
+        // a gateway binds them; logic names them in `GET /v1/gateways` when there is no registry
+        | "ws_addr"
+        | "tcp_addr"
+        // logic binds it; a gateway's default logic URL is `http://` it
+        | "logic_addr" => GL,
+        "push_addr"
         | "logic_url"
         | "advertise_push"
         | "shards"
@@ -119,7 +121,6 @@ fn roles_of(key: &str) -> &'static [Role] {
         "persist_batch" | "persist_give_up_secs" => P,
         "data_dir"
         | "http_addr"
-        | "logic_addr"
         | "advertise_logic"
         | "admin_addr"
         | "jwt_secret"
@@ -222,7 +223,7 @@ mod tests {
         for id in &ids {
             assert!(!roles_of(id).is_empty(), "option {id} is read by no role: add it to roles_of");
         }
-        for key in CLUSTER_ONLY {
+        for key in NOT_ALL_IN_ONE {
             assert!(ids.iter().any(|id| id == key), "{key} is no option");
         }
     }
@@ -234,6 +235,9 @@ mod tests {
         assert!(Logic.reads("jwt_secret") && Logic.reads("mongodb_url") && !Logic.reads("shards"));
         assert!(Persist.reads("persist_batch") && Persist.reads("postgres_url") && !Persist.reads("ws_addr"));
         assert!(AllInOne.reads("shards") && AllInOne.reads("jwt_secret") && AllInOne.reads("embedded_checkpoint_ms"));
-        assert!(!AllInOne.reads("redis_url") && !AllInOne.reads("persist_batch") && !AllInOne.reads("cluster_secret"));
+        assert!(!AllInOne.reads("redis_url") && !AllInOne.reads("persist_batch") && !AllInOne.reads("health_addr"));
+        // all-in-one still serves logic's gRPC and the gateway's push listeners
+        assert!(AllInOne.reads("cluster_secret") && AllInOne.reads("max_link_message_bytes"));
+        assert!(Gateway.reads("logic_addr") && !Persist.reads("key_prefix"));
     }
 }

@@ -336,7 +336,19 @@ impl Settings {
                 crate::roles::check_file_keys(role, &table).with_context(|| format!("in {}", path.display()))?;
             }
         }
-        self.with_file(path)
+        self.with_file(path)?.only_for(role)
+    }
+
+    /// The options `role` reads, the others (`SB_*` variables meant for another role) dropped.
+    pub fn only_for(self, role: Role) -> anyhow::Result<Self> {
+        let toml::Value::Table(mut table) = toml::Value::try_from(&self).context("the options")? else {
+            anyhow::bail!("settings are not a table");
+        };
+        table.retain(|k, _| k == "storage" || role.reads(k));
+        if let Some(toml::Value::Table(storage)) = table.get_mut("storage") {
+            storage.retain(|k, _| role.reads(k));
+        }
+        Ok(toml::Value::Table(table).try_into()?)
     }
 
     /// Fills every option not given on the command line or in the
@@ -375,7 +387,11 @@ impl Settings {
         let Value::Object(fields) = serde_json::to_value(self)? else {
             anyhow::bail!("settings are not a table");
         };
-        let defaults = serde_json::to_value(defaults::defaults())?;
+        let mut defaults = serde_json::to_value(defaults::defaults())?;
+        // Left unset, the backend follows the URLs that are set.
+        if let Ok(choice) = self.storage.choice() {
+            defaults["storage"]["backend"] = Value::from(choice.name());
+        }
         let (mut set, mut unset) =
             (String::new(), String::from("\n# Left to their defaults (the value each takes):\n"));
         let mut tables = String::new();

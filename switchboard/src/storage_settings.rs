@@ -88,6 +88,17 @@ pub enum StoreChoice {
     Cluster { redis: String, brokers: Brokers, durable: Durable },
 }
 
+impl StoreChoice {
+    /// The backend's name, as `backend` takes it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            StoreChoice::Embedded => "embedded",
+            StoreChoice::Cluster { durable: Durable::Postgres { .. }, .. } => "postgres",
+            StoreChoice::Cluster { durable: Durable::Mongo { .. }, .. } => "mongodb",
+        }
+    }
+}
+
 impl StorageSettings {
     /// Which store the settings name, checked: a backend with every URL it needs, no URLs of a
     /// cluster for `embedded`, one durable store when `backend` is left to its default.

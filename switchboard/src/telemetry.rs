@@ -1,6 +1,7 @@
 //! Logs and traces of a role. Logs go to stderr, filtered by `SB_LOG` (default `info`), as text
 //! or, with `SB_LOG_FORMAT=json`, one JSON object per line. With `SB_OTLP_ENDPOINT` set (e.g.
-//! `http://collector:4317`, cargo feature `otlp`), spans are also exported over OTLP/gRPC:
+//! `http://collector:4317`: plain gRPC, no TLS; cargo feature `otlp`), the roles (not `token`
+//! or `config`) also export spans over OTLP/gRPC:
 //! every request's span (`request`: op, rid, user, gateway, conn, and the conv and seq of a
 //! stored message) under the service name `switchboard-<role>` (or `SB_OTLP_SERVICE`), filtered
 //! by `SB_OTLP_FILTER` (default `info,switchboard_logic=debug`, which takes the request spans
@@ -28,9 +29,9 @@ impl Drop for Telemetry {
     }
 }
 
-/// Installs the log (and trace) subscriber for `role`. Call inside the Tokio runtime: the OTLP
-/// exporter's connection runs on it.
-pub fn init(role: &str) -> anyhow::Result<Telemetry> {
+/// Installs the log (and, for a role with `export`, trace) subscriber for `role`. Call inside
+/// the Tokio runtime: the OTLP exporter's connection runs on it.
+pub fn init(role: &str, export: bool) -> anyhow::Result<Telemetry> {
     let filter = EnvFilter::try_from_env("SB_LOG").unwrap_or_else(|_| "info".into());
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let logs = match std::env::var("SB_LOG_FORMAT").as_deref() {
@@ -38,7 +39,7 @@ pub fn init(role: &str) -> anyhow::Result<Telemetry> {
         Ok("text") | Err(_) => fmt.with_filter(filter).boxed(),
         Ok(other) => anyhow::bail!("SB_LOG_FORMAT={other:?}: expected text or json"),
     };
-    let endpoint = std::env::var("SB_OTLP_ENDPOINT").ok().filter(|e| !e.is_empty());
+    let endpoint = std::env::var("SB_OTLP_ENDPOINT").ok().filter(|e| export && !e.is_empty());
     let registry = tracing_subscriber::registry().with(logs);
     let Some(endpoint) = endpoint else {
         registry.init();

@@ -150,6 +150,25 @@ fn each_role_reads_only_its_own_options() {
     let out = switchboard().args(["--config", file.to_str().unwrap(), "config", "--role", "logic"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("`shards` is not an option of the logic role"), "{err}");
+    // Another role's SB_* variable is not refused but dropped: one environment file can serve
+    // every role (all-in-one ignores the cluster's engines, the gateway logic's token key).
+    let out = switchboard()
+        .args(["--config", file.to_str().unwrap(), "config", "--role", "gateway", "--print"])
+        .env("SB_JWT_SECRET", "a-jwt-secret-of-more-than-32-bytes-0123456789")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!String::from_utf8(out.stdout).unwrap().contains("jwt_secret"));
+    std::fs::write(dir.join("all.toml"), "shards = 1\n").unwrap();
+    let out = switchboard()
+        .args(["--config", dir.join("all.toml").to_str().unwrap(), "config", "--role", "all-in-one", "--print"])
+        .env("SB_REDIS_URL", "redis://127.0.0.1:1")
+        .env("SB_KAFKA_BROKERS", "127.0.0.1:2")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(!text.contains("redis") && text.contains("# storage.backend = \"embedded\""), "{text}");
     // A role started with it refuses it the same way.
     let out = switchboard().args(["--config", file.to_str().unwrap(), "persist"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -1,6 +1,7 @@
 //! OpenTelemetry export: an all-in-one process with `SB_OTLP_ENDPOINT` sends its request spans
 //! over OTLP/gRPC to a collector (the trace service's server, run by this test), under its
-//! service name, with the request's op and rid and, for a stored message, its conv and seq.
+//! service name, with the request's op and rid and, for a stored message, its conv and seq; the
+//! spans still batched when it is stopped with SIGTERM are flushed before it exits.
 
 mod common;
 
@@ -90,7 +91,8 @@ fn request_spans_reach_an_otlp_collector() {
 
     let dir = temp_dir("otlp");
     let endpoint = format!("http://{addr}");
-    let env = [("SB_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "100")];
+    // Batches are due only every minute: what arrives was flushed when the process stopped.
+    let env = [("SB_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "60000")];
     let (child, http, ws) = all_in_one(&dir, &["--user-rate", "0"], &env, Stdio::null());
     let mut child = Reaped(child);
     let (mut a, mut b) = friends(http, ws, "olga", "otto");
@@ -100,7 +102,13 @@ fn request_spans_reach_an_otlp_collector() {
     let conv = m["msg"]["conv"].as_str().unwrap().to_owned();
     let seq = sent["seq"].as_u64().unwrap().to_string();
 
-    // The batch exporter sends within its schedule delay.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(collector.spans.lock().unwrap().is_empty(), "nothing is due before the schedule delay");
+    // SIGTERM: the process stops its roles, then flushes its spans before it exits.
+    let term = std::process::Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().unwrap();
+    assert!(term.success());
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
     let deadline = Instant::now() + Duration::from_secs(20);
     let send = loop {
         let spans = collector.spans.lock().unwrap().clone();
@@ -122,7 +130,5 @@ fn request_spans_reach_an_otlp_collector() {
         spans.iter().any(|s| s.name == "request" && s.attributes.get("op").is_some_and(|o| o == "friend.request")),
         "every request has its span: {spans:?}"
     );
-    child.0.kill().ok();
-    child.0.wait().ok();
     std::fs::remove_dir_all(&dir).ok();
 }

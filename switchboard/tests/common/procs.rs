@@ -106,7 +106,9 @@ impl Proc {
             _ => format!("{durable}kafka_brokers = {:?}\ntopic_prefix = \"{prefix}.\"\n", e.brokers),
         };
         let config = std::env::temp_dir().join(format!("sb-{prefix}-{role}-{:08x}.toml", rand::random::<u32>()));
-        let toml = format!("[storage]\n{engines}redis_url = {:?}\nkey_prefix = \"{prefix}:\"\n", e.redis);
+        // (the persist worker keeps no Redis keys)
+        let keys = if role == "persist" { String::new() } else { format!("key_prefix = \"{prefix}:\"\n") };
+        let toml = format!("[storage]\n{engines}redis_url = {:?}\n{keys}", e.redis);
         std::fs::write(&config, toml).unwrap();
         let mut c = Command::new(env!("CARGO_BIN_EXE_switchboard"));
         c.arg("--config").arg(&config).arg(role);
