@@ -1,6 +1,8 @@
 //! Settings of every role: one struct that is at once the TOML file's
 //! schema and the CLI flags (each flag also reads an `SB_*` environment
-//! variable). Precedence: flag > environment > file > default.
+//! variable). Precedence: flag > environment > file > default. Which role reads which option is
+//! declared in [`crate::roles`], the defaults in [`crate::defaults`], the store's section in
+//! [`crate::storage_settings`].
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -9,6 +11,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use serde::Deserialize;
+use serde_json::Value;
+use switchboard_gateway::GatewayConfig;
+use switchboard_logic::notify::NotifyConfig;
 use switchboard_proto::cluster_tls::ClusterTls;
 use switchboard_proto::trusted::TrustedProxies;
 
@@ -16,9 +21,6 @@ use crate::defaults;
 use crate::http_serve::HttpLimits;
 use crate::roles::Role;
 pub use crate::storage_settings::StorageSettings;
-use serde_json::Value;
-use switchboard_gateway::GatewayConfig;
-use switchboard_logic::notify::NotifyConfig;
 
 /// Every option is optional here; `get` accessors apply the defaults.
 #[derive(Debug, Clone, Default, Args, Deserialize, serde::Serialize)]
