@@ -228,6 +228,23 @@ mod tests {
         }
     }
 
+    /// docs/protocol.md §10 documents every option (by its TOML key, `storage.` for the section).
+    #[test]
+    fn every_option_is_documented() {
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/protocol.md")).unwrap();
+        let storage: Vec<String> = {
+            use clap::Args;
+            crate::storage_settings::StorageSettings::augment_args(Command::new("s"))
+                .get_arguments()
+                .map(|a| a.get_id().to_string())
+                .collect()
+        };
+        for id in option_ids() {
+            let key = if storage.contains(&id) { format!("`storage.{id}`") } else { format!("`{id}`") };
+            assert!(doc.contains(&key), "docs/protocol.md §10 does not document {key}");
+        }
+    }
+
     #[test]
     fn each_role_reads_its_own() {
         assert!(Gateway.reads("ws_addr") && !Gateway.reads("jwt_secret") && !Gateway.reads("postgres_url"));
