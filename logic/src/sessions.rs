@@ -17,12 +17,16 @@ const MAX_SEEN: usize = 200_000;
 /// Most pushed-to connections waiting for their session check (more are left to the next push).
 const MAX_QUEUED_CHECKS: usize = 4096;
 
+/// Sessions confirmed, and when.
+type Seen = HashMap<String, Instant, foldhash::fast::RandomState>;
+
 /// A connection whose session is to be read again: (user, connection).
 pub type Check = (String, ConnRef);
 
 /// Sessions confirmed lately, and the queue of checks the push path asks for.
 pub struct SessionWatch {
-    seen: Mutex<HashMap<String, Instant>>,
+    /// Keyed by session id with foldhash (looked up once per pushed connection).
+    seen: Mutex<Seen>,
     ttl: Duration,
     checks: mpsc::Sender<Check>,
 }
@@ -31,10 +35,10 @@ impl SessionWatch {
     /// A watch trusting a confirmation for `ttl`, and the receiving end of its check queue.
     pub fn new(ttl: Duration) -> (Self, mpsc::Receiver<Check>) {
         let (checks, rx) = mpsc::channel(MAX_QUEUED_CHECKS);
-        (Self { seen: Mutex::new(HashMap::new()), ttl, checks }, rx)
+        (Self { seen: Mutex::new(Seen::default()), ttl, checks }, rx)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Seen> {
         self.seen.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -63,15 +67,18 @@ impl SessionWatch {
     pub fn pushed_to<'a>(&self, conns: impl Iterator<Item = (&'a str, &'a ConnRef)>) {
         let mut due = Vec::new();
         {
+            // One clock read for the whole push (a group's may name a thousand connections).
+            let now = Instant::now();
             let mut seen = self.lock();
             for (user, conn) in conns {
-                if conn.session.is_empty() || seen.get(&conn.session).is_some_and(|at| at.elapsed() < self.ttl) {
+                let fresh = |at: &Instant| now.saturating_duration_since(*at) < self.ttl;
+                if conn.session.is_empty() || seen.get(&conn.session).is_some_and(fresh) {
                     continue;
                 }
                 if seen.len() >= MAX_SEEN {
                     seen.clear();
                 }
-                seen.insert(conn.session.clone(), Instant::now());
+                seen.insert(conn.session.clone(), now);
                 due.push((user.to_owned(), conn.clone()));
             }
         }
