@@ -13,6 +13,18 @@ use crate::{
     RouteTable, Session, SocialStore, User,
 };
 
+/// Runs this test binary's test `name` alone in a child process with `env` set to `dir`, its
+/// stdout piped (for the tests that kill a store's process with SIGKILL mid-work).
+#[cfg(test)]
+pub(crate) fn spawn_test_child(name: &str, env: &str, dir: &std::path::Path) -> std::process::Child {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(env, dir)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// A unique name prefix for one run of the suite.
 pub fn prefix() -> String {
     format!("t{:08x}", rand::random::<u32>())
@@ -725,12 +737,7 @@ mod tests {
         }
         use std::io::BufRead;
         let dir = std::env::temp_dir().join(format!("sb-search-kill-{}", prefix()));
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
-            .env("SB_SEARCH_CHILD_DIR", &dir)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_test_child(NAME, "SB_SEARCH_CHILD_DIR", &dir);
         let out = std::io::BufReader::new(child.stdout.take().unwrap());
         // (the test harness may print its own words before ours on the line)
         let ready = out.lines().map(|l| l.unwrap()).find_map(|l| l.split_once("ready ").map(|(_, r)| r.to_owned()));

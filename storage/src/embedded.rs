@@ -1595,12 +1595,7 @@ mod tests {
         use std::io::BufRead;
         let dir = std::env::temp_dir().join(format!("sb-crash-{}", crate::contract::prefix()));
         for round in 0..3 {
-            let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-                .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
-                .env("SB_CRASH_CHILD_DIR", &dir)
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .unwrap();
+            let mut child = crate::contract::spawn_test_child(NAME, "SB_CRASH_CHILD_DIR", &dir);
             let out = std::io::BufReader::new(child.stdout.take().unwrap());
             let mut acked = Vec::new();
             let mut cursors = Vec::new();

@@ -164,14 +164,19 @@ fn roles_of(key: &str) -> &'static [Role] {
     }
 }
 
+/// The ids (which are the keys) of the options `A` declares, flattened sections included.
+fn ids_of<A: clap::Args>() -> Vec<String> {
+    A::augment_args(Command::new("options")).get_arguments().map(|a| a.get_id().to_string()).collect()
+}
+
 /// Every option of [`Settings`] (flattened sections included) by its id, which is its key.
 pub fn option_ids() -> Vec<String> {
-    use clap::Args;
-    Settings::augment_args(Command::new("options"))
-        .get_arguments()
-        .map(|a| a.get_id().to_string())
-        .filter(|id| id != "storage")
-        .collect()
+    ids_of::<Settings>().into_iter().filter(|id| id != "storage").collect()
+}
+
+/// The options of the `[storage]` section.
+pub fn storage_option_ids() -> Vec<String> {
+    ids_of::<crate::storage_settings::StorageSettings>()
 }
 
 /// The command line with each role subcommand's help restricted to its own options.
@@ -232,13 +237,7 @@ mod tests {
     #[test]
     fn every_option_is_documented() {
         let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/protocol.md")).unwrap();
-        let storage: Vec<String> = {
-            use clap::Args;
-            crate::storage_settings::StorageSettings::augment_args(Command::new("s"))
-                .get_arguments()
-                .map(|a| a.get_id().to_string())
-                .collect()
-        };
+        let storage = storage_option_ids();
         for id in option_ids() {
             let key = if storage.contains(&id) { format!("`storage.{id}`") } else { format!("`{id}`") };
             assert!(doc.contains(&key), "docs/protocol.md §10 does not document {key}");

@@ -324,8 +324,8 @@ fn fill_unset(dst: &mut toml::Table, src: toml::Table) {
 /// then (top-level), for a hint in the error.
 fn misplaced_storage_keys(text: &str) -> Vec<String> {
     let Ok(table) = text.parse::<toml::Table>() else { return Vec::new() };
-    let storage = serde_json::to_value(StorageSettings::default()).unwrap_or_default();
-    table.keys().filter(|k| storage.get(k.as_str()).is_some()).cloned().collect()
+    let storage = crate::roles::storage_option_ids();
+    table.keys().filter(|k| storage.contains(k)).cloned().collect()
 }
 
 impl Settings {
