@@ -29,7 +29,15 @@ const PUSH_WINDOW: u32 = 4 << 20;
 
 /// What a push call resolves to: the ids of target connections that are gone, or why the batch
 /// could not be delivered.
-pub type PushFuture = Pin<Box<dyn Future<Output = Result<Vec<u64>, String>> + Send + 'static>>;
+pub type PushFuture = Pin<Box<dyn Future<Output = Result<Vec<u64>, PushFailed>> + Send + 'static>>;
+
+/// A batch that did not reach its gateway, handed back for the one retry (a sink that keeps no
+/// copy of what it sent returns `None`, and the batch is not retried).
+#[derive(Debug)]
+pub struct PushFailed {
+    pub error: String,
+    pub batch: Option<Vec<Delivery>>,
+}
 
 /// Delivers batches to one gateway.
 pub trait GatewaySink: Send + Sync + 'static {
@@ -88,8 +96,16 @@ struct GrpcSink {
 impl GatewaySink for GrpcSink {
     fn push(&self, deliveries: Vec<Delivery>) -> PushFuture {
         let mut client = self.client.clone();
+        // The request owns its deliveries; a copy is kept for the retry of a dropped connection.
+        let keep = deliveries.clone();
         let req = cluster_auth::attach(tonic::Request::new(PushRequest { deliveries }), self.secret.as_ref());
-        Box::pin(async move { client.push(req).await.map(|r| r.into_inner().gone).map_err(|e| e.to_string()) })
+        Box::pin(async move {
+            client
+                .push(req)
+                .await
+                .map(|r| r.into_inner().gone)
+                .map_err(|e| PushFailed { error: e.to_string(), batch: Some(keep) })
+        })
     }
 }
 
@@ -125,6 +141,9 @@ pub struct Pusher {
     /// Told of every pushed-to connection, to close those whose session ended.
     sessions: Arc<SessionWatch>,
 }
+
+/// A push's target connections, one list per gateway (each gateway once).
+pub type Targets = Vec<(String, Vec<Target>)>;
 
 /// What a push is about, for the gateway's re-push of unacked messages.
 #[derive(Clone, Copy)]
@@ -178,22 +197,34 @@ impl Pusher {
     }
 
     /// The connections of `users` (one route lookup for all of them), grouped by gateway.
-    pub async fn targets(&self, users: &[String], skip: Option<(&str, u64)>) -> HashMap<String, Vec<Target>> {
+    pub async fn targets(&self, users: &[String], skip: Option<(&str, u64)>) -> Targets {
         let routes = match self.routes.get_many(users).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, users = users.len(), "route lookup failed; recipients will sync");
-                return HashMap::new();
+                return Targets::new();
             }
         };
         self.sessions.pushed_to(users.iter().zip(&routes).flat_map(|(u, cs)| cs.iter().map(move |c| (u.as_str(), c))));
-        let mut by_gateway: HashMap<String, Vec<Target>> = HashMap::new();
-        for (user, conns) in users.iter().zip(routes) {
-            for c in conns {
+        // A push reaches a handful of gateways: a list searched from its last hit beats hashing
+        // each target's gateway name.
+        let mut by_gateway = Targets::new();
+        let mut last = 0;
+        for (user, conns) in users.iter().zip(&routes) {
+            for c in conns.iter() {
                 if skip.is_some_and(|(g, id)| g == c.gateway && id == c.conn_id) {
                     continue;
                 }
-                by_gateway.entry(c.gateway).or_default().push(Target { conn_id: c.conn_id, user: user.clone() });
+                if by_gateway.get(last).is_none_or(|(g, _)| *g != c.gateway) {
+                    last = match by_gateway.iter().position(|(g, _)| *g == c.gateway) {
+                        Some(i) => i,
+                        None => {
+                            by_gateway.push((c.gateway.clone(), Vec::new()));
+                            by_gateway.len() - 1
+                        }
+                    };
+                }
+                by_gateway[last].1.push(Target { conn_id: c.conn_id, user: user.clone() });
             }
         }
         by_gateway
@@ -212,7 +243,7 @@ impl Pusher {
     }
 
     /// Queues one delivery per gateway of `targets` (found earlier with [`Pusher::targets`]).
-    pub async fn enqueue(&self, targets: HashMap<String, Vec<Target>>, frame: Bytes, msg: Option<MsgRef<'_>>) -> usize {
+    pub async fn enqueue(&self, targets: Targets, frame: Bytes, msg: Option<MsgRef<'_>>) -> usize {
         let mut n = 0;
         for (gateway, targets) in targets {
             n += targets.len();
@@ -318,13 +349,13 @@ async fn sender(
             // One retry covers a dropped connection; after that the recipients
             // catch up with `sync` (every pushed message is already durable).
             let started = std::time::Instant::now();
-            let mut reply = sink.push(batch.clone()).await;
+            let mut reply = sink.push(batch).await;
             metrics.latency.push_batch.observe(started.elapsed().as_secs_f64());
-            if reply.is_err() {
+            if let Err(PushFailed { batch: Some(batch), .. }) = reply {
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 reply = sink.push(batch).await;
             }
-            match reply {
+            match reply.map_err(|f| f.error) {
                 Ok(gone) => {
                     for id in gone {
                         let _ = routes.remove_conn(&gateway, id).await;

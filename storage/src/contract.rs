@@ -643,10 +643,27 @@ pub async fn routes_contract(r: Arc<dyn RouteTable>) {
     let mut got = r.get(&user).await.unwrap();
     got.sort_by(|a, b| a.gateway.cmp(&b.gateway));
     assert_eq!(got, vec![c1.clone(), c2.clone()]);
+    // get_many: each user's connections in the users' order, none for an unknown user
+    let other = format!("{p}v");
+    let c3 = ConnRef { gateway: "gw1".into(), conn_id: 3, device: "d3".into(), session: "s3".into() };
+    r.add(&other, c3.clone()).await.unwrap();
+    let nobody = format!("{p}nobody");
+    let many = r.get_many(&[other.clone(), nobody.clone(), user.clone()]).await.unwrap();
+    assert_eq!(many.len(), 3);
+    assert_eq!(&*many[0], std::slice::from_ref(&c3));
+    assert!(many[1].is_empty());
+    let mut got = many[2].to_vec();
+    got.sort_by(|a, b| a.gateway.cmp(&b.gateway));
+    assert_eq!(got, vec![c1.clone(), c2.clone()]);
+    assert!(r.get_many(&[]).await.unwrap().is_empty());
     r.remove(&user, &c1).await.unwrap();
     assert_eq!(r.get(&user).await.unwrap(), vec![c2.clone()]);
+    let many = r.get_many(&[user.clone(), other.clone()]).await.unwrap();
+    assert_eq!((&*many[0], &*many[1]), (&[c2.clone()][..], &[c3.clone()][..]), "a removal is seen by the next read");
     r.remove_conn("gw2", 1).await.unwrap();
+    r.remove_conn("gw1", 3).await.unwrap();
     assert!(r.get(&user).await.unwrap().is_empty());
+    assert!(r.get_many(&[user, other]).await.unwrap().iter().all(|c| c.is_empty()));
 }
 
 /// The engines scripts/services.sh starts, as the tests find them.

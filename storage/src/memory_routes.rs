@@ -3,7 +3,7 @@
 //! all-in-one process dies with it.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
@@ -11,7 +11,9 @@ use crate::{ConnRef, Result, RouteTable};
 
 #[derive(Default)]
 struct Routes {
-    by_user: HashMap<String, Vec<ConnRef>>,
+    /// A user's connections, shared with every push that reads them (rebuilt on a change,
+    /// which is rare next to reads).
+    by_user: HashMap<String, Arc<[ConnRef]>>,
     by_conn: HashMap<(String, u64), String>,
 }
 
@@ -32,9 +34,12 @@ impl MemoryRoutes {
 
 fn drop_conn(r: &mut Routes, user: &str, gateway: &str, conn_id: u64) {
     if let Some(list) = r.by_user.get_mut(user) {
-        list.retain(|c| !(c.gateway == gateway && c.conn_id == conn_id));
-        if list.is_empty() {
+        let kept: Vec<ConnRef> =
+            list.iter().filter(|c| !(c.gateway == gateway && c.conn_id == conn_id)).cloned().collect();
+        if kept.is_empty() {
             r.by_user.remove(user);
+        } else if kept.len() < list.len() {
+            *list = kept.into();
         }
     }
     r.by_conn.remove(&(gateway.to_owned(), conn_id));
@@ -45,9 +50,9 @@ impl RouteTable for MemoryRoutes {
     async fn add(&self, user: &str, conn: ConnRef) -> Result<()> {
         self.with(|r| {
             r.by_conn.insert((conn.gateway.clone(), conn.conn_id), user.to_owned());
-            let list = r.by_user.entry(user.to_owned()).or_default();
+            let list = r.by_user.entry(user.to_owned()).or_insert_with(|| Arc::new([]));
             if !list.contains(&conn) {
-                list.push(conn);
+                *list = list.iter().cloned().chain([conn]).collect();
             }
         });
         Ok(())
@@ -59,11 +64,11 @@ impl RouteTable for MemoryRoutes {
     }
 
     async fn get(&self, user: &str) -> Result<Vec<ConnRef>> {
-        Ok(self.with(|r| r.by_user.get(user).cloned().unwrap_or_default()))
+        Ok(self.with(|r| r.by_user.get(user).map(|l| l.to_vec()).unwrap_or_default()))
     }
 
-    async fn get_many(&self, users: &[String]) -> Result<Vec<Vec<ConnRef>>> {
-        Ok(self.with(|r| users.iter().map(|u| r.by_user.get(u).cloned().unwrap_or_default()).collect()))
+    async fn get_many(&self, users: &[String]) -> Result<Vec<Arc<[ConnRef]>>> {
+        Ok(self.with(|r| users.iter().map(|u| r.by_user.get(u).cloned().unwrap_or_else(|| Arc::new([]))).collect()))
     }
 
     async fn remove_conn(&self, gateway: &str, conn_id: u64) -> Result<()> {

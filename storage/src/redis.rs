@@ -776,7 +776,7 @@ impl RouteTable for RedisStore {
         Ok(out)
     }
 
-    async fn get_many(&self, users: &[String]) -> Result<Vec<Vec<ConnRef>>> {
+    async fn get_many(&self, users: &[String]) -> Result<Vec<std::sync::Arc<[ConnRef]>>> {
         if users.is_empty() {
             return Ok(Vec::new());
         }
@@ -786,7 +786,7 @@ impl RouteTable for RedisStore {
         }
         let all: Vec<HashMap<String, String>> = p.query_async(&mut self.conn.clone()).await?;
         if all.iter().all(HashMap::is_empty) {
-            return Ok(vec![Vec::new(); users.len()]);
+            return Ok(users.iter().map(|_| std::sync::Arc::from([])).collect());
         }
         let live =
             self.live_gateways(all.iter().flat_map(HashMap::keys).map(String::as_str).map(route_gateway)).await?;
@@ -802,7 +802,7 @@ impl RouteTable for RedisStore {
                     }
                 }
             }
-            out.push(conns);
+            out.push(conns.into());
         }
         Ok(out)
     }

@@ -209,10 +209,11 @@ pub trait RouteTable: Send + Sync {
     async fn remove(&self, user: &str, conn: &ConnRef) -> Result<()>;
     async fn get(&self, user: &str) -> Result<Vec<ConnRef>>;
     /// The connections of each of `users`, in the same order: one round trip for a fan-out.
-    async fn get_many(&self, users: &[String]) -> Result<Vec<Vec<ConnRef>>> {
+    /// Shared lists, so a table that keeps them in memory hands them out without copying.
+    async fn get_many(&self, users: &[String]) -> Result<Vec<std::sync::Arc<[ConnRef]>>> {
         let mut out = Vec::with_capacity(users.len());
         for u in users {
-            out.push(self.get(u).await?);
+            out.push(self.get(u).await?.into());
         }
         Ok(out)
     }

@@ -74,6 +74,7 @@ struct LocalSink(LocalPush);
 impl GatewaySink for LocalSink {
     fn push(&self, deliveries: Vec<Delivery>) -> PushFuture {
         let local = self.0.clone();
+        // Shards cannot fail to take a delivery (a gone connection is reported as such).
         Box::pin(async move { Ok(local.push(deliveries).await) })
     }
 }

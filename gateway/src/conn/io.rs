@@ -9,9 +9,10 @@ use std::sync::Arc;
 
 use mio::{Interest, Registry, Token};
 use prost::Message as _;
+use switchboard_proto::internal::Delivery;
 use switchboard_proto::v1::Frame;
 
-use super::{Conn, Phase, Wire};
+use super::{Conn, Phase, Pushed, Wire};
 use crate::connid::ConnId;
 use crate::metrics::GatewayMetrics;
 use crate::proxyproto::{self, Header};
@@ -527,18 +528,20 @@ fn reserve_out(out: &mut Vec<u8>, len: usize) {
 }
 
 /// What one push shares among every connection that receives it: its protobuf encoding
-/// (`sb.bin.v1` and raw TCP) and its conversation id as the unacked entries hold it, each made
-/// at most once however many connections receive the frame.
+/// (`sb.bin.v1` and raw TCP) and the entry the unacked queues hold, each made at most once
+/// however many connections receive the frame.
 #[derive(Default)]
 pub(crate) struct Encoded {
     binary: Option<Result<Vec<u8>, String>>,
-    conv: Option<Arc<str>>,
+    pushed: Option<Arc<Pushed>>,
 }
 
 impl Encoded {
-    /// `conv` (the push's conversation), allocated once per push.
-    pub(super) fn conv(&mut self, conv: &str) -> Arc<str> {
-        self.conv.get_or_insert_with(|| Arc::from(conv)).clone()
+    /// The shared unacked entry of `d` (a `msg` push), made once per push.
+    pub(super) fn pushed(&mut self, d: &Delivery) -> &Arc<Pushed> {
+        self.pushed.get_or_insert_with(|| {
+            Arc::new(Pushed { conv: d.conv.as_str().into(), seq: d.seq, frame: d.frame.clone() })
+        })
     }
 
     fn binary(&mut self, json: &[u8]) -> Result<&[u8], String> {

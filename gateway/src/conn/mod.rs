@@ -81,12 +81,17 @@ enum Auth {
     Done(Box<Identity>),
 }
 
-struct Unacked {
-    /// Shared with every other receiver of the push on this shard.
-    conv: Arc<str>,
+/// A `msg` push as the unacked entries of every receiving connection of a shard share it:
+/// made once per push, so holding it costs a connection one reference count, not a copy.
+pub(crate) struct Pushed {
+    conv: Box<str>,
     seq: u64,
-    /// The push as logic sent it (canonical JSON, shared with every other receiver).
+    /// The push as logic sent it (canonical JSON).
     frame: Bytes,
+}
+
+struct Unacked {
+    push: Arc<Pushed>,
     attempts: u32,
 }
 
@@ -325,8 +330,8 @@ impl Conn {
     /// request is in flight (replies stay in request order), answers `ack.ok` here and queues
     /// the ack for logic (see `crate::acks`); `true` then. A `quiet` ack is not answered.
     fn ack_here(&mut self, rid: Option<u64>, conv: &str, seq: u64, quiet: bool, env: &mut Env) -> bool {
-        let held = self.unacked.iter().any(|u| &*u.conv == conv && u.seq >= seq);
-        self.unacked.retain(|u| !(&*u.conv == conv && u.seq <= seq));
+        let held = self.unacked.iter().any(|u| &*u.push.conv == conv && u.push.seq >= seq);
+        self.unacked.retain(|u| !(&*u.push.conv == conv && u.push.seq <= seq));
         if !held || env.cfg.ack_flush.is_zero() || self.inflight || !self.pending.is_empty() {
             return false;
         }
@@ -582,8 +587,8 @@ impl Conn {
             if self.unacked.len() >= env.cfg.max_unacked.max(1) {
                 self.unacked.remove(0);
             }
-            let conv = encoded.conv(&d.conv);
-            self.unacked.push(Unacked { conv, seq: d.seq, frame: d.frame.clone(), attempts: 0 });
+            let push = encoded.pushed(d).clone();
+            self.unacked.push(Unacked { push, attempts: 0 });
             if self.repush_timer.is_none() {
                 self.repush_timer = Some(self.arm(env, env.now + env.cfg.repush_interval, TimerKind::Repush));
             }
@@ -633,7 +638,7 @@ impl Conn {
                 let mut unacked = std::mem::take(&mut self.unacked);
                 for u in &mut unacked {
                     u.attempts += 1;
-                    if !matches!(self.queue_encoded(&u.frame, &mut Encoded::default(), env), Ok(true)) {
+                    if !matches!(self.queue_encoded(&u.push.frame, &mut Encoded::default(), env), Ok(true)) {
                         return;
                     }
                 }

@@ -271,7 +271,7 @@ pub(super) async fn store_and_push(
 }
 
 /// Queues the `msg` push of a stored message for `targets` (serialised once).
-async fn enqueue_msg(logic: &Logic, targets: HashMap<String, Vec<switchboard_proto::internal::Target>>, m: &Message) {
+async fn enqueue_msg(logic: &Logic, targets: crate::push::Targets, m: &Message) {
     let push = Bytes::from(serde_json::to_vec(&MsgPush { op: "msg", msg: m }).expect("messages serialize"));
     logic.pusher.enqueue(targets, push, Some(MsgRef { conv: &m.conv, seq: m.seq })).await;
 }
