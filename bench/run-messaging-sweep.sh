@@ -6,6 +6,7 @@
 #   cargo build --release -p switchboard -p switchboard-bench
 #   bash bench/run-messaging-sweep.sh [SUFFIX] [RATES...]    # RATES: total msgs/s offered
 #   LOAD_EXTRA=--quiet-acks bash bench/run-messaging-sweep.sh -quiet 10000   # extra load-tool flags
+#   SECS=10 bash bench/run-messaging-sweep.sh -short 20000   # the 10-second window of earlier reports
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -18,7 +19,7 @@ shift || true
 RATES=("$@")
 [ ${#RATES[@]} -gt 0 ] || RATES=(2000 10000 20000 30000 40000 60000)
 CONNS=${CONNS:-200}
-SECS=${SECS:-10}
+SECS=${SECS:-40}   # long enough for the embedded checkpoint to keep up or fall behind (see bench/README)
 D=$(mktemp -d /tmp/sb-sweep.XXXXXX)
 # shellcheck source=bench/lib.sh
 . "$ROOT/bench/lib.sh"
