@@ -142,6 +142,9 @@ pub struct Pusher {
     sessions: Arc<SessionWatch>,
 }
 
+/// Gateways a push's targets are grouped among by a search of the list; more are indexed.
+const LINEAR_GATEWAYS: usize = 8;
+
 /// A push's target connections, one list per gateway (each gateway once).
 pub type Targets = Vec<(String, Vec<Target>)>;
 
@@ -206,9 +209,11 @@ impl Pusher {
             }
         };
         self.sessions.pushed_to(users.iter().zip(&routes).flat_map(|(u, cs)| cs.iter().map(move |c| (u.as_str(), c))));
-        // A push reaches a handful of gateways: a list searched from its last hit beats hashing
-        // each target's gateway name.
+        // A push usually reaches a handful of gateways: a short list searched from its last hit
+        // beats hashing each target's gateway name; past `LINEAR_GATEWAYS` a hash index keeps a
+        // push to many gateways linear in its targets.
         let mut by_gateway = Targets::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
         let mut last = 0;
         for (user, conns) in users.iter().zip(&routes) {
             for c in conns.iter() {
@@ -216,13 +221,18 @@ impl Pusher {
                     continue;
                 }
                 if by_gateway.get(last).is_none_or(|(g, _)| *g != c.gateway) {
-                    last = match by_gateway.iter().position(|(g, _)| *g == c.gateway) {
-                        Some(i) => i,
-                        None => {
-                            by_gateway.push((c.gateway.clone(), Vec::new()));
-                            by_gateway.len() - 1
+                    let found = if by_gateway.len() <= LINEAR_GATEWAYS {
+                        by_gateway.iter().position(|(g, _)| *g == c.gateway)
+                    } else {
+                        for (i, (g, _)) in by_gateway.iter().enumerate().skip(index.len()) {
+                            index.insert(g.clone(), i);
                         }
+                        index.get(&c.gateway).copied()
                     };
+                    last = found.unwrap_or_else(|| {
+                        by_gateway.push((c.gateway.clone(), Vec::new()));
+                        by_gateway.len() - 1
+                    });
                 }
                 by_gateway[last].1.push(Target { conn_id: c.conn_id, user: user.clone() });
             }
@@ -381,6 +391,56 @@ mod tests {
             ..Default::default()
         };
         (d, room.clone().try_acquire_many_owned(1).unwrap())
+    }
+
+    /// Targets grouped per gateway: each gateway once, its targets in the users' order, the
+    /// sender's own connection skipped, with few gateways (searched) and many (indexed).
+    #[tokio::test]
+    async fn targets_are_grouped_per_gateway() {
+        for gateways in [3, 20] {
+            let routes = Arc::new(switchboard_storage::memory_routes::MemoryRoutes::default());
+            let users: Vec<String> = (0..40).map(|u| format!("u{u}")).collect();
+            for (u, user) in users.iter().enumerate() {
+                for d in 0..3 {
+                    let gateway = format!("http://gw{}:9000", (u * 7 + d) % gateways);
+                    let conn = ConnRef {
+                        gateway,
+                        conn_id: (u * 10 + d) as u64,
+                        device: format!("d{d}"),
+                        session: String::new(),
+                    };
+                    routes.add(user, conn).await.unwrap();
+                }
+            }
+            let (sessions, _checks) = SessionWatch::new(std::time::Duration::from_secs(60));
+            let pusher = Pusher::new(
+                routes,
+                Arc::new(GrpcPush::new(1 << 20, None)),
+                PushLimits::default(),
+                Arc::new(LogicMetrics::default()),
+                Arc::new(sessions),
+            );
+            let skip = ("http://gw0:9000", 0);
+            let targets = pusher.targets(&users, Some(skip)).await;
+            let names: std::collections::HashSet<&str> = targets.iter().map(|(g, _)| g.as_str()).collect();
+            assert_eq!(names.len(), targets.len(), "each gateway once");
+            assert_eq!(targets.len(), gateways);
+            let mut seen = 0;
+            for (gateway, list) in &targets {
+                seen += list.len();
+                let ids: Vec<u64> = list.iter().map(|t| t.conn_id).collect();
+                let mut sorted = ids.clone();
+                sorted.sort_unstable();
+                assert_eq!(ids, sorted, "targets keep the users' order");
+                for t in list {
+                    let (u, d) = (t.conn_id / 10, t.conn_id % 10);
+                    assert_eq!(t.user, format!("u{u}"));
+                    assert_eq!(*gateway, format!("http://gw{}:9000", (u * 7 + d) % gateways as u64));
+                }
+            }
+            assert_eq!(seen, 40 * 3 - 1, "every connection but the sender's");
+            assert!(!targets.iter().any(|(g, l)| g == skip.0 && l.iter().any(|t| t.conn_id == skip.1)));
+        }
     }
 
     #[test]
