@@ -53,6 +53,7 @@ pub fn defaults() -> Settings {
             embedded_checkpoint_ms: ms(c.interval),
             embedded_checkpoint_bytes: Some(c.bytes),
             embedded_checkpoint_nice: Some(c.nice),
+            embedded_log_linger_us: Some(c.linger.as_micros() as u64),
             ..Default::default()
         },
         data_dir: Some(PathBuf::from(DATA_DIR)),

@@ -82,7 +82,8 @@ fn roles_of(key: &str) -> &'static [Role] {
         // the store: a gateway reads Redis (its registry) only
         "backend" | "postgres_url" | "mongodb_url" | "mongodb_database" | "kafka_brokers" | "kafka_tls"
         | "topic_prefix" => LP,
-        "kafka_linger_ms" | "embedded_checkpoint_ms" | "embedded_checkpoint_bytes" | "embedded_checkpoint_nice" => L,
+        "kafka_linger_ms" | "embedded_checkpoint_ms" | "embedded_checkpoint_bytes" | "embedded_checkpoint_nice"
+        | "embedded_log_linger_us" => L,
         "redis_url" | "backend_ca_file" => GLP,
         "key_prefix" => GL,
         // every HTTP listener (the API, a gateway's or the persist worker's health listener)

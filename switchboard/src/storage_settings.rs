@@ -72,6 +72,11 @@ pub struct StorageSettings {
     /// threads answering sends run first (0 to 19); default 10.
     #[arg(long, env = "SB_EMBEDDED_CHECKPOINT_NICE")]
     pub embedded_checkpoint_nice: Option<i32>,
+    /// Embedded store: longest microseconds the log waits for more appends before writing a
+    /// batch, only under load (fewer fdatasyncs, at most this much more latency; 0 off);
+    /// default 1000.
+    #[arg(long, env = "SB_EMBEDDED_LOG_LINGER_US")]
+    pub embedded_log_linger_us: Option<u64>,
 }
 
 /// The cluster's durable store.
@@ -184,6 +189,10 @@ impl StorageSettings {
         }
         if let Some(n) = self.embedded_checkpoint_nice {
             p.nice = n.clamp(0, 19);
+        }
+        if let Some(us) = self.embedded_log_linger_us {
+            // Bounded: it adds to the latency of every send under load.
+            p.linger = Duration::from_micros(us.min(100_000));
         }
         p
     }
