@@ -47,7 +47,7 @@ pub(crate) enum Logged<T> {
 /// Writes a frozen tail generation into a transaction (a checkpoint).
 pub(crate) type Apply = fn(&WriteTransaction, &Gen) -> Result<()>;
 
-/// When the tail is handed to a checkpoint.
+/// How the log thread batches appends, and when the tail is handed to a checkpoint.
 #[derive(Debug, Clone, Copy)]
 pub struct CheckpointPolicy {
     /// Longest time appends wait in the log for their B-tree commit.
@@ -376,7 +376,7 @@ impl LogThread {
                 }
                 let msg = match rx.try_recv() {
                     Ok(m) => m,
-                    Err(mpsc::TryRecvError::Empty) if jobs.len() < LINGER_UNTIL => {
+                    Err(mpsc::TryRecvError::Empty) if !linger.is_zero() && jobs.len() < LINGER_UNTIL => {
                         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                             Ok(m) => m,
                             Err(_) => break,

@@ -16,23 +16,28 @@ fn switchboard() -> Command {
     c
 }
 
+/// Runs `c`, which must succeed, and returns what it printed.
+fn printed(c: &mut Command) -> String {
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
 #[test]
 fn config_print_merges_every_source_and_masks_secrets() {
     let dir = common::temp_dir("config-print");
     let file = dir.join("switchboard.toml");
     std::fs::write(&file, "ack_flush_ms = 20\nshards = 9\n[storage]\nbackend = \"postgres\"\nkey_prefix = \"k:\"\n")
         .unwrap();
-    let out = switchboard()
-        .args(["--config", file.to_str().unwrap(), "config", "--print", "--shards", "3"])
-        .args(["--cluster-secret", "a-cluster-secret-of-more-than-32-bytes"])
-        .args(["--redis-url", "redis://:hunter2@127.0.0.1:6379", "--public-ws", "ws://a.example/ws"])
-        .args(["--postgres-url", "postgres://sb:pw@127.0.0.1/sb", "--kafka-brokers", "127.0.0.1:9092"])
-        .env("SB_KEY_PREFIX", "env:")
-        .env("SB_MAX_FRAME_BYTES", "1000")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8(out.stdout).unwrap();
+    let text = printed(
+        switchboard()
+            .args(["--config", file.to_str().unwrap(), "config", "--print", "--shards", "3"])
+            .args(["--cluster-secret", "a-cluster-secret-of-more-than-32-bytes"])
+            .args(["--redis-url", "redis://:hunter2@127.0.0.1:6379", "--public-ws", "ws://a.example/ws"])
+            .args(["--postgres-url", "postgres://sb:pw@127.0.0.1/sb", "--kafka-brokers", "127.0.0.1:9092"])
+            .env("SB_KEY_PREFIX", "env:")
+            .env("SB_MAX_FRAME_BYTES", "1000"),
+    );
     for line in [
         "shards = 3\n",               // the flag wins over the file
         "ack_flush_ms = 20\n",        // from the file
@@ -57,8 +62,7 @@ fn config_print_merges_every_source_and_masks_secrets() {
     );
     // What it prints is a configuration file the binary reads back.
     std::fs::write(&file, text.replace("\"***\"", "\"another-cluster-secret-of-32-bytes-at-least\"")).unwrap();
-    let again = switchboard().args(["--config", file.to_str().unwrap(), "config"]).output().unwrap();
-    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    printed(switchboard().args(["--config", file.to_str().unwrap(), "config"]));
 
     std::fs::write(&file, "shards = 2\nbogus_key = 1\n").unwrap();
     let bad = switchboard().args(["--config", file.to_str().unwrap(), "config", "--print"]).output().unwrap();
@@ -133,12 +137,8 @@ fn each_role_reads_only_its_own_options() {
     let dir = common::temp_dir("config-roles");
     let file = dir.join("gateway.toml");
     std::fs::write(&file, "shards = 2\n[storage]\nredis_url = \"redis://127.0.0.1:1\"\n").unwrap();
-    let out = switchboard()
-        .args(["--config", file.to_str().unwrap(), "config", "--role", "gateway", "--print"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8(out.stdout).unwrap();
+    let text =
+        printed(switchboard().args(["--config", file.to_str().unwrap(), "config", "--role", "gateway", "--print"]));
     assert!(
         text.contains("shards = 2\n")
             && text.contains("redis_url = ")
@@ -152,22 +152,19 @@ fn each_role_reads_only_its_own_options() {
     assert!(!out.status.success() && err.contains("`shards` is not an option of the logic role"), "{err}");
     // Another role's SB_* variable is not refused but dropped: one environment file can serve
     // every role (all-in-one ignores the cluster's engines, the gateway logic's token key).
-    let out = switchboard()
-        .args(["--config", file.to_str().unwrap(), "config", "--role", "gateway", "--print"])
-        .env("SB_JWT_SECRET", "a-jwt-secret-of-more-than-32-bytes-0123456789")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(!String::from_utf8(out.stdout).unwrap().contains("jwt_secret"));
+    let text = printed(
+        switchboard()
+            .args(["--config", file.to_str().unwrap(), "config", "--role", "gateway", "--print"])
+            .env("SB_JWT_SECRET", "a-jwt-secret-of-more-than-32-bytes-0123456789"),
+    );
+    assert!(!text.contains("jwt_secret"));
     std::fs::write(dir.join("all.toml"), "shards = 1\n").unwrap();
-    let out = switchboard()
-        .args(["--config", dir.join("all.toml").to_str().unwrap(), "config", "--role", "all-in-one", "--print"])
-        .env("SB_REDIS_URL", "redis://127.0.0.1:1")
-        .env("SB_KAFKA_BROKERS", "127.0.0.1:2")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8(out.stdout).unwrap();
+    let text = printed(
+        switchboard()
+            .args(["--config", dir.join("all.toml").to_str().unwrap(), "config", "--role", "all-in-one", "--print"])
+            .env("SB_REDIS_URL", "redis://127.0.0.1:1")
+            .env("SB_KAFKA_BROKERS", "127.0.0.1:2"),
+    );
     assert!(!text.contains("redis") && text.contains("# storage.backend = \"embedded\""), "{text}");
     // A role started with it refuses it the same way.
     let out = switchboard().args(["--config", file.to_str().unwrap(), "persist"]).output().unwrap();
