@@ -13,9 +13,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use redb::{Database, ReadTransaction, ReadableTable, ReadableTableMetadata, Table, TableDefinition, WriteTransaction};
+use redb::{
+    Database, ReadTransaction, ReadableTable, ReadableTableMetadata, Table, TableDefinition, TableHandle,
+    WriteTransaction,
+};
 
 use crate::caches::{members_hash, role_in, ConvCache, ConvState, GroupCache, Members, Shared, MAX_RELATIONS};
+use crate::embedded_mids::{seq_of_mid, MIDS};
 use crate::embedded_search::IndexTables;
 pub use crate::group_commit::CheckpointPolicy;
 use crate::group_commit::{End, GroupCommit, Log, Logged, Reader};
@@ -46,8 +50,6 @@ const USER_CONVS: TableDefinition<(&str, &str), ()> = TableDefinition::new("user
 const ACKS: TableDefinition<(&str, &str, &str), u64> = TableDefinition::new("acks");
 /// (user, conv) -> read seq.
 const READS: TableDefinition<(&str, &str), u64> = TableDefinition::new("reads");
-/// (conv, mid) -> seq.
-pub(crate) const MIDS: TableDefinition<(&str, &str), u64> = TableDefinition::new("mids");
 /// group id -> Group as JSON.
 const GROUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("groups");
 /// (group, user) -> role.
@@ -107,11 +109,12 @@ impl EmbeddedStore {
             tx.open_table(PUSH_TOKENS)?;
             tx.open_table(TOKEN_OWNERS)?;
             tx.open_table(MUTES)?;
-            // The mid index arrived after the messages table: fill it for
-            // messages stored before it existed.
+            // The mid index arrived after the messages table: fill it for messages stored
+            // before it existed (newer messages are found by timestamp, `embedded_mids`).
+            let mids_existed = tx.list_tables()?.any(|t| t.name() == MIDS.name());
             let mut mids = tx.open_table(MIDS)?;
             let messages = tx.open_table(MESSAGES)?;
-            if mids.is_empty()? && !messages.is_empty()? {
+            if !mids_existed && !messages.is_empty()? {
                 for row in messages.iter()? {
                     let m: Message = serde_json::from_slice(row?.1.value())?;
                     mids.insert((m.conv.as_str(), m.mid.as_str()), m.seq)?;
@@ -580,9 +583,9 @@ impl<'t> MessageTables<'t> {
         })
     }
 
-    /// The seq of message `mid` of `conv`.
+    /// The seq of message `mid` of `conv`, including the messages this transaction wrote.
     fn seq_of_mid(&self, conv: &str, mid: &str) -> Result<Option<u64>> {
-        Ok(self.mids.get((conv, mid))?.map(|v| v.value()))
+        seq_of_mid(&self.mids, &self.messages, conv, mid)
     }
 
     /// Writes a stored message (`json` is its encoding) and its index rows, with the first
@@ -592,7 +595,6 @@ impl<'t> MessageTables<'t> {
         self.messages.insert((conv, m.seq), json)?;
         self.conv_seq.insert(conv, m.seq)?;
         self.cmids.insert((conv, m.from.as_str(), m.cmid.as_str()), m.seq)?;
-        self.mids.insert((conv, m.mid.as_str()), m.seq)?;
         for user in indexed {
             self.user_convs.insert((user.as_str(), conv), ())?;
         }
@@ -676,13 +678,11 @@ fn apply(tx: &WriteTransaction, gen: &Gen) -> Result<()> {
     let mut convs: Vec<_> = gen.convs.iter().collect();
     convs.sort_unstable_by(|a, b| a.0.cmp(b.0));
     let mut cmids = Vec::new();
-    let mut mids = Vec::new();
     for (conv, c) in &convs {
         for (seq, held) in &c.by_seq {
             tables.messages.insert((conv.as_str(), *seq), &held.json[..])?;
             if held.appended {
                 cmids.push((conv.as_str(), held.msg.from.as_str(), held.msg.cmid.as_str(), *seq));
-                mids.push((conv.as_str(), held.msg.mid.as_str(), *seq));
             }
         }
         if c.last > 0 {
@@ -692,10 +692,6 @@ fn apply(tx: &WriteTransaction, gen: &Gen) -> Result<()> {
     cmids.sort_unstable();
     for (conv, from, cmid, seq) in cmids {
         tables.cmids.insert((conv, from, cmid), seq)?;
-    }
-    mids.sort_unstable();
-    for (conv, mid, seq) in mids {
-        tables.mids.insert((conv, mid), seq)?;
     }
     // The derived indexes, each conversation's messages in seq order (an edit after its target).
     let mut index = IndexTables::open(tx)?;
@@ -1057,10 +1053,8 @@ impl MessageStore for EmbeddedStore {
             return Ok(Some((*m).clone()));
         }
         let (c, mid) = (conv.to_owned(), mid.to_owned());
-        self.indexed_message(conv, move |tx| {
-            Ok(tx.open_table(MIDS)?.get((c.as_str(), mid.as_str()))?.map(|v| v.value()))
-        })
-        .await
+        self.indexed_message(conv, move |tx| seq_of_mid(&tx.open_table(MIDS)?, &tx.open_table(MESSAGES)?, &c, &mid))
+            .await
     }
 
     /// Logged like an append: the recalled form replaces the message in the tail at once and in
@@ -1293,20 +1287,54 @@ impl GroupStore for EmbeddedStore {
 mod tests {
     use super::*;
 
+    /// Messages are found by mid without a row of the mid index (by their timestamp, once a
+    /// checkpoint wrote them and after a restart); a database from before the index existed
+    /// gets it filled once, and its rows are still read.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn mid_index_is_filled_for_older_databases() {
+    async fn mids_are_found_by_timestamp_and_older_databases_get_their_index() {
         let dir = std::env::temp_dir().join(format!("sb-mids-{}", crate::contract::prefix()));
-        let store = EmbeddedStore::open(&dir).unwrap();
-        let msg = NewMessage {
+        let msg = |cmid: &str| NewMessage {
             conv: "d:a:b".into(),
             from: "a".into(),
-            cmid: "c1".into(),
+            cmid: cmid.into(),
             kind: "text".into(),
             body: serde_json::json!("hi"),
             reply_to: None,
             mentions: Vec::new(),
         };
-        let stored = store.append(msg, &["a".to_string()]).await.unwrap().msg;
+        // First from the tail (no checkpoint for an hour), then from the B-trees.
+        let hour = std::time::Duration::from_secs(3600);
+        let store = EmbeddedStore::open_with(&dir, CheckpointPolicy { interval: hour, ..Default::default() }).unwrap();
+        let mut stored = Vec::new();
+        for i in 0..20 {
+            stored.push(store.append(msg(&format!("c{i}")), &["a".to_string()]).await.unwrap().msg);
+        }
+        for m in &stored {
+            assert_eq!(store.find_mid("d:a:b", &m.mid).await.unwrap().as_ref(), Some(m));
+            assert_eq!(store.find_mid("d:a:c", &m.mid).await.unwrap(), None);
+        }
+        assert_eq!(store.find_mid("d:a:b", &format!("{:011x}{:016x}", stored[0].ts, 7)).await.unwrap(), None);
+        drop(store);
+        let policy =
+            CheckpointPolicy { interval: std::time::Duration::from_millis(20), bytes: 1 << 20, ..Default::default() };
+        let store = EmbeddedStore::open_with(&dir, policy).unwrap();
+        stored.push(store.append(msg("c20"), &["a".to_string()]).await.unwrap().msg);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        for m in &stored {
+            assert_eq!(store.find_mid("d:a:b", &m.mid).await.unwrap().as_ref(), Some(m));
+        }
+        drop(store);
+        let mid_rows = || {
+            let db = Database::create(dir.join("switchboard.redb")).unwrap();
+            let tx = db.begin_read().unwrap();
+            tx.open_table(MIDS).unwrap().len().unwrap()
+        };
+        assert_eq!(mid_rows(), 0, "a checkpoint writes no mid index rows");
+        let store = EmbeddedStore::open(&dir).unwrap();
+        for m in &stored {
+            assert_eq!(store.find_mid("d:a:b", &m.mid).await.unwrap().as_ref(), Some(m));
+        }
+        assert_eq!(store.find_mid("d:a:b", &format!("{:011x}{:016x}", stored[0].ts, 7)).await.unwrap(), None);
         // a database written before the mid index existed
         drop(store);
         let db = Database::create(dir.join("switchboard.redb")).unwrap();
@@ -1314,8 +1342,10 @@ mod tests {
         tx.delete_table(MIDS).unwrap();
         tx.commit().unwrap();
         drop(db);
+        drop(EmbeddedStore::open(&dir).unwrap());
+        assert_eq!(mid_rows(), 21);
         let store = EmbeddedStore::open(&dir).unwrap();
-        assert_eq!(store.find_mid("d:a:b", &stored.mid).await.unwrap(), Some(stored));
+        assert_eq!(store.find_mid("d:a:b", &stored[3].mid).await.unwrap().as_ref(), Some(&stored[3]));
         std::fs::remove_dir_all(&dir).ok();
     }
 

@@ -102,10 +102,10 @@ pub(crate) fn create(
     if existed {
         return Ok(());
     }
-    let mids = tx.open_table(crate::embedded::MIDS)?;
+    let mids = tx.open_table(crate::embedded_mids::MIDS)?;
     for row in messages.iter()? {
         let m: Message = serde_json::from_slice(row?.1.value())?;
-        tables.message(&m, true, &m.mentions, |mid| Ok(mids.get((m.conv.as_str(), mid))?.map(|v| v.value())))?;
+        tables.message(&m, true, &m.mentions, |mid| crate::embedded_mids::seq_of_mid(&mids, messages, &m.conv, mid))?;
     }
     tables.finish()
 }

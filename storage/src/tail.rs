@@ -59,8 +59,6 @@ pub(crate) struct Gen {
     pub convs: Map<String, ConvTail>,
     /// "conv\0from\0cmid" -> seq, of the messages appended here.
     cmids: Map<String, u64>,
-    /// "conv\0mid" -> seq, of the messages appended here.
-    mids: Map<String, u64>,
     /// user -> conversations first indexed for them here.
     pub indexed: HashMap<String, Vec<String>>,
     /// (user, device) -> conv -> acked seq.
@@ -78,19 +76,17 @@ impl Gen {
     fn add(&mut self, entry: Entry) {
         match entry {
             Entry::Message { msg, json, indexed, bytes } => {
-                // The decoded message (its body as a JSON tree), its encoding, its keys in the
-                // two maps, and one index row per newly indexed member.
+                // The decoded message (its body as a JSON tree), its encoding, its key in the
+                // cmid map, and one index row per newly indexed member.
                 self.bytes += bytes
                     + json.len()
                     + value_bytes(&msg.body)
                     + 4 * msg.conv.len()
                     + msg.from.len()
                     + msg.cmid.len()
-                    + msg.mid.len()
                     + 256
                     + indexed.iter().map(|u| u.len() + msg.conv.len() + 64).sum::<usize>();
                 self.cmids.insert(cmid_key(&msg.conv, &msg.from, &msg.cmid), msg.seq);
-                self.mids.insert(mid_key(&msg.conv, &msg.mid), msg.seq);
                 for user in indexed {
                     self.indexed.entry(user).or_default().push(msg.conv.clone());
                 }
@@ -141,7 +137,6 @@ impl Gen {
             }
         }
         self.cmids.extend(newer.cmids);
-        self.mids.extend(newer.mids);
         for (user, convs) in newer.indexed {
             self.indexed.entry(user).or_default().extend(convs);
         }
@@ -189,10 +184,6 @@ pub(crate) struct Tail(Arc<Mutex<Inner>>);
 
 fn cmid_key(conv: &str, from: &str, cmid: &str) -> String {
     format!("{conv}\0{from}\0{cmid}")
-}
-
-fn mid_key(conv: &str, mid: &str) -> String {
-    format!("{conv}\0{mid}")
 }
 
 impl Tail {
@@ -334,9 +325,18 @@ impl Tail {
 
     /// The message `mid` of `conv`, if it was appended in the tail.
     pub fn by_mid(&self, conv: &str, mid: &str) -> Option<Arc<Message>> {
+        let ts = crate::embedded_mids::ts_of(mid)?;
         let t = self.lock();
-        let key = mid_key(conv, mid);
-        let seq = t.gens().find_map(|g| g.mids.get(&key).copied())?;
+        let seq = t.gens().find_map(|g| {
+            let by_seq = &g.convs.get(conv)?.by_seq;
+            let first_from = |seq| Ok::<_, ()>(by_seq.range(seq..).next().map(|(&s, h)| (s, h.msg.ts)));
+            let from = crate::embedded_mids::first_seq_at(ts, *by_seq.keys().next_back()?, first_from).ok()?;
+            by_seq
+                .range(from..)
+                .take_while(|(_, h)| h.msg.ts == ts)
+                .find(|(_, h)| h.appended && h.msg.mid == mid)
+                .map(|(&s, _)| s)
+        })?;
         t.at(conv, seq, false)
     }
 
