@@ -13,12 +13,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use redb::{
-    Database, ReadTransaction, ReadableTable, ReadableTableMetadata, Table, TableDefinition, TableHandle,
-    WriteTransaction,
-};
+use redb::{Database, ReadTransaction, ReadableTable, ReadableTableMetadata, Table, TableHandle, WriteTransaction};
 
 use crate::caches::{members_hash, role_in, ConvCache, ConvState, GroupCache, Members, Shared, MAX_RELATIONS};
+use crate::embedded_keys::Utf8;
 use crate::embedded_mids::{seq_of_mid, MIDS};
 use crate::embedded_search::IndexTables;
 pub use crate::group_commit::CheckpointPolicy;
@@ -32,38 +30,47 @@ use crate::{
 
 use End::{Abort, Commit};
 
-const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
-const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
-/// refresh token hash -> session id, for every token ever issued.
-const REFRESH: TableDefinition<&str, &str> = TableDefinition::new("refresh");
-/// (user, other) -> FriendState as JSON.
-const FRIENDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("friends");
-/// (conv, seq) -> Message as JSON.
-pub(crate) const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
-/// conv -> last seq.
-const CONV_SEQ: TableDefinition<&str, u64> = TableDefinition::new("conv_seq");
-/// (conv, from, cmid) -> seq.
-const CMIDS: TableDefinition<(&str, &str, &str), u64> = TableDefinition::new("cmids");
-/// (user, conv) -> () membership index.
-const USER_CONVS: TableDefinition<(&str, &str), ()> = TableDefinition::new("user_convs");
-/// (user, device, conv) -> acked seq.
-const ACKS: TableDefinition<(&str, &str, &str), u64> = TableDefinition::new("acks");
-/// (user, conv) -> read seq.
-const READS: TableDefinition<(&str, &str), u64> = TableDefinition::new("reads");
-/// group id -> Group as JSON.
-const GROUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("groups");
-/// (group, user) -> role.
-const GROUP_MEMBERS: TableDefinition<(&str, &str), &str> = TableDefinition::new("group_members");
-/// (user, group) -> role (the reverse index of `GROUP_MEMBERS`).
-const USER_GROUPS: TableDefinition<(&str, &str), &str> = TableDefinition::new("user_groups");
-/// (user, device) -> PushToken as JSON.
-const PUSH_TOKENS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("push_tokens");
-/// push token -> (user, device) holding it.
-const TOKEN_OWNERS: TableDefinition<&str, (&str, &str)> = TableDefinition::new("token_owners");
-/// (user, conv) -> muted until (ms).
-const MUTES: TableDefinition<(&str, &str), u64> = TableDefinition::new("mutes");
-/// (user, other): `user` blocks `other`.
-const BLOCKS: TableDefinition<(&str, &str), ()> = TableDefinition::new("blocks");
+/// The tables, their string keys compared as bytes ([`Utf8`]; a database keyed the older way is
+/// moved over when opened, [`crate::embedded_keys`]).
+pub(crate) mod tables {
+    use redb::TableDefinition;
+
+    use crate::embedded_keys::Utf8;
+
+    pub(crate) const USERS: TableDefinition<Utf8, &[u8]> = TableDefinition::new("users.v2");
+    pub(crate) const SESSIONS: TableDefinition<Utf8, &[u8]> = TableDefinition::new("sessions.v2");
+    /// refresh token hash -> session id, for every token ever issued.
+    pub(crate) const REFRESH: TableDefinition<Utf8, &str> = TableDefinition::new("refresh.v2");
+    /// (user, other) -> FriendState as JSON.
+    pub(crate) const FRIENDS: TableDefinition<(Utf8, Utf8), &[u8]> = TableDefinition::new("friends.v2");
+    /// (conv, seq) -> Message as JSON.
+    pub(crate) const MESSAGES: TableDefinition<(Utf8, u64), &[u8]> = TableDefinition::new("messages.v2");
+    /// conv -> last seq.
+    pub(crate) const CONV_SEQ: TableDefinition<Utf8, u64> = TableDefinition::new("conv_seq.v2");
+    /// (conv, from, cmid) -> seq.
+    pub(crate) const CMIDS: TableDefinition<(Utf8, Utf8, Utf8), u64> = TableDefinition::new("cmids.v2");
+    /// (user, conv) -> () membership index.
+    pub(crate) const USER_CONVS: TableDefinition<(Utf8, Utf8), ()> = TableDefinition::new("user_convs.v2");
+    /// (user, device, conv) -> acked seq.
+    pub(crate) const ACKS: TableDefinition<(Utf8, Utf8, Utf8), u64> = TableDefinition::new("acks.v2");
+    /// (user, conv) -> read seq.
+    pub(crate) const READS: TableDefinition<(Utf8, Utf8), u64> = TableDefinition::new("reads.v2");
+    /// group id -> Group as JSON.
+    pub(crate) const GROUPS: TableDefinition<Utf8, &[u8]> = TableDefinition::new("groups.v2");
+    /// (group, user) -> role.
+    pub(crate) const GROUP_MEMBERS: TableDefinition<(Utf8, Utf8), &str> = TableDefinition::new("group_members.v2");
+    /// (user, group) -> role (the reverse index of `GROUP_MEMBERS`).
+    pub(crate) const USER_GROUPS: TableDefinition<(Utf8, Utf8), &str> = TableDefinition::new("user_groups.v2");
+    /// (user, device) -> PushToken as JSON.
+    pub(crate) const PUSH_TOKENS: TableDefinition<(Utf8, Utf8), &[u8]> = TableDefinition::new("push_tokens.v2");
+    /// push token -> (user, device) holding it.
+    pub(crate) const TOKEN_OWNERS: TableDefinition<Utf8, (&str, &str)> = TableDefinition::new("token_owners.v2");
+    /// (user, conv) -> muted until (ms).
+    pub(crate) const MUTES: TableDefinition<(Utf8, Utf8), u64> = TableDefinition::new("mutes.v2");
+    /// (user, other): `user` blocks `other`.
+    pub(crate) const BLOCKS: TableDefinition<(Utf8, Utf8), ()> = TableDefinition::new("blocks.v2");
+}
+pub(crate) use tables::*;
 
 /// All stores over one redb file. Cheap to clone.
 #[derive(Clone)]
@@ -91,6 +98,7 @@ impl EmbeddedStore {
         std::fs::create_dir_all(dir).map_err(|e| StorageError::embedded(format!("{}: {e}", dir.display())))?;
         let db = Database::create(dir.join("switchboard.redb"))?;
         let tx = db.begin_write()?;
+        crate::embedded_keys::carry_legacy(&tx)?;
         {
             tx.open_table(USERS)?;
             tx.open_table(SESSIONS)?;
@@ -216,7 +224,7 @@ fn update_json<'k, K: redb::Key + 'static, T: serde::Serialize + serde::de::Dese
 /// The rows of a table keyed by (first, second) whose first part is
 /// `first`, in key order, each mapped by `f` from (second, value).
 pub(crate) fn rows_under<V: redb::Value + 'static, R>(
-    table: &impl ReadableTable<(&'static str, &'static str), V>,
+    table: &impl ReadableTable<(Utf8, Utf8), V>,
     first: &str,
     mut f: impl FnMut(&str, V::SelfType<'_>) -> Result<R>,
 ) -> Result<Vec<R>> {
@@ -437,13 +445,13 @@ impl AccountStore for EmbeddedStore {
 }
 
 /// Sets the relation of `a` to `b` and of `b` to `a`.
-fn put_pair(t: &mut Table<(&str, &str), &[u8]>, a: &str, b: &str, ab: &FriendState, ba: &FriendState) -> Result<()> {
+fn put_pair(t: &mut Table<(Utf8, Utf8), &[u8]>, a: &str, b: &str, ab: &FriendState, ba: &FriendState) -> Result<()> {
     put_json(t, (a, b), ab)?;
     put_json(t, (b, a), ba)
 }
 
 /// Removes the relation in both directions; whether `a -> b` existed.
-fn remove_pair(t: &mut Table<(&str, &str), &[u8]>, a: &str, b: &str) -> Result<bool> {
+fn remove_pair(t: &mut Table<(Utf8, Utf8), &[u8]>, a: &str, b: &str) -> Result<bool> {
     let existed = t.remove((a, b))?.is_some();
     t.remove((b, a))?;
     Ok(existed)
@@ -565,11 +573,11 @@ impl SocialStore for EmbeddedStore {
 /// The tables a message append writes, each opened once (an open and its close each cost a
 /// lookup in the transaction's table tree).
 struct MessageTables<'t> {
-    messages: Table<'t, (&'static str, u64), &'static [u8]>,
-    conv_seq: Table<'t, &'static str, u64>,
-    cmids: Table<'t, (&'static str, &'static str, &'static str), u64>,
-    mids: Table<'t, (&'static str, &'static str), u64>,
-    user_convs: Table<'t, (&'static str, &'static str), ()>,
+    messages: Table<'t, (Utf8, u64), &'static [u8]>,
+    conv_seq: Table<'t, Utf8, u64>,
+    cmids: Table<'t, (Utf8, Utf8, Utf8), u64>,
+    mids: Table<'t, (Utf8, Utf8), u64>,
+    user_convs: Table<'t, (Utf8, Utf8), ()>,
 }
 
 impl<'t> MessageTables<'t> {

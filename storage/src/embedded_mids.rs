@@ -14,11 +14,12 @@ use std::borrow::Cow;
 use redb::{ReadableTable, TableDefinition};
 use serde::Deserialize;
 
+use crate::embedded_keys::Utf8;
 use crate::Result;
 
 /// (conv, mid) -> seq: the mid index of the messages stored before mids were found by
 /// timestamp. Only read (and filled for a database older than it).
-pub(crate) const MIDS: TableDefinition<(&str, &str), u64> = TableDefinition::new("mids");
+pub(crate) const MIDS: TableDefinition<(Utf8, Utf8), u64> = TableDefinition::new("mids.v2");
 
 /// What a lookup reads of a stored message.
 #[derive(Deserialize)]
@@ -40,8 +41,8 @@ pub(crate) fn ts_of(mid: &str) -> Option<u64> {
 /// The seq of message `mid` of `conv`: from the legacy index, else by its timestamp in
 /// `messages` (a write transaction's table sees the rows it inserted itself).
 pub(crate) fn seq_of_mid(
-    mids: &impl ReadableTable<(&'static str, &'static str), u64>,
-    messages: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
+    mids: &impl ReadableTable<(Utf8, Utf8), u64>,
+    messages: &impl ReadableTable<(Utf8, u64), &'static [u8]>,
     conv: &str,
     mid: &str,
 ) -> Result<Option<u64>> {
@@ -101,7 +102,7 @@ mod tests {
     use super::*;
     use crate::Message;
 
-    const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
+    use crate::embedded::MESSAGES;
 
     fn message(conv: &str, seq: u64, ts: u64, mid: &str) -> Vec<u8> {
         serde_json::to_vec(&Message {

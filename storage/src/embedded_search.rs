@@ -8,24 +8,25 @@ use std::sync::Arc;
 
 use redb::{ReadTransaction, ReadableTable, Table, TableDefinition, TableHandle, WriteTransaction};
 
+use crate::embedded_keys::Utf8;
 use crate::search::{change_of, doc_terms, Found, IndexChange, SearchQuery};
 use crate::{Message, Result};
 
 /// (user, conv) -> the highest seq of a message of conv that mentions the user.
-pub(crate) const MENTIONS: TableDefinition<(&str, &str), u64> = TableDefinition::new("mentions");
+pub(crate) const MENTIONS: TableDefinition<(Utf8, Utf8), u64> = TableDefinition::new("mentions.v2");
 /// (conv, seq) -> (the seq of the latest edit, its text): the current text of an edited message.
-pub(crate) const EDITS: TableDefinition<(&str, u64), (u64, &str)> = TableDefinition::new("search_edits");
+pub(crate) const EDITS: TableDefinition<(Utf8, u64), (u64, &str)> = TableDefinition::new("search_edits.v2");
 /// (term, conv, seq): a text conv#seq had (its own or an edit's) holds the term. Postings are
 /// only added: a reader checks each candidate's current text (a recall or a later edit leaves
 /// postings that no longer hold), which keeps a checkpoint to one insert per new term.
-pub(crate) const TERMS: TableDefinition<(i64, &str, u64), ()> = TableDefinition::new("search_terms");
+pub(crate) const TERMS: TableDefinition<(i64, Utf8, u64), ()> = TableDefinition::new("search_terms.v2");
 
 /// The index tables, opened once per write transaction. Postings are gathered and written in
 /// key order by [`IndexTables::finish`] (neighbouring inserts touch the same pages).
 pub(crate) struct IndexTables<'t> {
-    mentions: Table<'t, (&'static str, &'static str), u64>,
-    edits: Table<'t, (&'static str, u64), (u64, &'static str)>,
-    terms: Table<'t, (i64, &'static str, u64), ()>,
+    mentions: Table<'t, (Utf8, Utf8), u64>,
+    edits: Table<'t, (Utf8, u64), (u64, &'static str)>,
+    terms: Table<'t, (i64, Utf8, u64), ()>,
     postings: Vec<(i64, String, u64)>,
 }
 
@@ -93,10 +94,7 @@ impl<'t> IndexTables<'t> {
 
 /// Creates the tables (a new file, or one written before they existed) and fills them from the
 /// stored messages when they are new.
-pub(crate) fn create(
-    tx: &WriteTransaction,
-    messages: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
-) -> Result<()> {
+pub(crate) fn create(tx: &WriteTransaction, messages: &impl ReadableTable<(Utf8, u64), &'static [u8]>) -> Result<()> {
     let existed = tx.list_tables()?.any(|t| t.name() == EDITS.name());
     let mut tables = IndexTables::open(tx)?;
     if existed {

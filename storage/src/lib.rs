@@ -9,6 +9,7 @@ pub mod cluster_caches;
 pub mod contract;
 pub mod contract_durable;
 pub mod embedded;
+mod embedded_keys;
 mod embedded_mids;
 mod embedded_search;
 mod error;
