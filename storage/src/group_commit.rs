@@ -20,6 +20,7 @@
 //! plain job that fails with an error fails its batch, whose transaction is dropped.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -184,7 +185,7 @@ impl GroupCommit {
             tree: tree_tx.clone(),
             in_flight: false,
             since: None,
-            deferred: Vec::new(),
+            deferred: VecDeque::new(),
             broken: false,
             stopping: false,
         };
@@ -320,7 +321,7 @@ struct LogThread {
     /// When the active generation got its first entry.
     since: Option<Instant>,
     /// Jobs received while waiting for a checkpoint, run before any newer one.
-    deferred: Vec<AppendJob>,
+    deferred: VecDeque<AppendJob>,
     /// The B-tree thread is gone: nothing logged from now on could reach the B-trees, so
     /// appends are refused (the log replays what it holds at the next start).
     broken: bool,
@@ -336,8 +337,8 @@ impl LogThread {
             if self.stopping && self.deferred.is_empty() {
                 break;
             }
-            let first = if !self.deferred.is_empty() {
-                self.deferred.remove(0)
+            let first = if let Some(job) = self.deferred.pop_front() {
+                job
             } else {
                 let msg = match self.since {
                     Some(since) if !self.in_flight => {
@@ -370,8 +371,8 @@ impl LogThread {
             let linger = if last_batch >= LINGER_AFTER { self.policy.linger } else { Duration::ZERO };
             let deadline = Instant::now() + linger;
             while jobs.len() < MAX_BATCH {
-                if !self.deferred.is_empty() {
-                    jobs.push(self.deferred.remove(0));
+                if let Some(job) = self.deferred.pop_front() {
+                    jobs.push(job);
                     continue;
                 }
                 let msg = match rx.try_recv() {
@@ -417,7 +418,7 @@ impl LogThread {
     fn wait_done(&mut self, rx: &mpsc::Receiver<LogMsg>) {
         while self.in_flight {
             match rx.recv() {
-                Ok(LogMsg::Job(job)) => self.deferred.push(job),
+                Ok(LogMsg::Job(job)) => self.deferred.push_back(job),
                 Ok(LogMsg::Done) => self.in_flight = false,
                 Ok(LogMsg::Stop) => self.stopping = true,
                 Err(_) => return,
