@@ -1301,15 +1301,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn mids_are_found_by_timestamp_and_older_databases_get_their_index() {
         let dir = std::env::temp_dir().join(format!("sb-mids-{}", crate::contract::prefix()));
-        let msg = |cmid: &str| NewMessage {
-            conv: "d:a:b".into(),
-            from: "a".into(),
-            cmid: cmid.into(),
-            kind: "text".into(),
-            body: serde_json::json!("hi"),
-            reply_to: None,
-            mentions: Vec::new(),
-        };
+        let msg = |cmid: &str| crate::contract::text("d:a:b", "a", cmid, "hi");
         // First from the tail (no checkpoint for an hour), then from the B-trees.
         let hour = std::time::Duration::from_secs(3600);
         let store = EmbeddedStore::open_with(&dir, CheckpointPolicy { interval: hour, ..Default::default() }).unwrap();

@@ -142,8 +142,9 @@ mod tests {
     use redb::{Database, ReadableTableMetadata};
 
     use super::*;
+    use crate::contract::text;
     use crate::embedded::EmbeddedStore;
-    use crate::{Message, NewMessage};
+    use crate::Message;
 
     #[test]
     fn utf8_keys_sort_as_str() {
@@ -162,17 +163,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sb-keys-{}", crate::contract::prefix()));
         std::fs::create_dir_all(&dir).unwrap();
         let message = Message {
-            conv: "d:a:b".into(),
             // a mid whose first 11 digits are not its timestamp: only the carried index finds it
             mid: format!("{:011x}{:016x}", 1, 2),
-            seq: 1,
-            from: "a".into(),
-            cmid: "c1".into(),
-            kind: "text".into(),
-            body: serde_json::json!("hello"),
-            ts: 1_700_000_000_000,
-            reply_to: None,
-            mentions: Vec::new(),
+            ..text("d:a:b", "a", "c1", "hello").stored_as(1, 1_700_000_000_000)
         };
         let json = serde_json::to_vec(&message).unwrap();
         {
@@ -212,15 +205,7 @@ mod tests {
         assert_eq!(store.range("d:a:b", 0, 10).await.unwrap(), vec![message.clone()]);
         assert_eq!(store.find_cmid("d:a:b", "a", "c1").await.unwrap(), Some(message.clone()));
         assert_eq!(store.find_mid("d:a:b", &message.mid).await.unwrap(), Some(message.clone()));
-        let new = NewMessage {
-            conv: "d:a:b".into(),
-            from: "a".into(),
-            cmid: "c2".into(),
-            kind: "text".into(),
-            body: serde_json::json!("again"),
-            reply_to: None,
-            mentions: Vec::new(),
-        };
+        let new = text("d:a:b", "a", "c2", "again");
         assert_eq!(store.append(new, &["a".into(), "b".into()]).await.unwrap().msg.seq, 2);
         drop(store);
         let db = Database::create(dir.join("switchboard.redb")).unwrap();

@@ -100,24 +100,13 @@ mod tests {
     use redb::Database;
 
     use super::*;
+    use crate::contract::text;
+    use crate::embedded::MESSAGES;
     use crate::Message;
 
-    use crate::embedded::MESSAGES;
-
     fn message(conv: &str, seq: u64, ts: u64, mid: &str) -> Vec<u8> {
-        serde_json::to_vec(&Message {
-            conv: conv.into(),
-            mid: mid.into(),
-            seq,
-            from: "a".into(),
-            cmid: format!("c{seq}"),
-            kind: "text".into(),
-            body: serde_json::json!("hi"),
-            ts,
-            reply_to: None,
-            mentions: Vec::new(),
-        })
-        .unwrap()
+        let stored = text(conv, "a", &format!("c{seq}"), "hi").stored_as(seq, ts);
+        serde_json::to_vec(&Message { mid: mid.into(), ..stored }).unwrap()
     }
 
     #[test]
