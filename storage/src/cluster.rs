@@ -27,9 +27,11 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use crate::kafka::{Producer, Topics};
-use crate::record_batch::RecordBatcher;
+use crate::record_batch::{Acked, RecordBatcher};
 use crate::redis::{Alloc, CmidRecord, CmidState, Completion, RedisStore};
-use crate::{now_ms, Appended, DurableLog, Message, MessageStore, NewMessage, Result, SequencedRecord, StorageError};
+use crate::{
+    now_ms, Appended, DurableLog, Message, MessageStore, NewMessage, Placed, Result, SequencedRecord, StorageError,
+};
 
 /// The `type` of a void record: a seq that will never hold a message.
 pub const VOID: &str = "void";
@@ -147,8 +149,31 @@ impl ClusterMessages {
     }
 
     async fn publish(&self, msg: &Message, members: &[String]) -> Result<()> {
+        self.submit(msg, members).await?.await
+    }
+
+    /// Hands `msg`'s record to the batcher (in order after every record handed over before);
+    /// the answer waits for the broker's acknowledgement.
+    async fn submit(&self, msg: &Message, members: &[String]) -> Result<Acked> {
         let record = SequencedRecord { msg: msg.clone(), members: members.to_vec(), recall: false };
-        self.records.send(&msg.conv, serde_json::to_vec(&record)?).await
+        self.records.submit(&msg.conv, serde_json::to_vec(&record)?).await
+    }
+
+    /// [`MessageStore::place`]: a new cmid in a conversation whose cmids Redis all holds (the
+    /// common case) is reserved and handed to the batcher, the rest waits outside the caller's
+    /// lock. Anything else (a retry, a conversation Redis is unsure of, a lost counter) runs the
+    /// whole [`MessageStore::append`] here.
+    async fn place_new(&self, msg: &NewMessage, members: &[String]) -> Result<Box<dyn Placed>> {
+        if !self.is_unsure(&msg.conv) {
+            if let Alloc::New(rec) = self.alloc(msg, None, true).await? {
+                let m = rec.message().ok_or_else(|| StorageError::Corrupt("reserved without content".into()))?;
+                let acked = self.submit(&m, members).await?;
+                let redis = self.redis.clone();
+                return Ok(Box::new(Publishing { redis, msg: m, members: members.to_vec(), acked: Some(acked) }));
+            }
+        }
+        let appended = self.append(msg.clone(), members).await?;
+        Ok(Box::new(Settled(appended)))
     }
 
     async fn publish_void(&self, conv: &str, seq: u64, ts: u64) -> Result<()> {
@@ -388,6 +413,10 @@ impl MessageStore for ClusterMessages {
         Err(StorageError::Busy(format!("the send of cmid {} in {} did not settle", msg.cmid, msg.conv)))
     }
 
+    async fn place(&self, msg: &NewMessage, members: &[String]) -> Option<Result<Box<dyn Placed>>> {
+        Some(self.place_new(msg, members).await)
+    }
+
     async fn find_cmid(&self, conv: &str, from: &str, cmid: &str) -> Result<Option<Message>> {
         if let Some(rec) = self.redis.cmid(conv, from, cmid).await?.filter(|r| r.state == CmidState::Done) {
             if let Some(m) = self.get(conv, rec.seq).await? {
@@ -510,6 +539,54 @@ impl MessageStore for ClusterMessages {
         self.records.send(conv, serde_json::to_vec(&record)?).await?;
         self.redis.replace_cached(&recalled).await?;
         Ok(Some(recalled))
+    }
+}
+
+/// A reserved message handed to the broker ([`ClusterMessages::place_new`]).
+struct Publishing {
+    redis: RedisStore,
+    msg: Message,
+    members: Vec<String>,
+    acked: Option<Acked>,
+}
+
+#[async_trait]
+impl Placed for Publishing {
+    async fn durable(&mut self) -> Result<()> {
+        match self.acked.take() {
+            Some(acked) => acked.await,
+            None => Ok(()),
+        }
+    }
+
+    /// Marks the reservation done and caches the message. A reservation claimed for a void
+    /// meanwhile (the send took longer than the void timeout) is not reported as sent: the
+    /// answer is `Busy`, and the client's retry of the cmid learns which record won.
+    async fn finish(self: Box<Self>) -> Result<Appended> {
+        let Publishing { redis, msg, members, acked } = *self;
+        debug_assert!(acked.is_none(), "finished before it was durable");
+        match redis.complete(&msg, &members).await? {
+            Completion::Done => Ok(Appended { msg, duplicate: false }),
+            Completion::Already => Ok(Appended { msg, duplicate: true }),
+            Completion::Void | Completion::Moved => Err(StorageError::Busy(format!(
+                "{}#{} was claimed for a void before its send completed; retry the cmid",
+                msg.conv, msg.seq
+            ))),
+        }
+    }
+}
+
+/// An append that [`ClusterMessages::place_new`] ran to its end.
+struct Settled(Appended);
+
+#[async_trait]
+impl Placed for Settled {
+    async fn durable(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn finish(self: Box<Self>) -> Result<Appended> {
+        Ok(self.0)
     }
 }
 

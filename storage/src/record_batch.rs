@@ -7,14 +7,17 @@
 //! is already waiting, with no linger), groups it by partition in arrival order, and produces
 //! one record per partition (cut at [`MAX_RECORD_BYTES`]); each send returns once the broker
 //! acknowledged the record holding it. The broker and the persist worker then pay per record
-//! what they paid per message.
+//! what they paid per message. A partition has one record with the broker at a time: sends that
+//! arrive meanwhile wait for it and share the next record, so under load records grow (one per
+//! broker round trip per partition) instead of the broker's queue, and a lightly loaded
+//! partition produces at once.
 //!
 //! A message goes to the partition its conversation's key would get from librdkafka's default
 //! partitioner (CRC-32 of the key modulo the partition count, [`partition_of`]), so the records
 //! of one conversation, batched or not, stay in one partition in the order they were sent:
 //! the persist worker relies on that order (the first record of a seq wins).
 
-use std::collections::BTreeMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use rdkafka::producer::FutureRecord;
@@ -28,6 +31,9 @@ use crate::{Result, StorageError};
 pub const MAX_RECORD_BYTES: usize = 512 * 1024;
 /// Sends waiting for the batcher at most; more wait for room.
 const QUEUE: usize = 16_384;
+/// Bytes of messages waiting for a partition's record in flight at most; beyond it the batcher
+/// takes no more sends until the broker acknowledges one.
+const MAX_WAITING_BYTES: usize = 64 * 1024 * 1024;
 /// How often the topic's partition count is read again.
 const METADATA_EVERY: Duration = Duration::from_secs(30);
 
@@ -85,13 +91,33 @@ impl RecordBatcher {
     /// Sends one message (a JSON document without raw newlines) keyed by `key`; returns once
     /// the broker acknowledged the record that holds it.
     pub async fn send(&self, key: &str, payload: Vec<u8>) -> Result<()> {
+        self.submit(key, payload).await?.await
+    }
+
+    /// [`RecordBatcher::send`] in two steps: hands the message over (messages handed over one
+    /// after another reach their partition in that order) and returns what waits for the
+    /// broker's acknowledgement.
+    pub async fn submit(&self, key: &str, payload: Vec<u8>) -> Result<Acked> {
         debug_assert!(!payload.contains(&b'\n'), "a batched message is one line");
         let (done, answer) = oneshot::channel();
         self.tx
             .send(Item { key: key.to_owned(), payload, done })
             .await
             .map_err(|_| StorageError::kafka("the record batcher stopped"))?;
-        answer.await.map_err(|_| StorageError::kafka("the record batcher stopped"))?
+        Ok(Acked(answer))
+    }
+}
+
+/// The broker's acknowledgement of a message handed to [`RecordBatcher::submit`].
+pub struct Acked(oneshot::Receiver<Result<()>>);
+
+impl std::future::Future for Acked {
+    type Output = Result<()>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<()>> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|answer| answer.unwrap_or_else(|_| Err(StorageError::kafka("the record batcher stopped"))))
     }
 }
 
@@ -102,64 +128,108 @@ struct Record {
     waiting: Vec<oneshot::Sender<Result<()>>>,
 }
 
+/// The records of one partition waiting for the broker, oldest first, and whether one of its
+/// records is with the broker now.
+#[derive(Default)]
+struct Lane {
+    queue: VecDeque<Record>,
+    busy: bool,
+}
+
+impl Lane {
+    /// Adds a message to the newest waiting record, or starts one when it would pass
+    /// [`MAX_RECORD_BYTES`].
+    fn push(&mut self, item: Item) {
+        let fits = self.queue.back().is_some_and(|r| r.payload.len() + 1 + item.payload.len() <= MAX_RECORD_BYTES);
+        if !fits {
+            self.queue.push_back(Record::default());
+        }
+        let r = self.queue.back_mut().expect("one record at least");
+        if !r.payload.is_empty() {
+            r.payload.push(b'\n');
+        }
+        r.payload.extend_from_slice(&item.payload);
+        r.waiting.push(item.done);
+    }
+}
+
 async fn run(producer: Producer, topic: String, mut rx: mpsc::Receiver<Item>) {
     let mut partitions: Option<(i32, Instant)> = None;
-    while let Some(first) = rx.recv().await {
-        let count = match partitions {
-            Some((n, at)) if at.elapsed() < METADATA_EVERY => n,
-            _ => match producer.partition_count(&topic).await {
-                Ok(n) => {
-                    partitions = Some((n, Instant::now()));
-                    n
+    // A partition has one record with the broker at a time: what arrives meanwhile waits and
+    // goes in the next record, so records grow with the load instead of the broker's queue.
+    let mut lanes: HashMap<i32, Lane> = HashMap::new();
+    let (acked_tx, mut acked_rx) = mpsc::unbounded_channel::<i32>();
+    let mut waiting_bytes = 0usize;
+    loop {
+        tokio::select! {
+            biased;
+            Some(partition) = acked_rx.recv() => {
+                if let Some(lane) = lanes.get_mut(&partition) {
+                    lane.busy = false;
                 }
-                // The last count still holds; without one, nothing can be placed.
-                Err(e) => match partitions {
-                    Some((n, _)) => n,
-                    None => {
-                        let _ = first.done.send(Err(e));
-                        continue;
-                    }
-                },
-            },
-        };
-        let mut items = vec![first];
-        let mut bytes = items[0].payload.len();
-        let deadline = tokio::time::Instant::now() + producer.batch_linger();
-        while bytes < MAX_RECORD_BYTES * count as usize {
-            let next = match rx.try_recv() {
-                Ok(item) => Some(item),
-                Err(_) if producer.batch_linger().is_zero() => None,
-                Err(_) => tokio::time::timeout_at(deadline, rx.recv()).await.ok().flatten(),
-            };
-            let Some(item) = next else { break };
-            bytes += item.payload.len();
-            items.push(item);
+            }
+            first = rx.recv(), if waiting_bytes < MAX_WAITING_BYTES => {
+                let Some(first) = first else { break };
+                let count = match partitions {
+                    Some((n, at)) if at.elapsed() < METADATA_EVERY => n,
+                    _ => match producer.partition_count(&topic).await {
+                        Ok(n) => {
+                            partitions = Some((n, Instant::now()));
+                            n
+                        }
+                        // The last count still holds; without one, nothing can be placed.
+                        Err(e) => match partitions {
+                            Some((n, _)) => n,
+                            None => {
+                                let _ = first.done.send(Err(e));
+                                continue;
+                            }
+                        },
+                    },
+                };
+                let mut items = vec![first];
+                let mut bytes = items[0].payload.len();
+                let deadline = tokio::time::Instant::now() + producer.batch_linger();
+                while bytes < MAX_RECORD_BYTES * count as usize {
+                    let next = match rx.try_recv() {
+                        Ok(item) => Some(item),
+                        Err(_) if producer.batch_linger().is_zero() => None,
+                        Err(_) => tokio::time::timeout_at(deadline, rx.recv()).await.ok().flatten(),
+                    };
+                    let Some(item) = next else { break };
+                    bytes += item.payload.len();
+                    items.push(item);
+                }
+                waiting_bytes += bytes;
+                for item in items {
+                    lanes.entry(partition_of(&item.key, count)).or_default().push(item);
+                }
+            }
         }
-        let mut records: BTreeMap<i32, Vec<Record>> = BTreeMap::new();
-        for item in items {
-            let queue = records.entry(partition_of(&item.key, count)).or_default();
-            let fits = queue.last().is_some_and(|r| r.payload.len() + 1 + item.payload.len() <= MAX_RECORD_BYTES);
-            if !fits {
-                queue.push(Record::default());
+        for (&partition, lane) in lanes.iter_mut() {
+            if lane.busy {
+                continue;
             }
-            let r = queue.last_mut().expect("one record at least");
-            if !r.payload.is_empty() {
-                r.payload.push(b'\n');
+            if let Some(r) = lane.queue.pop_front() {
+                lane.busy = true;
+                // the payload less its separators (one fewer than its messages)
+                waiting_bytes -= r.payload.len() + 1 - r.waiting.len();
+                produce(&producer, &topic, partition, r, acked_tx.clone()).await;
             }
-            r.payload.extend_from_slice(&item.payload);
-            r.waiting.push(item.done);
         }
-        for (partition, queue) in records {
-            for r in queue {
-                produce(&producer, &topic, partition, r).await;
-            }
+    }
+    // Every handle is gone: what still waits goes to the broker now (its senders may still wait).
+    for (partition, lane) in lanes {
+        for r in lane.queue {
+            produce(&producer, &topic, partition, r, acked_tx.clone()).await;
         }
     }
 }
 
 /// Hands one record to librdkafka (in order: records of one partition keep the order they are
-/// handed over in) and answers its senders once the broker acknowledged it, without waiting.
-async fn produce(producer: &Producer, topic: &str, partition: i32, r: Record) {
+/// handed over in) and answers its senders once the broker acknowledged it, without waiting;
+/// then reports its partition on `acked`.
+async fn produce(producer: &Producer, topic: &str, partition: i32, r: Record, acked: mpsc::UnboundedSender<i32>) {
     let handed = Instant::now();
     let give_up = handed + producer.timeout();
     let delivery = loop {
@@ -180,7 +250,10 @@ async fn produce(producer: &Producer, topic: &str, partition: i32, r: Record) {
         }
     };
     match delivery {
-        Err(e) => answer(Err(e.to_string()), r.waiting),
+        Err(e) => {
+            answer(Err(e.to_string()), r.waiting);
+            let _ = acked.send(partition);
+        }
         Ok(delivery) => {
             // librdkafka reports every record within its `message.timeout.ms`.
             tokio::spawn(async move {
@@ -193,6 +266,7 @@ async fn produce(producer: &Producer, topic: &str, partition: i32, r: Record) {
                     Err(_) => Err("the producer was dropped".to_owned()),
                 };
                 answer(result, r.waiting);
+                let _ = acked.send(partition);
             });
         }
     }

@@ -69,6 +69,37 @@ pub trait SocialStore: Send + Sync {
     async fn blocked(&self, user: &str) -> Result<Vec<String>>;
 }
 
+/// A message whose seq is fixed, on its way to being stored ([`MessageStore::place`]).
+#[async_trait]
+pub trait Placed: Send {
+    /// Waits until the message is durable. Several sends of one conversation may wait at once.
+    async fn durable(&mut self) -> Result<()>;
+    /// Makes the durable message visible to readers and returns it. Callers finish the sends of
+    /// a conversation in seq order, each once the one before it has finished (however that
+    /// ended), so readers never see a seq before the ones under it.
+    async fn finish(self: Box<Self>) -> Result<Appended>;
+}
+
+/// An append whose place was fixed when it was started ([`MessageStore::append_ordered`]).
+struct Written {
+    write: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Result<Appended>> + Send + 'static>>>,
+    appended: Option<Appended>,
+}
+
+#[async_trait]
+impl Placed for Written {
+    async fn durable(&mut self) -> Result<()> {
+        if let Some(write) = self.write.take() {
+            self.appended = Some(write.await?);
+        }
+        Ok(())
+    }
+
+    async fn finish(self: Box<Self>) -> Result<Appended> {
+        self.appended.ok_or_else(|| crate::StorageError::Corrupt("an append finished before it was durable".into()))
+    }
+}
+
 /// Durable messages with per-conversation sequence numbers.
 #[async_trait]
 pub trait MessageStore: Send + Sync {
@@ -88,6 +119,17 @@ pub trait MessageStore: Send + Sync {
         _members: &[String],
     ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = Result<Appended>> + Send + 'static>>> {
         None
+    }
+    /// [`MessageStore::append`] in steps, for stores that fix a message's place before it is
+    /// durable (a cluster's seq allocation takes a round trip): the call ends once the seq is fixed, so appends whose
+    /// calls ran one after another get their seqs in that order, and a caller holds its
+    /// conversation lock across this call only. The rest ([`Placed`]) runs outside it. `None`
+    /// when the store has no such steps.
+    /// By default a store that orders its appends ([`MessageStore::append_ordered`]) places them
+    /// that way.
+    async fn place(&self, msg: &NewMessage, members: &[String]) -> Option<Result<Box<dyn Placed>>> {
+        let write = self.append_ordered(msg, members)?;
+        Some(Ok(Box::new(Written { write: Some(write), appended: None })))
     }
     /// The message `from` sent in `conv` with this cmid, if stored.
     async fn find_cmid(&self, conv: &str, from: &str, cmid: &str) -> Result<Option<Message>>;

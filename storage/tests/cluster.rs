@@ -560,3 +560,64 @@ async fn sends_share_records_in_their_conversations_partitions() {
     eventually("the bad line is dead-lettered", || worker.stats.dead_lettered.load(Ordering::Relaxed) == 1).await;
     worker.stop().await;
 }
+
+/// Sends placed one after another (as logic does under its conversation lock) get their seqs
+/// in that order, wait for the broker together (sharing records, in seq order in their
+/// partition), and stay invisible until finished, in order: a reader sees a gap-free prefix at
+/// every step. A retry of a placed cmid, and a place of a known cmid, settle as duplicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placed_sends_wait_for_the_broker_together_and_show_in_order() {
+    use switchboard_storage::record_batch::split;
+    let Some(env) = env() else { return };
+    let (p, redis, pg, topics) = engines_for_a_run(&env).await;
+    let producer = Producer::batching(&env.brokers, Duration::from_secs(10), Duration::from_millis(20)).unwrap();
+    let cluster = ClusterMessages::new(redis, producer.clone(), topics.clone(), Arc::new(pg.clone()));
+    let conv = format!("d:{p}ann:{p}bob");
+    let members = vec!["ann".to_string(), "bob".to_string()];
+
+    let mut placed = Vec::new();
+    for i in 1..=30 {
+        placed
+            .push(cluster.place(&text(&conv, &format!("p{i}")), &members).await.expect("the cluster places").unwrap());
+    }
+    assert!(cluster.range(&conv, 0, 100).await.unwrap().is_empty(), "nothing is visible before it is finished");
+    // all wait for the broker at once
+    let waits: Vec<_> =
+        placed.into_iter().map(|mut p| tokio::spawn(async move { p.durable().await.map(|()| p) })).collect();
+    let mut durable = Vec::new();
+    for w in waits {
+        durable.push(w.await.unwrap().unwrap());
+    }
+    for (i, p) in durable.into_iter().enumerate() {
+        let a = p.finish().await.unwrap();
+        assert_eq!(
+            (a.msg.seq, a.msg.cmid.as_str(), a.duplicate),
+            (i as u64 + 1, format!("p{}", i + 1).as_str(), false)
+        );
+        let seen: Vec<u64> = cluster.range(&conv, 0, 100).await.unwrap().into_iter().map(|m| m.seq).collect();
+        assert_eq!(seen, (1..=i as u64 + 1).collect::<Vec<_>>(), "a gap-free prefix after each finish");
+    }
+
+    let retry = cluster.append(text(&conv, "p5"), &members).await.unwrap();
+    assert!(retry.duplicate && retry.msg.seq == 5, "{retry:?}");
+    let mut known = cluster.place(&text(&conv, "p7"), &members).await.unwrap().unwrap();
+    known.durable().await.unwrap();
+    let known = known.finish().await.unwrap();
+    assert!(known.duplicate && known.msg.seq == 7, "{known:?}");
+
+    // the 30 sends share records, in seq order in their partition
+    let mut records = 0;
+    let mut order = Vec::new();
+    for (_, payload) in read_topic(&env, &producer, &topics.messages).await {
+        let lines: Vec<SequencedRecord> = split(&payload).map(|l| serde_json::from_slice(l).unwrap()).collect();
+        if lines.iter().any(|r| r.msg.conv == conv) {
+            records += 1;
+            order.extend(lines.iter().map(|r| r.msg.seq));
+        }
+    }
+    assert_eq!(order, (1..=30).collect::<Vec<_>>());
+    assert!(records < 30, "30 placed sends took {records} records");
+    let worker = Worker::start(&env.brokers, &topics, &pg);
+    assert_eq!(wait_durable(&pg, &conv, 30).await, (1..=30).collect::<Vec<_>>());
+    worker.stop().await;
+}

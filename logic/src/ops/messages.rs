@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use switchboard_storage::{FriendState, Message, NewMessage};
+use switchboard_storage::{Appended, FriendState, Message, NewMessage};
 
 use super::groups::{require_role, valid_group_id};
 use super::{fields, require_user, Caller, Fields};
@@ -222,38 +222,34 @@ pub(super) async fn store_and_push(
     let targets = logic.pusher.targets(members, Some((&caller.gateway, caller.conn_id))).await;
     let mut tail = logic.conv_lock(&conv).lock().await;
     let store = &logic.stores.messages;
-    let appended = match store.append_ordered(&new, index) {
-        Some(write) => {
-            // The message's place is fixed already: wait for durability without the lock. Pushes
-            // still leave in seq order: each send enqueues after the previous one of its lock
-            // stripe has (`done` is dropped, which signals the next, however this ends).
+    let appended = match store.place(&new, index).await {
+        Some(placed) => {
+            // The message's place is fixed (at once on the embedded store, after a round trip
+            // to Redis in a cluster): wait for durability without the lock, alongside later
+            // sends of the conversation. It becomes visible and its push leaves only after the
+            // send before it in the lock's stripe has (`done` is dropped, which signals the next,
+            // however this ends), so pushes leave in seq order.
+            let mut placed = placed?;
             let (done, next) = tokio::sync::oneshot::channel::<()>();
             let prev = tail.replace(next);
             drop(tail);
             let started = std::time::Instant::now();
-            let appended = write.await;
+            let durable = placed.durable().await;
             logic.metrics.latency.append.observe(started.elapsed().as_secs_f64());
             if let Some(prev) = prev {
                 let _ = prev.await;
             }
-            let appended = appended?;
+            let appended = match durable {
+                Ok(()) => placed.finish().await,
+                Err(e) => Err(e),
+            }?;
             if !appended.duplicate {
                 enqueue_msg(logic, targets, &appended.msg).await;
             }
             drop(done);
             appended
         }
-        None => {
-            let started = std::time::Instant::now();
-            let appended = store.append(new, index).await;
-            logic.metrics.latency.append.observe(started.elapsed().as_secs_f64());
-            let appended = appended?;
-            if !appended.duplicate {
-                enqueue_msg(logic, targets, &appended.msg).await;
-            }
-            drop(tail);
-            appended
-        }
+        None => append_locked(logic, tail, new, index, targets).await?,
     };
     let m = &appended.msg;
     let span = tracing::Span::current();
@@ -268,6 +264,26 @@ pub(super) async fn store_and_push(
         logic.cursors.read(&caller.user, &m.conv, m.seq).await?;
     }
     Ok(fields(json!({"conv": m.conv, "mid": m.mid, "seq": m.seq, "ts": m.ts})))
+}
+
+/// An append on a store without ordered steps: the conversation lock (`tail`) covers the whole
+/// write and the push's hand-off.
+async fn append_locked(
+    logic: &Logic,
+    tail: tokio::sync::MutexGuard<'_, crate::ConvTail>,
+    new: NewMessage,
+    index: &[String],
+    targets: crate::push::Targets,
+) -> Result<Appended, ApiError> {
+    let started = std::time::Instant::now();
+    let appended = logic.stores.messages.append(new, index).await;
+    logic.metrics.latency.append.observe(started.elapsed().as_secs_f64());
+    let appended = appended?;
+    if !appended.duplicate {
+        enqueue_msg(logic, targets, &appended.msg).await;
+    }
+    drop(tail);
+    Ok(appended)
 }
 
 /// Queues the `msg` push of a stored message for `targets` (serialised once).
