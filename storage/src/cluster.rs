@@ -28,7 +28,8 @@ use async_trait::async_trait;
 
 use crate::kafka::{Producer, Topics};
 use crate::record_batch::{Acked, RecordBatcher};
-use crate::redis::{Alloc, CmidRecord, CmidState, Completion, RedisStore};
+use crate::redis::{Alloc, CmidRecord, CmidState, CompleteRequest, Completion, RedisStore};
+use crate::redis_batch::ScriptBatcher;
 use crate::{
     now_ms, Appended, DurableLog, Message, MessageStore, NewMessage, Placed, Result, SequencedRecord, StorageError,
 };
@@ -84,6 +85,8 @@ pub struct ClusterMessages {
     /// store first, without asking again (a conversation never becomes complete again).
     unsure: std::sync::Mutex<std::collections::HashSet<String>>,
     redis: RedisStore,
+    /// Reserves and completes seqs, many sends per script call.
+    scripts: ScriptBatcher,
     producer: Producer,
     /// Publishes the message topic's records, many sends per record.
     records: RecordBatcher,
@@ -98,10 +101,11 @@ pub struct ClusterMessages {
 const SEED_WAIT: Duration = Duration::from_secs(30);
 
 impl ClusterMessages {
-    /// Starts the record batcher: call on a Tokio runtime.
+    /// Starts the record and script batchers: call on a Tokio runtime.
     pub fn new(redis: RedisStore, producer: Producer, topics: Topics, durable: Arc<dyn MessageStore>) -> Self {
         let records = RecordBatcher::start(producer.clone(), topics.messages.clone());
-        Self { unsure: Default::default(), redis, producer, records, topics, durable, persisted: None }
+        let scripts = ScriptBatcher::start(redis.clone());
+        Self { unsure: Default::default(), redis, scripts, producer, records, topics, durable, persisted: None }
     }
 
     /// Seeds lost counters only from a complete store: `log` is the durable store as the
@@ -167,9 +171,10 @@ impl ClusterMessages {
         if !self.is_unsure(&msg.conv) {
             if let Alloc::New(rec) = self.alloc(msg, None, true).await? {
                 let m = rec.message().ok_or_else(|| StorageError::Corrupt("reserved without content".into()))?;
+                let done = self.redis.complete_request(&m, members)?;
                 let acked = self.submit(&m, members).await?;
-                let redis = self.redis.clone();
-                return Ok(Box::new(Publishing { redis, msg: m, members: members.to_vec(), acked: Some(acked) }));
+                let scripts = self.scripts.clone();
+                return Ok(Box::new(Publishing { scripts, msg: m, done, acked: Some(acked) }));
             }
         }
         let appended = self.append(msg.clone(), members).await?;
@@ -213,7 +218,7 @@ impl ClusterMessages {
     /// [`RedisStore::alloc`], seeding a missing counter first.
     async fn alloc(&self, msg: &NewMessage, replace: Option<&str>, complete_only: bool) -> Result<Alloc> {
         for _ in 0..3 {
-            match self.redis.alloc(msg, now_ms(), replace, complete_only).await? {
+            match self.scripts.alloc(self.redis.alloc_request(msg, replace, complete_only)?).await? {
                 Alloc::NoCounter => {
                     self.reseed(&msg.conv).await?;
                     // The store is complete now: a cmid Redis forgot with its counter is there.
@@ -252,7 +257,7 @@ impl ClusterMessages {
     /// so this attempt may not report it as sent.
     async fn deliver(&self, m: Message, members: &[String]) -> Result<Option<Appended>> {
         self.publish(&m, members).await?;
-        Ok(match self.redis.complete(&m, members).await? {
+        Ok(match self.scripts.complete(self.redis.complete_request(&m, members)?).await? {
             Completion::Done => Some(Appended { msg: m, duplicate: false }),
             Completion::Already => Some(Appended { msg: m, duplicate: true }),
             Completion::Void | Completion::Moved => None,
@@ -544,9 +549,10 @@ impl MessageStore for ClusterMessages {
 
 /// A reserved message handed to the broker ([`ClusterMessages::place_new`]).
 struct Publishing {
-    redis: RedisStore,
+    scripts: ScriptBatcher,
     msg: Message,
-    members: Vec<String>,
+    /// Its completion, once the broker has it.
+    done: CompleteRequest,
     acked: Option<Acked>,
 }
 
@@ -563,9 +569,9 @@ impl Placed for Publishing {
     /// meanwhile (the send took longer than the void timeout) is not reported as sent: the
     /// answer is `Busy`, and the client's retry of the cmid learns which record won.
     async fn finish(self: Box<Self>) -> Result<Appended> {
-        let Publishing { redis, msg, members, acked } = *self;
+        let Publishing { scripts, msg, done, acked } = *self;
         debug_assert!(acked.is_none(), "finished before it was durable");
-        match redis.complete(&msg, &members).await? {
+        match scripts.complete(done).await? {
             Completion::Done => Ok(Appended { msg, duplicate: false }),
             Completion::Already => Ok(Appended { msg, duplicate: true }),
             Completion::Void | Completion::Moved => Err(StorageError::Busy(format!(

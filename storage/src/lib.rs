@@ -25,6 +25,7 @@ pub mod persist;
 pub mod postgres;
 pub mod record_batch;
 pub mod redis;
+pub mod redis_batch;
 pub mod search;
 mod tail;
 pub mod tls;

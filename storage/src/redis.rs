@@ -38,31 +38,49 @@ const RECENT_TTL_SECS: i64 = 24 * 3600;
 
 /// Allocates the next seq of a conversation unless the cmid is known, and
 /// stores the message's content in the cmid record in the same step, so that
-/// no seq is ever reserved without what is needed to publish it.
-/// KEYS: cmid, seq counter, last ts, pending index, the time the counter started from zero.
-/// ARGV: now_ms, cmid ttl, content (JSON), a voided record to replace ('' for none), and ''
-/// or the longest time since the counter started from zero for which an unknown cmid counts as
-/// new (beyond it, or without that time, the answer is {3, ''}: ask the durable store first).
-/// Returns {0, record} (new), {1, record} (known cmid), {2, ''} (no
-/// counter: reseed it from the durable store first) or {3, ''}.
+/// no seq is ever reserved without what is needed to publish it; for several sends in one call
+/// (each as if alone, in order).
+/// KEYS: the pending index, then per send: cmid, seq counter, last ts, the time the counter
+/// started from zero.
+/// ARGV: now_ms, cmid ttl, then per send: content (JSON), a voided record to replace ('' for
+/// none), and '' or the longest time since the counter started from zero for which an unknown
+/// cmid counts as new (beyond it, or without that time, the answer is {3, ''}: ask the durable
+/// store first).
+/// Returns per send {0, record} (new), {1, record} (known cmid), {2, ''} (no
+/// counter: reseed it from the durable store first) or {3, ''}, all in one flat list.
 const ALLOC_SCRIPT: &str = r#"
-local v = redis.call('GET', KEYS[1])
-if v and v ~= ARGV[4] then return {1, v} end
-if redis.call('EXISTS', KEYS[2]) == 0 then return {2, ''} end
-if ARGV[5] ~= '' then
-  local born = tonumber(redis.call('GET', KEYS[5]) or '-1')
-  if born < 0 or tonumber(ARGV[1]) - born >= tonumber(ARGV[5]) then return {3, ''} end
-end
-local seq = redis.call('INCR', KEYS[2])
 local now = tonumber(ARGV[1])
-local last = tonumber(redis.call('GET', KEYS[3]) or '0')
-local ts = now
-if last > now then ts = last end
-redis.call('SET', KEYS[3], string.format('%d', ts))
-local val = string.format('%d:%d:p:', seq, ts) .. ARGV[3]
-redis.call('SET', KEYS[1], val, 'EX', ARGV[2])
-redis.call('ZADD', KEYS[4], now, KEYS[1])
-return {0, val}
+local function unsure(k, a)
+  if ARGV[a + 3] == '' then return false end
+  local born = tonumber(redis.call('GET', KEYS[k + 4]) or '-1')
+  return born < 0 or now - born >= tonumber(ARGV[a + 3])
+end
+local out = {}
+local k, a = 1, 2
+while k < #KEYS do
+  local code, val = 0, ''
+  local v = redis.call('GET', KEYS[k + 1])
+  if v and v ~= ARGV[a + 2] then
+    code, val = 1, v
+  elseif redis.call('EXISTS', KEYS[k + 2]) == 0 then
+    code = 2
+  elseif unsure(k, a) then
+    code = 3
+  else
+    local seq = redis.call('INCR', KEYS[k + 2])
+    local last = tonumber(redis.call('GET', KEYS[k + 3]) or '0')
+    local ts = now
+    if last > now then ts = last end
+    redis.call('SET', KEYS[k + 3], string.format('%d', ts))
+    val = string.format('%d:%d:p:', seq, ts) .. ARGV[a + 1]
+    redis.call('SET', KEYS[k + 1], val, 'EX', ARGV[2])
+    redis.call('ZADD', KEYS[1], now, KEYS[k + 1])
+  end
+  out[#out + 1] = code
+  out[#out + 1] = val
+  k, a = k + 4, a + 3
+end
+return out
 "#;
 
 /// The scripts of every send, hashed once.
@@ -82,29 +100,40 @@ return ARGV[2]
 "#;
 
 /// Marks a reserved message as acknowledged by the broker and caches it, in
-/// one step, unless the seq was claimed for a void meanwhile.
-/// KEYS: cmid, recent cache, pending index, then the `convs` set of each member.
-/// ARGV: "seq:ts:" of the reservation, done record, cmid ttl, message JSON,
-/// seq, cache size, cache ttl, conv.
-/// Returns 'done' (marked now), 'already' (marked before), 'void' (claimed
+/// one step, unless the seq was claimed for a void meanwhile; for several sends in one call
+/// (each as if alone, in order).
+/// KEYS: the pending index, then per send: cmid, recent cache, then the `convs` set of each
+/// member.
+/// ARGV: cmid ttl, cache size, cache ttl, then per send: the number of members, "seq:ts:" of
+/// the reservation, done record, message JSON, seq, conv.
+/// Returns per send 'done' (marked now), 'already' (marked before), 'void' (claimed
 /// for a void: the caller must not report success) or 'moved' (the cmid
 /// names another seq now).
 const COMPLETE_SCRIPT: &str = r#"
-local v = redis.call('GET', KEYS[1])
-local head = ARGV[1]
-if v then
-  if string.sub(v, 1, #head) ~= head then return 'moved' end
-  local st = string.sub(v, #head + 1, #head + 1)
-  if st == 'v' then return 'void' end
-  if st == 'd' then return 'already' end
+local out = {}
+local k, a = 1, 3
+while a < #ARGV do
+  local members, head = tonumber(ARGV[a + 1]), ARGV[a + 2]
+  local answer = 'done'
+  local v = redis.call('GET', KEYS[k + 1])
+  if v then
+    local st = string.sub(v, #head + 1, #head + 1)
+    if string.sub(v, 1, #head) ~= head then answer = 'moved'
+    elseif st == 'v' then answer = 'void'
+    elseif st == 'd' then answer = 'already' end
+  end
+  if answer == 'done' then
+    redis.call('SET', KEYS[k + 1], ARGV[a + 3], 'EX', ARGV[1])
+    redis.call('ZREM', KEYS[1], KEYS[k + 1])
+    redis.call('ZADD', KEYS[k + 2], ARGV[a + 5], ARGV[a + 4])
+    redis.call('ZREMRANGEBYRANK', KEYS[k + 2], 0, -tonumber(ARGV[2]) - 1)
+    redis.call('EXPIRE', KEYS[k + 2], ARGV[3])
+    for i = 1, members do redis.call('SADD', KEYS[k + 2 + i], ARGV[a + 6]) end
+  end
+  out[#out + 1] = answer
+  k, a = k + 2 + members, a + 6
 end
-redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
-redis.call('ZREM', KEYS[3], KEYS[1])
-redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4])
-redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -tonumber(ARGV[6]) - 1)
-redis.call('EXPIRE', KEYS[2], ARGV[7])
-for i = 4, #KEYS do redis.call('SADD', KEYS[i], ARGV[8]) end
-return 'done'
+return out
 "#;
 
 /// Claims an overdue pending seq for a void: the record turns from pending
@@ -267,6 +296,24 @@ pub enum Alloc {
     Unsure,
 }
 
+/// One send's reservation for [`RedisStore::alloc_many`] ([`RedisStore::alloc_request`]).
+pub struct AllocRequest {
+    keys: [String; 4],
+    content: String,
+    replace: String,
+    window: String,
+}
+
+/// One send's completion for [`RedisStore::complete_many`] ([`RedisStore::complete_request`]).
+pub struct CompleteRequest {
+    /// The cmid record, the recent cache, then each member's `convs` set.
+    keys: Vec<String>,
+    head: String,
+    json: String,
+    seq: u64,
+    conv: String,
+}
+
 /// The answer of [`RedisStore::complete`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Completion {
@@ -372,28 +419,51 @@ impl RedisStore {
         replace: Option<&str>,
         complete_only: bool,
     ) -> Result<Alloc> {
-        let script = &*ALLOC;
-        let (code, val): (i64, String) = script
-            .key(self.cmid_key(&msg.conv, &msg.from, &msg.cmid))
-            .key(self.key(&["seq", &msg.conv]))
-            .key(self.key(&["ts", &msg.conv]))
-            .key(self.pending_index())
-            .key(self.key(&["born", &msg.conv]))
-            .arg(now_ms)
-            .arg(CMID_TTL_SECS)
-            .arg(serde_json::to_string(&Content::of(msg))?)
-            .arg(replace.unwrap_or(""))
-            .arg(if complete_only { CMIDS_COMPLETE_MS.to_string() } else { String::new() })
-            .invoke_async(&mut self.conn.clone())
-            .await?;
-        let bad = || StorageError::Corrupt(format!("seq allocation answered {code} {val:?}"));
-        match code {
-            0 => CmidRecord::parse(&val).map(Alloc::New).ok_or_else(bad),
-            1 => CmidRecord::parse(&val).map(Alloc::Known).ok_or_else(bad),
-            2 => Ok(Alloc::NoCounter),
-            3 => Ok(Alloc::Unsure),
-            _ => Err(bad()),
+        let one = self.alloc_request(msg, replace, complete_only)?;
+        let mut answers = self.alloc_many(std::slice::from_ref(&one), now_ms).await?;
+        answers.pop().ok_or_else(|| StorageError::Corrupt("seq allocation answered nothing".into()))
+    }
+
+    /// The reservation [`RedisStore::alloc`] makes, for [`RedisStore::alloc_many`].
+    pub fn alloc_request(&self, msg: &NewMessage, replace: Option<&str>, complete_only: bool) -> Result<AllocRequest> {
+        Ok(AllocRequest {
+            keys: [
+                self.cmid_key(&msg.conv, &msg.from, &msg.cmid),
+                self.key(&["seq", &msg.conv]),
+                self.key(&["ts", &msg.conv]),
+                self.key(&["born", &msg.conv]),
+            ],
+            content: serde_json::to_string(&Content::of(msg))?,
+            replace: replace.unwrap_or("").to_owned(),
+            window: if complete_only { CMIDS_COMPLETE_MS.to_string() } else { String::new() },
+        })
+    }
+
+    /// [`RedisStore::alloc`] for several sends in one script call, each answered as if alone.
+    pub async fn alloc_many(&self, reqs: &[AllocRequest], now_ms: u64) -> Result<Vec<Alloc>> {
+        let mut call = ALLOC.key(self.pending_index());
+        call.arg(now_ms).arg(CMID_TTL_SECS);
+        for r in reqs {
+            call.key(&r.keys[..]).arg(&r.content).arg(&r.replace).arg(&r.window);
         }
+        // a flat list of (code, record) pairs
+        let answers: Vec<(i64, String)> = call.invoke_async(&mut self.conn.clone()).await?;
+        if answers.len() != reqs.len() {
+            return Err(StorageError::Corrupt(format!("{} seq allocations answered {}", reqs.len(), answers.len())));
+        }
+        answers
+            .into_iter()
+            .map(|(code, val)| {
+                let bad = || StorageError::Corrupt(format!("seq allocation answered {code} {val:?}"));
+                match code {
+                    0 => CmidRecord::parse(&val).map(Alloc::New).ok_or_else(bad),
+                    1 => CmidRecord::parse(&val).map(Alloc::Known).ok_or_else(bad),
+                    2 => Ok(Alloc::NoCounter),
+                    3 => Ok(Alloc::Unsure),
+                    _ => Err(bad()),
+                }
+            })
+            .collect()
     }
 
     /// What Redis knows of a cmid.
@@ -467,30 +537,51 @@ impl RedisStore {
     /// (indexing the conversation for `members`) in one step, unless its seq
     /// was claimed for a void first; see [`Completion`].
     pub async fn complete(&self, msg: &Message, members: &[String]) -> Result<Completion> {
-        let script = &*COMPLETE;
-        let mut call = script.key(self.cmid_key(&msg.conv, &msg.from, &msg.cmid));
-        call.key(self.key(&["recent", &msg.conv])).key(self.pending_index());
-        for m in members {
-            call.key(self.key(&["convs", m]));
+        let one = self.complete_request(msg, members)?;
+        let mut answers = self.complete_many(std::slice::from_ref(&one)).await?;
+        answers.pop().ok_or_else(|| StorageError::Corrupt("completion answered nothing".into()))
+    }
+
+    /// The step [`RedisStore::complete`] takes, for [`RedisStore::complete_many`].
+    pub fn complete_request(&self, msg: &Message, members: &[String]) -> Result<CompleteRequest> {
+        let mut keys = vec![self.cmid_key(&msg.conv, &msg.from, &msg.cmid), self.key(&["recent", &msg.conv])];
+        keys.extend(members.iter().map(|m| self.key(&["convs", m])));
+        Ok(CompleteRequest {
+            keys,
+            head: format!("{}:{}:", msg.seq, msg.ts),
+            json: serde_json::to_string(msg)?,
+            seq: msg.seq,
+            conv: msg.conv.clone(),
+        })
+    }
+
+    /// [`RedisStore::complete`] for several sends in one script call, each answered as if alone.
+    pub async fn complete_many(&self, reqs: &[CompleteRequest]) -> Result<Vec<Completion>> {
+        let mut call = COMPLETE.key(self.pending_index());
+        call.arg(CMID_TTL_SECS).arg(RECENT_KEEP).arg(RECENT_TTL_SECS);
+        for r in reqs {
+            call.key(&r.keys[..])
+                .arg(r.keys.len() - 2)
+                .arg(&r.head)
+                .arg(format!("{}d", r.head))
+                .arg(&r.json)
+                .arg(r.seq)
+                .arg(&r.conv);
         }
-        let answer: String = call
-            .arg(format!("{}:{}:", msg.seq, msg.ts))
-            .arg(format!("{}:{}:d", msg.seq, msg.ts))
-            .arg(CMID_TTL_SECS)
-            .arg(serde_json::to_string(msg)?)
-            .arg(msg.seq)
-            .arg(RECENT_KEEP)
-            .arg(RECENT_TTL_SECS)
-            .arg(&msg.conv)
-            .invoke_async(&mut self.conn.clone())
-            .await?;
-        match answer.as_str() {
-            "done" => Ok(Completion::Done),
-            "already" => Ok(Completion::Already),
-            "void" => Ok(Completion::Void),
-            "moved" => Ok(Completion::Moved),
-            other => Err(StorageError::Corrupt(format!("completion answered {other:?}"))),
+        let answers: Vec<String> = call.invoke_async(&mut self.conn.clone()).await?;
+        if answers.len() != reqs.len() {
+            return Err(StorageError::Corrupt(format!("{} completions answered {}", reqs.len(), answers.len())));
         }
+        answers
+            .iter()
+            .map(|a| match a.as_str() {
+                "done" => Ok(Completion::Done),
+                "already" => Ok(Completion::Already),
+                "void" => Ok(Completion::Void),
+                "moved" => Ok(Completion::Moved),
+                other => Err(StorageError::Corrupt(format!("completion answered {other:?}"))),
+            })
+            .collect()
     }
 
     /// How many reserved seqs are pending (neither acknowledged nor voided).

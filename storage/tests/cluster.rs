@@ -621,3 +621,37 @@ async fn placed_sends_wait_for_the_broker_together_and_show_in_order() {
     assert_eq!(wait_durable(&pg, &conv, 30).await, (1..=30).collect::<Vec<_>>());
     worker.stop().await;
 }
+
+/// One script call for several sends answers each as if it had been called alone, in order:
+/// two new cmids of one conversation get consecutive seqs, the first one's retry in the same
+/// call finds its reservation, a conversation without a counter says so; completions mark the
+/// first, then find it marked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn script_calls_answer_each_send_as_if_alone() {
+    use switchboard_storage::redis::{Alloc, CmidState, Completion};
+    let Some(env) = env() else { return };
+    let (p, redis, _pg, _topics) = engines_for_a_run(&env).await;
+    let (conv, unseeded) = (format!("d:{p}ann:{p}bob"), format!("d:{p}ann:{p}cat"));
+    redis.seed(&conv, 0, 0).await.unwrap();
+    let reqs: Vec<_> = [(&conv, "s1"), (&conv, "s2"), (&conv, "s1"), (&unseeded, "s1")]
+        .into_iter()
+        .map(|(c, cmid)| redis.alloc_request(&text(c, cmid), None, true).unwrap())
+        .collect();
+    let answers = redis.alloc_many(&reqs, switchboard_storage::now_ms()).await.unwrap();
+    let [Alloc::New(first), Alloc::New(second), Alloc::Known(again), Alloc::NoCounter] = &answers[..] else {
+        panic!("{answers:?}");
+    };
+    assert_eq!((first.seq, second.seq), (1, 2));
+    assert_eq!((again.seq, again.state), (1, CmidState::Pending));
+    let (m1, m2) = (first.message().unwrap(), second.message().unwrap());
+    assert_eq!((m1.cmid.as_str(), m2.cmid.as_str()), ("s1", "s2"));
+
+    let members = vec!["ann".to_string(), "bob".to_string()];
+    let done: Vec<_> = [&m1, &m2, &m1].into_iter().map(|m| redis.complete_request(m, &members).unwrap()).collect();
+    assert_eq!(
+        redis.complete_many(&done).await.unwrap(),
+        vec![Completion::Done, Completion::Done, Completion::Already]
+    );
+    assert_eq!(redis.cached_range(&conv, 1, 2).await.unwrap(), vec![m1, m2]);
+    assert!(redis.convs_of("bob").await.unwrap().contains(&conv), "indexed for each member");
+}
