@@ -121,12 +121,11 @@ pub trait MessageStore: Send + Sync {
         None
     }
     /// [`MessageStore::append`] in steps, for stores that fix a message's place before it is
-    /// durable (a cluster's seq allocation takes a round trip): the call ends once the seq is fixed, so appends whose
-    /// calls ran one after another get their seqs in that order, and a caller holds its
-    /// conversation lock across this call only. The rest ([`Placed`]) runs outside it. `None`
-    /// when the store has no such steps.
-    /// By default a store that orders its appends ([`MessageStore::append_ordered`]) places them
-    /// that way.
+    /// durable (a cluster's seq reservation takes a round trip to Redis): the call ends once the
+    /// seq is fixed, so appends whose calls ran one after another get their seqs in that order,
+    /// and a caller holds its conversation lock across this call only; the rest ([`Placed`])
+    /// runs outside it. `None` when the store has no such steps. By default, a store whose
+    /// appends are ordered when started ([`MessageStore::append_ordered`]) is placed that way.
     async fn place(&self, msg: &NewMessage, members: &[String]) -> Option<Result<Box<dyn Placed>>> {
         let write = self.append_ordered(msg, members)?;
         Some(Ok(Box::new(Written { write: Some(write), appended: None })))
