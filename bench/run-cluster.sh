@@ -9,6 +9,10 @@
 #   cargo build --release -p switchboard -p switchboard-bench
 #   cargo build --release -p switchboard-storage --example produce_rate
 #   bash bench/run-cluster.sh [SUFFIX] [RATES...]
+#
+# The broker slows as its data directory grows (every run writes the ceiling's records and its
+# own): with FRESH=1 the services are re-created first (empty broker and PostgreSQL data), so
+# runs of a sequence start alike.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -34,6 +38,7 @@ cleanup_all() {
 }
 trap cleanup_all EXIT
 
+[[ -n ${FRESH:-} ]] && "$ROOT/scripts/services.sh" down >/dev/null
 "$ROOT/scripts/services.sh" up >/dev/null
 eval "$("$ROOT/scripts/services.sh" env)"
 export SB_REDIS_URL=$SB_TEST_REDIS_URL SB_POSTGRES_URL=$SB_TEST_POSTGRES_URL SB_KAFKA_BROKERS=$SB_TEST_KAFKA_BROKERS
