@@ -413,8 +413,10 @@ test('replies quote their target, a mention flags the conversation, search finds
   await bob.page.click(`.friend[data-user="alice"]`);
   await bob.page.fill('#search-q', 'LOOK');
   await bob.page.press('#search-q', 'Enter');
-  const hit = await bob.page.waitForSelector(`.search-hit[data-conv="${group}"]`);
-  assert.equal(await hit.$eval('mark', (m) => m.textContent), 'look');
+  // Through locators, which find the element again if the list is drawn anew meanwhile (an
+  // element handle would point at the detached old one).
+  const hit = bob.page.locator(`.search-hit[data-conv="${group}"]`).first();
+  assert.equal(await hit.locator('mark').first().textContent(), 'look');
   await hit.click();
   await bob.page.waitForSelector(`.conv.active[data-conv="${group}"]`);
   await bob.page.fill('#search-q', 'nothing-like-this');
