@@ -402,7 +402,7 @@ async fn deliver(logic: &Logic, body: String) {
             pause = pause.saturating_mul(2).min(Duration::from_secs(60));
         }
     }
-    n.stats.dead.fetch_add(1, Ordering::Relaxed);
+    // Counted once its line is written (or failed to be): whoever sees the count finds the line.
     if let Some(path) = &config.dead_letter {
         let line = format!("{body}\n");
         let written = async {
@@ -414,6 +414,7 @@ async fn deliver(logic: &Logic, body: String) {
             tracing::error!(error = %e, path = %path.display(), "writing a dead-lettered notification");
         }
     }
+    n.stats.dead.fetch_add(1, Ordering::Relaxed);
 }
 
 /// One HTTP/1.1 POST; `Ok` on a 2xx answer.
