@@ -9,6 +9,7 @@
 //! order, in one atomic call.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -32,6 +33,8 @@ pub struct ScriptBatcher {
 impl ScriptBatcher {
     /// Starts both tasks on the current Tokio runtime.
     pub fn start(redis: RedisStore) -> Self {
+        // shared by reference: a call clones a pointer, not the store's strings
+        let redis = Arc::new(redis);
         let r = redis.clone();
         let allocs = spawn(move |reqs: Vec<AllocRequest>| {
             let r = r.clone();
