@@ -116,6 +116,10 @@ pub struct GatewayConfig {
     /// the highest acked seq per connection and conversation this long after the first ack
     /// (see `acks`); zero relays every `ack` to logic.
     pub ack_flush: Duration,
+    /// Longest time a shard under fan-out load lets pushes wait for its next write round, so
+    /// that one write carries several messages (see `shard::PushRounds`); zero writes every
+    /// push at once.
+    pub push_linger: Duration,
     /// Per-connection outbound queue bound in frames (slow consumers are closed).
     pub max_outbound_frames: usize,
     /// Per-connection outbound queue bound in bytes (slow consumers are closed).
@@ -166,6 +170,7 @@ impl Default for GatewayConfig {
             repush_interval: Duration::from_secs(5),
             repush_attempts: 5,
             ack_flush: Duration::from_millis(50),
+            push_linger: Duration::from_millis(20),
             max_outbound_frames: 1024,
             max_outbound_bytes: 8 << 20,
             max_unacked: 1024,
@@ -350,6 +355,7 @@ impl Gateway {
                 link: link.clone(),
                 wheel: wheel::Wheel::new(shard::TICK, shard::WHEEL_SLOTS, Instant::now()),
                 now: Instant::now(),
+                epoch: Instant::now(),
                 scratch: vec![0; shard::SCRATCH_BYTES],
                 ip_caps: ip_caps.clone(),
                 acks: Default::default(),

@@ -59,12 +59,22 @@ pub(crate) struct Env {
     pub link: ShardLink,
     pub wheel: Wheel<TimerEv>,
     pub now: Instant,
+    /// What [`Env::clock_ms`] counts from.
+    pub epoch: Instant,
     /// Where every connection of the shard reads into (see `conn::io`).
     pub scratch: Vec<u8>,
     /// Open connections per client address, over every shard.
     pub ip_caps: Arc<IpCaps>,
     /// Acks answered here and not yet handed to logic.
     pub acks: AckBatch,
+}
+
+impl Env {
+    /// `now` in milliseconds since the shard started, wrapping after 49 days: compact enough
+    /// for per-entry stamps, compared by difference (`wrapping_sub`).
+    pub fn clock_ms(&self) -> u32 {
+        self.now.saturating_duration_since(self.epoch).as_millis() as u32
+    }
 }
 
 /// The shard event loop state.
@@ -82,6 +92,9 @@ pub(crate) struct Shard {
     /// Connections touched by mailbox messages, flushed once after the mailbox is empty (one
     /// write for a reply, pushes and re-pushes that arrived together).
     dirty: Vec<usize>,
+    /// Connections given pushes since the last push round (see [`PushRounds`]).
+    push_dirty: Vec<usize>,
+    rounds: PushRounds,
     /// Pushes for connections whose `auth` logic has registered but the shard has not heard back
     /// yet (logic routes a connection before answering), delivered right after `auth.ok`;
     /// bounded by [`HELD_MAX`] per connection.
@@ -107,6 +120,7 @@ impl Shard {
             poll.registry().register(l, TCP_LISTENER, Interest::READABLE)?;
         }
         let meters = env.metrics.shard_meters(idx);
+        let rounds = PushRounds::new(env.cfg.push_linger);
         Ok(Shard {
             idx,
             poll,
@@ -118,6 +132,8 @@ impl Shard {
             gens: GenCounter::new_boot(),
             reannounce: Vec::new(),
             dirty: Vec::new(),
+            push_dirty: Vec::new(),
+            rounds,
             held: std::collections::HashMap::new(),
             meters,
         })
@@ -129,7 +145,13 @@ impl Shard {
         let mut fired = Vec::new();
         let mut drain_deadline: Option<Instant> = None;
         loop {
-            let wait = if self.reannounce.is_empty() { TICK } else { Duration::ZERO };
+            let wait = if !self.reannounce.is_empty() {
+                Duration::ZERO
+            } else if self.push_dirty.is_empty() {
+                TICK
+            } else {
+                self.rounds.due.saturating_duration_since(Instant::now()).min(TICK)
+            };
             if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -166,6 +188,9 @@ impl Shard {
                 }
             }
             self.flush_dirty();
+            if !self.push_dirty.is_empty() && self.env.now >= self.rounds.due {
+                self.push_round();
+            }
             self.reannounce_some();
             if self.env.acks.is_due(self.env.now) || drain_deadline.is_some() {
                 self.flush_acks();
@@ -300,8 +325,9 @@ impl Shard {
                                 }
                             }
                             Some(key) if self.conns[key].on_push(d, &t.user, &mut encoded, &mut self.env) => {
-                                if self.dirty.last() != Some(&key) {
-                                    self.dirty.push(key);
+                                self.rounds.frames += 1;
+                                if self.push_dirty.last() != Some(&key) {
+                                    self.push_dirty.push(key);
                                 }
                             }
                             _ => gone.push(t.conn_id),
@@ -327,6 +353,21 @@ impl Shard {
             self.finish(key);
         }
         self.dirty = dirty;
+    }
+
+    /// Writes out every connection given pushes since the last round, and sets when the next
+    /// round may start.
+    fn push_round(&mut self) {
+        let start = self.env.now;
+        let mut dirty = std::mem::take(&mut self.push_dirty);
+        dirty.sort_unstable();
+        dirty.dedup();
+        let conns = dirty.len();
+        for key in dirty.drain(..) {
+            self.finish(key);
+        }
+        self.push_dirty = dirty;
+        self.rounds.done(start, Instant::now(), conns);
     }
 
     /// Re-announces the next few connections of a pending re-announce.
@@ -390,5 +431,74 @@ impl Shard {
             }
             tracing::debug!(shard = self.idx, conn = conn.id, "connection closed");
         }
+    }
+}
+
+/// When a shard writes pushes out. A push round writes every connection that got pushes since
+/// the round before. Under fan-out load (a round that carried [`COALESCING`] or more pushes per
+/// connection it wrote: many messages reach the same connections) the next round starts
+/// [`ROUND_FACTOR`] times the last round's duration after it began, at most `linger` later, so
+/// each write carries more messages and the shard makes fewer `send` calls per delivery; 1:1
+/// traffic, where a round rarely finds two pushes for one connection, is written at once.
+struct PushRounds {
+    linger: Duration,
+    /// When the next round may start.
+    due: Instant,
+    /// Pushes queued since the last round.
+    frames: usize,
+}
+
+/// Pushes per written connection from which a round counts as fan-out load.
+const COALESCING: usize = 2;
+
+/// The share of its time a shard under fan-out load spends in push rounds is about
+/// `1 / ROUND_FACTOR` (while `linger` does not cap the wait).
+const ROUND_FACTOR: u32 = 4;
+
+impl PushRounds {
+    fn new(linger: Duration) -> PushRounds {
+        PushRounds { linger, due: Instant::now(), frames: 0 }
+    }
+
+    /// A round that began at `start`, ended at `end` and wrote `conns` connections.
+    fn done(&mut self, start: Instant, end: Instant, conns: usize) {
+        let took = end.saturating_duration_since(start);
+        self.due = if self.frames >= COALESCING * conns { start + (took * ROUND_FACTOR).min(self.linger) } else { end };
+        self.frames = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_rounds_wait_only_under_fan_out_load() {
+        let linger = Duration::from_millis(20);
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut r = PushRounds::new(linger);
+        // 1:1 traffic: one push per connection written; the next round may start at once.
+        r.frames = 50;
+        r.done(t0, t0 + ms(1), 50);
+        assert_eq!(r.due, t0 + ms(1));
+        assert_eq!(r.frames, 0, "each round counts its own pushes");
+        // Fan-out: 8 pushes per connection; the next round waits 4 × the round's duration.
+        r.frames = 8_000;
+        r.done(t0, t0 + ms(3), 1_000);
+        assert_eq!(r.due, t0 + ms(12));
+        // ... at most `linger` after the round began.
+        r.frames = 8_000;
+        r.done(t0, t0 + ms(9), 1_000);
+        assert_eq!(r.due, t0 + linger);
+        // Fewer than 2 pushes per connection on average counts as 1:1.
+        r.frames = 1_999;
+        r.done(t0, t0 + ms(9), 1_000);
+        assert_eq!(r.due, t0 + ms(9));
+        // A zero linger writes every round at once.
+        let mut off = PushRounds::new(Duration::ZERO);
+        off.frames = 8_000;
+        off.done(t0, t0 + ms(3), 1_000);
+        assert!(off.due <= t0 + ms(3));
     }
 }

@@ -305,6 +305,68 @@ async fn unacked_pushes_are_repushed_then_dropped_and_logic_down_is_unavailable(
     gw.shutdown().await;
 }
 
+/// A push is re-sent once `repush_interval` has passed since it was written, not at the first
+/// re-push round after it arrived: a push written just before another push's re-send is due
+/// still gets its whole interval to be acked (a client that acks once a second is not sent
+/// copies of what it received a moment ago).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_is_resent_an_interval_after_it_was_written() {
+    let (logic, logic_url) = start_logic().await;
+    let gw = start_gateway(GatewayConfig {
+        repush_interval: Duration::from_millis(1000),
+        repush_attempts: 1,
+        ..config(&[&logic_url])
+    })
+    .await;
+    let addr = gw.ws_addr();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
+    let client = tokio::task::spawn_blocking(move || {
+        let mut ws = ws_connect_auth(addr);
+        ready_tx.send(()).unwrap();
+        // When each copy of seq 1 and seq 2 arrived; nothing is acked.
+        let mut copies: [Vec<std::time::Instant>; 2] = Default::default();
+        let deadline = std::time::Instant::now() + Duration::from_millis(3500);
+        ws.get_mut().set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        while std::time::Instant::now() < deadline {
+            match ws.read() {
+                Ok(Message::Text(t)) => {
+                    let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                    match v["seq"].as_u64() {
+                        Some(n @ (1 | 2)) => copies[n as usize - 1].push(std::time::Instant::now()),
+                        _ => panic!("unexpected frame {v}"),
+                    }
+                }
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        copies
+    });
+    ready_rx.await.unwrap();
+    let conn_id = logic.connected_conn_id(0).await;
+    let mut pusher = Pusher::connect(&gw).await;
+    let push = |seq: u64| Delivery {
+        targets: to(conn_id),
+        frame: format!(r#"{{"op":"msg","seq":{seq}}}"#).into_bytes().into(),
+        conv: format!("c{seq}"),
+        seq,
+        close: false,
+    };
+    assert!(pusher.push(vec![push(1)]).await.is_empty());
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(pusher.push(vec![push(2)]).await.is_empty());
+    let [seq1, seq2] = client.await.unwrap();
+    assert_eq!(seq1.len(), 2, "seq 1 sent once and re-pushed once");
+    assert_eq!(seq2.len(), 2, "seq 2 sent once and re-pushed once");
+    // Before, seq 2 was re-sent with seq 1, about 400 ms after it arrived.
+    let gap = seq2[1] - seq2[0];
+    assert!(gap >= Duration::from_millis(800), "seq 2 re-sent {gap:?} after it arrived");
+    assert!(seq2[1] > seq1[1], "each push keeps its own interval");
+    gw.shutdown().await;
+}
+
 /// Logic routes a connection before it answers `auth`, so a push can reach the gateway before
 /// the answer: it is held and delivered right after `auth.ok`, never reported gone (which would
 /// drop the route).

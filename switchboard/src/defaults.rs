@@ -81,6 +81,7 @@ pub fn defaults() -> Settings {
         auth_timeout_ms: ms(g.auth_timeout),
         idle_timeout_ms: ms(g.idle_timeout),
         ack_flush_ms: ms(g.ack_flush),
+        push_linger_ms: ms(g.push_linger),
         repush_ms: ms(g.repush_interval),
         access_ttl_secs: secs(l.access_ttl),
         session_check_ms: ms(l.session_check),

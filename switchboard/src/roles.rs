@@ -117,6 +117,7 @@ fn roles_of(key: &str) -> &'static [Role] {
         | "auth_timeout_ms"
         | "idle_timeout_ms"
         | "ack_flush_ms"
+        | "push_linger_ms"
         | "repush_ms"
         | "ring_timeout_ms" => G,
         "persist_batch" | "persist_give_up_secs" => P,

@@ -140,6 +140,10 @@ pub struct Settings {
     /// per connection and conversation; 0 relays every ack to logic; default 50.
     #[arg(long, env = "SB_ACK_FLUSH_MS")]
     pub ack_flush_ms: Option<u64>,
+    /// Longest milliseconds a gateway shard under fan-out load lets pushes wait for its next
+    /// write round (fewer writes per delivery); 0 writes every push at once; default 20.
+    #[arg(long, env = "SB_PUSH_LINGER_MS")]
+    pub push_linger_ms: Option<u64>,
     /// Milliseconds before an unacked push is sent again.
     #[arg(long, env = "SB_REPUSH_MS")]
     pub repush_ms: Option<u64>,
@@ -708,6 +712,9 @@ impl Settings {
         }
         if let Some(ms) = self.ack_flush_ms {
             c.ack_flush = Duration::from_millis(ms);
+        }
+        if let Some(ms) = self.push_linger_ms {
+            c.push_linger = Duration::from_millis(ms);
         }
         Ok(c)
     }

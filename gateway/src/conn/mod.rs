@@ -13,7 +13,7 @@ mod io;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use mio::net::TcpStream;
@@ -29,7 +29,7 @@ use crate::wheel::TimerId;
 use crate::ws::close_code;
 
 /// How long a closing connection may linger waiting for the peer.
-const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+const LINGER: Duration = Duration::from_secs(2);
 const RETRY_AFTER_MS: u64 = 1000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,7 +92,11 @@ pub(crate) struct Pushed {
 
 struct Unacked {
     push: Arc<Pushed>,
+    /// Re-sends so far.
     attempts: u32,
+    /// When it was last written ([`Env::clock_ms`]): it is re-sent once `repush_interval` has
+    /// passed since, not at the first repush timer after it arrived.
+    sent_ms: u32,
 }
 
 struct Queued {
@@ -588,7 +592,7 @@ impl Conn {
                 self.unacked.remove(0);
             }
             let push = encoded.pushed(d).clone();
-            self.unacked.push(Unacked { push, attempts: 0 });
+            self.unacked.push(Unacked { push, attempts: 0, sent_ms: env.clock_ms() });
             if self.repush_timer.is_none() {
                 self.repush_timer = Some(self.arm(env, env.now + env.cfg.repush_interval, TimerKind::Repush));
             }
@@ -634,17 +638,31 @@ impl Conn {
                     return;
                 }
                 let max = env.cfg.repush_attempts;
-                self.unacked.retain(|u| u.attempts < max);
+                let interval = u32::try_from(env.cfg.repush_interval.as_millis()).unwrap_or(u32::MAX);
+                let now = env.clock_ms();
                 let mut unacked = std::mem::take(&mut self.unacked);
+                // An entry re-sent `max` times is dropped once its last re-send went unacked
+                // for an interval too.
+                unacked.retain(|u| u.attempts < max || now.wrapping_sub(u.sent_ms) < interval);
+                let mut next = None::<u32>;
                 for u in &mut unacked {
-                    u.attempts += 1;
-                    if !matches!(self.queue_encoded(&u.push.frame, &mut Encoded::default(), env), Ok(true)) {
-                        return;
-                    }
+                    let age = now.wrapping_sub(u.sent_ms);
+                    let wait = if age >= interval {
+                        u.attempts += 1;
+                        u.sent_ms = now;
+                        if !matches!(self.queue_encoded(&u.push.frame, &mut Encoded::default(), env), Ok(true)) {
+                            return;
+                        }
+                        interval
+                    } else {
+                        interval - age
+                    };
+                    next = Some(next.map_or(wait, |n| n.min(wait)));
                 }
                 self.unacked = unacked;
-                if !self.unacked.is_empty() && !self.closing {
-                    self.repush_timer = Some(self.arm(env, env.now + env.cfg.repush_interval, TimerKind::Repush));
+                if let (Some(wait), false) = (next, self.closing) {
+                    let at = env.now + Duration::from_millis(u64::from(wait));
+                    self.repush_timer = Some(self.arm(env, at, TimerKind::Repush));
                 }
             }
             TimerKind::Linger => {
