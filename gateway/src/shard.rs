@@ -59,8 +59,12 @@ pub(crate) struct Env {
     pub link: ShardLink,
     pub wheel: Wheel<TimerEv>,
     pub now: Instant,
-    /// What [`Env::clock_ms`] counts from.
+    /// `now` in milliseconds since `epoch`, wrapping after 49 days: compact enough for
+    /// per-entry stamps, compared by difference (`wrapping_sub`).
+    pub now_ms: u32,
     pub epoch: Instant,
+    /// Frames queued since the loop last added them to the `frames_out` counter.
+    pub frames_out: u64,
     /// Where every connection of the shard reads into (see `conn::io`).
     pub scratch: Vec<u8>,
     /// Open connections per client address, over every shard.
@@ -70,10 +74,10 @@ pub(crate) struct Env {
 }
 
 impl Env {
-    /// `now` in milliseconds since the shard started, wrapping after 49 days: compact enough
-    /// for per-entry stamps, compared by difference (`wrapping_sub`).
-    pub fn clock_ms(&self) -> u32 {
-        self.now.saturating_duration_since(self.epoch).as_millis() as u32
+    /// Sets `now` (and `now_ms`) to the current time.
+    pub fn tick(&mut self) {
+        self.now = Instant::now();
+        self.now_ms = self.now.saturating_duration_since(self.epoch).as_millis() as u32;
     }
 }
 
@@ -92,7 +96,8 @@ pub(crate) struct Shard {
     /// Connections touched by mailbox messages, flushed once after the mailbox is empty (one
     /// write for a reply, pushes and re-pushes that arrived together).
     dirty: Vec<usize>,
-    /// Connections given pushes since the last push round (see [`PushRounds`]).
+    /// Connections given pushes since the last push round (see [`PushRounds`]), each once (the
+    /// connection's `in_push_round` flag).
     push_dirty: Vec<usize>,
     rounds: PushRounds,
     /// Pushes for connections whose `auth` logic has registered but the shard has not heard back
@@ -159,7 +164,7 @@ impl Shard {
                 tracing::warn!(shard = self.idx, error = %e, "poll failed");
                 break;
             }
-            self.env.now = Instant::now();
+            self.env.tick();
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept_all(false),
@@ -202,6 +207,7 @@ impl Shard {
                     self.finish(key);
                 }
             }
+            self.count_frames_out();
             self.meters.loop_time.observe(self.env.now.elapsed().as_secs_f64());
             if let Some(deadline) = drain_deadline {
                 if self.conns.is_empty() || self.env.now >= deadline {
@@ -214,6 +220,7 @@ impl Shard {
             self.remove(k);
         }
         self.flush_acks();
+        self.count_frames_out();
         // answer pushes that raced with shutdown
         while let Ok(msg) = self.rx.try_recv() {
             if let ShardMsg::Push { deliveries, reply } = msg {
@@ -326,7 +333,9 @@ impl Shard {
                             }
                             Some(key) if self.conns[key].on_push(d, &t.user, &mut encoded, &mut self.env) => {
                                 self.rounds.frames += 1;
-                                if self.push_dirty.last() != Some(&key) {
+                                let conn = &mut self.conns[key];
+                                if !conn.in_push_round {
+                                    conn.in_push_round = true;
                                     self.push_dirty.push(key);
                                 }
                             }
@@ -355,15 +364,25 @@ impl Shard {
         self.dirty = dirty;
     }
 
+    /// Adds the frames queued since the last call to the `frames_out` counter (one atomic add
+    /// per loop turn, not per frame).
+    fn count_frames_out(&mut self) {
+        let n = std::mem::take(&mut self.env.frames_out);
+        if n > 0 {
+            self.env.metrics.frames_out.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
     /// Writes out every connection given pushes since the last round, and sets when the next
     /// round may start.
     fn push_round(&mut self) {
         let start = self.env.now;
         let mut dirty = std::mem::take(&mut self.push_dirty);
-        dirty.sort_unstable();
-        dirty.dedup();
         let conns = dirty.len();
         for key in dirty.drain(..) {
+            if let Some(conn) = self.conns.get_mut(key) {
+                conn.in_push_round = false;
+            }
             self.finish(key);
         }
         self.push_dirty = dirty;

@@ -353,7 +353,7 @@ impl Conn {
             if !self.admit(env) {
                 return Ok(false);
             }
-            reserve_out(&mut self.out, json.len());
+            reserve_out(&mut self.out, json.len(), self.out_hint);
             ws::put_frame(&mut self.out, Opcode::Text, json);
             return Ok(true);
         }
@@ -361,7 +361,7 @@ impl Conn {
         if !self.admit(env) {
             return Ok(false);
         }
-        reserve_out(&mut self.out, payload.len());
+        reserve_out(&mut self.out, payload.len(), self.out_hint);
         if self.wire == Wire::Tcp {
             tcpframe::put_prefix(&mut self.out, payload.len());
         } else {
@@ -385,7 +385,7 @@ impl Conn {
             return false;
         }
         self.out_frames += 1;
-        GatewayMetrics::inc(&env.metrics.frames_out);
+        env.frames_out += 1;
         true
     }
 
@@ -472,6 +472,7 @@ impl Conn {
                     return;
                 }
                 Ok(n) if n == self.out.len() => {
+                    self.out_hint = hint_of(self.out.capacity());
                     self.out = Vec::new();
                     self.out_frames = 0;
                 }
@@ -520,10 +521,21 @@ impl Conn {
 /// connection do not regrow it frame by frame (the buffer is freed once written out).
 const OUT_CHUNK: usize = 4096;
 
-/// Reserves room for a frame of `len` bytes, a whole [`OUT_CHUNK`] when `out` has none.
-fn reserve_out(out: &mut Vec<u8>, len: usize) {
+/// The largest output buffer a connection's next wake-up starts with, whatever the last one held.
+const OUT_HINT_MAX: usize = 32 * 1024;
+
+/// What [`reserve_out`] reserves next for a connection whose last buffer grew to `capacity`,
+/// in KiB (so it fits the connection's state in one byte).
+fn hint_of(capacity: usize) -> u8 {
+    (capacity.min(OUT_HINT_MAX) / 1024) as u8
+}
+
+/// Reserves room for a frame of `len` bytes when `out` has none: a whole [`OUT_CHUNK`], or as
+/// much as the connection's last buffer grew to (`hint` KiB, a fan-out round that wrote many
+/// frames to it), so that the frames of one wake-up do not regrow it frame by frame.
+fn reserve_out(out: &mut Vec<u8>, len: usize, hint: u8) {
     if out.capacity() == 0 {
-        out.reserve(OUT_CHUNK.max(len + 14));
+        out.reserve(OUT_CHUNK.max(usize::from(hint) * 1024).max(len + 14));
     }
 }
 
@@ -554,5 +566,32 @@ impl Encoded {
             Ok(f.encode_to_vec())
         });
         r.as_deref().map_err(Clone::clone)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_buffers_start_as_big_as_the_last_one_grew_within_a_cap() {
+        // No history: a whole chunk, or the frame when it is bigger.
+        let mut out = Vec::new();
+        reserve_out(&mut out, 100, 0);
+        assert!(out.capacity() >= OUT_CHUNK);
+        let mut out = Vec::new();
+        reserve_out(&mut out, 10_000, 0);
+        assert!(out.capacity() >= 10_014);
+        // A connection whose last buffer grew to 12 KiB starts with 12 KiB.
+        assert_eq!(hint_of(12 * 1024 + 100), 12);
+        let mut out = Vec::new();
+        reserve_out(&mut out, 100, hint_of(12 * 1024));
+        assert!(out.capacity() >= 12 * 1024);
+        // However big it grew, the next starts with at most OUT_HINT_MAX.
+        assert_eq!(usize::from(hint_of(10 << 20)) * 1024, OUT_HINT_MAX);
+        // A buffer that has room already is left alone.
+        let mut out = Vec::with_capacity(64);
+        reserve_out(&mut out, 100, 8);
+        assert_eq!(out.capacity(), 64);
     }
 }

@@ -94,7 +94,7 @@ struct Unacked {
     push: Arc<Pushed>,
     /// Re-sends so far.
     attempts: u32,
-    /// When it was last written ([`Env::clock_ms`]): it is re-sent once `repush_interval` has
+    /// When it was last written ([`Env::now_ms`]): it is re-sent once `repush_interval` has
     /// passed since, not at the first repush timer after it arrived.
     sent_ms: u32,
 }
@@ -157,6 +157,10 @@ pub(crate) struct Conn {
     out: Vec<u8>,
     /// Frames queued since `out` was last empty (the slow-consumer bound).
     out_frames: u32,
+    /// KiB `out` grew to before it was last written out (see `io::reserve_out`).
+    out_hint: u8,
+    /// In its shard's list of connections for the next push round.
+    pub(crate) in_push_round: bool,
     /// Auth timeout before auth, idle timeout after, linger while closing.
     timer: Option<TimerId>,
     repush_timer: Option<TimerId>,
@@ -204,6 +208,8 @@ impl Conn {
             rbuf: Vec::new(),
             out: Vec::new(),
             out_frames: 0,
+            out_hint: 0,
+            in_push_round: false,
             timer: None,
             repush_timer: None,
             pending: VecDeque::new(),
@@ -592,7 +598,7 @@ impl Conn {
                 self.unacked.remove(0);
             }
             let push = encoded.pushed(d).clone();
-            self.unacked.push(Unacked { push, attempts: 0, sent_ms: env.clock_ms() });
+            self.unacked.push(Unacked { push, attempts: 0, sent_ms: env.now_ms });
             if self.repush_timer.is_none() {
                 self.repush_timer = Some(self.arm(env, env.now + env.cfg.repush_interval, TimerKind::Repush));
             }
@@ -639,7 +645,7 @@ impl Conn {
                 }
                 let max = env.cfg.repush_attempts;
                 let interval = u32::try_from(env.cfg.repush_interval.as_millis()).unwrap_or(u32::MAX);
-                let now = env.clock_ms();
+                let now = env.now_ms;
                 let mut unacked = std::mem::take(&mut self.unacked);
                 // An entry re-sent `max` times is dropped once its last re-send went unacked
                 // for an interval too.
