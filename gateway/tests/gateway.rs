@@ -367,6 +367,39 @@ async fn a_push_is_resent_an_interval_after_it_was_written() {
     gw.shutdown().await;
 }
 
+/// A connection silent for `idle_timeout` is closed; one whose frames keep arriving stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_closed_after_the_idle_timeout() {
+    let (_logic, logic_url) = start_logic().await;
+    let gw = start_gateway(GatewayConfig { idle_timeout: Duration::from_millis(1000), ..config(&[&logic_url]) }).await;
+    let addr = gw.ws_addr();
+    blocking(move || {
+        let mut silent = ws_connect_auth(addr);
+        let mut talker = ws_connect_auth(addr);
+        // Half the timeout in, the silent connection is still open.
+        silent.get_mut().set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        match silent.read() {
+            Err(tungstenite::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+            other => panic!("closed before its idle timeout: {other:?}"),
+        }
+        // The talker pings every 100 ms for three timeouts and is answered throughout.
+        let start = std::time::Instant::now();
+        let mut rid = 1;
+        while start.elapsed() < Duration::from_millis(3000) {
+            rid += 1;
+            ws_send_text(&mut talker, &format!(r#"{{"op":"ping","rid":{rid}}}"#));
+            let r = ws_recv_json(&mut talker).expect("a talking connection stays open");
+            assert_eq!(r["op"], "ping.ok", "{r}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        silent.get_mut().set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        ws_assert_closed(&mut silent);
+    })
+    .await;
+    gw.shutdown().await;
+}
+
 /// Logic routes a connection before it answers `auth`, so a push can reach the gateway before
 /// the answer: it is held and delivered right after `auth.ok`, never reported gone (which would
 /// drop the route).

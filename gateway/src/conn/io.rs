@@ -213,7 +213,7 @@ impl Conn {
             Ok(None) => Some(0),
             Ok(Some(len)) if buf.len() < tcpframe::PREFIX + len => Some(0),
             Ok(Some(len)) => {
-                self.last_activity = env.now;
+                self.last_activity = env.now_ms;
                 GatewayMetrics::inc(&env.metrics.frames_in);
                 self.on_binary(&buf[tcpframe::PREFIX..tcpframe::PREFIX + len], env);
                 Some(tcpframe::PREFIX + len)
@@ -245,7 +245,7 @@ impl Conn {
         }
         let payload = &mut buf[h.header_len..total];
         ws::unmask(payload, h.mask, 0);
-        self.last_activity = env.now;
+        self.last_activity = env.now_ms;
         match h.opcode {
             Opcode::Ping => self.queue_raw(Opcode::Pong, payload, env),
             Opcode::Pong => {}

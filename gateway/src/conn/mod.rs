@@ -149,7 +149,8 @@ pub(crate) struct Conn {
     peer: SocketAddr,
     /// `peer`'s address is counted in the per-address connection caps (released at the end).
     counted: bool,
-    last_activity: Instant,
+    /// When a frame last arrived ([`Env::now_ms`]).
+    last_activity: u32,
     auth: Auth,
     /// Bytes of an incomplete inbound frame (empty, unallocated, otherwise).
     rbuf: Vec<u8>,
@@ -165,7 +166,7 @@ pub(crate) struct Conn {
     timer: Option<TimerId>,
     repush_timer: Option<TimerId>,
     pending: VecDeque<Queued>,
-    unacked: Vec<Unacked>,
+    unacked: VecDeque<Unacked>,
     /// A fragmented WebSocket message being assembled.
     frag: Option<Box<io::Fragments>>,
     /// Ringing `call.offer`s sent by this connection; allocated only while there are some.
@@ -203,7 +204,7 @@ impl Conn {
             stream,
             peer,
             counted: !proxied,
-            last_activity: env.now,
+            last_activity: env.now_ms,
             auth: Auth::None,
             rbuf: Vec::new(),
             out: Vec::new(),
@@ -213,7 +214,7 @@ impl Conn {
             timer: None,
             repush_timer: None,
             pending: VecDeque::new(),
-            unacked: Vec::new(),
+            unacked: VecDeque::new(),
             frag: None,
             calls: None,
             close_code: close_code::NORMAL,
@@ -241,6 +242,12 @@ impl Conn {
         env.wheel.insert(at, TimerEv { conn_id: self.id, kind })
     }
 
+    /// When the connection is idle for `idle_timeout` unless a frame arrives first.
+    fn idle_deadline(&self, env: &Env) -> Instant {
+        let since = Duration::from_millis(u64::from(env.now_ms.wrapping_sub(self.last_activity)));
+        env.now + env.cfg.idle_timeout.saturating_sub(since)
+    }
+
     /// Replaces the connection's main timer.
     fn rearm(&mut self, env: &mut Env, at: Instant, kind: TimerKind) {
         if let Some(t) = self.timer.take() {
@@ -263,7 +270,7 @@ impl Conn {
     fn opened(&mut self, wire: Wire, env: &mut Env) {
         self.wire = wire;
         self.phase = Phase::Open;
-        self.last_activity = env.now;
+        self.last_activity = env.now_ms;
         tracing::debug!(conn = self.id, peer = %self.peer, wire = ?wire, "open");
     }
 
@@ -502,7 +509,7 @@ impl Conn {
         self.inflight = false;
         match result {
             Ok(r) if r.ok => {
-                self.rearm(env, self.last_activity + env.cfg.idle_timeout, TimerKind::Idle);
+                self.rearm(env, self.idle_deadline(env), TimerKind::Idle);
                 self.queue_json(frame::auth_ok(rid, &r.user, &r.session, frame::now_ms()), env);
                 tracing::debug!(conn = self.id, user = %r.user, "authenticated");
                 // Logic registered the connection before answering (see `Bridge::authenticate`).
@@ -595,10 +602,10 @@ impl Conn {
         }
         if !d.conv.is_empty() && d.seq > 0 {
             if self.unacked.len() >= env.cfg.max_unacked.max(1) {
-                self.unacked.remove(0);
+                self.unacked.pop_front();
             }
             let push = encoded.pushed(d).clone();
-            self.unacked.push(Unacked { push, attempts: 0, sent_ms: env.now_ms });
+            self.unacked.push_back(Unacked { push, attempts: 0, sent_ms: env.now_ms });
             if self.repush_timer.is_none() {
                 self.repush_timer = Some(self.arm(env, env.now + env.cfg.repush_interval, TimerKind::Repush));
             }
@@ -630,7 +637,7 @@ impl Conn {
                 if self.closing {
                     return;
                 }
-                let deadline = self.last_activity + env.cfg.idle_timeout;
+                let deadline = self.idle_deadline(env);
                 if env.now >= deadline {
                     tracing::debug!(conn = self.id, "idle timeout");
                     self.begin_close(env);
