@@ -62,6 +62,7 @@ pub(crate) struct Env {
     /// `now` in milliseconds since `epoch`, wrapping after 49 days: compact enough for
     /// per-entry stamps, compared by difference (`wrapping_sub`).
     pub now_ms: u32,
+    /// What `now_ms` counts from (the shard's start).
     pub epoch: Instant,
     /// Frames queued since the loop last added them to the `frames_out` counter.
     pub frames_out: u64,

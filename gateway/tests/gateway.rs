@@ -12,6 +12,21 @@ use switchboard_proto::internal::Delivery;
 use tungstenite::client::IntoClientRequest;
 use tungstenite::Message;
 
+/// Reads text frames as JSON for `window`, handing each to `f` with the socket (to answer).
+fn read_json_for(ws: &mut Ws, window: Duration, mut f: impl FnMut(&mut Ws, Value)) {
+    let deadline = std::time::Instant::now() + window;
+    ws.get_mut().set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    while std::time::Instant::now() < deadline {
+        match ws.read() {
+            Ok(Message::Text(t)) => f(ws, serde_json::from_str(t.as_str()).unwrap()),
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
 /// The WebSocket handshake of `req` (to `addr`) is refused with HTTP `status`.
 fn assert_handshake_fails(addr: SocketAddr, req: impl IntoClientRequest, status: u16) {
     let s = TcpStream::connect(addr).unwrap();
@@ -229,27 +244,14 @@ async fn unacked_pushes_are_repushed_then_dropped_and_logic_down_is_unavailable(
         // original + 2 re-pushes of seq 1; seq 2 is acked after its first copy
         let mut seq1 = 0;
         let mut seq2 = 0;
-        let deadline = std::time::Instant::now() + Duration::from_millis(1500);
-        ws.get_mut().set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-        while std::time::Instant::now() < deadline {
-            match ws.read() {
-                Ok(Message::Text(t)) => {
-                    let v: Value = serde_json::from_str(t.as_str()).unwrap();
-                    match v["seq"].as_u64() {
-                        Some(1) => seq1 += 1,
-                        Some(2) => {
-                            seq2 += 1;
-                            ws_send_text(&mut ws, r#"{"op":"ack","rid":8,"conv":"c2","seq":2}"#);
-                        }
-                        _ => assert_eq!(v["op"], "ack.ok", "{v}"),
-                    }
-                }
-                Ok(_) => {}
-                Err(tungstenite::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
-                Err(e) => panic!("{e}"),
+        read_json_for(&mut ws, Duration::from_millis(1500), |ws, v| match v["seq"].as_u64() {
+            Some(1) => seq1 += 1,
+            Some(2) => {
+                seq2 += 1;
+                ws_send_text(ws, r#"{"op":"ack","rid":8,"conv":"c2","seq":2}"#);
             }
-        }
+            _ => assert_eq!(v["op"], "ack.ok", "{v}"),
+        });
         assert_eq!(seq1, 3, "seq 1 sent once and re-pushed twice");
         assert_eq!(seq2, 1, "acked push is not re-sent");
         ws
@@ -325,23 +327,10 @@ async fn a_push_is_resent_an_interval_after_it_was_written() {
         ready_tx.send(()).unwrap();
         // When each copy of seq 1 and seq 2 arrived; nothing is acked.
         let mut copies: [Vec<std::time::Instant>; 2] = Default::default();
-        let deadline = std::time::Instant::now() + Duration::from_millis(3500);
-        ws.get_mut().set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-        while std::time::Instant::now() < deadline {
-            match ws.read() {
-                Ok(Message::Text(t)) => {
-                    let v: Value = serde_json::from_str(t.as_str()).unwrap();
-                    match v["seq"].as_u64() {
-                        Some(n @ (1 | 2)) => copies[n as usize - 1].push(std::time::Instant::now()),
-                        _ => panic!("unexpected frame {v}"),
-                    }
-                }
-                Ok(_) => {}
-                Err(tungstenite::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
-                Err(e) => panic!("{e}"),
-            }
-        }
+        read_json_for(&mut ws, Duration::from_millis(3500), |_, v| match v["seq"].as_u64() {
+            Some(n @ (1 | 2)) => copies[n as usize - 1].push(std::time::Instant::now()),
+            _ => panic!("unexpected frame {v}"),
+        });
         copies
     });
     ready_rx.await.unwrap();
