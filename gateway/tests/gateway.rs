@@ -12,6 +12,22 @@ use switchboard_proto::internal::Delivery;
 use tungstenite::client::IntoClientRequest;
 use tungstenite::Message;
 
+/// Connects and authenticates a client, then runs `f` on it in a blocking task; returns once the
+/// client is authenticated (so the gateway knows its connection).
+async fn authed_client<T: Send + 'static>(
+    addr: SocketAddr,
+    f: impl FnOnce(Ws) -> T + Send + 'static,
+) -> tokio::task::JoinHandle<T> {
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
+    let client = tokio::task::spawn_blocking(move || {
+        let ws = ws_connect_auth(addr);
+        ready_tx.send(()).unwrap();
+        f(ws)
+    });
+    ready_rx.await.unwrap();
+    client
+}
+
 /// Reads text frames as JSON for `window`, handing each to `f` with the socket (to answer).
 fn read_json_for(ws: &mut Ws, window: Duration, mut f: impl FnMut(&mut Ws, Value)) {
     let deadline = std::time::Instant::now() + window;
@@ -236,11 +252,7 @@ async fn unacked_pushes_are_repushed_then_dropped_and_logic_down_is_unavailable(
         ..config(&[&logic_url])
     })
     .await;
-    let addr = gw.ws_addr();
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
-    let client = tokio::task::spawn_blocking(move || {
-        let mut ws = ws_connect_auth(addr);
-        ready_tx.send(()).unwrap();
+    let client = authed_client(gw.ws_addr(), |mut ws| {
         // original + 2 re-pushes of seq 1; seq 2 is acked after its first copy
         let mut seq1 = 0;
         let mut seq2 = 0;
@@ -255,8 +267,8 @@ async fn unacked_pushes_are_repushed_then_dropped_and_logic_down_is_unavailable(
         assert_eq!(seq1, 3, "seq 1 sent once and re-pushed twice");
         assert_eq!(seq2, 1, "acked push is not re-sent");
         ws
-    });
-    ready_rx.await.unwrap();
+    })
+    .await;
     let conn_id = logic.connected_conn_id(0).await;
     let gone = Pusher::connect(&gw)
         .await
@@ -320,11 +332,7 @@ async fn a_push_is_resent_an_interval_after_it_was_written() {
         ..config(&[&logic_url])
     })
     .await;
-    let addr = gw.ws_addr();
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
-    let client = tokio::task::spawn_blocking(move || {
-        let mut ws = ws_connect_auth(addr);
-        ready_tx.send(()).unwrap();
+    let client = authed_client(gw.ws_addr(), |mut ws| {
         // When each copy of seq 1 and seq 2 arrived; nothing is acked.
         let mut copies: [Vec<std::time::Instant>; 2] = Default::default();
         read_json_for(&mut ws, Duration::from_millis(3500), |_, v| match v["seq"].as_u64() {
@@ -332,8 +340,8 @@ async fn a_push_is_resent_an_interval_after_it_was_written() {
             _ => panic!("unexpected frame {v}"),
         });
         copies
-    });
-    ready_rx.await.unwrap();
+    })
+    .await;
     let conn_id = logic.connected_conn_id(0).await;
     let mut pusher = Pusher::connect(&gw).await;
     let push = |seq: u64| Delivery {
