@@ -397,6 +397,46 @@ async fn silent_connections_are_closed_after_the_idle_timeout() {
     gw.shutdown().await;
 }
 
+/// Bursts of pushes to several connections (rounds that carry several pushes per connection, after
+/// which the shard lets its next round linger) all arrive, once each and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fan_out_bursts_arrive_complete_and_in_order_while_rounds_linger() {
+    const CONNS: usize = 3;
+    const MSGS: u64 = 200;
+    const PER_BATCH: u64 = 5;
+    let (logic, logic_url) = start_logic().await;
+    let gw = start_gateway(GatewayConfig { push_linger: Duration::from_millis(50), ..config(&[&logic_url]) }).await;
+    let mut clients = Vec::new();
+    for _ in 0..CONNS {
+        let client = authed_client(gw.ws_addr(), |mut ws| {
+            ws.get_mut().set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            (0..MSGS).map(|_| ws_read_json(&mut ws)["seq"].as_u64().unwrap()).collect::<Vec<_>>()
+        });
+        clients.push(client.await);
+    }
+    let mut targets = Vec::new();
+    for n in 0..CONNS {
+        targets.extend(to(logic.connected_conn_id(n).await));
+    }
+    let mut pusher = Pusher::connect(&gw).await;
+    for first in (1..=MSGS).step_by(PER_BATCH as usize) {
+        let batch = (first..first + PER_BATCH)
+            .map(|seq| Delivery {
+                targets: targets.clone(),
+                frame: format!(r#"{{"op":"msg","seq":{seq}}}"#).into_bytes().into(),
+                conv: "g".into(),
+                seq,
+                close: false,
+            })
+            .collect();
+        assert!(pusher.push(batch).await.is_empty());
+    }
+    for client in clients {
+        assert_eq!(client.await.unwrap(), (1..=MSGS).collect::<Vec<_>>());
+    }
+    gw.shutdown().await;
+}
+
 /// Logic routes a connection before it answers `auth`, so a push can reach the gateway before
 /// the answer: it is held and delivered right after `auth.ok`, never reported gone (which would
 /// drop the route).
