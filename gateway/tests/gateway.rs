@@ -405,7 +405,13 @@ async fn fan_out_bursts_arrive_complete_and_in_order_while_rounds_linger() {
     const MSGS: u64 = 200;
     const PER_BATCH: u64 = 5;
     let (logic, logic_url) = start_logic().await;
-    let gw = start_gateway(GatewayConfig { push_linger: Duration::from_millis(50), ..config(&[&logic_url]) }).await;
+    // No re-push within the test: only push rounds write these pushes.
+    let gw = start_gateway(GatewayConfig {
+        push_linger: Duration::from_millis(50),
+        repush_interval: Duration::from_secs(60),
+        ..config(&[&logic_url])
+    })
+    .await;
     let mut clients = Vec::new();
     for _ in 0..CONNS {
         let client = authed_client(gw.ws_addr(), |mut ws| {
