@@ -144,6 +144,10 @@ impl Proc {
         let mut line = String::new();
         out.read_line(&mut line).unwrap();
         assert!(!line.is_empty(), "{role} exited before serving");
+        // Serving, it has read its configuration file, which would otherwise stay in the temp dir.
+        if let Some(file) = config_file(&command) {
+            let _ = std::fs::remove_file(file);
+        }
         // The rest (its log) goes on to stderr, tagged, so the process
         // never writes into a closed pipe.
         let tag = role.to_owned();
@@ -184,6 +188,17 @@ impl Proc {
         let status = self.child.wait().unwrap();
         assert!(status.success(), "clean exit on SIGTERM: {status:?}");
     }
+}
+
+/// The file `command`'s `--config` names, if any.
+fn config_file(command: &Command) -> Option<std::path::PathBuf> {
+    let mut args = command.get_args();
+    while let Some(a) = args.next() {
+        if a == "--config" {
+            return args.next().map(Into::into);
+        }
+    }
+    None
 }
 
 impl Drop for Proc {
