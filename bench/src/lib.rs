@@ -12,17 +12,20 @@
 //!   missing deliveries. (rawws client)
 //! - `messaging`: pairs of friends sending direct messages at a fixed rate: delivered msgs/s,
 //!   delivery and `send.ok` latency, errors. (rawws client)
+//! - `plot`: the PNG of a `messaging` offered-load sweep (delivered and latency against offered).
 //! - `baseline-server`: a plain tokio-tungstenite server answering `auth` and `ping`, the baseline.
 //!
 //! Every target must be on loopback (127.0.0.0/8) and every run is bounded in count and time.
 
 pub mod baseline;
+pub mod canvas;
 pub mod client;
 pub mod connect;
 pub mod deliver;
 pub mod fanout;
 pub mod messaging;
 pub mod ping;
+pub mod plot;
 pub mod procfs;
 pub mod rawws;
 pub mod scan;

@@ -1,7 +1,7 @@
 //! `switchboard-bench`: the command line of the load generator (see the library for the modes).
 
 use clap::{Parser, Subcommand};
-use switchboard_bench::{baseline, connect, fanout, messaging, ping, sync};
+use switchboard_bench::{baseline, connect, fanout, messaging, ping, plot, sync};
 
 #[derive(Parser)]
 #[command(name = "switchboard-bench", version, about = "Load generator for Switchboard (loopback only)")]
@@ -26,6 +26,8 @@ enum Mode {
     Messaging(messaging::Args),
     /// A user in many conversations, few changed: `sync` round-trip percentiles.
     Sync(sync::Args),
+    /// The PNG of a `messaging` offered-load sweep from its reports.
+    Plot(plot::Args),
     /// A plain tokio-tungstenite server answering `auth` and `ping` (the baseline).
     BaselineServer(baseline::Args),
 }
@@ -46,5 +48,6 @@ fn main() -> anyhow::Result<()> {
         Mode::Fanout(a) => fanout::main(a),
         Mode::Messaging(a) => messaging::main(a),
         Mode::Sync(a) => sync::main(a),
+        Mode::Plot(a) => plot::main(a),
     }
 }

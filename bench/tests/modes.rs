@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use switchboard::{AllInOne, Settings};
-use switchboard_bench::{connect, fanout, messaging, ping};
+use switchboard_bench::{connect, fanout, messaging, ping, plot};
 use switchboard_logic::auth::{mint, TokenKey};
 
 fn temp_dir() -> PathBuf {
@@ -160,7 +160,19 @@ fn ping_fanout_and_messaging_deliver_everything() {
         assert!(r.msgs_sent > 0 && r.totals.deliveries_total > 0, "{r:?}");
         assert_eq!((r.totals.missing_deliveries, r.totals.errors, r.totals.dropped), (0, 0, 0), "{r:?}");
         assert!(r.totals.delivery_latency.samples > 0 && r.totals.send_ok_latency.samples > 0);
+        std::fs::write(dir.join(format!("messaging-{round}.json")), serde_json::to_vec(&r).unwrap()).unwrap();
     }
+    // plot: the two reports as a sweep's PNG
+    let png = dir.join("sweep.png");
+    let reports = (0..2).map(|i| dir.join(format!("messaging-{i}.json")));
+    plot::main(plot::Args { reports: reports.collect(), out: png.clone(), title: "modes".into() }).expect("plot");
+    let png = std::fs::read(&png).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    assert_eq!(&png[12..16], b"IHDR");
+    let plot::Point { offered, delivered, .. } =
+        plot::point(&serde_json::from_slice(&std::fs::read(dir.join("messaging-1.json")).unwrap()).unwrap()).unwrap();
+    assert_eq!(offered, 80.0);
+    assert!(delivered > 0.0);
 
     rt.block_on(node.stop());
     let _ = std::fs::remove_dir_all(&dir);
