@@ -30,9 +30,53 @@ pub struct DeliveryArgs {
     /// Send acks with `"quiet": true` (the server answers only a refused ack, not `ack.ok`).
     #[arg(long)]
     pub quiet_acks: bool,
-    /// Text body length in bytes (at least 1).
+    /// Text body length in bytes (at least 1), all `x`: one search term per message.
     #[arg(long, default_value_t = 16)]
     pub body_bytes: usize,
+    /// Instead of `--body-bytes`, a body of this many words drawn from a 2,000-word vocabulary,
+    /// common words far more often than rare ones (as chat text has them), different for each
+    /// message: what the server's search index sees in a real conversation.
+    #[arg(long, default_value_t = 0)]
+    pub body_words: usize,
+}
+
+impl DeliveryArgs {
+    /// The text body of message `n` of connection `conn`.
+    pub fn body(&self, conn: usize, n: u64) -> String {
+        if self.body_words == 0 {
+            return "x".repeat(self.body_bytes.max(1));
+        }
+        let mut x = (conn as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ n.wrapping_mul(0xD1B5_4A32_D192_ED03) | 1;
+        let mut out = String::new();
+        for i in 0..self.body_words {
+            // xorshift64*, then u³ on [0, 1): index 0 about as often as the top 40 % together
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            let u = (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64;
+            if i > 0 {
+                out.push(' ');
+            }
+            word(&mut out, (u * u * u * VOCABULARY as f64) as usize);
+        }
+        out
+    }
+}
+
+/// Words of `--body-words`.
+const VOCABULARY: usize = 2_000;
+
+/// Appends word `i` of the vocabulary: two or three syllables, distinct for each `i`.
+fn word(out: &mut String, i: usize) {
+    const SYL: [&str; 24] = [
+        "ka", "lo", "mi", "ne", "ru", "ta", "shi", "po", "ve", "do", "an", "el", "in", "or", "um", "be", "ga", "fi",
+        "zo", "ha", "ju", "qu", "we", "xy",
+    ];
+    out.push_str(SYL[i % 24]);
+    out.push_str(SYL[(i / 24) % 24]);
+    if i >= 24 * 24 {
+        out.push_str(SYL[(i / 576) % 24]);
+    }
 }
 
 /// Which message numbers one connection has received, and its ack state for one conversation.
@@ -294,6 +338,36 @@ impl Deliveries {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct A {
+        #[command(flatten)]
+        d: DeliveryArgs,
+    }
+
+    #[test]
+    fn bodies_are_padding_or_skewed_words() {
+        let pad = A::parse_from(["a", "--body-bytes", "5"]).d;
+        assert_eq!(pad.body(3, 9), "xxxxx");
+        let words = A::parse_from(["a", "--body-words", "8"]).d;
+        assert_eq!(words.body(2, 40), words.body(2, 40));
+        assert_ne!(words.body(2, 40), words.body(2, 41));
+        assert_ne!(words.body(2, 40), words.body(3, 40));
+        let mut counts = std::collections::HashMap::new();
+        for n in 0..500 {
+            let text = words.body(n % 7, n as u64);
+            assert_eq!(text.split(' ').count(), 8);
+            for w in text.split(' ') {
+                *counts.entry(w.to_owned()).or_insert(0) += 1;
+            }
+        }
+        // 4,000 words: many distinct ones, the commonest far above the typical
+        let mut n: Vec<i32> = counts.into_values().collect();
+        n.sort_unstable();
+        assert!(n.len() > 300, "{} distinct", n.len());
+        assert!(n[n.len() - 1] > 20 * n[n.len() / 2], "top {} median {}", n[n.len() - 1], n[n.len() / 2]);
+    }
 
     #[test]
     fn inbox_counts() {

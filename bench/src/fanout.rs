@@ -146,7 +146,6 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
     h.d.ack_interval = Duration::from_millis(args.delivery.ack_interval_ms);
     h.d.quiet_acks = args.delivery.quiet_acks;
     let mut last_sweep = Instant::now();
-    let pad = "x".repeat(args.delivery.body_bytes.max(1));
     let mut n = 0u64;
     let mut rid = 0u64;
     let mut cpu = None;
@@ -164,8 +163,9 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
             while n < due && h.outstanding.len() < args.inflight && client.state(sender).is_some() {
                 rid += 1;
                 let cmid = scan::cmid(run, n, h.d.ns(now));
+                let body = args.delivery.body(0, n);
                 let frame = format!(
-                    r#"{{"op":"send","rid":{rid},"group":"{group}","cmid":"{cmid}","type":"text","body":"{pad}"}}"#
+                    r#"{{"op":"send","rid":{rid},"group":"{group}","cmid":"{cmid}","type":"text","body":"{body}"}}"#
                 );
                 client.send_text(sender, frame.as_bytes());
                 h.outstanding.push(rid, n, now);

@@ -180,7 +180,6 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
     h.d.ack_interval = Duration::from_millis(args.delivery.ack_interval_ms);
     h.d.quiet_acks = args.delivery.quiet_acks;
     let mut last_sweep = Instant::now();
-    let pad = "x".repeat(args.delivery.body_bytes.max(1));
     let period = Duration::from_secs_f64(1.0 / args.rate);
     // Each connection's next send, phases spread evenly over one period.
     let mut due: BinaryHeap<Reverse<(Instant, usize)>> =
@@ -218,8 +217,10 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
             next_n[i] += 1;
             let cmid = scan::cmid(run, n, h.d.ns(now));
             let to_user = &users[peer(i)];
-            let frame =
-                format!(r#"{{"op":"send","rid":{rid},"to":"{to_user}","cmid":"{cmid}","type":"text","body":"{pad}"}}"#);
+            let body = args.delivery.body(i, n);
+            let frame = format!(
+                r#"{{"op":"send","rid":{rid},"to":"{to_user}","cmid":"{cmid}","type":"text","body":"{body}"}}"#
+            );
             client.send_text(id, frame.as_bytes());
             side.outstanding.push(rid, n, now);
         }

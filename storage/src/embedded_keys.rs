@@ -134,6 +134,7 @@ pub(crate) fn carry_legacy(tx: &WriteTransaction) -> Result<()> {
     carry(tx, legacy::MENTIONS, crate::embedded_search::MENTIONS)?;
     carry(tx, legacy::EDITS, crate::embedded_search::EDITS)?;
     carry(tx, legacy::TERMS, crate::embedded_search::TERMS)?;
+    crate::embedded_search::carry_postings(tx)?;
     Ok(())
 }
 
@@ -230,7 +231,10 @@ mod tests {
         rows(1, tx.open_table(now::BLOCKS).unwrap().len().unwrap(), "blocks");
         rows(1, tx.open_table(crate::embedded_search::MENTIONS).unwrap().len().unwrap(), "mentions");
         rows(1, tx.open_table(crate::embedded_search::EDITS).unwrap().len().unwrap(), "edits");
-        assert!(tx.open_table(crate::embedded_search::TERMS).unwrap().get((7, "d:a:b", 1)).unwrap().is_some());
+        // the posting (term 7, d:a:b#1) is bit 1 of the conversation's first block
+        let blocks = tx.open_table(crate::embedded_search::TERM_BLOCKS).unwrap();
+        assert_eq!(blocks.get(("d:a:b", 0, 7)).unwrap().unwrap().value(), 1 << 1);
+        drop(blocks);
         assert_eq!(tx.open_table(now::ACKS).unwrap().get(("b", "d", "d:a:b")).unwrap().unwrap().value(), 1);
         assert_eq!(tx.open_table(now::TOKEN_OWNERS).unwrap().get("t").unwrap().unwrap().value(), ("a", "d"));
         drop(tx);

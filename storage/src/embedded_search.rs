@@ -16,18 +16,39 @@ use crate::{Message, Result};
 pub(crate) const MENTIONS: TableDefinition<(Utf8, Utf8), u64> = TableDefinition::new("mentions.v2");
 /// (conv, seq) -> (the seq of the latest edit, its text): the current text of an edited message.
 pub(crate) const EDITS: TableDefinition<(Utf8, u64), (u64, &str)> = TableDefinition::new("search_edits.v2");
-/// (term, conv, seq): a text conv#seq had (its own or an edit's) holds the term. Postings are
-/// only added: a reader checks each candidate's current text (a recall or a later edit leaves
-/// postings that no longer hold), which keeps a checkpoint to one insert per new term.
+/// (term, conv, seq) in the layout before [`TERM_BLOCKS`]: one row per posting. Carried into
+/// the blocks when a database that has it is opened ([`carry_postings`]).
 pub(crate) const TERMS: TableDefinition<(i64, Utf8, u64), ()> = TableDefinition::new("search_terms.v2");
+/// (conv, block, term) -> a bit per seq of the block: bit `seq % 64` of block `seq / 64` says a
+/// text conv#seq had (its own or an edit's) holds the term. Postings are only added: a reader
+/// checks each candidate's current text (a recall or a later edit leaves postings that no longer
+/// hold). Keyed by conversation and time first, so a checkpoint's postings land next to each
+/// other, in each conversation's newest block (a few pages per conversation), not one page per
+/// posting spread over the whole index as a term-first key put them; and a block's row per
+/// term holds all of its messages that have the term.
+pub(crate) const TERM_BLOCKS: TableDefinition<(Utf8, u64, i64), u64> = TableDefinition::new("search_blocks.v2");
+
+/// Seqs per row of [`TERM_BLOCKS`].
+const BLOCK: u64 = 64;
+
+/// The row and bit of `seq`.
+fn block_of(seq: u64) -> (u64, u64) {
+    (seq / BLOCK, 1 << (seq % BLOCK))
+}
+
+/// The seqs of a block row's bits, newest first.
+fn seqs_of(block: u64, bits: u64) -> impl Iterator<Item = u64> {
+    (0..BLOCK).rev().filter(move |i| bits >> i & 1 == 1).map(move |i| block * BLOCK + i)
+}
 
 /// The index tables, opened once per write transaction. Postings are gathered and written in
 /// key order by [`IndexTables::finish`] (neighbouring inserts touch the same pages).
 pub(crate) struct IndexTables<'t> {
     mentions: Table<'t, (Utf8, Utf8), u64>,
     edits: Table<'t, (Utf8, u64), (u64, &'static str)>,
-    terms: Table<'t, (i64, Utf8, u64), ()>,
-    postings: Vec<(i64, String, u64)>,
+    terms: Table<'t, (Utf8, u64, i64), u64>,
+    /// (conv, block, term) -> the bits to add.
+    postings: BTreeMap<(String, u64, i64), u64>,
 }
 
 impl<'t> IndexTables<'t> {
@@ -35,8 +56,8 @@ impl<'t> IndexTables<'t> {
         Ok(Self {
             mentions: tx.open_table(MENTIONS)?,
             edits: tx.open_table(EDITS)?,
-            terms: tx.open_table(TERMS)?,
-            postings: Vec::new(),
+            terms: tx.open_table(TERM_BLOCKS)?,
+            postings: BTreeMap::new(),
         })
     }
 
@@ -78,18 +99,54 @@ impl<'t> IndexTables<'t> {
     }
 
     fn post(&mut self, conv: &str, seq: u64, text: &str) {
-        self.postings.extend(doc_terms(text).into_iter().map(|t| (t, conv.to_owned(), seq)));
+        let (block, bit) = block_of(seq);
+        for t in doc_terms(text) {
+            *self.postings.entry((conv.to_owned(), block, t)).or_insert(0) |= bit;
+        }
     }
 
-    /// Writes the gathered postings, in key order.
-    pub fn finish(mut self) -> Result<()> {
-        self.postings.sort_unstable();
-        self.postings.dedup();
-        for (t, conv, seq) in &self.postings {
-            self.terms.insert((*t, conv.as_str(), *seq), ())?;
-        }
-        Ok(())
+    /// Writes the gathered postings, in key order, each block's bits added to those it has.
+    pub fn finish(self) -> Result<()> {
+        let Self { mut terms, postings, .. } = self;
+        add_bits(&mut terms, postings)
     }
+}
+
+/// Adds `postings` (in key order) to the bits the blocks have.
+fn add_bits(blocks: &mut Table<'_, (Utf8, u64, i64), u64>, postings: BTreeMap<(String, u64, i64), u64>) -> Result<()> {
+    for ((conv, block, t), bits) in postings {
+        let key = (conv.as_str(), block, t);
+        let had = blocks.get(key)?.map_or(0, |v| v.value());
+        if had | bits != had {
+            blocks.insert(key, had | bits)?;
+        }
+    }
+    Ok(())
+}
+
+/// Moves the one-row-per-posting index of an older database into [`TERM_BLOCKS`] and deletes
+/// it, a million postings at a time. Nothing to do if there is none.
+pub(crate) fn carry_postings(tx: &WriteTransaction) -> Result<()> {
+    if !tx.list_tables()?.any(|t| t.name() == TERMS.name()) {
+        return Ok(());
+    }
+    {
+        let old = tx.open_table(TERMS)?;
+        let mut blocks = tx.open_table(TERM_BLOCKS)?;
+        let mut pending = BTreeMap::new();
+        for row in old.iter()? {
+            let (key, _) = row?;
+            let (t, conv, seq) = key.value();
+            let (block, bit) = block_of(seq);
+            *pending.entry((conv.to_owned(), block, t)).or_insert(0) |= bit;
+            if pending.len() == 1 << 20 {
+                add_bits(&mut blocks, std::mem::take(&mut pending))?;
+            }
+        }
+        add_bits(&mut blocks, pending)?;
+    }
+    tx.delete_table(TERMS)?;
+    Ok(())
 }
 
 /// Creates the tables (a new file, or one written before they existed) and fills them from the
@@ -114,8 +171,8 @@ pub(crate) fn mentions(tx: &ReadTransaction, user: &str) -> Result<HashMap<Strin
     Ok(marks.into_iter().collect())
 }
 
-/// Most postings of the query's first term read per conversation (the newest).
-const MAX_POSTINGS: usize = 50_000;
+/// Most blocks read per conversation (the newest): 3.2 million messages.
+const MAX_BLOCKS: u64 = 50_000;
 
 /// A candidate of the B-trees, with the seq of what set its text.
 pub(crate) struct Indexed {
@@ -124,49 +181,58 @@ pub(crate) struct Indexed {
 }
 
 /// The newest `q.limit` matches of `q` in its conversations as the B-trees hold them, found
-/// from the postings of the query's first term (newest first in each conversation, each checked
-/// for the others); a conversation is read only while its matches are newer than the
-/// `q.limit`-th newest found so far.
+/// block by block from each conversation's newest (the bits of every query term in the block
+/// together), each candidate checked against its current text; a conversation is read only
+/// while its matches are newer than the `q.limit`-th newest found so far.
 pub(crate) fn candidates(tx: &ReadTransaction, q: &SearchQuery) -> Result<Vec<Indexed>> {
     let (terms, edits, messages) =
-        (tx.open_table(TERMS)?, tx.open_table(EDITS)?, tx.open_table(crate::embedded::MESSAGES)?);
-    let Some((&first, rest)) = q.terms.split_first() else { return Ok(Vec::new()) };
+        (tx.open_table(TERM_BLOCKS)?, tx.open_table(EDITS)?, tx.open_table(crate::embedded::MESSAGES)?);
+    if q.terms.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut out: Vec<Indexed> = Vec::new();
     // the ts of the limit-th newest match so far, once there are that many
     let mut floor: Option<u64> = None;
     for conv in &q.convs {
         let conv = conv.as_str();
         let mut taken = 0;
-        for row in terms.range((first, conv, 0)..=(first, conv, u64::MAX))?.rev().take(MAX_POSTINGS) {
-            let seq = row?.0.value().2;
-            let mut all = true;
-            for &t in rest {
-                if terms.get((t, conv, seq))?.is_none() {
-                    all = false;
-                    break;
+        // The conversation's newest block, then back block by block.
+        let newest = match terms.range((conv, 0, i64::MIN)..=(conv, u64::MAX, i64::MAX))?.next_back() {
+            Some(row) => row?.0.value().1,
+            None => continue,
+        };
+        let mut seqs = Vec::new();
+        'blocks: for block in (newest.saturating_sub(MAX_BLOCKS - 1)..=newest).rev() {
+            // The seqs of the block whose texts had every term.
+            let mut bits = u64::MAX;
+            for &t in &q.terms {
+                bits &= terms.get((conv, block, t))?.map_or(0, |v| v.value());
+                if bits == 0 {
+                    continue 'blocks;
                 }
             }
-            if !all {
-                continue;
-            }
-            let Some(row) = messages.get((conv, seq))? else { continue };
-            let msg: Message = serde_json::from_slice(row.value())?;
-            if floor.is_some_and(|f| msg.ts < f) {
-                break; // the rest of this conversation is older still
-            }
-            // The current text: the latest edit's, or the message's own (none once recalled).
-            let Some(own) = crate::search::searchable(&msg.kind, &msg.body) else { continue };
-            let (text, by) = match edits.get((conv, seq))? {
-                Some(e) => (e.value().1.to_owned(), e.value().0),
-                None => (own, msg.seq),
-            };
-            if !matches(q, &text) || !passes(q, &msg) {
-                continue;
-            }
-            out.push(Indexed { found: Found { msg, text }, by });
-            taken += 1;
-            if taken == q.limit {
-                break;
+            seqs.clear();
+            seqs.extend(seqs_of(block, bits));
+            for &seq in &seqs {
+                let Some(row) = messages.get((conv, seq))? else { continue };
+                let msg: Message = serde_json::from_slice(row.value())?;
+                if floor.is_some_and(|f| msg.ts < f) {
+                    break 'blocks; // the rest of this conversation is older still
+                }
+                // The current text: the latest edit's, or the message's own (none once recalled).
+                let Some(own) = crate::search::searchable(&msg.kind, &msg.body) else { continue };
+                let (text, by) = match edits.get((conv, seq))? {
+                    Some(e) => (e.value().1.to_owned(), e.value().0),
+                    None => (own, msg.seq),
+                };
+                if !matches(q, &text) || !passes(q, &msg) {
+                    continue;
+                }
+                out.push(Indexed { found: Found { msg, text }, by });
+                taken += 1;
+                if taken == q.limit {
+                    break 'blocks;
+                }
             }
         }
         if out.len() >= q.limit {
@@ -257,4 +323,112 @@ where
     out.sort_by(|a, b| b.msg.ts.cmp(&a.msg.ts).then(b.msg.seq.cmp(&a.msg.seq)));
     out.truncate(q.limit);
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use redb::{Database, ReadableTableMetadata};
+
+    use super::*;
+    use crate::search::{query_terms, SearchQuery};
+
+    fn db(name: &str) -> (Database, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("sb-postings-{name}-{}", crate::contract::prefix()));
+        std::fs::create_dir_all(&dir).unwrap();
+        (Database::create(dir.join("t.redb")).unwrap(), dir)
+    }
+
+    /// Seqs `from..=to` of conversation `c`: every text holds "alpha", every third "beta" too.
+    fn checkpoint(db: &Database, from: u64, to: u64) {
+        let tx = db.begin_write().unwrap();
+        {
+            let mut messages = tx.open_table(crate::embedded::MESSAGES).unwrap();
+            let mut index = IndexTables::open(&tx).unwrap();
+            for seq in from..=to {
+                let body = if seq % 3 == 0 { "alpha and beta" } else { "alpha alone" };
+                let m = crate::contract::text("c", "a", &format!("m{seq}"), body).stored_as(seq, 1_000 + seq);
+                messages.insert(("c", seq), &serde_json::to_vec(&m).unwrap()[..]).unwrap();
+                index.message(&m, true, &[], |_| Ok(None)).unwrap();
+            }
+            index.finish().unwrap();
+        }
+        tx.commit().unwrap();
+    }
+
+    fn search(db: &Database, q: &str, limit: usize) -> Vec<u64> {
+        let q = SearchQuery { convs: vec!["c".into()], terms: query_terms(q), from: None, before_ts: None, limit };
+        candidates(&db.begin_read().unwrap(), &q).unwrap().into_iter().map(|i| i.found.msg.seq).collect()
+    }
+
+    /// 200 messages over four blocks, written by two checkpoints (the second adds bits to the
+    /// block the first began): one row per (block, term), and a search reads them newest first
+    /// across the blocks' edges.
+    #[test]
+    fn postings_are_a_row_per_block_and_read_newest_first() {
+        let (db, dir) = db("blocks");
+        checkpoint(&db, 1, 100);
+        checkpoint(&db, 101, 200);
+        let tx = db.begin_read().unwrap();
+        let blocks = tx.open_table(TERM_BLOCKS).unwrap();
+        let alpha = query_terms("alpha")[0];
+        let bits = |t: i64, b: u64| blocks.get(("c", b, t)).unwrap().map(|v| v.value());
+        assert_eq!(bits(alpha, 0), Some(!1)); // seqs 1..=63
+        assert_eq!(bits(alpha, 1), Some(u64::MAX)); // 64..=127, from both checkpoints
+        assert_eq!(bits(alpha, 3), Some((1 << 9) - 1)); // 192..=200
+                                                        // alpha, and, beta, alone: four terms of four blocks each
+        assert_eq!(blocks.len().unwrap(), 16);
+        drop((blocks, tx));
+        assert_eq!(search(&db, "alpha beta", 5), [198, 195, 192, 189, 186]);
+        let every_third: Vec<u64> = (1..=66).rev().map(|n| n * 3).collect();
+        assert_eq!(search(&db, "beta", 100), every_third);
+        assert_eq!(search(&db, "alpha", 200), (1..=200).rev().collect::<Vec<_>>());
+        assert!(search(&db, "gamma", 10).is_empty());
+        drop(db);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    /// A database with one row per posting has them moved into blocks, the old table deleted.
+    #[test]
+    fn older_postings_are_carried_into_blocks() {
+        let (db, dir) = db("carry");
+        let tx = db.begin_write().unwrap();
+        {
+            let mut old = tx.open_table(TERMS).unwrap();
+            for seq in 1..=130 {
+                old.insert((7, "c", seq), ()).unwrap();
+            }
+            old.insert((8, "c", 5), ()).unwrap();
+            old.insert((8, "d", 64), ()).unwrap();
+        }
+        carry_postings(&tx).unwrap();
+        assert!(!tx.list_tables().unwrap().any(|t| t.name() == TERMS.name()));
+        {
+            let blocks = tx.open_table(TERM_BLOCKS).unwrap();
+            let rows: Vec<((String, u64, i64), u64)> = blocks
+                .iter()
+                .unwrap()
+                .map(|r| {
+                    let (k, v) = r.unwrap();
+                    let (c, b, t) = k.value();
+                    ((c.to_owned(), b, t), v.value())
+                })
+                .collect();
+            let row = |c: &str, b, t, bits| ((c.to_owned(), b, t), bits);
+            assert_eq!(
+                rows,
+                [
+                    row("c", 0, 7, !1),
+                    row("c", 0, 8, 1 << 5),
+                    row("c", 1, 7, u64::MAX),
+                    row("c", 2, 7, 0b111),
+                    row("d", 1, 8, 1)
+                ]
+            );
+        }
+        // a second carry finds nothing to do
+        carry_postings(&tx).unwrap();
+        tx.commit().unwrap();
+        drop(db);
+        std::fs::remove_dir_all(dir).ok();
+    }
 }
