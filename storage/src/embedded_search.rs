@@ -19,14 +19,46 @@ pub(crate) const EDITS: TableDefinition<(Utf8, u64), (u64, &str)> = TableDefinit
 /// (term, conv, seq) in the layout before [`TERM_BLOCKS`]: one row per posting. Carried into
 /// the blocks when a database that has it is opened ([`carry_postings`]).
 pub(crate) const TERMS: TableDefinition<(i64, Utf8, u64), ()> = TableDefinition::new("search_terms.v2");
-/// (conv, block, term) -> a bit per seq of the block: bit `seq % 64` of block `seq / 64` says a
-/// text conv#seq had (its own or an edit's) holds the term. Postings are only added: a reader
-/// checks each candidate's current text (a recall or a later edit leaves postings that no longer
-/// hold). Keyed by conversation and time first, so a checkpoint's postings land next to each
-/// other, in each conversation's newest block (a few pages per conversation), not one page per
-/// posting spread over the whole index as a term-first key put them; and a block's row per
-/// term holds all of its messages that have the term.
-pub(crate) const TERM_BLOCKS: TableDefinition<(Utf8, u64, i64), u64> = TableDefinition::new("search_blocks.v2");
+/// (conv, block) -> the terms of the block's texts, each with a bit per seq of the block: bit
+/// `seq % 64` of a term's bits in block `seq / 64` says a text conv#seq had (its own or an
+/// edit's) holds the term. The value is a run of (term `i64`, bits `u64`) pairs, little endian,
+/// sorted by term. Postings are only added: a reader checks each candidate's current text (a
+/// recall or a later edit leaves postings that no longer hold). One row per conversation and 64
+/// messages: a checkpoint rewrites each conversation's newest row once, whatever number of
+/// terms and messages it adds (a row per posting, keyed by term first as before, cost a B-tree
+/// insert each, on pages spread over the whole index).
+pub(crate) const TERM_BLOCKS: TableDefinition<(Utf8, u64), &[u8]> = TableDefinition::new("search_block_terms.v2");
+
+/// Bytes of one (term, bits) pair of a [`TERM_BLOCKS`] value.
+const PAIR: usize = 16;
+
+/// The (term, bits) pairs of a block's value, in term order.
+fn pairs(value: &[u8]) -> impl Iterator<Item = (i64, u64)> + '_ {
+    value.chunks_exact(PAIR).map(|p| {
+        (
+            i64::from_le_bytes(p[..8].try_into().expect("8 bytes")),
+            u64::from_le_bytes(p[8..].try_into().expect("8 bytes")),
+        )
+    })
+}
+
+/// The bits of `term` in a block's value (0 if the block has none).
+pub(crate) fn bits_of(value: &[u8], term: i64) -> u64 {
+    let n = value.len() / PAIR;
+    let at = |i: usize| i64::from_le_bytes(value[i * PAIR..i * PAIR + 8].try_into().expect("8 bytes"));
+    let (mut lo, mut hi) = (0, n);
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        match at(mid).cmp(&term) {
+            std::cmp::Ordering::Less => lo = mid + 1,
+            std::cmp::Ordering::Greater => hi = mid,
+            std::cmp::Ordering::Equal => {
+                return u64::from_le_bytes(value[mid * PAIR + 8..mid * PAIR + PAIR].try_into().expect("8 bytes"))
+            }
+        }
+    }
+    0
+}
 
 /// Seqs per row of [`TERM_BLOCKS`].
 const BLOCK: u64 = 64;
@@ -46,9 +78,9 @@ fn seqs_of(block: u64, bits: u64) -> impl Iterator<Item = u64> {
 pub(crate) struct IndexTables<'t> {
     mentions: Table<'t, (Utf8, Utf8), u64>,
     edits: Table<'t, (Utf8, u64), (u64, &'static str)>,
-    terms: Table<'t, (Utf8, u64, i64), u64>,
-    /// (conv, block, term) -> the bits to add.
-    postings: BTreeMap<(String, u64, i64), u64>,
+    terms: Table<'t, (Utf8, u64), &'static [u8]>,
+    /// (conv, block) -> term -> the bits to add.
+    postings: Postings,
 }
 
 impl<'t> IndexTables<'t> {
@@ -101,7 +133,7 @@ impl<'t> IndexTables<'t> {
     fn post(&mut self, conv: &str, seq: u64, text: &str) {
         let (block, bit) = block_of(seq);
         for t in doc_terms(text) {
-            *self.postings.entry((conv.to_owned(), block, t)).or_insert(0) |= bit;
+            *self.postings.entry((conv.to_owned(), block)).or_default().entry(t).or_insert(0) |= bit;
         }
     }
 
@@ -112,14 +144,27 @@ impl<'t> IndexTables<'t> {
     }
 }
 
-/// Adds `postings` (in key order) to the bits the blocks have.
-fn add_bits(blocks: &mut Table<'_, (Utf8, u64, i64), u64>, postings: BTreeMap<(String, u64, i64), u64>) -> Result<()> {
-    for ((conv, block, t), bits) in postings {
-        let key = (conv.as_str(), block, t);
-        let had = blocks.get(key)?.map_or(0, |v| v.value());
-        if had | bits != had {
-            blocks.insert(key, had | bits)?;
+/// Postings gathered for [`TERM_BLOCKS`]: (conv, block) -> term -> bits.
+type Postings = BTreeMap<(String, u64), BTreeMap<i64, u64>>;
+
+/// Adds `postings` to the bits the blocks have: one read and at most one write per block.
+fn add_bits(blocks: &mut Table<'_, (Utf8, u64), &'static [u8]>, postings: Postings) -> Result<()> {
+    let mut value = Vec::new();
+    for ((conv, block), mut terms) in postings {
+        let key = (conv.as_str(), block);
+        let had = blocks.get(key)?.map(|v| v.value().to_vec()).unwrap_or_default();
+        for (t, bits) in pairs(&had) {
+            *terms.entry(t).or_insert(0) |= bits;
         }
+        value.clear();
+        for (t, bits) in terms {
+            value.extend_from_slice(&t.to_le_bytes());
+            value.extend_from_slice(&bits.to_le_bytes());
+        }
+        if value == had {
+            continue; // a replay: nothing new
+        }
+        blocks.insert(key, &value[..])?;
     }
     Ok(())
 }
@@ -133,13 +178,15 @@ pub(crate) fn carry_postings(tx: &WriteTransaction) -> Result<()> {
     {
         let old = tx.open_table(TERMS)?;
         let mut blocks = tx.open_table(TERM_BLOCKS)?;
-        let mut pending = BTreeMap::new();
+        let (mut pending, mut gathered): (Postings, usize) = (BTreeMap::new(), 0);
         for row in old.iter()? {
             let (key, _) = row?;
             let (t, conv, seq) = key.value();
             let (block, bit) = block_of(seq);
-            *pending.entry((conv.to_owned(), block, t)).or_insert(0) |= bit;
-            if pending.len() == 1 << 20 {
+            *pending.entry((conv.to_owned(), block)).or_default().entry(t).or_insert(0) |= bit;
+            gathered += 1;
+            if gathered == 1 << 20 {
+                gathered = 0;
                 add_bits(&mut blocks, std::mem::take(&mut pending))?;
             }
         }
@@ -172,7 +219,7 @@ pub(crate) fn mentions(tx: &ReadTransaction, user: &str) -> Result<HashMap<Strin
 }
 
 /// Most blocks read per conversation (the newest): 3.2 million messages.
-const MAX_BLOCKS: u64 = 50_000;
+const MAX_BLOCKS: usize = 50_000;
 
 /// A candidate of the B-trees, with the seq of what set its text.
 pub(crate) struct Indexed {
@@ -196,20 +243,15 @@ pub(crate) fn candidates(tx: &ReadTransaction, q: &SearchQuery) -> Result<Vec<In
     for conv in &q.convs {
         let conv = conv.as_str();
         let mut taken = 0;
-        // The conversation's newest block, then back block by block.
-        let newest = match terms.range((conv, 0, i64::MIN)..=(conv, u64::MAX, i64::MAX))?.next_back() {
-            Some(row) => row?.0.value().1,
-            None => continue,
-        };
         let mut seqs = Vec::new();
-        'blocks: for block in (newest.saturating_sub(MAX_BLOCKS - 1)..=newest).rev() {
+        // The conversation's blocks, newest first.
+        'blocks: for row in terms.range((conv, 0)..=(conv, u64::MAX))?.rev().take(MAX_BLOCKS) {
+            let (key, value) = row?;
+            let (block, value) = (key.value().1, value.value());
             // The seqs of the block whose texts had every term.
-            let mut bits = u64::MAX;
-            for &t in &q.terms {
-                bits &= terms.get((conv, block, t))?.map_or(0, |v| v.value());
-                if bits == 0 {
-                    continue 'blocks;
-                }
+            let bits = q.terms.iter().fold(u64::MAX, |bits, &t| bits & bits_of(value, t));
+            if bits == 0 {
+                continue;
             }
             seqs.clear();
             seqs.extend(seqs_of(block, bits));
@@ -361,8 +403,8 @@ mod tests {
     }
 
     /// 200 messages over four blocks, written by two checkpoints (the second adds bits to the
-    /// block the first began): one row per (block, term), and a search reads them newest first
-    /// across the blocks' edges.
+    /// block the first began): one row per block with its terms in order, and a search reads
+    /// them newest first across the blocks' edges.
     #[test]
     fn postings_are_a_row_per_block_and_read_newest_first() {
         let (db, dir) = db("blocks");
@@ -371,12 +413,17 @@ mod tests {
         let tx = db.begin_read().unwrap();
         let blocks = tx.open_table(TERM_BLOCKS).unwrap();
         let alpha = query_terms("alpha")[0];
-        let bits = |t: i64, b: u64| blocks.get(("c", b, t)).unwrap().map(|v| v.value());
-        assert_eq!(bits(alpha, 0), Some(!1)); // seqs 1..=63
-        assert_eq!(bits(alpha, 1), Some(u64::MAX)); // 64..=127, from both checkpoints
-        assert_eq!(bits(alpha, 3), Some((1 << 9) - 1)); // 192..=200
-                                                        // alpha, and, beta, alone: four terms of four blocks each
-        assert_eq!(blocks.len().unwrap(), 16);
+        let bits = |b: u64| bits_of(blocks.get(("c", b)).unwrap().unwrap().value(), alpha);
+        assert_eq!(bits(0), !1); // seqs 1..=63
+        assert_eq!(bits(1), u64::MAX); // 64..=127, from both checkpoints
+        assert_eq!(bits(3), (1 << 9) - 1); // 192..=200
+                                           // one row per block, each with alpha, and, beta, alone in term order
+        assert_eq!(blocks.len().unwrap(), 4);
+        let terms: Vec<i64> = pairs(blocks.get(("c", 2)).unwrap().unwrap().value()).map(|p| p.0).collect();
+        let mut expected = query_terms("alpha and beta alone");
+        expected.sort_unstable();
+        assert_eq!(terms, expected);
+        assert_eq!(bits_of(blocks.get(("c", 2)).unwrap().unwrap().value(), query_terms("gamma")[0]), 0);
         drop((blocks, tx));
         assert_eq!(search(&db, "alpha beta", 5), [198, 195, 192, 189, 186]);
         let every_third: Vec<u64> = (1..=66).rev().map(|n| n * 3).collect();
@@ -404,24 +451,24 @@ mod tests {
         assert!(!tx.list_tables().unwrap().any(|t| t.name() == TERMS.name()));
         {
             let blocks = tx.open_table(TERM_BLOCKS).unwrap();
-            let rows: Vec<((String, u64, i64), u64)> = blocks
+            type Row = ((String, u64), Vec<(i64, u64)>);
+            let rows: Vec<Row> = blocks
                 .iter()
                 .unwrap()
                 .map(|r| {
                     let (k, v) = r.unwrap();
-                    let (c, b, t) = k.value();
-                    ((c.to_owned(), b, t), v.value())
+                    let (c, b) = k.value();
+                    ((c.to_owned(), b), pairs(v.value()).collect())
                 })
                 .collect();
-            let row = |c: &str, b, t, bits| ((c.to_owned(), b, t), bits);
+            let row = |c: &str, b, terms: &[(i64, u64)]| ((c.to_owned(), b), terms.to_vec());
             assert_eq!(
                 rows,
                 [
-                    row("c", 0, 7, !1),
-                    row("c", 0, 8, 1 << 5),
-                    row("c", 1, 7, u64::MAX),
-                    row("c", 2, 7, 0b111),
-                    row("d", 1, 8, 1)
+                    row("c", 0, &[(7, !1), (8, 1 << 5)]),
+                    row("c", 1, &[(7, u64::MAX)]),
+                    row("c", 2, &[(7, 0b111)]),
+                    row("d", 1, &[(8, 1)])
                 ]
             );
         }
