@@ -44,4 +44,4 @@ for r in "${RATES[@]}"; do
         awk -F'\t' '{ printf "%-9s %-11s %-8.2f %-8.2f %-8.2f %-8.2f %-8s %-8.2f\n", $1, $2, $3, $4, $5, $6, $7, $8 }'
 done
 "$B" plot --out "$OUT/messaging-sweep$SUFFIX.png" "${REPORTS[@]}" \
-    --title "Switchboard all-in-one, 1:1 messaging, $CONNS connections, ${SECS} s per rate${SUFFIX:+ ($SUFFIX)}"
+    --title "all-in-one, 1:1 messaging, $CONNS conns, ${SECS} s per rate${SUFFIX:+ ($SUFFIX)}"

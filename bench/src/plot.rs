@@ -123,7 +123,9 @@ pub fn render(title: &str, points: &[Point]) -> anyhow::Result<Canvas> {
     points.sort_by(|a, b| a.offered.total_cmp(&b.offered));
     let (through, latency) = panels(&points);
     let mut c = Canvas::new(WIDTH, HEIGHT);
-    c.text((WIDTH as i64 - Canvas::text_width(title, S)) / 2, 14, title, S, Colour::Black);
+    // A title too wide for the large font gets the small one.
+    let scale = if Canvas::text_width(title, S) <= WIDTH as i64 - 20 { S } else { 1 };
+    c.text((WIDTH as i64 - Canvas::text_width(title, scale)) / 2, 14, title, scale, Colour::Black);
 
     frame(&mut c, &through, "delivered msgs/s");
     let step = nice_step(through.y_max);
@@ -256,6 +258,12 @@ mod tests {
         assert_eq!((w, h), (WIDTH, HEIGHT));
         assert!(px.contains(&(Colour::Red as u8)));
         assert!(render("empty", &[]).is_err());
+        // a long title shrinks to fit: its last character's column still lands on the canvas
+        let long = "x".repeat(150);
+        let c = render(&long, &[pt(1_000.0, 1_000.0, 1.0, 2.0)]).unwrap();
+        let left = (WIDTH as i64 - Canvas::text_width(&long, 1)) / 2;
+        let last = left + Canvas::text_width(&long, 1) - 1;
+        assert!(left > 0 && (14..21).any(|y| c.get(last, y) == Some(Colour::Black as u8)));
     }
 
     #[test]
