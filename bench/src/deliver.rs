@@ -49,7 +49,8 @@ impl DeliveryArgs {
         let mut x = (conn as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ n.wrapping_mul(0xD1B5_4A32_D192_ED03) | 1;
         let mut out = String::new();
         for i in 0..self.body_words {
-            // xorshift64*, then u³ on [0, 1): index 0 about as often as the top 40 % together
+            // xorshift64*, then u³ on [0, 1): the commonest word is ~8 % of the text, the 100
+            // commonest ~37 %
             x ^= x >> 12;
             x ^= x << 25;
             x ^= x >> 27;
