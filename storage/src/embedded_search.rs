@@ -32,32 +32,26 @@ pub(crate) const TERM_BLOCKS: TableDefinition<(Utf8, u64), &[u8]> = TableDefinit
 /// Bytes of one (term, bits) pair of a [`TERM_BLOCKS`] value.
 const PAIR: usize = 16;
 
+/// One (term, bits) pair of a block's value.
+fn pair(p: &[u8; PAIR]) -> (i64, u64) {
+    (i64::from_le_bytes(p[..8].try_into().expect("8 bytes")), u64::from_le_bytes(p[8..].try_into().expect("8 bytes")))
+}
+
 /// The (term, bits) pairs of a block's value, in term order.
 fn pairs(value: &[u8]) -> impl Iterator<Item = (i64, u64)> + '_ {
-    value.chunks_exact(PAIR).map(|p| {
-        (
-            i64::from_le_bytes(p[..8].try_into().expect("8 bytes")),
-            u64::from_le_bytes(p[8..].try_into().expect("8 bytes")),
-        )
-    })
+    value.as_chunks::<PAIR>().0.iter().map(pair)
 }
 
 /// The bits of `term` in a block's value (0 if the block has none).
 pub(crate) fn bits_of(value: &[u8], term: i64) -> u64 {
-    let n = value.len() / PAIR;
-    let at = |i: usize| i64::from_le_bytes(value[i * PAIR..i * PAIR + 8].try_into().expect("8 bytes"));
-    let (mut lo, mut hi) = (0, n);
-    while lo < hi {
-        let mid = (lo + hi) / 2;
-        match at(mid).cmp(&term) {
-            std::cmp::Ordering::Less => lo = mid + 1,
-            std::cmp::Ordering::Greater => hi = mid,
-            std::cmp::Ordering::Equal => {
-                return u64::from_le_bytes(value[mid * PAIR + 8..mid * PAIR + PAIR].try_into().expect("8 bytes"))
-            }
-        }
-    }
-    0
+    let pairs = value.as_chunks::<PAIR>().0;
+    pairs.binary_search_by_key(&term, |p| pair(p).0).map_or(0, |i| pair(&pairs[i]).1)
+}
+
+/// Adds the posting conv#seq of term `t` to `postings`.
+fn add_posting(postings: &mut Postings, conv: &str, seq: u64, t: i64) {
+    let (block, bit) = block_of(seq);
+    *postings.entry((conv.to_owned(), block)).or_default().entry(t).or_insert(0) |= bit;
 }
 
 /// Seqs per row of [`TERM_BLOCKS`].
@@ -131,9 +125,8 @@ impl<'t> IndexTables<'t> {
     }
 
     fn post(&mut self, conv: &str, seq: u64, text: &str) {
-        let (block, bit) = block_of(seq);
         for t in doc_terms(text) {
-            *self.postings.entry((conv.to_owned(), block)).or_default().entry(t).or_insert(0) |= bit;
+            add_posting(&mut self.postings, conv, seq, t);
         }
     }
 
@@ -182,8 +175,7 @@ pub(crate) fn carry_postings(tx: &WriteTransaction) -> Result<()> {
         for row in old.iter()? {
             let (key, _) = row?;
             let (t, conv, seq) = key.value();
-            let (block, bit) = block_of(seq);
-            *pending.entry((conv.to_owned(), block)).or_default().entry(t).or_insert(0) |= bit;
+            add_posting(&mut pending, conv, seq, t);
             gathered += 1;
             if gathered == 1 << 20 {
                 gathered = 0;
@@ -243,7 +235,6 @@ pub(crate) fn candidates(tx: &ReadTransaction, q: &SearchQuery) -> Result<Vec<In
     for conv in &q.convs {
         let conv = conv.as_str();
         let mut taken = 0;
-        let mut seqs = Vec::new();
         // The conversation's blocks, newest first.
         'blocks: for row in terms.range((conv, 0)..=(conv, u64::MAX))?.rev().take(MAX_BLOCKS) {
             let (key, value) = row?;
@@ -253,9 +244,7 @@ pub(crate) fn candidates(tx: &ReadTransaction, q: &SearchQuery) -> Result<Vec<In
             if bits == 0 {
                 continue;
             }
-            seqs.clear();
-            seqs.extend(seqs_of(block, bits));
-            for &seq in &seqs {
+            for seq in seqs_of(block, bits) {
                 let Some(row) = messages.get((conv, seq))? else { continue };
                 let msg: Message = serde_json::from_slice(row.value())?;
                 if floor.is_some_and(|f| msg.ts < f) {
