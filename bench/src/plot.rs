@@ -128,11 +128,8 @@ pub fn render(title: &str, points: &[Point]) -> anyhow::Result<Canvas> {
     c.text((WIDTH as i64 - Canvas::text_width(title, scale)) / 2, 14, title, scale, Colour::Black);
 
     frame(&mut c, &through, "delivered msgs/s");
-    let step = nice_step(through.y_max);
-    let mut v = 0.0;
-    while v <= through.y_max + step / 2.0 {
+    for v in ticks(through.y_max) {
         tick_y(&mut c, &through, v, &short(v));
-        v += step;
     }
     c.line((through.x(0.0), through.y(0.0)), (through.x(through.x_max), through.y(through.y_max)), 1, 6, Colour::Grey);
     series(&mut c, &through, &points, |p| p.delivered, Colour::Green);
@@ -151,15 +148,12 @@ pub fn render(title: &str, points: &[Point]) -> anyhow::Result<Canvas> {
 
 /// Axes, grid along x, the x ticks and the panel's heading.
 fn frame(c: &mut Canvas, p: &Panel, heading: &str) {
-    let step = nice_step(p.x_max);
-    let mut v = 0.0;
-    while v <= p.x_max + step / 2.0 {
+    for v in ticks(p.x_max) {
         let x = p.x(v);
         c.line((x, TOP), (x, BOTTOM), 1, 0, Colour::Grid);
         c.line((x, BOTTOM), (x, BOTTOM + 5), 1, 0, Colour::Black);
         let label = short(v);
         c.text(x - Canvas::text_width(&label, S) / 2, BOTTOM + 10, &label, S, Colour::Black);
-        v += step;
     }
     c.line((p.left, TOP), (p.left, BOTTOM), 2, 0, Colour::Black);
     c.line((p.left, BOTTOM), (p.right, BOTTOM), 2, 0, Colour::Black);
@@ -192,6 +186,12 @@ fn legend(c: &mut Canvas, p: &Panel, entries: &[(Colour, &str)]) {
         c.fill(p.left + 12, y + 2, p.left + 24, y + 12, *colour);
         c.text(p.left + 32, y, name, S, Colour::Black);
     }
+}
+
+/// The ticks of a linear axis from 0 to `top` (a multiple of its [`nice_step`]).
+fn ticks(top: f64) -> impl Iterator<Item = f64> {
+    let step = nice_step(top);
+    (0..=(top / step).round() as u32).map(move |i| f64::from(i) * step)
 }
 
 /// A round step giving four or five ticks up to `top`.
@@ -282,6 +282,7 @@ mod tests {
         assert_eq!(nice_top(17_779.0), 20_000.0);
         assert_eq!(nice_step(20_000.0), 5_000.0);
         assert_eq!(nice_top(60_000.0), 60_000.0);
+        assert_eq!(ticks(20_000.0).collect::<Vec<_>>(), [0.0, 5_000.0, 10_000.0, 15_000.0, 20_000.0]);
         assert_eq!(short(25_000.0), "25k");
         assert_eq!(short(2_500.0), "2.5k");
         assert_eq!(short(0.1), "0.1");
