@@ -10,7 +10,7 @@
 //!   and, in a group, one conversation-index lookup per member.
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -217,17 +217,34 @@ impl ConvCache {
     }
 }
 
-/// A hash of a member list (0 is never returned, so it can mean "none known").
+/// A hash of a member list in any order (0 is never returned, so it can mean "none known"): a
+/// direct conversation's members come sender first, so its two members arrive in either order
+/// as they talk, and an order-sensitive hash made every change of speaker look like a new member
+/// list (two conversation-index lookups in the writer thread per such send).
 pub(crate) fn members_hash(members: &[String]) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    members.hash(&mut h);
-    h.finish() | 1
+    let hasher = std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
+    members.iter().fold(0u64, |sum, m| sum.wrapping_add(hasher.hash_one(m))) | 1
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::FriendState;
+
+    /// The same members in another order hash alike; other lists (a member more, or another
+    /// member) do not.
+    #[test]
+    fn a_member_list_hashes_alike_in_any_order() {
+        let list = |l: &[&str]| l.iter().map(|m| m.to_string()).collect::<Vec<_>>();
+        let ab = members_hash(&list(&["alice", "bob"]));
+        assert_eq!(ab, members_hash(&list(&["bob", "alice"])));
+        assert_eq!(members_hash(&list(&["a", "b", "c"])), members_hash(&list(&["c", "a", "b"])));
+        assert_ne!(ab, members_hash(&list(&["alice", "carol"])));
+        assert_ne!(ab, members_hash(&list(&["alice", "bob", "carol"])));
+        assert_ne!(ab, members_hash(&list(&["alice"])));
+        assert_ne!(members_hash(&list(&["alice", "alice"])), members_hash(&list(&["alice"])));
+        assert_ne!(members_hash(&[]), 0);
+    }
 
     fn pair(a: &str, b: &str) -> (String, String) {
         (a.to_owned(), b.to_owned())
