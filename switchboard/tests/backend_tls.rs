@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::procs::config_file;
 use common::*;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -41,8 +42,9 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// A tansu broker of its own on `port` in a scratch directory, advertising `advertised`.
-struct Broker(Child);
+/// A tansu broker of its own on `port` in a scratch directory (removed with it), advertising
+/// `advertised`.
+struct Broker(Child, PathBuf);
 
 impl Broker {
     fn start(port: u16, advertised: &str) -> Broker {
@@ -61,7 +63,7 @@ impl Broker {
             assert!(Instant::now() < deadline, "the broker listens within 30 s");
             std::thread::sleep(Duration::from_millis(100));
         }
-        Broker(child)
+        Broker(child, dir)
     }
 }
 
@@ -69,6 +71,7 @@ impl Drop for Broker {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        let _ = std::fs::remove_dir_all(&self.1);
     }
 }
 
@@ -165,11 +168,10 @@ fn a_cluster_talks_tls_to_redis_postgres_and_kafka() {
     assert_eq!(encrypted, all, "every PostgreSQL connection of the roles uses TLS");
 
     // Without the CA, logic refuses to start, naming the certificate problem.
-    let mut refused = Proc::command("logic", &e, &format!("{prefix}x"), &["--kafka-tls", "true"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut refused = Proc::command("logic", &e, &format!("{prefix}x"), &["--kafka-tls", "true"]);
+    // It never serves, so its configuration file is not removed for it (see `Proc::start`).
+    let config = config_file(&refused);
+    let mut refused = refused.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(s) = refused.try_wait().unwrap() {
@@ -181,6 +183,9 @@ fn a_cluster_talks_tls_to_redis_postgres_and_kafka() {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
+    if let Some(config) = config {
+        let _ = std::fs::remove_file(config);
+    }
     let mut err = String::new();
     std::io::Read::read_to_string(refused.stderr.as_mut().unwrap(), &mut err).unwrap();
     assert!(!status.success(), "exits non-zero");

@@ -191,7 +191,7 @@ impl Proc {
 }
 
 /// The file `command`'s `--config` names, if any.
-fn config_file(command: &Command) -> Option<std::path::PathBuf> {
+pub fn config_file(command: &Command) -> Option<std::path::PathBuf> {
     let mut args = command.get_args();
     while let Some(a) = args.next() {
         if a == "--config" {
