@@ -767,7 +767,7 @@ fn logged_message(reader: &Reader, tail: &Tail, conv: &str, seq: u64) -> Result<
     if let Some(m) = tail.at(conv, seq, true) {
         return Ok(Some(m));
     }
-    let stored: Option<Message> = reader.with(|tx| get_json(tx.open_table(MESSAGES)?.get((conv, seq))?))?;
+    let stored: Option<Message> = reader.with(MESSAGES, |t| get_json(t.get((conv, seq))?))?;
     Ok(stored.map(Arc::new))
 }
 
@@ -783,9 +783,9 @@ fn append_job(
         let conv = msg.conv.as_str();
         let earlier = match tail.by_cmid(conv, &msg.from, &msg.cmid, true) {
             Some(m) => Some(m),
-            None => match reader.with(|tx| {
-                Ok(tx.open_table(CMIDS)?.get((conv, msg.from.as_str(), msg.cmid.as_str()))?.map(|v| v.value()))
-            })? {
+            None => match reader
+                .with(CMIDS, |t| Ok(t.get((conv, msg.from.as_str(), msg.cmid.as_str()))?.map(|v| v.value())))?
+            {
                 Some(seq) => Some(
                     logged_message(reader, &tail, conv, seq)?
                         .ok_or_else(|| StorageError::Corrupt(format!("cmid index points at missing {conv}#{seq}")))?,
@@ -801,7 +801,7 @@ fn append_job(
             (Some(k), _) => (k.seq, k.ts),
             (None, Some(last)) => last,
             (None, None) => {
-                let last = reader.with(|tx| Ok(tx.open_table(CONV_SEQ)?.get(conv)?.map(|v| v.value()).unwrap_or(0)))?;
+                let last = reader.with(CONV_SEQ, |t| Ok(t.get(conv)?.map(|v| v.value()).unwrap_or(0)))?;
                 let ts = match last {
                     0 => 0,
                     n => logged_message(reader, &tail, conv, n)?.map_or(0, |m| m.ts),
@@ -822,8 +822,7 @@ fn append_job(
                 }
             }
             if !missing.is_empty() {
-                reader.with(|tx| {
-                    let t = tx.open_table(USER_CONVS)?;
+                reader.with(USER_CONVS, |t| {
                     for m in missing {
                         if t.get((m.as_str(), stored.conv.as_str()))?.is_none() {
                             indexed.push(m);

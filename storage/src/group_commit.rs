@@ -19,6 +19,7 @@
 //! acknowledged is lost, and appends wait once the tail holds twice `checkpoint_bytes`); a
 //! plain job that fails with an error fails its batch, whose transaction is dropped.
 
+use std::any::Any;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -27,7 +28,7 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use redb::{Database, ReadTransaction, WriteTransaction};
+use redb::{Database, Key, ReadOnlyTable, ReadTransaction, TableDefinition, TableHandle, Value, WriteTransaction};
 
 use crate::tail::{Entry, Gen, Tail};
 use crate::wal::{Segments, Wal};
@@ -112,24 +113,53 @@ enum TreeMsg {
 /// Read access for append jobs. Look in the tail (with this batch's staged entries) **first**,
 /// then here: the transaction is reopened whenever a checkpoint committed since it was opened,
 /// and a checkpoint counts itself before the tail drops its generation, so what is no longer in
-/// the tail is always in the transaction.
+/// the tail is always in the transaction. A table is opened once per transaction (opening one
+/// reads the table tree and formats its types' names: a sixth of the log thread's lookups).
 pub(crate) struct Reader<'a> {
     db: &'a Database,
     commits: &'a AtomicU64,
     tx: RefCell<Option<(u64, ReadTransaction)>>,
+    /// Tables opened in `tx`, by name; emptied when `tx` is reopened.
+    tables: RefCell<Vec<(String, Box<dyn Any>)>>,
 }
 
-impl Reader<'_> {
-    /// Runs `f` on a read transaction holding every checkpoint committed before this call.
-    pub fn with<T>(&self, f: impl FnOnce(&ReadTransaction) -> Result<T>) -> Result<T> {
+impl<'a> Reader<'a> {
+    pub fn new(db: &'a Database, commits: &'a AtomicU64) -> Self {
+        Self { db, commits, tx: RefCell::new(None), tables: RefCell::new(Vec::new()) }
+    }
+
+    /// Runs `f` on the table `def` of a read transaction holding every checkpoint committed
+    /// before this call.
+    pub fn with<K: Key + 'static, V: Value + 'static, T>(
+        &self,
+        def: TableDefinition<'static, K, V>,
+        f: impl FnOnce(&ReadOnlyTable<K, V>) -> Result<T>,
+    ) -> Result<T> {
         let now = self.commits.load(Ordering::SeqCst);
+        let current = matches!(&*self.tx.borrow(), Some((at, _)) if *at == now);
+        if !current {
+            self.tables.borrow_mut().clear();
+            self.tx.replace(Some((now, self.db.begin_read()?)));
+        }
         // Taken out for the call (a lookup inside `f` opens its own, never a borrow panic).
-        let tx = match self.tx.take() {
-            Some((at, tx)) if at == now => tx,
-            _ => self.db.begin_read()?,
+        let cached = {
+            let mut tables = self.tables.borrow_mut();
+            let at = tables.iter().position(|(name, _)| *name == def.name());
+            at.map(|i| tables.swap_remove(i).1)
         };
-        let out = f(&tx);
-        self.tx.replace(Some((now, tx)));
+        let table = match cached.and_then(|t| t.downcast::<ReadOnlyTable<K, V>>().ok()) {
+            Some(t) => t,
+            None => {
+                let tx = self.tx.borrow();
+                let (_, tx) = tx.as_ref().expect("opened above");
+                Box::new(tx.open_table(def)?)
+            }
+        };
+        let out = f(&table);
+        // Kept unless a call inside `f` moved to a newer transaction.
+        if matches!(&*self.tx.borrow(), Some((at, _)) if *at == now) {
+            self.tables.borrow_mut().push((def.name().to_owned(), table));
+        }
         out
     }
 }
@@ -431,7 +461,7 @@ impl LogThread {
             // Dropped unrun: each caller hears that the writer has stopped.
             return;
         }
-        let reader = Reader { db: &self.db, commits: &self.commits, tx: RefCell::new(None) };
+        let reader = Reader::new(&self.db, &self.commits);
         let mut done = Vec::with_capacity(jobs.len());
         let mut framed = Vec::new();
         let mut entries = 0;
@@ -628,5 +658,48 @@ impl TreeThread {
             tracing::error!(error = %e, jobs = n, "embedded store: batch not committed");
         }
         hand_back(&self.runtime, done, failed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: TableDefinition<&str, u64> = TableDefinition::new("t");
+    const U: TableDefinition<&str, u64> = TableDefinition::new("u");
+
+    fn put(db: &Database, table: TableDefinition<&str, u64>, key: &str, value: u64) {
+        let tx = db.begin_write().unwrap();
+        tx.open_table(table).unwrap().insert(key, value).unwrap();
+        tx.commit().unwrap();
+    }
+
+    /// Tables opened once are read again from the same transaction, two tables of one key and
+    /// value type are told apart by name, a lookup nested inside another works, and once a
+    /// commit is counted the next read sees it (the opened tables go with the old transaction).
+    #[test]
+    fn a_reader_keeps_its_tables_until_a_commit_is_counted() {
+        let dir = std::env::temp_dir().join(format!("sb-reader-{}", crate::contract::prefix()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = Database::create(dir.join("r.redb")).unwrap();
+        put(&db, T, "k", 1);
+        put(&db, U, "k", 10);
+        let commits = AtomicU64::new(0);
+        let reader = Reader::new(&db, &commits);
+        let get = |table, key| reader.with(table, |t| Ok(t.get(key)?.map(|v| v.value())));
+        assert_eq!(get(T, "k").unwrap(), Some(1));
+        assert_eq!(get(U, "k").unwrap(), Some(10));
+        let nested = reader.with(T, |t| Ok((t.get("k")?.unwrap().value(), get(U, "k")?, get(T, "k")?))).unwrap();
+        assert_eq!(nested, (1, Some(10), Some(1)));
+        // Written but not counted: this reader's transaction predates it.
+        put(&db, T, "k", 2);
+        assert_eq!(get(T, "k").unwrap(), Some(1));
+        commits.fetch_add(1, Ordering::SeqCst);
+        assert_eq!(get(T, "k").unwrap(), Some(2));
+        assert_eq!(get(U, "k").unwrap(), Some(10));
+        assert_eq!(reader.tables.borrow().len(), 2, "one entry per table");
+        drop(reader);
+        drop(db);
+        std::fs::remove_dir_all(&dir).ok();
     }
 }
