@@ -23,6 +23,7 @@ use std::any::Any;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
@@ -120,7 +121,7 @@ pub(crate) struct Reader<'a> {
     commits: &'a AtomicU64,
     tx: RefCell<Option<(u64, ReadTransaction)>>,
     /// Tables opened in `tx`, by name; emptied when `tx` is reopened.
-    tables: RefCell<Vec<(String, Box<dyn Any>)>>,
+    tables: RefCell<Vec<(String, Rc<dyn Any>)>>,
 }
 
 impl<'a> Reader<'a> {
@@ -141,26 +142,19 @@ impl<'a> Reader<'a> {
             self.tables.borrow_mut().clear();
             self.tx.replace(Some((now, self.db.begin_read()?)));
         }
-        // Taken out for the call (a lookup inside `f` opens its own, never a borrow panic).
-        let cached = {
-            let mut tables = self.tables.borrow_mut();
-            let at = tables.iter().position(|(name, _)| *name == def.name());
-            at.map(|i| tables.swap_remove(i).1)
-        };
+        let cached = self.tables.borrow().iter().find(|(name, _)| name == def.name()).map(|(_, t)| t.clone());
         let table = match cached.and_then(|t| t.downcast::<ReadOnlyTable<K, V>>().ok()) {
             Some(t) => t,
             None => {
                 let tx = self.tx.borrow();
-                let (_, tx) = tx.as_ref().expect("opened above");
-                Box::new(tx.open_table(def)?)
+                let table = Rc::new(tx.as_ref().expect("opened above").1.open_table(def)?);
+                self.tables.borrow_mut().push((def.name().to_owned(), table.clone()));
+                table
             }
         };
-        let out = f(&table);
-        // Kept unless a call inside `f` moved to a newer transaction.
-        if matches!(&*self.tx.borrow(), Some((at, _)) if *at == now) {
-            self.tables.borrow_mut().push((def.name().to_owned(), table));
-        }
-        out
+        // No borrow is held across `f`: a lookup inside it shares the tables (or, if a checkpoint
+        // committed meanwhile, moves to a newer transaction while this one keeps its table).
+        f(&table)
     }
 }
 
@@ -675,8 +669,9 @@ mod tests {
     }
 
     /// Tables opened once are read again from the same transaction, two tables of one key and
-    /// value type are told apart by name, a lookup nested inside another works, and once a
-    /// commit is counted the next read sees it (the opened tables go with the old transaction).
+    /// value type are told apart by name, a lookup nested inside another shares the table, and
+    /// once a commit is counted the next read sees it (the opened tables go with the old
+    /// transaction).
     #[test]
     fn a_reader_keeps_its_tables_until_a_commit_is_counted() {
         let dir = std::env::temp_dir().join(format!("sb-reader-{}", crate::contract::prefix()));
@@ -691,6 +686,7 @@ mod tests {
         assert_eq!(get(U, "k").unwrap(), Some(10));
         let nested = reader.with(T, |t| Ok((t.get("k")?.unwrap().value(), get(U, "k")?, get(T, "k")?))).unwrap();
         assert_eq!(nested, (1, Some(10), Some(1)));
+        assert_eq!(reader.tables.borrow().len(), 2, "a nested lookup shares the opened table");
         // Written but not counted: this reader's transaction predates it.
         put(&db, T, "k", 2);
         assert_eq!(get(T, "k").unwrap(), Some(1));
