@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Where one all-in-one node's CPU goes, thread by thread, under 1:1 `messaging` (server pinned to
+# core 0, load to core 1): each thread's share of a core over the middle of the run (read from
+# /proc, summed per thread name), then the run's delivered rate, delivery p50/p99, missing
+# deliveries and server CPU. The report goes to bench/reports/thread-cpu-<rate>$SUFFIX.json.
+#
+#   cargo build --release -p switchboard -p switchboard-bench
+#   bash bench/run-thread-cpu.sh [SUFFIX] [RATE]              # RATE: total msgs/s offered (10000)
+#   LOAD_EXTRA="--body-words 8" SB=/path/to/other/switchboard bash bench/run-thread-cpu.sh -words8
+#
+# Interleave runs of the binaries being compared: this machine's speed drifts within an hour.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+T=${CARGO_TARGET_DIR:-$ROOT/target}
+SB=${SB:-$T/release/switchboard}
+B=${BENCH:-$T/release/switchboard-bench}
+OUT=${OUT:-$ROOT/bench/reports}
+SUFFIX=${1:-}
+RATE=${2:-10000}
+CONNS=${CONNS:-200}
+SECS=${SECS:-20}   # the window read is from 12 s to SECS - 4 s
+D=$(mktemp -d /tmp/sb-threads.XXXXXX)
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
+
+"$SB" token --data-dir "$D" --user msg --users "$CONNS" --device d --ttl 7200 >"$D/tokens.txt"
+SB_LOG=warn taskset -c 0 "$SB" all-in-one --data-dir "$D" --tcp-addr off --shards 1 \
+    --user-rate 0 --ip-rate 0 --auth-rate 0 >"$D/server.log" 2>&1 &
+PID=$!
+wait_port 8080
+per_conn=$(awk -v r="$RATE" -v c="$CONNS" 'BEGIN { printf "%.3f", r / c }')
+REPORT="$OUT/thread-cpu-$RATE$SUFFIX.json"
+# shellcheck disable=SC2086
+taskset -c 1 "$B" messaging --url ws://127.0.0.1:8090/ws --http-url http://127.0.0.1:8080 \
+    --tokens "$D/tokens.txt" --conns "$CONNS" --rate "$per_conn" --secs "$SECS" --server-pid "$PID" \
+    ${LOAD_EXTRA:-} --label "thread-cpu-$RATE$SUFFIX" --report "$REPORT" >/dev/null 2>"$D/load.log" &
+LOAD=$!
+# CPU ticks (user + system) of every thread, summed per thread name.
+snap() {
+    for t in /proc/"$PID"/task/*; do
+        echo "$(cat "$t/comm") $(awk '{ print $14 + $15 }' "$t/stat")"
+    done | awk '{ a[$1] += $2 } END { for (k in a) print k, a[k] }' | sort
+}
+sleep 12
+snap >"$D/cpu1"
+T1=$(date +%s.%N)
+sleep $((SECS - 16))
+snap >"$D/cpu2"
+T2=$(date +%s.%N)
+wait "$LOAD"
+HZ=$(getconf CLK_TCK)
+join "$D/cpu1" "$D/cpu2" | awk -v dt="$(echo "$T2 - $T1" | bc)" -v hz="$HZ" \
+    '{ printf "%-20s %5.1f %%\n", $1, 100 * ($3 - $2) / hz / dt }' | sort -k2 -nr
+jq -r '"delivered \(.delivered_per_sec | floor)/s, p50 \(.delivery_latency.p50_ms) ms, p99 \(.delivery_latency.p99_ms) ms, missing \(.missing_deliveries), server CPU \(.server_cpu_util * 100 | floor) %"' "$REPORT"
