@@ -11,10 +11,6 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-T=${CARGO_TARGET_DIR:-$ROOT/target}
-SB=${SB:-$T/release/switchboard}
-B=${BENCH:-$T/release/switchboard-bench}
-OUT=${OUT:-$ROOT/bench/reports}
 SUFFIX=${1:-}
 shift || true
 RATES=("$@")
@@ -25,11 +21,7 @@ D=$(mktemp -d /tmp/sb-sweep.XXXXXX)
 # shellcheck source=bench/lib.sh
 . "$ROOT/bench/lib.sh"
 
-"$SB" token --data-dir "$D" --user msg --users "$CONNS" --device d --ttl 7200 >"$D/tokens.txt"
-SB_LOG=warn taskset -c 0 "$SB" all-in-one --data-dir "$D" --tcp-addr off --shards 1 \
-    --user-rate 0 --ip-rate 0 --auth-rate 0 >"$D/server.log" 2>&1 &
-PID=$!
-wait_port 8090; wait_port 8080   # the gateway binds first, the HTTP API (registrations) after
+start_node
 printf '%-9s %-11s %-8s %-8s %-8s %-8s %-8s %-8s\n' offered delivered p50_ms p99_ms ok_p50 ok_p99 missing srv_cpu
 REPORTS=()
 for r in "${RATES[@]}"; do

@@ -12,10 +12,6 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-T=${CARGO_TARGET_DIR:-$ROOT/target}
-SB=${SB:-$T/release/switchboard}
-B=${BENCH:-$T/release/switchboard-bench}
-OUT=${OUT:-$ROOT/bench/reports}
 SUFFIX=${1:-}
 RATE=${2:-10000}
 CONNS=${CONNS:-200}
@@ -24,11 +20,7 @@ D=$(mktemp -d /tmp/sb-threads.XXXXXX)
 # shellcheck source=bench/lib.sh
 . "$ROOT/bench/lib.sh"
 
-"$SB" token --data-dir "$D" --user msg --users "$CONNS" --device d --ttl 7200 >"$D/tokens.txt"
-SB_LOG=warn taskset -c 0 "$SB" all-in-one --data-dir "$D" --tcp-addr off --shards 1 \
-    --user-rate 0 --ip-rate 0 --auth-rate 0 >"$D/server.log" 2>&1 &
-PID=$!
-wait_port 8080
+start_node
 per_conn=$(awk -v r="$RATE" -v c="$CONNS" 'BEGIN { printf "%.3f", r / c }')
 REPORT="$OUT/thread-cpu-$RATE$SUFFIX.json"
 # shellcheck disable=SC2086
