@@ -3,7 +3,7 @@
 # the server in $PID and removes $D on exit, waits for a port, starts an all-in-one node.
 T=${T:-${CARGO_TARGET_DIR:-$ROOT/target}}
 SB=${SB:-$T/release/switchboard}
-B=${BENCH:-$T/release/switchboard-bench}
+B=${B:-${BENCH:-$T/release/switchboard-bench}}
 OUT=${OUT:-$ROOT/bench/reports}
 ulimit -n 20000
 mkdir -p "$OUT"
