@@ -341,13 +341,23 @@ impl Gateway {
 
         let cfg = Arc::new(config);
         let ip_caps = Arc::new(ipcap::IpCaps::new(cfg.max_connections_per_ip));
+        // Every shard's mailbox exists before any shard runs: the links to logic serve pushes
+        // from the first one they open.
+        let mut mailboxes = Vec::with_capacity(shards);
         let mut links = Vec::with_capacity(shards);
-        let mut threads = Vec::with_capacity(shards);
-        for (idx, (l, tl)) in listeners.into_iter().zip(tcp_listeners).enumerate() {
+        for _ in 0..shards {
             let poll = Poll::new()?;
             let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
             let (tx, rx) = crossbeam_channel::unbounded();
-            let link = ShardLink::new(tx, waker);
+            links.push(ShardLink::new(tx, waker));
+            mailboxes.push((poll, rx));
+        }
+        if let Some(pool) = &pool {
+            pool.serve_pushes(&advertise, LocalPush { shards: links.clone() }).map_err(GatewayError::Config)?;
+        }
+        let mut threads = Vec::with_capacity(shards);
+        for (idx, ((l, tl), (poll, rx))) in listeners.into_iter().zip(tcp_listeners).zip(mailboxes).enumerate() {
+            let link = links[idx].clone();
             let env = Env {
                 cfg: cfg.clone(),
                 metrics: metrics.clone(),
@@ -374,7 +384,6 @@ impl Gateway {
                     return Err(e.into());
                 }
             }
-            links.push(link);
         }
 
         let cpu = match CpuSampler::start(metrics.clone(), Duration::from_secs(1)) {

@@ -16,7 +16,8 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::session::LinkSession;
+use crate::push::LocalPush;
+use crate::session::{LinkSession, PushEnd, PushSlot};
 
 /// Breaker state of one logic instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,6 +133,8 @@ pub struct LogicPool {
     tls: Option<ClusterTls>,
     /// The cluster secret every link carries.
     secret: Option<Arc<MetadataValue<Ascii>>>,
+    /// Where pushes that come down the links go, once the gateway serves them.
+    pushes: PushSlot,
 }
 
 impl std::fmt::Debug for LogicPool {
@@ -184,6 +187,7 @@ impl LogicPool {
         }
         let rt = Handle::try_current().map_err(|e| (String::new(), e.to_string()))?;
         let mut members: Vec<Arc<Member>> = Vec::with_capacity(endpoints.len());
+        let pushes = PushSlot::default();
         {
             let _guard = rt.enter();
             for url in endpoints {
@@ -191,7 +195,7 @@ impl LogicPool {
                     continue;
                 }
                 let client = client_for(url, DEFAULT_MAX_MESSAGE, None).map_err(|e| (url.clone(), e))?;
-                members.push(Arc::new(Self::member(url.clone(), client, 0.0, None)));
+                members.push(Arc::new(Self::member(url.clone(), client, 0.0, None, &pushes)));
             }
         }
         let seed = std::time::SystemTime::now()
@@ -206,6 +210,7 @@ impl LogicPool {
             max_message: DEFAULT_MAX_MESSAGE,
             tls: None,
             secret: None,
+            pushes,
         })
     }
 
@@ -236,7 +241,7 @@ impl LogicPool {
         let members = self.members.get_mut().unwrap_or_else(|e| e.into_inner());
         for m in members.iter_mut() {
             let client = client_for(&m.url, self.max_message, self.tls.as_ref())?;
-            *m = Arc::new(Self::member(m.url.clone(), client, m.load(), self.secret.clone()));
+            *m = Arc::new(Self::member(m.url.clone(), client, m.load(), self.secret.clone(), &self.pushes));
         }
         Ok(())
     }
@@ -246,10 +251,11 @@ impl LogicPool {
         client: LogicClient<Channel>,
         load: f32,
         secret: Option<Arc<MetadataValue<Ascii>>>,
+        pushes: &PushSlot,
     ) -> Member {
         Member {
             url,
-            session: LinkSession::new(client, secret),
+            session: LinkSession::new(client, secret, pushes.clone()),
             load: AtomicU32::new(load.to_bits()),
             inflight: AtomicU64::new(0),
             calls: AtomicU64::new(0),
@@ -276,14 +282,36 @@ impl LogicPool {
                 continue;
             }
             match client_for(&url, self.max_message, self.tls.as_ref()) {
-                Ok(client) => next.push(Arc::new(Self::member(url, client, load, self.secret.clone()))),
+                Ok(client) => next.push(Arc::new(Self::member(url, client, load, self.secret.clone(), &self.pushes))),
                 Err(e) => tracing::warn!(%url, error = %e, "ignoring invalid logic endpoint"),
             }
         }
         if next.is_empty() {
             return;
         }
+        if self.pushes.get().is_some() {
+            // logic pushes only down a link it holds: every instance gets one
+            for m in &next {
+                m.session.open();
+            }
+        }
         *self.members.write().unwrap_or_else(|e| e.into_inner()) = next;
+    }
+
+    /// Serves pushes on the links: each names this gateway as `name` (its push address, as routes
+    /// name it) when it opens, and logic sends the gateway's pushes down it to `local`. Opens a
+    /// link to every instance now; [`LogicPool::update`] opens one to each it adds, and again
+    /// to one whose link broke.
+    pub fn serve_pushes(&self, name: &str, local: LocalPush) -> Result<(), String> {
+        let name = name.parse().map_err(|_| format!("the push address {name:?} is not visible ASCII"))?;
+        if self.pushes.set(PushEnd { name, local }).is_err() {
+            return Err("the links already serve pushes".into());
+        }
+        let _guard = self.rt.enter();
+        for m in self.members.read().unwrap_or_else(|e| e.into_inner()).iter() {
+            m.session.open();
+        }
+        Ok(())
     }
 
     /// Per-endpoint state, in pool order.

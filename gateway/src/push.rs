@@ -1,6 +1,6 @@
 //! The gateway's side of every push: [`LocalPush`] hands deliveries to the shards that own their
-//! target connections, whether they came over gRPC (the `Gateway` service here) or from logic in
-//! the same process.
+//! target connections, whether they came down a link to logic (`crate::session`), over gRPC (the
+//! `Gateway` service here) or from logic in the same process.
 
 use switchboard_proto::internal::{gateway_server::Gateway as GatewayService, PushReply, PushRequest};
 use switchboard_proto::internal::{Delivery, Target};
@@ -19,6 +19,13 @@ impl LocalPush {
     /// Delivers `deliveries` in order (per connection) and returns the ids of target connections
     /// that are gone (closed, unknown, or not the named user's).
     pub async fn push(&self, deliveries: Vec<Delivery>) -> Vec<u64> {
+        self.dispatch(deliveries).gone().await
+    }
+
+    /// Hands `deliveries` to their shards now (so batches dispatched one after another reach
+    /// each connection in that order); the returned [`Dispatched`] resolves to the gone ids once
+    /// every shard has handled its part.
+    pub(crate) fn dispatch(&self, deliveries: Vec<Delivery>) -> Dispatched {
         let n = self.shards.len();
         let mut gone = Vec::new();
         let mut by_shard: Vec<Vec<Delivery>> = (0..n).map(|_| Vec::new()).collect();
@@ -64,6 +71,20 @@ impl LocalPush {
                 gone.extend(ids);
             }
         }
+        Dispatched { gone, waits }
+    }
+}
+
+/// A push handed to the shards: the ids already known gone, and the shards' answers to come.
+pub(crate) struct Dispatched {
+    gone: Vec<u64>,
+    waits: Vec<(Vec<u64>, tokio::sync::oneshot::Receiver<Vec<u64>>)>,
+}
+
+impl Dispatched {
+    /// The ids of target connections that are gone, sorted, each once.
+    pub(crate) async fn gone(self) -> Vec<u64> {
+        let Dispatched { mut gone, waits } = self;
         for (ids, rx) in waits {
             match rx.await {
                 Ok(g) => gone.extend(g),

@@ -9,6 +9,7 @@ pub mod files;
 pub mod http;
 pub mod limits;
 pub mod link;
+pub mod link_push;
 pub mod metrics;
 pub mod notify;
 mod ops;

@@ -16,6 +16,8 @@ pub struct LogicMetrics {
     pub sends: AtomicU64,
     pub pushes: AtomicU64,
     pub push_failures: AtomicU64,
+    /// Push batches sent down gateways' links (the others went over `Gateway.Push`).
+    pub link_pushes: AtomicU64,
     pub http_requests: AtomicU64,
     /// Socket requests being handled right now.
     pub inflight: AtomicI64,
@@ -89,12 +91,17 @@ impl LogicMetrics {
     }
 
     pub fn render(&self, out: &mut String) {
-        let rows: [(&str, &str, &AtomicU64); 6] = [
+        let rows: [(&str, &str, &AtomicU64); 7] = [
             ("switchboard_logic_requests_total", "Socket requests handled by logic.", &self.requests),
             ("switchboard_logic_errors_total", "Socket requests answered with an error.", &self.errors),
             ("switchboard_logic_sends_total", "Messages stored by send.", &self.sends),
             ("switchboard_logic_pushes_total", "Push deliveries handed to gateways.", &self.pushes),
             ("switchboard_logic_push_failures_total", "Push RPCs that failed.", &self.push_failures),
+            (
+                "switchboard_logic_link_push_batches_total",
+                "Push batches sent down gateways' links (the others went over Gateway.Push).",
+                &self.link_pushes,
+            ),
             ("switchboard_http_requests_total", "HTTP API requests.", &self.http_requests),
         ];
         for (name, help, v) in rows {

@@ -2,8 +2,10 @@
 //! all recipients of a push), serialises the frame once, and hands one [`Delivery`] per gateway
 //! (the frame plus the list of target connections) to that gateway's sender task, which cuts the
 //! queue into batches bounded in count and bytes and sends them through the [`PushTransport`]
-//! (gRPC, or straight into a gateway of this process). One FIFO queue per gateway keeps the order
-//! in which deliveries were enqueued; each queue is bounded in bytes (callers wait for room).
+//! (gRPC, or straight into a gateway of this process), or down the gateway's own link when it
+//! holds one ([`crate::link_push`]). One FIFO queue per gateway keeps the order in which
+//! deliveries were enqueued, one batch in flight at a time; each queue is bounded in bytes
+//! (callers wait for room).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -19,6 +21,7 @@ use switchboard_storage::{ConnRef, RouteTable};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tonic::metadata::{Ascii, MetadataValue};
 
+use crate::link_push::{LinkPushes, ViaLinks};
 use crate::metrics::{inc, LogicMetrics};
 use crate::sessions::SessionWatch;
 
@@ -135,6 +138,8 @@ struct Queue {
 pub struct Pusher {
     routes: Arc<dyn RouteTable>,
     transport: Arc<dyn PushTransport>,
+    /// Gateways' links that carry their pushes (preferred to `transport`).
+    links: Arc<LinkPushes>,
     queues: Mutex<HashMap<String, Queue>>,
     limits: PushLimits,
     metrics: Arc<LogicMetrics>,
@@ -183,7 +188,13 @@ impl Pusher {
         metrics: Arc<LogicMetrics>,
         sessions: Arc<SessionWatch>,
     ) -> Self {
-        Self { routes, transport, queues: Mutex::new(HashMap::new()), limits, metrics, sessions }
+        let links = Arc::default();
+        Self { routes, transport, links, queues: Mutex::new(HashMap::new()), limits, metrics, sessions }
+    }
+
+    /// The gateways' links that carry pushes: a link registers there (see [`crate::link`]).
+    pub fn links(&self) -> &Arc<LinkPushes> {
+        &self.links
     }
 
     /// Sends `frame` to every connection of `user` except `skip`. Returns how many connections
@@ -282,10 +293,7 @@ impl Pusher {
     }
 
     async fn send(&self, gateway: &str, d: Delivery) {
-        let Some((tx, room)) = self.queue(gateway) else {
-            inc(&self.metrics.push_failures);
-            return;
-        };
+        let (tx, room) = self.queue(gateway);
         let targets = d.targets.len() as u64;
         let size = delivery_bytes(&d).min(self.limits.queue_bytes) as u32;
         let Ok(permit) = room.acquire_many_owned(size).await else {
@@ -298,18 +306,21 @@ impl Pusher {
         }
     }
 
-    fn queue(&self, gateway: &str) -> Option<(mpsc::Sender<Queued>, Arc<Semaphore>)> {
+    fn queue(&self, gateway: &str) -> (mpsc::Sender<Queued>, Arc<Semaphore>) {
         let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(q) = queues.get(gateway).filter(|q| !q.tx.is_closed()) {
-            return Some((q.tx.clone(), q.room.clone()));
+            return (q.tx.clone(), q.room.clone());
         }
-        let sink = match self.transport.connect(gateway) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(%gateway, error = %e, "bad gateway address; dropping its pushes");
-                return None;
-            }
-        };
+        let fallback = self.transport.connect(gateway).unwrap_or_else(|error| {
+            tracing::error!(%gateway, %error, "bad gateway address: only its links can carry its pushes");
+            Arc::new(Unreachable(error))
+        });
+        let sink = Arc::new(ViaLinks {
+            gateway: gateway.to_owned(),
+            links: self.links.clone(),
+            fallback,
+            metrics: self.metrics.clone(),
+        });
         let (tx, rx) = mpsc::channel(self.limits.queue.max(1));
         let room = Arc::new(Semaphore::new(self.limits.queue_bytes.max(1)));
         queues.insert(gateway.to_owned(), Queue { tx: tx.clone(), room: room.clone() });
@@ -321,7 +332,17 @@ impl Pusher {
             self.routes.clone(),
             self.metrics.clone(),
         ));
-        Some((tx, room))
+        (tx, room)
+    }
+}
+
+/// The sink of a gateway whose address cannot be dialled.
+struct Unreachable(String);
+
+impl GatewaySink for Unreachable {
+    fn push(&self, _: Vec<Delivery>) -> PushFuture {
+        let error = self.0.clone();
+        Box::pin(async move { Err(PushFailed { error, batch: None }) })
     }
 }
 

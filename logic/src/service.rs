@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use switchboard_proto::cluster_auth;
 use switchboard_proto::internal::logic_server::{Logic as LogicRpc, LogicServer};
 use switchboard_proto::internal::{
     AuthConnect, AuthReply, AuthRequest, ClientReply, ClientRequest, ConnEvent, Empty, LinkUp,
@@ -200,6 +201,7 @@ impl LogicRpc for LogicService {
     type LinkStream = DownStream;
 
     async fn link(&self, req: Request<Streaming<LinkUp>>) -> Result<Response<DownStream>, Status> {
-        Ok(Response::new(link::serve(self.logic.clone(), req.into_inner(), self.link, self.closing.clone())))
+        let gateway = req.metadata().get(cluster_auth::GATEWAY_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        Ok(Response::new(link::serve(self.logic.clone(), req.into_inner(), gateway, self.link, self.closing.clone())))
     }
 }

@@ -8,6 +8,10 @@ use tonic::{Request, Status};
 /// Metadata key carrying the cluster secret.
 pub const HEADER: &str = "x-sb-cluster-secret";
 
+/// Metadata key of a gateway's link to logic naming the gateway's push address (as routes name
+/// it): logic sends that gateway's pushes down the link.
+pub const GATEWAY_HEADER: &str = "x-sb-gateway";
+
 /// The secret as metadata, or `None` when it cannot be sent (not visible ASCII).
 pub fn value(secret: &str) -> Option<MetadataValue<Ascii>> {
     secret.parse().ok()
