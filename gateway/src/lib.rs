@@ -402,7 +402,9 @@ impl Gateway {
             svc,
             switchboard_proto::cluster_auth::checker(cfg.cluster_secret.clone()),
         );
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(push_listener);
+        // Accepted sockets need their own `TCP_NODELAY` (the builder's covers only listeners it
+        // binds): a reply written while another is unacknowledged would wait for a delayed ACK.
+        let incoming = tonic::transport::server::TcpIncoming::from(push_listener).with_nodelay(Some(true));
         let push_task = rt.spawn(async move {
             // Push batches carry up to ~1,000 frames: windows large enough that one
             // never waits for a flow-control update.

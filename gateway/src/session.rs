@@ -5,29 +5,22 @@
 //! call waiting on it as `unavailable` (a transport failure: the pool retries the call on another
 //! instance and counts it against this one's breaker). A call given up (timed out, cancelled)
 //! forgets its id, so nothing waits for ever on an instance that stopped answering.
-//!
-//! Once the gateway serves pushes on its links ([`PushEnd`]), each stream names the gateway's push
-//! address when it opens, and logic sends that gateway's pushes down it: the reader hands each
-//! batch to the shards in the order it came and a task per batch answers with the connections
-//! that were gone, written up with the next batch of calls.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use switchboard_proto::internal::link_call::Call;
 use switchboard_proto::internal::link_result::Result as Outcome;
 use switchboard_proto::internal::logic_client::LogicClient;
-use switchboard_proto::internal::{LinkCall, LinkDown, LinkUp, PushAnswer};
+use switchboard_proto::internal::{LinkCall, LinkDown, LinkUp};
 use switchboard_proto::{batch, cluster_auth};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status, Streaming};
-
-use crate::push::LocalPush;
 
 /// Longest wait for logic to answer the opening of a link.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -66,35 +59,16 @@ impl Live {
     }
 }
 
-/// What a gateway serves on its links: its push address, as routes name it, and its shards.
-pub(crate) struct PushEnd {
-    pub name: MetadataValue<Ascii>,
-    pub local: LocalPush,
-}
-
-/// Set once the gateway's shards exist; shared by the links to every logic instance.
-pub(crate) type PushSlot = Arc<OnceLock<PushEnd>>;
-
 /// The link to one logic instance.
 pub(crate) struct LinkSession {
     client: LogicClient<Channel>,
     secret: Option<Arc<MetadataValue<Ascii>>>,
-    pushes: PushSlot,
     live: Mutex<Option<Arc<Live>>>,
 }
 
 impl LinkSession {
-    pub(crate) fn new(
-        client: LogicClient<Channel>,
-        secret: Option<Arc<MetadataValue<Ascii>>>,
-        pushes: PushSlot,
-    ) -> Self {
-        Self { client, secret, pushes, live: Mutex::new(None) }
-    }
-
-    /// Opens the stream now if none is open (logic can push down it before the first call).
-    pub(crate) fn open(&self) {
-        self.live();
+    pub(crate) fn new(client: LogicClient<Channel>, secret: Option<Arc<MetadataValue<Ascii>>>) -> Self {
+        Self { client, secret, live: Mutex::new(None) }
     }
 
     /// The open stream, opening one if there is none or it broke.
@@ -105,7 +79,7 @@ impl LinkSession {
         }
         let (tx, rx) = mpsc::channel(QUEUE);
         let waiting = Arc::new(Mutex::new(Ok(HashMap::new())));
-        tokio::spawn(run(self.client.clone(), self.secret.clone(), self.pushes.clone(), rx, waiting.clone()));
+        tokio::spawn(run(self.client.clone(), self.secret.clone(), rx, waiting.clone()));
         let l = Arc::new(Live { tx, waiting, next: AtomicU64::new(1) });
         *live = Some(l.clone());
         l
@@ -153,64 +127,42 @@ fn break_link(waiting: &Waiting, why: &str) {
     }
 }
 
-/// What the writer sends next: a batch of calls, or answers to pushes alone.
-enum Next {
-    Call(LinkCall),
-    Answer(PushAnswer),
-}
-
 /// Opens the stream and writes batches until the link breaks or every caller handle is gone.
 async fn run(
     mut client: LogicClient<Channel>,
     secret: Option<Arc<MetadataValue<Ascii>>>,
-    pushes: PushSlot,
     mut rx: mpsc::Receiver<LinkCall>,
     waiting: Arc<Waiting>,
 ) {
     let (up_tx, up_rx) = mpsc::channel::<LinkUp>(2);
-    let mut req = cluster_auth::attach(Request::new(ReceiverStream::new(up_rx)), secret.as_deref());
-    if let Some(end) = pushes.get() {
-        req.metadata_mut().insert(cluster_auth::GATEWAY_HEADER, end.name.clone());
-    }
+    let req = cluster_auth::attach(Request::new(ReceiverStream::new(up_rx)), secret.as_deref());
     let down = match tokio::time::timeout(OPEN_TIMEOUT, client.link(req)).await {
         Ok(Ok(r)) => r.into_inner(),
         Ok(Err(s)) => return break_link(&waiting, s.message()),
         Err(_) => return break_link(&waiting, "logic did not answer the link's opening"),
     };
-    // Answers to pushes: one per batch logic sent, so as many as it has in flight.
-    let (answer_tx, mut answers) = mpsc::unbounded_channel::<PushAnswer>();
     // The writer ends with the reader (the link broke or logic ended it): that closes the
     // request side, which a stopping logic instance waits for.
-    let mut reader = tokio::spawn(read(down, waiting.clone(), pushes, answer_tx));
+    let mut reader = tokio::spawn(read(down, waiting.clone()));
     let mut carry: Option<LinkCall> = None;
     loop {
         let first = match carry.take() {
-            Some(c) => Next::Call(c),
+            Some(c) => c,
             None => tokio::select! {
                 c = rx.recv() => match c {
-                    Some(c) => Next::Call(c),
+                    Some(c) => c,
                     None => return,
                 },
-                Some(a) = answers.recv() => Next::Answer(a),
                 _ = &mut reader => return,
             },
         };
-        let (calls, mut push_answers) = match first {
-            Next::Call(first) => {
-                let (calls, next) = batch::cut(first, || rx.try_recv().ok(), BATCH, BATCH_BYTES);
-                carry = next;
-                (calls, Vec::new())
-            }
-            Next::Answer(a) => (Vec::new(), vec![a]),
-        };
-        while let Ok(a) = answers.try_recv() {
-            push_answers.push(a);
-        }
+        let (calls, next) = batch::cut(first, || rx.try_recv().ok(), BATCH, BATCH_BYTES);
+        carry = next;
         if lock(&waiting).is_err() {
             return;
         }
         tokio::select! {
-            sent = up_tx.send(LinkUp { calls, push_answers }) => if sent.is_err() {
+            sent = up_tx.send(LinkUp { calls }) => if sent.is_err() {
                 // The results of calls already sent may still come: the reader breaks the link.
                 return;
             },
@@ -219,28 +171,11 @@ async fn run(
     }
 }
 
-/// Hands each result to its caller and each push to the shards until the stream ends, then
-/// breaks the link.
-async fn read(
-    mut down: Streaming<LinkDown>,
-    waiting: Arc<Waiting>,
-    pushes: PushSlot,
-    answers: mpsc::UnboundedSender<PushAnswer>,
-) {
+/// Hands each result to its caller until the stream ends, then breaks the link.
+async fn read(mut down: Streaming<LinkDown>, waiting: Arc<Waiting>) {
     let why = loop {
         match down.message().await {
             Ok(Some(batch)) => {
-                for p in batch.pushes {
-                    let Some(end) = pushes.get() else {
-                        tracing::warn!("logic pushed on a link that serves no pushes; dropped");
-                        continue;
-                    };
-                    let dispatched = end.local.dispatch(p.deliveries);
-                    let answers = answers.clone();
-                    tokio::spawn(async move {
-                        let _ = answers.send(PushAnswer { id: p.id, gone: dispatched.gone().await });
-                    });
-                }
                 let mut w = lock(&waiting);
                 let Ok(w) = w.as_mut() else { return };
                 for r in batch.results {

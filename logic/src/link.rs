@@ -2,9 +2,7 @@
 //! gRPC stream, each call runs as its own task (a slow call never holds up the others), at most
 //! [`LinkLimits::inflight`] of them per link (beyond that the link stops reading and HTTP/2 flow
 //! control pushes back on the gateway), and results go back as they complete, in batches cut by
-//! count and bytes. Each call answers exactly what its unary RPC would have. A link that names
-//! its gateway carries that gateway's pushes too, for as long as its request side is read
-//! ([`crate::link_push`]).
+//! count and bytes. Each call answers exactly what its unary RPC would have.
 //!
 //! When the instance stops, every link stops reading, lets its calls in flight finish, sends
 //! their results and ends its response stream: the gateway then fails the calls this instance
@@ -56,18 +54,10 @@ async fn closed(closing: &mut Closing) {
 /// The results of one link, as the response stream of `Logic.Link`.
 pub type DownStream = ReceiverStream<Result<LinkDown, Status>>;
 
-/// Serves one gateway link until the gateway closes it, it breaks, or `closing` turns `true`;
-/// the pushes of `gateway` (the gateway's push address) go down it meanwhile.
-pub fn serve(
-    logic: Arc<Logic>,
-    mut up: Streaming<LinkUp>,
-    gateway: Option<String>,
-    limits: LinkLimits,
-    mut closing: Closing,
-) -> DownStream {
+/// Serves one gateway link until the gateway closes it, it breaks, or `closing` turns `true`.
+pub fn serve(logic: Arc<Logic>, mut up: Streaming<LinkUp>, limits: LinkLimits, mut closing: Closing) -> DownStream {
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<LinkResult>();
     let (down_tx, down_rx) = mpsc::channel(4);
-    let pushes = gateway.map(|g| logic.pusher.links().register(g, &down_tx));
     let inflight = limits.inflight.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
     let room = Arc::new(Semaphore::new(inflight));
     tokio::spawn(async move {
@@ -84,11 +74,6 @@ pub fn serve(
                     }
                 },
             };
-            if let Some(p) = &pushes {
-                for a in batch.push_answers {
-                    p.end().answer(a);
-                }
-            }
             for call in batch.calls {
                 let Ok(slot) = room.clone().acquire_owned().await else { return };
                 let (logic, done_tx) = (logic.clone(), done_tx.clone());
@@ -98,8 +83,6 @@ pub fn serve(
                 });
             }
         };
-        // Pushes go elsewhere from now on (those waiting fail and are retried there).
-        drop(pushes);
         drop(done_tx);
         if stopping {
             // Calls in flight finish and their results go out (the response stream ends
@@ -120,7 +103,7 @@ pub fn serve(
             };
             let (results, next) = batch::cut(first, || done_rx.try_recv().ok(), limits.batch, limits.batch_bytes);
             carry = next;
-            if down_tx.send(Ok(LinkDown { results, pushes: Vec::new() })).await.is_err() {
+            if down_tx.send(Ok(LinkDown { results })).await.is_err() {
                 break;
             }
         }

@@ -149,7 +149,10 @@ impl LogicRole {
         let builder = switchboard_proto::cluster_tls::server(grpc_tls.as_ref())
             .map_err(|e| anyhow::anyhow!("logic gRPC TLS configuration: {e}"))?;
         let grpc = Task::spawn(|stopped| async move {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+            // The builder's `tcp_nodelay` covers only listeners it binds itself: without it, a
+            // push or result written while another is unacknowledged waits for the gateway's
+            // delayed ACK (~40 ms).
+            let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
             // Gateways multiplex every client's requests over a few HTTP/2 connections: a
             // burst of connects puts thousands of small `Authenticate` streams on one of them.
             // h2 sends GOAWAY (ENHANCE_YOUR_CALM, "too_many_data_frames") once small DATA frames

@@ -55,7 +55,6 @@ async fn internal_calls_need_the_cluster_secret() {
     // The same for the long-lived link the gateways use.
     let call = || LinkUp {
         calls: vec![LinkCall { id: 7, call: Some(Call::Authenticate(AuthRequest { token: "x".into() })) }],
-        push_answers: Vec::new(),
     };
     let link = |up: LinkUp| tokio_stream::iter(vec![up]);
     let bare = client.link(link(call())).await.unwrap_err();

@@ -190,7 +190,7 @@ impl Logic for FakeLogic {
                     let (logic, tx) = (logic.clone(), tx.clone());
                     tokio::spawn(async move {
                         let result = logic.link_call(call).await;
-                        let _ = tx.send(Ok(LinkDown { results: vec![result], ..Default::default() })).await;
+                        let _ = tx.send(Ok(LinkDown { results: vec![result] })).await;
                     });
                 }
             }
