@@ -5,16 +5,24 @@
 //! call waiting on it as `unavailable` (a transport failure: the pool retries the call on another
 //! instance and counts it against this one's breaker). A call given up (timed out, cancelled)
 //! forgets its id, so nothing waits for ever on an instance that stopped answering.
+//!
+//! Once the gateway serves pushes on its links ([`PushEnd`]), each link opens a second stream
+//! beside its calls, `Logic.Pushes`, naming the gateway's push address: logic sends the
+//! gateway's pushes down it. The push task hands each batch to the shards in the order it came,
+//! and a task per batch answers with the connections that were gone. While a link has no push
+//! stream (logic refused it, or it ended before the link did: a stopping instance ends it first,
+//! then finishes the link's calls), logic pushes to this gateway over `Gateway.Push`; a link
+//! opened again opens its push stream again.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use switchboard_proto::internal::link_call::Call;
 use switchboard_proto::internal::link_result::Result as Outcome;
 use switchboard_proto::internal::logic_client::LogicClient;
-use switchboard_proto::internal::{LinkCall, LinkDown, LinkUp};
+use switchboard_proto::internal::{LinkCall, LinkDown, LinkUp, PushAnswer};
 use switchboard_proto::{batch, cluster_auth};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -22,10 +30,14 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status, Streaming};
 
+use crate::push::LocalPush;
+
 /// Longest wait for logic to answer the opening of a link.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Calls queued for the writer of one link (callers wait beyond it).
 const QUEUE: usize = 4096;
+/// Push answers queued for the push stream's writer (one per batch logic has in flight).
+const ANSWERS: usize = 256;
 /// Most calls in one `LinkUp` batch.
 const BATCH: usize = 512;
 /// A batch is cut before it passes this many bytes (a single larger call goes alone).
@@ -59,16 +71,35 @@ impl Live {
     }
 }
 
+/// What a gateway serves on its links: its push address, as routes name it, and its shards.
+pub(crate) struct PushEnd {
+    pub name: MetadataValue<Ascii>,
+    pub local: LocalPush,
+}
+
+/// Set once the gateway's shards exist; shared by the links to every logic instance.
+pub(crate) type PushSlot = Arc<OnceLock<PushEnd>>;
+
 /// The link to one logic instance.
 pub(crate) struct LinkSession {
     client: LogicClient<Channel>,
     secret: Option<Arc<MetadataValue<Ascii>>>,
+    pushes: PushSlot,
     live: Mutex<Option<Arc<Live>>>,
 }
 
 impl LinkSession {
-    pub(crate) fn new(client: LogicClient<Channel>, secret: Option<Arc<MetadataValue<Ascii>>>) -> Self {
-        Self { client, secret, live: Mutex::new(None) }
+    pub(crate) fn new(
+        client: LogicClient<Channel>,
+        secret: Option<Arc<MetadataValue<Ascii>>>,
+        pushes: PushSlot,
+    ) -> Self {
+        Self { client, secret, pushes, live: Mutex::new(None) }
+    }
+
+    /// Opens the link now if none is open (logic can push down it before the first call).
+    pub(crate) fn open(&self) {
+        self.live();
     }
 
     /// The open stream, opening one if there is none or it broke.
@@ -79,7 +110,7 @@ impl LinkSession {
         }
         let (tx, rx) = mpsc::channel(QUEUE);
         let waiting = Arc::new(Mutex::new(Ok(HashMap::new())));
-        tokio::spawn(run(self.client.clone(), self.secret.clone(), rx, waiting.clone()));
+        tokio::spawn(run(self.client.clone(), self.secret.clone(), self.pushes.clone(), rx, waiting.clone()));
         let l = Arc::new(Live { tx, waiting, next: AtomicU64::new(1) });
         *live = Some(l.clone());
         l
@@ -131,6 +162,7 @@ fn break_link(waiting: &Waiting, why: &str) {
 async fn run(
     mut client: LogicClient<Channel>,
     secret: Option<Arc<MetadataValue<Ascii>>>,
+    pushes: PushSlot,
     mut rx: mpsc::Receiver<LinkCall>,
     waiting: Arc<Waiting>,
 ) {
@@ -141,6 +173,11 @@ async fn run(
         Ok(Err(s)) => return break_link(&waiting, s.message()),
         Err(_) => return break_link(&waiting, "logic did not answer the link's opening"),
     };
+    // The push stream lives as long as this link's writer.
+    let _pushes = pushes.get().map(|_| {
+        let task = tokio::spawn(take_pushes(client.clone(), secret.clone(), pushes.clone()));
+        AbortOnDrop(task)
+    });
     // The writer ends with the reader (the link broke or logic ended it): that closes the
     // request side, which a stopping logic instance waits for.
     let mut reader = tokio::spawn(read(down, waiting.clone()));
@@ -167,6 +204,43 @@ async fn run(
                 return;
             },
             _ = &mut reader => return,
+        }
+    }
+}
+
+/// Ends a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Opens the link's push stream and hands every batch logic sends down it to the shards, in
+/// order, answering each once the shards did, until the stream ends.
+async fn take_pushes(mut client: LogicClient<Channel>, secret: Option<Arc<MetadataValue<Ascii>>>, pushes: PushSlot) {
+    let Some(end) = pushes.get() else { return };
+    let (answers, answers_rx) = mpsc::channel::<PushAnswer>(ANSWERS);
+    let mut req = cluster_auth::attach(Request::new(ReceiverStream::new(answers_rx)), secret.as_deref());
+    req.metadata_mut().insert(cluster_auth::GATEWAY_HEADER, end.name.clone());
+    let mut down = match tokio::time::timeout(OPEN_TIMEOUT, client.pushes(req)).await {
+        Ok(Ok(r)) => r.into_inner(),
+        // Not served here (logic pushes over `Gateway.Push`), or the link is failing anyway.
+        Ok(Err(s)) => return tracing::debug!(status = %s, "logic refused the push stream"),
+        Err(_) => return tracing::debug!("logic did not answer the push stream's opening"),
+    };
+    loop {
+        match down.message().await {
+            Ok(Some(p)) => {
+                let dispatched = end.local.dispatch(p.deliveries);
+                let answers = answers.clone();
+                tokio::spawn(async move {
+                    let _ = answers.send(PushAnswer { id: p.id, gone: dispatched.gone().await }).await;
+                });
+            }
+            Ok(None) => return tracing::debug!("logic closed the push stream"),
+            Err(s) => return tracing::debug!(status = %s, "push stream broke"),
         }
     }
 }

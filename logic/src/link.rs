@@ -45,7 +45,7 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 pub type Closing = watch::Receiver<bool>;
 
 /// Resolves once `closing` turns `true` (never, if it cannot).
-async fn closed(closing: &mut Closing) {
+pub(crate) async fn closed(closing: &mut Closing) {
     if closing.wait_for(|c| *c).await.is_err() {
         std::future::pending::<()>().await;
     }

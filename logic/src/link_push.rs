@@ -1,12 +1,14 @@
-//! Pushes down the gateways' own links: a gateway whose link names its push address (the
-//! `x-sb-gateway` metadata) is registered here for as long as the link's request side is read,
-//! and [`ViaLinks`] sends that gateway's push batches down the link as `LinkDown.pushes`, matched
-//! with the gateway's `LinkUp.push_answers` by id. No HTTP/2 stream and no call per batch: the
-//! batch rides the stream the gateway's calls already use. A gateway with no such link gets its
-//! pushes through the [`GatewaySink`] the transport gave (gRPC `Gateway.Push`).
+//! Pushes down the gateways' own links: a gateway opens `Logic.Pushes` beside its `Logic.Link`
+//! (same HTTP/2 connection) naming its push address in the `x-sb-gateway` metadata; the stream
+//! is registered here while it is open, and [`ViaLinks`] sends that gateway's push batches down
+//! it, matched with the gateway's answers by id. No HTTP/2 stream and no call per batch. A
+//! gateway with no such stream gets its pushes through the [`GatewaySink`] the transport gave
+//! (gRPC `Gateway.Push`). Answers have a stream of their own, read by a task that does nothing
+//! else, so an answer never waits behind calls the link is not reading yet (calls can wait for
+//! push-queue room, which answers free).
 //!
-//! A push whose link breaks, or that is not answered within [`ANSWER_TIMEOUT`], fails with its
-//! batch handed back, so the pusher's one retry goes down another link of that gateway or over
+//! A push whose stream ends, or that is not answered within [`ANSWER_TIMEOUT`], fails with its
+//! batch handed back, so the pusher's one retry goes down another stream of that gateway or over
 //! gRPC (a copy of a message delivered twice is dropped by the client, which dedupes by
 //! conversation and seq).
 
@@ -15,18 +17,56 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use switchboard_proto::internal::{Delivery, LinkDown, LinkPush, PushAnswer};
+use switchboard_proto::internal::{Delivery, LinkPush, PushAnswer};
 use tokio::sync::{mpsc, oneshot};
-use tonic::Status;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
 
+use crate::link::{closed, Closing};
 use crate::metrics::LogicMetrics;
 use crate::push::{GatewaySink, PushFailed, PushFuture};
 
 /// Longest wait for a gateway's answer to a push sent down its link.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Where a link's response stream is written (the link's own results share it).
-pub type Down = mpsc::Sender<Result<LinkDown, Status>>;
+/// Where a push stream's response side is written.
+pub type Down = mpsc::Sender<Result<LinkPush, Status>>;
+
+/// The response side of `Logic.Pushes`.
+pub type PushStream = ReceiverStream<Result<LinkPush, Status>>;
+
+/// Serves one gateway's push stream: registers it as `gateway`'s until the gateway closes it,
+/// it breaks, or `closing` turns `true` (pushes waiting for an answer then fail and are retried
+/// elsewhere).
+pub fn serve(
+    links: Arc<LinkPushes>,
+    mut up: Streaming<PushAnswer>,
+    gateway: String,
+    mut closing: Closing,
+) -> PushStream {
+    let (tx, rx) = mpsc::channel(4);
+    let registered = links.register(gateway, &tx);
+    tokio::spawn(async move {
+        // the stream's response side ends when this task does
+        let _tx = tx;
+        loop {
+            tokio::select! {
+                biased;
+                _ = closed(&mut closing) => break,
+                m = up.message() => match m {
+                    Ok(Some(a)) => registered.end().answer(a),
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "gateway push stream broke");
+                        break;
+                    }
+                },
+            }
+        }
+        drop(registered);
+    });
+    ReceiverStream::new(rx)
+}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -34,8 +74,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// One gateway link that carries pushes.
 pub struct LinkEnd {
-    /// Weak: the link's response stream ends once its own writer is done, pushes or not.
-    down: mpsc::WeakSender<Result<LinkDown, Status>>,
+    /// Weak: the stream's response side ends with the task serving it.
+    down: mpsc::WeakSender<Result<LinkPush, Status>>,
     /// Pushes sent and not answered, by id; `None` once the link is unregistered.
     waiting: Mutex<Option<HashMap<u64, oneshot::Sender<Vec<u64>>>>>,
     next: AtomicU64,
@@ -60,7 +100,7 @@ impl LinkEnd {
         };
         let forget = Forget { end: self, id };
         let down = self.down.upgrade().ok_or("the gateway's link closed")?;
-        let sent = down.send(Ok(LinkDown { results: Vec::new(), pushes: vec![LinkPush { id, deliveries }] })).await;
+        let sent = down.send(Ok(LinkPush { id, deliveries })).await;
         drop(down);
         sent.map_err(|_| "the gateway's link closed")?;
         let answer = tokio::time::timeout(ANSWER_TIMEOUT, rx).await;
@@ -191,8 +231,7 @@ mod tests {
         let (tx1, mut rx1) = mpsc::channel(4);
         let first = links.register("gw".into(), &tx1);
         let pushing = tokio::spawn(sink.push(batch(7)));
-        let down = rx1.recv().await.unwrap().unwrap();
-        let p = &down.pushes[0];
+        let p = rx1.recv().await.unwrap().unwrap();
         assert_eq!(p.deliveries[0].targets[0].conn_id, 7);
         first.end().answer(PushAnswer { id: p.id + 100, gone: vec![1] });
         first.end().answer(PushAnswer { id: p.id, gone: vec![7] });
@@ -201,14 +240,14 @@ mod tests {
         let (tx2, mut rx2) = mpsc::channel(4);
         let second = links.register("gw".into(), &tx2);
         let pushing = tokio::spawn(sink.push(batch(8)));
-        let down = rx2.recv().await.unwrap().unwrap();
-        assert_eq!(down.pushes[0].deliveries[0].targets[0].conn_id, 8, "the newest link");
+        let p = rx2.recv().await.unwrap().unwrap();
+        assert_eq!(p.deliveries[0].targets[0].conn_id, 8, "the newest link");
         drop(second);
         let failed = pushing.await.unwrap().unwrap_err();
         assert_eq!(failed.batch.unwrap()[0].targets[0].conn_id, 8, "handed back for the retry");
 
         let pushing = tokio::spawn(sink.push(batch(9)));
-        assert_eq!(rx1.recv().await.unwrap().unwrap().pushes[0].deliveries[0].targets[0].conn_id, 9);
+        assert_eq!(rx1.recv().await.unwrap().unwrap().deliveries[0].targets[0].conn_id, 9);
         drop(first);
         assert!(pushing.await.unwrap().unwrap_err().batch.is_some());
         assert!(rx1.try_recv().is_err() && rx2.try_recv().is_err());

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use switchboard_proto::cluster_auth;
 use switchboard_proto::internal::logic_server::{Logic as LogicRpc, LogicServer};
 use switchboard_proto::internal::{
-    AuthConnect, AuthReply, AuthRequest, ClientReply, ClientRequest, ConnEvent, Empty, LinkUp,
+    AuthConnect, AuthReply, AuthRequest, ClientReply, ClientRequest, ConnEvent, Empty, LinkUp, PushAnswer,
 };
 use switchboard_storage::ConnRef;
 use tonic::{Request, Response, Status, Streaming};
@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::auth::now_secs;
 use crate::error::ApiError;
 use crate::link::{self, Closing, DownStream, LinkLimits};
+use crate::link_push::{self, PushStream};
 use crate::metrics::inc;
 use crate::ops::{self, Caller};
 use crate::Logic;
@@ -201,7 +202,18 @@ impl LogicRpc for LogicService {
     type LinkStream = DownStream;
 
     async fn link(&self, req: Request<Streaming<LinkUp>>) -> Result<Response<DownStream>, Status> {
-        let gateway = req.metadata().get(cluster_auth::GATEWAY_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
-        Ok(Response::new(link::serve(self.logic.clone(), req.into_inner(), gateway, self.link, self.closing.clone())))
+        Ok(Response::new(link::serve(self.logic.clone(), req.into_inner(), self.link, self.closing.clone())))
+    }
+
+    type PushesStream = PushStream;
+
+    async fn pushes(&self, req: Request<Streaming<PushAnswer>>) -> Result<Response<PushStream>, Status> {
+        let gateway = req.metadata().get(cluster_auth::GATEWAY_HEADER).and_then(|v| v.to_str().ok());
+        let gateway = gateway
+            .filter(|g| !g.is_empty())
+            .ok_or_else(|| Status::invalid_argument("x-sb-gateway must name the gateway's push address"))?
+            .to_owned();
+        let links = self.logic.pusher.links().clone();
+        Ok(Response::new(link_push::serve(links, req.into_inner(), gateway, self.closing.clone())))
     }
 }

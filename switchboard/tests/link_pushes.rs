@@ -38,8 +38,9 @@ async fn pushes_ride_the_link_when_the_push_service_is_unreachable() {
             let ok =
                 a.ok("send", json!({"to": "lars", "cmid": format!("m{i}"), "type": "text", "body": format!("hi {i}")}));
             let m = b.push("msg");
-            assert_eq!(m["msg"]["seq"], ok["seq"], "{m}");
+            assert_eq!(m["msg"]["seq"], ok["seq"], "{m} {ok}");
             assert_eq!(m["msg"]["body"], format!("hi {i}"));
+            b.ok("ack", json!({"conv": m["msg"]["conv"], "seq": m["msg"]["seq"]}));
         }
     })
     .await;
