@@ -9,10 +9,10 @@
 //! Once the gateway serves pushes on its links ([`PushEnd`]), each link opens a second stream
 //! beside its calls, `Logic.Pushes`, naming the gateway's push address: logic sends the
 //! gateway's pushes down it. The push task hands each batch to the shards in the order it came,
-//! and a task per batch answers with the connections that were gone. While a link has no push
-//! stream (logic refused it, or it ended before the link did: a stopping instance ends it first,
-//! then finishes the link's calls), logic pushes to this gateway over `Gateway.Push`; a link
-//! opened again opens its push stream again.
+//! and a task per batch answers with the connections that were gone. A push stream that ends
+//! while its link lives (a stopping instance ends it first, then finishes the link's calls) is
+//! opened again [`REOPEN`] later; one logic does not serve (an older instance) is not asked for
+//! again. While a link has no push stream, logic pushes to this gateway over `Gateway.Push`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +38,8 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 const QUEUE: usize = 4096;
 /// Push answers queued for the push stream's writer (one per batch logic has in flight).
 const ANSWERS: usize = 256;
+/// Wait before opening a link's push stream again after it ended.
+pub(crate) const REOPEN: Duration = Duration::from_secs(1);
 /// Most calls in one `LinkUp` batch.
 const BATCH: usize = 512;
 /// A batch is cut before it passes this many bytes (a single larger call goes alone).
@@ -217,18 +219,36 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Opens the link's push stream and hands every batch logic sends down it to the shards, in
-/// order, answering each once the shards did, until the stream ends.
+/// Keeps the link's push stream open (the link's writer ends this task with the link), unless
+/// logic does not serve one.
 async fn take_pushes(mut client: LogicClient<Channel>, secret: Option<Arc<MetadataValue<Ascii>>>, pushes: PushSlot) {
     let Some(end) = pushes.get() else { return };
+    while push_stream(&mut client, secret.as_deref(), end).await {
+        tokio::time::sleep(REOPEN).await;
+    }
+}
+
+/// Opens a push stream and hands every batch logic sends down it to the shards, in order,
+/// answering each once the shards did, until the stream ends; `false` when logic does not
+/// serve push streams (it pushes over `Gateway.Push`).
+async fn push_stream(client: &mut LogicClient<Channel>, secret: Option<&MetadataValue<Ascii>>, end: &PushEnd) -> bool {
     let (answers, answers_rx) = mpsc::channel::<PushAnswer>(ANSWERS);
-    let mut req = cluster_auth::attach(Request::new(ReceiverStream::new(answers_rx)), secret.as_deref());
+    let mut req = cluster_auth::attach(Request::new(ReceiverStream::new(answers_rx)), secret);
     req.metadata_mut().insert(cluster_auth::GATEWAY_HEADER, end.name.clone());
     let mut down = match tokio::time::timeout(OPEN_TIMEOUT, client.pushes(req)).await {
         Ok(Ok(r)) => r.into_inner(),
-        // Not served here (logic pushes over `Gateway.Push`), or the link is failing anyway.
-        Ok(Err(s)) => return tracing::debug!(status = %s, "logic refused the push stream"),
-        Err(_) => return tracing::debug!("logic did not answer the push stream's opening"),
+        Ok(Err(s)) if s.code() == Code::Unimplemented => {
+            tracing::debug!("logic serves no push stream: it pushes over Gateway.Push");
+            return false;
+        }
+        Ok(Err(s)) => {
+            tracing::debug!(status = %s, "logic refused the push stream");
+            return true;
+        }
+        Err(_) => {
+            tracing::debug!("logic did not answer the push stream's opening");
+            return true;
+        }
     };
     loop {
         match down.message().await {
@@ -239,8 +259,14 @@ async fn take_pushes(mut client: LogicClient<Channel>, secret: Option<Arc<Metada
                     let _ = answers.send(PushAnswer { id: p.id, gone: dispatched.gone().await }).await;
                 });
             }
-            Ok(None) => return tracing::debug!("logic closed the push stream"),
-            Err(s) => return tracing::debug!(status = %s, "push stream broke"),
+            Ok(None) => {
+                tracing::debug!("logic closed the push stream");
+                return true;
+            }
+            Err(s) => {
+                tracing::debug!(status = %s, "push stream broke");
+                return true;
+            }
         }
     }
 }

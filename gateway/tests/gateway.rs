@@ -462,3 +462,38 @@ async fn push_racing_the_auth_answer_arrives_after_auth_ok() {
     .await;
     gw.shutdown().await;
 }
+
+/// Logic's pushes come down the push stream the gateway opens beside each link (at start, before
+/// any call), and their answers go back up it; a push stream that ends while its link lives is
+/// opened again and carries the next pushes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_come_down_the_push_stream_which_opens_again() {
+    let server = serve(FakeLogic::default().serve_push_streams()).await;
+    let logic = server.logic.clone();
+    let gw = start_gateway(config(&[&server.url])).await;
+    let first = logic.take_push_stream(0).await;
+    let client = authed_client(gw.ws_addr(), |mut ws| {
+        let mut seen = Vec::new();
+        read_json_for(&mut ws, Duration::from_secs(4), |_, v| seen.push(v["seq"].as_u64().unwrap_or(0)));
+        seen
+    })
+    .await;
+    let conn_id = logic.connected_conn_id(0).await;
+    let push = |id: u64, seq: u64| switchboard_proto::internal::LinkPush {
+        id,
+        deliveries: vec![Delivery {
+            targets: [to(conn_id), to(conn_id + 1_000)].concat(),
+            frame: format!(r#"{{"op":"notice","seq":{seq}}}"#).into_bytes().into(),
+            ..Default::default()
+        }],
+    };
+    first.send(Ok(push(1, 1))).await.unwrap();
+    drop(first);
+    let second = logic.take_push_stream(1).await;
+    second.send(Ok(push(2, 2))).await.unwrap();
+    assert_eq!(client.await.unwrap(), vec![1, 2], "both pushes delivered, in order");
+    let answers = logic.push_answers.lock().unwrap().clone();
+    let answered: Vec<(u64, Vec<u64>)> = answers.into_iter().map(|a| (a.id, a.gone)).collect();
+    assert_eq!(answered, vec![(1, vec![conn_id + 1_000]), (2, vec![conn_id + 1_000])], "unknown connection gone");
+    gw.shutdown().await;
+}

@@ -26,6 +26,9 @@ use tungstenite::{Message, WebSocket};
 
 // ------------------------------------------------------------------ fake Logic
 
+/// The logic end of a push stream.
+pub type PushDown = tokio::sync::mpsc::Sender<Result<LinkPush, Status>>;
+
 /// How a [`FakeLogic`] answers `Handle`: the reply frame for a forwarded frame (JSON).
 pub type Handler = Arc<dyn Fn(&Value) -> Value + Send + Sync>;
 
@@ -52,6 +55,11 @@ pub struct FakeLogic {
     pub disconnect_delay: Arc<Mutex<Duration>>,
     /// Turns `true` when the server stops: its links end (as a real instance's do).
     closing: Arc<tokio::sync::watch::Sender<bool>>,
+    /// `None`: `Pushes` is refused as unimplemented (pushes go over `Gateway.Push`); `Some`:
+    /// every push stream the gateway opens, as the sender that writes down it.
+    push_streams: Arc<Mutex<Option<Vec<Option<PushDown>>>>>,
+    /// Every answer read from the push streams.
+    pub push_answers: Arc<Mutex<Vec<PushAnswer>>>,
     handler: Handler,
 }
 
@@ -71,8 +79,28 @@ impl FakeLogic {
             push_on_connect: Arc::default(),
             disconnect_delay: Arc::default(),
             closing: Arc::new(tokio::sync::watch::channel(false).0),
+            push_streams: Arc::default(),
+            push_answers: Arc::default(),
             handler: Arc::new(handler),
         }
+    }
+
+    /// Serves the gateway's push streams (before the gateway starts).
+    pub fn serve_push_streams(self) -> Self {
+        *self.push_streams.lock().unwrap() = Some(Vec::new());
+        self
+    }
+
+    /// The `n`th push stream the gateway opened (0-based), once it is open (up to 5 s); taking it
+    /// leaves `None` in its place, so dropping the sender ends the stream.
+    pub async fn take_push_stream(&self, n: usize) -> PushDown {
+        for _ in 0..250 {
+            if let Some(tx) = self.push_streams.lock().unwrap().as_mut().and_then(|v| v.get_mut(n)?.take()) {
+                return tx;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("push stream #{n} never opened");
     }
 
     pub fn calls(&self) -> u64 {
@@ -200,10 +228,22 @@ impl Logic for FakeLogic {
 
     type PushesStream = tokio_stream::wrappers::ReceiverStream<Result<LinkPush, Status>>;
 
-    /// These tests push through the gateway's `Gateway.Push`: the push stream is refused, as an
-    /// older logic instance would, and the links work on without it.
-    async fn pushes(&self, _: Request<Streaming<PushAnswer>>) -> Result<Response<Self::PushesStream>, Status> {
-        Err(Status::unimplemented("pushes go over Gateway.Push here"))
+    /// Refused as an older logic instance would (most of these tests push through the gateway's
+    /// `Gateway.Push`), unless [`FakeLogic::serve_push_streams`]: then the stream's sender is
+    /// kept for the test and its answers recorded.
+    async fn pushes(&self, r: Request<Streaming<PushAnswer>>) -> Result<Response<Self::PushesStream>, Status> {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        match self.push_streams.lock().unwrap().as_mut() {
+            Some(streams) => streams.push(Some(tx)),
+            None => return Err(Status::unimplemented("pushes go over Gateway.Push here")),
+        }
+        let (mut up, answers) = (r.into_inner(), self.push_answers.clone());
+        tokio::spawn(async move {
+            while let Ok(Some(a)) = up.message().await {
+                answers.lock().unwrap().push(a);
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 }
 
