@@ -39,7 +39,7 @@ const QUEUE: usize = 4096;
 /// Push answers queued for the push stream's writer (one per batch logic has in flight).
 const ANSWERS: usize = 256;
 /// Wait before opening a link's push stream again after it ended.
-pub(crate) const REOPEN: Duration = Duration::from_secs(1);
+const REOPEN: Duration = Duration::from_secs(1);
 /// Most calls in one `LinkUp` batch.
 const BATCH: usize = 512;
 /// A batch is cut before it passes this many bytes (a single larger call goes alone).
@@ -237,20 +237,16 @@ async fn push_stream(client: &mut LogicClient<Channel>, secret: Option<&Metadata
     req.metadata_mut().insert(cluster_auth::GATEWAY_HEADER, end.name.clone());
     let mut down = match tokio::time::timeout(OPEN_TIMEOUT, client.pushes(req)).await {
         Ok(Ok(r)) => r.into_inner(),
-        Ok(Err(s)) if s.code() == Code::Unimplemented => {
-            tracing::debug!("logic serves no push stream: it pushes over Gateway.Push");
-            return false;
-        }
         Ok(Err(s)) => {
             tracing::debug!(status = %s, "logic refused the push stream");
-            return true;
+            return s.code() != Code::Unimplemented;
         }
         Err(_) => {
             tracing::debug!("logic did not answer the push stream's opening");
             return true;
         }
     };
-    loop {
+    let why = loop {
         match down.message().await {
             Ok(Some(p)) => {
                 let dispatched = end.local.dispatch(p.deliveries);
@@ -259,16 +255,12 @@ async fn push_stream(client: &mut LogicClient<Channel>, secret: Option<&Metadata
                     let _ = answers.send(PushAnswer { id: p.id, gone: dispatched.gone().await }).await;
                 });
             }
-            Ok(None) => {
-                tracing::debug!("logic closed the push stream");
-                return true;
-            }
-            Err(s) => {
-                tracing::debug!(status = %s, "push stream broke");
-                return true;
-            }
+            Ok(None) => break "logic closed it".to_string(),
+            Err(s) => break s.to_string(),
         }
-    }
+    };
+    tracing::debug!(%why, "push stream ended");
+    true
 }
 
 /// Hands each result to its caller until the stream ends, then breaks the link.
