@@ -3,22 +3,23 @@
 //! conversation) is answered `ack.ok` at once, and only its highest seq per connection and
 //! conversation is handed to logic, as one request without a reply per `ack_flush`. Logic
 //! coalesces cursors in memory anyway (docs/protocol.md §11): this saves a logic round trip for
-//! nearly every delivery, which is what an ack per read batch costs under fan-out. A later
-//! request of the same connection goes to logic only after that connection's waiting acks (so
-//! an ack-based `sync` right after an `ack` sees it).
+//! nearly every delivery, which is what an ack per read batch costs under fan-out. A
+//! connection's waiting acks ride its next request to logic as typed cursors
+//! (`ClientRequest::acks`), applied before that request's op (so an ack-based `sync` right
+//! after an `ack` sees it); those still waiting at the flush go as one request per connection
+//! carrying only them. No JSON is written or parsed for them on either side.
 
 use std::collections::HashMap;
 use std::time::Instant;
 
-use bytes::Bytes;
-use switchboard_proto::internal::{ClientRequest, ConnEvent};
+use switchboard_proto::internal::{ClientRequest, ConnEvent, HeldAck};
 
 /// One connection's acks waiting for the next flush.
 struct Waiting {
     conn: ConnEvent,
     ip: String,
-    /// (conversation, highest acked seq); a handful per connection.
-    convs: Vec<(String, u64)>,
+    /// The highest acked seq per conversation; a handful per connection.
+    convs: Vec<HeldAck>,
 }
 
 /// The acks of one shard's connections not yet handed to logic.
@@ -37,9 +38,9 @@ impl AckBatch {
             let (conn, ip) = who();
             Waiting { conn, ip, convs: Vec::new() }
         });
-        match w.convs.iter_mut().find(|(c, _)| c == conv) {
-            Some((_, s)) => *s = (*s).max(seq),
-            None => w.convs.push((conv.to_owned(), seq)),
+        match w.convs.iter_mut().find(|a| a.conv == conv) {
+            Some(a) => a.seq = a.seq.max(seq),
+            None => w.convs.push(HeldAck { conv: conv.to_owned(), seq }),
         }
         self.due = Some(self.due.map_or(due, |d| d.min(due)));
     }
@@ -49,39 +50,27 @@ impl AckBatch {
         self.due.is_some_and(|d| now >= d)
     }
 
-    /// Empties the batch into one `ack` request per connection and conversation, in the
-    /// canonical JSON form logic reads (no `rid`: nobody waits for the reply).
+    /// Empties the batch into one request per connection carrying only its acks (empty
+    /// frame, no `rid`: nobody waits for the reply).
     pub fn take(&mut self) -> Vec<ClientRequest> {
         self.due = None;
-        let mut out = Vec::new();
-        for (_, w) in self.waiting.drain() {
-            w.into_requests(&mut out);
-        }
-        out
+        self.waiting.drain().map(|(_, w)| w.into_request()).collect()
     }
 
-    /// Takes the waiting acks of one connection (its next request must reach logic after them).
-    pub fn take_conn(&mut self, conn_id: u64) -> Vec<ClientRequest> {
-        let mut out = Vec::new();
-        if let Some(w) = self.waiting.remove(&conn_id) {
-            w.into_requests(&mut out);
-        }
-        out
+    /// Takes the waiting acks of one connection, for its next request to carry.
+    pub fn take_conn(&mut self, conn_id: u64) -> Vec<HeldAck> {
+        self.waiting.remove(&conn_id).map(|w| w.convs).unwrap_or_default()
+    }
+
+    /// The waiting acks of a connection that closed, as a request of their own.
+    pub fn take_closed(&mut self, conn_id: u64) -> Option<ClientRequest> {
+        self.waiting.remove(&conn_id).map(Waiting::into_request)
     }
 }
 
 impl Waiting {
-    fn into_requests(self, out: &mut Vec<ClientRequest>) {
-        for (conv, seq) in self.convs {
-            let frame = serde_json::json!({"op": "ack", "conv": conv, "seq": seq}).to_string();
-            out.push(ClientRequest {
-                conn: Some(self.conn.clone()),
-                frame: Bytes::from(frame),
-                ip: self.ip.clone(),
-                op: "ack".into(),
-                rid: None,
-            });
-        }
+    fn into_request(self) -> ClientRequest {
+        ClientRequest { conn: Some(self.conn), ip: self.ip, op: "ack".into(), acks: self.convs, ..Default::default() }
     }
 }
 
@@ -106,25 +95,29 @@ mod tests {
         b.add(2, who("bob"), "g:x", 4, t0 + Duration::from_millis(90));
         assert!(!b.is_due(t0 + Duration::from_millis(49)));
         assert!(b.is_due(t0 + Duration::from_millis(50)), "due with its oldest ack");
-        let mut reqs: Vec<(String, String)> = b
+        let mut reqs: Vec<(String, Vec<(String, u64)>)> = b
             .take()
             .into_iter()
-            .map(|r| (r.conn.unwrap().user, String::from_utf8(r.frame.to_vec()).unwrap()))
+            .map(|r| {
+                assert!(r.frame.is_empty() && r.rid.is_none(), "acks only, nobody waits: {r:?}");
+                (r.conn.unwrap().user, r.acks.into_iter().map(|a| (a.conv, a.seq)).collect())
+            })
             .collect();
         reqs.sort();
+        let held = |c: &str, s| (c.to_owned(), s);
         assert_eq!(
             reqs,
-            [
-                ("ann".to_owned(), r#"{"conv":"d:ann:bob","op":"ack","seq":2}"#.to_owned()),
-                ("ann".to_owned(), r#"{"conv":"g:x","op":"ack","seq":9}"#.to_owned()),
-                ("bob".to_owned(), r#"{"conv":"g:x","op":"ack","seq":4}"#.to_owned()),
-            ]
+            [("ann".to_owned(), vec![held("g:x", 9), held("d:ann:bob", 2)]), ("bob".to_owned(), vec![held("g:x", 4)])]
         );
         assert!(b.take().is_empty() && !b.is_due(t0 + Duration::from_secs(60)));
         b.add(3, who("cy"), "g:x", 1, t0);
         b.add(4, who("di"), "g:x", 1, t0);
-        assert_eq!(b.take_conn(3).len(), 1);
+        assert_eq!(b.take_conn(3), [HeldAck { conv: "g:x".into(), seq: 1 }]);
         assert!(b.take_conn(3).is_empty(), "taken once");
+        b.add(5, who("ed"), "g:y", 7, t0);
+        let closed = b.take_closed(5).expect("held");
+        assert_eq!((closed.conn.unwrap().user.as_str(), closed.acks.len()), ("ed", 1));
+        assert!(b.take_closed(5).is_none());
         assert_eq!(b.take().len(), 1, "the other connection's ack stays for the flush");
     }
 }

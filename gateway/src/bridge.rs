@@ -200,26 +200,6 @@ impl Bridge {
         });
     }
 
-    /// Like [`Bridge::handle`], after `before` (requests whose replies are dropped) ran one by
-    /// one: a connection's held acks reach logic before its next request.
-    pub fn handle_after(&self, shard: &ShardLink, rid: Option<u64>, before: Vec<ClientRequest>, req: ClientRequest) {
-        let shard = shard.clone();
-        let conn_id = req.conn.as_ref().map(|c| c.conn_id).unwrap_or(0);
-        let link = self.link.clone();
-        let bridge = self.clone();
-        self.rt.spawn(async move {
-            for b in before {
-                if let Err(e) = link.handle(b).await {
-                    tracing::warn!(error = %e, "logic handle (held ack) failed");
-                }
-            }
-            let relay = Relay::start(&bridge, conn_id, rid);
-            let result = link.handle(req).await;
-            relay.done(result.is_ok());
-            shard.send(ShardMsg::HandleDone { conn_id, rid, result });
-        });
-    }
-
     /// A request the gateway makes on a client's behalf: fire and forget, the reply is dropped.
     pub fn handle_detached(&self, req: ClientRequest) {
         self.fire_and_forget("handle (gateway-made request)", self.link.handle(req));

@@ -439,7 +439,7 @@ impl Shard {
         if let Some(mut conn) = self.conns.try_remove(key) {
             self.held.remove(&conn.id);
             // Its held acks go now: a reconnect of the device resumes after them.
-            for req in self.env.acks.take_conn(conn.id) {
+            if let Some(req) = self.env.acks.take_closed(conn.id) {
                 self.env.bridge.handle_detached(req);
             }
             conn.notify_closed(&mut self.env);

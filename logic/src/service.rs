@@ -116,6 +116,15 @@ impl Logic {
         }
         let caller =
             Caller { user: conn.user, device: conn.device, gateway: conn.gateway, conn_id: conn.conn_id, ip: req.ip };
+        for held in req.acks {
+            // The gateway answered these `ack.ok` already: a refusal has nobody to reach.
+            if let Err(e) = ops::held_ack(self, &caller, held).await {
+                tracing::debug!(user = %caller.user, code = e.code, error = %e.message, "held ack refused");
+            }
+        }
+        if req.frame.is_empty() {
+            return Ok(ClientReply::default());
+        }
         self.metrics.inflight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (frame, close) = ops::handle(self, &caller, &req.op, req.rid, &req.frame).await;
         self.metrics.inflight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);

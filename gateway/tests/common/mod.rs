@@ -190,8 +190,14 @@ impl Logic for FakeLogic {
     async fn handle(&self, r: Request<ClientRequest>) -> Result<Response<ClientReply>, Status> {
         self.count();
         let req = r.into_inner();
+        let conn_id = req.conn.as_ref().map(|c| c.conn_id).unwrap_or(0);
+        for a in &req.acks {
+            self.frames.lock().unwrap().push((conn_id, json!({"op": "ack", "conv": a.conv, "seq": a.seq})));
+        }
+        if req.frame.is_empty() {
+            return Ok(Response::new(ClientReply::default()));
+        }
         let v: Value = serde_json::from_slice(&req.frame).map_err(|e| Status::internal(e.to_string()))?;
-        let conn_id = req.conn.map(|c| c.conn_id).unwrap_or(0);
         self.frames.lock().unwrap().push((conn_id, v.clone()));
         let reply = (self.handler)(&v);
         Ok(Response::new(ClientReply { frame: reply.to_string().into_bytes().into(), close: false }))

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use switchboard_proto::internal::HeldAck;
 use switchboard_storage::{Appended, FriendState, Message, NewMessage};
 
 use super::groups::{require_role, valid_group_id};
@@ -299,10 +300,16 @@ pub struct Ack {
 }
 
 pub async fn ack(logic: &Logic, caller: &Caller, req: Ack) -> Result<Fields, ApiError> {
-    require_member(logic, &req.conv, &caller.user).await?;
-    logic.cursors.ack(&caller.user, &caller.device, &req.conv, req.seq).await?;
-    logic.notifier.seen(&caller.user, &req.conv, req.seq);
+    held_ack(logic, caller, HeldAck { conv: req.conv, seq: req.seq }).await?;
     Ok(Fields::new())
+}
+
+/// An `ack` the gateway answered itself, carried by a later request (`ClientRequest::acks`).
+pub async fn held_ack(logic: &Logic, caller: &Caller, ack: HeldAck) -> Result<(), ApiError> {
+    require_member(logic, &ack.conv, &caller.user).await?;
+    logic.cursors.ack(&caller.user, &caller.device, &ack.conv, ack.seq).await?;
+    logic.notifier.seen(&caller.user, &ack.conv, ack.seq);
+    Ok(())
 }
 
 #[derive(Deserialize)]

@@ -9,7 +9,7 @@ mod friends;
 mod groups;
 mod messages;
 mod refs;
-pub(crate) use messages::require_member;
+pub(crate) use messages::{held_ack, require_member};
 pub mod presence;
 
 use serde::de::DeserializeOwned;
