@@ -265,7 +265,20 @@ pub struct ConnRef {
 /// A fresh message id: time-ordered hex, 27 chars, unique with overwhelming
 /// probability (64 random bits per millisecond).
 pub fn new_mid(ts: u64) -> String {
-    format!("{ts:011x}{:016x}", rand::random::<u64>())
+    let mut mid = String::with_capacity(27);
+    push_hex(&mut mid, ts, 11);
+    push_hex(&mut mid, rand::random::<u64>(), 16);
+    mid
+}
+
+/// `v` in lower-case hex, zero-padded to at least `width` digits: what `{v:0width$x}` writes,
+/// without the formatting machinery (this runs for every message stored).
+fn push_hex(out: &mut String, v: u64, width: u32) {
+    let digits = width.max((u64::BITS - v.leading_zeros()).div_ceil(4));
+    for i in (0..digits).rev() {
+        let d = v.checked_shr(4 * i).unwrap_or(0) & 0xf;
+        out.push(char::from_digit(d as u32, 16).unwrap_or('0'));
+    }
 }
 
 /// One entry of the registry: a gateway or logic instance and its load.
@@ -300,4 +313,24 @@ pub struct ReadCursor {
     pub user: String,
     pub conv: String,
     pub seq: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mids_are_hex_led_by_their_time() {
+        let mid = super::new_mid(0x123_4567_89ab);
+        assert_eq!(mid.len(), 27);
+        assert!(mid.starts_with("123456789ab"), "{mid}");
+        assert!(mid.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)), "{mid}");
+        assert_ne!(super::new_mid(1), super::new_mid(1));
+        let mut s = String::new();
+        for v in [0, 1, 0xf, 0x10, 0xdead_beef, 0x1_0000_0000_0000, u64::MAX] {
+            for width in [11, 16] {
+                s.clear();
+                super::push_hex(&mut s, v, width);
+                assert_eq!(s, format!("{v:0w$x}", w = width as usize));
+            }
+        }
+    }
 }

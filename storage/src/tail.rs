@@ -182,8 +182,17 @@ impl Inner {
 #[derive(Default, Clone)]
 pub(crate) struct Tail(Arc<Mutex<Inner>>);
 
+/// The three parts joined by NULs (which no conversation id or user name holds), written
+/// without the formatting machinery: the log thread builds one or two per send.
 fn cmid_key(conv: &str, from: &str, cmid: &str) -> String {
-    format!("{conv}\0{from}\0{cmid}")
+    let mut key = String::with_capacity(conv.len() + from.len() + cmid.len() + 2);
+    for (i, part) in [conv, from, cmid].into_iter().enumerate() {
+        if i > 0 {
+            key.push('\0');
+        }
+        key.push_str(part);
+    }
+    key
 }
 
 impl Tail {
