@@ -116,13 +116,14 @@ impl Logic {
         }
         let caller =
             Caller { user: conn.user, device: conn.device, gateway: conn.gateway, conn_id: conn.conn_id, ip: req.ip };
+        let acks_only = !req.acks.is_empty() && req.frame.is_empty();
         for held in req.acks {
             // The gateway answered these `ack.ok` already: a refusal has nobody to reach.
             if let Err(e) = ops::held_ack(self, &caller, held).await {
                 tracing::debug!(user = %caller.user, code = e.code, error = %e.message, "held ack refused");
             }
         }
-        if req.frame.is_empty() {
+        if acks_only {
             return Ok(ClientReply::default());
         }
         self.metrics.inflight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
