@@ -129,7 +129,6 @@ impl Logic {
         self.metrics.inflight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (frame, close) = ops::handle(self, &caller, &req.op, req.rid, &req.frame).await;
         self.metrics.inflight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        let frame = serde_json::to_vec(&frame).map_err(|e| ApiError::new("internal", e.to_string()))?;
         Ok(ClientReply { frame: frame.into(), close })
     }
 }

@@ -13,6 +13,7 @@ pub(crate) use messages::{held_ack, require_member};
 pub mod presence;
 
 use serde::de::DeserializeOwned;
+use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::{Map, Value};
 
 use crate::error::ApiError;
@@ -45,17 +46,17 @@ struct Head {
     rid: Option<Value>,
 }
 
-/// Runs one request frame and returns the reply frame. `op` and `rid` are the frame's, as read
-/// by the gateway; with `op` empty they are read from the frame here.
-pub async fn handle(logic: &Logic, caller: &Caller, op: &str, rid: Option<u64>, frame: &[u8]) -> (Value, bool) {
+/// Runs one request frame and returns the reply frame, serialised. `op` and `rid` are the
+/// frame's, as read by the gateway; with `op` empty they are read from the frame here.
+pub async fn handle(logic: &Logic, caller: &Caller, op: &str, rid: Option<u64>, frame: &[u8]) -> (Vec<u8>, bool) {
     let (op, rid) = if op.is_empty() {
         match serde_json::from_slice::<Head>(frame) {
             Ok(Head { op: Some(op), rid }) => (std::borrow::Cow::Owned(op), rid.as_ref().and_then(Value::as_u64)),
             Ok(Head { op: None, rid }) => {
                 let rid = rid.as_ref().and_then(Value::as_u64);
-                return (ApiError::bad_request("missing field `op`").to_frame(rid), false);
+                return (error_frame(&ApiError::bad_request("missing field `op`"), rid), false);
             }
-            Err(e) => return (ApiError::bad_request(format!("malformed frame: {e}")).to_frame(None), false),
+            Err(e) => return (error_frame(&ApiError::bad_request(format!("malformed frame: {e}")), None), false),
         }
     } else {
         (std::borrow::Cow::Borrowed(op), rid)
@@ -63,7 +64,7 @@ pub async fn handle(logic: &Logic, caller: &Caller, op: &str, rid: Option<u64>, 
     let op = op.as_ref();
     if let Err(e) = logic.limit_request(&caller.user, &caller.ip) {
         crate::metrics::inc(&logic.metrics.errors);
-        return (e.to_frame(rid), false);
+        return (error_frame(&e, rid), false);
     }
     // One span per request: the gateway and connection it came through and its rid identify it
     // in both processes' logs; a stored message adds its conv and seq.
@@ -84,18 +85,42 @@ pub async fn handle(logic: &Logic, caller: &Caller, op: &str, rid: Option<u64>, 
     tracing::debug!(parent: &span, micros = elapsed.as_micros() as u64, error = result.as_ref().err().map(|e| e.code), "request done");
     match result {
         Ok(fields) => {
-            let mut reply = Map::new();
-            reply.insert("op".into(), Value::String(format!("{op}.ok")));
-            if let Some(rid) = rid {
-                reply.insert("rid".into(), rid.into());
-            }
-            reply.extend(fields);
-            (Value::Object(reply), false)
+            let reply = OkReply { op, rid, fields: &fields };
+            let frame = serde_json::to_vec(&reply)
+                .unwrap_or_else(|e| error_frame(&ApiError::new("internal", e.to_string()), rid));
+            (frame, false)
         }
         Err(e) => {
             crate::metrics::inc(&logic.metrics.errors);
-            (e.to_frame(rid), false)
+            (error_frame(&e, rid), false)
         }
+    }
+}
+
+fn error_frame(e: &ApiError, rid: Option<u64>) -> Vec<u8> {
+    e.to_frame(rid).to_string().into_bytes()
+}
+
+/// `{"op": "<op>.ok", "rid": .., ..fields}`, written straight from the op's fields (no map
+/// built and dropped per reply). `op` and `rid` are the reply's own: fields of those names are
+/// left out.
+struct OkReply<'a> {
+    op: &'a str,
+    rid: Option<u64>,
+    fields: &'a Fields,
+}
+
+impl Serialize for OkReply<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("op", &format_args!("{}.ok", self.op))?;
+        if let Some(rid) = self.rid {
+            m.serialize_entry("rid", &rid)?;
+        }
+        for (k, v) in self.fields.iter().filter(|(k, _)| *k != "op" && *k != "rid") {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
     }
 }
 
@@ -195,5 +220,24 @@ fn fields(v: Value) -> Fields {
     match v {
         Value::Object(m) => m,
         _ => Fields::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::{fields, OkReply};
+
+    #[test]
+    fn ok_replies_carry_op_rid_and_every_field_once() {
+        let f = fields(json!({"conv": "d:a:\"b\"", "seq": 7, "msgs": [{"body": "é\n"}], "op": "x", "rid": 1}));
+        let bytes = serde_json::to_vec(&OkReply { op: "send", rid: Some(42), fields: &f }).unwrap();
+        let text = String::from_utf8(bytes).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v, json!({"op": "send.ok", "rid": 42, "conv": "d:a:\"b\"", "seq": 7, "msgs": [{"body": "é\n"}]}));
+        assert_eq!(text.matches("\"op\"").count() + text.matches("\"rid\"").count(), 2, "{text}");
+        let none = serde_json::to_vec(&OkReply { op: "ack", rid: None, fields: &Default::default() }).unwrap();
+        assert_eq!(none, br#"{"op":"ack.ok"}"#);
     }
 }
