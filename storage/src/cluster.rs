@@ -57,7 +57,7 @@ const MAX_UNSURE: usize = 100_000;
 pub fn void_message(conv: &str, seq: u64, ts: u64) -> Message {
     Message {
         conv: conv.to_owned(),
-        mid: format!("{ts:011x}{seq:016x}"),
+        mid: crate::mid_of(ts, seq),
         seq,
         from: String::new(),
         cmid: format!("void:{seq}"),

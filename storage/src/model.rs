@@ -265,9 +265,14 @@ pub struct ConnRef {
 /// A fresh message id: time-ordered hex, 27 chars, unique with overwhelming
 /// probability (64 random bits per millisecond).
 pub fn new_mid(ts: u64) -> String {
+    mid_of(ts, rand::random::<u64>())
+}
+
+/// The message id of `ts` with `tail`: `ts` in 11 hex digits, then `tail` in 16.
+pub fn mid_of(ts: u64, tail: u64) -> String {
     let mut mid = String::with_capacity(27);
     push_hex(&mut mid, ts, 11);
-    push_hex(&mut mid, rand::random::<u64>(), 16);
+    push_hex(&mut mid, tail, 16);
     mid
 }
 
@@ -324,6 +329,7 @@ mod tests {
         assert!(mid.starts_with("123456789ab"), "{mid}");
         assert!(mid.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)), "{mid}");
         assert_ne!(super::new_mid(1), super::new_mid(1));
+        assert_eq!(super::mid_of(5, 0xab), format!("{:011x}{:016x}", 5, 0xab));
         let mut s = String::new();
         for v in [0, 1, 0xf, 0x10, 0xdead_beef, 0x1_0000_0000_0000, u64::MAX] {
             for width in [11, 16] {
