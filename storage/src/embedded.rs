@@ -140,7 +140,7 @@ impl EmbeddedStore {
             tx.commit()?;
             tracing::info!(records = records.len(), "embedded store: replayed the write-ahead log");
         }
-        Segments::remove_through(dir, last)?;
+        Segments::retire_through(dir, last)?;
         let segments = Segments::start(dir, last + 1)?;
         let db = Arc::new(db);
         let tail = Tail::default();
@@ -1386,7 +1386,7 @@ mod tests {
         let later = Message { seq: 2, cmid: "c2".into(), mid: "m-2".into(), ..first.clone() };
         let json = serde_json::to_vec(&later).unwrap();
         let mut framed = Vec::new();
-        crate::wal::Wal::frame(&mut framed, &encode_record(&json, &[]).unwrap());
+        crate::wal::frame(&mut framed, &encode_record(&json, &[]).unwrap(), 0);
         std::fs::write(dir.join("appends.wal"), framed).unwrap();
         let store = EmbeddedStore::open(&dir).unwrap();
         check(store.clone(), first.mid.clone()).await;

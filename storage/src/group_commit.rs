@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use redb::{Database, Key, ReadOnlyTable, ReadTransaction, TableDefinition, TableHandle, Value, WriteTransaction};
 
 use crate::tail::{Entry, Gen, Tail};
-use crate::wal::{Segments, Wal};
+use crate::wal::Segments;
 use crate::{Result, StorageError};
 
 /// How a write job ends: `Commit` keeps its changes, `Abort` says it wrote nothing.
@@ -462,7 +462,7 @@ impl LogThread {
         for job in jobs {
             let (logged, deliver) = job(&reader);
             if let Some((record, entry)) = logged {
-                Wal::frame(&mut framed, &record);
+                self.segments.frame(&mut framed, &record);
                 // Later jobs of this batch see it; readers only once it is durable.
                 self.tail.stage(entry);
                 entries += 1;
@@ -612,7 +612,7 @@ impl TreeThread {
         // Counted before the tail lets go of it: see [`Reader`].
         self.commits.fetch_add(1, Ordering::SeqCst);
         self.tail.release();
-        if let Err(e) = Segments::remove_through(&self.dir, through) {
+        if let Err(e) = Segments::retire_through(&self.dir, through) {
             // Harmless for correctness (replay skips what the B-trees hold) but the log grows.
             tracing::error!(error = %e, "embedded store: could not remove committed log segments");
         }

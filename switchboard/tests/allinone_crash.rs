@@ -102,6 +102,16 @@ fn sends_acknowledged_before_a_sigkill_survive_it() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
+    // Several checkpoints retired log segments before the kill, so the log was writing over
+    // recycled segment files (kept as `spare-<n>.wal`, reused as `appends-<n>.wal`): the
+    // recovery below reads segments that still hold their earlier lives' records.
+    let newest = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| {
+            e.unwrap().file_name().to_str()?.strip_prefix("appends-")?.strip_suffix(".wal")?.parse::<u64>().ok()
+        })
+        .max();
+    assert!(newest >= Some(4), "newest log segment at the kill: {newest:?}");
     for s in senders {
         s.join().unwrap();
     }
