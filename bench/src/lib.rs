@@ -13,6 +13,7 @@
 //! - `messaging`: pairs of friends sending direct messages at a fixed rate: delivered msgs/s,
 //!   delivery and `send.ok` latency, errors. (rawws client)
 //! - `plot`: the PNG of a `messaging` offered-load sweep (delivered and latency against offered).
+//! - `fsync`: a write-ahead log's `fdatasync` on this disk, growing file against recycled one.
 //! - `baseline-server`: a plain tokio-tungstenite server answering `auth` and `ping`, the baseline.
 //!
 //! Every target must be on loopback (127.0.0.0/8) and every run is bounded in count and time.
@@ -23,6 +24,7 @@ pub mod client;
 pub mod connect;
 pub mod deliver;
 pub mod fanout;
+pub mod fsync;
 pub mod messaging;
 pub mod ping;
 pub mod plot;

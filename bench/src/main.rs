@@ -1,7 +1,7 @@
 //! `switchboard-bench`: the command line of the load generator (see the library for the modes).
 
 use clap::{Parser, Subcommand};
-use switchboard_bench::{baseline, connect, fanout, messaging, ping, plot, sync};
+use switchboard_bench::{baseline, connect, fanout, fsync, messaging, ping, plot, sync};
 
 #[derive(Parser)]
 #[command(name = "switchboard-bench", version, about = "Load generator for Switchboard (loopback only)")]
@@ -26,6 +26,8 @@ enum Mode {
     Messaging(messaging::Args),
     /// A user in many conversations, few changed: `sync` round-trip percentiles.
     Sync(sync::Args),
+    /// A write-ahead log's `fdatasync` on this disk: a growing file against a recycled one.
+    Fsync(fsync::Args),
     /// The PNG of a `messaging` offered-load sweep from its reports.
     Plot(plot::Args),
     /// A plain tokio-tungstenite server answering `auth` and `ping` (the baseline).
@@ -49,5 +51,6 @@ fn main() -> anyhow::Result<()> {
         Mode::Messaging(a) => messaging::main(a),
         Mode::Sync(a) => sync::main(a),
         Mode::Plot(a) => plot::main(a),
+        Mode::Fsync(a) => fsync::main(a),
     }
 }
