@@ -16,11 +16,13 @@ use crate::Logic;
 
 /// The direct conversation id of two users: `d:<min>:<max>`.
 pub fn direct_conv(a: &str, b: &str) -> String {
-    if a <= b {
-        format!("d:{a}:{b}")
-    } else {
-        format!("d:{b}:{a}")
+    let (first, second) = if a <= b { (a, b) } else { (b, a) };
+    // Written piece by piece: `format!` was a measurable share of a send in `perf`.
+    let mut conv = String::with_capacity(3 + first.len() + second.len());
+    for piece in ["d:", first, ":", second] {
+        conv.push_str(piece);
     }
+    conv
 }
 
 /// The users of a direct conversation id, if it is one and is canonical.
