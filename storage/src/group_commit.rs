@@ -6,9 +6,10 @@
 //!   readers see them through. Appends never wait for a B-tree.
 //! - The **B-tree thread** owns redb's write transactions. It applies the tail's frozen
 //!   generation in one commit (a **checkpoint**: every `checkpoint_interval`, or sooner once the
-//!   tail holds `checkpoint_bytes`), sorted per table, then drops that generation and the log
-//!   segments holding it; and it runs every other write (accounts, friends, groups), many to one
-//!   commit with `Durability::Immediate` (one fsync) before their callers hear back.
+//!   tail holds `checkpoint_bytes`), sorted per table, then drops that generation and retires the
+//!   log segments holding it (recycled, see [`crate::wal`]); and it runs every other write
+//!   (accounts, friends, groups), many to one commit with `Durability::Immediate` (one fsync)
+//!   before their callers hear back.
 //!
 //! Readers never see a write before it is durable: an append reaches the tail after its log
 //! `fdatasync`, anything else becomes visible with its durable commit.
@@ -614,7 +615,7 @@ impl TreeThread {
         self.tail.release();
         if let Err(e) = Segments::retire_through(&self.dir, through) {
             // Harmless for correctness (replay skips what the B-trees hold) but the log grows.
-            tracing::error!(error = %e, "embedded store: could not remove committed log segments");
+            tracing::error!(error = %e, "embedded store: could not retire committed log segments");
         }
         let _ = self.log.send(LogMsg::Done);
         true
