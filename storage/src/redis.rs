@@ -32,8 +32,9 @@ const CMID_TTL_SECS: u64 = 7 * 24 * 3600;
 /// (every one was written after that, each kept [`CMID_TTL_SECS`]), less an hour for clock
 /// differences between logic instances.
 const CMIDS_COMPLETE_MS: u64 = (CMID_TTL_SECS - 3600) * 1000;
-/// Messages kept per conversation in the recent cache, and for how long.
-const RECENT_KEEP: isize = 1000;
+/// Messages kept per conversation in the recent cache (trimmed to this when a message with a
+/// seq divisible by 16 is cached: some more in between), and for how long.
+pub const RECENT_KEEP: isize = 1000;
 const RECENT_TTL_SECS: i64 = 24 * 3600;
 
 /// Allocates the next seq of a conversation unless the cmid is known, and
@@ -68,10 +69,13 @@ while k < #KEYS do
     code = 3
   else
     local seq = redis.call('INCR', KEYS[k + 2])
-    local last = tonumber(redis.call('GET', KEYS[k + 3]) or '0')
+    -- the last ts becomes now, and back to what it was in the rare case that was later
+    local last = tonumber(redis.call('SET', KEYS[k + 3], string.format('%d', now), 'GET') or '0')
     local ts = now
-    if last > now then ts = last end
-    redis.call('SET', KEYS[k + 3], string.format('%d', ts))
+    if last > now then
+      ts = last
+      redis.call('SET', KEYS[k + 3], string.format('%d', ts))
+    end
     val = string.format('%d:%d:p:', seq, ts) .. ARGV[a + 1]
     redis.call('SET', KEYS[k + 1], val, 'EX', ARGV[2])
     redis.call('ZADD', KEYS[1], now, KEYS[k + 1])
@@ -126,7 +130,9 @@ while a < #ARGV do
     redis.call('SET', KEYS[k + 1], ARGV[a + 3], 'EX', ARGV[1])
     redis.call('ZREM', KEYS[1], KEYS[k + 1])
     redis.call('ZADD', KEYS[k + 2], ARGV[a + 5], ARGV[a + 4])
-    redis.call('ZREMRANGEBYRANK', KEYS[k + 2], 0, -tonumber(ARGV[2]) - 1)
+    if tonumber(ARGV[a + 5]) % 16 == 0 then
+      redis.call('ZREMRANGEBYRANK', KEYS[k + 2], 0, -tonumber(ARGV[2]) - 1)
+    end
     redis.call('EXPIRE', KEYS[k + 2], ARGV[3])
     for i = 1, members do redis.call('SADD', KEYS[k + 2 + i], ARGV[a + 6]) end
   end

@@ -58,6 +58,34 @@ async fn redis_routes_and_registry() {
     assert_eq!(ids, vec!["gw2".to_string()]);
 }
 
+/// The recent-message cache of a conversation stays bounded (trimmed every 16th seq rather than
+/// at every message) and keeps the newest messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_recent_cache_keeps_the_newest_messages_and_stays_bounded() {
+    let Some(env) = env() else { return };
+    let store = RedisStore::connect(&env.redis, &format!("{}:", contract::prefix())).await.unwrap();
+    let members = vec!["a".to_string(), "b".to_string()];
+    let keep = switchboard_storage::redis::RECENT_KEEP as u64;
+    let last = keep + 137;
+    let mut seq = 1;
+    while seq <= last {
+        let batch: Vec<_> = (seq..=last.min(seq + 99))
+            .map(|s| {
+                let msg = text("d:a:b", &format!("c{s}")).stored_as(s, 1_700_000_000_000 + s);
+                store.complete_request(&msg, &members).unwrap()
+            })
+            .collect();
+        seq += batch.len() as u64;
+        store.complete_many(&batch).await.unwrap();
+        let cached = store.cached_range("d:a:b", 0, u64::MAX).await.unwrap();
+        assert!(cached.len() as u64 <= keep + 15, "{} cached after seq {}", cached.len(), seq - 1);
+    }
+    let cached: Vec<u64> = store.cached_range("d:a:b", 0, u64::MAX).await.unwrap().iter().map(|m| m.seq).collect();
+    let newest: Vec<u64> = (last - keep + 1..=last).collect();
+    assert_eq!(cached[cached.len() - newest.len()..], newest[..], "the newest {keep} are cached");
+    assert!(cached.len() as u64 >= keep && cached.len() as u64 <= keep + 15, "{} cached", cached.len());
+}
+
 fn text(conv: &str, cmid: &str) -> NewMessage {
     NewMessage {
         conv: conv.into(),
