@@ -933,10 +933,13 @@ impl MessageStore for PgStore {
 
     async fn set_acks(&self, cursors: &[crate::AckCursor]) -> Result<()> {
         // One statement for the batch; keys are unique within a batch (the caller coalesced them).
-        let cursors: Vec<&crate::AckCursor> = cursors.iter().filter(|c| c.seq > 0).collect();
+        let mut cursors: Vec<&crate::AckCursor> = cursors.iter().filter(|c| c.seq > 0).collect();
         if cursors.is_empty() {
             return Ok(());
         }
+        // Rows locked in key order: two logic instances flushing overlapping cursors at once
+        // then wait for each other instead of deadlocking.
+        cursors.sort_unstable_by(|a, b| (&a.user, &a.device, &a.conv).cmp(&(&b.user, &b.device, &b.conv)));
         let users: Vec<&str> = cursors.iter().map(|c| c.user.as_str()).collect();
         let devices: Vec<&str> = cursors.iter().map(|c| c.device.as_str()).collect();
         let convs: Vec<&str> = cursors.iter().map(|c| c.conv.as_str()).collect();
@@ -954,10 +957,12 @@ impl MessageStore for PgStore {
     }
 
     async fn set_reads(&self, cursors: &[crate::ReadCursor]) -> Result<()> {
-        let cursors: Vec<&crate::ReadCursor> = cursors.iter().filter(|c| c.seq > 0).collect();
+        let mut cursors: Vec<&crate::ReadCursor> = cursors.iter().filter(|c| c.seq > 0).collect();
         if cursors.is_empty() {
             return Ok(());
         }
+        // In key order, as `set_acks`.
+        cursors.sort_unstable_by(|a, b| (&a.user, &a.conv).cmp(&(&b.user, &b.conv)));
         let users: Vec<&str> = cursors.iter().map(|c| c.user.as_str()).collect();
         let convs: Vec<&str> = cursors.iter().map(|c| c.conv.as_str()).collect();
         let seqs: Vec<i64> = cursors.iter().map(|c| int(c.seq)).collect();
