@@ -105,8 +105,13 @@ fn numbered_files(dir: &Path, prefix: &str) -> Result<Vec<(u64, PathBuf)>> {
 const SEGMENT: &str = "appends-";
 const SPARE: &str = "spare-";
 
+/// The file `<prefix><n>.wal` of `dir` (`numbered_files` reads the number back).
+fn numbered_path(dir: &Path, prefix: &str, n: u64) -> PathBuf {
+    dir.join(format!("{prefix}{n:020}.wal"))
+}
+
 fn segment_path(dir: &Path, n: u64) -> PathBuf {
-    dir.join(format!("{SEGMENT}{n:020}.wal"))
+    numbered_path(dir, SEGMENT, n)
 }
 
 /// Makes the creation, renaming or removal of files in `dir` durable.
@@ -210,7 +215,7 @@ impl Segments {
                 continue;
             }
             if spares < SPARES && recyclable(&path) {
-                let spare = dir.join(format!("{SPARE}{m:020}.wal"));
+                let spare = numbered_path(dir, SPARE, m);
                 if std::fs::rename(&path, &spare).is_ok() {
                     spares += 1;
                     continue;
