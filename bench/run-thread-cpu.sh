@@ -44,4 +44,4 @@ wait "$LOAD"
 HZ=$(getconf CLK_TCK)
 join "$D/cpu1" "$D/cpu2" | awk -v dt="$(echo "$T2 - $T1" | bc)" -v hz="$HZ" \
     '{ printf "%-20s %5.1f %%\n", $1, 100 * ($3 - $2) / hz / dt }' | sort -k2 -nr
-jq -r '"delivered \(.delivered_per_sec | floor)/s, p50 \(.delivery_latency.p50_ms) ms, p99 \(.delivery_latency.p99_ms) ms, missing \(.missing_deliveries), server CPU \(.server_cpu_util * 100 | floor) %"' "$REPORT"
+jq -r '"delivered \(.delivered_per_sec | floor)/s, p50 \(.delivery_latency.p50_ms) ms, p99 \(.delivery_latency.p99_ms) ms, missing \(.missing_deliveries), server CPU \(.server_cpu_util * 100 | floor) %, 100 ms windows with a delivery over 10 ms \(.delivery_stalls.windows_with_slow) of \(.delivery_stalls.windows), host steal \(.host_steal_secs * 100 | round / 100) s"' "$REPORT"

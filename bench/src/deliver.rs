@@ -6,9 +6,11 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::procfs::{self, CpuMeter};
 use crate::rawws::Ctx;
 use crate::scan;
 use crate::session::Kinds;
+use crate::stalls::{StallSummary, Stalls};
 use crate::stats::{Hist, Percentiles};
 
 /// The run's timing, acks and body size, shared by `fanout` and `messaging`.
@@ -134,6 +136,8 @@ pub struct DeliveryTotals {
     pub acks_sent: u64,
     pub ack_interval_ms: u64,
     pub delivery_latency: Percentiles,
+    /// When the deliveries slower than 10 ms were sent (100 ms windows).
+    pub delivery_stalls: StallSummary,
     pub send_ok_latency: Percentiles,
     pub send_errors: u64,
     /// Error frames of every kind (send errors included).
@@ -164,6 +168,8 @@ pub struct Deliveries {
     pub to: Instant,
     /// Delivery latency of messages sent within the window (first receipts).
     pub latency: Hist,
+    /// The same deliveries by window of send time.
+    pub stalls: Stalls,
     /// First receipts, in total and within the window.
     pub unique: u64,
     pub in_window: u64,
@@ -188,6 +194,7 @@ impl Deliveries {
             from,
             to,
             latency: Hist::default(),
+            stalls: Stalls::new(signed_ns(from, Instant::now()), 10_000_000),
             unique: 0,
             in_window: 0,
             duplicates: 0,
@@ -226,7 +233,9 @@ impl Deliveries {
         }
         let (from_ns, to_ns) = (self.ns(self.from), self.ns(self.to));
         if sent_ns >= from_ns && sent_ns < to_ns {
-            self.latency.record(self.ns(now).saturating_sub(sent_ns));
+            let latency = self.ns(now).saturating_sub(sent_ns);
+            self.latency.record(latency);
+            self.stalls.record(sent_ns - from_ns, latency);
         }
         Some(n)
     }
@@ -279,6 +288,36 @@ pub struct Cpu {
     pub server_pid: Option<u32>,
     pub server_cpu_secs: Option<f64>,
     pub server_cpu_util: Option<f64>,
+    /// CPU seconds the hypervisor took from this machine in the window (all CPUs): a run with
+    /// much of it has stalls that no code here causes.
+    pub host_steal_secs: Option<f64>,
+}
+
+/// Meters a run's measured window: the load process, the server and the host's steal.
+pub struct RunMeter {
+    own: CpuMeter,
+    server: CpuMeter,
+    server_pid: Option<u32>,
+    steal: Option<f64>,
+}
+
+impl RunMeter {
+    pub fn start(server_pid: Option<u32>) -> Self {
+        Self { own: CpuMeter::own(), server: CpuMeter::server(server_pid), server_pid, steal: procfs::steal_secs() }
+    }
+
+    /// The figures over a window of `secs`.
+    pub fn finish(&self, secs: f64) -> Cpu {
+        let (c, s) = (self.own.elapsed().unwrap_or(0.0), self.server.elapsed());
+        Cpu {
+            client_cpu_secs: c,
+            client_cpu_util: c / secs,
+            server_pid: self.server_pid,
+            server_cpu_secs: s,
+            server_cpu_util: s.map(|s| s / secs),
+            host_steal_secs: procfs::steal_secs().zip(self.steal).map(|(b, a)| b - a),
+        }
+    }
 }
 
 /// A send request's reply bookkeeping: the rids in flight on one connection, oldest first
@@ -326,6 +365,7 @@ impl Deliveries {
             acks_sent: self.acks_sent,
             ack_interval_ms: self.ack_interval.as_millis() as u64,
             delivery_latency: self.latency.percentiles(),
+            delivery_stalls: self.stalls.summary(),
             send_ok_latency: run.send_ok_latency.percentiles(),
             send_errors: run.send_errors,
             errors: self.errors,
@@ -333,6 +373,14 @@ impl Deliveries {
             dropped: run.dropped,
             drain_secs: run.drain_secs,
         }
+    }
+}
+
+/// `a - b` in ns, negative when `a` is earlier.
+fn signed_ns(a: Instant, b: Instant) -> i64 {
+    match a.checked_duration_since(b) {
+        Some(d) => d.as_nanos() as i64,
+        None => -(b.duration_since(a).as_nanos() as i64),
     }
 }
 

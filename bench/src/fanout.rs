@@ -15,8 +15,9 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::client::{CommonArgs, Target};
-use crate::deliver::{ack_frame, Cpu, Deliveries, DeliveryArgs, DeliveryTotals, Inbox, Outstanding, RunCounts};
-use crate::procfs::CpuMeter;
+use crate::deliver::{
+    ack_frame, Cpu, Deliveries, DeliveryArgs, DeliveryTotals, Inbox, Outstanding, RunCounts, RunMeter,
+};
 use crate::rawws::{Client, Ctx, Handler};
 use crate::scan;
 use crate::session;
@@ -156,7 +157,7 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
             break;
         }
         if cpu.is_none() && now >= from {
-            cpu = Some((CpuMeter::own(), CpuMeter::server(args.server_pid)));
+            cpu = Some(RunMeter::start(args.server_pid));
         }
         if now >= start {
             let due = if args.rate > 0.0 { ((now - start).as_secs_f64() * args.rate) as u64 + 1 } else { u64::MAX };
@@ -192,20 +193,7 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
             );
         }
     }
-    let cpu = match cpu {
-        Some((c, s)) => {
-            let secs = (to - from).as_secs_f64();
-            let (c, s) = (c.elapsed().unwrap_or(0.0), s.elapsed());
-            Cpu {
-                client_cpu_secs: c,
-                client_cpu_util: c / secs,
-                server_pid: args.server_pid,
-                server_cpu_secs: s,
-                server_cpu_util: s.map(|s| s / secs),
-            }
-        }
-        None => Cpu::default(),
-    };
+    let cpu = cpu.map_or_else(Cpu::default, |m: RunMeter| m.finish((to - from).as_secs_f64()));
     // Drain: the remaining send.ok replies, then the deliveries they promise.
     let drain_start = Instant::now();
     let drain_until = drain_start + Duration::from_secs(args.delivery.drain_secs);

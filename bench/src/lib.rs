@@ -32,5 +32,6 @@ pub mod procfs;
 pub mod rawws;
 pub mod scan;
 pub mod session;
+pub mod stalls;
 pub mod stats;
 pub mod sync;

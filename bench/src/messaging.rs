@@ -18,8 +18,9 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::client::{CommonArgs, Target};
-use crate::deliver::{ack_frame, Cpu, Deliveries, DeliveryArgs, DeliveryTotals, Inbox, Outstanding, RunCounts};
-use crate::procfs::CpuMeter;
+use crate::deliver::{
+    ack_frame, Cpu, Deliveries, DeliveryArgs, DeliveryTotals, Inbox, Outstanding, RunCounts, RunMeter,
+};
 use crate::rawws::{Client, Ctx, Handler};
 use crate::scan;
 use crate::session;
@@ -195,7 +196,7 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
             break;
         }
         if cpu.is_none() && now >= from {
-            cpu = Some((CpuMeter::own(), CpuMeter::server(args.server_pid)));
+            cpu = Some(RunMeter::start(args.server_pid));
         }
         while let Some(&Reverse((at, i))) = due.peek() {
             if at > now {
@@ -245,19 +246,7 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
         }
     }
     let secs = (to - from).as_secs_f64();
-    let cpu = match cpu {
-        Some((c, s)) => {
-            let (c, s) = (c.elapsed().unwrap_or(0.0), s.elapsed());
-            Cpu {
-                client_cpu_secs: c,
-                client_cpu_util: c / secs,
-                server_pid: args.server_pid,
-                server_cpu_secs: s,
-                server_cpu_util: s.map(|s| s / secs),
-            }
-        }
-        None => Cpu::default(),
-    };
+    let cpu = cpu.map_or_else(Cpu::default, |m: RunMeter| m.finish(secs));
     let drain_start = Instant::now();
     let drain_until = drain_start + Duration::from_secs(args.delivery.drain_secs);
     while Instant::now() < drain_until && !client.is_empty() {

@@ -27,6 +27,17 @@ pub fn cpu_secs(pid: Option<u32>) -> Option<f64> {
     Some(ticks as f64 / if hz > 0 { hz as f64 } else { 100.0 })
 }
 
+/// Seconds the hypervisor ran something else while this machine's CPUs wanted to run
+/// (`steal`, summed over all CPUs, from the first line of `/proc/stat`); `None` where it is
+/// not reported.
+pub fn steal_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: u64 = stat.lines().next()?.strip_prefix("cpu ")?.split_whitespace().nth(7)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Some(ticks as f64 / if hz > 0 { hz as f64 } else { 100.0 })
+}
+
 /// CPU seconds used by a process over a measured window.
 #[derive(Debug, Clone, Copy)]
 pub struct CpuMeter {
@@ -66,5 +77,11 @@ mod tests {
         }
         let b = super::cpu_secs(None).unwrap();
         assert!(b >= a, "{a} {b} {x}");
+    }
+
+    #[test]
+    fn steal_is_read_from_proc_stat() {
+        let a = super::steal_secs().expect("Linux reports steal in /proc/stat");
+        assert!(super::steal_secs().unwrap() >= a);
     }
 }
