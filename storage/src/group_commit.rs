@@ -93,6 +93,8 @@ type PlainJob = Box<dyn FnOnce(&WriteTransaction) -> (std::result::Result<bool, 
 
 /// Most jobs sharing one batch.
 const MAX_BATCH: usize = 512;
+/// How long the log thread keeps its read transaction open while no job comes.
+const READER_IDLE: Duration = Duration::from_millis(50);
 /// How long the B-tree thread waits before trying a failed checkpoint again.
 const RETRY: Duration = Duration::from_secs(1);
 
@@ -128,6 +130,13 @@ pub(crate) struct Reader<'a> {
 impl<'a> Reader<'a> {
     pub fn new(db: &'a Database, commits: &'a AtomicU64) -> Self {
         Self { db, commits, tx: RefCell::new(None), tables: RefCell::new(Vec::new()) }
+    }
+
+    /// Ends the read transaction, if one is open (the next lookup opens a new one). An open
+    /// transaction keeps the pages that later commits free from being reused.
+    pub fn close(&self) {
+        self.tables.borrow_mut().clear();
+        self.tx.replace(None);
     }
 
     /// Runs `f` on the table `def` of a read transaction holding every checkpoint committed
@@ -356,6 +365,12 @@ struct LogThread {
 
 impl LogThread {
     fn run(mut self, rx: mpsc::Receiver<LogMsg>) {
+        // One read transaction for the jobs of many batches, renewed when a checkpoint commits
+        // (see [`Reader`]): opening one takes locks the B-tree thread also takes while it
+        // builds a checkpoint, and that thread runs niced, so a log thread that opened one per
+        // batch sometimes waited for it to be scheduled again (priority inversion).
+        let (db, commits) = (self.db.clone(), self.commits.clone());
+        let reader = Reader::new(&db, &commits);
         // Appends in the batch written before this one.
         let mut last_batch = 0;
         loop {
@@ -365,10 +380,26 @@ impl LogThread {
             let first = if let Some(job) = self.deferred.pop_front() {
                 job
             } else {
-                let msg = match self.since {
-                    Some(since) if !self.in_flight => {
-                        match rx.recv_timeout((since + self.policy.interval).saturating_duration_since(Instant::now()))
-                        {
+                let deadline = match self.since {
+                    Some(since) if !self.in_flight => Some(since + self.policy.interval),
+                    _ => None,
+                };
+                let until = |d: Option<Instant>| d.map(|d| d.saturating_duration_since(Instant::now()));
+                // While jobs keep coming the transaction stays; once none came for a while it
+                // is closed, so an idle log never holds back freed pages.
+                let first_wait = until(deadline).map_or(READER_IDLE, |u| u.min(READER_IDLE));
+                let msg = match rx.recv_timeout(first_wait) {
+                    Ok(m) => Some(m),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                };
+                let msg = match (msg, until(deadline)) {
+                    (Some(m), _) => m,
+                    (None, Some(left)) => {
+                        if first_wait == READER_IDLE {
+                            reader.close();
+                        }
+                        match rx.recv_timeout(left) {
                             Ok(m) => m,
                             Err(mpsc::RecvTimeoutError::Timeout) => {
                                 self.checkpoint();
@@ -377,10 +408,13 @@ impl LogThread {
                             Err(mpsc::RecvTimeoutError::Disconnected) => break,
                         }
                     }
-                    _ => match rx.recv() {
-                        Ok(m) => m,
-                        Err(_) => break,
-                    },
+                    (None, None) => {
+                        reader.close();
+                        match rx.recv() {
+                            Ok(m) => m,
+                            Err(_) => break,
+                        }
+                    }
                 };
                 match msg {
                     LogMsg::Job(job) => job,
@@ -420,7 +454,7 @@ impl LogThread {
                 }
             }
             last_batch = jobs.len();
-            self.run_batch(jobs);
+            self.run_batch(jobs, &reader);
             if self.in_flight && self.tail.state().0 >= 2 * self.policy.bytes {
                 // Backpressure: the B-tree thread is behind (or failing); hold new appends
                 // until it catches up rather than let the tail grow without bound.
@@ -451,17 +485,16 @@ impl LogThread {
         }
     }
 
-    fn run_batch(&mut self, jobs: Vec<AppendJob>) {
+    fn run_batch(&mut self, jobs: Vec<AppendJob>, reader: &Reader) {
         if self.broken {
             // Dropped unrun: each caller hears that the writer has stopped.
             return;
         }
-        let reader = Reader::new(&self.db, &self.commits);
         let mut done = Vec::with_capacity(jobs.len());
         let mut framed = Vec::new();
         let mut entries = 0;
         for job in jobs {
-            let (logged, deliver) = job(&reader);
+            let (logged, deliver) = job(reader);
             if let Some((record, entry)) = logged {
                 self.segments.frame(&mut framed, &record);
                 // Later jobs of this batch see it; readers only once it is durable.
@@ -470,7 +503,6 @@ impl LogThread {
             }
             done.push(deliver);
         }
-        drop(reader);
         let mut failed = None;
         if entries > 0 {
             match self.segments.append(&framed) {
@@ -695,6 +727,11 @@ mod tests {
         assert_eq!(get(T, "k").unwrap(), Some(2));
         assert_eq!(get(U, "k").unwrap(), Some(10));
         assert_eq!(reader.tables.borrow().len(), 2, "one entry per table");
+        // Closed, it opens a new transaction at the next lookup, counted or not.
+        reader.close();
+        assert!(reader.tables.borrow().is_empty() && reader.tx.borrow().is_none());
+        put(&db, T, "k", 3);
+        assert_eq!(get(T, "k").unwrap(), Some(3));
         drop(reader);
         drop(db);
         std::fs::remove_dir_all(&dir).ok();
