@@ -126,8 +126,11 @@ impl LogicMetrics {
         );
         switchboard_storage::DRIVER_ERRORS.render(out);
         latency::render(&self.latency.registry, out);
-        if self.cluster {
-            switchboard_storage::metrics::render(switchboard_storage::metrics::Shown::Producer, out);
-        }
+        let shown = if self.cluster {
+            switchboard_storage::metrics::Shown::Producer
+        } else {
+            switchboard_storage::metrics::Shown::Embedded
+        };
+        switchboard_storage::metrics::render(shown, out);
     }
 }

@@ -505,7 +505,11 @@ impl LogThread {
         }
         let mut failed = None;
         if entries > 0 {
-            match self.segments.append(&framed) {
+            let started = Instant::now();
+            let appended = self.segments.append(&framed);
+            crate::metrics::EMBEDDED_LOG_SYNC.observe(started.elapsed().as_secs_f64());
+            crate::metrics::EMBEDDED_LOG_BATCH.observe(entries as f64);
+            match appended {
                 Ok(()) => {
                     self.tail.publish();
                     self.since.get_or_insert_with(Instant::now);
@@ -632,12 +636,14 @@ impl TreeThread {
 
     /// Commits `gen` to the B-trees; whether it did.
     fn checkpoint(&self, gen: &Gen, through: u64) -> bool {
+        let started = Instant::now();
         let committed = (|| -> Result<()> {
             let tx = self.db.begin_write()?;
             (self.apply)(&tx, gen)?;
             tx.commit()?;
             Ok(())
         })();
+        crate::metrics::EMBEDDED_CHECKPOINT.observe(started.elapsed().as_secs_f64());
         if let Err(e) = committed {
             tracing::error!(error = %e, "embedded store: checkpoint not committed; trying again");
             return false;

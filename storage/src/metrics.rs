@@ -1,7 +1,8 @@
 //! Histograms of the storage layer's own work, process-wide (like
-//! [`crate::DRIVER_ERRORS`]): how long the broker takes to acknowledge a produced record, and
-//! the persist worker's batches (records per batch, time to write one). Rendered on the
-//! `/metrics` of the roles that do that work (logic, persist) by [`render`].
+//! [`crate::DRIVER_ERRORS`]): how long the broker takes to acknowledge a produced record, the
+//! persist worker's batches (records per batch, time to write one), and the embedded store's
+//! log writes and checkpoints. Rendered on the `/metrics` of the roles that do that work
+//! (logic, persist) by [`render`].
 
 use std::sync::LazyLock;
 
@@ -22,6 +23,15 @@ pub static PERSIST_WRITE: LazyLock<Histogram> = LazyLock::new(seconds);
 /// Records per persist batch: 1, 2, 4, … 4096.
 pub static PERSIST_BATCH: LazyLock<Histogram> = LazyLock::new(|| Histogram::new(exponential_buckets(1.0, 2.0, 13)));
 
+/// Time to write one batch of the embedded store's log and `fdatasync` it (what every
+/// all-in-one `send.ok` waits for; a slow disk shows here first).
+pub static EMBEDDED_LOG_SYNC: LazyLock<Histogram> = LazyLock::new(seconds);
+/// Records per batch of the embedded store's log: 1, 2, 4, … 4096.
+pub static EMBEDDED_LOG_BATCH: LazyLock<Histogram> =
+    LazyLock::new(|| Histogram::new(exponential_buckets(1.0, 2.0, 13)));
+/// Time to commit one checkpoint of the embedded store's log into its B-trees.
+pub static EMBEDDED_CHECKPOINT: LazyLock<Histogram> = LazyLock::new(seconds);
+
 /// Which of the histograms a role shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shown {
@@ -29,6 +39,8 @@ pub enum Shown {
     Producer,
     /// The persist worker: its batches.
     Persist,
+    /// A logic instance on the embedded store: its log and checkpoints.
+    Embedded,
 }
 
 /// Appends the histograms of `shown` in Prometheus text format (OpenMetrics text without its
@@ -48,6 +60,23 @@ pub fn render(shown: Shown, out: &mut String) {
                 PERSIST_WRITE.clone(),
             );
             registry.register("switchboard_persist_batch_records", "Records per batch written", PERSIST_BATCH.clone());
+        }
+        Shown::Embedded => {
+            registry.register(
+                "switchboard_embedded_log_sync_seconds",
+                "Time to write and fdatasync one batch of the embedded store's log",
+                EMBEDDED_LOG_SYNC.clone(),
+            );
+            registry.register(
+                "switchboard_embedded_log_batch_records",
+                "Records per batch of the embedded store's log",
+                EMBEDDED_LOG_BATCH.clone(),
+            );
+            registry.register(
+                "switchboard_embedded_checkpoint_seconds",
+                "Time to commit one checkpoint into the embedded store's B-trees",
+                EMBEDDED_CHECKPOINT.clone(),
+            );
         }
     }
     let mut text = String::new();

@@ -83,6 +83,7 @@ async fn monitoring_examples_name_only_exported_metrics() {
     // here; switchboard/tests/cluster.rs and persist_crash.rs read these from the processes).
     switchboard_storage::metrics::render(switchboard_storage::metrics::Shown::Producer, &mut exported);
     switchboard_storage::metrics::render(switchboard_storage::metrics::Shown::Persist, &mut exported);
+    switchboard_storage::metrics::render(switchboard_storage::metrics::Shown::Embedded, &mut exported);
 
     let missing: Vec<&String> = wanted.iter().filter(|n| !declared(&exported, n)).collect();
     assert!(missing.is_empty(), "named by tuning/monitoring but not exported: {missing:?}\n{exported}");

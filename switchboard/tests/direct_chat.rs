@@ -136,7 +136,8 @@ async fn direct_chat_survives_offline_and_restart() {
         let m = m.as_str().unwrap().to_string();
         let count = |series: &str| -> u64 {
             let line = m.lines().find(|l| l.starts_with(series)).unwrap_or_else(|| panic!("{series} missing:\n{m}"));
-            line.rsplit(' ').next().unwrap().parse().unwrap()
+            // Counts are integers; a sum is written as a float.
+            line.rsplit(' ').next().unwrap().parse::<f64>().unwrap() as u64
         };
         for h in ["switchboard_logic_request_seconds", "switchboard_gateway_logic_call_seconds"] {
             assert!(m.contains(&format!("# TYPE {h} histogram")), "{h} missing:\n{m}");
@@ -146,6 +147,12 @@ async fn direct_chat_survives_offline_and_restart() {
         assert!(count("switchboard_logic_store_append_seconds_count") >= 7);
         assert!(count("switchboard_logic_push_batch_seconds_count") >= 1);
         assert!(count("switchboard_gateway_logic_call_seconds_count") >= 7);
+        // The embedded store's log took the seven messages (and the friendship's and cursors'
+        // records) in fsynced batches, and (a checkpoint every 200 ms by default, 1.5 s of
+        // quiet above) committed them.
+        assert!(count("switchboard_embedded_log_sync_seconds_count") >= 1);
+        assert!(count("switchboard_embedded_log_batch_records_sum") >= 7);
+        assert!(count("switchboard_embedded_checkpoint_seconds_count") >= 1);
     })
     .await;
 
