@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Where one all-in-one node's CPU goes, thread by thread, under 1:1 `messaging` (server pinned to
 # core 0, load to core 1): each thread's share of a core over the middle of the run (read from
-# /proc, summed per thread name), then the run's delivered rate, delivery p50/p99, missing
-# deliveries and server CPU. The report goes to bench/reports/thread-cpu-<rate>$SUFFIX.json.
+# /proc, summed per thread name), the store's log batches and checkpoints slower than 6.4 ms,
+# then the run's delivered rate, delivery p50/p99, missing deliveries, server CPU, the 100 ms
+# windows that held a delivery over 10 ms and the host's CPU steal. The report goes to
+# bench/reports/thread-cpu-<rate>$SUFFIX.json.
 #
 #   cargo build --release -p switchboard -p switchboard-bench
 #   bash bench/run-thread-cpu.sh [SUFFIX] [RATE]              # RATE: total msgs/s offered (10000)
@@ -41,6 +43,14 @@ sleep $((SECS - 16))
 snap >"$D/cpu2"
 T2=$(date +%s.%N)
 wait "$LOAD"
+# The store's side of the tail: log batches (write + fdatasync) and checkpoints slower than
+# 6.4 ms over the whole run, from the node's own histograms.
+curl -s http://127.0.0.1:8080/metrics | awk '
+    /^switchboard_embedded_(log_sync|checkpoint)_seconds_(bucket|count)/ {
+        name = $1; sub(/_seconds_.*/, "", name); sub(/^switchboard_embedded_/, "", name)
+        if ($1 ~ /_count/) { n[name] = $2 } else if ($1 ~ /le="0.0064"/) { under[name] = $2 }
+    }
+    END { for (k in n) printf "%s: %d, %d of them over 6.4 ms\n", k, n[k], n[k] - under[k] }' | sort
 HZ=$(getconf CLK_TCK)
 join "$D/cpu1" "$D/cpu2" | awk -v dt="$(echo "$T2 - $T1" | bc)" -v hz="$HZ" \
     '{ printf "%-20s %5.1f %%\n", $1, 100 * ($3 - $2) / hz / dt }' | sort -k2 -nr

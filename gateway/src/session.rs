@@ -71,6 +71,20 @@ impl Live {
             Ok(_) => Status::unavailable("logic link closed"),
         }
     }
+
+    /// Registers `tx` as the waiter of call `id`; `Err` (the call's status) if the link broke
+    /// since it was handed out.
+    fn wait_for(&self, id: u64, tx: oneshot::Sender<Outcome>) -> Result<(), Status> {
+        // One statement, so the lock is released before `failed` takes it again (a guard in an
+        // `if let` scrutinee lives through its `else` block: the link that broke in between
+        // once deadlocked the calling thread here).
+        let registered = lock(&self.waiting).as_mut().map(|w| w.insert(id, tx)).is_ok();
+        if registered {
+            Ok(())
+        } else {
+            Err(self.failed())
+        }
+    }
 }
 
 /// What a gateway serves on its links: its push address, as routes name it, and its shards.
@@ -124,11 +138,7 @@ impl LinkSession {
         let live = self.live();
         let id = live.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        if let Ok(w) = lock(&live.waiting).as_mut() {
-            w.insert(id, tx);
-        } else {
-            return Err(live.failed());
-        }
+        live.wait_for(id, tx)?;
         let _forget = Forget { waiting: &live.waiting, id };
         live.tx.send(LinkCall { id, call: Some(call) }).await.map_err(|_| live.failed())?;
         match rx.await.map_err(|_| live.failed())? {
@@ -287,4 +297,28 @@ async fn read(mut down: Streaming<LinkDown>, waiting: Arc<Waiting>) {
         }
     };
     break_link(&waiting, &why);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A call registering on a link that broke after it was handed out gets `unavailable`
+    /// (it used to wait for ever on the link's lock, which it held itself).
+    #[test]
+    fn a_call_on_a_link_broken_meanwhile_fails_at_once() {
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (tx, _rx) = mpsc::channel(1);
+            let live = Live { tx, waiting: Arc::new(Mutex::new(Ok(HashMap::new()))), next: AtomicU64::new(1) };
+            let (waiter, _) = oneshot::channel();
+            assert!(live.wait_for(1, waiter).is_ok());
+            assert_eq!(lock(&live.waiting).as_ref().map(HashMap::len), Ok(1));
+            break_link(&live.waiting, "stream reset");
+            let (waiter, _) = oneshot::channel();
+            let _ = done.send(live.wait_for(2, waiter).map_err(|s| (s.code(), s.message().to_string())));
+        });
+        let result = finished.recv_timeout(Duration::from_secs(10)).expect("the call never returned (deadlock)");
+        assert_eq!(result, Err((Code::Unavailable, "logic link broken: stream reset".to_string())));
+    }
 }
