@@ -1437,6 +1437,43 @@ mod tests {
         std::fs::remove_dir_all(&dir).ok();
     }
 
+    /// Once no append has come for a while the log thread closes its read transaction: one left
+    /// open would keep the pages every later commit frees (plain writes here, as account changes
+    /// are while nobody sends) from being reused, and the file would grow with each commit.
+    #[tokio::test]
+    async fn an_idle_log_lets_later_commits_reuse_freed_pages() {
+        let dir = std::env::temp_dir().join(format!("sb-idle-reader-{}", crate::contract::prefix()));
+        let store = EmbeddedStore::open(&dir).unwrap();
+        let msg = NewMessage {
+            conv: "g:idle".into(),
+            from: "u".into(),
+            cmid: "c1".into(),
+            kind: "text".into(),
+            body: serde_json::json!("hi"),
+            reply_to: None,
+            mentions: Vec::new(),
+        };
+        // The log thread opens its read transaction for this append (the cmid lookup).
+        store.append(msg, &[]).await.unwrap();
+        let mute = |i: u64| {
+            let store = store.clone();
+            async move { store.set_mute("u", &format!("g:m{}", i % 8), Some(u64::MAX - i)).await.unwrap() }
+        };
+        for i in 0..100 {
+            mute(i).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let size = || std::fs::metadata(dir.join("switchboard.redb")).unwrap().len();
+        let before = size();
+        for i in 0..1500 {
+            mute(i).await;
+        }
+        let grown = size() - before;
+        assert!(grown < 1 << 20, "the file grew by {grown} bytes over 1,500 rewrites of 8 rows");
+        drop(store);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
     /// The checkpoint thread runs at the niceness its policy adds (the process's is 0 here), so a
     /// busy core runs the threads answering sends first.
     #[cfg(target_os = "linux")]
