@@ -1444,17 +1444,8 @@ mod tests {
     async fn an_idle_log_lets_later_commits_reuse_freed_pages() {
         let dir = std::env::temp_dir().join(format!("sb-idle-reader-{}", crate::contract::prefix()));
         let store = EmbeddedStore::open(&dir).unwrap();
-        let msg = NewMessage {
-            conv: "g:idle".into(),
-            from: "u".into(),
-            cmid: "c1".into(),
-            kind: "text".into(),
-            body: serde_json::json!("hi"),
-            reply_to: None,
-            mentions: Vec::new(),
-        };
         // The log thread opens its read transaction for this append (the cmid lookup).
-        store.append(msg, &[]).await.unwrap();
+        store.append(crate::contract::text("g:idle", "u", "c1", "hi"), &[]).await.unwrap();
         let mute = |i: u64| {
             let store = store.clone();
             async move { store.set_mute("u", &format!("g:m{}", i % 8), Some(u64::MAX - i)).await.unwrap() }
