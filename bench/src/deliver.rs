@@ -194,7 +194,7 @@ impl Deliveries {
             from,
             to,
             latency: Hist::default(),
-            stalls: Stalls::new(signed_ns(from, Instant::now()), 10_000_000),
+            stalls: Stalls::new(from, 10_000_000),
             unique: 0,
             in_window: 0,
             duplicates: 0,
@@ -373,14 +373,6 @@ impl Deliveries {
             dropped: run.dropped,
             drain_secs: run.drain_secs,
         }
-    }
-}
-
-/// `a - b` in ns, negative when `a` is earlier.
-fn signed_ns(a: Instant, b: Instant) -> i64 {
-    match a.checked_duration_since(b) {
-        Some(d) => d.as_nanos() as i64,
-        None => -(b.duration_since(a).as_nanos() as i64),
     }
 }
 

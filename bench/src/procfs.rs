@@ -22,9 +22,14 @@ pub fn cpu_secs(pid: Option<u32>) -> Option<f64> {
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // `rest` starts at field 3 (state), so utime (14) and stime (15) are at 11 and 12.
     let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(tick_secs(ticks))
+}
+
+/// Clock ticks (`/proc` counts time in them) as seconds.
+fn tick_secs(ticks: u64) -> f64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    Some(ticks as f64 / if hz > 0 { hz as f64 } else { 100.0 })
+    ticks as f64 / if hz > 0 { hz as f64 } else { 100.0 }
 }
 
 /// Seconds the hypervisor ran something else while this machine's CPUs wanted to run
@@ -33,9 +38,7 @@ pub fn cpu_secs(pid: Option<u32>) -> Option<f64> {
 pub fn steal_secs() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let ticks: u64 = stat.lines().next()?.strip_prefix("cpu ")?.split_whitespace().nth(7)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    Some(ticks as f64 / if hz > 0 { hz as f64 } else { 100.0 })
+    Some(tick_secs(ticks))
 }
 
 /// CPU seconds used by a process over a measured window.

@@ -3,6 +3,8 @@
 //! stalls from one set by a slow path throughout, and a stall can be matched to server-side
 //! traces by its `CLOCK_MONOTONIC` time (the clock `perf` stamps events with by default).
 
+use std::time::Instant;
+
 use serde::Serialize;
 
 /// Width of one window.
@@ -52,9 +54,12 @@ pub struct StallSummary {
 }
 
 impl Stalls {
-    /// A span that starts `starts_in_ns` after now (an instant may lie ahead).
-    pub fn new(starts_in_ns: i64, slow_ns: u64) -> Self {
-        Self { origin_monotonic_s: monotonic_s() + starts_in_ns as f64 / 1e9, slow_ns, windows: Vec::new() }
+    /// A span that starts at `from` (ahead or past).
+    pub fn new(from: Instant, slow_ns: u64) -> Self {
+        let now = Instant::now();
+        let ahead =
+            from.saturating_duration_since(now).as_secs_f64() - now.saturating_duration_since(from).as_secs_f64();
+        Self { origin_monotonic_s: monotonic_s() + ahead, slow_ns, windows: Vec::new() }
     }
 
     /// A delivery of a message sent `sent_ns` after the span began that took `latency_ns`.
@@ -111,7 +116,7 @@ mod tests {
 
     #[test]
     fn lists_the_windows_with_the_most_slow_deliveries_in_time_order() {
-        let mut s = Stalls::new(0, 10_000_000);
+        let mut s = Stalls::new(Instant::now(), 10_000_000);
         for w in 0..20u64 {
             // Window w: 10 deliveries, w of them slow (over 10 ms) when w is 3, 7 or 15.
             for k in 0..10u64 {
@@ -131,7 +136,7 @@ mod tests {
 
     #[test]
     fn keeps_at_most_eight_windows() {
-        let mut s = Stalls::new(0, 1);
+        let mut s = Stalls::new(Instant::now(), 1);
         for w in 0..30u64 {
             for _ in 0..=w {
                 s.record(w * WINDOW_NS, 2);

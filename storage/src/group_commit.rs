@@ -384,35 +384,28 @@ impl LogThread {
                     Some(since) if !self.in_flight => Some(since + self.policy.interval),
                     _ => None,
                 };
-                let until = |d: Option<Instant>| d.map(|d| d.saturating_duration_since(Instant::now()));
+                let left = || deadline.map(|d| d.saturating_duration_since(Instant::now()));
                 // While jobs keep coming the transaction stays; once none came for a while it
                 // is closed, so an idle log never holds back freed pages.
-                let first_wait = until(deadline).map_or(READER_IDLE, |u| u.min(READER_IDLE));
+                let first_wait = left().map_or(READER_IDLE, |l| l.min(READER_IDLE));
                 let msg = match rx.recv_timeout(first_wait) {
-                    Ok(m) => Some(m),
-                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Ok(m) => m,
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                };
-                let msg = match (msg, until(deadline)) {
-                    (Some(m), _) => m,
-                    (None, Some(left)) => {
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
                         if first_wait == READER_IDLE {
                             reader.close();
                         }
-                        match rx.recv_timeout(left) {
+                        let next = match left() {
+                            Some(l) => rx.recv_timeout(l),
+                            None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                        };
+                        match next {
                             Ok(m) => m,
                             Err(mpsc::RecvTimeoutError::Timeout) => {
                                 self.checkpoint();
                                 continue;
                             }
                             Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                        }
-                    }
-                    (None, None) => {
-                        reader.close();
-                        match rx.recv() {
-                            Ok(m) => m,
-                            Err(_) => break,
                         }
                     }
                 };
