@@ -16,6 +16,7 @@ use async_trait::async_trait;
 use redb::{Database, ReadTransaction, ReadableTable, ReadableTableMetadata, Table, TableHandle, WriteTransaction};
 
 use crate::caches::{members_hash, role_in, ConvCache, ConvState, GroupCache, Members, Shared, MAX_RELATIONS};
+use crate::cmid_filter::{CmidFilter, Scan};
 use crate::embedded_keys::Utf8;
 use crate::embedded_mids::{seq_of_mid, MIDS};
 use crate::embedded_search::IndexTables;
@@ -79,6 +80,10 @@ pub struct EmbeddedStore {
     writer: Arc<GroupCommit>,
     tail: Tail,
     convs: ConvCache,
+    /// The cmids stored, so a new one skips the index probe (`None`: configured off), and the
+    /// scan that fills it at open.
+    cmids: Option<Arc<CmidFilter>>,
+    _scan: Option<Arc<Scan>>,
     groups: Arc<GroupCache>,
     /// (user, other) -> the user's side of their relation.
     friends: Arc<Shared<(String, String), Option<FriendState>>>,
@@ -155,11 +160,18 @@ impl EmbeddedStore {
             lost: Box::new(move || lost.clear()),
         };
         let writer = Arc::new(GroupCommit::start(db.clone(), log)?);
+        let cmids = CmidFilter::new(policy.cmid_filter_bytes);
+        let scan = match &cmids {
+            Some(filter) => Some(Arc::new(Scan::start(filter.clone(), db.clone(), policy.nice)?)),
+            None => None,
+        };
         Ok(Self {
             db,
             writer,
             tail,
             convs,
+            cmids,
+            _scan: scan,
             groups: Arc::default(),
             friends: Arc::new(Shared::live(MAX_RELATIONS, MAX_RELATIONS)),
         })
@@ -778,11 +790,16 @@ fn append_job(
     members: Vec<String>,
     cache: ConvCache,
     tail: Tail,
+    filter: Option<Arc<CmidFilter>>,
 ) -> impl FnOnce(&Reader) -> Result<Logged<Appended>> + Send + 'static {
     move |reader| {
         let conv = msg.conv.as_str();
+        let stored_maybe = filter.as_ref().is_none_or(|f| f.may_hold(conv, &msg.from, &msg.cmid));
+        crate::metrics::count_cmid_lookup(stored_maybe);
         let earlier = match tail.by_cmid(conv, &msg.from, &msg.cmid, true) {
             Some(m) => Some(m),
+            // Not in the tail and not in the filter: not stored.
+            None if !stored_maybe => None,
             None => match reader
                 .with(CMIDS, |t| Ok(t.get((conv, msg.from.as_str(), msg.cmid.as_str()))?.map(|v| v.value())))?
             {
@@ -797,10 +814,10 @@ fn append_job(
             return Ok(Logged::Unchanged(Appended { msg: (*earlier).clone(), duplicate: true }));
         }
         let known = cache.get(conv);
-        let (last, last_ts) = match (known, tail.last(conv, true)) {
-            (Some(k), _) => (k.seq, k.ts),
-            (None, Some(last)) => last,
-            (None, None) => {
+        // The tail is asked only when the cache does not know the conversation.
+        let (last, last_ts) = match known.map(|k| (k.seq, k.ts)).or_else(|| tail.last(conv, true)) {
+            Some(last) => last,
+            None => {
                 let last = reader.with(CONV_SEQ, |t| Ok(t.get(conv)?.map(|v| v.value()).unwrap_or(0)))?;
                 let ts = match last {
                     0 => 0,
@@ -834,6 +851,9 @@ fn append_job(
         }
         let json = serde_json::to_vec(&stored)?;
         let record = encode_record(&json, &indexed)?;
+        if let Some(f) = &filter {
+            f.insert(&stored.conv, &stored.from, &stored.cmid);
+        }
         cache.put(&stored.conv, ConvState { seq: stored.seq, ts: stored.ts, indexed: hash });
         let bytes = record.len();
         let msg = Arc::new(stored);
@@ -843,6 +863,14 @@ fn append_job(
 }
 
 impl EmbeddedStore {
+    fn append_job(
+        &self,
+        msg: NewMessage,
+        members: &[String],
+    ) -> impl FnOnce(&Reader) -> Result<Logged<Appended>> + Send + 'static {
+        append_job(msg, members.to_vec(), self.convs.clone(), self.tail.clone(), self.cmids.clone())
+    }
+
     /// The message of `conv` whose seq `index` finds in a read transaction (a cmid or mid
     /// index), as the tail has it if it changed there. Tried again if a checkpoint committed
     /// meanwhile, since the tail may then have let go of a change the transaction predates.
@@ -878,12 +906,12 @@ impl MessageStore for EmbeddedStore {
         msg: &NewMessage,
         members: &[String],
     ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = Result<Appended>> + Send + 'static>>> {
-        let job = append_job(msg.clone(), members.to_vec(), self.convs.clone(), self.tail.clone());
+        let job = self.append_job(msg.clone(), members);
         Some(Box::pin(self.writer.append(job)))
     }
 
     async fn append(&self, msg: NewMessage, members: &[String]) -> Result<Appended> {
-        self.writer.append(append_job(msg, members.to_vec(), self.convs.clone(), self.tail.clone())).await
+        self.writer.append(self.append_job(msg, members)).await
     }
 
     async fn find_cmid(&self, conv: &str, from: &str, cmid: &str) -> Result<Option<Message>> {
@@ -1435,6 +1463,43 @@ mod tests {
         assert_eq!(store.last_seq("g:load").await.unwrap(), 360);
         assert_eq!(store.range("g:load", 0, 1000).await.unwrap().len(), 360);
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// A cmid retried after a restart is found once the filter of stored cmids is filled from
+    /// the database (the filter alone answers for new cmids then), with the filter off, and
+    /// without waiting for the scan; new cmids get new seqs throughout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn retried_cmids_are_found_through_the_filter_after_a_restart() {
+        let dir = std::env::temp_dir().join(format!("sb-cmid-filter-{}", crate::contract::prefix()));
+        let msg = |cmid: &str| crate::contract::text("d:a:b", "a", cmid, "hi");
+        let members = ["a".to_string(), "b".to_string()];
+        let fast = CheckpointPolicy { interval: std::time::Duration::from_millis(20), ..Default::default() };
+        let store = EmbeddedStore::open_with(&dir, fast).unwrap();
+        let mut first = Vec::new();
+        for i in 0..300 {
+            first.push(store.append(msg(&format!("c{i}")), &members).await.unwrap().msg);
+        }
+        drop(store);
+        for (round, filter_bytes) in [(0, 1 << 16), (1, 0), (2, 1 << 16)] {
+            let store =
+                EmbeddedStore::open_with(&dir, CheckpointPolicy { cmid_filter_bytes: filter_bytes, ..fast }).unwrap();
+            if round == 0 {
+                let filter = store.cmids.clone().unwrap();
+                while !filter.complete() {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+            }
+            for m in &first {
+                let again = store.append(msg(&m.cmid), &members).await.unwrap();
+                assert!(again.duplicate, "round {round}: {} stored twice", m.cmid);
+                assert_eq!(again.msg.seq, m.seq);
+            }
+            let new = store.append(msg(&format!("new-{round}")), &members).await.unwrap();
+            assert!(!new.duplicate);
+            assert_eq!(new.msg.seq, 301 + round);
+            drop(store);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// Once no append has come for a while the log thread closes its read transaction: one left

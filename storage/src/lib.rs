@@ -6,6 +6,7 @@
 mod caches;
 pub mod cluster;
 pub mod cluster_caches;
+mod cmid_filter;
 pub mod contract;
 pub mod contract_durable;
 pub mod embedded;

@@ -7,6 +7,7 @@
 use std::sync::LazyLock;
 
 use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -31,6 +32,16 @@ pub static EMBEDDED_LOG_BATCH: LazyLock<Histogram> =
     LazyLock::new(|| Histogram::new(exponential_buckets(1.0, 2.0, 13)));
 /// Time to commit one checkpoint of the embedded store's log into its B-trees.
 pub static EMBEDDED_CHECKPOINT: LazyLock<Histogram> = LazyLock::new(seconds);
+
+/// New cmids whose send skipped the index probe (the filter knew them unused), and sends
+/// that probed the index (the filter said "maybe", was still filling, or is off).
+pub static EMBEDDED_CMID_SKIPPED: LazyLock<Counter> = LazyLock::new(Counter::default);
+pub static EMBEDDED_CMID_PROBED: LazyLock<Counter> = LazyLock::new(Counter::default);
+
+/// Counts one send's cmid lookup: `probed` when it had to read the index.
+pub(crate) fn count_cmid_lookup(probed: bool) {
+    if probed { &EMBEDDED_CMID_PROBED } else { &EMBEDDED_CMID_SKIPPED }.inc();
+}
 
 /// Which of the histograms a role shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +87,16 @@ pub fn render(shown: Shown, out: &mut String) {
                 "switchboard_embedded_checkpoint_seconds",
                 "Time to commit one checkpoint into the embedded store's B-trees",
                 EMBEDDED_CHECKPOINT.clone(),
+            );
+            registry.register(
+                "switchboard_embedded_cmid_probe_skipped",
+                "Sends whose new cmid skipped the index probe (the in-memory filter knew it unused)",
+                EMBEDDED_CMID_SKIPPED.clone(),
+            );
+            registry.register(
+                "switchboard_embedded_cmid_probed",
+                "Sends that probed the cmid index (filter said maybe, still filling, or off)",
+                EMBEDDED_CMID_PROBED.clone(),
             );
         }
     }

@@ -54,6 +54,7 @@ pub fn defaults() -> Settings {
             embedded_checkpoint_bytes: Some(c.bytes),
             embedded_checkpoint_nice: Some(c.nice),
             embedded_log_linger_us: Some(c.linger.as_micros() as u64),
+            embedded_cmid_filter_bytes: Some(c.cmid_filter_bytes),
             ..Default::default()
         },
         data_dir: Some(PathBuf::from(DATA_DIR)),

@@ -83,7 +83,7 @@ fn roles_of(key: &str) -> &'static [Role] {
         "backend" | "postgres_url" | "mongodb_url" | "mongodb_database" | "kafka_brokers" | "kafka_tls"
         | "topic_prefix" => LP,
         "kafka_linger_ms" | "embedded_checkpoint_ms" | "embedded_checkpoint_bytes" | "embedded_checkpoint_nice"
-        | "embedded_log_linger_us" => L,
+        | "embedded_log_linger_us" | "embedded_cmid_filter_bytes" => L,
         "redis_url" | "backend_ca_file" => GLP,
         "key_prefix" => GL,
         // every HTTP listener (the API, a gateway's or the persist worker's health listener)

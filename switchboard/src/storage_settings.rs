@@ -77,6 +77,10 @@ pub struct StorageSettings {
     /// default 1000.
     #[arg(long, env = "SB_EMBEDDED_LOG_LINGER_US")]
     pub embedded_log_linger_us: Option<u64>,
+    /// Embedded store: bytes of the in-memory filter of stored cmids that lets a send with a new
+    /// cmid skip the index probe (about 10 bits per stored message; 0 off); default 16 MiB.
+    #[arg(long, env = "SB_EMBEDDED_CMID_FILTER_BYTES")]
+    pub embedded_cmid_filter_bytes: Option<usize>,
 }
 
 /// The cluster's durable store.
@@ -193,6 +197,9 @@ impl StorageSettings {
         if let Some(us) = self.embedded_log_linger_us {
             // Bounded: it adds to the latency of every send under load.
             p.linger = Duration::from_micros(us.min(100_000));
+        }
+        if let Some(b) = self.embedded_cmid_filter_bytes {
+            p.cmid_filter_bytes = b;
         }
         p
     }

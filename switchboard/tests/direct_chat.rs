@@ -153,6 +153,9 @@ async fn direct_chat_survives_offline_and_restart() {
         assert!(count("switchboard_embedded_log_sync_seconds_count") >= 1);
         assert!(count("switchboard_embedded_log_batch_records_sum") >= 7);
         assert!(count("switchboard_embedded_checkpoint_seconds_count") >= 1);
+        // Every send's cmid was new, and the filter of stored cmids (filled at start: the store
+        // was empty) knew it: none of them read the cmid index.
+        assert!(count("switchboard_embedded_cmid_probe_skipped_total") >= 7);
     })
     .await;
 
