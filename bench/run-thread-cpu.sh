@@ -30,11 +30,13 @@ taskset -c 1 "$B" messaging --url ws://127.0.0.1:8090/ws --http-url http://127.0
     --tokens "$D/tokens.txt" --conns "$CONNS" --rate "$per_conn" --secs "$SECS" --server-pid "$PID" \
     ${LOAD_EXTRA:-} --label "thread-cpu-$RATE$SUFFIX" --report "$REPORT" >/dev/null 2>"$D/load.log" &
 LOAD=$!
-# CPU ticks (user + system) of every thread, summed per thread name.
+# CPU ticks (user + system) of every thread: "tid name ticks". Threads are matched by tid
+# between the two snapshots, so a thread that exits in between (Tokio's blocking pool, started by
+# password hashing at setup, has the workers' name) takes nothing from its name's sum.
 snap() {
     for t in /proc/"$PID"/task/*; do
-        echo "$(cat "$t/comm") $(awk '{ print $14 + $15 }' "$t/stat")"
-    done | awk '{ a[$1] += $2 } END { for (k in a) print k, a[k] }' | sort
+        echo "${t##*/} $(cat "$t/comm") $(awk '{ print $14 + $15 }' "$t/stat")"
+    done | sort
 }
 sleep 12
 snap >"$D/cpu1"
@@ -52,6 +54,7 @@ curl -s http://127.0.0.1:8080/metrics | awk '
     }
     END { for (k in n) printf "%s: %d, %d of them over 6.4 ms\n", k, n[k], n[k] - under[k] }' | sort
 HZ=$(getconf CLK_TCK)
-join "$D/cpu1" "$D/cpu2" | awk -v dt="$(echo "$T2 - $T1" | bc)" -v hz="$HZ" \
-    '{ printf "%-20s %5.1f %%\n", $1, 100 * ($3 - $2) / hz / dt }' | sort -k2 -nr
+# (A thread started between the snapshots is counted from zero.)
+join -a 2 -e 0 -o 2.2,1.3,2.3 "$D/cpu1" "$D/cpu2" | awk -v dt="$(echo "$T2 - $T1" | bc)" -v hz="$HZ" \
+    '{ a[$1] += $3 - $2 } END { for (k in a) printf "%-20s %5.1f %%\n", k, 100 * a[k] / hz / dt }' | sort -k2 -nr
 jq -r '"delivered \(.delivered_per_sec | floor)/s, p50 \(.delivery_latency.p50_ms) ms, p99 \(.delivery_latency.p99_ms) ms, missing \(.missing_deliveries), server CPU \(.server_cpu_util * 100 | floor) %, 100 ms windows with a delivery over 10 ms \(.delivery_stalls.windows_with_slow) of \(.delivery_stalls.windows), host steal \(.host_steal_secs * 100 | round / 100) s"' "$REPORT"

@@ -195,9 +195,9 @@ pub(crate) struct ConvState {
 }
 
 /// Used by the writer thread only (the mutex is never contended); cleared when the open
-/// transaction is lost.
+/// transaction is lost. Looked up per send, so hashed with foldhash rather than SipHash.
 #[derive(Default, Clone)]
-pub(crate) struct ConvCache(Arc<Mutex<HashMap<String, ConvState>>>);
+pub(crate) struct ConvCache(Arc<Mutex<HashMap<String, ConvState, foldhash::quality::RandomState>>>);
 
 impl ConvCache {
     pub fn get(&self, conv: &str) -> Option<ConvState> {

@@ -39,11 +39,11 @@ impl CmidFilter {
     pub fn new(bytes: usize) -> Option<Arc<Self>> {
         let n = bytes / 8;
         (n > 0).then(|| {
-            Arc::new(Self {
-                words: (0..n).map(|_| AtomicU64::new(0)).collect(),
-                complete: AtomicBool::new(false),
-                stop: AtomicBool::new(false),
-            })
+            // A zeroed allocation: its pages are mapped as they are first written, so memory
+            // grows with the cmids stored, up to `bytes`.
+            // SAFETY: all-zero bytes are a valid `AtomicU64` (it has the layout of `u64`).
+            let words = unsafe { Box::<[AtomicU64]>::new_zeroed_slice(n).assume_init() };
+            Arc::new(Self { words, complete: AtomicBool::new(false), stop: AtomicBool::new(false) })
         })
     }
 

@@ -794,11 +794,12 @@ fn append_job(
 ) -> impl FnOnce(&Reader) -> Result<Logged<Appended>> + Send + 'static {
     move |reader| {
         let conv = msg.conv.as_str();
+        // The filter holds every cmid appended since open (the tail's included) and, once
+        // complete, every one stored before: "not stored" needs neither the tail nor the index.
         let stored_maybe = filter.as_ref().is_none_or(|f| f.may_hold(conv, &msg.from, &msg.cmid));
         crate::metrics::count_cmid_lookup(stored_maybe);
-        let earlier = match tail.by_cmid(conv, &msg.from, &msg.cmid, true) {
+        let earlier = match stored_maybe.then(|| tail.by_cmid(conv, &msg.from, &msg.cmid, true)).flatten() {
             Some(m) => Some(m),
-            // Not in the tail and not in the filter: not stored.
             None if !stored_maybe => None,
             None => match reader
                 .with(CMIDS, |t| Ok(t.get((conv, msg.from.as_str(), msg.cmid.as_str()))?.map(|v| v.value())))?

@@ -33,8 +33,9 @@ pub static EMBEDDED_LOG_BATCH: LazyLock<Histogram> =
 /// Time to commit one checkpoint of the embedded store's log into its B-trees.
 pub static EMBEDDED_CHECKPOINT: LazyLock<Histogram> = LazyLock::new(seconds);
 
-/// New cmids whose send skipped the index probe (the filter knew them unused), and sends
-/// that probed the index (the filter said "maybe", was still filling, or is off).
+/// Sends whose new cmid the filter of stored cmids ruled out (no lookup in the log's tail or the
+/// index), and sends it could not rule out (it said "maybe", was still filling, or is off),
+/// which looked it up in the tail, then the index.
 pub static EMBEDDED_CMID_SKIPPED: LazyLock<Counter> = LazyLock::new(Counter::default);
 pub static EMBEDDED_CMID_PROBED: LazyLock<Counter> = LazyLock::new(Counter::default);
 
@@ -90,12 +91,12 @@ pub fn render(shown: Shown, out: &mut String) {
             );
             registry.register(
                 "switchboard_embedded_cmid_probe_skipped",
-                "Sends whose new cmid skipped the index probe (the in-memory filter knew it unused)",
+                "Sends whose new cmid skipped every lookup (the in-memory filter knew it unused)",
                 EMBEDDED_CMID_SKIPPED.clone(),
             );
             registry.register(
                 "switchboard_embedded_cmid_probed",
-                "Sends that probed the cmid index (filter said maybe, still filling, or off)",
+                "Sends whose cmid was looked up (the filter said maybe, was still filling, or is off)",
                 EMBEDDED_CMID_PROBED.clone(),
             );
         }
