@@ -23,6 +23,10 @@ use crate::Result;
 /// pages later commits free).
 const SCAN_CHUNK: usize = 65_536;
 
+/// Share of bits set above which the filter warns at start: a new cmid then gets a "maybe"
+/// (and a lookup) more than 6 % of the time.
+const CROWDED: f64 = 0.5;
+
 /// Bits set per cmid, all in one 64-bit word (one cache line touched per lookup).
 const BITS_PER_KEY: u32 = 4;
 
@@ -143,12 +147,18 @@ impl Scan {
                 crate::group_commit::lower_priority(nice);
                 let started = std::time::Instant::now();
                 match f.fill(&db) {
-                    Ok(Some(rows)) => tracing::info!(
-                        rows,
-                        ms = started.elapsed().as_millis() as u64,
-                        fill = f.fill_ratio(),
-                        "embedded store: cmid filter filled"
-                    ),
+                    Ok(Some(rows)) => {
+                        let (ms, fill) = (started.elapsed().as_millis() as u64, f.fill_ratio());
+                        tracing::info!(rows, ms, fill, "embedded store: cmid filter filled");
+                        if fill > CROWDED {
+                            tracing::warn!(
+                                rows,
+                                fill,
+                                "embedded store: the cmid filter is crowded (many sends will look up the index); \
+                                 raise embedded_cmid_filter_bytes to about 10 bits per stored message"
+                            );
+                        }
+                    }
                     Ok(None) => {}
                     Err(e) => {
                         tracing::warn!(error = %e, "embedded store: cmid filter scan failed; every send probes the index")
