@@ -78,10 +78,15 @@ pub struct StorageSettings {
     #[arg(long, env = "SB_EMBEDDED_LOG_LINGER_US")]
     pub embedded_log_linger_us: Option<u64>,
     /// Embedded store: bytes of the in-memory filter of stored cmids that lets a send with a new
-    /// cmid skip the index probe (about 10 bits per stored message; 0 off); default 16 MiB.
+    /// cmid skip the index probe (about 10 bits per stored message; 0 off; at most 1 GiB);
+    /// default 16 MiB.
     #[arg(long, env = "SB_EMBEDDED_CMID_FILTER_BYTES")]
     pub embedded_cmid_filter_bytes: Option<usize>,
 }
+
+/// Largest filter of stored cmids the embedded store allocates (about 850 million messages at
+/// 10 bits each).
+pub const MAX_CMID_FILTER_BYTES: usize = 1 << 30;
 
 /// The cluster's durable store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -199,7 +204,8 @@ impl StorageSettings {
             p.linger = Duration::from_micros(us.min(100_000));
         }
         if let Some(b) = self.embedded_cmid_filter_bytes {
-            p.cmid_filter_bytes = b;
+            // Bounded: allocated whole at start (mapped as it fills).
+            p.cmid_filter_bytes = b.min(MAX_CMID_FILTER_BYTES);
         }
         p
     }
@@ -237,6 +243,15 @@ fn url_database(url: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cmid_filter_is_bounded_and_can_be_turned_off() {
+        let policy =
+            |b| StorageSettings { embedded_cmid_filter_bytes: Some(b), ..Default::default() }.checkpoint_policy();
+        assert_eq!(policy(1 << 20).cmid_filter_bytes, 1 << 20);
+        assert_eq!(policy(0).cmid_filter_bytes, 0);
+        assert_eq!(policy(usize::MAX).cmid_filter_bytes, MAX_CMID_FILTER_BYTES);
+    }
 
     fn cluster(pg: bool, mongo: bool) -> StorageSettings {
         StorageSettings {
