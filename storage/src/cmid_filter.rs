@@ -97,12 +97,12 @@ impl CmidFilter {
             }
             let tx = db.begin_read()?;
             let table = tx.open_table(CMIDS)?;
-            let from = match &after {
+            let start = match &after {
                 Some((c, f, m)) => Bound::Excluded((c.as_str(), f.as_str(), m.as_str())),
                 None => Bound::Unbounded,
             };
             let (mut read, mut last) = (0, None);
-            for row in table.range((from, Bound::Unbounded))?.take(SCAN_CHUNK) {
+            for row in table.range((start, Bound::Unbounded))?.take(SCAN_CHUNK) {
                 let (key, _) = row?;
                 let (conv, from, cmid) = key.value();
                 self.insert(conv, from, cmid);
@@ -132,7 +132,7 @@ impl CmidFilter {
 /// The thread filling a filter from the database; dropping it stops the scan and waits for it
 /// (the thread holds the database open).
 pub(crate) struct Scan {
-    filter: Arc<CmidFilter>,
+    pub filter: Arc<CmidFilter>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 

@@ -80,10 +80,9 @@ pub struct EmbeddedStore {
     writer: Arc<GroupCommit>,
     tail: Tail,
     convs: ConvCache,
-    /// The cmids stored, so a new one skips the index probe (`None`: configured off), and the
-    /// scan that fills it at open.
-    cmids: Option<Arc<CmidFilter>>,
-    _scan: Option<Arc<Scan>>,
+    /// The filter of the cmids stored, so a new one skips the index probe, with the scan that
+    /// fills it at open (`None`: configured off).
+    cmids: Option<Arc<Scan>>,
     groups: Arc<GroupCache>,
     /// (user, other) -> the user's side of their relation.
     friends: Arc<Shared<(String, String), Option<FriendState>>>,
@@ -160,9 +159,8 @@ impl EmbeddedStore {
             lost: Box::new(move || lost.clear()),
         };
         let writer = Arc::new(GroupCommit::start(db.clone(), log)?);
-        let cmids = CmidFilter::new(policy.cmid_filter_bytes);
-        let scan = match &cmids {
-            Some(filter) => Some(Arc::new(Scan::start(filter.clone(), db.clone(), policy.nice)?)),
+        let cmids = match CmidFilter::new(policy.cmid_filter_bytes) {
+            Some(filter) => Some(Arc::new(Scan::start(filter, db.clone(), policy.nice)?)),
             None => None,
         };
         Ok(Self {
@@ -171,7 +169,6 @@ impl EmbeddedStore {
             tail,
             convs,
             cmids,
-            _scan: scan,
             groups: Arc::default(),
             friends: Arc::new(Shared::live(MAX_RELATIONS, MAX_RELATIONS)),
         })
@@ -798,18 +795,18 @@ fn append_job(
         // complete, every one stored before: "not stored" needs neither the tail nor the index.
         let stored_maybe = filter.as_ref().is_none_or(|f| f.may_hold(conv, &msg.from, &msg.cmid));
         crate::metrics::count_cmid_lookup(stored_maybe);
-        let earlier = match stored_maybe.then(|| tail.by_cmid(conv, &msg.from, &msg.cmid, true)).flatten() {
-            Some(m) => Some(m),
-            None if !stored_maybe => None,
-            None => match reader
-                .with(CMIDS, |t| Ok(t.get((conv, msg.from.as_str(), msg.cmid.as_str()))?.map(|v| v.value())))?
-            {
+        let earlier = if !stored_maybe {
+            None
+        } else if let Some(m) = tail.by_cmid(conv, &msg.from, &msg.cmid, true) {
+            Some(m)
+        } else {
+            match reader.with(CMIDS, |t| Ok(t.get((conv, msg.from.as_str(), msg.cmid.as_str()))?.map(|v| v.value())))? {
                 Some(seq) => Some(
                     logged_message(reader, &tail, conv, seq)?
                         .ok_or_else(|| StorageError::Corrupt(format!("cmid index points at missing {conv}#{seq}")))?,
                 ),
                 None => None,
-            },
+            }
         };
         if let Some(earlier) = earlier {
             return Ok(Logged::Unchanged(Appended { msg: (*earlier).clone(), duplicate: true }));
@@ -869,7 +866,8 @@ impl EmbeddedStore {
         msg: NewMessage,
         members: &[String],
     ) -> impl FnOnce(&Reader) -> Result<Logged<Appended>> + Send + 'static {
-        append_job(msg, members.to_vec(), self.convs.clone(), self.tail.clone(), self.cmids.clone())
+        let filter = self.cmids.as_ref().map(|s| s.filter.clone());
+        append_job(msg, members.to_vec(), self.convs.clone(), self.tail.clone(), filter)
     }
 
     /// The message of `conv` whose seq `index` finds in a read transaction (a cmid or mid
@@ -1485,7 +1483,7 @@ mod tests {
             let store =
                 EmbeddedStore::open_with(&dir, CheckpointPolicy { cmid_filter_bytes: filter_bytes, ..fast }).unwrap();
             if round == 0 {
-                let filter = store.cmids.clone().unwrap();
+                let filter = store.cmids.as_ref().unwrap().filter.clone();
                 while !filter.complete() {
                     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
                 }

@@ -1,7 +1,7 @@
-//! Histograms of the storage layer's own work, process-wide (like
+//! Histograms and counters of the storage layer's own work, process-wide (like
 //! [`crate::DRIVER_ERRORS`]): how long the broker takes to acknowledge a produced record, the
 //! persist worker's batches (records per batch, time to write one), and the embedded store's
-//! log writes and checkpoints. Rendered on the `/metrics` of the roles that do that work
+//! log writes, checkpoints and cmid lookups. Rendered on the `/metrics` of the roles that do that work
 //! (logic, persist) by [`render`].
 
 use std::sync::LazyLock;
@@ -34,12 +34,13 @@ pub static EMBEDDED_LOG_BATCH: LazyLock<Histogram> =
 pub static EMBEDDED_CHECKPOINT: LazyLock<Histogram> = LazyLock::new(seconds);
 
 /// Sends whose new cmid the filter of stored cmids ruled out (no lookup in the log's tail or the
-/// index), and sends it could not rule out (it said "maybe", was still filling, or is off),
-/// which looked it up in the tail, then the index.
+/// index).
 pub static EMBEDDED_CMID_SKIPPED: LazyLock<Counter> = LazyLock::new(Counter::default);
+/// Sends whose cmid the filter could not rule out (it said "maybe", was still filling, or is
+/// off): looked up in the tail, then the index.
 pub static EMBEDDED_CMID_PROBED: LazyLock<Counter> = LazyLock::new(Counter::default);
 
-/// Counts one send's cmid lookup: `probed` when it had to read the index.
+/// Counts one send's cmid check: `probed` when the filter could not rule the cmid out.
 pub(crate) fn count_cmid_lookup(probed: bool) {
     if probed { &EMBEDDED_CMID_PROBED } else { &EMBEDDED_CMID_SKIPPED }.inc();
 }
