@@ -793,7 +793,8 @@ fn append_job(
         let conv = msg.conv.as_str();
         // The filter holds every cmid appended since open (the tail's included) and, once
         // complete, every one stored before: "not stored" needs neither the tail nor the index.
-        let stored_maybe = filter.as_ref().is_none_or(|f| f.may_hold(conv, &msg.from, &msg.cmid));
+        let slot = filter.as_ref().map(|f| f.slot(conv, &msg.from, &msg.cmid));
+        let stored_maybe = filter.as_ref().zip(slot).is_none_or(|(f, s)| f.may_hold(s));
         crate::metrics::count_cmid_lookup(stored_maybe);
         let earlier = if !stored_maybe {
             None
@@ -849,8 +850,9 @@ fn append_job(
         }
         let json = serde_json::to_vec(&stored)?;
         let record = encode_record(&json, &indexed)?;
-        if let Some(f) = &filter {
-            f.insert(&stored.conv, &stored.from, &stored.cmid);
+        // The same conversation, sender and cmid as `msg`: its slot is reused.
+        if let Some((f, s)) = filter.as_ref().zip(slot) {
+            f.insert(s);
         }
         cache.put(&stored.conv, ConvState { seq: stored.seq, ts: stored.ts, indexed: hash });
         let bytes = record.len();
