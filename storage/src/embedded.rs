@@ -793,8 +793,8 @@ fn append_job(
         let conv = msg.conv.as_str();
         // The filter holds every cmid appended since open (the tail's included) and, once
         // complete, every one stored before: "not stored" needs neither the tail nor the index.
-        let slot = filter.as_ref().map(|f| f.slot(conv, &msg.from, &msg.cmid));
-        let stored_maybe = filter.as_ref().zip(slot).is_none_or(|(f, s)| f.may_hold(s));
+        let slot = filter.as_ref().map(|f| (f, f.slot(conv, &msg.from, &msg.cmid)));
+        let stored_maybe = slot.is_none_or(|(f, s)| f.may_hold(s));
         crate::metrics::count_cmid_lookup(stored_maybe);
         let earlier = if !stored_maybe {
             None
@@ -851,7 +851,7 @@ fn append_job(
         let json = serde_json::to_vec(&stored)?;
         let record = encode_record(&json, &indexed)?;
         // The same conversation, sender and cmid as `msg`: its slot is reused.
-        if let Some((f, s)) = filter.as_ref().zip(slot) {
+        if let Some((f, s)) = slot {
             f.insert(s);
         }
         cache.put(&stored.conv, ConvState { seq: stored.seq, ts: stored.ts, indexed: hash });

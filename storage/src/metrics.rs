@@ -1,8 +1,8 @@
 //! Histograms and counters of the storage layer's own work, process-wide (like
 //! [`crate::DRIVER_ERRORS`]): how long the broker takes to acknowledge a produced record, the
 //! persist worker's batches (records per batch, time to write one), and the embedded store's
-//! log writes, checkpoints and cmid lookups. Rendered on the `/metrics` of the roles that do that work
-//! (logic, persist) by [`render`].
+//! log writes, checkpoints and cmid lookups. Rendered on the `/metrics` of the roles that do
+//! that work (logic, persist) by [`render`].
 
 use std::sync::LazyLock;
 
