@@ -23,13 +23,27 @@ use crate::error::ApiError;
 /// is slow or down).
 const MAX_PENDING: usize = 1_000_000;
 
+/// The pending maps are looked up once or twice per message (the sender's read mark, each
+/// receiver's ack), so they hash with foldhash rather than SipHash; their keys are the users'
+/// and conversations' own names, which clients choose only within what the server accepts.
+type Map<V> = HashMap<String, V, foldhash::fast::RandomState>;
+
 #[derive(Default)]
 struct Pending {
-    /// (user, device) -> conv -> acked seq
-    acks: HashMap<(String, String), HashMap<String, u64>>,
+    /// user -> device -> conv -> acked seq (nested so that a known device is found by `&str`,
+    /// without building an owned key per ack)
+    acks: Map<Map<Map<u64>>>,
     /// user -> conv -> read seq
-    reads: HashMap<String, HashMap<String, u64>>,
+    reads: Map<Map<u64>>,
     entries: usize,
+}
+
+/// The entry of `key` in `map`, allocating the key only when it is new.
+fn entry<'a, V: Default>(map: &'a mut Map<V>, key: &str) -> &'a mut V {
+    if !map.contains_key(key) {
+        map.insert(key.to_owned(), V::default());
+    }
+    map.get_mut(key).expect("inserted above")
 }
 
 /// The coalescing cursor layer of one logic instance.
@@ -40,7 +54,7 @@ pub struct Cursors {
     flushing: tokio::sync::Mutex<()>,
 }
 
-fn raise(map: &mut HashMap<String, u64>, conv: &str, seq: u64) -> (u64, bool) {
+fn raise<S: std::hash::BuildHasher>(map: &mut HashMap<String, u64, S>, conv: &str, seq: u64) -> (u64, bool) {
     match map.get_mut(conv) {
         Some(v) => {
             *v = (*v).max(seq);
@@ -77,9 +91,9 @@ impl Cursors {
     /// Records that `device` of `user` received `conv` up to `seq`.
     pub async fn ack(&self, user: &str, device: &str, conv: &str, seq: u64) -> Result<(), ApiError> {
         self.backpressure().await?;
-        let mut p = self.lock();
-        let map = p.acks.entry((user.to_owned(), device.to_owned())).or_default();
-        let (_, new) = raise(map, conv, seq);
+        let mut guard = self.lock();
+        let p = &mut *guard;
+        let (_, new) = raise(entry(entry(&mut p.acks, user), device), conv, seq);
         p.entries += new as usize;
         Ok(())
     }
@@ -88,13 +102,9 @@ impl Cursors {
     /// has taken for it since the last flush (at least `seq`).
     pub async fn read(&self, user: &str, conv: &str, seq: u64) -> Result<u64, ApiError> {
         self.backpressure().await?;
-        let mut p = self.lock();
-        // A user with a pending mark already costs no allocation.
-        if !p.reads.contains_key(user) {
-            p.reads.insert(user.to_owned(), HashMap::new());
-        }
-        let Some(marks) = p.reads.get_mut(user) else { return Ok(seq) };
-        let (now, new) = raise(marks, conv, seq);
+        let mut guard = self.lock();
+        let p = &mut *guard;
+        let (now, new) = raise(entry(&mut p.reads, user), conv, seq);
         p.entries += new as usize;
         Ok(now)
     }
@@ -102,7 +112,7 @@ impl Cursors {
     /// The acked seq per conversation of one device: the store's, raised by unflushed acks.
     pub async fn acks(&self, user: &str, device: &str) -> Result<HashMap<String, u64>, ApiError> {
         let mut stored = self.store.acks(user, device).await?;
-        if let Some(mine) = self.lock().acks.get(&(user.to_owned(), device.to_owned())) {
+        if let Some(mine) = self.lock().acks.get(user).and_then(|d| d.get(device)) {
             for (conv, seq) in mine {
                 raise(&mut stored, conv, *seq);
             }
@@ -131,21 +141,24 @@ impl Cursors {
         }
         let acks: Vec<AckCursor> = taken
             .acks
-            .iter()
-            .flat_map(|((user, device), convs)| {
-                convs.iter().map(move |(conv, seq)| AckCursor {
-                    user: user.clone(),
-                    device: device.clone(),
-                    conv: conv.clone(),
-                    seq: *seq,
+            .into_iter()
+            .flat_map(|(user, devices)| {
+                devices.into_iter().flat_map(move |(device, convs)| {
+                    let user = user.clone();
+                    convs.into_iter().map(move |(conv, seq)| AckCursor {
+                        user: user.clone(),
+                        device: device.clone(),
+                        conv,
+                        seq,
+                    })
                 })
             })
             .collect();
         let reads: Vec<ReadCursor> = taken
             .reads
-            .iter()
+            .into_iter()
             .flat_map(|(user, convs)| {
-                convs.iter().map(move |(conv, seq)| ReadCursor { user: user.clone(), conv: conv.clone(), seq: *seq })
+                convs.into_iter().map(move |(conv, seq)| ReadCursor { user: user.clone(), conv, seq })
             })
             .collect();
         let mut result = Ok(());
@@ -159,19 +172,13 @@ impl Cursors {
             // Put them back under any newer cursors (max wins, so order does not matter).
             let mut guard = self.lock();
             let p = &mut *guard;
-            for ((user, device), convs) in taken.acks {
-                let map = p.acks.entry((user, device)).or_default();
-                for (conv, seq) in convs {
-                    let (_, new) = raise(map, &conv, seq);
-                    p.entries += new as usize;
-                }
+            for c in &acks {
+                let (_, new) = raise(entry(entry(&mut p.acks, &c.user), &c.device), &c.conv, c.seq);
+                p.entries += new as usize;
             }
-            for (user, convs) in taken.reads {
-                let map = p.reads.entry(user).or_default();
-                for (conv, seq) in convs {
-                    let (_, new) = raise(map, &conv, seq);
-                    p.entries += new as usize;
-                }
+            for c in &reads {
+                let (_, new) = raise(entry(&mut p.reads, &c.user), &c.conv, c.seq);
+                p.entries += new as usize;
             }
             return Err(e.into());
         }
@@ -196,5 +203,60 @@ impl Cursors {
         if let Err(e) = self.flush().await {
             tracing::error!(error = %e, "final cursor flush failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use switchboard_storage::embedded::EmbeddedStore;
+
+    use super::Cursors;
+
+    /// Acks of several devices and read marks of several users, raised, coalesced and flushed
+    /// into a real embedded store: each (user, device, conv) and (user, conv) reaches the store
+    /// with its highest seq, readers merge what is not flushed yet, and nothing moves back.
+    #[tokio::test]
+    async fn cursors_coalesce_and_reach_the_store() {
+        let dir = std::env::temp_dir().join(format!("sb-cursors-{}-{}", std::process::id(), line!()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Arc::new(EmbeddedStore::open(&dir).unwrap());
+        let c = Cursors::new(store.clone());
+        for (user, device, conv, seq) in [
+            ("a", "d1", "c1", 3),
+            ("a", "d1", "c1", 5),
+            ("a", "d1", "c1", 4),
+            ("a", "d2", "c1", 2),
+            ("b", "d1", "c2", 9),
+        ] {
+            c.ack(user, device, conv, seq).await.unwrap();
+        }
+        assert_eq!(c.read("a", "c1", 6).await.unwrap(), 6);
+        assert_eq!(c.read("a", "c1", 2).await.unwrap(), 6, "a read mark never moves back");
+        assert_eq!(c.read("b", "c2", 1).await.unwrap(), 1);
+        assert_eq!(c.pending(), 5, "three ack cursors and two read marks");
+        // Before the flush, readers see the unflushed cursors over the (empty) store.
+        assert_eq!(c.acks("a", "d1").await.unwrap().get("c1"), Some(&5));
+        c.flush().await.unwrap();
+        assert_eq!(c.pending(), 0);
+        let acks = |user: &'static str, device: &'static str| {
+            let store = store.clone();
+            async move { switchboard_storage::MessageStore::acks(&*store, user, device).await.unwrap() }
+        };
+        assert_eq!(acks("a", "d1").await.get("c1"), Some(&5));
+        assert_eq!(acks("a", "d2").await.get("c1"), Some(&2));
+        assert_eq!(acks("b", "d1").await.get("c2"), Some(&9));
+        assert!(acks("b", "d2").await.is_empty());
+        let reads = switchboard_storage::MessageStore::reads(&*store, "a").await.unwrap();
+        assert_eq!(reads.get("c1"), Some(&6));
+        // A lower ack after the flush leaves the stored cursor where it was.
+        c.ack("a", "d1", "c1", 1).await.unwrap();
+        assert_eq!(c.acks("a", "d1").await.unwrap().get("c1"), Some(&5));
+        c.flush().await.unwrap();
+        assert_eq!(acks("a", "d1").await.get("c1"), Some(&5));
+        drop(c);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -140,7 +140,8 @@ pub struct Pusher {
     transport: Arc<dyn PushTransport>,
     /// Gateways' links that carry their pushes (preferred to `transport`).
     links: Arc<LinkPushes>,
-    queues: Mutex<HashMap<String, Queue>>,
+    /// Found per push (foldhash: a push's gateway name is looked up once per delivery).
+    queues: Mutex<HashMap<String, Queue, foldhash::fast::RandomState>>,
     limits: PushLimits,
     metrics: Arc<LogicMetrics>,
     /// Told of every pushed-to connection, to close those whose session ended.
@@ -189,7 +190,7 @@ impl Pusher {
         sessions: Arc<SessionWatch>,
     ) -> Self {
         let links = Arc::default();
-        Self { routes, transport, links, queues: Mutex::new(HashMap::new()), limits, metrics, sessions }
+        Self { routes, transport, links, queues: Mutex::default(), limits, metrics, sessions }
     }
 
     /// The gateways' links that carry pushes: a link registers there (see [`crate::link`]).

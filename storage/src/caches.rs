@@ -45,7 +45,7 @@ pub(crate) fn role_in(members: &[(String, Role)], user: &str) -> Option<Role> {
 struct Groups {
     /// Bumped by every invalidation: a list read before it must not be cached after it.
     generation: u64,
-    lists: HashMap<String, Members>,
+    lists: HashMap<String, Members, foldhash::quality::RandomState>,
     members: usize,
 }
 
@@ -92,7 +92,8 @@ impl GroupCache {
 struct Entries<K, V> {
     /// Bumped by every invalidation: a value read before it must not be cached after it.
     generation: u64,
-    map: HashMap<K, (V, Instant, usize)>,
+    /// Looked up per send (friend state, members): foldhash rather than SipHash.
+    map: HashMap<K, (V, Instant, usize), foldhash::quality::RandomState>,
     weight: usize,
 }
 
@@ -109,7 +110,7 @@ pub(crate) struct Shared<K, V> {
 
 impl<K: Hash + Eq, V: Clone> Shared<K, V> {
     pub(crate) fn new(max_entries: usize, max_weight: usize) -> Self {
-        let entries = Entries { generation: 0, map: HashMap::new(), weight: 0 };
+        let entries = Entries { generation: 0, map: HashMap::default(), weight: 0 };
         Self { entries: Mutex::new(entries), live: AtomicBool::new(false), max_entries, max_weight }
     }
 

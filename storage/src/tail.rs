@@ -60,11 +60,11 @@ pub(crate) struct Gen {
     /// "conv\0from\0cmid" -> seq, of the messages appended here.
     cmids: Map<String, u64>,
     /// user -> conversations first indexed for them here.
-    pub indexed: HashMap<String, Vec<String>>,
+    pub indexed: Map<String, Vec<String>>,
     /// (user, device) -> conv -> acked seq.
-    pub acks: HashMap<(String, String), HashMap<String, u64>>,
+    pub acks: Map<(String, String), Map<String, u64>>,
     /// user -> conv -> read seq.
-    pub reads: HashMap<String, HashMap<String, u64>>,
+    pub reads: Map<String, Map<String, u64>>,
     pub bytes: usize,
 }
 
@@ -121,9 +121,10 @@ impl Gen {
         self.convs.get(conv)?.by_seq.get(&seq).map(|h| h.msg.clone())
     }
 
-    /// Takes in everything of `newer`, whose copies win.
-    fn absorb(&mut self, newer: Gen) {
-        for (conv, c) in newer.convs {
+    /// Takes in everything of `newer`, whose copies win, and leaves it empty with its maps'
+    /// room kept (the staged batch is refilled at once: its maps need not grow again).
+    fn absorb(&mut self, newer: &mut Gen) {
+        for (conv, c) in newer.convs.drain() {
             let mine = self.convs.entry(conv).or_default();
             mine.last = mine.last.max(c.last);
             for (seq, h) in c.by_seq {
@@ -136,17 +137,17 @@ impl Gen {
                 mine.by_seq.insert(seq, Held { appended, mentions, ..h });
             }
         }
-        self.cmids.extend(newer.cmids);
-        for (user, convs) in newer.indexed {
+        self.cmids.extend(newer.cmids.drain());
+        for (user, convs) in newer.indexed.drain() {
             self.indexed.entry(user).or_default().extend(convs);
         }
-        for (key, cursors) in newer.acks {
+        for (key, cursors) in newer.acks.drain() {
             merge_cursors(self.acks.entry(key).or_default(), cursors);
         }
-        for (user, cursors) in newer.reads {
+        for (user, cursors) in newer.reads.drain() {
             merge_cursors(self.reads.entry(user).or_default(), cursors);
         }
-        self.bytes += newer.bytes;
+        self.bytes += std::mem::take(&mut newer.bytes);
     }
 }
 
@@ -208,9 +209,9 @@ impl Tail {
 
     /// Makes the staged entries (now durable in the log) visible to readers.
     pub fn publish(&self) {
-        let mut t = self.lock();
-        let staged = std::mem::take(&mut t.staged);
-        t.active.absorb(staged);
+        let mut guard = self.lock();
+        let t = &mut *guard;
+        t.active.absorb(&mut t.staged);
     }
 
     /// Forgets the staged entries (their log write failed).
@@ -247,8 +248,8 @@ impl Tail {
         let t = self.lock();
         let key = (user.to_owned(), device.to_owned());
         let mut out = HashMap::new();
-        for g in t.gens() {
-            merge_cursors(&mut out, g.acks.get(&key).cloned().unwrap_or_default());
+        for cursors in t.gens().filter_map(|g| g.acks.get(&key)) {
+            merge_cursors(&mut out, cursors.iter().map(|(c, s)| (c.clone(), *s)));
         }
         out
     }
@@ -268,8 +269,8 @@ impl Tail {
     pub fn reads(&self, user: &str) -> HashMap<String, u64> {
         let t = self.lock();
         let mut out = HashMap::new();
-        for g in t.gens() {
-            merge_cursors(&mut out, g.reads.get(user).cloned().unwrap_or_default());
+        for cursors in t.gens().filter_map(|g| g.reads.get(user)) {
+            merge_cursors(&mut out, cursors.iter().map(|(c, s)| (c.clone(), *s)));
         }
         out
     }
@@ -385,13 +386,16 @@ fn value_bytes(v: &serde_json::Value) -> usize {
     }
 }
 
-fn raise(map: &mut HashMap<String, u64>, conv: String, seq: u64) {
+fn raise<S: std::hash::BuildHasher>(map: &mut HashMap<String, u64, S>, conv: String, seq: u64) {
     let v = map.entry(conv).or_insert(seq);
     *v = (*v).max(seq);
 }
 
 /// Raises every cursor of `stored` to its value in `tail` where that is higher.
-pub(crate) fn merge_cursors(stored: &mut HashMap<String, u64>, tail: HashMap<String, u64>) {
+pub(crate) fn merge_cursors<S: std::hash::BuildHasher>(
+    stored: &mut HashMap<String, u64, S>,
+    tail: impl IntoIterator<Item = (String, u64)>,
+) {
     for (conv, seq) in tail {
         raise(stored, conv, seq);
     }
