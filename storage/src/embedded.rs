@@ -636,9 +636,20 @@ fn encode_record(json: &[u8], indexed: &[String]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// A log record of cursors (or of a recalled message): its tag, then the value as JSON.
-fn encode_tagged(tag: u8, value: &impl serde::Serialize) -> Result<Vec<u8>> {
-    let mut out = vec![tag];
+/// A message's stored encoding, written into a buffer sized for it at once (not grown from
+/// empty through several reallocations as it is written).
+fn encode_message(m: &Message) -> Result<Vec<u8>> {
+    let strings = m.conv.len() + m.mid.len() + m.from.len() + m.cmid.len() + m.kind.len();
+    let mut out = Vec::with_capacity(128 + strings + crate::tail::value_bytes(&m.body));
+    serde_json::to_writer(&mut out, m)?;
+    Ok(out)
+}
+
+/// A log record of cursors (or of a recalled message): its tag, then the value as JSON, in a
+/// buffer of `capacity` bytes to start with.
+fn encode_tagged(tag: u8, value: &impl serde::Serialize, capacity: usize) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(capacity);
+    out.push(tag);
     serde_json::to_writer(&mut out, value)?;
     Ok(out)
 }
@@ -848,7 +859,7 @@ fn append_job(
                 })?;
             }
         }
-        let json = serde_json::to_vec(&stored)?;
+        let json = encode_message(&stored)?;
         let record = encode_record(&json, &indexed)?;
         // The same conversation, sender and cmid as `msg`: its slot is reused.
         if let Some((f, s)) = slot {
@@ -1212,7 +1223,8 @@ impl EmbeddedStore {
         }
         self.writer
             .append(move |_| {
-                let record = encode_tagged(tag, &cursors)?;
+                // A cursor's JSON is its three names and a seq: ~80 bytes for common names.
+                let record = encode_tagged(tag, &cursors, 16 + 80 * cursors.len())?;
                 Ok(Logged::Appended { value: (), record, entry: entry(cursors) })
             })
             .await

@@ -376,7 +376,7 @@ impl Tail {
 
 /// Roughly the heap a decoded JSON value holds (`serde_json::Value` slots are 32 bytes; map
 /// entries carry their key and some overhead).
-fn value_bytes(v: &serde_json::Value) -> usize {
+pub(crate) fn value_bytes(v: &serde_json::Value) -> usize {
     use serde_json::Value;
     match v {
         Value::String(s) => s.len(),
