@@ -236,7 +236,7 @@ impl ClusterMessages {
     async fn durable_duplicate(&self, msg: &NewMessage) -> Result<Option<Appended>> {
         let Some(m) = self.durable.find_cmid(&msg.conv, &msg.from, &msg.cmid).await? else { return Ok(None) };
         self.redis.remember_cmid(&m).await?;
-        Ok(Some(Appended { msg: m, duplicate: true }))
+        Ok(Some(Appended { msg: m, duplicate: true, json: None }))
     }
 
     fn is_unsure(&self, conv: &str) -> bool {
@@ -258,8 +258,8 @@ impl ClusterMessages {
     async fn deliver(&self, m: Message, members: &[String]) -> Result<Option<Appended>> {
         self.publish(&m, members).await?;
         Ok(match self.scripts.complete(self.redis.complete_request(&m, members)?).await? {
-            Completion::Done => Some(Appended { msg: m, duplicate: false }),
-            Completion::Already => Some(Appended { msg: m, duplicate: true }),
+            Completion::Done => Some(Appended { msg: m, duplicate: false, json: None }),
+            Completion::Already => Some(Appended { msg: m, duplicate: true, json: None }),
             Completion::Void | Completion::Moved => None,
         })
     }
@@ -293,7 +293,7 @@ impl ClusterMessages {
                     return Err(StorageError::Corrupt(format!("{}#{} holds another cmid", msg.conv, rec.seq)));
                 }
                 let first = self.redis.void_lost(rec, &m).await?;
-                return Ok(Some(Appended { msg: m, duplicate: !first }));
+                return Ok(Some(Appended { msg: m, duplicate: !first, json: None }));
             }
             if Instant::now() >= deadline {
                 return Err(StorageError::Busy(format!("{}#{} is being voided", msg.conv, rec.seq)));
@@ -392,7 +392,7 @@ impl MessageStore for ClusterMessages {
                     let Some(m) = self.get(&msg.conv, rec.seq).await? else {
                         return Err(StorageError::Corrupt(format!("cmid of {}#{} has no message", msg.conv, rec.seq)));
                     };
-                    return Ok(Appended { msg: m, duplicate: true });
+                    return Ok(Appended { msg: m, duplicate: true, json: None });
                 }
                 CmidState::Pending => {
                     // An earlier attempt reserved the seq but has no broker
@@ -572,8 +572,8 @@ impl Placed for Publishing {
         let Publishing { scripts, msg, done, acked } = *self;
         debug_assert!(acked.is_none(), "finished before it was durable");
         match scripts.complete(done).await? {
-            Completion::Done => Ok(Appended { msg, duplicate: false }),
-            Completion::Already => Ok(Appended { msg, duplicate: true }),
+            Completion::Done => Ok(Appended { msg, duplicate: false, json: None }),
+            Completion::Already => Ok(Appended { msg, duplicate: true, json: None }),
             Completion::Void | Completion::Moved => Err(StorageError::Busy(format!(
                 "{}#{} was claimed for a void before its send completed; retry the cmid",
                 msg.conv, msg.seq

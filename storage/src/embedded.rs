@@ -821,7 +821,7 @@ fn append_job(
             }
         };
         if let Some(earlier) = earlier {
-            return Ok(Logged::Unchanged(Appended { msg: (*earlier).clone(), duplicate: true }));
+            return Ok(Logged::Unchanged(Appended { msg: (*earlier).clone(), duplicate: true, json: None }));
         }
         let known = cache.get(conv);
         // The tail is asked only when the cache does not know the conversation.
@@ -868,8 +868,10 @@ fn append_job(
         cache.put(&stored.conv, ConvState { seq: stored.seq, ts: stored.ts, indexed: hash });
         let bytes = record.len();
         let msg = Arc::new(stored);
-        let entry = Entry::Message { msg: msg.clone(), json: json.into(), indexed, bytes };
-        Ok(Logged::Appended { value: Appended { msg: Arc::unwrap_or_clone(msg), duplicate: false }, record, entry })
+        let json = bytes::Bytes::from(json);
+        let entry = Entry::Message { msg: msg.clone(), json: json.clone(), indexed, bytes };
+        let value = Appended { msg: Arc::unwrap_or_clone(msg), duplicate: false, json: Some(json) };
+        Ok(Logged::Appended { value, record, entry })
     }
 }
 
@@ -1481,6 +1483,22 @@ mod tests {
     /// A cmid retried after a restart is found once the filter of stored cmids is filled from
     /// the database (the filter alone answers for new cmids then), with the filter off, and
     /// without waiting for the scan; new cmids get new seqs throughout.
+    /// A new message comes back with its stored encoding (what it serialises to, so a push can
+    /// be built around it); a duplicate without one.
+    #[tokio::test]
+    async fn an_append_hands_back_the_stored_encoding() {
+        let dir = std::env::temp_dir().join(format!("sb-append-json-{}", crate::contract::prefix()));
+        let store = EmbeddedStore::open(&dir).unwrap();
+        let members = ["a".to_string(), "b".to_string()];
+        let msg = crate::contract::text("d:a:b", "a", "c1", "h\u{e9} \"x\"\n");
+        let first = store.append(msg.clone(), &members).await.unwrap();
+        assert_eq!(first.json.as_deref(), Some(serde_json::to_vec(&first.msg).unwrap().as_slice()));
+        let again = store.append(msg, &members).await.unwrap();
+        assert!(again.duplicate && again.json.is_none());
+        drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn retried_cmids_are_found_through_the_filter_after_a_restart() {
         let dir = std::env::temp_dir().join(format!("sb-cmid-filter-{}", crate::contract::prefix()));

@@ -189,6 +189,10 @@ impl NewMessage {
 pub struct Appended {
     pub msg: Message,
     pub duplicate: bool,
+    /// The message's stored JSON encoding (what `msg` serialises to), when the store made it
+    /// for its own write (the embedded store): a push can be built around it instead of
+    /// serialising the message once more. `None` from the other stores and for duplicates.
+    pub json: Option<bytes::Bytes>,
 }
 
 /// A group chat. Its conversation id is `g:<id>`.

@@ -785,7 +785,7 @@ impl MessageStore for PgStore {
             let m = message_from_row(r)?;
             if m.from == msg.from && m.cmid == msg.cmid {
                 tx.rollback().await?;
-                return Ok(Appended { msg: m, duplicate: true });
+                return Ok(Appended { msg: m, duplicate: true, json: None });
             }
             last_ts = m.ts;
         }
@@ -833,7 +833,7 @@ impl MessageStore for PgStore {
             tx.execute(&st, &[&members, &stored.conv]).await?;
         }
         tx.commit().await?;
-        Ok(Appended { msg: stored, duplicate: false })
+        Ok(Appended { msg: stored, duplicate: false, json: None })
     }
 
     async fn range(&self, conv: &str, after_seq: u64, limit: usize) -> Result<Vec<Message>> {

@@ -12,6 +12,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use bytes::Bytes;
+
 use crate::{AckCursor, Message, ReadCursor};
 
 /// The hash maps of a generation, which the log thread fills per message: foldhash (seeded per
@@ -22,9 +24,9 @@ type Map<K, V> = HashMap<K, V, foldhash::quality::RandomState>;
 pub(crate) enum Entry {
     /// A message appended (`json` is its stored encoding), with the members whose conversation
     /// index got their first row for its conversation with it, and its size in the log.
-    Message { msg: Arc<Message>, json: Arc<[u8]>, indexed: Vec<String>, bytes: usize },
+    Message { msg: Arc<Message>, json: Bytes, indexed: Vec<String>, bytes: usize },
     /// A stored message replaced by its recalled form.
-    Recalled { msg: Arc<Message>, json: Arc<[u8]>, bytes: usize },
+    Recalled { msg: Arc<Message>, json: Bytes, bytes: usize },
     /// Ack cursors raised.
     Acks(Vec<AckCursor>),
     /// Read marks raised.
@@ -38,7 +40,7 @@ const CURSOR_BYTES: usize = 96;
 #[derive(Clone)]
 pub(crate) struct Held {
     pub msg: Arc<Message>,
-    pub json: Arc<[u8]>,
+    pub json: Bytes,
     /// Appended in this generation (its index rows are written with it), not only changed.
     pub appended: bool,
     /// The users the message mentioned when appended (kept when a recall replaces it here).

@@ -86,6 +86,17 @@ struct MsgPush<'a> {
     msg: &'a Message,
 }
 
+/// The `msg` push around a message's stored encoding (the same bytes [`MsgPush`] writes, with
+/// no second serialisation).
+fn msg_push_around(json: &[u8]) -> Bytes {
+    const HEAD: &[u8] = br#"{"op":"msg","msg":"#;
+    let mut b = Vec::with_capacity(HEAD.len() + json.len() + 1);
+    b.extend_from_slice(HEAD);
+    b.extend_from_slice(json);
+    b.push(b'}');
+    Bytes::from(b)
+}
+
 /// Bytes of `v` as JSON, without keeping them.
 fn json_len<T: Serialize>(v: &T) -> usize {
     struct Count(usize);
@@ -247,7 +258,7 @@ pub(super) async fn store_and_push(
                 Err(e) => Err(e),
             }?;
             if !appended.duplicate {
-                enqueue_msg(logic, targets, &appended.msg).await;
+                enqueue_msg(logic, targets, &appended).await;
             }
             drop(done);
             appended
@@ -283,15 +294,19 @@ async fn append_locked(
     logic.metrics.latency.append.observe(started.elapsed().as_secs_f64());
     let appended = appended?;
     if !appended.duplicate {
-        enqueue_msg(logic, targets, &appended.msg).await;
+        enqueue_msg(logic, targets, &appended).await;
     }
     drop(tail);
     Ok(appended)
 }
 
 /// Queues the `msg` push of a stored message for `targets` (serialised once).
-async fn enqueue_msg(logic: &Logic, targets: crate::push::Targets, m: &Message) {
-    let push = Bytes::from(serde_json::to_vec(&MsgPush { op: "msg", msg: m }).expect("messages serialize"));
+async fn enqueue_msg(logic: &Logic, targets: crate::push::Targets, appended: &Appended) {
+    let m = &appended.msg;
+    let push = match &appended.json {
+        Some(json) => msg_push_around(json),
+        None => Bytes::from(serde_json::to_vec(&MsgPush { op: "msg", msg: m }).expect("messages serialize")),
+    };
     logic.pusher.enqueue(targets, push, Some(MsgRef { conv: &m.conv, seq: m.seq })).await;
 }
 
@@ -493,6 +508,38 @@ pub async fn recall(logic: &Logic, caller: &Caller, req: Recall) -> Result<Field
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The push built around a stored encoding is byte for byte the one serialised from the
+    /// message, for text, object bodies, quotes, mentions and characters JSON escapes.
+    #[test]
+    fn a_push_around_the_stored_encoding_is_the_serialised_push() {
+        let quote = switchboard_storage::Quote {
+            mid: "m0".into(),
+            seq: 1,
+            from: "bob".into(),
+            kind: "text".into(),
+            preview: "h\u{e9} \"x\"".into(),
+        };
+        let bodies =
+            [json!("é \"quoted\" \n\u{1}"), json!({"url": "https://x/y", "name": "a b", "size": 3, "mime": "a/b"})];
+        for (i, body) in bodies.into_iter().enumerate() {
+            let m = Message {
+                conv: "d:alice:bob".into(),
+                mid: format!("mid{i}"),
+                seq: 7 + i as u64,
+                from: "alice".into(),
+                cmid: "c\"1".into(),
+                kind: if i == 0 { "text".into() } else { "file".into() },
+                body,
+                ts: 1_700_000_000_000,
+                reply_to: (i == 0).then(|| Box::new(quote.clone())),
+                mentions: if i == 0 { vec!["bob".into()] } else { Vec::new() },
+            };
+            let stored = serde_json::to_vec(&m).unwrap();
+            let direct = serde_json::to_vec(&MsgPush { op: "msg", msg: &m }).unwrap();
+            assert_eq!(msg_push_around(&stored), direct);
+        }
+    }
 
     #[test]
     fn conv_ids_are_canonical() {

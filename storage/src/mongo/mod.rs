@@ -843,7 +843,7 @@ impl MongoStore {
     async fn append_in(&self, ctx: &mut Ctx<'_>, msg: &NewMessage, members: &[&str]) -> FResult<Appended> {
         let by_cmid = doc! { "conv": &msg.conv, "from": &msg.from, "cmid": &msg.cmid };
         if let Some(d) = ctx.find_one(&self.messages, by_cmid).await? {
-            return Ok(Appended { msg: message_from_doc(&d)?, duplicate: true });
+            return Ok(Appended { msg: message_from_doc(&d)?, duplicate: true, json: None });
         }
         // The next seq, and a ts that never goes backwards inside the
         // conversation (so seq order and time order agree even if the wall
@@ -863,7 +863,7 @@ impl MongoStore {
         let entries =
             members.iter().map(|u| (key(&[u, &stored.conv]), doc! { "user": *u, "conv": &stored.conv })).collect();
         ctx.insert_missing(&self.user_convs, entries).await?;
-        Ok(Appended { msg: stored, duplicate: false })
+        Ok(Appended { msg: stored, duplicate: false, json: None })
     }
 
     /// One attempt of [`GroupStore::create_group`].
@@ -1074,7 +1074,7 @@ impl MessageStore for MongoStore {
                     // message, as if it had been found first), or the seq
                     // was taken by an upserted record: allocate again.
                     if let Some(m) = self.find_cmid(&msg.conv, &msg.from, &msg.cmid).await? {
-                        return Ok(Appended { msg: m, duplicate: true });
+                        return Ok(Appended { msg: m, duplicate: true, json: None });
                     }
                     tracing::debug!("mongodb: append to {} hit a taken seq, retrying: {e}", msg.conv);
                 }
