@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Instructions per 1:1 message, counted by valgrind's callgrind: one all-in-one node (embedded
-# storage) runs under callgrind with instrumentation off; `messaging` loads it at a low fixed rate; once
-# SKIP sends are stored, counting is switched on for WINDOW seconds, and the instructions of each
-# thread over that window are divided by the sends stored in it (read from /metrics before and
-# after). Counts are of user-space instructions only (the kernel's socket work is not in them) and
-# repeat to a fraction of a percent for the same binary and load, whatever else the machine does:
-# they show what a change to the message path saves where a timed run's spread would hide it.
-# Writes bench/reports/instructions$SUFFIX.json and the callgrind files to $KEEP if set.
+# storage) runs under callgrind with instrumentation off; `messaging` loads it at a low fixed
+# rate; once SKIP sends are stored, counting is switched on for WINDOW seconds, and each thread's
+# instructions over that window are divided by the sends stored in it (read from /metrics before
+# and after). Counts are of user-space instructions only (the kernel's socket work is not in
+# them) and repeat within ~1 % for the same binary and load, whatever else the machine does: they
+# show what a change to the message path saves where a timed run's spread would hide it. Work
+# done per timer tick (cursor flushes, checkpoints) is spread over this rate's messages, so
+# compare builds at the same rate. Writes bench/reports/instructions$SUFFIX.json, and the
+# callgrind files to $KEEP if set. Needs valgrind (Debian's `valgrind`) and curl.
 #
 #   cargo build --release -p switchboard -p switchboard-bench
 #   bash bench/run-instructions.sh [SUFFIX]
