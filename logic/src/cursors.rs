@@ -24,8 +24,7 @@ use crate::error::ApiError;
 const MAX_PENDING: usize = 1_000_000;
 
 /// The pending maps are looked up once or twice per message (the sender's read mark, each
-/// receiver's ack), so they hash with foldhash rather than SipHash; their keys are the users'
-/// and conversations' own names, which clients choose only within what the server accepts.
+/// receiver's ack), so they hash with foldhash (seeded per process) rather than SipHash.
 type Map<V> = HashMap<String, V, foldhash::fast::RandomState>;
 
 #[derive(Default)]
