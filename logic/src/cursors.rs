@@ -4,8 +4,9 @@
 //! read mark: writing each of those durably, one transaction apiece, cost more than the message
 //! itself. Here an ack or read mark only raises an in-memory cursor per (user, device, conv) or
 //! (user, conv); a flusher writes all cursors that moved every `flush_interval`, in one batch per
-//! store call. Readers (`sync`, `convs`) merge the unflushed cursors over the stored ones, so this
-//! instance never answers with an older cursor than it accepted.
+//! store call. Readers (`sync`, `convs`) merge the unflushed cursors over the stored ones (waiting
+//! out a flush under way, whose cursors are in neither), so this instance never answers with an
+//! older cursor than it accepted.
 //!
 //! Crash guarantee (docs/protocol.md): a cursor accepted less than one flush interval before the
 //! process died may be lost, so a device may be re-pushed (or re-synced) messages it had already
@@ -49,8 +50,10 @@ fn entry<'a, V: Default>(map: &'a mut Map<V>, key: &str) -> &'a mut V {
 pub struct Cursors {
     store: Arc<dyn MessageStore>,
     pending: Mutex<Pending>,
-    /// Serialises flushes so cursors reach the store in the order they were taken.
-    flushing: tokio::sync::Mutex<()>,
+    /// Held for writing by a flush (so flushes reach the store in the order they were taken)
+    /// and for reading by readers: a cursor taken by a flush is in neither `pending` nor the
+    /// store until that flush ends, so readers wait for it.
+    flushing: tokio::sync::RwLock<()>,
 }
 
 fn raise<S: std::hash::BuildHasher>(map: &mut HashMap<String, u64, S>, conv: &str, seq: u64) -> (u64, bool) {
@@ -68,7 +71,7 @@ fn raise<S: std::hash::BuildHasher>(map: &mut HashMap<String, u64, S>, conv: &st
 
 impl Cursors {
     pub fn new(store: Arc<dyn MessageStore>) -> Arc<Self> {
-        Arc::new(Self { store, pending: Mutex::new(Pending::default()), flushing: tokio::sync::Mutex::new(()) })
+        Arc::new(Self { store, pending: Mutex::new(Pending::default()), flushing: tokio::sync::RwLock::new(()) })
     }
 
     /// Cursors raised and not yet flushed to the store.
@@ -110,6 +113,7 @@ impl Cursors {
 
     /// The acked seq per conversation of one device: the store's, raised by unflushed acks.
     pub async fn acks(&self, user: &str, device: &str) -> Result<HashMap<String, u64>, ApiError> {
+        let _no_flush = self.flushing.read().await;
         let mut stored = self.store.acks(user, device).await?;
         if let Some(mine) = self.lock().acks.get(user).and_then(|d| d.get(device)) {
             for (conv, seq) in mine {
@@ -121,6 +125,7 @@ impl Cursors {
 
     /// The read seq per conversation of a user: the store's, raised by unflushed read marks.
     pub async fn reads(&self, user: &str) -> Result<HashMap<String, u64>, ApiError> {
+        let _no_flush = self.flushing.read().await;
         let mut stored = self.store.reads(user).await?;
         if let Some(mine) = self.lock().reads.get(user) {
             for (conv, seq) in mine {
@@ -133,7 +138,7 @@ impl Cursors {
     /// Writes every cursor that moved since the last flush. On failure the cursors are kept
     /// (merged with newer ones) for the next flush.
     pub async fn flush(&self) -> Result<(), ApiError> {
-        let _one = self.flushing.lock().await;
+        let _one = self.flushing.write().await;
         let taken = std::mem::take(&mut *self.lock());
         if taken.entries == 0 {
             return Ok(());
@@ -254,6 +259,34 @@ mod tests {
         assert_eq!(c.acks("a", "d1").await.unwrap().get("c1"), Some(&5));
         c.flush().await.unwrap();
         assert_eq!(acks("a", "d1").await.get("c1"), Some(&5));
+        drop(c);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A cursor being flushed is neither pending nor stored yet: a reader at that moment must
+    /// still see it (a device that acked, reconnected and synced at once was re-sent what it
+    /// had acked). Readers race flushes many times over on a multi-threaded runtime.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cursor_being_flushed_stays_visible() {
+        let dir = std::env::temp_dir().join(format!("sb-cursors-{}-{}", std::process::id(), line!()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Arc::new(EmbeddedStore::open(&dir).unwrap());
+        let c = Cursors::new(store.clone());
+        for seq in 1..=300u64 {
+            c.ack("a", "d1", "c1", seq).await.unwrap();
+            c.read("a", "c1", seq).await.unwrap();
+            let flush = tokio::spawn({
+                let c = c.clone();
+                async move { c.flush().await.unwrap() }
+            });
+            for _ in 0..3 {
+                assert_eq!(c.acks("a", "d1").await.unwrap().get("c1"), Some(&seq), "ack {seq} seen while flushing");
+                assert_eq!(c.reads("a").await.unwrap().get("c1"), Some(&seq), "read {seq} seen while flushing");
+                tokio::task::yield_now().await;
+            }
+            flush.await.unwrap();
+        }
         drop(c);
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
