@@ -86,9 +86,37 @@ pub struct EmbeddedStore {
     groups: Arc<GroupCache>,
     /// (user, other) -> the user's side of their relation.
     friends: Arc<Shared<(String, String), Option<FriendState>>>,
+    /// Declared last, so dropped last: by the time the last clone drops it, the writer and scan
+    /// threads were joined and the database closed.
+    closed: Arc<Closed>,
+}
+
+/// Marks its store closed when dropped (see [`EmbeddedStore::closed_watch`]).
+struct Closed(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Closed {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// Whether every clone of an [`EmbeddedStore`] is gone and its database closed (its threads
+/// joined, its file unlocked): another store may open the directory then.
+#[derive(Clone)]
+pub struct ClosedWatch(Arc<std::sync::atomic::AtomicBool>);
+
+impl ClosedWatch {
+    pub fn is_closed(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 impl EmbeddedStore {
+    /// Tells when this store (all of its clones) has closed.
+    pub fn closed_watch(&self) -> ClosedWatch {
+        ClosedWatch(self.closed.0.clone())
+    }
+
     /// Opens (or creates) `dir/switchboard.redb` with the default checkpoint policy, creating
     /// `dir` if needed.
     pub fn open(dir: &Path) -> Result<Self> {
@@ -171,6 +199,7 @@ impl EmbeddedStore {
             cmids,
             groups: Arc::default(),
             friends: Arc::new(Shared::live(MAX_RELATIONS, MAX_RELATIONS)),
+            closed: Arc::new(Closed(Arc::default())),
         })
     }
 
@@ -1336,6 +1365,31 @@ impl GroupStore for EmbeddedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store is closed once its last clone is dropped, from whichever thread, and from then
+    /// on its directory opens again at once (the database was closed before the mark).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_is_closed_when_its_last_clone_is_dropped() {
+        let dir = std::env::temp_dir().join(format!("sb-closed-{}", crate::contract::prefix()));
+        for round in 0..20 {
+            let store = EmbeddedStore::open(&dir).unwrap();
+            let cmid = format!("c{round}");
+            store.append(crate::contract::text("d:a:b", "a", &cmid, "hi"), &["a".to_string()]).await.unwrap();
+            let watch = store.closed_watch();
+            let other = store.clone();
+            drop(store);
+            assert!(!watch.is_closed(), "a clone still holds it");
+            // The last clone goes on another thread, as a call still under way would.
+            std::thread::spawn(move || drop(other));
+            while !watch.is_closed() {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        }
+        let store = EmbeddedStore::open(&dir).unwrap();
+        assert_eq!(store.last_seq("d:a:b").await.unwrap(), 20);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     /// Messages are found by mid without a row of the mid index (by their timestamp, once a
     /// checkpoint wrote them and after a restart); a database from before the index existed

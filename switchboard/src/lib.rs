@@ -85,6 +85,8 @@ pub struct LogicRole {
     heartbeat: Option<heartbeat::Heartbeat>,
     /// Voids seqs whose send no instance completed (cluster only).
     sweeper: Option<Task>,
+    /// Tells when the embedded store has closed (embedded only).
+    store_closed: Option<switchboard_storage::embedded::ClosedWatch>,
 }
 
 impl LogicRole {
@@ -102,7 +104,7 @@ impl LogicRole {
         extra: Vec<MetricsHook>,
         transport: Arc<dyn PushTransport>,
     ) -> anyhow::Result<Self> {
-        let (stores, cluster) = stores::open(s).await?;
+        let (stores, opened) = stores::open(s).await?;
         let config = s.logic_config(public)?;
         let (flush_every, max_message) = (config.cursor_flush, config.push.max_message_bytes);
         let logic = Logic::new(config, stores, transport);
@@ -196,8 +198,9 @@ impl LogicRole {
             }
         };
         let http = Task::spawn(|stopped| http_serve::serve(http_listener, router, limits, trusted, stopped));
-        let (heartbeat, sweeper) = match cluster {
-            Some(stores::ClusterParts { redis, messages }) => {
+        let (heartbeat, sweeper, store_closed) = match opened {
+            stores::Opened::Cluster(parts) => {
+                let stores::ClusterParts { redis, messages } = *parts;
                 let rpc = s.advertise_logic.clone().unwrap_or_else(|| format!("{scheme}://{grpc_addr}"));
                 let heartbeat = heartbeat::Heartbeat::logic(redis, s.node_id(), rpc, logic.metrics.clone());
                 let void_after = s.void_after();
@@ -208,9 +211,9 @@ impl LogicRole {
                         })
                         .await
                 });
-                (Some(heartbeat), Some(sweeper))
+                (Some(heartbeat), Some(sweeper), None)
             }
-            None => (None, None),
+            stores::Opened::Embedded(closed) => (None, None, Some(closed)),
         };
         tracing::info!(%grpc_addr, %http_addr, cluster = heartbeat.is_some(), "logic serving");
         Ok(Self {
@@ -226,6 +229,7 @@ impl LogicRole {
             notifier,
             heartbeat,
             sweeper,
+            store_closed,
         })
     }
 
@@ -389,6 +393,9 @@ impl PersistRole {
     }
 }
 
+/// How long [`AllInOne::stop`] waits for the last calls into logic to end.
+const STOP_WAIT: Duration = Duration::from_secs(5);
+
 /// Gateway and logic in one process on embedded storage.
 pub struct AllInOne {
     pub logic: LogicRole,
@@ -436,9 +443,22 @@ impl AllInOne {
         self.gateway.ws_addr()
     }
 
-    /// Drains the gateway (clients get `drain`), then stops logic.
+    /// Drains the gateway (clients get `drain`), then stops logic. When it returns the data dir
+    /// is free for another node: work still holding the store (a call the gateway made on a
+    /// closing connection's behalf, a write under way) is waited for, up to [`STOP_WAIT`].
     pub async fn stop(self) {
+        let closed = self.logic.store_closed.clone();
         self.gateway.shutdown().await;
         self.logic.stop().await;
+        let started = std::time::Instant::now();
+        while closed.as_ref().is_some_and(|c| !c.is_closed()) {
+            if started.elapsed() >= STOP_WAIT {
+                tracing::warn!(
+                    "the store is still open {STOP_WAIT:?} after stopping; it closes when its last user ends"
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }

@@ -88,12 +88,21 @@ pub(crate) fn cluster_of(storage: &StorageSettings, role: &str) -> anyhow::Resul
     }
 }
 
+/// What [`open`] opened besides the stores.
+pub(crate) enum Opened {
+    /// The embedded store, watched for its close.
+    Embedded(switchboard_storage::embedded::ClosedWatch),
+    /// The cluster's handles.
+    Cluster(Box<ClusterParts>),
+}
+
 /// The stores a logic instance runs on, and the cluster's handles when it is one.
-pub(crate) async fn open(s: &Settings) -> anyhow::Result<(Stores, Option<ClusterParts>)> {
+pub(crate) async fn open(s: &Settings) -> anyhow::Result<(Stores, Opened)> {
     let storage = &s.storage;
     let StoreChoice::Cluster { redis: redis_url, brokers, durable } = storage.choice()? else {
         let store = EmbeddedStore::open_with(&s.data_dir(), storage.checkpoint_policy())
             .context("opening the embedded store")?;
+        let closed = store.closed_watch();
         let stores = Stores {
             accounts: Arc::new(store.clone()),
             social: Arc::new(store.clone()),
@@ -103,7 +112,7 @@ pub(crate) async fn open(s: &Settings) -> anyhow::Result<(Stores, Option<Cluster
             routes: Arc::new(MemoryRoutes::default()),
             registry: None,
         };
-        return Ok((stores, None));
+        return Ok((stores, Opened::Embedded(closed)));
     };
     let store = DurableStore::connect(&durable, storage, 8).await?;
     let redis = RedisStore::connect_tls(&redis_url, &storage.key_prefix(), &storage.backend_tls()?)
@@ -125,5 +134,5 @@ pub(crate) async fn open(s: &Settings) -> anyhow::Result<(Stores, Option<Cluster
         routes: Arc::new(redis.clone()),
         registry: Some(Arc::new(redis.clone())),
     };
-    Ok((stores, Some(ClusterParts { redis, messages })))
+    Ok((stores, Opened::Cluster(Box::new(ClusterParts { redis, messages }))))
 }
