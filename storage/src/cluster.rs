@@ -418,8 +418,12 @@ impl MessageStore for ClusterMessages {
         Err(StorageError::Busy(format!("the send of cmid {} in {} did not settle", msg.cmid, msg.conv)))
     }
 
-    async fn place(&self, msg: &NewMessage, members: &[String]) -> Option<Result<Box<dyn Placed>>> {
-        Some(self.place_new(msg, members).await)
+    async fn place(
+        &self,
+        msg: NewMessage,
+        members: &[String],
+    ) -> std::result::Result<Result<Box<dyn Placed>>, NewMessage> {
+        Ok(self.place_new(&msg, members).await)
     }
 
     async fn find_cmid(&self, conv: &str, from: &str, cmid: &str) -> Result<Option<Message>> {

@@ -944,13 +944,19 @@ impl EmbeddedStore {
 
 #[async_trait]
 impl MessageStore for EmbeddedStore {
+    // The message comes back by value when unused: boxing it would cost the allocation per
+    // send that taking it by value saves.
+    #[allow(clippy::result_large_err)]
     fn append_ordered(
         &self,
-        msg: &NewMessage,
+        msg: NewMessage,
         members: &[String],
-    ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = Result<Appended>> + Send + 'static>>> {
-        let job = self.append_job(msg.clone(), members);
-        Some(Box::pin(self.writer.append(job)))
+    ) -> std::result::Result<
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Appended>> + Send + 'static>>,
+        NewMessage,
+    > {
+        let job = self.append_job(msg, members);
+        Ok(Box::pin(self.writer.append(job)))
     }
 
     async fn append(&self, msg: NewMessage, members: &[String]) -> Result<Appended> {

@@ -112,23 +112,34 @@ pub trait MessageStore: Send + Sync {
     /// the call returns (before the future is polled): appends started in some order get their
     /// seqs in that order. Lets callers order pushes without holding a lock while the write
     /// becomes durable. `None` when the store cannot promise it (the caller then holds its
-    /// conversation lock across [`MessageStore::append`]).
+    /// conversation lock across [`MessageStore::append`]); the message comes back unused.
+    // The message comes back by value when unused: boxing it would cost the allocation per
+    // send that taking it by value saves.
+    #[allow(clippy::result_large_err)]
     fn append_ordered(
         &self,
-        _msg: &NewMessage,
+        msg: NewMessage,
         _members: &[String],
-    ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = Result<Appended>> + Send + 'static>>> {
-        None
+    ) -> std::result::Result<
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Appended>> + Send + 'static>>,
+        NewMessage,
+    > {
+        Err(msg)
     }
     /// [`MessageStore::append`] in steps, for stores that fix a message's place before it is
     /// durable (a cluster's seq reservation takes a round trip to Redis): the call ends once the
     /// seq is fixed, so appends whose calls ran one after another get their seqs in that order,
     /// and a caller holds its conversation lock across this call only; the rest ([`Placed`])
-    /// runs outside it. `None` when the store has no such steps. By default, a store whose
-    /// appends are ordered when started ([`MessageStore::append_ordered`]) is placed that way.
-    async fn place(&self, msg: &NewMessage, members: &[String]) -> Option<Result<Box<dyn Placed>>> {
+    /// runs outside it. `Err` with the message, unused, when the store has no such steps. By
+    /// default, a store whose appends are ordered when started
+    /// ([`MessageStore::append_ordered`]) is placed that way.
+    async fn place(
+        &self,
+        msg: NewMessage,
+        members: &[String],
+    ) -> std::result::Result<Result<Box<dyn Placed>>, NewMessage> {
         let write = self.append_ordered(msg, members)?;
-        Some(Ok(Box::new(Written { write: Some(write), appended: None })))
+        Ok(Ok(Box::new(Written { write: Some(write), appended: None })))
     }
     /// The message `from` sent in `conv` with this cmid, if stored.
     async fn find_cmid(&self, conv: &str, from: &str, cmid: &str) -> Result<Option<Message>>;

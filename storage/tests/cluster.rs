@@ -605,8 +605,7 @@ async fn placed_sends_wait_for_the_broker_together_and_show_in_order() {
 
     let mut placed = Vec::new();
     for i in 1..=30 {
-        placed
-            .push(cluster.place(&text(&conv, &format!("p{i}")), &members).await.expect("the cluster places").unwrap());
+        placed.push(cluster.place(text(&conv, &format!("p{i}")), &members).await.expect("the cluster places").unwrap());
     }
     assert!(cluster.range(&conv, 0, 100).await.unwrap().is_empty(), "nothing is visible before it is finished");
     // all wait for the broker at once
@@ -628,7 +627,7 @@ async fn placed_sends_wait_for_the_broker_together_and_show_in_order() {
 
     let retry = cluster.append(text(&conv, "p5"), &members).await.unwrap();
     assert!(retry.duplicate && retry.msg.seq == 5, "{retry:?}");
-    let mut known = cluster.place(&text(&conv, "p7"), &members).await.unwrap().unwrap();
+    let mut known = cluster.place(text(&conv, "p7"), &members).await.unwrap().unwrap();
     known.durable().await.unwrap();
     let known = known.finish().await.unwrap();
     assert!(known.duplicate && known.msg.seq == 7, "{known:?}");

@@ -110,7 +110,7 @@ async fn append(
     };
     // Direct conversations are indexed for both users, as `send` does; groups by membership.
     let index: &[String] = if conv.starts_with("d:") { members } else { &[] };
-    store_and_push(logic, caller, new, index, members).await
+    store_and_push(logic, caller, new, index, members).await.map(super::messages::Sent::into_fields)
 }
 
 pub async fn edit(logic: &Logic, caller: &Caller, req: Edit) -> Result<Fields, ApiError> {

@@ -167,7 +167,7 @@ fn validate_body(kind: &str, body: &Value) -> Result<(), ApiError> {
     }
 }
 
-pub async fn send(logic: &Logic, caller: &Caller, mut req: Send) -> Result<Fields, ApiError> {
+pub async fn send(logic: &Logic, caller: &Caller, mut req: Send) -> Result<Sent, ApiError> {
     if req.cmid.is_empty() || req.cmid.chars().count() > 64 {
         return Err(ApiError::bad_request("cmid must be 1-64 chars"));
     }
@@ -214,9 +214,37 @@ pub async fn send(logic: &Logic, caller: &Caller, mut req: Send) -> Result<Field
 /// The `send.ok` of a message already stored under this cmid: a retry gets it even when its
 /// references no longer pass their checks (the quoted message recalled, a mentioned member
 /// gone since the first attempt).
-async fn stored_retry(logic: &Logic, conv: &str, from: &str, cmid: &str) -> Result<Option<Fields>, ApiError> {
+async fn stored_retry(logic: &Logic, conv: &str, from: &str, cmid: &str) -> Result<Option<Sent>, ApiError> {
     let m = logic.stores.messages.find_cmid(conv, from, cmid).await?;
-    Ok(m.map(|m| fields(json!({"conv": m.conv, "mid": m.mid, "seq": m.seq, "ts": m.ts}))))
+    Ok(m.map(Sent::of))
+}
+
+/// Where a message was stored: the fields of `send.ok` (and of the ops that store an event).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Sent {
+    conv: String,
+    mid: String,
+    seq: u64,
+    ts: u64,
+}
+
+impl Sent {
+    fn of(m: Message) -> Sent {
+        Sent { conv: m.conv, mid: m.mid, seq: m.seq, ts: m.ts }
+    }
+
+    /// As fields, for the ops that answer with more.
+    pub fn into_fields(self) -> Fields {
+        fields(json!({"conv": self.conv, "mid": self.mid, "seq": self.seq, "ts": self.ts}))
+    }
+
+    /// Writes the fields into a reply's map, in the order [`Sent::into_fields`] has them.
+    pub(super) fn serialize_entries<M: serde::ser::SerializeMap>(&self, m: &mut M) -> Result<(), M::Error> {
+        m.serialize_entry("conv", &self.conv)?;
+        m.serialize_entry("mid", &self.mid)?;
+        m.serialize_entry("seq", &self.seq)?;
+        m.serialize_entry("ts", &self.ts)
+    }
 }
 
 /// Appends a message and pushes it to the conversation's members (all of
@@ -229,15 +257,15 @@ pub(super) async fn store_and_push(
     new: NewMessage,
     index: &[String],
     members: &[String],
-) -> Result<Fields, ApiError> {
+) -> Result<Sent, ApiError> {
     let conv = new.conv.clone();
     // Recipients' connections are looked up before the conversation lock, which covers seq
     // allocation, append and enqueue only.
     let targets = logic.pusher.targets(members, Some((&caller.gateway, caller.conn_id))).await;
     let mut tail = logic.conv_lock(&conv).lock().await;
     let store = &logic.stores.messages;
-    let appended = match store.place(&new, index).await {
-        Some(placed) => {
+    let appended = match store.place(new, index).await {
+        Ok(placed) => {
             // The message's place is fixed (at once on the embedded store, after a round trip
             // to Redis in a cluster): wait for durability without the lock, alongside later
             // sends of the conversation. It becomes visible and its push leaves only after the
@@ -263,7 +291,7 @@ pub(super) async fn store_and_push(
             drop(done);
             appended
         }
-        None => append_locked(logic, tail, new, index, targets).await?,
+        Err(new) => append_locked(logic, tail, new, index, targets).await?,
     };
     let m = &appended.msg;
     let span = tracing::Span::current();
@@ -277,7 +305,7 @@ pub(super) async fn store_and_push(
         // The sender's own read mark needs no order.
         logic.cursors.read(&caller.user, &m.conv, m.seq).await?;
     }
-    Ok(fields(json!({"conv": m.conv, "mid": m.mid, "seq": m.seq, "ts": m.ts})))
+    Ok(Sent::of(appended.msg))
 }
 
 /// An append on a store without ordered steps: the conversation lock (`tail`) covers the whole
@@ -508,6 +536,27 @@ pub async fn recall(logic: &Logic, caller: &Caller, req: Recall) -> Result<Field
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `send.ok` written from [`Sent`] is byte for byte the one written from its fields.
+    #[test]
+    fn a_typed_send_ok_is_the_one_written_from_fields() {
+        let sent = || Sent { conv: "d:a:\"b\"\u{e9}".into(), mid: "m\n1".into(), seq: 7, ts: 1_700_000_000_123 };
+        for rid in [Some(3), None] {
+            let typed = serde_json::to_vec(&super::super::OkReply {
+                op: "send",
+                rid,
+                reply: &super::super::Reply::Sent(sent()),
+            })
+            .unwrap();
+            let from_fields = serde_json::to_vec(&super::super::OkReply {
+                op: "send",
+                rid,
+                reply: &super::super::Reply::Fields(sent().into_fields()),
+            })
+            .unwrap();
+            assert_eq!(String::from_utf8(typed).unwrap(), String::from_utf8(from_fields).unwrap());
+        }
+    }
 
     /// The push built around a stored encoding is byte for byte the one serialised from the
     /// message, for text, object bodies, quotes, mentions and characters JSON escapes.

@@ -33,6 +33,14 @@ pub struct Caller {
 /// Reply fields (merged into `{"op": "<op>.ok", "rid": ..}`).
 pub type Fields = Map<String, Value>;
 
+/// What an op answers besides `op` and `rid`.
+pub enum Reply {
+    /// Any op's fields.
+    Fields(Fields),
+    /// Where a sent message was stored (`send.ok`), written without a map built per reply.
+    Sent(messages::Sent),
+}
+
 /// Deserialises the frame straight into the op's request type (the one parse of the frame in
 /// logic; `op` and `rid` come from the gateway).
 fn parse<T: DeserializeOwned>(frame: &[u8]) -> Result<T, ApiError> {
@@ -85,7 +93,7 @@ pub async fn handle(logic: &Logic, caller: &Caller, op: &str, rid: Option<u64>, 
     tracing::debug!(parent: &span, micros = elapsed.as_micros() as u64, error = result.as_ref().err().map(|e| e.code), "request done");
     match result {
         Ok(fields) => {
-            let reply = OkReply { op, rid, fields: &fields };
+            let reply = OkReply { op, rid, reply: &fields };
             let frame = serde_json::to_vec(&reply)
                 .unwrap_or_else(|e| error_frame(&ApiError::new("internal", e.to_string()), rid));
             (frame, false)
@@ -107,7 +115,7 @@ fn error_frame(e: &ApiError, rid: Option<u64>) -> Vec<u8> {
 struct OkReply<'a> {
     op: &'a str,
     rid: Option<u64>,
-    fields: &'a Fields,
+    reply: &'a Reply,
 }
 
 impl Serialize for OkReply<'_> {
@@ -120,8 +128,13 @@ impl Serialize for OkReply<'_> {
         if let Some(rid) = self.rid {
             m.serialize_entry("rid", &rid)?;
         }
-        for (k, v) in self.fields.iter().filter(|(k, _)| *k != "op" && *k != "rid") {
-            m.serialize_entry(k, v)?;
+        match self.reply {
+            Reply::Fields(fields) => {
+                for (k, v) in fields.iter().filter(|(k, _)| *k != "op" && *k != "rid") {
+                    m.serialize_entry(k, v)?;
+                }
+            }
+            Reply::Sent(sent) => sent.serialize_entries(&mut m)?,
         }
         m.end()
     }
@@ -179,9 +192,16 @@ pub(crate) fn op_index(op: &str) -> Option<usize> {
     OPS.iter().position(|o| *o == op)
 }
 
-async fn dispatch(logic: &Logic, caller: &Caller, op: &str, req: &[u8]) -> Result<Fields, ApiError> {
+async fn dispatch(logic: &Logic, caller: &Caller, op: &str, req: &[u8]) -> Result<Reply, ApiError> {
     match op {
-        "send" => messages::send(logic, caller, parse(req)?).await,
+        "send" => messages::send(logic, caller, parse(req)?).await.map(Reply::Sent),
+        _ => dispatch_fields(logic, caller, op, req).await.map(Reply::Fields),
+    }
+}
+
+/// The ops that answer with [`Fields`].
+async fn dispatch_fields(logic: &Logic, caller: &Caller, op: &str, req: &[u8]) -> Result<Fields, ApiError> {
+    match op {
         "ack" => messages::ack(logic, caller, parse(req)?).await,
         "sync" => messages::sync(logic, caller, parse(req)?).await,
         "history" => messages::history(logic, caller, parse(req)?).await,
@@ -240,17 +260,20 @@ fn fields(v: Value) -> Fields {
 mod tests {
     use serde_json::json;
 
-    use super::{fields, OkReply};
+    use super::{fields, OkReply, Reply};
 
     #[test]
     fn ok_replies_carry_op_rid_and_every_field_once() {
-        let f = fields(json!({"conv": "d:a:\"b\"", "seq": 7, "msgs": [{"body": "é\n"}], "op": "x", "rid": 1}));
-        let bytes = serde_json::to_vec(&OkReply { op: "send", rid: Some(42), fields: &f }).unwrap();
+        let f = Reply::Fields(fields(
+            json!({"conv": "d:a:\"b\"", "seq": 7, "msgs": [{"body": "é\n"}], "op": "x", "rid": 1}),
+        ));
+        let bytes = serde_json::to_vec(&OkReply { op: "send", rid: Some(42), reply: &f }).unwrap();
         let text = String::from_utf8(bytes).unwrap();
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v, json!({"op": "send.ok", "rid": 42, "conv": "d:a:\"b\"", "seq": 7, "msgs": [{"body": "é\n"}]}));
         assert_eq!(text.matches("\"op\"").count() + text.matches("\"rid\"").count(), 2, "{text}");
-        let none = serde_json::to_vec(&OkReply { op: "ack", rid: None, fields: &Default::default() }).unwrap();
+        let none =
+            serde_json::to_vec(&OkReply { op: "ack", rid: None, reply: &Reply::Fields(Default::default()) }).unwrap();
         assert_eq!(none, br#"{"op":"ack.ok"}"#);
     }
 
@@ -258,12 +281,15 @@ mod tests {
     fn every_op_is_found_and_answers_with_its_own_name() {
         for (i, op) in super::OPS.iter().enumerate() {
             assert_eq!(super::op_index(op), Some(i), "{op}");
-            let bytes = serde_json::to_vec(&OkReply { op, rid: None, fields: &Default::default() }).unwrap();
+            let bytes =
+                serde_json::to_vec(&OkReply { op, rid: None, reply: &Reply::Fields(Default::default()) }).unwrap();
             assert_eq!(bytes, format!(r#"{{"op":"{op}.ok"}}"#).into_bytes());
         }
         // An op outside the list (none is answered today) is still named by the reply.
         assert_eq!(super::op_index("nope"), None);
-        let bytes = serde_json::to_vec(&OkReply { op: "nope", rid: Some(1), fields: &Default::default() }).unwrap();
+        let bytes =
+            serde_json::to_vec(&OkReply { op: "nope", rid: Some(1), reply: &Reply::Fields(Default::default()) })
+                .unwrap();
         assert_eq!(bytes, br#"{"op":"nope.ok","rid":1}"#);
     }
 }
