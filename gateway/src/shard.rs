@@ -422,12 +422,17 @@ impl Shard {
         }
     }
 
-    /// After any event on a connection: write, fix interest, drop when dead.
+    /// After any event on a connection: write, fix interest, drop when dead. A connection with
+    /// pushes waiting for the push round is written by the round, replies queued behind them
+    /// included (in order): an event on it (a member's `ack`, a reply) does not write its pushes
+    /// one by one ahead of the round, so each write carries what the round gathered.
     fn finish(&mut self, key: usize) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        conn.flush_out(&mut self.env);
+        if !conn.waits_for_push_round() {
+            conn.flush_out(&mut self.env);
+        }
         if conn.is_dead() {
             self.remove(key);
             return;

@@ -443,6 +443,68 @@ async fn fan_out_bursts_arrive_complete_and_in_order_while_rounds_linger() {
     gw.shutdown().await;
 }
 
+/// Clients that answer every push with a request while fan-out bursts keep coming: a connection
+/// with pushes waiting for the push round is written by the round, its replies with them, so
+/// every reply still arrives (none is held past the round) and the pushes keep their order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_behind_pushes_waiting_for_their_round_all_arrive() {
+    const CONNS: usize = 3;
+    const MSGS: u64 = 300;
+    const PER_BATCH: u64 = 10;
+    let (logic, logic_url) = start_logic().await;
+    let gw = start_gateway(GatewayConfig {
+        push_linger: Duration::from_millis(50),
+        repush_interval: Duration::from_secs(60),
+        ..config(&[&logic_url])
+    })
+    .await;
+    let mut clients = Vec::new();
+    for _ in 0..CONNS {
+        let client = authed_client(gw.ws_addr(), |mut ws| {
+            ws.get_mut().set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let (mut seqs, mut answered) = (Vec::new(), Vec::new());
+            while seqs.len() < MSGS as usize || answered.len() < MSGS as usize {
+                let frame = ws_read_json(&mut ws);
+                match frame["op"].as_str() {
+                    Some("msg") => {
+                        let seq = frame["seq"].as_u64().unwrap();
+                        seqs.push(seq);
+                        ws_send_text(&mut ws, &format!(r#"{{"op":"ping","rid":{seq}}}"#));
+                    }
+                    Some("ping.ok") => answered.push(frame["rid"].as_u64().unwrap()),
+                    _ => panic!("unexpected frame {frame}"),
+                }
+            }
+            (seqs, answered)
+        });
+        clients.push(client.await);
+    }
+    let mut targets = Vec::new();
+    for n in 0..CONNS {
+        targets.extend(to(logic.connected_conn_id(n).await));
+    }
+    let mut pusher = Pusher::connect(&gw).await;
+    for first in (1..=MSGS).step_by(PER_BATCH as usize) {
+        let batch = (first..first + PER_BATCH)
+            .map(|seq| Delivery {
+                targets: targets.clone(),
+                frame: format!(r#"{{"op":"msg","seq":{seq}}}"#).into_bytes().into(),
+                conv: "g".into(),
+                seq,
+                close: false,
+            })
+            .collect();
+        assert!(pusher.push(batch).await.is_empty());
+    }
+    let all: Vec<u64> = (1..=MSGS).collect();
+    for client in clients {
+        let (seqs, answered) = client.await.unwrap();
+        assert_eq!(seqs, all, "every push, once, in order");
+        assert_eq!(answered, all, "every ping answered, in order");
+    }
+    gw.shutdown().await;
+}
+
 /// Logic routes a connection before it answers `auth`, so a push can reach the gateway before
 /// the answer: it is held and delivered right after `auth.ok`, never reported gone (which would
 /// drop the route).

@@ -578,6 +578,12 @@ impl Conn {
         self.pump(env);
     }
 
+    /// Its output waits for its shard's next push round (it was given pushes since the last
+    /// one, and is neither closing nor dead: those are written at once).
+    pub fn waits_for_push_round(&self) -> bool {
+        self.in_push_round && !self.closing && !self.is_dead()
+    }
+
     /// A push delivery for `user` on this connection; false when this connection cannot take
     /// pushes (gone), or is another user's (a stale route: never deliver it). `encoded` holds the
     /// frame's encoding for the binary wires, shared by every target of the delivery.
