@@ -117,8 +117,8 @@ pub struct GatewayConfig {
     /// (see `acks`); zero relays every `ack` to logic.
     pub ack_flush: Duration,
     /// Longest time a shard under fan-out load lets pushes wait for its next write round, so
-    /// that one write carries several messages (see `shard::PushRounds`); zero writes every
-    /// push at once.
+    /// that one write carries several messages (see `shard::PushRounds`); replies queued behind
+    /// such pushes wait with them. Zero writes every push at once.
     pub push_linger: Duration,
     /// Per-connection outbound queue bound in frames (slow consumers are closed).
     pub max_outbound_frames: usize,
