@@ -466,6 +466,12 @@ impl MessageStore for ClusterMessages {
         Ok(self.redis.counter(conv).await?.unwrap_or(0).max(durable))
     }
 
+    async fn last_seqs(&self, convs: &[String]) -> Result<Vec<u64>> {
+        let durable = self.durable.last_seqs(convs).await?;
+        let counters = self.redis.counters(convs).await?;
+        Ok(durable.into_iter().zip(counters).map(|(d, c)| c.unwrap_or(0).max(d)).collect())
+    }
+
     async fn user_convs(&self, user: &str) -> Result<Vec<(String, u64)>> {
         let mut all: HashMap<String, u64> = self.durable.user_convs(user).await?.into_iter().collect();
         for c in self.redis.convs_of(user).await? {

@@ -269,6 +269,10 @@ impl GroupStore for CachedGroups {
         self.inner.user_groups(user).await
     }
 
+    async fn user_group_ids(&self, user: &str) -> Result<Vec<String>> {
+        self.inner.user_group_ids(user).await
+    }
+
     async fn set_invite_only(&self, id: &str, invite_only: bool) -> Result<bool> {
         self.inner.set_invite_only(id, invite_only).await
     }

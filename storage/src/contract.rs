@@ -363,6 +363,9 @@ pub async fn groups_contract(s: &dyn GroupStore) {
     assert_eq!(s.user_groups(&o).await.unwrap(), vec![(g1.clone(), Role::Owner)]);
     assert!(s.user_groups(&b).await.unwrap().is_empty(), "a removed member loses the group");
     assert!(s.user_groups(&format!("{p}nobody")).await.unwrap().is_empty());
+    assert_eq!(s.user_group_ids(&a).await.unwrap(), vec![g0.id.clone(), g1.id.clone()]);
+    assert_eq!(s.user_group_ids(&o).await.unwrap(), vec![g1.id.clone()]);
+    assert!(s.user_group_ids(&b).await.unwrap().is_empty(), "a removed member loses the group");
     assert!(s.members(&format!("{p}g")).await.unwrap().is_empty(), "no prefix bleed between groups");
 
     assert!(s.set_invite_only(&g1.id, true).await.unwrap());
@@ -469,6 +472,9 @@ pub async fn messages_contract(s: &dyn MessageStore) {
     convs.sort();
     assert_eq!(convs, vec![(conv.clone(), 10), (other.clone(), 1)]);
     assert_eq!(s.user_convs(&b).await.unwrap(), vec![(conv.clone(), 10)]);
+    let asked = [other.clone(), format!("{p}none"), conv.clone(), other.clone()];
+    assert_eq!(s.last_seqs(&asked).await.unwrap(), vec![1, 0, 10, 1], "in the order asked, 0 when empty");
+    assert!(s.last_seqs(&[]).await.unwrap().is_empty());
 
     s.set_ack(&b, "phone", &conv, 4).await.unwrap();
     s.set_ack(&b, "phone", &conv, 2).await.unwrap();

@@ -1019,6 +1019,21 @@ impl MessageStore for EmbeddedStore {
         Ok(stored.max(tail))
     }
 
+    async fn last_seqs(&self, convs: &[String]) -> Result<Vec<u64>> {
+        if convs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tail = self.tail.lasts(convs);
+        let convs = convs.to_vec();
+        let stored = self
+            .read(move |tx| {
+                let seqs = tx.open_table(CONV_SEQ)?;
+                convs.iter().map(|c| Ok(seqs.get(c.as_str())?.map_or(0, |v| v.value()))).collect::<Result<Vec<_>>>()
+            })
+            .await?;
+        Ok(stored.into_iter().zip(tail).map(|(s, t)| s.max(t)).collect())
+    }
+
     async fn user_convs(&self, user: &str) -> Result<Vec<(String, u64)>> {
         let (new, lasts) = self.tail.user_view(user);
         let user = user.to_owned();
@@ -1353,6 +1368,11 @@ impl GroupStore for EmbeddedStore {
             })
         })
         .await
+    }
+
+    async fn user_group_ids(&self, user: &str) -> Result<Vec<String>> {
+        let user = user.to_owned();
+        self.read(move |tx| rows_under(&tx.open_table(USER_GROUPS)?, &user, |id, _| Ok(id.to_owned()))).await
     }
 
     async fn set_invite_only(&self, id: &str, invite_only: bool) -> Result<bool> {

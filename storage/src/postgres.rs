@@ -875,6 +875,17 @@ impl MessageStore for PgStore {
         uint_or_zero(c.query_opt(&st, &[&conv]).await?)
     }
 
+    async fn last_seqs(&self, convs: &[String]) -> Result<Vec<u64>> {
+        if convs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let c = self.client().await?;
+        let st = c.prepare_cached("SELECT conv, last_seq FROM conv_seq WHERE conv = ANY($1)").await?;
+        let found: HashMap<String, u64> =
+            c.query(&st, &[&convs]).await?.iter().map(text_and_uint).collect::<Result<_>>()?;
+        Ok(convs.iter().map(|conv| found.get(conv).copied().unwrap_or(0)).collect())
+    }
+
     async fn user_convs(&self, user: &str) -> Result<Vec<(String, u64)>> {
         let c = self.client().await?;
         let st = c
@@ -1395,6 +1406,14 @@ impl GroupStore for PgStore {
             )
             .await?;
         c.query(&st, &[&user]).await?.iter().map(|r| Ok((group_from_row(r)?, role_from_row(r)?))).collect()
+    }
+
+    async fn user_group_ids(&self, user: &str) -> Result<Vec<String>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(r#"SELECT group_id FROM group_members WHERE username = $1 ORDER BY group_id COLLATE "C""#)
+            .await?;
+        c.query(&st, &[&user]).await?.iter().map(|r| Ok(r.try_get(0)?)).collect()
     }
 
     async fn set_invite_only(&self, id: &str, invite_only: bool) -> Result<bool> {

@@ -322,6 +322,15 @@ impl Tail {
         Some((seq, t.at(conv, seq, staged).map_or(0, |m| m.ts)))
     }
 
+    /// [`Tail::last`]'s seq of each of `convs` (0 where the tail has none), under one lock.
+    pub fn lasts(&self, convs: &[String]) -> Vec<u64> {
+        let t = self.lock();
+        convs
+            .iter()
+            .map(|conv| t.gens().filter_map(|g| g.convs.get(conv.as_str())).map(|c| c.last).max().unwrap_or(0))
+            .collect()
+    }
+
     /// The newest copy in the tail of `conv`#`seq`.
     pub fn at(&self, conv: &str, seq: u64, staged: bool) -> Option<Arc<Message>> {
         self.lock().at(conv, seq, staged)

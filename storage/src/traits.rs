@@ -149,6 +149,16 @@ pub trait MessageStore: Send + Sync {
     async fn history(&self, conv: &str, before_seq: Option<u64>, limit: usize) -> Result<Vec<Message>>;
     /// The highest seq of a conversation (0 when empty).
     async fn last_seq(&self, conv: &str) -> Result<u64>;
+    /// [`MessageStore::last_seq`] of each of `convs`, in their order: one read (a transaction,
+    /// a query, a round trip) where the backend can batch them, so a user in many groups costs
+    /// one lookup per conversation, not one round trip.
+    async fn last_seqs(&self, convs: &[String]) -> Result<Vec<u64>> {
+        let mut out = Vec::with_capacity(convs.len());
+        for conv in convs {
+            out.push(self.last_seq(conv).await?);
+        }
+        Ok(out)
+    }
     /// Conversations `user` belongs to, with their last seq.
     async fn user_convs(&self, user: &str) -> Result<Vec<(String, u64)>>;
     /// Records that `device` of `user` received `conv` up to `seq` (never moves back).
@@ -210,6 +220,10 @@ pub trait GroupStore: Send + Sync {
     async fn members(&self, id: &str) -> Result<Vec<(String, Role)>>;
     /// The groups of `user` with the user's role, ordered by group id.
     async fn user_groups(&self, user: &str) -> Result<Vec<(Group, Role)>>;
+    /// The ids of [`GroupStore::user_groups`] alone (the groups themselves are not read).
+    async fn user_group_ids(&self, user: &str) -> Result<Vec<String>> {
+        Ok(self.user_groups(user).await?.into_iter().map(|(g, _)| g.id).collect())
+    }
     /// Sets whether the group is invite-only; `false` if there is no such group.
     async fn set_invite_only(&self, id: &str, invite_only: bool) -> Result<bool>;
 }

@@ -437,14 +437,13 @@ pub async fn history(logic: &Logic, caller: &Caller, req: History) -> Result<Fie
 }
 
 /// Every conversation of `user` with its last seq: direct chats from the
-/// message index, groups from membership.
+/// message index, groups from membership (their last seqs read in one batch).
 pub(super) async fn user_convs(logic: &Logic, user: &str) -> Result<Vec<(String, u64)>, ApiError> {
     let mut convs = logic.stores.messages.user_convs(user).await?;
-    for (g, _) in logic.stores.groups.user_groups(user).await? {
-        let conv = format!("g:{}", g.id);
-        let last = logic.stores.messages.last_seq(&conv).await?;
-        convs.push((conv, last));
-    }
+    let groups: Vec<String> =
+        logic.stores.groups.user_group_ids(user).await?.into_iter().map(|id| format!("g:{id}")).collect();
+    let lasts = logic.stores.messages.last_seqs(&groups).await?;
+    convs.extend(groups.into_iter().zip(lasts));
     Ok(convs)
 }
 

@@ -1105,6 +1105,17 @@ impl MessageStore for MongoStore {
         }
     }
 
+    async fn last_seqs(&self, convs: &[String]) -> Result<Vec<u64>> {
+        if convs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut found = HashMap::with_capacity(convs.len());
+        for d in collect(self.conv_seq.find(doc! { "_id": { "$in": convs } }).await?).await? {
+            found.insert(text(&d, "_id")?, number(&d, "last_seq")?);
+        }
+        Ok(convs.iter().map(|conv| found.get(conv).copied().unwrap_or(0)).collect())
+    }
+
     async fn user_convs(&self, user: &str) -> Result<Vec<(String, u64)>> {
         let cursor = self.user_convs.find(doc! { "user": user }).sort(doc! { "conv": 1 }).await?;
         let convs = collect(cursor).await?.iter().map(|d| text(d, "conv")).collect::<Result<Vec<_>>>()?;
@@ -1440,6 +1451,11 @@ impl GroupStore for MongoStore {
             out.push((g, role_from_doc(d)?));
         }
         Ok(out)
+    }
+
+    async fn user_group_ids(&self, user: &str) -> Result<Vec<String>> {
+        let cursor = self.group_members.find(doc! { "user": user }).sort(doc! { "group": 1 }).await?;
+        collect(cursor).await?.iter().map(|d| text(d, "group")).collect()
     }
 
     async fn set_invite_only(&self, id: &str, invite_only: bool) -> Result<bool> {
