@@ -4,7 +4,8 @@
 //! of them and posts one message in each. The reader then asks `sync` (no `since`: the server
 //! resumes from the device's acks) `--rounds` times, one at a time, and the report gives the
 //! round-trip percentiles (loopback, so nearly all of it is server time) and checks every reply
-//! holds exactly the changed conversations' messages.
+//! holds exactly the changed conversations' messages. Then `convs` (the conversation list with
+//! each one's last message and unread count) `--convs-rounds` times, checked the same way.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -33,6 +34,9 @@ pub struct Args {
     /// `sync` requests measured (one at a time).
     #[arg(long, default_value_t = 200)]
     pub rounds: usize,
+    /// `convs` requests measured after the `sync`s (one at a time; 0: none).
+    #[arg(long, default_value_t = 50)]
+    pub convs_rounds: usize,
 }
 
 #[derive(Serialize, Debug, Clone)]
@@ -47,6 +51,10 @@ pub struct Report {
     /// Messages in every `sync` reply (all replies must agree and equal `changed`).
     pub msgs_per_sync: usize,
     pub sync_rtt: Percentiles,
+    pub convs_rounds: usize,
+    /// Round trips of `convs` (every reply lists all `convs` conversations, the `changed` ones
+    /// with the writer's message last).
+    pub convs_rtt: Percentiles,
 }
 
 /// Entry point of `sync`.
@@ -74,9 +82,14 @@ fn ok(r: &Value, op: &str) -> anyhow::Result<()> {
 /// Runs the benchmark and returns the report.
 pub fn run(args: &Args) -> anyhow::Result<Report> {
     let target = Target::parse(&args.common.url)?;
-    if args.convs == 0 || args.convs > 20_000 || args.changed > args.convs || args.rounds == 0 || args.rounds > 100_000
+    if args.convs == 0
+        || args.convs > 20_000
+        || args.changed > args.convs
+        || args.rounds == 0
+        || args.rounds > 100_000
+        || args.convs_rounds > 100_000
     {
-        bail!("need 1 <= --changed <= --convs <= 20000 and 1 <= --rounds <= 100000");
+        bail!("need 1 <= --changed <= --convs <= 20000, 1 <= --rounds <= 100000 and --convs-rounds <= 100000");
     }
     let tokens = session::read_tokens(&args.tokens)?;
     if tokens.len() < 2 || tokens[0].user == tokens[1].user {
@@ -142,6 +155,23 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
             bail!("sync returned {n} messages, expected the {} changed ones: {}", args.changed, r[0]);
         }
     }
+    let mut convs_samples = Vec::with_capacity(args.convs_rounds);
+    for _ in 0..args.convs_rounds {
+        let t = Instant::now();
+        let r = session::call_all(&mut client, &[(reader, json!({"op": "convs"}))], Duration::from_secs(30))?;
+        convs_samples.push(t.elapsed().as_nanos() as u64);
+        ok(&r[0], "convs")?;
+        let list = r[0]["convs"].as_array().map_or(&[][..], Vec::as_slice);
+        let changed = list.iter().filter(|c| c["last"]["from"] == tokens[1].user.as_str()).count();
+        if list.len() != args.convs || changed != args.changed {
+            bail!(
+                "convs listed {} conversations, {changed} changed; expected {} and {}",
+                list.len(),
+                args.convs,
+                args.changed
+            );
+        }
+    }
     Ok(Report {
         mode: "sync",
         label: args.common.label.clone(),
@@ -152,5 +182,7 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
         rounds: args.rounds,
         msgs_per_sync: msgs_per_sync.unwrap_or(0),
         sync_rtt: percentiles(&mut samples),
+        convs_rounds: args.convs_rounds,
+        convs_rtt: percentiles(&mut convs_samples),
     })
 }

@@ -1,4 +1,4 @@
-//! Runs `ping`, `fanout` and `messaging` for about a second each, with small counts, against a
+//! Runs `ping`, `fanout` and `messaging` for about a second each, and `sync` with small counts, against a
 //! real all-in-one node started in-process (ephemeral loopback ports, temp data dir), through
 //! the same code paths as the command line; and `connect` for a few seconds, in process (one
 //! worker) and through the binary with two worker processes.
@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use switchboard::{AllInOne, Settings};
-use switchboard_bench::{connect, fanout, messaging, ping, plot};
+use switchboard_bench::{connect, fanout, messaging, ping, plot, sync};
 use switchboard_logic::auth::{mint, TokenKey};
 
 fn temp_dir() -> PathBuf {
@@ -64,6 +64,12 @@ struct C {
 struct M {
     #[command(flatten)]
     a: messaging::Args,
+}
+
+#[derive(Parser)]
+struct S {
+    #[command(flatten)]
+    a: sync::Args,
 }
 
 #[test]
@@ -173,6 +179,28 @@ fn ping_fanout_and_messaging_deliver_everything() {
         plot::point(&serde_json::from_slice(&std::fs::read(dir.join("messaging-1.json")).unwrap()).unwrap()).unwrap();
     assert_eq!(offered, 80.0);
     assert!(delivered > 0.0);
+
+    // sync: a reader in 30 groups, 4 of them changed; `sync` and `convs` replies checked by the mode.
+    let who = [("sreader".to_string(), "d".to_string()), ("swriter".to_string(), "d".to_string())];
+    let file = tokens(&key, &dir.join("sync.txt"), &who);
+    let args = S::parse_from([
+        "s",
+        "--url",
+        &ws,
+        "--tokens",
+        file.to_str().unwrap(),
+        "--convs",
+        "30",
+        "--changed",
+        "4",
+        "--rounds",
+        "5",
+        "--convs-rounds",
+        "3",
+    ])
+    .a;
+    let r = sync::run(&args).expect("sync runs");
+    assert_eq!((r.msgs_per_sync, r.sync_rtt.samples, r.convs_rtt.samples), (4, 5, 3), "{r:?}");
 
     rt.block_on(node.stop());
     let _ = std::fs::remove_dir_all(&dir);

@@ -466,6 +466,30 @@ impl MessageStore for ClusterMessages {
         Ok(self.redis.counter(conv).await?.unwrap_or(0).max(durable))
     }
 
+    async fn last_messages(&self, convs: &[String]) -> Result<Vec<Option<Message>>> {
+        // As `history(conv, None, 1)` for each: the durable last message, or the cached copy
+        // at the conversation's top seq (persist may not have written it yet) — three batched
+        // reads in all.
+        let tops = self.last_seqs(convs).await?;
+        let durable = self.durable.last_messages(convs).await?;
+        let at: Vec<(&str, u64)> = convs.iter().map(String::as_str).zip(tops).collect();
+        let cached = self.redis.cached_at(&at).await?;
+        Ok(durable
+            .into_iter()
+            .zip(cached)
+            .map(|(mut slot, copies)| {
+                for m in copies {
+                    match slot.as_ref().map(|s| s.seq.cmp(&m.seq)) {
+                        Some(std::cmp::Ordering::Greater) => {}
+                        Some(std::cmp::Ordering::Equal) => merge_one(&mut slot, m),
+                        _ => slot = Some(m),
+                    }
+                }
+                slot
+            })
+            .collect())
+    }
+
     async fn last_seqs(&self, convs: &[String]) -> Result<Vec<u64>> {
         let durable = self.durable.last_seqs(convs).await?;
         let counters = self.redis.counters(convs).await?;

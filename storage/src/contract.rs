@@ -475,6 +475,13 @@ pub async fn messages_contract(s: &dyn MessageStore) {
     let asked = [other.clone(), format!("{p}none"), conv.clone(), other.clone()];
     assert_eq!(s.last_seqs(&asked).await.unwrap(), vec![1, 0, 10, 1], "in the order asked, 0 when empty");
     assert!(s.last_seqs(&[]).await.unwrap().is_empty());
+    let lasts = s.last_messages(&asked).await.unwrap();
+    assert_eq!(
+        lasts.iter().map(|m| m.as_ref().map(|m| m.seq)).collect::<Vec<_>>(),
+        vec![Some(1), None, Some(10), Some(1)]
+    );
+    assert_eq!(lasts[2], s.history(&conv, None, 1).await.unwrap().pop(), "as history's newest");
+    assert!(s.last_messages(&[]).await.unwrap().is_empty());
 
     s.set_ack(&b, "phone", &conv, 4).await.unwrap();
     s.set_ack(&b, "phone", &conv, 2).await.unwrap();
@@ -519,6 +526,12 @@ pub async fn messages_contract(s: &dyn MessageStore) {
     assert_eq!(s.find_cmid(&conv, &b, "c1").await.unwrap(), Some(expected.clone()));
     assert_eq!(s.recall(&conv, 2).await.unwrap(), Some(expected.clone()), "recalling again is harmless");
     assert_eq!(s.recall(&conv, 11).await.unwrap(), None, "no message with that seq");
+    let tenth = s.recall(&conv, 10).await.unwrap().expect("seq 10 exists");
+    assert_eq!(
+        s.last_messages(std::slice::from_ref(&conv)).await.unwrap(),
+        vec![Some(tenth)],
+        "a recalled last message"
+    );
     assert_eq!(s.recall(&format!("{conv}x"), 2).await.unwrap(), None);
     assert_eq!(s.last_seq(&conv).await.unwrap(), 10);
     let dup = s.append(text(&conv, &b, "c1", "two, resent"), &members).await.unwrap();

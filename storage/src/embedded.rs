@@ -1019,6 +1019,31 @@ impl MessageStore for EmbeddedStore {
         Ok(stored.max(tail))
     }
 
+    async fn last_messages(&self, convs: &[String]) -> Result<Vec<Option<Message>>> {
+        if convs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tail = self.tail.newest(convs);
+        let convs = convs.to_vec();
+        let stored = self
+            .read(move |tx| {
+                let table = tx.open_table(MESSAGES)?;
+                let last = |c: &str| Ok(messages(table.range((c, 0)..=(c, u64::MAX))?.rev().take(1))?.pop());
+                convs.iter().map(|c| last(c)).collect::<Result<Vec<_>>>()
+            })
+            .await?;
+        // As `history`: the tail's copy of a seq wins over the stored one.
+        Ok(stored
+            .into_iter()
+            .zip(tail)
+            .map(|(stored, tail)| match (stored, tail) {
+                (Some(s), Some(t)) if s.seq > t.seq => Some(s),
+                (_, Some(t)) => Some(Message::clone(&t)),
+                (s, None) => s,
+            })
+            .collect())
+    }
+
     async fn last_seqs(&self, convs: &[String]) -> Result<Vec<u64>> {
         if convs.is_empty() {
             return Ok(Vec::new());

@@ -875,6 +875,26 @@ impl MessageStore for PgStore {
         uint_or_zero(c.query_opt(&st, &[&conv]).await?)
     }
 
+    async fn last_messages(&self, convs: &[String]) -> Result<Vec<Option<Message>>> {
+        if convs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let c = self.client().await?;
+        // One index probe per conversation (a LATERAL top-1), not a scan of their messages.
+        let st = c
+            .prepare_cached(&format!(
+                "SELECT m.* FROM unnest($1::text[]) AS c(conv) CROSS JOIN LATERAL \
+                 (SELECT {MESSAGE_COLS} FROM messages WHERE conv = c.conv ORDER BY seq DESC LIMIT 1) m"
+            ))
+            .await?;
+        let mut found = HashMap::with_capacity(convs.len());
+        for r in c.query(&st, &[&convs]).await? {
+            let m = message_from_row(&r)?;
+            found.insert(m.conv.clone(), m);
+        }
+        Ok(convs.iter().map(|conv| found.get(conv).cloned()).collect())
+    }
+
     async fn last_seqs(&self, convs: &[String]) -> Result<Vec<u64>> {
         if convs.is_empty() {
             return Ok(Vec::new());

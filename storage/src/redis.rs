@@ -731,6 +731,28 @@ impl RedisStore {
         raw.iter().map(|s| serde_json::from_str(s).map_err(StorageError::from)).collect()
     }
 
+    /// The cached copies of the message at each `(conv, seq)` (none for seq 0), in one pipeline.
+    pub async fn cached_at(&self, at: &[(&str, u64)]) -> Result<Vec<Vec<Message>>> {
+        if at.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for (conv, seq) in at {
+            pipe.zrangebyscore(self.key(&["recent", conv]), *seq, *seq);
+        }
+        let raw: Vec<Vec<String>> = pipe.query_async(&mut self.conn.clone()).await?;
+        raw.iter()
+            .zip(at)
+            .map(|(copies, (_, seq))| {
+                copies
+                    .iter()
+                    .filter(|_| *seq > 0)
+                    .map(|s| serde_json::from_str(s).map_err(StorageError::from))
+                    .collect()
+            })
+            .collect()
+    }
+
     /// The conversations `user` belongs to, as indexed by recent sends.
     pub async fn convs_of(&self, user: &str) -> Result<Vec<String>> {
         Ok(self.conn.clone().smembers(self.key(&["convs", user])).await?)

@@ -322,6 +322,27 @@ impl Tail {
         Some((seq, t.at(conv, seq, staged).map_or(0, |m| m.ts)))
     }
 
+    /// The newest copy of the highest seq the tail holds of each of `convs`, under one lock.
+    pub fn newest(&self, convs: &[String]) -> Vec<Option<Arc<Message>>> {
+        let t = self.lock();
+        let gens = [t.frozen.as_deref(), Some(&t.active)];
+        convs
+            .iter()
+            .map(|conv| {
+                // oldest generation first, so a newer copy of the same seq wins
+                let mut best: Option<(u64, &Arc<Message>)> = None;
+                for c in gens.into_iter().flatten().filter_map(|g| g.convs.get(conv.as_str())) {
+                    if let Some((&seq, h)) = c.by_seq.iter().next_back() {
+                        if best.is_none_or(|(b, _)| seq >= b) {
+                            best = Some((seq, &h.msg));
+                        }
+                    }
+                }
+                best.map(|(_, m)| m.clone())
+            })
+            .collect()
+    }
+
     /// [`Tail::last`]'s seq of each of `convs` (0 where the tail has none), under one lock.
     pub fn lasts(&self, convs: &[String]) -> Vec<u64> {
         let t = self.lock();

@@ -147,6 +147,15 @@ pub trait MessageStore: Send + Sync {
     async fn range(&self, conv: &str, after_seq: u64, limit: usize) -> Result<Vec<Message>>;
     /// Messages with seq < `before_seq` (all when `None`), newest first, at most `limit`.
     async fn history(&self, conv: &str, before_seq: Option<u64>, limit: usize) -> Result<Vec<Message>>;
+    /// The last message of each of `convs` (as [`MessageStore::history`] with limit 1 gives it),
+    /// in their order: one read where the backend can batch them.
+    async fn last_messages(&self, convs: &[String]) -> Result<Vec<Option<Message>>> {
+        let mut out = Vec::with_capacity(convs.len());
+        for conv in convs {
+            out.push(self.history(conv, None, 1).await?.pop());
+        }
+        Ok(out)
+    }
     /// The highest seq of a conversation (0 when empty).
     async fn last_seq(&self, conv: &str) -> Result<u64>;
     /// [`MessageStore::last_seq`] of each of `convs`, in their order: one read (a transaction,

@@ -364,7 +364,23 @@ pub struct Sync {
     limit: Option<usize>,
 }
 
-pub async fn sync(logic: &Logic, caller: &Caller, req: Sync) -> Result<Fields, ApiError> {
+/// The fields of `sync.ok`, written straight from the messages (no JSON value built per
+/// message).
+#[derive(Debug)]
+pub struct Synced {
+    more: bool,
+    msgs: Vec<Message>,
+}
+
+impl Synced {
+    /// Writes the fields into a reply's map.
+    pub(super) fn serialize_entries<M: serde::ser::SerializeMap>(&self, m: &mut M) -> Result<(), M::Error> {
+        m.serialize_entry("more", &self.more)?;
+        m.serialize_entry("msgs", &self.msgs)
+    }
+}
+
+pub async fn sync(logic: &Logic, caller: &Caller, req: Sync) -> Result<Synced, ApiError> {
     let limit = req.limit.unwrap_or(logic.config.sync_max).clamp(1, logic.config.sync_max);
     let budget = logic.config.reply_max_bytes;
     let store = &logic.stores.messages;
@@ -406,7 +422,7 @@ pub async fn sync(logic: &Logic, caller: &Caller, req: Sync) -> Result<Fields, A
     // ts never decreases within a conversation and the sort is stable, so each
     // conversation's run stays in seq order.
     msgs.sort_by_key(|m| m.ts);
-    Ok(fields(json!({"msgs": msgs, "more": more})))
+    Ok(Synced { more, msgs })
 }
 
 #[derive(Deserialize)]
@@ -470,34 +486,65 @@ pub async fn read(logic: &Logic, caller: &Caller, req: Read) -> Result<Fields, A
     Ok(Fields::new())
 }
 
+/// One conversation of `convs.ok`.
+#[derive(Debug, Serialize)]
+pub struct ConvEntry {
+    conv: String,
+    last: Message,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mention_seq: Option<u64>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    mentioned: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    muted: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    muted_until: Option<u64>,
+    read_seq: u64,
+    unread: u64,
+}
+
+/// The fields of `convs.ok`, written straight from the entries (no JSON value built per
+/// conversation).
+#[derive(Debug)]
+pub struct ConvList(Vec<ConvEntry>);
+
+impl ConvList {
+    /// Writes the fields into a reply's map.
+    pub(super) fn serialize_entries<M: serde::ser::SerializeMap>(&self, m: &mut M) -> Result<(), M::Error> {
+        m.serialize_entry("convs", &self.0)
+    }
+}
+
 /// Conversations with their last message, unread count and read seq, and whether an unread
 /// message mentions the caller (`mentioned`, with the last such seq), whether the caller muted it
 /// (`muted`, with `muted_until` unless for good), newest activity first.
 /// Conversations without messages are left out.
-pub async fn convs(logic: &Logic, caller: &Caller) -> Result<Fields, ApiError> {
+pub async fn convs(logic: &Logic, caller: &Caller) -> Result<ConvList, ApiError> {
     let reads = logic.cursors.reads(&caller.user).await?;
     let mentions = logic.stores.messages.mentions(&caller.user).await?;
     let mutes = logic.stores.accounts.mutes(&caller.user).await?;
-    let mut out: Vec<(u64, Value)> = Vec::new();
-    for (conv, last_seq) in user_convs(logic, &caller.user).await? {
-        let Some(last) = logic.stores.messages.history(&conv, None, 1).await?.pop() else { continue };
+    let (convs, seqs): (Vec<String>, Vec<u64>) = user_convs(logic, &caller.user).await?.into_iter().unzip();
+    let lasts = logic.stores.messages.last_messages(&convs).await?;
+    let mut out = Vec::with_capacity(convs.len());
+    for ((conv, last_seq), last) in convs.into_iter().zip(seqs).zip(lasts) {
+        let Some(last) = last else { continue };
         let read_seq = reads.get(&conv).copied().unwrap_or(0).min(last_seq.max(last.seq));
         let unread = last_seq.max(last.seq).saturating_sub(read_seq);
-        let mut entry = json!({"conv": conv, "last": last, "unread": unread, "read_seq": read_seq});
-        if let Some(&seq) = mentions.get(&conv).filter(|&&seq| seq > read_seq) {
-            entry["mentioned"] = json!(true);
-            entry["mention_seq"] = json!(seq);
-        }
-        if let Some(&until) = mutes.get(&conv).filter(|&&until| super::muted(until)) {
-            entry["muted"] = json!(true);
-            if until != u64::MAX {
-                entry["muted_until"] = json!(until);
-            }
-        }
-        out.push((last.ts, entry));
+        let mention_seq = mentions.get(&conv).copied().filter(|&seq| seq > read_seq);
+        let muted_until = mutes.get(&conv).copied().filter(|&until| super::muted(until));
+        out.push(ConvEntry {
+            conv,
+            last,
+            mention_seq,
+            mentioned: mention_seq.is_some(),
+            muted: muted_until.is_some(),
+            muted_until: muted_until.filter(|&until| until != u64::MAX),
+            read_seq,
+            unread,
+        });
     }
-    out.sort_by_key(|(ts, _)| std::cmp::Reverse(*ts));
-    Ok(fields(json!({"convs": out.into_iter().map(|(_, v)| v).collect::<Vec<_>>()})))
+    out.sort_by_key(|e| std::cmp::Reverse(e.last.ts));
+    Ok(ConvList(out))
 }
 
 #[derive(Deserialize)]

@@ -39,6 +39,10 @@ pub enum Reply {
     Fields(Fields),
     /// Where a sent message was stored (`send.ok`), written without a map built per reply.
     Sent(messages::Sent),
+    /// `sync.ok`'s messages, written as they are.
+    Synced(messages::Synced),
+    /// `convs.ok`'s conversations, written as they are.
+    Convs(messages::ConvList),
 }
 
 /// Deserialises the frame straight into the op's request type (the one parse of the frame in
@@ -135,6 +139,8 @@ impl Serialize for OkReply<'_> {
                 }
             }
             Reply::Sent(sent) => sent.serialize_entries(&mut m)?,
+            Reply::Synced(synced) => synced.serialize_entries(&mut m)?,
+            Reply::Convs(convs) => convs.serialize_entries(&mut m)?,
         }
         m.end()
     }
@@ -195,6 +201,8 @@ pub(crate) fn op_index(op: &str) -> Option<usize> {
 async fn dispatch(logic: &Logic, caller: &Caller, op: &str, req: &[u8]) -> Result<Reply, ApiError> {
     match op {
         "send" => messages::send(logic, caller, parse(req)?).await.map(Reply::Sent),
+        "sync" => messages::sync(logic, caller, parse(req)?).await.map(Reply::Synced),
+        "convs" => messages::convs(logic, caller).await.map(Reply::Convs),
         _ => dispatch_fields(logic, caller, op, req).await.map(Reply::Fields),
     }
 }
@@ -203,7 +211,6 @@ async fn dispatch(logic: &Logic, caller: &Caller, op: &str, req: &[u8]) -> Resul
 async fn dispatch_fields(logic: &Logic, caller: &Caller, op: &str, req: &[u8]) -> Result<Fields, ApiError> {
     match op {
         "ack" => messages::ack(logic, caller, parse(req)?).await,
-        "sync" => messages::sync(logic, caller, parse(req)?).await,
         "history" => messages::history(logic, caller, parse(req)?).await,
         "friend.request" => friends::request(logic, caller, parse(req)?).await,
         "friend.accept" => friends::accept(logic, caller, parse(req)?).await,
@@ -214,7 +221,6 @@ async fn dispatch_fields(logic: &Logic, caller: &Caller, op: &str, req: &[u8]) -
         "unblock" => friends::block(logic, caller, parse(req)?, false).await,
         "block.list" => friends::blocked(logic, caller).await,
         "read" => messages::read(logic, caller, parse(req)?).await,
-        "convs" => messages::convs(logic, caller).await,
         "recall" => messages::recall(logic, caller, parse(req)?).await,
         "edit" => events::edit(logic, caller, parse(req)?).await,
         "react" => events::react(logic, caller, parse(req)?, true).await,
