@@ -10,9 +10,6 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-SB=${SB:-$ROOT/target/release/switchboard}
-B=${BENCH:-$ROOT/target/release/switchboard-bench}
-OUT=${OUT:-$ROOT/bench/reports}
 SUFFIX=${1:-}
 D=$(mktemp -d /tmp/sb-throughput.XXXXXX)
 # shellcheck source=bench/lib.sh
