@@ -4,8 +4,9 @@
 //! of them and posts one message in each. The reader then asks `sync` (no `since`: the server
 //! resumes from the device's acks) `--rounds` times, one at a time, and the report gives the
 //! round-trip percentiles (loopback, so nearly all of it is server time) and checks every reply
-//! holds exactly the changed conversations' messages. Then `convs` (the conversation list with
-//! each one's last message and unread count) `--convs-rounds` times, checked the same way.
+//! holds exactly the changed conversations' messages. Then the whole `convs` list (each
+//! conversation with its last message and unread count, in as many pages as the server's reply
+//! budget makes) `--convs-rounds` times, checked the same way.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -52,8 +53,10 @@ pub struct Report {
     pub msgs_per_sync: usize,
     pub sync_rtt: Percentiles,
     pub convs_rounds: usize,
-    /// Round trips of `convs` (every reply lists all `convs` conversations, the `changed` ones
-    /// with the writer's message last).
+    /// Pages (replies) the whole `convs` list took.
+    pub convs_pages: usize,
+    /// Time to list every conversation with `convs`, all pages (together they list all `convs`
+    /// conversations, the `changed` ones with the writer's message last).
     pub convs_rtt: Percentiles,
 }
 
@@ -156,17 +159,29 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
         }
     }
     let mut convs_samples = Vec::with_capacity(args.convs_rounds);
+    let mut convs_pages = 0;
     for _ in 0..args.convs_rounds {
+        // the whole list, page after page (`more`, `next_before`)
         let t = Instant::now();
-        let r = session::call_all(&mut client, &[(reader, json!({"op": "convs"}))], Duration::from_secs(30))?;
+        let (mut listed, mut changed, mut pages) = (0, 0, 0);
+        let mut req = json!({"op": "convs"});
+        loop {
+            let r = session::call_all(&mut client, &[(reader, req.clone())], Duration::from_secs(30))?;
+            ok(&r[0], "convs")?;
+            pages += 1;
+            let list = r[0]["convs"].as_array().map_or(&[][..], Vec::as_slice);
+            listed += list.len();
+            changed += list.iter().filter(|c| c["last"]["from"] == tokens[1].user.as_str()).count();
+            if r[0]["more"] != true || pages > args.convs {
+                break;
+            }
+            req = json!({"op": "convs", "before": r[0]["next_before"]});
+        }
         convs_samples.push(t.elapsed().as_nanos() as u64);
-        ok(&r[0], "convs")?;
-        let list = r[0]["convs"].as_array().map_or(&[][..], Vec::as_slice);
-        let changed = list.iter().filter(|c| c["last"]["from"] == tokens[1].user.as_str()).count();
-        if list.len() != args.convs || changed != args.changed {
+        convs_pages = pages;
+        if listed != args.convs || changed != args.changed {
             bail!(
-                "convs listed {} conversations, {changed} changed; expected {} and {}",
-                list.len(),
+                "convs listed {listed} conversations, {changed} changed; expected {} and {}",
                 args.convs,
                 args.changed
             );
@@ -183,6 +198,7 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
         msgs_per_sync: msgs_per_sync.unwrap_or(0),
         sync_rtt: percentiles(&mut samples),
         convs_rounds: args.convs_rounds,
+        convs_pages,
         convs_rtt: percentiles(&mut convs_samples),
     })
 }

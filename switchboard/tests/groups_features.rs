@@ -205,3 +205,77 @@ async fn calls_friend_delete_and_bans() {
     node.stop().await;
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `convs` in pages: at most `limit` entries and `reply_max_bytes` of them (one at least), each
+/// page continuing after the previous page's `next_before`, every conversation once, newest
+/// activity first. With 13 conversations of ~700-byte messages against a 4,000-byte budget the
+/// later pages are built from rows whose messages were let go and read again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn convs_come_in_pages_by_count_and_bytes() {
+    let dir = temp_dir("convs-pages");
+    let mut s = settings(&dir);
+    s.reply_max_bytes = Some(4_000);
+    let node = switchboard::AllInOne::start(&s).await.unwrap();
+    let (http_addr, ws) = (node.http_addr(), node.ws_addr());
+    blocking(move || {
+        register(http_addr, "una");
+        let mut una = Client::login(http_addr, ws, "una", "u1");
+        let mut groups = Vec::new();
+        for i in 0..12 {
+            let g = una.ok("group.create", json!({"name": format!("room {i}"), "members": []}));
+            let conv = g["conv"].as_str().unwrap().to_string();
+            let body = format!("{i:02}{}", "x".repeat(700));
+            una.ok("send", json!({"group": g["group"], "cmid": format!("c{i}"), "type": "text", "body": body}));
+            groups.push(conv);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // the newest conversation's last message alone is over the budget: it still comes, alone
+        let g = una.ok("group.create", json!({"name": "big", "members": []}));
+        let big = g["conv"].as_str().unwrap().to_string();
+        una.ok("send", json!({"group": g["group"], "cmid": "big", "type": "text", "body": "y".repeat(5_000)}));
+
+        let first = una.ok("convs", json!({}));
+        let convs = first["convs"].as_array().unwrap();
+        assert_eq!(convs.len(), 1, "{first}");
+        assert_eq!((convs[0]["conv"].as_str(), first["more"].as_bool()), (Some(big.as_str()), Some(true)));
+
+        let mut seen = vec![big.clone()];
+        let mut last_ts = u64::MAX;
+        let mut before = first["next_before"].clone();
+        let mut pages = 1;
+        loop {
+            let page = una.ok("convs", json!({ "before": before }));
+            let entries = page["convs"].as_array().unwrap();
+            assert!(!entries.is_empty() && entries.len() < 12, "pages are cut by bytes: {}", entries.len());
+            for e in entries {
+                let ts = e["last"]["ts"].as_u64().unwrap();
+                assert!(ts <= last_ts, "newest activity first");
+                last_ts = ts;
+                // her own message: read by sending it
+                assert_eq!((e["unread"].as_u64(), e["read_seq"].as_u64()), (Some(0), Some(1)));
+                seen.push(e["conv"].as_str().unwrap().to_string());
+            }
+            pages += 1;
+            if !page["more"].as_bool().unwrap() {
+                assert!(page.get("next_before").is_none());
+                break;
+            }
+            before = page["next_before"].clone();
+        }
+        assert!(pages >= 4, "{pages} pages");
+        let mut expected: Vec<String> = groups.iter().rev().cloned().collect();
+        expected.insert(0, big.clone());
+        assert_eq!(seen, expected, "every conversation once, newest first");
+
+        let two = una.ok("convs", json!({"limit": 2, "before": first["next_before"]}));
+        let convs: Vec<&str> = two["convs"].as_array().unwrap().iter().map(|e| e["conv"].as_str().unwrap()).collect();
+        assert_eq!(convs, [groups[11].as_str(), groups[10].as_str()]);
+        assert_eq!(two["more"], true);
+        let rest = una.ok("convs", json!({"limit": 2, "before": two["next_before"]}));
+        assert_eq!(rest["convs"][0]["conv"], groups[9].as_str());
+        una.err("convs", json!({"before": "yesterday"}), "bad_request");
+    })
+    .await;
+    node.stop().await;
+    std::fs::remove_dir_all(&dir).ok();
+}

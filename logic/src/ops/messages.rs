@@ -98,7 +98,7 @@ fn msg_push_around(json: &[u8]) -> Bytes {
 }
 
 /// Bytes of `v` as JSON, without keeping them.
-fn json_len<T: Serialize>(v: &T) -> usize {
+pub(super) fn json_len<T: Serialize>(v: &T) -> usize {
     struct Count(usize);
     impl std::io::Write for Count {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
@@ -484,67 +484,6 @@ pub async fn read(logic: &Logic, caller: &Caller, req: Read) -> Result<Fields, A
     let others: Vec<String> = members.into_iter().filter(|m| *m != caller.user).collect();
     to_members(logic, &others, &push, None, (&caller.gateway, caller.conn_id)).await;
     Ok(Fields::new())
-}
-
-/// One conversation of `convs.ok`.
-#[derive(Debug, Serialize)]
-pub struct ConvEntry {
-    conv: String,
-    last: Message,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    mention_seq: Option<u64>,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    mentioned: bool,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    muted: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    muted_until: Option<u64>,
-    read_seq: u64,
-    unread: u64,
-}
-
-/// The fields of `convs.ok`, written straight from the entries (no JSON value built per
-/// conversation).
-#[derive(Debug)]
-pub struct ConvList(Vec<ConvEntry>);
-
-impl ConvList {
-    /// Writes the fields into a reply's map.
-    pub(super) fn serialize_entries<M: serde::ser::SerializeMap>(&self, m: &mut M) -> Result<(), M::Error> {
-        m.serialize_entry("convs", &self.0)
-    }
-}
-
-/// Conversations with their last message, unread count and read seq, and whether an unread
-/// message mentions the caller (`mentioned`, with the last such seq), whether the caller muted it
-/// (`muted`, with `muted_until` unless for good), newest activity first.
-/// Conversations without messages are left out.
-pub async fn convs(logic: &Logic, caller: &Caller) -> Result<ConvList, ApiError> {
-    let reads = logic.cursors.reads(&caller.user).await?;
-    let mentions = logic.stores.messages.mentions(&caller.user).await?;
-    let mutes = logic.stores.accounts.mutes(&caller.user).await?;
-    let (convs, seqs): (Vec<String>, Vec<u64>) = user_convs(logic, &caller.user).await?.into_iter().unzip();
-    let lasts = logic.stores.messages.last_messages(&convs).await?;
-    let mut out = Vec::with_capacity(convs.len());
-    for ((conv, last_seq), last) in convs.into_iter().zip(seqs).zip(lasts) {
-        let Some(last) = last else { continue };
-        let read_seq = reads.get(&conv).copied().unwrap_or(0).min(last_seq.max(last.seq));
-        let unread = last_seq.max(last.seq).saturating_sub(read_seq);
-        let mention_seq = mentions.get(&conv).copied().filter(|&seq| seq > read_seq);
-        let muted_until = mutes.get(&conv).copied().filter(|&until| super::muted(until));
-        out.push(ConvEntry {
-            conv,
-            last,
-            mention_seq,
-            mentioned: mention_seq.is_some(),
-            muted: muted_until.is_some(),
-            muted_until: muted_until.filter(|&until| until != u64::MAX),
-            read_seq,
-            unread,
-        });
-    }
-    out.sort_by_key(|e| std::cmp::Reverse(e.last.ts));
-    Ok(ConvList(out))
 }
 
 #[derive(Deserialize)]

@@ -2,6 +2,7 @@
 //! and its request fields, returning the reply fields or an [`ApiError`].
 
 mod calls;
+mod convs;
 mod devices;
 pub(crate) use devices::muted;
 mod events;
@@ -42,7 +43,7 @@ pub enum Reply {
     /// `sync.ok`'s messages, written as they are.
     Synced(messages::Synced),
     /// `convs.ok`'s conversations, written as they are.
-    Convs(messages::ConvList),
+    Convs(convs::ConvList),
 }
 
 /// Deserialises the frame straight into the op's request type (the one parse of the frame in
@@ -202,7 +203,7 @@ async fn dispatch(logic: &Logic, caller: &Caller, op: &str, req: &[u8]) -> Resul
     match op {
         "send" => messages::send(logic, caller, parse(req)?).await.map(Reply::Sent),
         "sync" => messages::sync(logic, caller, parse(req)?).await.map(Reply::Synced),
-        "convs" => messages::convs(logic, caller).await.map(Reply::Convs),
+        "convs" => convs::convs(logic, caller, parse(req)?).await.map(Reply::Convs),
         _ => dispatch_fields(logic, caller, op, req).await.map(Reply::Fields),
     }
 }
