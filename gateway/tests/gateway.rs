@@ -424,11 +424,25 @@ async fn fan_out_bursts_arrive_complete_and_in_order_while_rounds_linger() {
     for n in 0..CONNS {
         targets.extend(to(logic.connected_conn_id(n).await));
     }
-    let mut pusher = Pusher::connect(&gw).await;
-    for first in (1..=MSGS).step_by(PER_BATCH as usize) {
-        let batch = (first..first + PER_BATCH)
+    push_in_batches(&gw, &targets, MSGS, PER_BATCH).await;
+    for client in clients {
+        assert_eq!(client.await.unwrap(), (1..=MSGS).collect::<Vec<_>>());
+    }
+    gw.shutdown().await;
+}
+
+/// Pushes `{"op":"msg","seq":n}` for n in 1..=`msgs` to `targets`, `per_batch` deliveries a batch.
+async fn push_in_batches(
+    gw: &switchboard_gateway::Gateway,
+    targets: &[switchboard_proto::internal::Target],
+    msgs: u64,
+    per_batch: u64,
+) {
+    let mut pusher = Pusher::connect(gw).await;
+    for first in (1..=msgs).step_by(per_batch as usize) {
+        let batch = (first..first + per_batch)
             .map(|seq| Delivery {
-                targets: targets.clone(),
+                targets: targets.to_vec(),
                 frame: format!(r#"{{"op":"msg","seq":{seq}}}"#).into_bytes().into(),
                 conv: "g".into(),
                 seq,
@@ -437,10 +451,6 @@ async fn fan_out_bursts_arrive_complete_and_in_order_while_rounds_linger() {
             .collect();
         assert!(pusher.push(batch).await.is_empty());
     }
-    for client in clients {
-        assert_eq!(client.await.unwrap(), (1..=MSGS).collect::<Vec<_>>());
-    }
-    gw.shutdown().await;
 }
 
 /// Clients that answer every push with a request while fan-out bursts keep coming: a connection
@@ -483,19 +493,7 @@ async fn replies_behind_pushes_waiting_for_their_round_all_arrive() {
     for n in 0..CONNS {
         targets.extend(to(logic.connected_conn_id(n).await));
     }
-    let mut pusher = Pusher::connect(&gw).await;
-    for first in (1..=MSGS).step_by(PER_BATCH as usize) {
-        let batch = (first..first + PER_BATCH)
-            .map(|seq| Delivery {
-                targets: targets.clone(),
-                frame: format!(r#"{{"op":"msg","seq":{seq}}}"#).into_bytes().into(),
-                conv: "g".into(),
-                seq,
-                close: false,
-            })
-            .collect();
-        assert!(pusher.push(batch).await.is_empty());
-    }
+    push_in_batches(&gw, &targets, MSGS, PER_BATCH).await;
     let all: Vec<u64> = (1..=MSGS).collect();
     for client in clients {
         let (seqs, answered) = client.await.unwrap();
