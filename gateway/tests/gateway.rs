@@ -405,13 +405,7 @@ async fn fan_out_bursts_arrive_complete_and_in_order_while_rounds_linger() {
     const MSGS: u64 = 200;
     const PER_BATCH: u64 = 5;
     let (logic, logic_url) = start_logic().await;
-    // No re-push within the test: only push rounds write these pushes.
-    let gw = start_gateway(GatewayConfig {
-        push_linger: Duration::from_millis(50),
-        repush_interval: Duration::from_secs(60),
-        ..config(&[&logic_url])
-    })
-    .await;
+    let gw = lingering_gateway(&logic_url).await;
     let mut clients = Vec::new();
     for _ in 0..CONNS {
         let client = authed_client(gw.ws_addr(), |mut ws| {
@@ -429,6 +423,17 @@ async fn fan_out_bursts_arrive_complete_and_in_order_while_rounds_linger() {
         assert_eq!(client.await.unwrap(), (1..=MSGS).collect::<Vec<_>>());
     }
     gw.shutdown().await;
+}
+
+/// A gateway whose push rounds linger 50 ms and that re-pushes nothing within a test: only push
+/// rounds write its pushes.
+async fn lingering_gateway(logic_url: &str) -> switchboard_gateway::Gateway {
+    start_gateway(GatewayConfig {
+        push_linger: Duration::from_millis(50),
+        repush_interval: Duration::from_secs(60),
+        ..config(&[logic_url])
+    })
+    .await
 }
 
 /// Pushes `{"op":"msg","seq":n}` for n in 1..=`msgs` to `targets`, `per_batch` deliveries a batch.
@@ -462,12 +467,7 @@ async fn replies_behind_pushes_waiting_for_their_round_all_arrive() {
     const MSGS: u64 = 300;
     const PER_BATCH: u64 = 10;
     let (logic, logic_url) = start_logic().await;
-    let gw = start_gateway(GatewayConfig {
-        push_linger: Duration::from_millis(50),
-        repush_interval: Duration::from_secs(60),
-        ..config(&[&logic_url])
-    })
-    .await;
+    let gw = lingering_gateway(&logic_url).await;
     let mut clients = Vec::new();
     for _ in 0..CONNS {
         let client = authed_client(gw.ws_addr(), |mut ws| {
