@@ -731,7 +731,7 @@ impl RedisStore {
         raw.iter().map(|s| serde_json::from_str(s).map_err(StorageError::from)).collect()
     }
 
-    /// The cached copies of the message at each `(conv, seq)` (none for seq 0), in one pipeline.
+    /// The cached copies of the message at each `(conv, seq)`, in one pipeline.
     pub async fn cached_at(&self, at: &[(&str, u64)]) -> Result<Vec<Vec<Message>>> {
         if at.is_empty() {
             return Ok(Vec::new());
@@ -742,14 +742,7 @@ impl RedisStore {
         }
         let raw: Vec<Vec<String>> = pipe.query_async(&mut self.conn.clone()).await?;
         raw.iter()
-            .zip(at)
-            .map(|(copies, (_, seq))| {
-                copies
-                    .iter()
-                    .filter(|_| *seq > 0)
-                    .map(|s| serde_json::from_str(s).map_err(StorageError::from))
-                    .collect()
-            })
+            .map(|copies| copies.iter().map(|s| serde_json::from_str(s).map_err(StorageError::from)).collect())
             .collect()
     }
 

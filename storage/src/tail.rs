@@ -178,6 +178,11 @@ impl Inner {
     fn at(&self, conv: &str, seq: u64, staged: bool) -> Option<Arc<Message>> {
         self.gens_with(staged).find_map(|g| g.at(conv, seq))
     }
+
+    /// The last seq appended to `conv` in the tail (0 when none).
+    fn last_seq(&self, conv: &str, staged: bool) -> u64 {
+        self.gens_with(staged).filter_map(|g| g.convs.get(conv)).map(|c| c.last).max().unwrap_or(0)
+    }
 }
 
 /// Shared by the log thread (which adds to it and freezes it), the B-tree thread (which
@@ -318,27 +323,18 @@ impl Tail {
     /// The last seq appended to `conv` in the tail, with that message's ts.
     pub fn last(&self, conv: &str, staged: bool) -> Option<(u64, u64)> {
         let t = self.lock();
-        let seq = t.gens_with(staged).filter_map(|g| g.convs.get(conv)).map(|c| c.last).max().filter(|&s| s > 0)?;
+        let seq = Some(t.last_seq(conv, staged)).filter(|&s| s > 0)?;
         Some((seq, t.at(conv, seq, staged).map_or(0, |m| m.ts)))
     }
 
     /// The newest copy of the highest seq the tail holds of each of `convs`, under one lock.
     pub fn newest(&self, convs: &[String]) -> Vec<Option<Arc<Message>>> {
         let t = self.lock();
-        let gens = [t.frozen.as_deref(), Some(&t.active)];
         convs
             .iter()
             .map(|conv| {
-                // oldest generation first, so a newer copy of the same seq wins
-                let mut best: Option<(u64, &Arc<Message>)> = None;
-                for c in gens.into_iter().flatten().filter_map(|g| g.convs.get(conv.as_str())) {
-                    if let Some((&seq, h)) = c.by_seq.iter().next_back() {
-                        if best.is_none_or(|(b, _)| seq >= b) {
-                            best = Some((seq, &h.msg));
-                        }
-                    }
-                }
-                best.map(|(_, m)| m.clone())
+                let seq = t.gens().filter_map(|g| g.convs.get(conv.as_str())?.by_seq.keys().next_back()).max()?;
+                t.at(conv, *seq, false)
             })
             .collect()
     }
@@ -346,10 +342,7 @@ impl Tail {
     /// [`Tail::last`]'s seq of each of `convs` (0 where the tail has none), under one lock.
     pub fn lasts(&self, convs: &[String]) -> Vec<u64> {
         let t = self.lock();
-        convs
-            .iter()
-            .map(|conv| t.gens().filter_map(|g| g.convs.get(conv.as_str())).map(|c| c.last).max().unwrap_or(0))
-            .collect()
+        convs.iter().map(|conv| t.last_seq(conv, false)).collect()
     }
 
     /// The newest copy in the tail of `conv`#`seq`.

@@ -1,21 +1,22 @@
 //! `convs`: the caller's conversations with their last message, unread count and read seq,
 //! newest activity first, in pages bounded by count and bytes. Memory stays bounded whatever
 //! the number of conversations: last messages are read in chunks and kept only up to twice the
-//! reply's byte budget; the page's entries whose message was let go are read again.
+//! reply's byte budget; the page's entries whose message was let go are read again. Pages are
+//! cut by an upper bound of each entry's bytes, so no reply passes the budget.
 
 use serde::{Deserialize, Serialize};
 use switchboard_storage::Message;
 
-use super::messages::{cut_to_bytes, json_len, user_convs};
+use super::messages::{json_len, user_convs};
 use super::Caller;
 use crate::error::ApiError;
 use crate::Logic;
 
 /// Conversations whose last messages are read in one call.
 const CHUNK: usize = 128;
-/// What an entry holds besides its conversation's name and last message, for the estimate that
-/// picks a page before its messages are read again (the page is cut exactly after).
-const ENTRY_BYTES: usize = 160;
+/// At most what an entry's JSON holds besides its conversation's name and last message: the
+/// keys, punctuation and four 20-digit numbers, and the separator before the next entry.
+const ENTRY_BYTES: usize = 192;
 
 /// One conversation of `convs.ok`.
 #[derive(Debug, Serialize)]
@@ -75,7 +76,9 @@ pub struct Convs {
 struct Row {
     conv: String,
     last_seq: u64,
+    /// Its place in the order (a message read again may be newer).
     ts: u64,
+    /// At most the bytes of its entry.
     bytes: usize,
     /// `None` once the rows read so far held more than twice the byte budget.
     last: Option<Message>,
@@ -85,6 +88,25 @@ impl Row {
     fn after(&self, c: &ConvCursor) -> bool {
         self.ts < c.ts || (self.ts == c.ts && self.conv > c.conv)
     }
+}
+
+/// An upper bound of the JSON bytes of `conv`'s entry with this last message.
+fn entry_bytes(conv: &str, last: &Message) -> usize {
+    json_len(&conv) + json_len(last) + ENTRY_BYTES
+}
+
+/// How many of the first `rows` make a page: at most `limit` and `budget` bytes, one at least.
+fn page_len(rows: &[Row], limit: usize, budget: usize) -> usize {
+    let mut bytes = 0;
+    rows.iter()
+        .take(limit)
+        .take_while(|r| {
+            bytes += r.bytes;
+            bytes <= budget
+        })
+        .count()
+        .max(1)
+        .min(rows.len())
 }
 
 /// Conversations with their last message, unread count and read seq, and whether an unread
@@ -102,46 +124,38 @@ pub async fn convs(logic: &Logic, caller: &Caller, req: Convs) -> Result<ConvLis
     for (chunk, chunk_seqs) in names.chunks(CHUNK).zip(seqs.chunks(CHUNK)) {
         for ((conv, &last_seq), last) in chunk.iter().zip(chunk_seqs).zip(store.last_messages(chunk).await?) {
             let Some(last) = last else { continue };
-            let row = Row { conv: conv.clone(), last_seq, ts: last.ts, bytes: json_len(&last), last: None };
-            if let Some(c) = &req.before {
-                if !row.after(c) {
-                    continue;
-                }
+            let row = Row { conv: conv.clone(), last_seq, ts: last.ts, bytes: entry_bytes(conv, &last), last: None };
+            if req.before.as_ref().is_some_and(|c| !row.after(c)) {
+                continue;
             }
             held += row.bytes;
             rows.push(Row { last: (held <= 2 * budget).then_some(last), ..row });
         }
     }
     rows.sort_unstable_by(|a, b| b.ts.cmp(&a.ts).then_with(|| a.conv.cmp(&b.conv)));
-    // The page by the estimate (at least one entry), then its messages that were let go.
-    let mut bytes = 0;
-    let fit = rows
-        .iter()
-        .take(limit)
-        .take_while(|r| {
-            bytes += r.bytes + r.conv.len() + ENTRY_BYTES;
-            bytes <= budget
-        })
-        .count()
-        .max(1);
+    let mut fit = page_len(&rows, limit, budget);
     let mut more = rows.len() > fit;
     rows.truncate(fit);
+    // The page's messages that were let go, read again (and measured again: they may have
+    // changed since), then the page cut again if they grew.
     let missing: Vec<String> = rows.iter().filter(|r| r.last.is_none()).map(|r| r.conv.clone()).collect();
     if !missing.is_empty() {
         let mut again = store.last_messages(&missing).await?.into_iter();
         for r in rows.iter_mut().filter(|r| r.last.is_none()) {
             r.last = again.next().flatten();
+            r.bytes = r.last.as_ref().map_or(0, |m| entry_bytes(&r.conv, m));
         }
+        fit = page_len(&rows, limit, budget);
+        more |= rows.len() > fit;
+        rows.truncate(fit);
     }
+    let next_before = rows.last().filter(|_| more).map(|r| ConvCursor { ts: r.ts, conv: r.conv.clone() });
     let reads = logic.cursors.reads(&caller.user).await?;
     let mentions = store.mentions(&caller.user).await?;
     let mutes = logic.stores.accounts.mutes(&caller.user).await?;
     let mut out = Vec::with_capacity(rows.len());
-    // each entry's place in the order (a message read again may be newer than the one sorted)
-    let mut order = Vec::with_capacity(rows.len());
-    for Row { conv, last_seq, ts, last, .. } in rows {
+    for Row { conv, last_seq, last, .. } in rows {
         let Some(last) = last else { continue };
-        order.push(ts);
         let read_seq = reads.get(&conv).copied().unwrap_or(0).min(last_seq.max(last.seq));
         let unread = last_seq.max(last.seq).saturating_sub(read_seq);
         let mention_seq = mentions.get(&conv).copied().filter(|&seq| seq > read_seq);
@@ -157,10 +171,5 @@ pub async fn convs(logic: &Logic, caller: &Caller, req: Convs) -> Result<ConvLis
             unread,
         });
     }
-    more |= cut_to_bytes(&mut out, budget);
-    let next_before = match out.last() {
-        Some(e) if more => Some(ConvCursor { ts: order[out.len() - 1], conv: e.conv.clone() }),
-        _ => None,
-    };
     Ok(ConvList { convs: out, more, next_before })
 }

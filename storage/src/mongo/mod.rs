@@ -1119,15 +1119,8 @@ impl MessageStore for MongoStore {
     async fn user_convs(&self, user: &str) -> Result<Vec<(String, u64)>> {
         let cursor = self.user_convs.find(doc! { "user": user }).sort(doc! { "conv": 1 }).await?;
         let convs = collect(cursor).await?.iter().map(|d| text(d, "conv")).collect::<Result<Vec<_>>>()?;
-        if convs.is_empty() {
-            return Ok(Vec::new());
-        }
-        let counters = collect(self.conv_seq.find(doc! { "_id": { "$in": &convs } }).await?).await?;
-        let mut last = HashMap::with_capacity(counters.len());
-        for d in &counters {
-            last.insert(text(d, "_id")?, number(d, "last_seq")?);
-        }
-        Ok(convs.into_iter().map(|c| (c.clone(), last.get(&c).copied().unwrap_or(0))).collect())
+        let seqs = self.last_seqs(&convs).await?;
+        Ok(convs.into_iter().zip(seqs).collect())
     }
 
     async fn set_ack(&self, user: &str, device: &str, conv: &str, seq: u64) -> Result<()> {
